@@ -1,0 +1,11 @@
+# One GoogleTest executable per test file, mirroring the source tree (tests/cpp/runtime/test_x.cpp).
+find_package(GTest REQUIRED)
+include(GoogleTest)
+file(GLOB_RECURSE BATCHLLM_GTEST_SOURCES CONFIGURE_DEPENDS ${CMAKE_CURRENT_SOURCE_DIR}/tests/cpp/test_*.cpp)
+foreach(test_source ${BATCHLLM_GTEST_SOURCES})
+  get_filename_component(test_name ${test_source} NAME_WE)
+  add_executable(${test_name} ${test_source})
+  target_link_libraries(${test_name} PRIVATE batchllm_core GTest::gtest GTest::gtest_main)
+  target_include_directories(${test_name} PRIVATE ${CMAKE_CURRENT_SOURCE_DIR}/csrc)
+  gtest_discover_tests(${test_name} DISCOVERY_MODE PRE_TEST)
+endforeach()
