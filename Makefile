@@ -19,7 +19,6 @@ all: test
 # and the build and test dependencies from pyproject's extras.
 $(VENV)/.ready: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PIP) install -q --upgrade pip
 	$(PIP) install -q "$(TORCH_SPEC)"
 	$(PIP) install -q scikit-build-core pybind11 ninja "cmake>=3.24" numpy
 	$(PIP) install -q safetensors tokenizers jinja2 tqdm pytest hypothesis "transformers>=4.45" matplotlib
