@@ -1,0 +1,345 @@
+"""Sampling parameters and the batched sampler.
+
+``SamplingParams`` follows vLLM's offline API. ``Sampler`` turns the logits of a step's sample rows
+into one token per row, vectorized over the whole step (thousands of rows in one pass).
+
+Randomness is *counter-based*: the noise of a draw is a hash of (request seed, sample index, output
+position, token id), never a shared generator's state. A seeded request therefore draws the same
+tokens whatever else is in the batch, in whatever order the scheduler runs it, and after a
+preemption that recomputes it. Unseeded requests get a seed from the LLM's own seed stream when they
+are added, which makes a whole job reproducible from ``LLM(seed=...)``.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import List, Optional, Sequence, Union
+
+import numpy as np
+import torch
+
+__all__ = ["SamplingParams", "Sampler", "SamplerOutput", "RequestSamplingTable"]
+
+
+def _is_int(value) -> bool:
+    # bool is an int subclass; SamplingParams(n=True) is a bug, not n=1.
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
+
+
+@dataclass
+class SamplingParams:
+    """How to sample the completions of one request (vLLM's offline ``SamplingParams``).
+
+    Parameters
+    ----------
+    n : int
+        Completions per request (>= 1). They share the prompt's KV (prefilled once).
+    temperature : float
+        >= 0. 0 is greedy (argmax of the raw logits); otherwise logits are divided by it.
+    top_p : float
+        In (0, 1]: keep the smallest set of most likely tokens whose probability reaches top_p.
+    top_k : int
+        -1 or 0: all tokens; k >= 1: the k most likely.
+    min_p : float
+        In [0, 1]: drop tokens whose probability is below min_p times the most likely one's.
+    seed : int or None
+        Makes the request's draws independent of the rest of the batch.
+    max_tokens : int or None
+        Output tokens per completion (>= 1); None: as many as the context length leaves.
+    min_tokens : int
+        EOS and stop token ids are ignored until this many tokens were generated (<= max_tokens).
+    stop : str or list of str or None
+        Stop strings; the output text is cut before the first one found (finish_reason "stop").
+    stop_token_ids : list of int or None
+        Token ids that stop a completion (the stop token is kept in token_ids, as vLLM).
+    ignore_eos : bool
+        Keep generating after EOS (benchmarks).
+    logprobs : int or None
+        Return per generated token the logprobs of the top ``logprobs`` tokens plus the sampled one.
+
+    Examples
+    --------
+    >>> SamplingParams(temperature=0, max_tokens=8).temperature
+    0.0
+    >>> SamplingParams(top_p=0)
+    Traceback (most recent call last):
+    ...
+    ValueError: top_p must be in (0, 1], got 0
+    """
+
+    n: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    min_p: float = 0.0
+    seed: Optional[int] = None
+    max_tokens: Optional[int] = 16
+    min_tokens: int = 0
+    stop: Optional[Union[str, List[str]]] = None
+    stop_token_ids: Optional[List[int]] = None
+    ignore_eos: bool = False
+    logprobs: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        if not _is_int(self.n) or self.n < 1:
+            raise ValueError(f"n must be an int >= 1, got {self.n!r}")
+        if not _is_number(self.temperature) or not math.isfinite(self.temperature) or self.temperature < 0:
+            raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature!r}")
+        self.temperature = float(self.temperature)
+        if not _is_number(self.top_p) or not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        self.top_p = float(self.top_p)
+        if not _is_int(self.top_k) or self.top_k < -1:
+            raise ValueError(f"top_k must be -1 or 0 (all tokens) or an int >= 1, got {self.top_k!r}")
+        self.top_k = int(self.top_k)
+        if not _is_number(self.min_p) or not 0.0 <= self.min_p <= 1.0:
+            raise ValueError(f"min_p must be in [0, 1], got {self.min_p!r}")
+        self.min_p = float(self.min_p)
+        if self.seed is not None and not _is_int(self.seed):
+            raise ValueError(f"seed must be an int or None, got {self.seed!r}")
+        if self.max_tokens is not None and (not _is_int(self.max_tokens) or self.max_tokens < 1):
+            raise ValueError(f"max_tokens must be an int >= 1 or None, got {self.max_tokens!r}")
+        if not _is_int(self.min_tokens) or self.min_tokens < 0:
+            raise ValueError(f"min_tokens must be an int >= 0, got {self.min_tokens!r}")
+        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
+            raise ValueError(f"min_tokens ({self.min_tokens}) must be <= max_tokens ({self.max_tokens})")
+        self.stop = self._check_stop(self.stop)
+        self.stop_token_ids = self._check_stop_token_ids(self.stop_token_ids)
+        if not isinstance(self.ignore_eos, (bool, np.bool_)):
+            raise ValueError(f"ignore_eos must be a bool, got {self.ignore_eos!r}")
+        if self.logprobs is not None and (not _is_int(self.logprobs) or self.logprobs < 0):
+            raise ValueError(f"logprobs must be an int >= 0 or None, got {self.logprobs!r}")
+
+    @staticmethod
+    def _check_stop(stop) -> List[str]:
+        if stop is None:
+            return []
+        strings = [stop] if isinstance(stop, str) else stop
+        if not isinstance(strings, (list, tuple)) or not all(isinstance(s, str) and s for s in strings):
+            raise ValueError(f"stop must be a non-empty str or a list of non-empty str, got {stop!r}")
+        return list(strings)
+
+    @staticmethod
+    def _check_stop_token_ids(ids) -> List[int]:
+        if ids is None:
+            return []
+        if not isinstance(ids, (list, tuple)) or not all(_is_int(t) and t >= 0 for t in ids):
+            raise ValueError(f"stop_token_ids must be a list of ints >= 0, got {ids!r}")
+        return [int(t) for t in ids]
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+# ---------------------------------------------------------------------------------------------------
+# Counter-based noise. Values are kept as int64 holding uint32 bit patterns: multiplication may wrap
+# in int64 but the low 32 bits (all we keep) are exact, and shifts only ever see non-negative values.
+_MASK32 = 0xFFFFFFFF
+
+
+def _hash32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit avalanche hash (murmur3 fmix32) of int64 tensors holding values in [0, 2^32)."""
+    x = x ^ (x >> 16)
+    x = (x * 0x85EBCA6B) & _MASK32
+    x = x ^ (x >> 13)
+    x = (x * 0xC2B2AE35) & _MASK32
+    return x ^ (x >> 16)
+
+
+def _row_keys(seeds: torch.Tensor, sample_indices: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """One 32-bit key per draw from (64-bit seed, sample index, output position); int64 [R]."""
+    lo = seeds & _MASK32
+    hi = (seeds >> 32) & _MASK32
+    key = _hash32(lo ^ _hash32(hi ^ 0x9E3779B9))
+    key = _hash32(key ^ _hash32((sample_indices & _MASK32) ^ 0x7F4A7C15))
+    return _hash32(key ^ _hash32((positions & _MASK32) ^ 0x94D049BB))
+
+
+def _gumbel_noise(keys: torch.Tensor, token_hashes: torch.Tensor) -> torch.Tensor:
+    """Gumbel(0, 1) noise, float32 [R, V], a pure function of each row's key and the token id."""
+    bits = _hash32(keys[:, None] ^ token_hashes[None, :])
+    # 24 bits -> u in (0, 1) exactly representable in float32; never 0 or 1, so the logs are finite.
+    u = ((bits >> 8).to(torch.float32) + 0.5) * (1.0 / (1 << 24))
+    return -torch.log(-torch.log(u))
+
+
+def _seed_to_int64(seed: int) -> int:
+    """Any Python int -> a signed int64 with the same low 64 bits (so torch can hold it)."""
+    seed &= (1 << 64) - 1
+    return seed - (1 << 64) if seed >= 1 << 63 else seed
+
+
+# ---------------------------------------------------------------------------------------------------
+@dataclass
+class RequestSamplingTable:
+    """Per-request sampling parameters of one job as tensors on the sampler's device, indexed by request.
+
+    Built once per job; the sampler gathers per-row values with the plan's ``sample_requests``.
+    """
+
+    temperature: torch.Tensor  # float32 [N]
+    top_k: torch.Tensor        # int64 [N]; 0 = all tokens
+    top_p: torch.Tensor        # float32 [N]
+    min_p: torch.Tensor        # float32 [N]
+    seeds: torch.Tensor        # int64 [N]: the request's seed, or one drawn from the LLM's seed stream
+    num_logprobs: np.ndarray   # int64 [N]; -1 = no logprobs (host side: only used to slice results)
+
+    @classmethod
+    def build(cls, params: Sequence[SamplingParams], seeds: Sequence[int], device) -> "RequestSamplingTable":
+        """Tensors for ``params[i]`` drawing with ``seeds[i]`` (any Python ints)."""
+        if len(params) != len(seeds):
+            raise ValueError(f"got {len(params)} SamplingParams but {len(seeds)} seeds")
+
+        def as_tensor(values, dtype):
+            return torch.tensor(values, dtype=dtype, device=device)
+
+        return cls(
+            temperature=as_tensor([p.temperature for p in params], torch.float32),
+            top_k=as_tensor([max(p.top_k, 0) for p in params], torch.int64),
+            top_p=as_tensor([p.top_p for p in params], torch.float32),
+            min_p=as_tensor([p.min_p for p in params], torch.float32),
+            seeds=as_tensor([_seed_to_int64(int(s)) for s in seeds], torch.int64),
+            num_logprobs=np.array([-1 if p.logprobs is None else p.logprobs for p in params], dtype=np.int64),
+        )
+
+
+@dataclass
+class SamplerOutput:
+    """One step's draws, on the host.
+
+    token_ids: int32 [R] (ready for ``Scheduler.commit``); logprobs: float32 [R], the sampled token's
+    log_softmax of the raw logits; top_token_ids / top_logprobs: [R, K] with K the largest
+    ``logprobs`` asked for in this step (row r's first ``num_logprobs[r]`` columns are meaningful).
+    """
+
+    token_ids: np.ndarray
+    logprobs: np.ndarray
+    top_token_ids: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.int64))
+    top_logprobs: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.float32))
+
+
+class Sampler:
+    """Draws one token per sample row from float32 logits ``[R, vocab]``, vectorized over rows.
+
+    Order of the filters (as vLLM): temperature, top-k, top-p, min-p; then a Gumbel-max draw, which
+    samples exactly from the softmax of the filtered, tempered logits. Greedy rows (temperature 0)
+    take the argmax of the raw logits, with ties going to the lowest token id (as ``torch.argmax`` and
+    transformers' greedy search). Reported logprobs are log_softmax of the *raw* logits (vLLM's
+    default), whatever filters the draw used.
+
+    Parameters
+    ----------
+    vocab_size : int
+        Logits width the sampler will be called with.
+    device : torch.device
+        Where the logits live; the per-token hash table is built there once.
+    max_noise_elements : int
+        Rows are processed in chunks of at most this many ``rows * vocab`` elements to bound the
+        temporary memory of the noise (int64 hashes) for very large steps.
+    """
+
+    def __init__(self, vocab_size: int, device, max_noise_elements: int = 1 << 24):
+        if vocab_size < 1:
+            raise ValueError(f"vocab_size must be >= 1, got {vocab_size}")
+        self.vocab_size = int(vocab_size)
+        self.device = torch.device(device)
+        self.max_noise_elements = int(max_noise_elements)
+        # Hash of each token id, shared by every draw: noise[r, v] = hash(key[r] ^ token_hash[v]).
+        self._token_hashes = _hash32(torch.arange(self.vocab_size, dtype=torch.int64, device=self.device)
+                                     ^ 0x2545F491)
+
+    @torch.no_grad()
+    def sample(self, logits: torch.Tensor, table: RequestSamplingTable, requests: np.ndarray,
+               sample_indices: np.ndarray, output_positions: np.ndarray) -> SamplerOutput:
+        """Draw one token for each row of ``logits``.
+
+        Parameters
+        ----------
+        logits : torch.Tensor
+            float32 [R, vocab] on the sampler's device; not modified.
+        table : RequestSamplingTable
+            The job's per-request parameters.
+        requests, sample_indices, output_positions : np.ndarray
+            int [R] each: the request of each row, its sample index (0..n-1) and the number of
+            tokens its sequence generated before this one (the plan's ``sample_requests``,
+            ``sample_indices``, ``sample_output_lens``).
+
+        Returns
+        -------
+        SamplerOutput
+        """
+        num_rows = logits.shape[0]
+        if logits.dim() != 2 or logits.shape[1] != self.vocab_size:
+            raise ValueError(f"logits must be [R, {self.vocab_size}], got {tuple(logits.shape)}")
+        if not (len(requests) == len(sample_indices) == len(output_positions) == num_rows):
+            raise ValueError(f"{num_rows} logit rows but {len(requests)} requests, "
+                             f"{len(sample_indices)} sample indices, {len(output_positions)} positions")
+        if num_rows == 0:
+            return SamplerOutput(np.zeros(0, np.int32), np.zeros(0, np.float32))
+        logits = logits.float()
+        req = torch.as_tensor(np.asarray(requests, dtype=np.int64), device=self.device)
+        keys = _row_keys(table.seeds[req],
+                         torch.as_tensor(np.asarray(sample_indices, dtype=np.int64), device=self.device),
+                         torch.as_tensor(np.asarray(output_positions, dtype=np.int64), device=self.device))
+        temperature = table.temperature[req]
+        token_ids = torch.empty(num_rows, dtype=torch.int64, device=self.device)
+        chunk = max(1, self.max_noise_elements // self.vocab_size)
+        for start in range(0, num_rows, chunk):
+            rows = slice(start, min(start + chunk, num_rows))
+            token_ids[rows] = self._draw(logits[rows], temperature[rows], table.top_k[req[rows]],
+                                         table.top_p[req[rows]], table.min_p[req[rows]], keys[rows])
+        return self._with_logprobs(logits, token_ids, table.num_logprobs[np.asarray(requests, dtype=np.int64)])
+
+    def _draw(self, logits, temperature, top_k, top_p, min_p, keys) -> torch.Tensor:
+        greedy = temperature == 0
+        # Greedy rows divide by 1 so that the tempered tensor stays finite; their draw is replaced below.
+        scaled = logits / torch.where(greedy, torch.ones_like(temperature), temperature)[:, None]
+        scaled = _apply_top_k_top_p(scaled, top_k, top_p)
+        scaled = _apply_min_p(scaled, min_p)
+        sampled = torch.argmax(scaled + _gumbel_noise(keys, self._token_hashes), dim=-1)
+        return torch.where(greedy, torch.argmax(logits, dim=-1), sampled)
+
+    def _with_logprobs(self, logits, token_ids, num_logprobs: np.ndarray) -> SamplerOutput:
+        log_norm = torch.logsumexp(logits, dim=-1)
+        sampled_logprobs = logits.gather(1, token_ids[:, None])[:, 0] - log_norm
+        out = SamplerOutput(token_ids=token_ids.to(torch.int32).cpu().numpy(),
+                            logprobs=sampled_logprobs.cpu().numpy().astype(np.float32))
+        max_k = int(min(num_logprobs.max(), self.vocab_size))
+        if max_k > 0:
+            top_values, top_ids = torch.topk(logits, max_k, dim=-1)
+            out.top_token_ids = top_ids.cpu().numpy()
+            out.top_logprobs = (top_values - log_norm[:, None]).cpu().numpy().astype(np.float32)
+        return out
+
+
+def _apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Mask (to -inf) tokens outside each row's top_k (0 = all) and top_p nucleus; [R, V] -> [R, V]."""
+    vocab = logits.shape[1]
+    needs_k = (top_k > 0) & (top_k < vocab)
+    needs_p = top_p < 1.0
+    if not bool((needs_k | needs_p).any()):
+        return logits  # one sync per step avoids a full-vocab sort in the common case
+    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+    ranks = torch.arange(vocab, device=logits.device)[None, :]
+    k = torch.where(needs_k, top_k, torch.full_like(top_k, vocab))
+    sorted_logits = sorted_logits.masked_fill(ranks >= k[:, None], float("-inf"))
+    probs = torch.softmax(sorted_logits, dim=-1)
+    # Keep a token while the mass strictly before it is below top_p; the top token always stays.
+    mass_before = torch.cumsum(probs, dim=-1) - probs
+    drop = (mass_before >= top_p[:, None]) & (ranks > 0)
+    sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+    return torch.empty_like(logits).scatter_(1, order, sorted_logits)
+
+
+def _apply_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+    """Mask tokens whose probability is below min_p times the row's largest; [R, V] -> [R, V]."""
+    if not bool((min_p > 0).any()):
+        return logits
+    probs = torch.softmax(logits, dim=-1)
+    threshold = probs.max(dim=-1, keepdim=True).values * min_p[:, None]
+    return logits.masked_fill(probs < threshold, float("-inf"))

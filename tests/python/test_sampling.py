@@ -1,0 +1,204 @@
+"""SamplingParams validation and the Sampler's filters, determinism and distribution."""
+import numpy as np
+import pytest
+import torch
+
+from batchllm_core.sampling import RequestSamplingTable, Sampler, SamplingParams
+
+
+# --------------------------------------------------------------------------------- SamplingParams
+def test_defaults_follow_vllm():
+    p = SamplingParams()
+    assert (p.n, p.temperature, p.top_p, p.top_k, p.min_p) == (1, 1.0, 1.0, -1, 0.0)
+    assert (p.seed, p.max_tokens, p.min_tokens, p.ignore_eos, p.logprobs) == (None, 16, 0, False, None)
+    assert p.stop == [] and p.stop_token_ids == []
+
+
+def test_stop_string_is_normalized_to_a_list():
+    assert SamplingParams(stop="\n").stop == ["\n"]
+    assert SamplingParams(stop=("a", "bc")).stop == ["a", "bc"]
+
+
+@pytest.mark.parametrize("field, value", [
+    ("n", 0), ("n", 1.5), ("n", True),
+    ("temperature", -0.1), ("temperature", float("nan")), ("temperature", float("inf")), ("temperature", "1"),
+    ("top_p", 0.0), ("top_p", 1.01), ("top_k", -2), ("top_k", 2.0),
+    ("min_p", -0.1), ("min_p", 1.5), ("seed", 1.0), ("seed", "7"),
+    ("max_tokens", 0), ("max_tokens", -3), ("min_tokens", -1),
+    ("stop", ""), ("stop", ["ok", ""]), ("stop", 3), ("stop_token_ids", [-1]), ("stop_token_ids", 5),
+    ("stop_token_ids", [1.0]), ("ignore_eos", 1), ("logprobs", -1), ("logprobs", 2.0),
+])
+def test_invalid_value_raises_value_error_naming_the_field(field, value):
+    with pytest.raises(ValueError, match=field):
+        SamplingParams(**{field: value})
+
+
+def test_min_tokens_above_max_tokens_is_rejected():
+    with pytest.raises(ValueError, match="min_tokens"):
+        SamplingParams(min_tokens=5, max_tokens=4)
+
+
+def test_large_and_negative_seeds_are_accepted():
+    table = RequestSamplingTable.build([SamplingParams(), SamplingParams()], [2**70 + 3, -5], "cpu")
+    assert table.seeds.dtype == torch.int64
+
+
+# --------------------------------------------------------------------------------- Sampler helpers
+def _sample(logits, params, seeds=None, sample_indices=None, positions=None, **sampler_kwargs):
+    rows = logits.shape[0]
+    seeds = list(range(rows)) if seeds is None else seeds
+    table = RequestSamplingTable.build(params, seeds, "cpu")
+    sampler = Sampler(logits.shape[1], "cpu", **sampler_kwargs)
+    return sampler.sample(logits, table, np.arange(rows),
+                          np.zeros(rows) if sample_indices is None else np.asarray(sample_indices),
+                          np.zeros(rows) if positions is None else np.asarray(positions))
+
+
+def _random_logits(rows, vocab, seed=0, scale=3.0):
+    return torch.randn(rows, vocab, generator=torch.Generator().manual_seed(seed)) * scale
+
+
+# --------------------------------------------------------------------------------- Sampler
+def test_greedy_is_argmax_with_ties_to_lowest_id():
+    logits = _random_logits(8, 50)
+    logits[0, 7] = logits[0, 30] = 100.0  # a tie: torch.argmax and HF greedy pick the lower id
+    out = _sample(logits, [SamplingParams(temperature=0, top_k=3, top_p=0.5)] * 8)
+    assert out.token_ids.dtype == np.int32
+    np.testing.assert_array_equal(out.token_ids, torch.argmax(logits, -1).numpy())
+    assert out.token_ids[0] == 7
+
+
+def test_seeded_draw_does_not_depend_on_the_rest_of_the_batch():
+    vocab = 64
+    target = _random_logits(1, vocab, seed=1, scale=1.0)
+    params = SamplingParams(temperature=0.9, seed=1234)
+    alone = [int(_sample(target, [params], seeds=[1234], positions=[p]).token_ids[0]) for p in range(40)]
+    # Same request inside a batch of 30 others, at a different row, with chunking forcing 4-row pieces.
+    others = _random_logits(30, vocab, seed=2)
+    batch = torch.cat([others[:17], target, others[17:]])
+    batch_params = [SamplingParams(temperature=1.3, top_k=5)] * 17 + [params] + [SamplingParams()] * 13
+    seeds = list(range(100, 117)) + [1234] + list(range(200, 213))
+    in_batch = []
+    for p in range(40):
+        out = _sample(batch, batch_params, seeds=seeds, positions=[3] * 17 + [p] + [9] * 13,
+                      max_noise_elements=4 * vocab)
+        in_batch.append(int(out.token_ids[17]))
+    assert alone == in_batch
+    assert len(set(alone)) > 5  # the draws do vary with the output position
+
+
+def test_samples_of_one_request_differ_by_sample_index():
+    logits = _random_logits(1, 200, scale=0.1).repeat(16, 1)
+    out = _sample(logits, [SamplingParams(seed=5)] * 16, seeds=[5] * 16, sample_indices=range(16))
+    assert len(set(out.token_ids.tolist())) > 8
+
+
+def test_different_seeds_give_different_draws():
+    logits = _random_logits(1, 500, scale=0.1).repeat(32, 1)
+    out = _sample(logits, [SamplingParams()] * 32, seeds=list(range(32)))
+    assert len(set(out.token_ids.tolist())) > 20
+
+
+@pytest.mark.parametrize("temperature", [0.5, 1.0, 2.0])
+def test_draws_follow_the_tempered_softmax(temperature):
+    vocab, draws = 6, 12000
+    logits = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0, -3.0]])
+    out = _sample(logits.repeat(draws, 1), [SamplingParams(temperature=temperature)] * draws,
+                  seeds=[42] * draws, positions=range(draws))
+    freq = np.bincount(out.token_ids, minlength=vocab) / draws
+    expected = torch.softmax(logits[0] / temperature, -1).numpy()
+    # 5 sigma of a binomial proportion at 12000 draws.
+    assert np.all(np.abs(freq - expected) <= 5 * np.sqrt(expected * (1 - expected) / draws) + 1e-3)
+
+
+def test_top_k_keeps_only_the_k_most_likely():
+    draws = 3000
+    logits = _random_logits(1, 40, scale=0.5)
+    out = _sample(logits.repeat(draws, 1), [SamplingParams(temperature=1.0, top_k=3)] * draws,
+                  seeds=[0] * draws, positions=range(draws))
+    allowed = set(torch.topk(logits[0], 3).indices.tolist())
+    assert set(out.token_ids.tolist()) == allowed
+
+
+def test_top_p_keeps_the_nucleus_and_renormalizes():
+    draws = 8000
+    probs = torch.tensor([0.5, 0.3, 0.1, 0.06, 0.04])
+    logits = probs.log()[None, :]
+    out = _sample(logits.repeat(draws, 1), [SamplingParams(top_p=0.85)] * draws,
+                  seeds=[3] * draws, positions=range(draws))
+    freq = np.bincount(out.token_ids, minlength=5) / draws
+    # Mass before token 2 is 0.8 < 0.85, so the nucleus is {0, 1, 2}, renormalized by 0.9.
+    assert freq[3] == 0 and freq[4] == 0
+    np.testing.assert_allclose(freq[:3], [0.5 / 0.9, 0.3 / 0.9, 0.1 / 0.9], atol=0.025)
+
+
+def test_top_p_always_keeps_the_most_likely_token():
+    logits = torch.tensor([[5.0, 0.0, 0.0]])
+    out = _sample(logits.repeat(200, 1), [SamplingParams(top_p=0.01)] * 200, positions=range(200))
+    assert set(out.token_ids.tolist()) == {0}
+
+
+def test_min_p_drops_unlikely_tokens():
+    draws = 3000
+    probs = torch.tensor([0.4, 0.3, 0.2, 0.05, 0.05])
+    out = _sample(probs.log()[None, :].repeat(draws, 1), [SamplingParams(min_p=0.4)] * draws,
+                  seeds=[9] * draws, positions=range(draws))
+    # Threshold 0.4 * 0.4 = 0.16: tokens 3 and 4 are dropped.
+    assert set(out.token_ids.tolist()) == {0, 1, 2}
+
+
+def test_mixed_rows_apply_their_own_filters():
+    logits = _random_logits(1, 30, scale=0.2).repeat(3, 1)
+    params = [SamplingParams(temperature=0), SamplingParams(top_k=1), SamplingParams()]
+    for position in range(20):
+        out = _sample(logits, params, positions=[position] * 3)
+        top = int(torch.argmax(logits[0]))
+        assert out.token_ids[0] == top and out.token_ids[1] == top
+
+
+def test_logprobs_are_log_softmax_of_raw_logits():
+    logits = _random_logits(4, 25)
+    params = [SamplingParams(temperature=0.5, logprobs=3), SamplingParams(temperature=0),
+              SamplingParams(logprobs=0), SamplingParams(temperature=0, logprobs=5)]
+    out = _sample(logits, params)
+    reference = torch.log_softmax(logits, -1)
+    expected = reference.gather(1, torch.as_tensor(out.token_ids, dtype=torch.int64)[:, None])[:, 0]
+    np.testing.assert_allclose(out.logprobs, expected.numpy(), rtol=1e-5, atol=1e-6)
+    assert out.top_token_ids.shape == (4, 5)
+    values, ids = torch.topk(reference, 5, -1)
+    np.testing.assert_array_equal(out.top_token_ids, ids.numpy())
+    np.testing.assert_allclose(out.top_logprobs, values.numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_without_logprobs_no_top_arrays():
+    out = _sample(_random_logits(2, 10), [SamplingParams()] * 2)
+    assert out.top_token_ids.size == 0 and out.logprobs.shape == (2,)
+
+
+def test_masked_logits_never_sampled():
+    logits = _random_logits(64, 20)
+    logits[:, 5:] = float("-inf")
+    out = _sample(logits, [SamplingParams(temperature=1.5)] * 64, positions=range(64))
+    assert out.token_ids.max() < 5
+
+
+def test_rejects_wrong_shapes():
+    sampler = Sampler(10, "cpu")
+    table = RequestSamplingTable.build([SamplingParams()], [0], "cpu")
+    with pytest.raises(ValueError, match="logits"):
+        sampler.sample(torch.zeros(1, 11), table, np.zeros(1), np.zeros(1), np.zeros(1))
+    with pytest.raises(ValueError, match="rows"):
+        sampler.sample(torch.zeros(2, 10), table, np.zeros(1), np.zeros(1), np.zeros(1))
+
+
+def test_empty_step():
+    out = _sample(torch.zeros(0, 10), [])
+    assert out.token_ids.shape == (0,)
+
+
+def test_thousands_of_rows_in_one_call():
+    rows, vocab = 2048, 512
+    logits = _random_logits(rows, vocab)
+    params = [SamplingParams(top_k=50, top_p=0.9, min_p=0.01, logprobs=2)] * rows
+    out = _sample(logits, params, positions=range(rows))
+    assert out.token_ids.shape == (rows,) and 0 <= out.token_ids.min() and out.token_ids.max() < vocab
