@@ -1,9 +1,367 @@
+// Bindings of the attention kernels: validate every argument (kernel_args.h), then dispatch to the
+// CPU reference or the CUDA launcher by the tensors' device. Called by batchllm_core.ops only.
+#include <algorithm>
+#include <string>
+
+#include "batchllm/kernels.h"
+#include "bindings/kernel_args.h"
 #include "bindings/registry.h"
+#ifdef BATCHLLM_WITH_CUDA
+#include "batchllm/kernels/cuda.h"
+#endif
 
 namespace py = pybind11;
+using batchllm::kernels::DType;
+using batchllm::kernels::Status;
+using batchllm::kernels::TensorView;
 
 namespace batchllm::bindings {
 
-void register_kernels(py::module_& m) {}
+namespace {
+
+bool cuda_head_dim_ok(int64_t head_dim) {
+#ifdef BATCHLLM_WITH_CUDA
+  return kernels::cuda_head_dim_supported(head_dim);
+#else
+  return false;
+#endif
+}
+
+/// Shapes shared by the attention kernels, checked once: q/o [N, Hq, D], caches [blocks, bs, Hkv, D].
+struct CacheShape {
+  int64_t num_blocks, block_size, num_kv_heads;
+};
+
+CacheShape check_attention_views(const ArgChecker& c, const ViewArg& q_arg, const TensorView& q,
+                                 const TensorView& k_cache, const TensorView& v_cache, const TensorView& o) {
+  for (int d = 0; d < 4; ++d) {
+    c.require(v_cache.shape[d] == k_cache.shape[d], "v_cache", "must have k_cache's shape");
+  }
+  c.require(k_cache.dtype == q.dtype && v_cache.dtype == q.dtype, "k_cache",
+            std::string("must have q's dtype ") + kernels::dtype_name(q.dtype));
+  c.require(o.dtype == q.dtype, "o", std::string("must have q's dtype ") + kernels::dtype_name(q.dtype));
+  for (int d = 0; d < 3; ++d) c.require(o.shape[d] == q.shape[d], "o", "must have q's shape");
+  c.require(q.shape[2] == k_cache.shape[3], "k_cache",
+            "head dim " + std::to_string(k_cache.shape[3]) + " differs from q's " + std::to_string(q.shape[2]));
+  c.require(q.shape[2] > 0, "q", "must have a head dim > 0");
+  c.require(k_cache.shape[1] > 0, "k_cache", "must have a block size > 0");
+  c.require(k_cache.shape[2] > 0 && q.shape[1] % k_cache.shape[2] == 0, "k_cache",
+            "KV heads (" + std::to_string(k_cache.shape[2]) + ") must divide q heads (" + std::to_string(q.shape[1]) + ")");
+  if (q_arg.is_cuda()) {
+    c.require(q.dtype != DType::kFloat32, "q", "must be float16 or bfloat16 on CUDA");
+    c.require(cuda_head_dim_ok(q.shape[2]), "q",
+              "head dim " + std::to_string(q.shape[2]) + " is not built for CUDA (built: 64, 128)");
+  }
+  return {k_cache.shape[0], k_cache.shape[1], k_cache.shape[2]};
+}
+
+/// Checks that the first ceil(num_tokens / block_size) entries of a block list are valid blocks.
+void check_block_list(const ArgChecker& c, const std::string& name, const int32_t* blocks, int64_t available,
+                      int64_t num_tokens, const CacheShape& cache) {
+  const int64_t needed = (num_tokens + cache.block_size - 1) / cache.block_size;
+  c.require(needed <= available, name,
+            "holds " + std::to_string(available) + " blocks but " + std::to_string(num_tokens) + " tokens need " +
+                std::to_string(needed));
+  for (int64_t i = 0; i < needed; ++i) {
+    c.require(blocks[i] >= 0 && blocks[i] < cache.num_blocks, name,
+              "entry " + std::to_string(i) + " = " + std::to_string(blocks[i]) + " is out of range [0, " +
+                  std::to_string(cache.num_blocks) + ")");
+  }
+}
+
+/// Runs a CPU reference (without the GIL) or raises if it reports a problem validation missed.
+template <typename Fn>
+void run_cpu(const ArgChecker& c, Fn&& fn) {
+  Status status;
+  {
+    py::gil_scoped_release release;
+    status = fn();
+  }
+  if (status != Status::kOk) {
+    throw std::runtime_error(std::string(c.kernel()) + ": CPU kernel rejected its arguments (status " +
+                             std::to_string(static_cast<int>(status)) + ")");
+  }
+}
+
+#ifdef BATCHLLM_WITH_CUDA
+/// Launches on `device` (restoring the caller's current device) and turns an error into RuntimeError.
+template <typename Fn>
+void run_cuda(const ArgChecker& c, int device, Fn&& fn) {
+  int previous = 0;
+  cudaGetDevice(&previous);
+  if (previous != device) cudaSetDevice(device);
+  const cudaError_t err = fn();
+  if (previous != device) cudaSetDevice(previous);
+  if (err != cudaSuccess) {
+    throw std::runtime_error(std::string(c.kernel()) + ": CUDA error: " + cudaGetErrorString(err));
+  }
+}
+#define BATCHLLM_DISPATCH(checker, device, cpu_call, cuda_call) \
+  ((device) >= 0 ? run_cuda(checker, device, [&] { return cuda_call; }) : run_cpu(checker, [&] { return cpu_call; }))
+#else
+#define BATCHLLM_DISPATCH(checker, device, cpu_call, cuda_call)                                    \
+  ((device) >= 0 ? checker.fail("q", "is on a CUDA device but this build has no CUDA support") \
+                 : run_cpu(checker, [&] { return cpu_call; }))
+#endif
+
+void store_kv(py::handle k_obj, py::handle v_obj, py::handle k_cache_obj, py::handle v_cache_obj,
+              py::handle slot_obj, uintptr_t stream, bool check_indices) {
+  const ArgChecker c("store_kv");
+  const ViewArg k_arg = c.parse(k_obj, "k"), v_arg = c.parse(v_obj, "v");
+  const ViewArg kc_arg = c.parse(k_cache_obj, "k_cache"), vc_arg = c.parse(v_cache_obj, "v_cache");
+  const ViewArg slot_arg = c.parse(slot_obj, "slot_mapping");
+  c.same_device({&k_arg, &v_arg, &kc_arg, &vc_arg, &slot_arg});
+  kernels::StoreKvParams p;
+  p.k = c.tensor(k_arg, 3);
+  p.v = c.tensor(v_arg, 3);
+  p.k_cache = c.tensor(kc_arg, 4);
+  p.v_cache = c.tensor(vc_arg, 4);
+  for (int d = 0; d < 3; ++d) c.require(p.v.shape[d] == p.k.shape[d], "v", "must have k's shape");
+  for (int d = 0; d < 4; ++d) c.require(p.v_cache.shape[d] == p.k_cache.shape[d], "v_cache", "must have k_cache's shape");
+  c.require(p.k.shape[1] == p.k_cache.shape[2] && p.k.shape[2] == p.k_cache.shape[3], "k_cache",
+            "must have k's KV heads and head dim in dims 2 and 3");
+  c.require(p.k_cache.dtype == p.k.dtype && p.v_cache.dtype == p.k.dtype && p.v.dtype == p.k.dtype, "k_cache",
+            "k, v, k_cache and v_cache must share one dtype");
+  if (k_arg.is_cuda()) c.require(p.k.dtype != DType::kFloat32, "k", "must be float16 or bfloat16 on CUDA");
+  c.index_array(slot_arg, "int64", {p.k.shape[0]});
+  p.slot_mapping = reinterpret_cast<const int64_t*>(slot_arg.data);
+  if (check_indices || !slot_arg.is_cuda()) {
+    const int64_t num_slots = p.k_cache.shape[0] * p.k_cache.shape[1];
+    const auto slots = c.read<int64_t>(slot_arg);
+    for (size_t t = 0; t < slots.size(); ++t) {
+      c.require(slots[t] < num_slots, "slot_mapping",
+                "entry " + std::to_string(t) + " = " + std::to_string(slots[t]) + " is out of range (< " +
+                    std::to_string(num_slots) + " slots)");
+    }
+  }
+  BATCHLLM_DISPATCH(c, k_arg.device, kernels::store_kv_cpu(p),
+                    kernels::store_kv_cuda(p, reinterpret_cast<cudaStream_t>(stream)));
+}
+
+void prefill_attention(py::handle q_obj, py::handle k_cache_obj, py::handle v_cache_obj, py::handle tables_obj,
+                       py::handle query_start_obj, py::handle context_lens_obj, py::handle o_obj, float scale,
+                       int32_t max_q_len, uintptr_t stream, bool check_indices) {
+  const ArgChecker c("prefill_attention");
+  const ViewArg q_arg = c.parse(q_obj, "q"), kc_arg = c.parse(k_cache_obj, "k_cache");
+  const ViewArg vc_arg = c.parse(v_cache_obj, "v_cache"), o_arg = c.parse(o_obj, "o");
+  const ViewArg tables_arg = c.parse(tables_obj, "block_tables");
+  const ViewArg qs_arg = c.parse(query_start_obj, "query_start");
+  const ViewArg ctx_arg = c.parse(context_lens_obj, "context_lens");
+  c.same_device({&q_arg, &kc_arg, &vc_arg, &o_arg, &tables_arg, &qs_arg, &ctx_arg});
+  kernels::PrefillParams p;
+  p.q = c.tensor(q_arg, 3);
+  p.k_cache = c.tensor(kc_arg, 4);
+  p.v_cache = c.tensor(vc_arg, 4);
+  p.o = c.tensor(o_arg, 3);
+  const CacheShape cache = check_attention_views(c, q_arg, p.q, p.k_cache, p.v_cache, p.o);
+  c.require(tables_arg.shape.size() == 2, "block_tables", "must have 2 dimensions [S, max_blocks]");
+  const int64_t num_seqs = tables_arg.shape[0];
+  c.index_array(tables_arg, "int32", {num_seqs, -1});
+  c.index_array(qs_arg, "int32", {num_seqs + 1});
+  c.index_array(ctx_arg, "int32", {num_seqs});
+  p.num_seqs = num_seqs;
+  p.max_blocks_per_seq = tables_arg.shape[1];
+  p.block_tables = reinterpret_cast<const int32_t*>(tables_arg.data);
+  p.query_start = reinterpret_cast<const int32_t*>(qs_arg.data);
+  p.context_lens = reinterpret_cast<const int32_t*>(ctx_arg.data);
+  p.scale = scale;
+  p.max_q_len = max_q_len;
+  if (check_indices || !q_arg.is_cuda()) {
+    const auto query_start = c.read<int32_t>(qs_arg);
+    const auto context_lens = c.read<int32_t>(ctx_arg);
+    const auto tables = c.read<int32_t>(tables_arg);
+    c.require(num_seqs == 0 || (query_start[0] >= 0 && query_start[num_seqs] <= p.q.shape[0]), "query_start",
+              "must stay within q's " + std::to_string(p.q.shape[0]) + " rows");
+    for (int64_t s = 0; s < num_seqs; ++s) {
+      const int64_t q_len = query_start[s + 1] - query_start[s];
+      c.require(q_len >= 0, "query_start", "must be non-decreasing (sequence " + std::to_string(s) + ")");
+      c.require(!q_arg.is_cuda() || q_len <= max_q_len, "max_q_len",
+                "is " + std::to_string(max_q_len) + " but sequence " + std::to_string(s) + " has " +
+                    std::to_string(q_len) + " query rows");
+      c.require(context_lens[s] >= q_len, "context_lens",
+                "entry " + std::to_string(s) + " = " + std::to_string(context_lens[s]) + " is smaller than its " +
+                    std::to_string(q_len) + " query rows");
+      check_block_list(c, "block_tables[" + std::to_string(s) + "]", tables.data() + s * p.max_blocks_per_seq,
+                       p.max_blocks_per_seq, context_lens[s], cache);
+    }
+  }
+  BATCHLLM_DISPATCH(c, q_arg.device, kernels::prefill_attention_cpu(p),
+                    kernels::prefill_attention_cuda(p, reinterpret_cast<cudaStream_t>(stream)));
+}
+
+/// Views of the DecodeLevels arrays, in the order batchllm_core.ops passes them.
+struct LevelArgs {
+  ViewArg kv_indptr, kv_blocks, kv_lens, q_range, suffix_tables, suffix_lens;
+};
+
+void check_levels(const ArgChecker& c, const LevelArgs& a, int64_t num_rows, const CacheShape& cache,
+                  bool check_contents, bool check_hints, kernels::DecodeLevelsView& levels) {
+  const int64_t num_prefixes = a.kv_lens.shape.size() == 1 ? a.kv_lens.shape[0] : -1;
+  c.require(num_prefixes >= 0, "prefix_kv_lens", "must have 1 dimension [P]");
+  c.index_array(a.kv_indptr, "int32", {num_prefixes + 1});
+  c.index_array(a.kv_blocks, "int32", {-1});
+  c.index_array(a.kv_lens, "int32", {num_prefixes});
+  c.index_array(a.q_range, "int32", {num_prefixes, 2});
+  c.require(a.suffix_tables.shape.size() == 2, "suffix_block_tables", "must have 2 dimensions [B, max_blocks]");
+  c.index_array(a.suffix_tables, "int32", {num_rows, -1});
+  c.index_array(a.suffix_lens, "int32", {num_rows});
+  levels.num_prefixes = num_prefixes;
+  levels.prefix_kv_indptr = reinterpret_cast<const int32_t*>(a.kv_indptr.data);
+  levels.prefix_kv_blocks = reinterpret_cast<const int32_t*>(a.kv_blocks.data);
+  levels.prefix_kv_lens = reinterpret_cast<const int32_t*>(a.kv_lens.data);
+  levels.prefix_q_range = reinterpret_cast<const int32_t*>(a.q_range.data);
+  levels.suffix_block_tables = reinterpret_cast<const int32_t*>(a.suffix_tables.data);
+  levels.max_suffix_blocks = a.suffix_tables.shape[1];
+  levels.suffix_kv_lens = reinterpret_cast<const int32_t*>(a.suffix_lens.data);
+  if (!check_contents) return;
+  const auto indptr = c.read<int32_t>(a.kv_indptr);
+  const auto blocks = c.read<int32_t>(a.kv_blocks);
+  const auto lens = c.read<int32_t>(a.kv_lens);
+  const auto ranges = c.read<int32_t>(a.q_range);
+  const auto suffix_tables = c.read<int32_t>(a.suffix_tables);
+  const auto suffix_lens = c.read<int32_t>(a.suffix_lens);
+  c.require(indptr[0] >= 0 && indptr[num_prefixes] <= static_cast<int64_t>(blocks.size()), "prefix_kv_indptr",
+            "must index within prefix_kv_blocks");
+  for (int64_t p = 0; p < num_prefixes; ++p) {
+    const std::string at = "entry " + std::to_string(p);
+    c.require(indptr[p + 1] >= indptr[p], "prefix_kv_indptr", "must be non-decreasing (" + at + ")");
+    c.require(lens[p] >= 0, "prefix_kv_lens", at + " is negative");
+    const int32_t begin = ranges[2 * p], end = ranges[2 * p + 1];
+    c.require(0 <= begin && begin <= end && end <= num_rows, "prefix_q_range",
+              at + " = [" + std::to_string(begin) + ", " + std::to_string(end) + ") is not within [0, " +
+                  std::to_string(num_rows) + ")");
+    check_block_list(c, "prefix_kv_blocks (prefix " + std::to_string(p) + ")", blocks.data() + indptr[p],
+                     indptr[p + 1] - indptr[p], lens[p], cache);
+    c.require(!check_hints || (lens[p] <= levels.max_prefix_kv_len && end - begin <= levels.max_prefix_rows),
+              "levels", "hints max_prefix_kv_len/max_prefix_rows are below prefix " + std::to_string(p) + "'s sizes");
+  }
+  for (int64_t b = 0; b < num_rows; ++b) {
+    c.require(suffix_lens[b] >= 0, "suffix_kv_lens", "entry " + std::to_string(b) + " is negative");
+    c.require(!check_hints || suffix_lens[b] <= levels.max_suffix_kv_len, "levels",
+              "hint max_suffix_kv_len is below row " + std::to_string(b) + "'s suffix length");
+    check_block_list(c, "suffix_block_tables[" + std::to_string(b) + "]",
+                     suffix_tables.data() + b * levels.max_suffix_blocks, levels.max_suffix_blocks, suffix_lens[b],
+                     cache);
+  }
+}
+
+void cascade_decode_attention(py::handle q_obj, py::handle k_cache_obj, py::handle v_cache_obj,
+                              py::tuple level_objs, std::vector<int32_t> hints, py::handle o_obj,
+                              py::object lse_obj, py::object workspace_obj, float scale, uintptr_t stream,
+                              bool check_indices) {
+  const ArgChecker c("cascade_decode_attention");
+  const ViewArg q_arg = c.parse(q_obj, "q"), kc_arg = c.parse(k_cache_obj, "k_cache");
+  const ViewArg vc_arg = c.parse(v_cache_obj, "v_cache"), o_arg = c.parse(o_obj, "o");
+  c.require(level_objs.size() == 6, "levels", "must carry 6 arrays");
+  c.require(hints.size() == 3, "levels", "must carry 3 hints (max_prefix_kv_len, max_prefix_rows, max_suffix_kv_len)");
+  const LevelArgs levels_arg{c.parse(level_objs[0], "prefix_kv_indptr"), c.parse(level_objs[1], "prefix_kv_blocks"),
+                             c.parse(level_objs[2], "prefix_kv_lens"),   c.parse(level_objs[3], "prefix_q_range"),
+                             c.parse(level_objs[4], "suffix_block_tables"), c.parse(level_objs[5], "suffix_kv_lens")};
+  c.same_device({&q_arg, &kc_arg, &vc_arg, &o_arg, &levels_arg.kv_indptr, &levels_arg.kv_blocks, &levels_arg.kv_lens,
+                 &levels_arg.q_range, &levels_arg.suffix_tables, &levels_arg.suffix_lens});
+  kernels::CascadeDecodeParams p;
+  p.q = c.tensor(q_arg, 3);
+  p.k_cache = c.tensor(kc_arg, 4);
+  p.v_cache = c.tensor(vc_arg, 4);
+  p.o = c.tensor(o_arg, 3);
+  p.scale = scale;
+  const CacheShape cache = check_attention_views(c, q_arg, p.q, p.k_cache, p.v_cache, p.o);
+  p.levels.max_prefix_kv_len = hints[0];
+  p.levels.max_prefix_rows = hints[1];
+  p.levels.max_suffix_kv_len = hints[2];
+  check_levels(c, levels_arg, p.q.shape[0], cache, check_indices || !q_arg.is_cuda(), q_arg.is_cuda(), p.levels);
+  if (!lse_obj.is_none()) {
+    const ViewArg lse_arg = c.parse(lse_obj, "lse");
+    c.same_device({&q_arg, &lse_arg});
+    c.index_array(lse_arg, "float32", {p.q.shape[0], p.q.shape[1]});
+    p.lse = reinterpret_cast<float*>(lse_arg.data);
+  }
+  if (q_arg.is_cuda()) {
+#ifdef BATCHLLM_WITH_CUDA
+    c.require(!workspace_obj.is_none(), "workspace", "is required on CUDA");
+    const ViewArg ws_arg = c.parse(workspace_obj, "workspace");
+    c.same_device({&q_arg, &ws_arg});
+    c.index_array(ws_arg, "float32", {-1});
+    const size_t needed = kernels::cascade_workspace_floats(p.q.shape[0], p.q.shape[1], p.q.shape[2], p.levels);
+    c.require(static_cast<size_t>(ws_arg.numel()) >= needed, "workspace",
+              "holds " + std::to_string(ws_arg.numel()) + " floats, needs " + std::to_string(needed));
+    p.workspace = reinterpret_cast<float*>(ws_arg.data);
+#endif
+  }
+  BATCHLLM_DISPATCH(c, q_arg.device, kernels::cascade_decode_attention_cpu(p),
+                    kernels::cascade_decode_attention_cuda(p, reinterpret_cast<cudaStream_t>(stream)));
+}
+
+void merge_states(py::handle o_a_obj, py::handle lse_a_obj, py::handle o_b_obj, py::handle lse_b_obj,
+                  py::handle o_obj, py::object lse_obj, uintptr_t stream) {
+  const ArgChecker c("merge_states");
+  const ViewArg oa_arg = c.parse(o_a_obj, "o_a"), la_arg = c.parse(lse_a_obj, "lse_a");
+  const ViewArg ob_arg = c.parse(o_b_obj, "o_b"), lb_arg = c.parse(lse_b_obj, "lse_b");
+  const ViewArg o_arg = c.parse(o_obj, "o");
+  c.same_device({&oa_arg, &la_arg, &ob_arg, &lb_arg, &o_arg});
+  kernels::MergeStatesParams p;
+  p.o_a = c.tensor(oa_arg, 3);
+  p.o_b = c.tensor(ob_arg, 3);
+  p.o = c.tensor(o_arg, 3);
+  for (int d = 0; d < 3; ++d) {
+    c.require(p.o_b.shape[d] == p.o_a.shape[d], "o_b", "must have o_a's shape");
+    c.require(p.o.shape[d] == p.o_a.shape[d], "o", "must have o_a's shape");
+  }
+  c.require(p.o_b.dtype == p.o_a.dtype, "o_b", "must have o_a's dtype");
+  c.require(p.o.dtype == p.o_a.dtype, "o", "must have o_a's dtype");
+  c.index_array(la_arg, "float32", {p.o_a.shape[0], p.o_a.shape[1]});
+  c.index_array(lb_arg, "float32", {p.o_a.shape[0], p.o_a.shape[1]});
+  p.lse_a = reinterpret_cast<const float*>(la_arg.data);
+  p.lse_b = reinterpret_cast<const float*>(lb_arg.data);
+  if (!lse_obj.is_none()) {
+    const ViewArg lse_arg = c.parse(lse_obj, "lse");
+    c.same_device({&oa_arg, &lse_arg});
+    c.index_array(lse_arg, "float32", {p.o_a.shape[0], p.o_a.shape[1]});
+    p.lse = reinterpret_cast<float*>(lse_arg.data);
+  }
+  BATCHLLM_DISPATCH(c, oa_arg.device, kernels::merge_states_cpu(p),
+                    kernels::merge_states_cuda(p, reinterpret_cast<cudaStream_t>(stream)));
+}
+
+}  // namespace
+
+void register_kernels(py::module_& m) {
+  m.def("store_kv", &store_kv, py::arg("k"), py::arg("v"), py::arg("k_cache"), py::arg("v_cache"),
+        py::arg("slot_mapping"), py::arg("stream"), py::arg("check_indices"),
+        "Scatter K/V rows [T, Hkv, D] into paged caches at slot_mapping (int64 [T]; < 0 skipped). Views are "
+        "(data_ptr, dtype, shape, strides, device) tuples; use batchllm_core.ops.store_kv.");
+  m.def("prefill_attention", &prefill_attention, py::arg("q"), py::arg("k_cache"), py::arg("v_cache"),
+        py::arg("block_tables"), py::arg("query_start"), py::arg("context_lens"), py::arg("o"), py::arg("scale"),
+        py::arg("max_q_len"), py::arg("stream"), py::arg("check_indices"),
+        "Ragged causal attention over paged context; use batchllm_core.ops.prefill_attention.");
+  m.def("cascade_decode_attention", &cascade_decode_attention, py::arg("q"), py::arg("k_cache"), py::arg("v_cache"),
+        py::arg("levels"), py::arg("hints"), py::arg("o"), py::arg("lse"), py::arg("workspace"), py::arg("scale"),
+        py::arg("stream"), py::arg("check_indices"),
+        "Shared-prefix decode attention by levels; use batchllm_core.ops.cascade_decode_attention.");
+  m.def("merge_states", &merge_states, py::arg("o_a"), py::arg("lse_a"), py::arg("o_b"), py::arg("lse_b"),
+        py::arg("o"), py::arg("lse"), py::arg("stream"),
+        "Merge two partial attention states by log-sum-exp; use batchllm_core.ops.merge_states.");
+  m.def("cuda_kernel_head_dims", [] {
+    std::vector<int> dims;
+    for (int d : {64, 128}) {
+      if (cuda_head_dim_ok(d)) dims.push_back(d);
+    }
+    return dims;
+  }, "Head dims the CUDA attention kernels are built for (empty without CUDA).");
+  m.def("cascade_workspace_floats", [](int64_t num_rows, int64_t num_q_heads, int64_t head_dim, int64_t num_prefixes,
+                                       int32_t max_prefix_kv_len, int32_t max_prefix_rows) -> int64_t {
+#ifdef BATCHLLM_WITH_CUDA
+    kernels::DecodeLevelsView levels;
+    levels.num_prefixes = num_prefixes;
+    levels.max_prefix_kv_len = max_prefix_kv_len;
+    levels.max_prefix_rows = max_prefix_rows;
+    return static_cast<int64_t>(kernels::cascade_workspace_floats(num_rows, num_q_heads, head_dim, levels));
+#else
+    return 0;
+#endif
+  }, py::arg("num_rows"), py::arg("num_q_heads"), py::arg("head_dim"), py::arg("num_prefixes"),
+     py::arg("max_prefix_kv_len"), py::arg("max_prefix_rows"),
+     "float32 scratch elements the CUDA cascade kernel needs (0 without CUDA).");
+}
 
 }  // namespace batchllm::bindings

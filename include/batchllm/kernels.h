@@ -1,0 +1,97 @@
+// Attention kernels of batchllm: paged KV store, ragged paged prefill, shared-prefix (cascade)
+// decode and LSE state merge. Each has a CPU reference (always built) and, when the library is built
+// with CUDA (BATCHLLM_WITH_CUDA), a CUDA launcher taking the same parameter struct plus a stream
+// (include/batchllm/kernels/cuda.h). Arguments are validated by the caller (the Python bindings do it
+// once at the boundary); the kernels trust them.
+//
+// Shapes (see docs/architecture.md, "Ops"):
+//   KV cache  k_cache, v_cache  [num_blocks, block_size, Hkv, D], slot = block * block_size + offset
+//   queries   q                 [T, Hq, D]; GQA: q head h reads KV head h / (Hq / Hkv)
+//   LSE                         float32, natural log, -inf for a row that saw no keys
+#pragma once
+
+#include <cstdint>
+
+#include "batchllm/kernels/merge.h"
+#include "batchllm/kernels/views.h"
+
+namespace batchllm::kernels {
+
+/// store_kv: row t of k/v goes to slot slot_mapping[t] of k_cache/v_cache; slot < 0 is skipped.
+struct StoreKvParams {
+  TensorView k;                           ///< [T, Hkv, D]
+  TensorView v;                           ///< [T, Hkv, D]
+  TensorView k_cache;                     ///< [num_blocks, block_size, Hkv, D], same dtype as k
+  TensorView v_cache;                     ///< [num_blocks, block_size, Hkv, D], same dtype as v
+  const int64_t* slot_mapping = nullptr;  ///< [T], contiguous
+};
+
+/// prefill_attention: ragged causal attention over paged context.
+/// Sequence s owns query rows [query_start[s], query_start[s+1]); query j of its q_len rows sits at
+/// position context_lens[s] - q_len + j and attends to KV positions 0..position through
+/// block_tables[s]. Decode rows are the q_len == 1 case.
+struct PrefillParams {
+  TensorView q;                           ///< [T, Hq, D]
+  TensorView k_cache;                     ///< [num_blocks, block_size, Hkv, D]
+  TensorView v_cache;                     ///< [num_blocks, block_size, Hkv, D]
+  TensorView o;                           ///< [T, Hq, D] output, q's dtype
+  const int32_t* block_tables = nullptr;  ///< [S, max_blocks_per_seq], contiguous rows
+  int64_t max_blocks_per_seq = 0;         ///< row length of block_tables
+  const int32_t* query_start = nullptr;   ///< [S + 1]
+  const int32_t* context_lens = nullptr;  ///< [S]
+  int64_t num_seqs = 0;                   ///< S
+  float scale = 1.0f;                     ///< softmax scale, usually 1/sqrt(D)
+  int32_t max_q_len = 0;                  ///< upper bound of any q_len (CUDA grid size; CPU ignores)
+};
+
+/// The levels of a decode step (docs/architecture.md, DecodeLevels): shared prefixes, each read by a
+/// contiguous range of query rows (ranges nest across levels), then each row's own suffix KV.
+/// All arrays are contiguous int32.
+struct DecodeLevelsView {
+  int64_t num_prefixes = 0;                      ///< P
+  const int32_t* prefix_kv_indptr = nullptr;     ///< [P + 1] into prefix_kv_blocks
+  const int32_t* prefix_kv_blocks = nullptr;     ///< [prefix_kv_indptr[P]]
+  const int32_t* prefix_kv_lens = nullptr;       ///< [P] tokens of each prefix
+  const int32_t* prefix_q_range = nullptr;       ///< [P, 2] reader rows [begin, end)
+  const int32_t* suffix_block_tables = nullptr;  ///< [B, max_suffix_blocks]
+  int64_t max_suffix_blocks = 0;                 ///< row length of suffix_block_tables
+  const int32_t* suffix_kv_lens = nullptr;       ///< [B] (0 allowed)
+  // Host-side upper bounds that size the CUDA grids (the CPU reference ignores them).
+  int32_t max_prefix_kv_len = 0;                 ///< >= every prefix_kv_lens[p]
+  int32_t max_prefix_rows = 0;                   ///< >= every end - begin
+  int32_t max_suffix_kv_len = 0;                 ///< >= every suffix_kv_lens[b]
+};
+
+/// cascade_decode_attention: one query row per sequence; exact attention of each row over the
+/// concatenation of the prefixes that cover it and its suffix, computed level by level and merged
+/// by log-sum-exp.
+struct CascadeDecodeParams {
+  TensorView q;          ///< [B, Hq, D]
+  TensorView k_cache;    ///< [num_blocks, block_size, Hkv, D]
+  TensorView v_cache;    ///< [num_blocks, block_size, Hkv, D]
+  TensorView o;          ///< [B, Hq, D] output, q's dtype
+  float* lse = nullptr;  ///< optional [B, Hq] float32 output, contiguous (nullptr: not written)
+  DecodeLevelsView levels;
+  float scale = 1.0f;
+  /// CUDA only: float32 scratch of cascade_workspace_floats(...) elements (partial prefix states).
+  float* workspace = nullptr;
+};
+
+/// merge_states: (o, lse) = merge of (o_a, lse_a) and (o_b, lse_b) row by row; lse = -inf means
+/// "no keys" and takes the other side unchanged. o may alias o_a or o_b; lse may alias lse_a/lse_b.
+struct MergeStatesParams {
+  TensorView o_a;                ///< [N, H, D]
+  const float* lse_a = nullptr;  ///< [N, H] contiguous
+  TensorView o_b;                ///< [N, H, D], o_a's dtype
+  const float* lse_b = nullptr;  ///< [N, H] contiguous
+  TensorView o;                  ///< [N, H, D], o_a's dtype
+  float* lse = nullptr;          ///< [N, H] contiguous, optional (nullptr: not written)
+};
+
+// ---- CPU references: plain loops, float accumulation, any head dim, fp32/fp16/bf16 views.
+Status store_kv_cpu(const StoreKvParams& params);
+Status prefill_attention_cpu(const PrefillParams& params);
+Status cascade_decode_attention_cpu(const CascadeDecodeParams& params);
+Status merge_states_cpu(const MergeStatesParams& params);
+
+}  // namespace batchllm::kernels

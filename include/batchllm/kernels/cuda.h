@@ -1,0 +1,30 @@
+// CUDA launchers of the attention kernels (only when the library is built with BATCHLLM_WITH_CUDA).
+// Same parameter structs as the CPU references (batchllm/kernels.h); every pointer is device memory
+// except the host-side sizes and hints inside the structs. Each launcher checks its launches and
+// returns the first error (cudaSuccess when all went well). Supported: fp16 and bf16 views, head dim
+// 64 and 128 (cuda_head_dim_supported), any GQA ratio that divides.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+#include <cuda_runtime_api.h>
+
+#include "batchllm/kernels.h"
+
+namespace batchllm::kernels {
+
+/// Whether the CUDA kernels were instantiated for this head dim.
+bool cuda_head_dim_supported(int64_t head_dim);
+
+/// float32 elements of scratch that cascade_decode_attention_cuda needs in params.workspace.
+/// \param num_rows B   \param num_q_heads Hq   \param levels sizes and host hints of the levels
+size_t cascade_workspace_floats(int64_t num_rows, int64_t num_q_heads, int64_t head_dim,
+                                const DecodeLevelsView& levels);
+
+cudaError_t store_kv_cuda(const StoreKvParams& params, cudaStream_t stream);
+cudaError_t prefill_attention_cuda(const PrefillParams& params, cudaStream_t stream);
+cudaError_t cascade_decode_attention_cuda(const CascadeDecodeParams& params, cudaStream_t stream);
+cudaError_t merge_states_cuda(const MergeStatesParams& params, cudaStream_t stream);
+
+}  // namespace batchllm::kernels

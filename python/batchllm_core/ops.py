@@ -1,0 +1,257 @@
+"""Tensor-level attention ops: torch tensors in, native kernels (``batchllm_core._C``) underneath.
+
+Every op passes its tensors to the native core as raw views (data pointer, dtype, shape, strides,
+device) and dispatches by device: CPU tensors run the C++ reference kernels, CUDA tensors the CUDA
+kernels on ``torch.cuda.current_stream()``. The native binding validates every argument and raises
+``ValueError`` naming the kernel and the argument before anything runs. Accumulation is float32;
+``scale`` defaults to ``1 / sqrt(head_dim)``. Shapes follow docs/architecture.md ("Ops"):
+
+- KV caches ``k_cache``, ``v_cache``: ``[num_blocks, block_size, Hkv, D]``; slot = block * block_size + offset.
+- GQA: query head ``h`` reads KV head ``h // (Hq // Hkv)``.
+- LSE: float32, natural log, ``-inf`` for a row that saw no keys.
+
+Index checks (block ids, slots, lengths) read the index arrays; for CUDA arrays that costs a
+device-to-host copy and a synchronisation, so on CUDA they run only with ``check_indices=True``
+or the environment variable ``BATCHLLM_CHECK_INDICES=1``. On CPU they always run.
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, replace
+from typing import Optional, Tuple
+
+import torch
+
+from . import _C
+
+__all__ = ["DecodeLevels", "store_kv", "prefill_attention", "cascade_decode_attention", "merge_states"]
+
+
+def _view(t: torch.Tensor) -> tuple:
+    """(data_ptr, dtype name, shape, strides in elements, device index or -1 for CPU)."""
+    return (t.data_ptr(), str(t.dtype).replace("torch.", ""), tuple(t.shape), tuple(t.stride()), t.get_device())
+
+
+def _stream(t: torch.Tensor) -> int:
+    return torch.cuda.current_stream(t.device).cuda_stream if t.is_cuda else 0
+
+
+def _check_indices(t: torch.Tensor, requested: Optional[bool]) -> bool:
+    if requested is not None:
+        return requested
+    return (not t.is_cuda) or os.environ.get("BATCHLLM_CHECK_INDICES", "0") == "1"
+
+
+def _scale(q: torch.Tensor, scale: Optional[float]) -> float:
+    return float(scale) if scale is not None else 1.0 / math.sqrt(q.shape[-1])
+
+
+def _max_or_zero(t: torch.Tensor) -> int:
+    return int(t.max().item()) if t.numel() > 0 else 0
+
+
+@dataclass
+class DecodeLevels:
+    """The levels of a decode step: shared prefixes read by contiguous query rows, then suffixes.
+
+    Attributes
+    ----------
+    prefix_kv_indptr : torch.Tensor
+        int32 ``[P + 1]``: prefix ``p`` reads ``prefix_kv_blocks[prefix_kv_indptr[p]:prefix_kv_indptr[p + 1]]``.
+    prefix_kv_blocks : torch.Tensor
+        int32 ``[prefix_kv_indptr[P]]``: KV block ids of every prefix, concatenated.
+    prefix_kv_lens : torch.Tensor
+        int32 ``[P]``: tokens of each prefix.
+    prefix_q_range : torch.Tensor
+        int32 ``[P, 2]``: query rows ``[begin, end)`` reading prefix ``p`` (ranges nest across levels).
+    suffix_block_tables : torch.Tensor
+        int32 ``[B, max_suffix_blocks]``: each row's own KV blocks after its deepest prefix (-1 padded).
+    suffix_kv_lens : torch.Tensor
+        int32 ``[B]``: tokens of each row's suffix (0 allowed).
+    max_prefix_kv_len, max_prefix_rows, max_suffix_kv_len : int, optional
+        Host-side upper bounds that size the CUDA grid. Left None they are computed from the tensors
+        (a synchronisation on CUDA); :meth:`with_hints` fills them once per step.
+
+    Examples
+    --------
+    One prefix of 20 tokens (blocks 0, 1) read by rows 0..2; row 2 also has a 5-token suffix in block 2:
+
+    >>> import torch
+    >>> i32 = lambda *x: torch.tensor(x, dtype=torch.int32)
+    >>> levels = DecodeLevels(i32(0, 2), i32(0, 1), i32(20), i32(0, 3).view(1, 2),
+    ...                       i32(-1, -1, 2).view(3, 1), i32(0, 0, 5))
+    >>> levels.with_hints().max_prefix_rows
+    3
+    """
+
+    prefix_kv_indptr: torch.Tensor
+    prefix_kv_blocks: torch.Tensor
+    prefix_kv_lens: torch.Tensor
+    prefix_q_range: torch.Tensor
+    suffix_block_tables: torch.Tensor
+    suffix_kv_lens: torch.Tensor
+    max_prefix_kv_len: Optional[int] = None
+    max_prefix_rows: Optional[int] = None
+    max_suffix_kv_len: Optional[int] = None
+
+    @property
+    def num_prefixes(self) -> int:
+        return int(self.prefix_kv_lens.shape[0])
+
+    def arrays(self) -> tuple:
+        return (self.prefix_kv_indptr, self.prefix_kv_blocks, self.prefix_kv_lens, self.prefix_q_range,
+                self.suffix_block_tables, self.suffix_kv_lens)
+
+    def with_hints(self) -> "DecodeLevels":
+        """A copy with every missing size hint computed from the tensors (one sync on CUDA)."""
+        rows = self.prefix_q_range[:, 1] - self.prefix_q_range[:, 0] if self.num_prefixes else self.prefix_kv_lens
+        return replace(
+            self,
+            max_prefix_kv_len=self.max_prefix_kv_len if self.max_prefix_kv_len is not None
+            else _max_or_zero(self.prefix_kv_lens),
+            max_prefix_rows=self.max_prefix_rows if self.max_prefix_rows is not None else _max_or_zero(rows),
+            max_suffix_kv_len=self.max_suffix_kv_len if self.max_suffix_kv_len is not None
+            else _max_or_zero(self.suffix_kv_lens),
+        )
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> "DecodeLevels":
+        """The same levels on ``device``; hints are computed first (cheap while the arrays are on the host)."""
+        hinted = self.with_hints()
+        moved = [t.to(device, non_blocking=non_blocking) for t in hinted.arrays()]
+        return replace(hinted, **dict(zip(
+            ["prefix_kv_indptr", "prefix_kv_blocks", "prefix_kv_lens", "prefix_q_range",
+             "suffix_block_tables", "suffix_kv_lens"], moved)))
+
+
+def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+             slot_mapping: torch.Tensor, check_indices: Optional[bool] = None) -> None:
+    """Write the step's new K/V rows into their paged slots (in place).
+
+    Parameters
+    ----------
+    k, v : torch.Tensor
+        ``[T, Hkv, D]``, the caches' dtype.
+    k_cache, v_cache : torch.Tensor
+        ``[num_blocks, block_size, Hkv, D]``.
+    slot_mapping : torch.Tensor
+        int64 ``[T]``: row ``t`` goes to slot ``slot_mapping[t]``; a slot < 0 is skipped.
+    """
+    _C.store_kv(_view(k), _view(v), _view(k_cache), _view(v_cache), _view(slot_mapping), _stream(k),
+                _check_indices(k, check_indices))
+
+
+def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                      query_start: torch.Tensor, context_lens: torch.Tensor, scale: Optional[float] = None,
+                      max_q_len: Optional[int] = None, out: Optional[torch.Tensor] = None,
+                      check_indices: Optional[bool] = None) -> torch.Tensor:
+    """Ragged causal attention of a step's query rows over their paged context.
+
+    Parameters
+    ----------
+    q : torch.Tensor
+        ``[T, Hq, D]``. Sequence ``s`` owns rows ``query_start[s]:query_start[s + 1]``.
+    k_cache, v_cache : torch.Tensor
+        ``[num_blocks, block_size, Hkv, D]``, q's dtype, already holding this step's K/V.
+    block_tables : torch.Tensor
+        int32 ``[S, max_blocks]``.
+    query_start : torch.Tensor
+        int32 ``[S + 1]``.
+    context_lens : torch.Tensor
+        int32 ``[S]``: KV length of each sequence after this step. Query ``j`` of ``q_len`` rows sits at
+        position ``context_lens[s] - q_len + j`` and attends to positions ``0..position``.
+    max_q_len : int, optional
+        Upper bound of the rows per sequence (sizes the CUDA grid); computed (a sync) when None on CUDA.
+    out : torch.Tensor, optional
+        ``[T, Hq, D]`` output buffer (q's dtype).
+
+    Returns
+    -------
+    torch.Tensor
+        ``[T, Hq, D]``, q's dtype.
+    """
+    o = torch.empty_like(q) if out is None else out
+    if max_q_len is None:
+        max_q_len = _max_or_zero(query_start[1:] - query_start[:-1]) if q.is_cuda else 0
+    _C.prefill_attention(_view(q), _view(k_cache), _view(v_cache), _view(block_tables), _view(query_start),
+                         _view(context_lens), _view(o), _scale(q, scale), int(max_q_len), _stream(q),
+                         _check_indices(q, check_indices))
+    return o
+
+
+def cascade_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, levels: DecodeLevels,
+                             scale: Optional[float] = None, return_lse: bool = False,
+                             out: Optional[torch.Tensor] = None, lse_out: Optional[torch.Tensor] = None,
+                             check_indices: Optional[bool] = None):
+    """Decode attention (one query row per sequence) by shared-prefix levels, merged by log-sum-exp.
+
+    Exact attention of each row over the concatenation of the prefixes covering it and its suffix:
+    the same result as :func:`prefill_attention` with ``q_len == 1`` over the full block table, but
+    each shared prefix's KV is read once for all its readers.
+
+    Parameters
+    ----------
+    q : torch.Tensor
+        ``[B, Hq, D]``.
+    levels : DecodeLevels
+        On q's device.
+    return_lse : bool
+        Also return the float32 ``[B, Hq]`` log-sum-exp (``-inf`` for a row with no keys at all).
+    out, lse_out : torch.Tensor, optional
+        Output buffers ``[B, Hq, D]`` (q's dtype) and ``[B, Hq]`` float32.
+
+    Returns
+    -------
+    torch.Tensor or (torch.Tensor, torch.Tensor)
+        ``o`` ``[B, Hq, D]``, and ``lse`` when ``return_lse``.
+    """
+    o = torch.empty_like(q) if out is None else out
+    lse = lse_out
+    if lse is None and return_lse:
+        lse = torch.empty(q.shape[:2], dtype=torch.float32, device=q.device)
+    workspace = None
+    if q.is_cuda:
+        levels = levels.with_hints() if None in (levels.max_prefix_kv_len, levels.max_prefix_rows,
+                                                 levels.max_suffix_kv_len) else levels
+        floats = _C.cascade_workspace_floats(q.shape[0], q.shape[1], q.shape[2], levels.num_prefixes,
+                                             levels.max_prefix_kv_len, levels.max_prefix_rows)
+        workspace = torch.empty(max(floats, 1), dtype=torch.float32, device=q.device)
+    hints = [levels.max_prefix_kv_len or 0, levels.max_prefix_rows or 0, levels.max_suffix_kv_len or 0]
+    _C.cascade_decode_attention(_view(q), _view(k_cache), _view(v_cache), tuple(_view(t) for t in levels.arrays()),
+                                hints, _view(o), None if lse is None else _view(lse),
+                                None if workspace is None else _view(workspace), _scale(q, scale), _stream(q),
+                                _check_indices(q, check_indices))
+    return (o, lse) if return_lse else o
+
+
+def merge_states(o_a: torch.Tensor, lse_a: torch.Tensor, o_b: torch.Tensor, lse_b: torch.Tensor,
+                 out: Optional[torch.Tensor] = None,
+                 lse_out: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Merge two partial attention states of the same rows by log-sum-exp.
+
+    ``o = w_a * o_a + w_b * o_b`` with ``w_x = exp(lse_x - lse)``, ``lse = log(exp(lse_a) + exp(lse_b))``.
+    ``lse = -inf`` means "no keys": that side has weight 0 and the other is taken unchanged.
+
+    Parameters
+    ----------
+    o_a, o_b : torch.Tensor
+        ``[N, H, D]``, one dtype.
+    lse_a, lse_b : torch.Tensor
+        float32 ``[N, H]``.
+
+    Returns
+    -------
+    (torch.Tensor, torch.Tensor)
+        ``o`` ``[N, H, D]`` (o_a's dtype) and ``lse`` float32 ``[N, H]``.
+
+    Examples
+    --------
+    >>> import torch
+    >>> o, lse = merge_states(torch.ones(1, 1, 2), torch.zeros(1, 1), torch.zeros(1, 1, 2), torch.zeros(1, 1))
+    >>> o.tolist(), round(lse.item(), 4)
+    ([[[0.5, 0.5]]], 0.6931)
+    """
+    o = torch.empty_like(o_a) if out is None else out
+    lse = torch.empty(o_a.shape[:2], dtype=torch.float32, device=o_a.device) if lse_out is None else lse_out
+    _C.merge_states(_view(o_a), _view(lse_a), _view(o_b), _view(lse_b), _view(o), _view(lse), _stream(o_a))
+    return o, lse

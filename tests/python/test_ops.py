@@ -1,0 +1,306 @@
+"""CPU reference kernels (batchllm_core.ops on CPU tensors) against float64 torch references.
+
+Outputs are NaN-poisoned before every run so that an unwritten row fails.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from batchllm_core import ops
+from ops_reference import (TOLERANCE, PagedKV, attention64, cascade_reference, make_cascade_case,
+                           make_prefill_case, poisoned, prefill_reference, rel_err)
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+HEADS = [(4, 4), (4, 2), (8, 1)]  # (Hq, Hkv): MHA, GQA 2, MQA
+
+
+# ---- store_kv ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("block_size", [16, 5])
+def test_store_kv_writes_slots_and_skips_negative(dtype, block_size):
+    num_blocks, num_kv_heads, head_dim, num_tokens = 6, 2, 16, 11
+    gen = torch.Generator().manual_seed(0)
+    k_cache = torch.randn((num_blocks, block_size, num_kv_heads, head_dim), generator=gen).to(dtype)
+    v_cache = torch.randn_like(k_cache)
+    k = torch.randn((num_tokens, num_kv_heads, head_dim), generator=gen).to(dtype)
+    v = torch.randn_like(k)
+    slots = torch.randperm(num_blocks * block_size, generator=gen)[:num_tokens]
+    slots[3] = -1
+    before_k, before_v = k_cache.clone(), v_cache.clone()
+    ops.store_kv(k, v, k_cache, v_cache, slots)
+    flat_k, flat_v = k_cache.flatten(0, 1), v_cache.flatten(0, 1)
+    written = slots >= 0
+    assert torch.equal(flat_k[slots[written]], k[written])
+    assert torch.equal(flat_v[slots[written]], v[written])
+    untouched = torch.ones(num_blocks * block_size, dtype=torch.bool)
+    untouched[slots[written]] = False
+    assert torch.equal(flat_k[untouched], before_k.flatten(0, 1)[untouched])
+    assert torch.equal(flat_v[untouched], before_v.flatten(0, 1)[untouched])
+
+
+def test_store_kv_accepts_strided_rows():
+    # k, v as views into a fused qkv projection: row stride larger than Hkv * D.
+    qkv = torch.randn(5, 3, 2, 8)
+    k, v = qkv[:, 1], qkv[:, 2]
+    k_cache = torch.zeros(2, 4, 2, 8)
+    v_cache = torch.zeros(2, 4, 2, 8)
+    ops.store_kv(k, v, k_cache, v_cache, torch.arange(5, dtype=torch.int64))
+    assert torch.equal(k_cache.flatten(0, 1)[:5], k)
+    assert torch.equal(v_cache.flatten(0, 1)[:5], v)
+
+
+# ---- prefill_attention ------------------------------------------------------------------------------
+
+PREFILL_SEQS = {
+    "decode_rows": [(1, 1), (1, 17), (1, 32), (1, 5)],
+    "whole_prompts": [(7, 7), (16, 16), (33, 33)],
+    "chunks_over_cache": [(5, 40), (16, 16), (9, 25), (1, 48)],
+    "single_long": [(70, 100)],
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("heads", HEADS)
+@pytest.mark.parametrize("head_dim", [16, 64])
+@pytest.mark.parametrize("seqs_name", list(PREFILL_SEQS))
+def test_prefill_attention_matches_float64(dtype, heads, head_dim, seqs_name):
+    num_q_heads, num_kv_heads = heads
+    seqs = PREFILL_SEQS[seqs_name]
+    kv = PagedKV(64, 16, num_kv_heads, head_dim, dtype)
+    case = make_prefill_case(kv, seqs, num_q_heads, head_dim, dtype)
+    scale = 1.0 / math.sqrt(head_dim)
+    out = poisoned(case.q.shape, dtype)
+    result = ops.prefill_attention(case.q, kv.k, kv.v, case.block_tables, case.query_start, case.context_lens,
+                                   out=out)
+    assert result is out
+    ref = prefill_reference(kv, case, seqs, scale)
+    assert not torch.isnan(out).any()
+    assert rel_err(out, ref) < TOLERANCE[dtype]
+
+
+def test_prefill_attention_block_size_not_16_and_custom_scale():
+    kv = PagedKV(40, 7, 2, 24, torch.float32)
+    seqs = [(10, 30), (3, 3), (1, 14)]
+    case = make_prefill_case(kv, seqs, 6, 24, torch.float32)
+    out = ops.prefill_attention(case.q, kv.k, kv.v, case.block_tables, case.query_start, case.context_lens, scale=0.3)
+    assert rel_err(out, prefill_reference(kv, case, seqs, 0.3)) < 1e-5
+
+
+def test_prefill_attention_long_prefix_tiny_model_shape():
+    # The CPU engine's hot path: a 1024-token prefix prefilled in one chunk on the tiny model (4/2 heads, d 16).
+    kv = PagedKV(70, 16, 2, 16, torch.float32)
+    seqs = [(1024, 1024)]
+    case = make_prefill_case(kv, seqs, 4, 16, torch.float32)
+    out = ops.prefill_attention(case.q, kv.k, kv.v, case.block_tables, case.query_start, case.context_lens)
+    assert rel_err(out, prefill_reference(kv, case, seqs, 0.25)) < 1e-5
+
+
+def test_prefill_attention_empty_sequences_in_batch():
+    kv = PagedKV(16, 16, 2, 16, torch.float32)
+    seqs = [(0, 10), (4, 20), (0, 0)]
+    case = make_prefill_case(kv, seqs, 4, 16, torch.float32)
+    out = ops.prefill_attention(case.q, kv.k, kv.v, case.block_tables, case.query_start, case.context_lens)
+    k, v = kv.gather(case.tables[1], 20)
+    ref, _ = attention64(case.q, k, v, 0.25, causal_offset=16)
+    assert rel_err(out, ref) < 1e-5
+
+
+# ---- cascade_decode_attention -----------------------------------------------------------------------
+
+CASCADE_SHAPES = {
+    # name: (rows, level fanouts, prefix length per level (by prefix index), suffix length by row)
+    "one_level": (12, [2], [lambda i: 32], lambda r: 5 + r),
+    "one_level_odd_lengths": (9, [3], [lambda i: 17 + 3 * i], lambda r: (r * 7) % 20),
+    "zero_suffix": (8, [2], [lambda i: 23], lambda r: 0),
+    "zero_prefix": (6, [2], [lambda i: 0], lambda r: 1 + r),
+    "two_levels": (16, [2, 2], [lambda i: 16, lambda i: 9 + i], lambda r: r % 5),
+    "three_levels": (17, [2, 2, 2], [lambda i: 20, lambda i: 16, lambda i: 3 + i], lambda r: (3 * r) % 11),
+    "no_prefix": (5, [], [], lambda r: 1 + 4 * r),
+}
+
+
+def run_cascade_case(name, dtype, heads, head_dim, device="cpu", check_indices=None):
+    num_q_heads, num_kv_heads = heads
+    rows, fanouts, prefix_lens, suffix_len = CASCADE_SHAPES[name]
+    kv = PagedKV(96, 16, num_kv_heads, head_dim, dtype, device=device)
+    case = make_cascade_case(kv, rows, fanouts, prefix_lens, [suffix_len(r) for r in range(rows)], num_q_heads,
+                             head_dim, dtype, device=device)
+    out = poisoned(case.q.shape, dtype, device)
+    lse = poisoned(case.q.shape[:2], torch.float32, device)
+    o, lse_result = ops.cascade_decode_attention(case.q, kv.k, kv.v, case.levels, return_lse=True, out=out,
+                                                 lse_out=lse, check_indices=check_indices)
+    ref_o, ref_lse = cascade_reference(kv, case, 1.0 / math.sqrt(head_dim))
+    return o, lse_result, ref_o, ref_lse
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("heads", HEADS)
+@pytest.mark.parametrize("head_dim", [16, 64])
+@pytest.mark.parametrize("name", list(CASCADE_SHAPES))
+def test_cascade_decode_attention_matches_float64(dtype, heads, head_dim, name):
+    o, lse, ref_o, ref_lse = run_cascade_case(name, dtype, heads, head_dim)
+    assert not torch.isnan(o).any() and not torch.isnan(lse).any()
+    assert rel_err(o, ref_o) < TOLERANCE[dtype]
+    assert torch.allclose(lse.double(), ref_lse, atol=1e-4, rtol=1e-4)
+
+
+def test_cascade_row_without_any_keys_gives_zero_and_minus_inf():
+    kv = PagedKV(8, 16, 1, 16, torch.float32)
+    case = make_cascade_case(kv, 3, [], [], [0, 4, 0], 2, 16, torch.float32)
+    o, lse = ops.cascade_decode_attention(case.q, kv.k, kv.v, case.levels, return_lse=True,
+                                          out=poisoned(case.q.shape, torch.float32))
+    assert torch.equal(o[0], torch.zeros_like(o[0])) and torch.equal(o[2], torch.zeros_like(o[2]))
+    assert torch.isinf(lse[0]).all() and (lse[0] < 0).all()
+    assert torch.isfinite(lse[1]).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cascade_equals_prefill_over_full_block_table(dtype):
+    # The contract: cascade == prefill_attention with q_len 1 over the concatenated table.
+    kv = PagedKV(64, 16, 2, 16, dtype)
+    rows = 6
+    case = make_cascade_case(kv, rows, [1, 2], [lambda i: 32, lambda i: 16], [3, 0, 9, 16, 1, 5], 4, 16, dtype)
+    tables, lens = [], []
+    for segments in case.row_keys:
+        tables.append([b for blocks, _ in segments for b in blocks])
+        lens.append(sum(n for _, n in segments))
+    width = max(len(t) for t in tables)
+    block_tables = torch.tensor([t + [-1] * (width - len(t)) for t in tables], dtype=torch.int32)
+    cascade = ops.cascade_decode_attention(case.q, kv.k, kv.v, case.levels)
+    prefill = ops.prefill_attention(case.q, kv.k, kv.v, block_tables, torch.arange(rows + 1, dtype=torch.int32),
+                                    torch.tensor(lens, dtype=torch.int32))
+    assert rel_err(cascade, prefill) < TOLERANCE[dtype]
+
+
+# ---- merge_states -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_merge_states_matches_attention_over_union(dtype):
+    gen = torch.Generator().manual_seed(3)
+    q = torch.randn(5, 4, 16, generator=gen)
+    k = torch.randn(30, 2, 16, generator=gen).double()
+    v = torch.randn(30, 2, 16, generator=gen).double()
+    o_a, lse_a = attention64(q, k[:12], v[:12], 0.25)
+    o_b, lse_b = attention64(q, k[12:], v[12:], 0.25)
+    ref_o, ref_lse = attention64(q, k, v, 0.25)
+    o, lse = ops.merge_states(o_a.to(dtype), lse_a.float(), o_b.to(dtype), lse_b.float(),
+                              out=poisoned(o_a.shape, dtype))
+    assert rel_err(o, ref_o) < TOLERANCE[dtype] + 4e-3 * (dtype != torch.float32)
+    assert torch.allclose(lse.double(), ref_lse, atol=1e-5)
+
+
+def test_merge_states_minus_inf_edges():
+    o_a = torch.tensor([[[1.0, 2.0]], [[float("nan"), float("nan")]], [[5.0, 6.0]]])
+    o_b = torch.tensor([[[float("nan"), 7.0]], [[3.0, 4.0]], [[8.0, 9.0]]])
+    inf = float("inf")
+    lse_a = torch.tensor([[0.5], [-inf], [-inf]])
+    lse_b = torch.tensor([[-inf], [1.5], [-inf]])
+    o, lse = ops.merge_states(o_a, lse_a, o_b, lse_b)
+    assert torch.equal(o[0], o_a[0]) and lse[0, 0] == 0.5      # b empty: a unchanged, NaN in o_b ignored
+    assert torch.equal(o[1], o_b[1]) and lse[1, 0] == 1.5      # a empty
+    assert torch.equal(o[2], torch.zeros(1, 2)) and lse[2, 0] == -inf  # both empty
+
+
+def test_merge_states_in_place_into_a():
+    o_a, lse_a = torch.randn(3, 2, 8), torch.randn(3, 2)
+    o_b, lse_b = torch.randn(3, 2, 8), torch.randn(3, 2)
+    expected_o, expected_lse = ops.merge_states(o_a, lse_a, o_b, lse_b)
+    ops.merge_states(o_a, lse_a, o_b, lse_b, out=o_a, lse_out=lse_a)
+    assert torch.allclose(o_a, expected_o) and torch.allclose(lse_a, expected_lse)
+
+
+# ---- bad arguments: ValueError naming the kernel and the argument -----------------------------------
+
+def _prefill_args(dtype=torch.float32):
+    kv = PagedKV(8, 16, 2, 16, dtype)
+    case = make_prefill_case(kv, [(3, 20)], 4, 16, dtype)
+    return dict(q=case.q, k_cache=kv.k, v_cache=kv.v, block_tables=case.block_tables,
+                query_start=case.query_start, context_lens=case.context_lens)
+
+
+def test_bad_dtype_names_kernel_and_argument():
+    args = _prefill_args()
+    args["q"] = args["q"].double()
+    with pytest.raises(ValueError, match=r"prefill_attention: argument 'q' has dtype float64"):
+        ops.prefill_attention(**args)
+
+
+def test_cache_dtype_mismatch():
+    args = _prefill_args()
+    args["k_cache"] = args["k_cache"].half()
+    with pytest.raises(ValueError, match=r"prefill_attention: argument 'k_cache'"):
+        ops.prefill_attention(**args)
+
+
+def test_non_contiguous_last_dim():
+    args = _prefill_args()
+    args["q"] = args["q"].transpose(1, 2).contiguous().transpose(1, 2)
+    with pytest.raises(ValueError, match=r"prefill_attention: argument 'q' must have a contiguous last dimension"):
+        ops.prefill_attention(**args)
+
+
+def test_block_table_entry_out_of_range():
+    args = _prefill_args()
+    args["block_tables"] = args["block_tables"].clone()
+    args["block_tables"][0, 1] = 8
+    with pytest.raises(ValueError, match=r"prefill_attention: argument 'block_tables\[0\]' entry 1 = 8 is out of range"):
+        ops.prefill_attention(**args)
+
+
+def test_block_tables_wrong_index_dtype():
+    args = _prefill_args()
+    args["block_tables"] = args["block_tables"].long()
+    with pytest.raises(ValueError, match=r"prefill_attention: argument 'block_tables' must be int32"):
+        ops.prefill_attention(**args)
+
+
+def test_context_shorter_than_queries():
+    args = _prefill_args()
+    args["context_lens"] = torch.tensor([2], dtype=torch.int32)
+    with pytest.raises(ValueError, match=r"prefill_attention: argument 'context_lens'"):
+        ops.prefill_attention(**args)
+
+
+def test_gqa_ratio_must_divide():
+    kv = PagedKV(8, 16, 3, 16, torch.float32)
+    case = make_prefill_case(kv, [(2, 2)], 4, 16, torch.float32)
+    with pytest.raises(ValueError, match=r"prefill_attention: argument 'k_cache' KV heads \(3\) must divide"):
+        ops.prefill_attention(case.q, kv.k, kv.v, case.block_tables, case.query_start, case.context_lens)
+
+
+def test_store_kv_slot_out_of_range():
+    k = torch.randn(2, 1, 8)
+    cache = torch.zeros(2, 4, 1, 8)
+    with pytest.raises(ValueError, match=r"store_kv: argument 'slot_mapping' entry 1 = 8 is out of range"):
+        ops.store_kv(k, k, cache, cache.clone(), torch.tensor([0, 8]))
+    with pytest.raises(ValueError, match=r"store_kv: argument 'slot_mapping' must be int64"):
+        ops.store_kv(k, k, cache, cache.clone(), torch.tensor([0, 1], dtype=torch.int32))
+
+
+def test_cascade_bad_levels():
+    kv = PagedKV(32, 16, 2, 16, torch.float32)
+    case = make_cascade_case(kv, 4, [2], [lambda i: 20], [1, 2, 3, 4], 4, 16, torch.float32)
+    levels = case.levels
+    bad_range = ops.DecodeLevels(**{**levels.__dict__, "prefix_q_range": torch.tensor([[0, 2], [2, 5]],
+                                                                                     dtype=torch.int32)})
+    with pytest.raises(ValueError, match=r"cascade_decode_attention: argument 'prefix_q_range' entry 1"):
+        ops.cascade_decode_attention(case.q, kv.k, kv.v, bad_range)
+    bad_blocks = ops.DecodeLevels(**{**levels.__dict__, "prefix_kv_blocks": levels.prefix_kv_blocks + 100})
+    with pytest.raises(ValueError, match=r"cascade_decode_attention: argument 'prefix_kv_blocks \(prefix 0\)'"):
+        ops.cascade_decode_attention(case.q, kv.k, kv.v, bad_blocks)
+    short_table = ops.DecodeLevels(**{**levels.__dict__, "suffix_kv_lens": torch.tensor([1, 2, 3, 40],
+                                                                                       dtype=torch.int32)})
+    with pytest.raises(ValueError, match=r"cascade_decode_attention: argument 'suffix_block_tables\[3\]'"):
+        ops.cascade_decode_attention(case.q, kv.k, kv.v, short_table)
+
+
+def test_merge_states_shape_mismatch():
+    with pytest.raises(ValueError, match=r"merge_states: argument 'o_b' must have o_a's shape"):
+        ops.merge_states(torch.zeros(2, 2, 4), torch.zeros(2, 2), torch.zeros(2, 2, 5), torch.zeros(2, 2))
+    with pytest.raises(ValueError, match=r"merge_states: argument 'lse_a' must be float32"):
+        ops.merge_states(torch.zeros(2, 2, 4), torch.zeros(2, 2, dtype=torch.float64), torch.zeros(2, 2, 4),
+                         torch.zeros(2, 2))
