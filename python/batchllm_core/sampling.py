@@ -188,12 +188,22 @@ class RequestSamplingTable:
     min_p: torch.Tensor        # float32 [N]
     seeds: torch.Tensor        # int64 [N]: the request's seed, or one drawn from the LLM's seed stream
     num_logprobs: np.ndarray   # int64 [N]; -1 = no logprobs (host side: only used to slice results)
+    # min_tokens (host side): before it, the request's stop token ids and EOS ids are masked out
+    # (as vLLM), so a completion cannot end early. Stopper ids of request i are
+    # stopper_ids[stopper_offsets[i]:stopper_offsets[i+1]].
+    min_tokens: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))       # int64 [N]
+    stopper_ids: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))      # int64 [M]
+    stopper_offsets: np.ndarray = field(default_factory=lambda: np.zeros(1, np.int64))  # int64 [N+1]
 
     @classmethod
-    def build(cls, params: Sequence[SamplingParams], seeds: Sequence[int], device) -> "RequestSamplingTable":
-        """Tensors for ``params[i]`` drawing with ``seeds[i]`` (any Python ints)."""
+    def build(cls, params: Sequence[SamplingParams], seeds: Sequence[int], device,
+              eos_token_ids: Sequence[int] = ()) -> "RequestSamplingTable":
+        """Tensors for ``params[i]`` drawing with ``seeds[i]`` (any Python ints); ``eos_token_ids``
+        end every request that does not ignore EOS (masked before its min_tokens)."""
         if len(params) != len(seeds):
             raise ValueError(f"got {len(params)} SamplingParams but {len(seeds)} seeds")
+        stoppers = [sorted(set(p.stop_token_ids) | (set() if p.ignore_eos else set(eos_token_ids)))
+                    if p.min_tokens > 0 else [] for p in params]
 
         def as_tensor(values, dtype):
             return torch.tensor(values, dtype=dtype, device=device)
@@ -205,7 +215,26 @@ class RequestSamplingTable:
             min_p=as_tensor([p.min_p for p in params], torch.float32),
             seeds=as_tensor([_seed_to_int64(int(s)) for s in seeds], torch.int64),
             num_logprobs=np.array([-1 if p.logprobs is None else p.logprobs for p in params], dtype=np.int64),
+            min_tokens=np.array([p.min_tokens for p in params], dtype=np.int64),
+            stopper_ids=np.array([t for ids in stoppers for t in ids], dtype=np.int64),
+            stopper_offsets=np.concatenate([[0], np.cumsum([len(ids) for ids in stoppers])]).astype(np.int64),
         )
+
+    def min_tokens_mask(self, requests: np.ndarray, output_positions: np.ndarray, vocab_size: int):
+        """(rows, token ids) to mask to -inf in a step's logits: the stoppers of rows before min_tokens.
+
+        Returns None when no row needs a mask (the common case after the first few tokens).
+        """
+        if len(self.stopper_ids) == 0:
+            return None
+        early = np.nonzero(output_positions < self.min_tokens[requests])[0]
+        if len(early) == 0:
+            return None
+        begins, ends = self.stopper_offsets[requests[early]], self.stopper_offsets[requests[early] + 1]
+        rows = np.repeat(early, ends - begins)
+        tokens = np.concatenate([self.stopper_ids[b:e] for b, e in zip(begins, ends)])
+        keep = tokens < vocab_size
+        return rows[keep], tokens[keep]
 
 
 @dataclass
@@ -226,9 +255,9 @@ class SamplerOutput:
 class Sampler:
     """Draws one token per sample row from float32 logits ``[R, vocab]``, vectorized over rows.
 
-    Order of the filters (as vLLM): temperature, top-k, top-p, min-p; then a Gumbel-max draw, which
+    Order of the filters (as vLLM): stop/EOS ids masked before min_tokens, temperature, top-k, top-p, min-p; then a Gumbel-max draw, which
     samples exactly from the softmax of the filtered, tempered logits. Greedy rows (temperature 0)
-    take the argmax of the raw logits, with ties going to the lowest token id (as ``torch.argmax`` and
+    take the argmax of the logits, with ties going to the lowest token id (as ``torch.argmax`` and
     transformers' greedy search). Reported logprobs are log_softmax of the *raw* logits (vLLM's
     default), whatever filters the draw used.
 
@@ -281,8 +310,10 @@ class Sampler:
                              f"{len(sample_indices)} sample indices, {len(output_positions)} positions")
         if num_rows == 0:
             return SamplerOutput(np.zeros(0, np.int32), np.zeros(0, np.float32))
-        logits = logits.float()
-        req = torch.as_tensor(np.asarray(requests, dtype=np.int64), device=self.device)
+        raw_logits = logits.float()
+        requests = np.asarray(requests, dtype=np.int64)
+        logits = self._mask_before_min_tokens(raw_logits, table, requests, np.asarray(output_positions))
+        req = torch.as_tensor(requests, device=self.device)
         keys = _row_keys(table.seeds[req],
                          torch.as_tensor(np.asarray(sample_indices, dtype=np.int64), device=self.device),
                          torch.as_tensor(np.asarray(output_positions, dtype=np.int64), device=self.device))
@@ -293,7 +324,15 @@ class Sampler:
             rows = slice(start, min(start + chunk, num_rows))
             token_ids[rows] = self._draw(logits[rows], temperature[rows], table.top_k[req[rows]],
                                          table.top_p[req[rows]], table.min_p[req[rows]], keys[rows])
-        return self._with_logprobs(logits, token_ids, table.num_logprobs[np.asarray(requests, dtype=np.int64)])
+        return self._with_logprobs(raw_logits, token_ids, table.num_logprobs[requests])
+
+    def _mask_before_min_tokens(self, logits, table, requests, output_positions) -> torch.Tensor:
+        mask = table.min_tokens_mask(requests, output_positions, self.vocab_size)
+        if mask is None:
+            return logits
+        rows, tokens = (torch.as_tensor(a, device=self.device) for a in mask)
+        # A copy: the raw logits still give the reported logprobs.
+        return logits.index_put((rows, tokens), torch.tensor(float("-inf"), device=self.device))
 
     def _draw(self, logits, temperature, top_k, top_p, min_p, keys) -> torch.Tensor:
         greedy = temperature == 0

@@ -202,3 +202,21 @@ def test_thousands_of_rows_in_one_call():
     params = [SamplingParams(top_k=50, top_p=0.9, min_p=0.01, logprobs=2)] * rows
     out = _sample(logits, params, positions=range(rows))
     assert out.token_ids.shape == (rows,) and 0 <= out.token_ids.min() and out.token_ids.max() < vocab
+
+
+def test_stop_and_eos_ids_are_masked_before_min_tokens():
+    logits = torch.zeros(4, 10)
+    logits[:, 3] = 50.0  # token 3 (EOS) would always win
+    logits[:, 5] = 40.0  # token 5 (a stop token id) next
+    params = [SamplingParams(temperature=0, min_tokens=2, stop_token_ids=[5]),
+              SamplingParams(temperature=0, min_tokens=2, stop_token_ids=[5]),
+              SamplingParams(temperature=0.7, min_tokens=2, ignore_eos=True),
+              SamplingParams(temperature=0, logprobs=1)]
+    table = RequestSamplingTable.build(params, [0, 1, 2, 3], "cpu", eos_token_ids=[3])
+    out = Sampler(10, "cpu").sample(logits, table, np.arange(4), np.zeros(4), np.array([0, 2, 1, 0]))
+    assert out.token_ids[0] not in (3, 5)  # before min_tokens: both masked
+    assert out.token_ids[1] == 3           # min_tokens reached
+    assert out.token_ids[2] == 3           # ignore_eos: EOS is not a stopper, so not masked
+    assert out.token_ids[3] == 3           # no min_tokens
+    # Logprobs still come from the raw logits.
+    np.testing.assert_allclose(out.logprobs[0], torch.log_softmax(logits[0], -1)[out.token_ids[0]].item(), rtol=1e-5)
