@@ -1,0 +1,181 @@
+"""One decoder for the Llama family: Llama 2/3/3.x, Mistral, Qwen2, Qwen3 (gpt-fast style).
+
+Differences between the variants are options of :class:`ModelConfig`: q/k/v (and o) biases, Qwen3's
+q/k RMSNorm, rope scaling, tied embeddings, head dim and GQA ratio. q/k/v projections are fused into
+``wqkv`` and gate/up into ``w13``; the loader fills them from the separate Hugging Face tensors.
+
+The model runs a flat ragged batch: ``forward(input_ids [T], positions [T]) -> hidden [T, hidden]``.
+Which rows belong to which sequence, and where their KV lives, reaches attention through the step
+context (batchllm_core.context), never through ``forward``. Logits are a separate call so that a
+step computes them only for the rows it samples.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .attention import attend
+from .config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm computed in float32, scaled in the input dtype (as Hugging Face Llama does)."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half rope. x ``[T, H, D]``; cos, sin ``[T, D]`` (halves repeated)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat((-x2, x1), dim=-1)
+    return x * cos[:, None, :] + rotated * sin[:, None, :]
+
+
+class Attention(nn.Module):
+    """Self-attention with fused q/k/v; ``k_cache``/``v_cache`` are assigned by the ModelRunner."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.num_heads, self.num_kv_heads = config.num_heads, config.num_kv_heads
+        self.head_dim = config.head_dim
+        self.q_size = config.num_heads * config.head_dim
+        self.kv_size = config.num_kv_heads * config.head_dim
+        self.scale = config.head_dim ** -0.5
+        self.wqkv = nn.Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=config.qkv_bias)
+        self.wo = nn.Linear(self.q_size, config.hidden_size, bias=config.o_bias)
+        self.q_norm = RMSNorm(config.head_dim, config.rms_norm_eps) if config.qk_norm else None
+        self.k_norm = RMSNorm(config.head_dim, config.rms_norm_eps) if config.qk_norm else None
+        self.k_cache: torch.Tensor | None = None
+        self.v_cache: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        num_tokens = x.shape[0]
+        q, k, v = self.wqkv(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(num_tokens, self.num_heads, self.head_dim)
+        k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
+        v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        out = attend(q, k, v, self.k_cache, self.v_cache, self.scale)
+        return self.wo(out.reshape(num_tokens, self.q_size))
+
+
+class FeedForward(nn.Module):
+    """SwiGLU MLP with fused gate/up (``w13``) and down (``w2``) projections."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.w13 = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=config.mlp_bias)
+        self.w2 = nn.Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.w13(x).chunk(2, dim=-1)
+        return self.w2(F.silu(gate) * up)
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm decoder layer."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.attention_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.attention = Attention(config)
+        self.ffn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.feed_forward = FeedForward(config)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), cos, sin)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class LlamaModel(nn.Module):
+    """Decoder-only transformer over a flat ragged token batch.
+
+    Examples
+    --------
+    >>> model = LlamaModel(ModelConfig.from_name("tiny"))
+    >>> hidden = model(torch.tensor([1, 2, 3]), torch.tensor([0, 1, 2]))   # one sequence, no cache
+    >>> model.compute_logits(hidden[-1:]).shape
+    torch.Size([1, 261])
+    """
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.tok_embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(TransformerBlock(config) for _ in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.output = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.tie_weights()
+        # Not a buffer: recomputed exactly on any device, unaffected by meta-device construction.
+        self._inv_freq = config.rope_inv_freq()
+
+    def tie_weights(self) -> None:
+        """Share the output projection with the embedding when the config ties them (again after
+        anything that may have replaced the parameters, e.g. ``to_empty``)."""
+        if self.config.tie_word_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+
+    @property
+    def attention_layers(self) -> list[Attention]:
+        """The attention module of each layer, in order (the ModelRunner gives each its cache)."""
+        return [layer.attention for layer in self.layers]
+
+    def rope(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin ``[T, head_dim]`` for int positions ``[T]``, computed in float32 then cast."""
+        if self._inv_freq.device != positions.device:
+            self._inv_freq = self._inv_freq.to(positions.device)
+        freqs = positions.float()[:, None] * self._inv_freq[None, :]
+        angles = torch.cat((freqs, freqs), dim=-1)
+        return angles.cos().to(dtype), angles.sin().to(dtype)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Final-norm hidden states.
+
+        Parameters
+        ----------
+        input_ids : torch.Tensor
+            int32/int64 ``[T]`` token ids of the step, flat.
+        positions : torch.Tensor
+            int ``[T]`` position of each token in its sequence.
+
+        Returns
+        -------
+        torch.Tensor
+            ``[T, hidden_size]`` in the model dtype.
+        """
+        x = self.tok_embeddings(input_ids)
+        cos, sin = self.rope(positions, x.dtype)
+        for layer in self.layers:
+            x = layer(x, cos, sin)
+        return self.norm(x)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """``[R, hidden_size]`` -> ``[R, vocab_size]`` logits in the model dtype."""
+        return self.output(hidden)
+
+
+@torch.no_grad()
+def init_random_weights_(model: LlamaModel, seed: int, std: float = 0.02) -> LlamaModel:
+    """Fill every parameter deterministically (seeded, in place): matrices and embeddings
+    ~ N(0, std), biases 0, norm weights 1. Same seed, device and dtype give the same weights."""
+    generator = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+    for name, param in model.named_parameters():  # tied weights are yielded once
+        if name.endswith("norm.weight"):
+            param.fill_(1.0)
+        elif name.endswith(".bias"):
+            param.zero_()
+        else:
+            noise = torch.empty(param.shape, dtype=torch.float32, device=param.device)
+            param.copy_(noise.normal_(0.0, std, generator=generator))
+    return model
