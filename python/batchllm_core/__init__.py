@@ -15,4 +15,25 @@ def cuda_available() -> bool:
     return bool(build_info()["cuda"]) and cuda_device_count() > 0
 
 
-__all__ = ["build_info", "cuda_available", "cuda_device_count", "__version__"]
+# The engine API needs torch (the "engine" extra); it is imported on first use so that the native
+# core (planning, build info) stays importable without it.
+_LAZY_EXPORTS = {
+    "LLM": ".engine",
+    "SamplingParams": ".sampling",
+    "RequestOutput": ".outputs",
+    "CompletionOutput": ".outputs",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY_EXPORTS:
+        import importlib
+
+        value = getattr(importlib.import_module(_LAZY_EXPORTS[name], __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = ["build_info", "cuda_available", "cuda_device_count", "__version__", "LLM", "SamplingParams",
+           "RequestOutput", "CompletionOutput"]

@@ -1,0 +1,328 @@
+"""``LLM``: vLLM's offline API on top of the global prefix-sharing scheduler.
+
+One job per ``generate`` call: every prompt is tokenized and handed to the native scheduler at once
+(it plans prefix groups over the whole job), then the loop runs schedule -> run -> commit until the
+scheduler has nothing left. Python adds what needs text or tensors: sampling, logprobs, stop strings.
+"""
+from __future__ import annotations
+
+import os
+import time
+import warnings
+from typing import Iterator, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+
+from . import _C
+from .job import Job, PreparedRequest
+from .outputs import RequestOutput
+from .sampling import Sampler, SamplingParams
+
+__all__ = ["LLM"]
+
+PromptType = Union[str, dict]
+ParamsType = Union[None, SamplingParams, Sequence[SamplingParams]]
+
+_NOISE_WARNING = ("LLM(): no model given, using the embedded tiny model with random weights; "
+                  "it proves the machinery, its text is noise")
+_warned_noise = False
+
+# Default KV pool: a share of what the device has left after the weights (CUDA), or of RAM (CPU),
+# capped on CPU where a pool much larger than the job only costs allocation time.
+_CUDA_KV_SHARE = 0.85
+_CPU_KV_SHARE = 0.10
+_CPU_KV_CAP_BYTES = 1 << 30
+
+
+class LLM:
+    """An offline batch engine for one model (vLLM's ``LLM``).
+
+    Parameters
+    ----------
+    model : str or None
+        A local Hugging Face model directory; None: the embedded tiny model (random weights, noise text).
+    dtype : str or torch.dtype
+        "auto" (the checkpoint's dtype on CUDA, float32 on CPU), "float32", "bfloat16", "float16".
+    device : str or torch.device
+        "auto" (CUDA when usable, else CPU), "cpu", "cuda", "cuda:1".
+    block_size : int
+        Tokens per KV block.
+    kv_cache_memory : int or None
+        Bytes for the KV pool; None: a default share of the device's free memory.
+    policy : str
+        Scheduling policy: "batchllm" (global prefix groups), "fcfs-lru" (vLLM-like prefix cache)
+        or "no-share".
+    seed : int
+        Seeds the stream that unseeded requests draw their sampling seeds from.
+    max_num_batched_tokens : int
+        Token rows per step (the scheduler's token budget).
+    max_num_seqs : int
+        Sequences running at once at most.
+    max_model_len : int or None
+        Context length (prompt + output) allowed; None: the model's.
+
+    Examples
+    --------
+    >>> llm = LLM(kv_cache_memory=1 << 22)                      # doctest: +SKIP
+    >>> llm.generate("Hello", SamplingParams(temperature=0))[0].outputs[0].token_ids  # doctest: +SKIP
+    """
+
+    def __init__(self, model: Optional[str] = None, dtype="auto", device="auto", block_size: int = 16,
+                 kv_cache_memory: Optional[int] = None, policy: str = "batchllm", seed: int = 0,
+                 max_num_batched_tokens: int = 2048, max_num_seqs: int = 1024,
+                 max_model_len: Optional[int] = None):
+        from .model_runner import ModelRunner
+
+        _check_positive_int("block_size", block_size)
+        _check_positive_int("max_num_batched_tokens", max_num_batched_tokens)
+        _check_positive_int("max_num_seqs", max_num_seqs)
+        if policy not in ("batchllm", "fcfs-lru", "no-share"):
+            raise ValueError(f"policy must be 'batchllm', 'fcfs-lru' or 'no-share', got {policy!r}")
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+            raise ValueError(f"seed must be an int, got {seed!r}")
+        self.device = _resolve_device(device)
+        self.model, self.config, self.tokenizer, self.eos_token_ids, self.dtype = _load(model, dtype, self.device)
+        self.max_model_len = int(self.config.max_position_embeddings)
+        if max_model_len is not None:
+            _check_positive_int("max_model_len", max_model_len)
+            self.max_model_len = min(self.max_model_len, int(max_model_len))
+        self.block_size = int(block_size)
+        self.policy = policy
+        self.max_num_batched_tokens = int(max_num_batched_tokens)
+        self.max_num_seqs = int(max_num_seqs)
+        bytes_per_block = ModelRunner.kv_bytes_per_block(self.config, self.block_size, self.dtype)
+        self.num_kv_blocks = self._num_kv_blocks(kv_cache_memory, bytes_per_block)
+        self.runner = ModelRunner(self.model, self.config, self.num_kv_blocks, self.block_size,
+                                  self.device, self.dtype)
+        self.sampler = Sampler(self.config.vocab_size, self.device)
+        self._seed_stream = np.random.default_rng(int(seed))
+        self.last_stats: dict = {}
+
+    # ------------------------------------------------------------------ public API
+    def get_tokenizer(self):
+        """The tokenizer (``batchllm_core.tokenizer``): encode/decode, eos ids, chat template."""
+        return self.tokenizer
+
+    def generate(self, prompts: Union[PromptType, Sequence[PromptType]], sampling_params: ParamsType = None,
+                 use_tqdm: bool = True) -> List[RequestOutput]:
+        """Generate completions for every prompt; outputs in input order.
+
+        Parameters
+        ----------
+        prompts : str, dict, or a list of those
+            Text, or ``{"prompt_token_ids": [...]}`` (optionally with "prompt": its text).
+        sampling_params : SamplingParams or list of SamplingParams or None
+            One for all prompts or one per prompt; None: ``SamplingParams()``.
+        use_tqdm : bool
+            Show a progress bar (requests done, output tokens/s).
+        """
+        outputs: List[Optional[RequestOutput]] = [None] * len(_as_prompt_list(prompts))
+        for index, output in self.generate_stream(prompts, sampling_params, use_tqdm=use_tqdm):
+            outputs[index] = output
+        return outputs  # type: ignore[return-value]
+
+    def chat(self, conversations, sampling_params: ParamsType = None, use_tqdm: bool = True,
+             add_generation_prompt: bool = True) -> List[RequestOutput]:
+        """Generate replies to conversations (a list of {"role", "content"} messages, or a list of them)
+        rendered with the model's chat template."""
+        if conversations and isinstance(conversations[0], dict):
+            conversations = [conversations]
+        prompts = []
+        for messages in conversations:
+            text = self.tokenizer.apply_chat_template(list(messages), add_generation_prompt=add_generation_prompt)
+            # The template already writes BOS and the other special tokens.
+            prompts.append({"prompt": text,
+                            "prompt_token_ids": self.tokenizer.encode(text, add_special_tokens=False)})
+        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
+
+    def generate_stream(self, prompts: Union[PromptType, Sequence[PromptType]],
+                        sampling_params: ParamsType = None,
+                        use_tqdm: bool = False) -> Iterator[Tuple[int, RequestOutput]]:
+        """Like :meth:`generate`, but yields ``(input index, output)`` as each request completes."""
+        job = self._new_job(prompts, sampling_params)
+        with _Progress(len(job.requests), use_tqdm) as progress:
+            for item in job.initial_failures():
+                progress.request_done(job.num_output_tokens)
+                yield item
+            if len(job.input_index) == 0:
+                return
+            scheduler = self._new_scheduler()
+            scheduler.add_requests(**job.scheduler_arrays())
+            yield from self._collect(scheduler, job, progress)
+            while (plan := scheduler.next_step()) is not None:      # schedule
+                rows = job.step_rows(plan)
+                sampled = self.sampler.sample(self.runner.execute(plan), job.table, rows.requests,
+                                              rows.sample_indices, rows.output_lens)   # run
+                scheduler.commit(sampled.token_ids)                 # commit
+                for seq_id in job.record(rows, sampled):
+                    scheduler.finish_sequence(seq_id, "stop")
+                yield from self._collect(scheduler, job, progress)
+            self.last_stats = dict(scheduler.stats())
+
+    # ------------------------------------------------------------------ job setup
+    def _new_job(self, prompts, sampling_params) -> Job:
+        prompt_list = _as_prompt_list(prompts)
+        params = _as_params_list(sampling_params, len(prompt_list))
+        texts, token_ids = self._tokenize(prompt_list)
+        requests = [self._prepare(text, ids, p) for text, ids, p in zip(texts, token_ids, params)]
+        # Unseeded requests take seeds from the LLM's stream: a whole job is reproducible from LLM(seed).
+        seeds = [p.seed if p.seed is not None else int(self._seed_stream.integers(0, 2**63 - 1))
+                 for p in params]
+        return Job(requests, self.tokenizer, self.eos_token_ids, seeds, self.device)
+
+    def _tokenize(self, prompts: List[PromptType]) -> Tuple[List[Optional[str]], List[List[int]]]:
+        """Prompt texts and token ids; text prompts are encoded in one batch."""
+        texts = [p if isinstance(p, str) else p.get("prompt") for p in prompts]
+        token_ids = [None if isinstance(p, str) else [int(t) for t in p["prompt_token_ids"]] for p in prompts]
+        to_encode = [i for i, p in enumerate(prompts) if isinstance(p, str)]
+        if to_encode:
+            if self.tokenizer is None:
+                raise ValueError("this model has no tokenizer: give prompts as {'prompt_token_ids': [...]}")
+            for i, ids in zip(to_encode, self.tokenizer.encode_batch([prompts[i] for i in to_encode])):
+                token_ids[i] = list(ids)
+        return texts, token_ids
+
+    def _prepare(self, text: Optional[str], token_ids: List[int], params: SamplingParams) -> PreparedRequest:
+        request = PreparedRequest(text, token_ids, params)
+        request.error = self._check_request(token_ids, params)
+        if request.error is None:
+            request.max_tokens = params.max_tokens or (self.max_model_len - len(token_ids))
+        return request
+
+    def _check_request(self, token_ids: List[int], params: SamplingParams) -> Optional[str]:
+        """Why the request cannot run, or None. These fail alone; the rest of the job runs."""
+        prompt_len = len(token_ids)
+        if params.stop and self.tokenizer is None:
+            return "stop strings need a tokenizer and this model has none (use stop_token_ids)"
+        if prompt_len == 0:
+            return "the prompt is empty"
+        vocab = self.config.vocab_size
+        if min(token_ids) < 0 or max(token_ids) >= vocab:
+            return f"prompt token ids must be in [0, {vocab}), got {min(token_ids)}..{max(token_ids)}"
+        max_tokens = params.max_tokens if params.max_tokens is not None else 1
+        if prompt_len + max_tokens > self.max_model_len:
+            return (f"prompt ({prompt_len} tokens) + max_tokens ({max_tokens}) exceeds the model's context "
+                    f"length ({self.max_model_len} tokens)")
+        total = prompt_len + (params.max_tokens or self.max_model_len - prompt_len)
+        blocks = -(-total // self.block_size)
+        if blocks > self.num_kv_blocks:
+            return (f"prompt + max_tokens ({total} tokens, {blocks} KV blocks) exceeds the KV cache capacity "
+                    f"({self.num_kv_blocks} blocks of {self.block_size} tokens); raise kv_cache_memory")
+        return None
+
+    def _new_scheduler(self):
+        return _C.Scheduler(num_blocks=self.num_kv_blocks, block_size=self.block_size,
+                            token_budget=self.max_num_batched_tokens, policy=self.policy,
+                            max_num_seqs=self.max_num_seqs)
+
+    def _collect(self, scheduler, job: Job, progress: "_Progress") -> Iterator[Tuple[int, RequestOutput]]:
+        for request, message in scheduler.pop_failed():
+            progress.request_done(job.num_output_tokens)
+            yield job.fail(int(request), str(message))
+        for request, sample, token_ids, reason in scheduler.pop_finished():
+            done = job.finish(int(request), int(sample), token_ids, str(reason))
+            if done is not None:
+                progress.request_done(job.num_output_tokens)
+                yield done
+
+    def _num_kv_blocks(self, kv_cache_memory: Optional[int], bytes_per_block: int) -> int:
+        if kv_cache_memory is None:
+            kv_cache_memory = _default_kv_bytes(self.device)
+        elif isinstance(kv_cache_memory, bool) or not isinstance(kv_cache_memory, (int, np.integer)) \
+                or kv_cache_memory <= 0:
+            raise ValueError(f"kv_cache_memory must be a positive number of bytes, got {kv_cache_memory!r}")
+        num_blocks = int(kv_cache_memory) // bytes_per_block
+        if num_blocks < 1:
+            raise ValueError(f"kv_cache_memory ({kv_cache_memory} bytes) holds no KV block "
+                             f"({bytes_per_block} bytes each)")
+        # More blocks than every sequence at full context length could use only waste memory.
+        return min(num_blocks, self.max_num_seqs * -(-self.max_model_len // self.block_size))
+
+
+# ---------------------------------------------------------------------- helpers
+class _Progress:
+    """tqdm bar of requests done with the output token rate; a no-op when disabled."""
+
+    def __init__(self, total: int, enabled: bool):
+        self._bar = None
+        if enabled:
+            from tqdm.auto import tqdm
+            self._bar = tqdm(total=total, desc="Processed prompts", dynamic_ncols=True)
+        self._start = time.perf_counter()
+
+    def request_done(self, output_tokens: int) -> None:
+        if self._bar is not None:
+            rate = output_tokens / max(time.perf_counter() - self._start, 1e-9)
+            self._bar.set_postfix_str(f"output: {rate:.1f} toks/s", refresh=False)
+            self._bar.update(1)
+
+    def __enter__(self) -> "_Progress":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+
+def _as_prompt_list(prompts) -> List[PromptType]:
+    if isinstance(prompts, (str, dict)):
+        prompts = [prompts]
+    if not isinstance(prompts, (list, tuple)):
+        raise ValueError(f"prompts must be a str, a dict with 'prompt_token_ids', or a list of those, "
+                         f"got {type(prompts).__name__}")
+    for i, prompt in enumerate(prompts):
+        if isinstance(prompt, dict):
+            ids = prompt.get("prompt_token_ids")
+            if not isinstance(ids, (list, tuple, np.ndarray)):
+                raise ValueError(f"prompts[{i}]: a dict prompt needs 'prompt_token_ids' (a list of ints)")
+        elif not isinstance(prompt, str):
+            raise ValueError(f"prompts[{i}] must be a str or a dict, got {type(prompt).__name__}")
+    return list(prompts)
+
+
+def _as_params_list(sampling_params: ParamsType, count: int) -> List[SamplingParams]:
+    if sampling_params is None:
+        return [SamplingParams()] * count
+    if isinstance(sampling_params, SamplingParams):
+        return [sampling_params] * count
+    params = list(sampling_params)
+    if len(params) != count:
+        raise ValueError(f"sampling_params: got {len(params)} for {count} prompts (give one, or one per prompt)")
+    for i, p in enumerate(params):
+        if not isinstance(p, SamplingParams):
+            raise ValueError(f"sampling_params[{i}] must be a SamplingParams, got {type(p).__name__}")
+    return params
+
+
+def _check_positive_int(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+
+
+def _resolve_device(device) -> torch.device:
+    if device == "auto":
+        from . import cuda_available
+        return torch.device("cuda" if cuda_available() and torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def _default_kv_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        free_bytes, _ = torch.cuda.mem_get_info(device)
+        return int(free_bytes * _CUDA_KV_SHARE)
+    total_bytes = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return int(min(total_bytes * _CPU_KV_SHARE, _CPU_KV_CAP_BYTES))
+
+
+def _load(model: Optional[str], dtype, device: torch.device):
+    """(model, config, tokenizer or None, eos token ids, torch dtype) through the loader."""
+    global _warned_noise
+    from .loader import load_model
+
+    if model is None and not _warned_noise:
+        warnings.warn(_NOISE_WARNING, UserWarning, stacklevel=3)
+        _warned_noise = True
+    loaded = load_model(model, dtype=dtype, device=device)
+    eos = set(loaded.eos_token_ids)
+    return loaded.model, loaded.config, loaded.tokenizer, sorted(eos), loaded.dtype
