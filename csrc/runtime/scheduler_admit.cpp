@@ -1,0 +1,255 @@
+// Scheduler: admission (memory-centric or FCFS), preemption by recompute, prefix lifetimes.
+#include <algorithm>
+#include <stdexcept>
+
+#include "runtime/scheduler_state.h"
+
+namespace batchllm {
+
+int64_t Scheduler::Impl::projected_blocks(const Sequence& seq) const {
+  // Own KV at the end: prompt past the shared prefixes plus every output token but the last
+  // (the last sampled token is never stored).
+  const int64_t final_tokens = seq.prompt_len + job.max_tokens[seq.request] - 1 - seq.shared_len;
+  return blocks.blocks_for_tokens(std::max<int64_t>(final_tokens, seq.len() - seq.shared_len));
+}
+
+int64_t Scheduler::Impl::next_waiting() const {
+  if (!preempted.empty()) return *preempted.begin();  // preempted work was admitted earlier: it goes first
+  return fresh_cursor < static_cast<int64_t>(seqs.size()) ? fresh_cursor : -1;
+}
+
+void Scheduler::Impl::insert_running(int64_t id) {
+  running.insert(std::upper_bound(running.begin(), running.end(), id), id);
+}
+
+void Scheduler::Impl::compact_running() {
+  running.erase(std::remove_if(running.begin(), running.end(),
+                               [&](int64_t id) { return seqs[id].status != SeqStatus::kRunning; }),
+                running.end());
+}
+
+bool Scheduler::Impl::allocate_node(int32_t node) {
+  NodeState& state = nodes[node];
+  if (state.allocated) return true;
+  const PlanNode& pn = plan.nodes[node];
+  const int64_t need = (pn.end - pn.begin) / config.block_size;
+  if (!make_room(need, false, -1)) return false;
+  if (!blocks.allocate(need, state.blocks)) return false;
+  state.allocated = true;
+  state.num_computed = pn.begin;
+  pinned_node_blocks += need;
+  return true;
+}
+
+void Scheduler::Impl::release_node(int32_t node) {
+  NodeState& state = nodes[node];
+  if (!state.allocated) return;
+  // Children were computed on top of this KV; they go with it so "deepest computed" implies the chain is.
+  for (int32_t child : state.children) release_node(child);
+  for (int32_t b : state.blocks) blocks.release(b);
+  pinned_node_blocks -= static_cast<int64_t>(state.blocks.size());
+  state.blocks.clear();
+  state.allocated = false;
+  state.num_computed = plan.nodes[node].begin;
+}
+
+bool Scheduler::Impl::release_one_idle_node() {
+  // A resident prefix none of whose members runs: the latest group's goes first (it is recomputed later).
+  int32_t best = -1;
+  for (size_t i = 0; i < nodes.size(); ++i) {
+    if (nodes[i].allocated && nodes[i].admitted == 0 && (best < 0 || nodes[i].first_seq > nodes[best].first_seq))
+      best = static_cast<int32_t>(i);
+  }
+  if (best < 0) return false;
+  release_node(best);
+  return true;
+}
+
+bool Scheduler::Impl::make_room(int64_t need, bool allow_preempt, int64_t self) {
+  while (blocks.num_free_blocks() < need) {
+    if (cache && cache->num_evictable() > 0) {
+      cache->make_free(need);
+      continue;
+    }
+    if (pinned_node_blocks > 0 && release_one_idle_node()) continue;
+    if (!allow_preempt || running.empty() || running.back() == self) return false;
+    const int64_t victim = running.back();
+    preempt(victim);
+    running.pop_back();
+  }
+  return true;
+}
+
+void Scheduler::Impl::release_table(Sequence& seq) {
+  if (!cache) {
+    blocks.free(seq.table);
+    return;
+  }
+  // Last blocks first into the LRU queue: a prefix's tail is evicted before its head (vLLM order).
+  for (auto it = seq.table.blocks.rbegin(); it != seq.table.blocks.rend(); ++it) {
+    blocks.release(*it);
+    cache->on_released(*it);
+  }
+  seq.table.blocks.clear();
+  seq.table.num_tokens = 0;
+}
+
+AdmitResult Scheduler::Impl::try_admit(int64_t id, bool force) {
+  Sequence& seq = seqs[id];
+  const int32_t group_size = 1 + seq.unforked;
+  if (!force && static_cast<int64_t>(running.size()) + pending_forks + group_size > config.max_num_seqs)
+    return AdmitResult::kNoRoom;
+  if (config.policy == SchedulePolicy::kBatchLLM) {
+    // Memory-centric admission: the projected final KV of everything admitted must fit.
+    int64_t missing_node_blocks = 0;
+    for (int32_t n = seq.node; n >= 0; n = plan.nodes[n].parent)
+      if (!nodes[n].allocated) missing_node_blocks += (plan.nodes[n].end - plan.nodes[n].begin) / config.block_size;
+    const int64_t own = projected_blocks(seq) * group_size;
+    if (!force && reserved_seq_blocks + pinned_node_blocks + missing_node_blocks + own > config.num_blocks)
+      return AdmitResult::kNoRoom;
+    for (int32_t n = seq.node; n >= 0; n = plan.nodes[n].parent) ++nodes[n].admitted;  // protects the chain
+    // Allocate root first so a parent is never missing under a resident child.
+    int32_t chain[64];
+    int depth = 0;
+    for (int32_t n = seq.node; n >= 0 && depth < 64; n = plan.nodes[n].parent) chain[depth++] = n;
+    for (int d = depth - 1; d >= 0; --d) {
+      if (!allocate_node(chain[d])) {
+        for (int32_t n = seq.node; n >= 0; n = plan.nodes[n].parent) --nodes[n].admitted;
+        if (!force) return AdmitResult::kNoRoom;
+        fail_request(seq.request, "its shared prefixes need more KV blocks than the cache has (" +
+                                      std::to_string(config.num_blocks) + ")");
+        return AdmitResult::kFailed;
+      }
+    }
+    seq.reserved_blocks = own;
+    reserved_seq_blocks += own;
+  } else {
+    // FCFS: admit while the prompt's uncached blocks fit above the watermark (vLLM's can_allocate).
+    // Longest run of already computed blocks in the cache (never the block holding the last token:
+    // that token must be computed to be sampled from).
+    const int64_t max_hits = cache ? (seq.len() - 1) / config.block_size : 0;
+    std::vector<int32_t> hit_blocks;
+    std::vector<int32_t> block_tokens(config.block_size);
+    uint64_t hash = 0;
+    while (static_cast<int64_t>(hit_blocks.size()) < max_hits) {
+      const int64_t first = static_cast<int64_t>(hit_blocks.size()) * config.block_size;
+      for (int i = 0; i < config.block_size; ++i) block_tokens[i] = seq.token(first + i);
+      const uint64_t h = hash_block(hash, block_tokens.data(), config.block_size);
+      const int32_t block = cache->lookup(h, block_tokens.data());
+      if (block < 0) break;
+      hit_blocks.push_back(block);
+      hash = h;
+    }
+    const int64_t hits = static_cast<int64_t>(hit_blocks.size());
+    const int64_t need = blocks.blocks_for_tokens(seq.len()) - hits;
+    const int64_t evictable = cache ? cache->num_evictable() : 0;
+    int64_t hit_idle = 0;
+    for (int64_t i = 0; i < hits; ++i)
+      if (blocks.refcount(hit_blocks[i]) == 1) ++hit_idle;  // reusing it takes it off the LRU queue
+    const int64_t watermark = static_cast<int64_t>(config.watermark * config.num_blocks);
+    const int64_t available = blocks.num_free_blocks() + evictable - hit_idle;
+    if (!force && available - need < watermark) return AdmitResult::kNoRoom;
+    if (force && need > available) {
+      fail_request(seq.request, "sequence of " + std::to_string(seq.len()) + " tokens needs more KV blocks than the cache has (" +
+                                    std::to_string(config.num_blocks) + ")");
+      return AdmitResult::kFailed;
+    }
+    for (int64_t i = 0; i < hits; ++i) {
+      cache->acquire(hit_blocks[i]);
+      seq.table.blocks.push_back(hit_blocks[i]);
+    }
+    seq.table.num_tokens = hits * config.block_size;
+    seq.num_computed = hits * config.block_size;
+    seq.num_registered = hits;
+    seq.last_hash = hash;
+    stats.cached_prefix_tokens += hits * config.block_size;
+  }
+  seq.status = SeqStatus::kRunning;
+  pending_forks += seq.unforked;
+  insert_running(id);
+  if (!preempted.erase(id)) {
+    ++fresh_cursor;
+    while (fresh_cursor < static_cast<int64_t>(seqs.size()) && seqs[fresh_cursor].status != SeqStatus::kWaiting)
+      ++fresh_cursor;
+  }
+  return AdmitResult::kAdmitted;
+}
+
+void Scheduler::Impl::fork_sibling(int64_t id) {
+  Sequence& sib = seqs[id];
+  Sequence& leader = seqs[request_first_seq[sib.request]];
+  sib.table = blocks.fork(leader.table);
+  sib.num_computed = leader.num_computed;
+  sib.status = SeqStatus::kRunning;
+  const int64_t share = projected_blocks(sib);
+  const int64_t moved = std::min(share, leader.reserved_blocks);
+  leader.reserved_blocks -= moved;
+  sib.reserved_blocks = moved;
+  --leader.unforked;
+  --pending_forks;
+  for (int32_t n = sib.node; n >= 0; n = plan.nodes[n].parent) ++nodes[n].admitted;
+  insert_running(id);
+}
+
+void Scheduler::Impl::preempt(int64_t id) {
+  Sequence& seq = seqs[id];
+  release_table(seq);
+  seq.num_computed = seq.shared_len;
+  seq.num_registered = 0;
+  seq.last_hash = 0;
+  seq.status = SeqStatus::kWaiting;
+  reserved_seq_blocks -= seq.reserved_blocks;
+  seq.reserved_blocks = 0;
+  pending_forks -= seq.unforked;
+  for (int32_t n = seq.node; n >= 0; n = plan.nodes[n].parent) --nodes[n].admitted;
+  preempted.insert(id);
+  ++stats.preemptions;
+}
+
+void Scheduler::Impl::finish(int64_t id, const std::string& reason) {
+  Sequence& seq = seqs[id];
+  const bool was_running = seq.status == SeqStatus::kRunning;
+  if (was_running) {
+    release_table(seq);
+    reserved_seq_blocks -= seq.reserved_blocks;
+    seq.reserved_blocks = 0;
+  }
+  seq.status = SeqStatus::kFinished;
+  --unfinished;
+  ++stats.finished_sequences;
+  for (int32_t n = seq.node; n >= 0; n = plan.nodes[n].parent) {
+    if (was_running) --nodes[n].admitted;
+    if (--nodes[n].unfinished == 0) release_node(n);  // the last member is done: free the prefix now
+  }
+  finished.push_back({seq.request, seq.sample, seq.output, reason});
+}
+
+void Scheduler::Impl::fail_request(int64_t request, const std::string& message) {
+  const int64_t first = request_first_seq[request];
+  for (int64_t id = first; id < first + job.num_samples[request]; ++id) {
+    Sequence& seq = seqs[id];
+    if (seq.status == SeqStatus::kFinished || seq.status == SeqStatus::kFailed) continue;
+    const bool was_running = seq.status == SeqStatus::kRunning;
+    if (was_running) {
+      release_table(seq);
+      reserved_seq_blocks -= seq.reserved_blocks;
+      seq.reserved_blocks = 0;
+      pending_forks -= seq.unforked;
+    }
+    preempted.erase(id);
+    seq.status = SeqStatus::kFailed;
+    seq.unforked = 0;
+    --unfinished;
+    for (int32_t n = seq.node; n >= 0; n = plan.nodes[n].parent) {
+      if (was_running) --nodes[n].admitted;
+      if (--nodes[n].unfinished == 0) release_node(n);
+    }
+  }
+  while (fresh_cursor < static_cast<int64_t>(seqs.size()) && seqs[fresh_cursor].status != SeqStatus::kWaiting)
+    ++fresh_cursor;
+  compact_running();
+  failed.push_back({request, message});
+  ++stats.failed_requests;
+}
+
+}  // namespace batchllm

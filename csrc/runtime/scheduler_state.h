@@ -1,0 +1,138 @@
+// Scheduler internals shared by scheduler*.cpp and step_plan*.cpp (not part of the public API).
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <set>
+#include <string>
+#include <vector>
+
+#include "batchllm/block_manager.h"
+#include "batchllm/scheduler.h"
+#include "runtime/planner.h"
+#include "runtime/prefix_cache.h"
+
+namespace batchllm {
+
+enum class SeqStatus : uint8_t {
+  kWaiting,         ///< queued: never admitted, or preempted (recompute)
+  kRunning,         ///< admitted; holds its own blocks
+  kAwaitingLeader,  ///< batchllm n > 1: sample 1..n-1 before sample 0 finished the prompt (then forks)
+  kFinished,
+  kFailed,
+};
+
+/// One sample of one request. Sequence ids are ranks in the planned run order.
+struct Sequence {
+  int64_t request = 0;
+  int32_t sample = 0;
+  int32_t node = -1;         ///< deepest shared prefix node read, -1 for none
+  int64_t shared_len = 0;    ///< tokens covered by the prefix chain (block aligned)
+  int64_t prompt_len = 0;
+  const int32_t* prompt = nullptr;  ///< into JobRequests::tokens (owned by the scheduler)
+  std::vector<int32_t> output;
+  int64_t num_computed = 0;  ///< tokens whose KV is (or is being, this step) stored, >= shared_len
+  BlockTable table;          ///< own blocks: tokens [shared_len, ...)
+  SeqStatus status = SeqStatus::kWaiting;
+  int64_t reserved_blocks = 0;  ///< batchllm admission reservation held (includes unforked siblings')
+  int32_t unforked = 0;         ///< leader: siblings still waiting for its prompt
+  int64_t num_registered = 0;   ///< fcfs-lru: full blocks already offered to the prefix cache
+  uint64_t last_hash = 0;       ///< fcfs-lru: hash of block num_registered - 1
+
+  int64_t len() const { return prompt_len + static_cast<int64_t>(output.size()); }
+  int32_t token(int64_t t) const { return t < prompt_len ? prompt[t] : output[t - prompt_len]; }
+};
+
+/// A planned shared prefix at run time: resident (pinned) from its first member's admission until its
+/// last member finishes; released earlier only under memory pressure when no member is running.
+struct NodeState {
+  std::vector<int32_t> blocks;
+  std::vector<int32_t> children;
+  int64_t num_computed = 0;  ///< absolute position computed up to (begin when nothing)
+  int64_t unfinished = 0;    ///< sequences reading it that have not finished or failed
+  int64_t admitted = 0;      ///< running sequences reading it
+  int64_t first_seq = 0;     ///< smallest reader sequence id (release order under pressure)
+  bool allocated = false;
+  int64_t level_step = -1;   ///< step in which its decode level was last emitted
+  int32_t level_index = 0;
+};
+
+/// A sequence (id >= 0) or shared-prefix chunk (node >= 0) scheduled in the step being built.
+struct StepEntry {
+  int64_t seq = -1;
+  int32_t node = -1;
+  int32_t num_rows = 0;
+};
+
+enum class AdmitResult { kAdmitted, kNoRoom, kFailed };
+
+struct Scheduler::Impl {
+  explicit Impl(const SchedulerConfig& config);
+
+  // ---- setup (scheduler.cpp)
+  void add_requests(JobRequests job);
+  // ---- step building (scheduler_step.cpp)
+  const StepPlan* next_step();
+  void schedule_decodes();
+  void schedule_running_prefills();
+  void admit_new();
+  bool unstick();
+  bool schedule_prefill(int64_t id);
+  bool schedule_node_chunks(int32_t deepest);
+  void emit_samples(int64_t id, int32_t row);
+  void register_computed_blocks(Sequence& seq);
+  // ---- admission, preemption, lifetime (scheduler_admit.cpp)
+  AdmitResult try_admit(int64_t id, bool force);
+  int64_t next_waiting() const;
+  bool make_room(int64_t blocks, bool allow_preempt, int64_t self);
+  bool release_one_idle_node();
+  void release_node(int32_t node);
+  bool allocate_node(int32_t node);
+  void preempt(int64_t id);
+  void release_table(Sequence& seq);
+  void finish(int64_t id, const std::string& reason);
+  void fail_request(int64_t request, const std::string& message);
+  void insert_running(int64_t id);
+  void compact_running();
+  void fork_sibling(int64_t id);
+  int64_t projected_blocks(const Sequence& seq) const;
+  // ---- plan arrays (step_plan_builder.cpp)
+  void finalize_plan();
+  // ---- commit and checks (scheduler.cpp)
+  void commit(const int32_t* sampled, int64_t count);
+  std::string check_integrity() const;
+
+  SchedulerConfig config;
+  int64_t budget = 0;              ///< tile-aligned token budget
+  BlockManager blocks;
+  std::unique_ptr<PrefixCache> cache;  ///< fcfs-lru only
+  JobRequests job;
+  JobPlan plan;
+  std::vector<Sequence> seqs;          ///< by id (= run order)
+  std::vector<int64_t> request_first_seq;
+  std::vector<NodeState> nodes;
+  std::vector<int64_t> running;        ///< sorted by id: a prefix's readers stay contiguous
+  std::set<int64_t> preempted;         ///< waiting after preemption, by id
+  int64_t fresh_cursor = 0;            ///< next never-admitted sequence id to consider
+  int64_t reserved_seq_blocks = 0;     ///< batchllm: projected own blocks of admitted sequences
+  int64_t pinned_node_blocks = 0;      ///< blocks held by resident prefix nodes
+  int64_t pending_forks = 0;
+  int64_t unfinished = 0;              ///< sequences not finished or failed
+  bool added = false;
+
+  // ---- the step being built
+  StepPlan out;
+  std::vector<StepEntry> entries;
+  std::vector<int64_t> prefill_candidates;
+  int64_t budget_left = 0;
+  int64_t step_index = 0;
+  bool plan_pending = false;
+  bool in_running_scan = false;
+
+  std::vector<FinishedSequence> finished;
+  std::vector<FailedRequest> failed;
+  SchedulerStats stats;
+  std::vector<int32_t> step_tokens;
+};
+
+}  // namespace batchllm

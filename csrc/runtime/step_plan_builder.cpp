@@ -1,0 +1,96 @@
+// Scheduler: turns the scheduled entries of a step into the StepPlan's sequence, block-table and
+// decode-level arrays.
+#include <algorithm>
+#include <stdexcept>
+
+#include "runtime/scheduler_state.h"
+
+namespace batchllm {
+namespace {
+
+// Prefix nodes of `deepest`, root first. Returns the count.
+int chain_of(const JobPlan& plan, int32_t deepest, int32_t* chain) {
+  int depth = 0;
+  for (int32_t n = deepest; n >= 0 && depth < 64; n = plan.nodes[n].parent) chain[depth++] = n;
+  std::reverse(chain, chain + depth);
+  return depth;
+}
+
+}  // namespace
+
+void Scheduler::Impl::finalize_plan() {
+  const int bs = config.block_size;
+  const size_t num_entries = entries.size();
+  // ---- per-sequence arrays and the widest block table
+  int32_t width = 0;
+  int32_t row = 0;
+  out.query_start.push_back(0);
+  for (const StepEntry& e : entries) {
+    int32_t table_blocks;
+    if (e.seq >= 0) {
+      const Sequence& seq = seqs[e.seq];
+      out.seq_ids.push_back(e.seq);
+      out.context_lens.push_back(static_cast<int32_t>(seq.num_computed));
+      table_blocks = static_cast<int32_t>(seq.shared_len / bs + seq.table.blocks.size());
+    } else {
+      out.seq_ids.push_back(-1 - static_cast<int64_t>(e.node));
+      out.context_lens.push_back(static_cast<int32_t>(nodes[e.node].num_computed));
+      table_blocks = static_cast<int32_t>(plan.nodes[e.node].end / bs);
+    }
+    width = std::max(width, table_blocks);
+    row += e.num_rows;
+    out.query_start.push_back(row);
+  }
+  out.max_blocks = width;
+  out.block_tables.resize(num_entries * static_cast<size_t>(width));
+  int32_t chain[64];
+  for (size_t s = 0; s < num_entries; ++s) {
+    const StepEntry& e = entries[s];
+    int32_t* dst = out.block_tables.data() + s * width;
+    int32_t* end = dst + width;
+    const int depth = chain_of(plan, e.seq >= 0 ? seqs[e.seq].node : e.node, chain);
+    for (int d = 0; d < depth; ++d) dst = std::copy(nodes[chain[d]].blocks.begin(), nodes[chain[d]].blocks.end(), dst);
+    if (e.seq >= 0) dst = std::copy(seqs[e.seq].table.blocks.begin(), seqs[e.seq].table.blocks.end(), dst);
+    std::fill(dst, end, -1);
+  }
+  // ---- decode levels: each shared prefix once, with the contiguous rows that read it
+  const int32_t num_decode = out.num_decode_seqs;
+  int32_t suffix_width = 0;
+  for (int32_t i = 0; i < num_decode; ++i)
+    suffix_width = std::max(suffix_width, static_cast<int32_t>(seqs[entries[i].seq].table.blocks.size()));
+  out.max_suffix_blocks = suffix_width;
+  out.suffix_block_tables.resize(static_cast<size_t>(num_decode) * suffix_width);
+  out.prefix_kv_indptr.push_back(0);
+  for (int32_t i = 0; i < num_decode; ++i) {
+    const Sequence& seq = seqs[entries[i].seq];
+    const int depth = chain_of(plan, seq.node, chain);
+    for (int d = 0; d < depth; ++d) {
+      NodeState& state = nodes[chain[d]];
+      if (state.level_step != step_index) {
+        state.level_step = step_index;
+        state.level_index = static_cast<int32_t>(out.prefix_kv_lens.size());
+        out.prefix_kv_blocks.insert(out.prefix_kv_blocks.end(), state.blocks.begin(), state.blocks.end());
+        out.prefix_kv_indptr.push_back(static_cast<int32_t>(out.prefix_kv_blocks.size()));
+        const int32_t len = static_cast<int32_t>(plan.nodes[chain[d]].end - plan.nodes[chain[d]].begin);
+        out.prefix_kv_lens.push_back(len);
+        out.prefix_q_range.push_back(i);
+        out.prefix_q_range.push_back(i + 1);
+        out.decode_kv_tokens_read += len;
+      } else {
+        int32_t& range_end = out.prefix_q_range[2 * state.level_index + 1];
+        if (range_end != i) throw std::logic_error("decode rows of a shared prefix are not contiguous");
+        range_end = i + 1;
+      }
+    }
+    int32_t* dst = out.suffix_block_tables.data() + static_cast<size_t>(i) * suffix_width;
+    dst = std::copy(seq.table.blocks.begin(), seq.table.blocks.end(), dst);
+    std::fill(dst, out.suffix_block_tables.data() + static_cast<size_t>(i + 1) * suffix_width, -1);
+    out.suffix_kv_lens.push_back(static_cast<int32_t>(seq.table.num_tokens));
+    out.decode_kv_tokens_read += seq.table.num_tokens;
+    out.decode_kv_tokens_unshared += seq.num_computed;
+  }
+  out.nano_batch_offsets.push_back(0);
+  out.nano_batch_offsets.push_back(static_cast<int32_t>(out.num_tokens()));
+}
+
+}  // namespace batchllm
