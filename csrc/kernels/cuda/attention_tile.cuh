@@ -1,0 +1,212 @@
+// One tile of paged attention on tensor cores (WMMA 16x16x16, fp16/bf16 in, float32 accumulate):
+// 64 query rows x the keys of one KV head, streamed 64 keys at a time through shared memory with an
+// online softmax. The rows of a tile are whatever the caller's Problem maps them to:
+//   prefill:  (token j, head of the GQA group) of one sequence, causal limit per token;
+//   cascade prefix: (reader row b, head of the group) of one shared prefix: the prefix's K/V tiles
+//             are read once for all 64 rows, so its readers' matvecs become one matmul (Hydragen);
+//   cascade suffix: the group's heads of one decode row over its own suffix blocks.
+// Problem interface (device):
+//   bool setup(TileRows&)        fills rows (validity, q pointer, key limit) and the KV source;
+//                                false: this CTA has no work
+//   void write(row, o[D], lse)   stores a finished row (o normalised; o = 0, lse = -inf when no keys)
+#pragma once
+
+#include <mma.h>
+
+#include "kernels/cuda/cuda_common.cuh"
+
+namespace batchllm::kernels::cuda {
+
+constexpr int kTileRows = 64;  // query rows per CTA (4 warps x 16)
+constexpr int kTileKeys = 64;  // keys per shared-memory step
+constexpr int kTileThreads = 128;
+
+/// The rows and KV source of one tile, filled by Problem::setup.
+template <typename T>
+struct TileRows {
+  const T* q[kTileRows];       // query vector of each row (nullptr: row unused)
+  int key_limit[kTileRows];    // row attends to keys [0, key_limit) of the source
+  int num_keys;                // keys to stream: max key_limit over used rows
+  const int32_t* blocks;       // KV block list of the source
+  int block_size;              // set by the kernel from the cache shape
+  int kv_head;
+};
+
+/// Shared-memory layout of a tile; leading dims are padded to keep WMMA pointers 32-byte aligned
+/// and to spread rows over banks.
+template <typename T, int D>
+struct TileSmem {
+  static constexpr int kLdQkv = D + 8;          // 16-bit elements
+  static constexpr int kLdS = kTileKeys + 4;    // floats
+  static constexpr int kLdP = kTileKeys + 8;    // 16-bit elements
+  static constexpr int kLdO = D + 4;            // floats
+  T q[kTileRows * kLdQkv];
+  T k[kTileKeys * kLdQkv];
+  T v[kTileKeys * kLdQkv];
+  float s[kTileRows * kLdS];
+  T p[kTileRows * kLdP];
+  float o[kTileRows * kLdO];
+  float row_max[kTileRows];   // running max of scaled scores, log2 domain
+  float row_sum[kTileRows];   // running sum of exp2(score - max)
+  float row_alpha[kTileRows]; // rescale factor of this step
+  TileRows<T> rows;
+};
+
+/// Copies 64 keys (from `first_key`) of one KV head into shared memory, 16 bytes per thread access;
+/// keys past num_keys are zero-filled so that 0-probability columns never multiply garbage.
+template <typename T, int D>
+__device__ __forceinline__ void load_kv_tile(T* dst, const TensorView& cache, const TileRows<T>& rows,
+                                             int first_key) {
+  constexpr int kVecPerKey = D * sizeof(T) / 16;
+  const char* base = static_cast<const char*>(cache.data);
+  for (int idx = threadIdx.x; idx < kTileKeys * kVecPerKey; idx += kTileThreads) {
+    const int key = idx / kVecPerKey;
+    const int chunk = idx % kVecPerKey;
+    const int pos = first_key + key;
+    uint4 value = make_uint4(0, 0, 0, 0);
+    if (pos < rows.num_keys) {
+      const int64_t block = rows.blocks[pos / rows.block_size];
+      const int64_t elem = block * cache.stride[0] + (pos % rows.block_size) * cache.stride[1] +
+                           static_cast<int64_t>(rows.kv_head) * cache.stride[2];
+      value = reinterpret_cast<const uint4*>(base + elem * sizeof(T))[chunk];
+    }
+    reinterpret_cast<uint4*>(dst + key * TileSmem<T, D>::kLdQkv)[chunk] = value;
+  }
+}
+
+/// The tile kernel. grid: the Problem's work items; block: kTileThreads; dynamic smem: TileSmem.
+template <typename T, int D, typename Problem>
+__global__ void __launch_bounds__(kTileThreads) attention_tile_kernel(Problem problem, TensorView k_cache,
+                                                                      TensorView v_cache, float scale_log2) {
+  using namespace nvcuda;
+  using Smem = TileSmem<T, D>;
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  Smem& sm = *reinterpret_cast<Smem*>(smem_raw);
+  const int warp = threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+
+  if (threadIdx.x == 0) sm.rows.num_keys = -1;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    if (problem.setup(sm.rows)) {
+      sm.rows.block_size = static_cast<int>(k_cache.shape[1]);
+    } else {
+      sm.rows.num_keys = -1;
+    }
+  }
+  __syncthreads();
+  if (sm.rows.num_keys < 0) return;  // uniform across the CTA
+
+  // Q rows (zero for unused rows), running state, O accumulator.
+  constexpr int kVecPerRow = D * sizeof(T) / 16;
+  for (int idx = threadIdx.x; idx < kTileRows * kVecPerRow; idx += kTileThreads) {
+    const int row = idx / kVecPerRow, chunk = idx % kVecPerRow;
+    const T* src = sm.rows.q[row];
+    reinterpret_cast<uint4*>(sm.q + row * Smem::kLdQkv)[chunk] =
+        src ? reinterpret_cast<const uint4*>(src)[chunk] : make_uint4(0, 0, 0, 0);
+  }
+  for (int idx = threadIdx.x; idx < kTileRows * Smem::kLdO; idx += kTileThreads) sm.o[idx] = 0.0f;
+  if (threadIdx.x < kTileRows) {
+    sm.row_max[threadIdx.x] = -INFINITY;
+    sm.row_sum[threadIdx.x] = 0.0f;
+  }
+
+  const int warp_row0 = warp * 16;
+  for (int first_key = 0; first_key < sm.rows.num_keys; first_key += kTileKeys) {
+    __syncthreads();  // previous step's readers of k/v are done (and Q/O init is visible)
+    load_kv_tile<T, D>(sm.k, k_cache, sm.rows, first_key);
+    load_kv_tile<T, D>(sm.v, v_cache, sm.rows, first_key);
+    __syncthreads();
+
+    // S[16 rows of this warp, 64 keys] = Q K^T.
+    for (int n = 0; n < kTileKeys; n += 16) {
+      wmma::fragment<wmma::accumulator, 16, 16, 16, float> s_frag;
+      wmma::fill_fragment(s_frag, 0.0f);
+      for (int kk = 0; kk < D; kk += 16) {
+        wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> q_frag;
+        wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> k_frag;
+        wmma::load_matrix_sync(q_frag, sm.q + warp_row0 * Smem::kLdQkv + kk, Smem::kLdQkv);
+        wmma::load_matrix_sync(k_frag, sm.k + n * Smem::kLdQkv + kk, Smem::kLdQkv);
+        wmma::mma_sync(s_frag, q_frag, k_frag, s_frag);
+      }
+      wmma::store_matrix_sync(sm.s + warp_row0 * Smem::kLdS + n, s_frag, Smem::kLdS, wmma::mem_row_major);
+    }
+    __syncwarp();
+
+    // Online softmax of the warp's 16 rows: each lane holds columns lane and lane + 32.
+    for (int r = warp_row0; r < warp_row0 + 16; ++r) {
+      const int limit = sm.rows.q[r] ? sm.rows.key_limit[r] : 0;
+      float s0 = sm.s[r * Smem::kLdS + lane] * scale_log2;
+      float s1 = sm.s[r * Smem::kLdS + lane + 32] * scale_log2;
+      if (first_key + lane >= limit) s0 = -INFINITY;
+      if (first_key + lane + 32 >= limit) s1 = -INFINITY;
+      float tile_max = fmaxf(s0, s1);
+      for (int offset = 16; offset > 0; offset /= 2) tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, offset));
+      const float old_max = sm.row_max[r];
+      const float new_max = fmaxf(old_max, tile_max);
+      // No valid key yet for this row: keep everything at zero (exp2 of -inf - -inf would be NaN).
+      const bool empty = new_max == -INFINITY;
+      const float p0 = empty ? 0.0f : exp2f(s0 - new_max);
+      const float p1 = empty ? 0.0f : exp2f(s1 - new_max);
+      float tile_sum = p0 + p1;
+      for (int offset = 16; offset > 0; offset /= 2) tile_sum += __shfl_xor_sync(0xffffffffu, tile_sum, offset);
+      const float alpha = empty ? 1.0f : exp2f(old_max - new_max);  // old_max -inf -> 0
+      sm.p[r * Smem::kLdP + lane] = from_float<T>(p0);
+      sm.p[r * Smem::kLdP + lane + 32] = from_float<T>(p1);
+      __syncwarp();
+      if (lane == 0) {
+        sm.row_max[r] = new_max;
+        sm.row_sum[r] = sm.row_sum[r] * alpha + tile_sum;
+        sm.row_alpha[r] = alpha;
+      }
+    }
+    __syncwarp();
+    // Rescale the warp's O rows, then O += P V on tensor cores (accumulators loaded from smem).
+    for (int idx = lane; idx < 16 * D; idx += 32) {
+      const int r = warp_row0 + idx / D;
+      sm.o[r * Smem::kLdO + idx % D] *= sm.row_alpha[r];
+    }
+    __syncwarp();
+    for (int n = 0; n < D; n += 16) {
+      wmma::fragment<wmma::accumulator, 16, 16, 16, float> o_frag;
+      float* o_tile = sm.o + warp_row0 * Smem::kLdO + n;
+      wmma::load_matrix_sync(o_frag, o_tile, Smem::kLdO, wmma::mem_row_major);
+      for (int kk = 0; kk < kTileKeys; kk += 16) {
+        wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> p_frag;
+        wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> v_frag;
+        wmma::load_matrix_sync(p_frag, sm.p + warp_row0 * Smem::kLdP + kk, Smem::kLdP);
+        wmma::load_matrix_sync(v_frag, sm.v + kk * Smem::kLdQkv + n, Smem::kLdQkv);
+        wmma::mma_sync(o_frag, p_frag, v_frag, o_frag);
+      }
+      wmma::store_matrix_sync(o_tile, o_frag, Smem::kLdO, wmma::mem_row_major);
+    }
+  }
+  __syncthreads();
+
+  // Finish: each warp writes its rows (lanes across the head dim).
+  for (int r = warp_row0; r < warp_row0 + 16; ++r) {
+    if (!sm.rows.q[r]) continue;
+    const float sum = sm.row_sum[r];
+    const float inv = sum > 0.0f ? 1.0f / sum : 0.0f;
+    // lse back to natural log: (max + log2(sum)) * ln 2; -inf when the row saw no keys.
+    const float lse = sum > 0.0f ? (sm.row_max[r] + log2f(sum)) * 0.69314718055994531f : -INFINITY;
+    problem.write(r, sm.o + r * Smem::kLdO, inv, lse, lane);
+  }
+}
+
+/// Dynamic shared memory of one tile CTA; raises the kernel's limit above 48 KB once per process.
+template <typename T, int D, typename Problem>
+cudaError_t launch_attention_tiles(const Problem& problem, dim3 grid, const TensorView& k_cache,
+                                   const TensorView& v_cache, float scale, cudaStream_t stream) {
+  if (grid.x == 0 || grid.y == 0 || grid.z == 0) return cudaSuccess;
+  constexpr size_t kSmemBytes = sizeof(TileSmem<T, D>);
+  static const cudaError_t attribute_error = cudaFuncSetAttribute(
+      attention_tile_kernel<T, D, Problem>, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(kSmemBytes));
+  BATCHLLM_CUDA_RETURN_IF_ERROR(attribute_error);
+  constexpr float kLog2e = 1.4426950408889634f;
+  attention_tile_kernel<T, D, Problem><<<grid, kTileThreads, kSmemBytes, stream>>>(problem, k_cache, v_cache,
+                                                                                   scale * kLog2e);
+  return last_launch_error();
+}
+
+}  // namespace batchllm::kernels::cuda

@@ -1,0 +1,166 @@
+// CUDA cascade_decode_attention: decode attention by shared-prefix levels (Hydragen / FlashInfer
+// cascade). Three steps on one stream:
+//   1. suffix tiles: each decode row's GQA heads over its own suffix blocks -> suffix state;
+//   2. prefix tiles: for each shared prefix, all its reader rows x GQA heads stacked as the rows of
+//      one tensor-core tile matmul, so the prefix's KV is read once per 64 rows, not once per row;
+//   3. combine: per (row, head), the suffix state merged by LSE with the state of every prefix that
+//      covers the row (merge_lse), written in q's dtype (+ optional LSE).
+// Workspace (float32): suffix o [B, Hq, D] + lse [B, Hq], then prefix o [P, R, Hq, D] + lse [P, R, Hq]
+// with R = max_prefix_rows.
+#include "batchllm/kernels/cuda.h"
+#include "kernels/cuda/attention_tile.cuh"
+
+namespace batchllm::kernels {
+
+namespace {
+
+/// Offsets of the workspace regions, in floats.
+struct WorkspaceLayout {
+  int64_t suffix_o, suffix_lse, prefix_o, prefix_lse, total;
+  WorkspaceLayout(int64_t rows, int64_t heads, int64_t head_dim, const DecodeLevelsView& levels) {
+    const int64_t prefix_states = levels.num_prefixes * static_cast<int64_t>(levels.max_prefix_rows) * heads;
+    suffix_o = 0;
+    suffix_lse = rows * heads * head_dim;
+    prefix_o = suffix_lse + rows * heads;
+    prefix_lse = prefix_o + prefix_states * head_dim;
+    total = prefix_lse + prefix_states;
+  }
+};
+
+}  // namespace
+
+namespace cuda {
+namespace {
+
+/// Writes a finished row state (normalised o, lse) as float32 into the workspace.
+__device__ __forceinline__ void write_state(float* o_dst, float* lse_dst, const float* o_row, float inv_sum,
+                                            float lse, int head_dim, int lane) {
+  for (int d = lane; d < head_dim; d += 32) o_dst[d] = o_row[d] * inv_sum;
+  if (lane == 0) *lse_dst = lse;
+}
+
+template <typename T>
+struct SuffixProblem {
+  TensorView q;
+  DecodeLevelsView levels;
+  float* state_o;    // [B, Hq, D]
+  float* state_lse;  // [B, Hq]
+  int group;
+
+  __device__ bool setup(TileRows<T>& rows) const {
+    const int row = blockIdx.y, kv_head = blockIdx.z, first = blockIdx.x * kTileRows;
+    if (first >= group) return false;
+    rows.num_keys = levels.suffix_kv_lens[row];
+    for (int r = 0; r < kTileRows; ++r) {
+      const int head = kv_head * group + first + r;
+      const bool used = first + r < group;
+      rows.q[r] = used ? static_cast<const T*>(q.data) + row * q.stride[0] + head * q.stride[1] : nullptr;
+      rows.key_limit[r] = used ? rows.num_keys : 0;
+    }
+    rows.blocks = levels.suffix_block_tables + row * levels.max_suffix_blocks;
+    rows.kv_head = kv_head;
+    return true;
+  }
+
+  __device__ void write(int r, const float* o_row, float inv_sum, float lse, int lane) const {
+    const int64_t state = static_cast<int64_t>(blockIdx.y) * q.shape[1] + blockIdx.z * group + blockIdx.x * kTileRows + r;
+    write_state(state_o + state * q.shape[2], state_lse + state, o_row, inv_sum, lse, q.shape[2], lane);
+  }
+};
+
+template <typename T>
+struct PrefixProblem {
+  TensorView q;
+  DecodeLevelsView levels;
+  float* state_o;    // [P, R, Hq, D]
+  float* state_lse;  // [P, R, Hq]
+  int group;
+
+  __device__ bool setup(TileRows<T>& rows) const {
+    const int prefix = blockIdx.y, kv_head = blockIdx.z, first = blockIdx.x * kTileRows;
+    const int begin = levels.prefix_q_range[2 * prefix], end = levels.prefix_q_range[2 * prefix + 1];
+    if (first >= (end - begin) * group) return false;
+    rows.num_keys = levels.prefix_kv_lens[prefix];
+    for (int r = 0; r < kTileRows; ++r) {
+      const int idx = first + r;
+      const int row = begin + idx / group;
+      const bool used = row < end;
+      const int head = kv_head * group + idx % group;
+      rows.q[r] = used ? static_cast<const T*>(q.data) + row * q.stride[0] + head * q.stride[1] : nullptr;
+      rows.key_limit[r] = used ? rows.num_keys : 0;
+    }
+    rows.blocks = levels.prefix_kv_blocks + levels.prefix_kv_indptr[prefix];
+    rows.kv_head = kv_head;
+    return true;
+  }
+
+  __device__ void write(int r, const float* o_row, float inv_sum, float lse, int lane) const {
+    const int idx = blockIdx.x * kTileRows + r;
+    const int64_t local_row = idx / group;
+    const int64_t head = blockIdx.z * group + idx % group;
+    const int64_t state = (static_cast<int64_t>(blockIdx.y) * levels.max_prefix_rows + local_row) * q.shape[1] + head;
+    write_state(state_o + state * q.shape[2], state_lse + state, o_row, inv_sum, lse, q.shape[2], lane);
+  }
+};
+
+/// One CTA per decode row: merge its suffix state with every covering prefix's state.
+template <typename T>
+__global__ void combine_levels_kernel(TensorView o, float* lse_out, DecodeLevelsView levels, const float* suffix_o,
+                                      const float* suffix_lse, const float* prefix_o, const float* prefix_lse) {
+  const int row = blockIdx.x;
+  const int64_t num_heads = o.shape[1], head_dim = o.shape[2];
+  for (int64_t idx = threadIdx.x; idx < num_heads * head_dim; idx += blockDim.x) {
+    const int64_t head = idx / head_dim, d = idx % head_dim;
+    const int64_t suffix_state = row * num_heads + head;
+    float value = suffix_o[suffix_state * head_dim + d];
+    float lse = suffix_lse[suffix_state];
+    for (int64_t p = 0; p < levels.num_prefixes; ++p) {
+      const int begin = levels.prefix_q_range[2 * p], end = levels.prefix_q_range[2 * p + 1];
+      if (row < begin || row >= end) continue;
+      const int64_t state = (p * levels.max_prefix_rows + (row - begin)) * num_heads + head;
+      const LseMerge w = merge_lse(lse, prefix_lse[state]);
+      value = merge_value(w, value, prefix_o[state * head_dim + d]);
+      lse = w.lse;
+    }
+    static_cast<T*>(o.data)[row * o.stride[0] + head * o.stride[1] + d] = from_float<T>(value);
+    if (d == 0 && lse_out != nullptr) lse_out[suffix_state] = lse;
+  }
+}
+
+}  // namespace
+}  // namespace cuda
+
+bool cuda_head_dim_supported(int64_t head_dim) { return head_dim == 64 || head_dim == 128; }
+
+size_t cascade_workspace_floats(int64_t num_rows, int64_t num_q_heads, int64_t head_dim,
+                                const DecodeLevelsView& levels) {
+  return static_cast<size_t>(WorkspaceLayout(num_rows, num_q_heads, head_dim, levels).total);
+}
+
+cudaError_t cascade_decode_attention_cuda(const CascadeDecodeParams& p, cudaStream_t stream) {
+  const int64_t num_rows = p.q.shape[0], num_heads = p.q.shape[1], head_dim = p.q.shape[2];
+  if (num_rows == 0) return cudaSuccess;
+  const int num_kv_heads = static_cast<int>(p.k_cache.shape[2]);
+  const int group = static_cast<int>(num_heads) / num_kv_heads;
+  const WorkspaceLayout layout(num_rows, num_heads, head_dim, p.levels);
+  float* ws = p.workspace;
+  const dim3 suffix_grid((group + cuda::kTileRows - 1) / cuda::kTileRows, static_cast<unsigned>(num_rows), num_kv_heads);
+  const dim3 prefix_grid((p.levels.max_prefix_rows * group + cuda::kTileRows - 1) / cuda::kTileRows,
+                         static_cast<unsigned>(p.levels.num_prefixes), num_kv_heads);
+  return BATCHLLM_DISPATCH_HALF_TYPES(p.q.dtype, [&] {
+    return BATCHLLM_DISPATCH_HEAD_DIM(head_dim, [&] {
+      const cuda::SuffixProblem<scalar_t> suffix{p.q, p.levels, ws + layout.suffix_o, ws + layout.suffix_lse, group};
+      BATCHLLM_CUDA_RETURN_IF_ERROR((cuda::launch_attention_tiles<scalar_t, kHeadDim>(
+          suffix, suffix_grid, p.k_cache, p.v_cache, p.scale, stream)));
+      const cuda::PrefixProblem<scalar_t> prefix{p.q, p.levels, ws + layout.prefix_o, ws + layout.prefix_lse, group};
+      BATCHLLM_CUDA_RETURN_IF_ERROR((cuda::launch_attention_tiles<scalar_t, kHeadDim>(
+          prefix, prefix_grid, p.k_cache, p.v_cache, p.scale, stream)));
+      cuda::combine_levels_kernel<scalar_t><<<static_cast<unsigned>(num_rows), 128, 0, stream>>>(
+          p.o, p.lse, p.levels, ws + layout.suffix_o, ws + layout.suffix_lse, ws + layout.prefix_o,
+          ws + layout.prefix_lse);
+      return cuda::last_launch_error();
+    });
+  });
+}
+
+}  // namespace batchllm::kernels

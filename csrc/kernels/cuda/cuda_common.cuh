@@ -1,0 +1,68 @@
+// Helpers shared by the CUDA kernels: element conversion, launch-error checks, dtype dispatch.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include "batchllm/kernels.h"
+
+namespace batchllm::kernels::cuda {
+
+template <typename T>
+__device__ __forceinline__ float to_float(T x);
+template <>
+__device__ __forceinline__ float to_float<float>(float x) { return x; }
+template <>
+__device__ __forceinline__ float to_float<__half>(__half x) { return __half2float(x); }
+template <>
+__device__ __forceinline__ float to_float<__nv_bfloat16>(__nv_bfloat16 x) { return __bfloat162float(x); }
+
+template <typename T>
+__device__ __forceinline__ T from_float(float x);
+template <>
+__device__ __forceinline__ float from_float<float>(float x) { return x; }
+template <>
+__device__ __forceinline__ __half from_float<__half>(float x) { return __float2half_rn(x); }
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
+
+/// The error of the launch just made (configuration errors, or a fault of an earlier kernel).
+inline cudaError_t last_launch_error() { return cudaGetLastError(); }
+
+}  // namespace batchllm::kernels::cuda
+
+/// Returns from the enclosing launcher with the error of the expression, if any.
+#define BATCHLLM_CUDA_RETURN_IF_ERROR(expr)    \
+  do {                                         \
+    const cudaError_t batchllm_err_ = (expr);  \
+    if (batchllm_err_ != cudaSuccess) return batchllm_err_; \
+  } while (0)
+
+/// Runs `...` with `scalar_t` bound to the CUDA type of a 16-bit `dtype`; float32 -> invalid value.
+#define BATCHLLM_DISPATCH_HALF_TYPES(dtype, ...)                                   \
+  [&]() -> cudaError_t {                                                           \
+    if ((dtype) == ::batchllm::kernels::DType::kFloat16) {                         \
+      using scalar_t = __half;                                                     \
+      return __VA_ARGS__();                                                        \
+    }                                                                              \
+    if ((dtype) == ::batchllm::kernels::DType::kBFloat16) {                        \
+      using scalar_t = __nv_bfloat16;                                              \
+      return __VA_ARGS__();                                                        \
+    }                                                                              \
+    return cudaErrorInvalidValue;                                                  \
+  }()
+
+/// Runs `...` with `kHeadDim` bound to a compiled head dim (64 or 128); others -> invalid value.
+#define BATCHLLM_DISPATCH_HEAD_DIM(head_dim, ...)   \
+  [&]() -> cudaError_t {                            \
+    if ((head_dim) == 64) {                         \
+      constexpr int kHeadDim = 64;                  \
+      return __VA_ARGS__();                         \
+    }                                               \
+    if ((head_dim) == 128) {                        \
+      constexpr int kHeadDim = 128;                 \
+      return __VA_ARGS__();                         \
+    }                                               \
+    return cudaErrorInvalidValue;                   \
+  }()

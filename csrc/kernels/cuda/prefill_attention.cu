@@ -1,0 +1,75 @@
+// CUDA prefill_attention: ragged causal attention of a step's query rows over their paged context.
+// Grid: (row tiles of the longest sequence, sequences, KV heads). A tile's 64 rows are the
+// (token, GQA head) pairs of one sequence and KV head, token-major, so the group's heads share
+// every K/V tile they load.
+#include "batchllm/kernels/cuda.h"
+#include "kernels/cuda/attention_tile.cuh"
+
+namespace batchllm::kernels {
+
+namespace cuda {
+namespace {
+
+template <typename T>
+struct PrefillProblem {
+  TensorView q, o;
+  const int32_t* block_tables;
+  int64_t max_blocks_per_seq;
+  const int32_t* query_start;
+  const int32_t* context_lens;
+  int group;
+
+  __device__ bool setup(TileRows<T>& rows) const {
+    const int seq = blockIdx.y;
+    const int kv_head = blockIdx.z;
+    const int q_begin = query_start[seq];
+    const int q_len = query_start[seq + 1] - q_begin;
+    const int context = context_lens[seq];
+    const int first = blockIdx.x * kTileRows;
+    if (first >= q_len * group) return false;
+    rows.num_keys = 0;
+    for (int r = 0; r < kTileRows; ++r) {
+      const int idx = first + r;
+      const int j = idx / group;
+      if (j < q_len) {
+        const int head = kv_head * group + idx % group;
+        rows.q[r] = static_cast<const T*>(q.data) + (q_begin + j) * q.stride[0] + head * q.stride[1];
+        rows.key_limit[r] = context - q_len + j + 1;  // causal: keys 0..position
+        rows.num_keys = max(rows.num_keys, rows.key_limit[r]);
+      } else {
+        rows.q[r] = nullptr;
+        rows.key_limit[r] = 0;
+      }
+    }
+    rows.blocks = block_tables + seq * max_blocks_per_seq;
+    rows.kv_head = kv_head;
+    return true;
+  }
+
+  __device__ void write(int r, const float* o_row, float inv_sum, float /*lse*/, int lane) const {
+    const int idx = blockIdx.x * kTileRows + r;
+    const int64_t row = query_start[blockIdx.y] + idx / group;
+    const int head = blockIdx.z * group + idx % group;
+    T* dst = static_cast<T*>(o.data) + row * o.stride[0] + head * o.stride[1];
+    for (int d = lane; d < o.shape[2]; d += 32) dst[d] = from_float<T>(o_row[d] * inv_sum);
+  }
+};
+
+}  // namespace
+}  // namespace cuda
+
+cudaError_t prefill_attention_cuda(const PrefillParams& p, cudaStream_t stream) {
+  const int num_kv_heads = static_cast<int>(p.k_cache.shape[2]);
+  const int group = static_cast<int>(p.q.shape[1]) / num_kv_heads;
+  const dim3 grid((p.max_q_len * group + cuda::kTileRows - 1) / cuda::kTileRows, static_cast<unsigned>(p.num_seqs),
+                  num_kv_heads);
+  return BATCHLLM_DISPATCH_HALF_TYPES(p.q.dtype, [&] {
+    return BATCHLLM_DISPATCH_HEAD_DIM(p.q.shape[2], [&] {
+      cuda::PrefillProblem<scalar_t> problem{p.q, p.o, p.block_tables, p.max_blocks_per_seq, p.query_start,
+                                             p.context_lens, group};
+      return cuda::launch_attention_tiles<scalar_t, kHeadDim>(problem, grid, p.k_cache, p.v_cache, p.scale, stream);
+    });
+  });
+}
+
+}  // namespace batchllm::kernels
