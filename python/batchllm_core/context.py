@@ -39,6 +39,8 @@ class AttentionContext:
         int32 ``[S, max_blocks]``: KV blocks of each paged sequence (padded with -1).
     decode_levels : Any
         ``ops.DecodeLevels`` for the decode rows, or None.
+    max_q_len : int or None
+        Most rows of one paged sequence (known on the host: spares the CUDA kernel a sync).
     """
 
     slot_mapping: torch.Tensor
@@ -47,6 +49,7 @@ class AttentionContext:
     context_lens: torch.Tensor
     block_tables: torch.Tensor
     decode_levels: Any = None
+    max_q_len: int | None = None
 
     @property
     def num_paged_sequences(self) -> int:

@@ -84,7 +84,7 @@ def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype
     return _DTYPES[dtype]
 
 
-def load_model(model: str | Path | None = None, dtype: str | torch.dtype = "auto",
+def load(model: str | Path | None = None, dtype: str | torch.dtype = "auto",
                device: str | torch.device = "auto", seed: int = TINY_SEED) -> LoadedModel:
     """Load what ``LLM(model=...)`` names.
 
@@ -106,21 +106,26 @@ def load_model(model: str | Path | None = None, dtype: str | torch.dtype = "auto
                             f"({', '.join(NAMED_SHAPES)})")
 
 
-def build_random_model(name: str, seed: int = 0, dtype: str | torch.dtype = "auto",
+load_model = load
+
+
+def build_random_model(shape: str | ModelConfig, seed: int = 0, dtype: str | torch.dtype = "auto",
                        device: str | torch.device = "auto") -> LoadedModel:
-    """A named shape of WORKLOADS.md with seeded random weights (for benchmarks).
+    """A named shape of WORKLOADS.md (or any ModelConfig) with seeded random weights, for benchmarks.
 
     ``tiny`` comes with the byte-level tokenizer and is seeded on the CPU (identical weights on
-    every device); the large shapes are filled on ``device`` directly and have no tokenizer.
+    every device); other shapes are filled on ``device`` directly (fast for 7B on a GPU; same
+    weights for the same seed, device and dtype) and have no tokenizer: they run on token ids.
     """
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
-    if name == "tiny":
+    if shape == "tiny":
         model, tokenizer = build_tiny_model(seed, device, dtype)
-        return LoadedModel(model, model.config, tokenizer, tokenizer.eos_token_ids, name)
-    config = ModelConfig.from_name(name)
+        return LoadedModel(model, model.config, tokenizer, tokenizer.eos_token_ids, shape)
+    config = shape if isinstance(shape, ModelConfig) else ModelConfig.from_name(shape)
     model = _empty_model(config, device, dtype)
     init_random_weights_(model, seed)
+    name = shape if isinstance(shape, str) else f"random {config.architecture}"
     return LoadedModel(model.eval(), config, None, config.eos_token_ids, name)
 
 

@@ -49,7 +49,8 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Ten
                                                   context.decode_levels, scale=scale))
     if context.num_paged_sequences > 0:
         parts.append(ops.prefill_attention(q[num_decode:], k_cache, v_cache, context.block_tables,
-                                           context.query_start, context.context_lens, scale=scale))
+                                           context.query_start, context.context_lens, scale=scale,
+                                           max_q_len=context.max_q_len))
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
 
 

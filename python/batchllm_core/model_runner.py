@@ -1,0 +1,261 @@
+"""ModelRunner: owns the paged KV cache and runs one StepPlan through the model.
+
+The runner makes no scheduling decision: the StepPlan (from the native scheduler) says which tokens
+run, where their K/V go and how decode attention is levelled. Per step the runner moves the plan's
+arrays to the device once (one pinned host-to-device copy on CUDA), does the plan's copy-on-write
+block copies, installs the attention context (batchllm_core.context), runs the model over the flat
+ragged batch and returns the logits of the sampled rows.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from .context import AttentionContext, reset_context, set_context
+from .models.config import ModelConfig
+from .models.llama import LlamaModel
+
+# The level arrays of a StepPlan, in ops.DecodeLevels field order.
+_DEVICE_FIELDS = ("input_ids", "positions", "slot_mapping", "sample_rows", "paged_query_start",
+                  "paged_context_lens", "paged_block_tables")
+_LEVEL_FIELDS = ("prefix_kv_indptr", "prefix_kv_blocks", "prefix_kv_lens", "prefix_q_range",
+                 "suffix_block_tables", "suffix_kv_lens")
+
+
+class ModelRunner:
+    """Run StepPlans through a model over a paged KV cache it owns.
+
+    Parameters
+    ----------
+    model : LlamaModel
+        On ``device`` in ``dtype``, eval mode.
+    config : ModelConfig
+    num_kv_blocks, block_size : int
+        KV pool geometry; block ids in plans index ``[0, num_kv_blocks)``.
+    device : torch.device or str
+    dtype : torch.dtype
+        KV cache dtype (the model's).
+    use_cascade : bool
+        Run decode rows with shared-prefix attention by levels when the plan carries levels
+        (default). False sends every row through paged prefill attention (same result; for A/B).
+
+    Attributes
+    ----------
+    kv_cache : torch.Tensor
+        ``[num_layers, 2, num_kv_blocks, block_size, num_kv_heads, head_dim]``; layer ``l`` reads
+        ``kv_cache[l, 0]`` (K) and ``kv_cache[l, 1]`` (V).
+    """
+
+    def __init__(self, model: LlamaModel, config: ModelConfig, num_kv_blocks: int, block_size: int,
+                 device: torch.device | str, dtype: torch.dtype, use_cascade: bool = True) -> None:
+        if num_kv_blocks <= 0 or block_size <= 0:
+            raise ValueError(f"num_kv_blocks ({num_kv_blocks}) and block_size ({block_size}) must be positive")
+        self.model, self.config = model, config
+        self.num_kv_blocks, self.block_size = int(num_kv_blocks), int(block_size)
+        self.device, self.dtype = torch.device(device), dtype
+        self.use_cascade = use_cascade
+        self.kv_cache = torch.zeros(config.num_layers, 2, self.num_kv_blocks, self.block_size,
+                                    config.num_kv_heads, config.head_dim, dtype=dtype, device=self.device)
+        for layer, attention in enumerate(model.attention_layers):
+            attention.k_cache, attention.v_cache = self.kv_cache[layer, 0], self.kv_cache[layer, 1]
+        self._staging = _HostToDevice(self.device)
+
+    @staticmethod
+    def kv_bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
+        """Bytes one KV block takes over all layers (K and V): for sizing the pool."""
+        return block_size * config.kv_bytes_per_token(dtype)
+
+    @torch.inference_mode()
+    def copy_blocks(self, src: Any, dst: Any) -> None:
+        """Copy KV blocks ``src[i] -> dst[i]`` in every layer (copy-on-write forks).
+
+        All sources are read before any destination is written. ``src``, ``dst``: int arrays [C].
+        """
+        src_t = torch.as_tensor(np.asarray(src, dtype=np.int64), device=self.device)
+        dst_t = torch.as_tensor(np.asarray(dst, dtype=np.int64), device=self.device)
+        if src_t.shape != dst_t.shape or src_t.dim() != 1:
+            raise ValueError(f"copy_blocks: src {tuple(src_t.shape)} and dst {tuple(dst_t.shape)} "
+                             "must be 1-D of one length")
+        if src_t.numel() == 0:
+            return
+        for ids in (src_t, dst_t):
+            if int(ids.min()) < 0 or int(ids.max()) >= self.num_kv_blocks:
+                raise ValueError(f"copy_blocks: block id out of [0, {self.num_kv_blocks})")
+        # [L, 2, blocks, ...]: one gather + one scatter over all layers at once.
+        self.kv_cache.index_copy_(2, dst_t, self.kv_cache.index_select(2, src_t))
+
+    @torch.inference_mode()
+    def execute(self, plan: Any) -> torch.Tensor:
+        """Run one step; return the logits of its sampled rows.
+
+        Parameters
+        ----------
+        plan : StepPlan (``_C.StepPlan`` or any object with its fields)
+            Read here (numpy arrays, docs/architecture.md "StepPlan"): ``input_ids``, ``positions``,
+            ``slot_mapping`` [T]; ``query_start`` [S+1], ``context_lens`` [S], ``block_tables``
+            [S, max_blocks] (or flat, with ``max_blocks``); ``num_decode_seqs``; ``sample_rows`` [R];
+            ``cow_src``/``cow_dst`` [C]; and the decode levels ``prefix_kv_indptr`` [P+1],
+            ``prefix_kv_blocks``, ``prefix_kv_lens`` [P], ``prefix_q_range`` [P, 2] (or flat),
+            ``suffix_block_tables`` [B, max_suffix_blocks] (or flat, with ``max_suffix_blocks``),
+            ``suffix_kv_lens`` [B]. Without level fields (absent, None or an empty
+            ``prefix_kv_indptr``), decode rows use paged prefill attention.
+
+        Returns
+        -------
+        torch.Tensor
+            float32 ``[R, vocab_size]`` on the runner's device: row ``i`` holds the logits of token
+            row ``plan.sample_rows[i]`` (a row repeated in sample_rows is repeated here).
+
+        Notes
+        -----
+        Effects, in order: the plan's cow block copies; the K/V of every row with
+        ``slot_mapping >= 0`` written to the cache; nothing else is kept between steps. The plan's
+        arrays are not retained, so the scheduler may reuse them after this returns.
+        """
+        cow_src, cow_dst = _array(plan, "cow_src"), _array(plan, "cow_dst")
+        if cow_src is not None and len(cow_src):
+            self.copy_blocks(cow_src, cow_dst)
+        host = _host_arrays(plan)
+        num_rows = len(host["input_ids"])
+        if num_rows == 0:
+            return torch.empty(0, self.config.vocab_size, dtype=torch.float32, device=self.device)
+        num_decode = int(plan.num_decode_seqs)
+        levels_host = _levels(plan, num_decode) if self.use_cascade and num_decode > 0 else None
+        if levels_host is None:
+            num_decode = 0
+        host.update(_paged_part(host, num_decode))
+        dev = self._staging.to_device({**{name: host[name] for name in _DEVICE_FIELDS},
+                                       **(levels_host or {})})
+        context = AttentionContext(
+            slot_mapping=dev["slot_mapping"], num_decode_rows=num_decode,
+            query_start=dev["paged_query_start"], context_lens=dev["paged_context_lens"],
+            block_tables=dev["paged_block_tables"], max_q_len=host["paged_max_q_len"],
+            decode_levels=_decode_levels(dev, levels_host) if levels_host else None)
+        set_context(context)
+        try:
+            hidden = self.model(dev["input_ids"], dev["positions"])
+        finally:
+            reset_context()
+        return self.model.compute_logits(hidden[dev["sample_rows"].long()]).float()
+
+
+def _array(plan: Any, name: str) -> np.ndarray | None:
+    value = getattr(plan, name, None)
+    return None if value is None else np.asarray(value)
+
+
+def _host_arrays(plan: Any) -> dict[str, np.ndarray]:
+    """The per-row and per-sequence arrays of the plan, validated for consistent lengths."""
+    host = {name: np.asarray(getattr(plan, name), dtype=dtype) for name, dtype in (
+        ("input_ids", np.int32), ("positions", np.int32), ("slot_mapping", np.int64),
+        ("query_start", np.int32), ("context_lens", np.int32), ("sample_rows", np.int32))}
+    num_rows, num_seqs = len(host["input_ids"]), len(host["context_lens"])
+    for name in ("positions", "slot_mapping"):
+        if len(host[name]) != num_rows:
+            raise ValueError(f"StepPlan.{name} has {len(host[name])} rows, input_ids {num_rows}")
+    query_start = host["query_start"]
+    if len(query_start) != num_seqs + 1 or (num_rows and (query_start[0] != 0 or query_start[-1] != num_rows)):
+        raise ValueError(f"StepPlan.query_start must be [S+1] = [{num_seqs + 1}] from 0 to T = {num_rows}")
+    rows = host["sample_rows"]
+    if len(rows) and (rows.min() < 0 or rows.max() >= num_rows):
+        raise ValueError(f"StepPlan.sample_rows must lie in [0, {num_rows})")
+    host["block_tables"] = _matrix(getattr(plan, "block_tables"), num_seqs,
+                                   getattr(plan, "max_blocks", None), "block_tables")
+    return host
+
+
+def _paged_part(host: dict[str, np.ndarray], num_decode: int) -> dict[str, Any]:
+    """Metadata of the rows after the first ``num_decode`` (those paged prefill attention runs),
+    rebased so that their first row is row 0."""
+    query_start = host["query_start"][num_decode:] - host["query_start"][num_decode]
+    q_lens = np.diff(query_start)
+    return {"paged_query_start": np.ascontiguousarray(query_start, dtype=np.int32),
+            "paged_context_lens": np.ascontiguousarray(host["context_lens"][num_decode:]),
+            "paged_block_tables": np.ascontiguousarray(host["block_tables"][num_decode:]),
+            "paged_max_q_len": int(q_lens.max()) if len(q_lens) else 0}
+
+
+def _levels(plan: Any, num_decode: int) -> dict[str, np.ndarray] | None:
+    """The plan's decode levels as int32 arrays of DecodeLevels shapes, or None if it has none."""
+    indptr = _array(plan, "prefix_kv_indptr")
+    if indptr is None or len(indptr) == 0:
+        return None
+    levels = {name: np.ascontiguousarray(np.asarray(getattr(plan, name)), dtype=np.int32)
+              for name in _LEVEL_FIELDS}
+    num_prefixes = len(indptr) - 1
+    levels["prefix_q_range"] = levels["prefix_q_range"].reshape(num_prefixes, 2)
+    levels["suffix_block_tables"] = _matrix(levels["suffix_block_tables"], num_decode,
+                                            getattr(plan, "max_suffix_blocks", None), "suffix_block_tables")
+    if len(levels["suffix_kv_lens"]) != num_decode:
+        raise ValueError(f"StepPlan.suffix_kv_lens has {len(levels['suffix_kv_lens'])} entries, "
+                         f"num_decode_seqs is {num_decode}")
+    return levels
+
+
+def _decode_levels(dev: dict[str, torch.Tensor], host: dict[str, np.ndarray]):
+    from .ops import DecodeLevels
+
+    q_range = host["prefix_q_range"]
+    # Size hints from the host arrays: the CUDA kernel then needs no device-to-host sync.
+    return DecodeLevels(*(dev[name] for name in _LEVEL_FIELDS),
+                        max_prefix_kv_len=_max(host["prefix_kv_lens"]),
+                        max_prefix_rows=_max(q_range[:, 1] - q_range[:, 0]),
+                        max_suffix_kv_len=_max(host["suffix_kv_lens"]))
+
+
+def _max(values: np.ndarray) -> int:
+    return int(values.max()) if len(values) else 0
+
+
+def _matrix(values: Any, num_rows: int, width: int | None, name: str) -> np.ndarray:
+    """An int32 [num_rows, width] table from a 2-D array or a flat row-major one."""
+    values = np.asarray(values, dtype=np.int32)
+    if values.ndim == 2:
+        if values.shape[0] != num_rows:
+            raise ValueError(f"StepPlan.{name} has {values.shape[0]} rows, expected {num_rows}")
+        return values
+    width = int(width) if width is not None else (len(values) // num_rows if num_rows else 0)
+    if len(values) != num_rows * width:
+        raise ValueError(f"StepPlan.{name} has {len(values)} entries, expected {num_rows} x {width}")
+    return values.reshape(num_rows, width)
+
+
+class _HostToDevice:
+    """Moves a step's int arrays to the device: zero-copy views on CPU; on CUDA one pinned staging
+    buffer (reused, grown when needed) and one asynchronous copy for all of them."""
+
+    _ALIGN = 16  # bytes: every array starts aligned for its dtype
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self._pinned: torch.Tensor | None = None
+        self._copied: torch.cuda.Event | None = None
+
+    def to_device(self, arrays: dict[str, Any]) -> dict[str, torch.Tensor]:
+        arrays = {k: v for k, v in arrays.items() if isinstance(v, np.ndarray)}
+        if self.device.type != "cuda":
+            # torch.from_numpy shares memory; read-only views (the scheduler's) are copied first.
+            return {k: torch.from_numpy(v if v.flags.writeable and v.flags.c_contiguous else v.copy())
+                    for k, v in arrays.items()}
+        offsets, total = {}, 0
+        for name, values in arrays.items():
+            offsets[name] = total
+            total += -(-values.nbytes // self._ALIGN) * self._ALIGN
+        if self._pinned is None or self._pinned.numel() < total:
+            self._pinned = torch.empty(max(total, 1 << 16), dtype=torch.uint8, pin_memory=True)
+        elif self._copied is not None:
+            self._copied.synchronize()  # the previous step's copy may still read the buffer
+        staging = self._pinned.numpy()
+        for name, values in arrays.items():
+            staging[offsets[name]:offsets[name] + values.nbytes] = values.reshape(-1).view(np.uint8)
+        device_bytes = self._pinned[:max(total, 1)].to(self.device, non_blocking=True)
+        self._copied = torch.cuda.Event()
+        self._copied.record()
+        return {name: device_bytes[offsets[name]:offsets[name] + values.nbytes]
+                .view(_TORCH_DTYPES[values.dtype.str]).view(values.shape)
+                for name, values in arrays.items()}
+
+
+_TORCH_DTYPES = {np.dtype(np.int32).str: torch.int32, np.dtype(np.int64).str: torch.int64}
