@@ -49,6 +49,9 @@ CacheShape check_attention_views(const ArgChecker& c, const ViewArg& q_arg, cons
             "KV heads (" + std::to_string(k_cache.shape[2]) + ") must divide q heads (" + std::to_string(q.shape[1]) + ")");
   if (q_arg.is_cuda()) {
     c.require(q.dtype != DType::kFloat32, "q", "must be float16 or bfloat16 on CUDA");
+    c.rows_aligned_16(q_arg, q);
+    c.rows_aligned_16(ViewArg{"k_cache", reinterpret_cast<uintptr_t>(k_cache.data)}, k_cache);
+    c.rows_aligned_16(ViewArg{"v_cache", reinterpret_cast<uintptr_t>(v_cache.data)}, v_cache);
     c.require(cuda_head_dim_ok(q.shape[2]), "q",
               "head dim " + std::to_string(q.shape[2]) + " is not built for CUDA (built: 64, 128)");
   }
@@ -122,7 +125,13 @@ void store_kv(py::handle k_obj, py::handle v_obj, py::handle k_cache_obj, py::ha
             "must have k's KV heads and head dim in dims 2 and 3");
   c.require(p.k_cache.dtype == p.k.dtype && p.v_cache.dtype == p.k.dtype && p.v.dtype == p.k.dtype, "k_cache",
             "k, v, k_cache and v_cache must share one dtype");
-  if (k_arg.is_cuda()) c.require(p.k.dtype != DType::kFloat32, "k", "must be float16 or bfloat16 on CUDA");
+  if (k_arg.is_cuda()) {
+    c.require(p.k.dtype != DType::kFloat32, "k", "must be float16 or bfloat16 on CUDA");
+    c.rows_aligned_16(k_arg, p.k);
+    c.rows_aligned_16(v_arg, p.v);
+    c.rows_aligned_16(kc_arg, p.k_cache);
+    c.rows_aligned_16(vc_arg, p.v_cache);
+  }
   c.index_array(slot_arg, "int64", {p.k.shape[0]});
   p.slot_mapping = reinterpret_cast<const int64_t*>(slot_arg.data);
   if (check_indices || !slot_arg.is_cuda()) {

@@ -84,6 +84,15 @@ class ArgChecker {
     return view;
   }
 
+  /// CUDA kernels move rows in 16-byte vectors: the base pointer and every row start must be 16-byte
+  /// aligned (true for tensors torch allocates and for their row slices when D * element size % 16 == 0).
+  void rows_aligned_16(const ViewArg& arg, const kernels::TensorView& view) const {
+    const int64_t elem = kernels::dtype_size(view.dtype);
+    bool ok = arg.data % 16 == 0 && (view.shape[view.ndim - 1] * elem) % 16 == 0;
+    for (int d = 0; d + 1 < view.ndim; ++d) ok = ok && (view.stride[d] * elem) % 16 == 0;
+    require(ok, arg.name, "must have 16-byte aligned rows on CUDA (data pointer, strides and row bytes)");
+  }
+
   /// A contiguous integer array of `dtype` ("int32"/"int64") and the given shape (-1: any size).
   void index_array(const ViewArg& arg, const char* dtype, std::vector<int64_t> shape) const {
     require(arg.dtype == dtype, arg.name, std::string("must be ") + dtype + ", got " + arg.dtype);

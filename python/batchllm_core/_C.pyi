@@ -41,3 +41,29 @@ class BlockManager:
     def check_integrity(self, expected_refs: Optional[list[int]] = None) -> str: ...
 
 # ---- end block manager ----------------------------------------------------------------------------
+
+# ---- kernels (csrc/bindings/bind_kernels.cpp) -----------------------------------------------------
+# Views are (data_ptr, dtype name, shape, strides in elements, device index or -1 for CPU) tuples,
+# built by batchllm_core.ops; call the ops, not these. Bad arguments raise ValueError
+# "<kernel>: argument '<name>' ..." before anything runs; a CUDA launch error raises RuntimeError.
+
+View = tuple[int, str, tuple[int, ...], tuple[int, ...], int]
+
+def store_kv(k: View, v: View, k_cache: View, v_cache: View, slot_mapping: View, stream: int,
+             check_indices: bool) -> None: ...
+def prefill_attention(q: View, k_cache: View, v_cache: View, block_tables: View, query_start: View,
+                      context_lens: View, o: View, scale: float, max_q_len: int, stream: int,
+                      check_indices: bool) -> None: ...
+def cascade_decode_attention(q: View, k_cache: View, v_cache: View, levels: tuple[View, ...],
+                             hints: list[int], o: View, lse: Optional[View], workspace: Optional[View],
+                             scale: float, stream: int, check_indices: bool) -> None:
+    """levels: (prefix_kv_indptr, prefix_kv_blocks, prefix_kv_lens, prefix_q_range,
+    suffix_block_tables, suffix_kv_lens); hints: [max_prefix_kv_len, max_prefix_rows, max_suffix_kv_len]."""
+def merge_states(o_a: View, lse_a: View, o_b: View, lse_b: View, o: View, lse: Optional[View],
+                 stream: int) -> None: ...
+def cuda_kernel_head_dims() -> list[int]:
+    """Head dims the CUDA attention kernels are built for (empty without CUDA)."""
+def cascade_workspace_floats(num_rows: int, num_q_heads: int, head_dim: int, num_prefixes: int,
+                             max_prefix_kv_len: int, max_prefix_rows: int) -> int: ...
+
+# ---- end kernels ----------------------------------------------------------------------------------
