@@ -238,6 +238,10 @@ class IncrementalDetokenizer:
     """Text of a growing token sequence, delta by delta, without re-decoding everything and
     without emitting half of a multi-byte character (vLLM's prefix/read offset method).
 
+    :attr:`text` always equals ``tokenizer.decode(generated, skip_special_tokens)``: the prompt is
+    not used as decoding context (it would make a SentencePiece output start with the space that
+    a plain decode drops), so stop strings are matched on exactly the text that is returned.
+
     Examples
     --------
     >>> detok = IncrementalDetokenizer(ByteTokenizer())
@@ -247,17 +251,18 @@ class IncrementalDetokenizer:
     'hé'
     """
 
-    # Context tokens decoded before the new ones, so that tokenizers whose decoding of a token
-    # depends on its left neighbour (SentencePiece's leading space) produce the right delta.
+    # Tokens kept before the new ones as context: a token's text can depend on its left
+    # neighbour (SentencePiece's leading space, byte fallback).
     _CONTEXT_TOKENS = 5
 
     def __init__(self, tokenizer: _TokenizerBase, prompt_token_ids: Sequence[int] = (),
                  skip_special_tokens: bool = True) -> None:
+        del prompt_token_ids  # accepted for call sites that pass it; see the class docstring
         self._tokenizer = tokenizer
         self._skip_special = skip_special_tokens
-        self._ids: list[int] = list(prompt_token_ids[-self._CONTEXT_TOKENS:])
+        self._ids: list[int] = []
         self._prefix_offset = 0
-        self._read_offset = len(self._ids)
+        self._read_offset = 0
         self.text = ""
 
     def append(self, token_ids: Sequence[int]) -> str:
