@@ -1,0 +1,157 @@
+"""CUDA attention kernels against float64 references (GPU only; skipped with a reason elsewhere).
+
+Same sweeps as test_ops.py on CUDA tensors: fp16 and bf16, head dims 64 and 128, GQA ratios,
+prefix/suffix lengths including 0 and non-multiples of the page size, levels 0-3. Outputs are
+NaN-poisoned before every run; rel err < 2e-3 (fp16) / 1e-2 (bf16); index checks on.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from batchllm_core import ops
+from conftest import requires_gpu
+from ops_reference import (TOLERANCE, PagedKV, attention64, cascade_reference, make_cascade_case,
+                           make_prefill_case, poisoned, prefill_reference, rel_err)
+from test_ops import CASCADE_SHAPES, PREFILL_SEQS
+
+pytestmark = requires_gpu
+
+DTYPES = [torch.float16, torch.bfloat16]
+HEADS = [(4, 4), (8, 2), (32, 8), (8, 1)]
+HEAD_DIMS = [64, 128]
+DEVICE = "cuda"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("head_dim", HEAD_DIMS)
+def test_store_kv_cuda(dtype, head_dim):
+    gen = torch.Generator().manual_seed(0)
+    k_cache = torch.randn((6, 16, 2, head_dim), generator=gen).to(dtype).to(DEVICE)
+    v_cache = torch.randn_like(k_cache)
+    k = torch.randn((11, 2, head_dim), generator=gen).to(dtype).to(DEVICE)
+    v = torch.randn_like(k)
+    slots = torch.randperm(96, generator=gen)[:11]
+    slots[4] = -1
+    expected_k, expected_v = k_cache.clone(), v_cache.clone()
+    written = slots >= 0
+    expected_k.view(-1, 2, head_dim)[slots[written].to(DEVICE)] = k[written.to(DEVICE)]
+    expected_v.view(-1, 2, head_dim)[slots[written].to(DEVICE)] = v[written.to(DEVICE)]
+    ops.store_kv(k, v, k_cache, v_cache, slots.to(DEVICE), check_indices=True)
+    torch.cuda.synchronize()
+    assert torch.equal(k_cache, expected_k) and torch.equal(v_cache, expected_v)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("heads", HEADS)
+@pytest.mark.parametrize("head_dim", HEAD_DIMS)
+@pytest.mark.parametrize("seqs_name", list(PREFILL_SEQS))
+def test_prefill_attention_cuda(dtype, heads, head_dim, seqs_name):
+    num_q_heads, num_kv_heads = heads
+    seqs = PREFILL_SEQS[seqs_name]
+    kv = PagedKV(64, 16, num_kv_heads, head_dim, dtype, device=DEVICE)
+    case = make_prefill_case(kv, seqs, num_q_heads, head_dim, dtype, device=DEVICE)
+    out = poisoned(case.q.shape, dtype, DEVICE)
+    ops.prefill_attention(case.q, kv.k, kv.v, case.block_tables, case.query_start, case.context_lens, out=out,
+                          check_indices=True)
+    torch.cuda.synchronize()
+    ref = prefill_reference(kv, case, seqs, 1.0 / math.sqrt(head_dim))
+    assert not torch.isnan(out).any()
+    assert rel_err(out, ref) < TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_prefill_attention_cuda_long_chunk_over_cache(dtype):
+    # A 300-token chunk over a 1000-token context: many key tiles, causal masking inside tiles.
+    kv = PagedKV(80, 16, 8, 128, dtype, device=DEVICE)
+    seqs = [(300, 1000), (1, 77)]
+    case = make_prefill_case(kv, seqs, 32, 128, dtype, device=DEVICE)
+    out = ops.prefill_attention(case.q, kv.k, kv.v, case.block_tables, case.query_start, case.context_lens,
+                                out=poisoned(case.q.shape, dtype, DEVICE), check_indices=True)
+    assert rel_err(out, prefill_reference(kv, case, seqs, 1.0 / math.sqrt(128))) < TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("heads", HEADS)
+@pytest.mark.parametrize("head_dim", HEAD_DIMS)
+@pytest.mark.parametrize("name", list(CASCADE_SHAPES))
+def test_cascade_decode_attention_cuda(dtype, heads, head_dim, name):
+    from test_ops import run_cascade_case
+    o, lse, ref_o, ref_lse = run_cascade_case(name, dtype, heads, head_dim, device=DEVICE, check_indices=True)
+    torch.cuda.synchronize()
+    assert not torch.isnan(o).any() and not torch.isnan(lse).any()
+    assert rel_err(o, ref_o) < TOLERANCE[dtype]
+    assert torch.allclose(lse.double().cpu(), ref_lse, atol=2e-3, rtol=1e-3)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cascade_cuda_many_readers_one_long_prefix(dtype):
+    # Kernel-grid shape in miniature: 96 rows read one 1000-token prefix (several 64-row tiles).
+    kv = PagedKV(200, 16, 8, 128, dtype, device=DEVICE)
+    rows = 96
+    case = make_cascade_case(kv, rows, [1], [lambda i: 1000], [(7 * r) % 40 for r in range(rows)], 32, 128, dtype,
+                             device=DEVICE)
+    o = ops.cascade_decode_attention(case.q, kv.k, kv.v, case.levels, out=poisoned(case.q.shape, dtype, DEVICE),
+                                     check_indices=True)
+    ref_o, _ = cascade_reference(kv, case, 1.0 / math.sqrt(128))
+    assert rel_err(o, ref_o) < TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cascade_cuda_matches_cpu_reference(dtype):
+    kv = PagedKV(64, 16, 2, 64, dtype, device=DEVICE)
+    case = make_cascade_case(kv, 10, [2, 2], [lambda i: 33, lambda i: 5 + i], [r % 7 for r in range(10)], 8, 64,
+                             dtype, device=DEVICE)
+    o_gpu, lse_gpu = ops.cascade_decode_attention(case.q, kv.k, kv.v, case.levels, return_lse=True)
+    o_cpu, lse_cpu = ops.cascade_decode_attention(case.q.cpu(), kv.k.cpu(), kv.v.cpu(), case.levels.to("cpu"),
+                                                  return_lse=True)
+    assert rel_err(o_gpu, o_cpu) < TOLERANCE[dtype]
+    assert torch.allclose(lse_gpu.cpu(), lse_cpu, atol=2e-3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_merge_states_cuda(dtype):
+    gen = torch.Generator().manual_seed(3)
+    q = torch.randn(33, 8, 128, generator=gen)
+    k = torch.randn(50, 2, 128, generator=gen).double()
+    v = torch.randn(50, 2, 128, generator=gen).double()
+    o_a, lse_a = attention64(q, k[:20], v[:20], 0.1)
+    o_b, lse_b = attention64(q, k[20:], v[20:], 0.1)
+    ref_o, ref_lse = attention64(q, k, v, 0.1)
+    lse_a[0, 0] = -math.inf  # row 0 head 0: a is empty -> b unchanged
+    o, lse = ops.merge_states(o_a.to(dtype).to(DEVICE), lse_a.float().to(DEVICE), o_b.to(dtype).to(DEVICE),
+                              lse_b.float().to(DEVICE), out=poisoned(o_a.shape, dtype, DEVICE))
+    torch.cuda.synchronize()
+    assert torch.equal(o[0, 0].cpu(), o_b[0, 0].to(dtype))
+    o[0, 0] = ref_o[0, 0].to(dtype).to(DEVICE)
+    assert rel_err(o[1:], ref_o[1:]) < TOLERANCE[dtype] + 4e-3 * (dtype != torch.float32)
+    assert torch.allclose(lse[1:].double().cpu(), ref_lse[1:], atol=1e-4)
+
+
+def test_cuda_rejects_unbuilt_head_dim_and_float32():
+    kv = PagedKV(8, 16, 2, 16, torch.float16, device=DEVICE)
+    case = make_prefill_case(kv, [(2, 2)], 4, 16, torch.float16, device=DEVICE)
+    with pytest.raises(ValueError, match=r"prefill_attention: argument 'q' head dim 16 is not built for CUDA"):
+        ops.prefill_attention(case.q, kv.k, kv.v, case.block_tables, case.query_start, case.context_lens)
+    kv32 = PagedKV(8, 16, 2, 64, torch.float32, device=DEVICE)
+    case32 = make_prefill_case(kv32, [(2, 2)], 4, 64, torch.float32, device=DEVICE)
+    with pytest.raises(ValueError, match=r"prefill_attention: argument 'q' must be float16 or bfloat16 on CUDA"):
+        ops.prefill_attention(case32.q, kv32.k, kv32.v, case32.block_tables, case32.query_start, case32.context_lens)
+
+
+def test_cuda_block_table_out_of_range_is_caught_before_launch():
+    kv = PagedKV(8, 16, 2, 64, torch.float16, device=DEVICE)
+    case = make_prefill_case(kv, [(3, 20)], 4, 64, torch.float16, device=DEVICE)
+    tables = case.block_tables.clone()
+    tables[0, 1] = 8
+    with pytest.raises(ValueError, match=r"prefill_attention: argument 'block_tables\[0\]' entry 1 = 8"):
+        ops.prefill_attention(case.q, kv.k, kv.v, tables, case.query_start, case.context_lens, check_indices=True)
+
+
+def test_cuda_mixed_devices_rejected():
+    kv = PagedKV(8, 16, 2, 64, torch.float16, device=DEVICE)
+    case = make_prefill_case(kv, [(3, 20)], 4, 64, torch.float16, device=DEVICE)
+    with pytest.raises(ValueError, match=r"prefill_attention: argument 'block_tables' is on device -1"):
+        ops.prefill_attention(case.q, kv.k, kv.v, case.block_tables.cpu(), case.query_start, case.context_lens)
