@@ -1,0 +1,243 @@
+"""ModelRunner over hand-built StepPlans: chunked multi-sequence prefill with a shared prefix, decodes
+with and without shared-prefix levels (two nested levels), mixed steps and copy-on-write forks.
+Logits of the sampled rows must match transformers' forward over the full sequences."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import pytest
+import torch
+
+from batchllm_core.loader import load
+from batchllm_core.model_runner import ModelRunner
+from model_fixtures import hf_checkpoint, hf_model
+
+BLOCK_SIZE = 8
+NUM_BLOCKS = 64
+
+
+@dataclass
+class Plan:
+    """The StepPlan fields of docs/architecture.md (level fields None: no levels)."""
+
+    input_ids: np.ndarray
+    positions: np.ndarray
+    slot_mapping: np.ndarray
+    seq_ids: np.ndarray
+    query_start: np.ndarray
+    context_lens: np.ndarray
+    block_tables: np.ndarray
+    num_decode_seqs: int
+    sample_rows: np.ndarray
+    cow_src: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32))
+    cow_dst: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32))
+    prefix_kv_indptr: np.ndarray | None = None
+    prefix_kv_blocks: np.ndarray | None = None
+    prefix_kv_lens: np.ndarray | None = None
+    prefix_q_range: np.ndarray | None = None
+    suffix_block_tables: np.ndarray | None = None
+    suffix_kv_lens: np.ndarray | None = None
+
+
+@dataclass
+class Seq:
+    tokens: list[int]      # the whole sequence this test will have run by the end
+    blocks: list[int]      # KV blocks, shared ones first
+    done: int = 0          # tokens whose KV is in the cache
+
+
+class Harness:
+    """Builds plans the way the scheduler would, and checks logits against transformers."""
+
+    def __init__(self, name: str, use_cascade: bool = True):
+        self.name = name
+        loaded = load(hf_checkpoint(name), device="cpu")
+        self.runner = ModelRunner(loaded.model, loaded.config, NUM_BLOCKS, BLOCK_SIZE, "cpu",
+                                  torch.float32, use_cascade=use_cascade)
+        self.next_block = 0
+        self.reference: dict[int, torch.Tensor] = {}
+
+    def new_blocks(self, count: int) -> list[int]:
+        self.next_block += count
+        return list(range(self.next_block - count, self.next_block))
+
+    def sequence(self, tokens: list[int], shared: Seq | None = None, shared_blocks: int = 0) -> Seq:
+        """A sequence whose first ``shared_blocks`` blocks are ``shared``'s (already computed)."""
+        blocks = (shared.blocks[:shared_blocks] if shared else [])
+        blocks = blocks + self.new_blocks(-(-len(tokens) // BLOCK_SIZE) - len(blocks))
+        return Seq(tokens, blocks, done=shared_blocks * BLOCK_SIZE)
+
+    def step(self, work: list[tuple[Seq, int]], num_decode: int, levels: dict | None = None,
+             sample: list[Seq] | None = None, cow: tuple[list[int], list[int]] | None = None) -> Plan:
+        """A plan running ``count`` next tokens of each (seq, count), decodes first; samples the
+        last row of every sequence in ``sample`` (default: all)."""
+        ids, positions, slots, query_start, context_lens, tables, sample_rows = [], [], [], [0], [], [], []
+        width = max(len(s.blocks) for s, _ in work)
+        for seq, count in work:
+            for pos in range(seq.done, seq.done + count):
+                ids.append(seq.tokens[pos])
+                positions.append(pos)
+                slots.append(seq.blocks[pos // BLOCK_SIZE] * BLOCK_SIZE + pos % BLOCK_SIZE)
+            seq.done += count
+            query_start.append(len(ids))
+            context_lens.append(seq.done)
+            tables.append(seq.blocks + [-1] * (width - len(seq.blocks)))
+            if sample is None or any(seq is s for s in sample):
+                sample_rows.append(len(ids) - 1)
+        i32 = lambda x: np.asarray(x, dtype=np.int32)  # noqa: E731
+        plan = Plan(i32(ids), i32(positions), np.asarray(slots, np.int64), np.arange(len(work)),
+                    i32(query_start), i32(context_lens), i32(tables), num_decode, i32(sample_rows))
+        if cow:
+            plan.cow_src, plan.cow_dst = i32(cow[0]), i32(cow[1])
+        for key, value in (levels or {}).items():
+            setattr(plan, key, i32(value))
+        return plan
+
+    def check(self, plan: Plan, seqs: list[Seq]) -> None:
+        """Run the plan; compare each sampled row with transformers at that token's position."""
+        logits = self.runner.execute(plan)
+        assert logits.dtype == torch.float32 and logits.shape == (len(plan.sample_rows), 128)
+        sampled = [seq for seq, row in zip(seqs, range(len(seqs)))
+                   if plan.query_start[row + 1] - 1 in set(plan.sample_rows.tolist())]
+        for out_row, seq in zip(logits, sampled):
+            expected = self.reference_logits(seq)[seq.done - 1]
+            err = (out_row - expected).abs().max().item()
+            assert err <= 1e-4 * expected.abs().max().item(), f"{self.name}: error {err}"
+
+    def reference_logits(self, seq: Seq) -> torch.Tensor:
+        key = id(seq)
+        if key not in self.reference:
+            with torch.no_grad():
+                self.reference[key] = hf_model(self.name)(torch.tensor([seq.tokens])).logits[0]
+        return self.reference[key]
+
+
+def random_tokens(rng: np.random.Generator, count: int) -> list[int]:
+    return rng.integers(4, 128, size=count).tolist()
+
+
+def suffix_levels(seqs: list[Seq], prefixes: list[tuple[list[int], int, int]], depth: list[int]) -> dict:
+    """Level arrays: prefixes (blocks, first row, end row); row r's suffix starts at block depth[r]."""
+    indptr = np.cumsum([0] + [len(blocks) for blocks, _, _ in prefixes])
+    width = max(len(s.blocks) - d for s, d in zip(seqs, depth))
+    return dict(
+        prefix_kv_indptr=indptr,
+        prefix_kv_blocks=[b for blocks, _, _ in prefixes for b in blocks],
+        prefix_kv_lens=[len(blocks) * BLOCK_SIZE for blocks, _, _ in prefixes],
+        prefix_q_range=[[begin, end] for _, begin, end in prefixes],
+        suffix_block_tables=[s.blocks[d:] + [-1] * (width - len(s.blocks) + d) for s, d in zip(seqs, depth)],
+        suffix_kv_lens=[s.done + 1 - d * BLOCK_SIZE for s, d in zip(seqs, depth)])
+
+
+@pytest.mark.parametrize("name", ["llama3", "qwen3", "mistral", "llama-tied-bias"])
+@pytest.mark.parametrize("use_levels", [True, False], ids=["levels", "no-levels"])
+def test_chunked_prefill_then_decodes_match_transformers(name, use_levels):
+    rng = np.random.default_rng(7)
+    h = Harness(name)
+    shared = random_tokens(rng, 16)
+    decodes = 3
+    a = h.sequence(shared + random_tokens(rng, 5 + decodes))
+    d = h.sequence(random_tokens(rng, 13 + decodes))
+    # Step 1: A's first 16 tokens (the prefix every later sharer reads) and a chunk of D.
+    h.check(h.step([(a, 16), (d, 6)], 0, sample=[]), [a, d])
+    b = h.sequence(shared + random_tokens(rng, 11 + decodes), shared=a, shared_blocks=2)
+    c = h.sequence(shared[:8] + random_tokens(rng, 10 + decodes), shared=a, shared_blocks=1)
+    # Step 2: the rest of every prompt, B and C prefilled on top of A's prefix blocks.
+    h.check(h.step([(a, 5), (b, 11), (c, 10), (d, 7)], 0), [a, b, c, d])
+    e = h.sequence(random_tokens(rng, 9 + decodes - 1))
+    for step in range(decodes):
+        seqs = [a, b, c, d] + ([e] if step > 0 else [])
+        levels = None
+        if use_levels:  # level 0: block 0 read by A, B, C; level 1: block 1 read by A, B
+            levels = suffix_levels(seqs, [(a.blocks[:1], 0, 3), (a.blocks[1:2], 0, 2)],
+                                   [2, 2, 1, 0] + ([0] if step > 0 else []))
+        work = [(s, 1) for s in seqs]
+        if step == 0:  # a mixed step: decodes plus E's whole prompt as a prefill chunk
+            work.append((e, 9))
+        plan = h.step(work, num_decode=len(seqs), levels=levels)
+        h.check(plan, [s for s, _ in work])
+
+
+def test_copy_on_write_fork_for_parallel_samples():
+    rng = np.random.default_rng(3)
+    h = Harness("qwen2")
+    prompt = random_tokens(rng, 12)  # block 0 full, block 1 partial
+    first = h.sequence(prompt + random_tokens(rng, 1))
+    h.check(h.step([(first, 12)], 0), [first])
+    # The second sample shares block 0 and gets a copy of the partial block 1 before it writes.
+    second = Seq(prompt + random_tokens(rng, 1), [first.blocks[0]] + h.new_blocks(1), done=12)
+    levels = suffix_levels([first, second], [(first.blocks[:1], 0, 2)], [1, 1])
+    plan = h.step([(first, 1), (second, 1)], 2, levels=levels, cow=([first.blocks[1]], [second.blocks[1]]))
+    h.check(plan, [first, second])
+    torch.testing.assert_close(h.runner.kv_cache[:, :, second.blocks[1], :4],
+                               h.runner.kv_cache[:, :, first.blocks[1], :4], rtol=0, atol=0)
+
+
+def test_repeated_sample_rows_and_prefix_only_steps():
+    rng = np.random.default_rng(5)
+    h = Harness("llama3")
+    seq = h.sequence(random_tokens(rng, 10))
+    plan = h.step([(seq, 10)], 0)
+    plan.sample_rows = np.array([9, 9, 9], dtype=np.int32)  # n = 3 samples of one prompt
+    logits = h.runner.execute(plan)
+    assert logits.shape == (3, 128) and torch.equal(logits[0], logits[2])
+    empty = h.step([(h.sequence(random_tokens(rng, 8)), 8)], 0, sample=[])
+    assert h.runner.execute(empty).shape == (0, 128)
+
+
+def test_cascade_and_paged_decode_agree():
+    outputs = []
+    for use_cascade in (True, False):
+        h = Harness("qwen3", use_cascade=use_cascade)
+        a = h.sequence(random_tokens(np.random.default_rng(1), 20))
+        b = h.sequence(a.tokens[:16] + [5, 6, 7, 8, 9], shared=a, shared_blocks=2)
+        h.runner.execute(h.step([(a, 19), (b, 4)], 0))
+        levels = suffix_levels([a, b], [(a.blocks[:2], 0, 2)], [2, 2])
+        outputs.append(h.runner.execute(h.step([(a, 1), (b, 1)], 2, levels=levels)))
+    torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-5, atol=1e-5)
+
+
+def test_flat_block_tables_are_accepted():
+    rng = np.random.default_rng(2)
+    h = Harness("llama3")
+    seq = h.sequence(random_tokens(rng, 12))
+    plan = h.step([(seq, 12)], 0)
+    expected = h.runner.execute(plan)
+    seq.done = 0
+    plan = h.step([(seq, 12)], 0)
+    plan.max_blocks = plan.block_tables.shape[1]
+    plan.block_tables = plan.block_tables.reshape(-1)
+    torch.testing.assert_close(h.runner.execute(plan), expected, rtol=0, atol=0)
+
+
+def test_kv_cache_geometry_and_bytes():
+    h = Harness("qwen3")
+    config = h.runner.config
+    assert h.runner.kv_cache.shape == (2, 2, NUM_BLOCKS, BLOCK_SIZE, 2, 32)
+    assert h.runner.model.layers[1].attention.k_cache.data_ptr() == h.runner.kv_cache[1, 0].data_ptr()
+    assert ModelRunner.kv_bytes_per_block(config, 16, torch.bfloat16) == 2 * 2 * 16 * 2 * 32 * 2
+
+
+def test_copy_blocks_validates_ids():
+    h = Harness("llama3")
+    h.runner.kv_cache[:, :, 3].fill_(1.5)
+    h.runner.copy_blocks([3], [4])
+    assert (h.runner.kv_cache[:, :, 4] == 1.5).all()
+    with pytest.raises(ValueError, match="block id"):
+        h.runner.copy_blocks([3], [NUM_BLOCKS])
+    with pytest.raises(ValueError, match="one length"):
+        h.runner.copy_blocks([1, 2], [3])
+
+
+def test_inconsistent_plans_are_rejected():
+    rng = np.random.default_rng(1)
+    h = Harness("llama3")
+    plan = h.step([(h.sequence(random_tokens(rng, 5)), 5)], 0)
+    plan.positions = plan.positions[:-1]
+    with pytest.raises(ValueError, match="positions"):
+        h.runner.execute(plan)
+    plan = h.step([(h.sequence(random_tokens(rng, 5)), 5)], 0)
+    plan.sample_rows = np.array([5], dtype=np.int32)
+    with pytest.raises(ValueError, match="sample_rows"):
+        h.runner.execute(plan)
