@@ -43,15 +43,15 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Ten
 
     ops.store_kv(k, v, k_cache, v_cache, context.slot_mapping)
     num_decode = context.num_decode_rows
-    parts = []
+    out = torch.empty_like(q)  # both parts write their rows in place: no concatenation
     if num_decode > 0:
-        parts.append(ops.cascade_decode_attention(q[:num_decode], k_cache, v_cache,
-                                                  context.decode_levels, scale=scale))
+        ops.cascade_decode_attention(q[:num_decode], k_cache, v_cache, context.decode_levels,
+                                     scale=scale, out=out[:num_decode])
     if context.num_paged_sequences > 0:
-        parts.append(ops.prefill_attention(q[num_decode:], k_cache, v_cache, context.block_tables,
-                                           context.query_start, context.context_lens, scale=scale,
-                                           max_q_len=context.max_q_len))
-    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+        ops.prefill_attention(q[num_decode:], k_cache, v_cache, context.block_tables,
+                              context.query_start, context.context_lens, scale=scale,
+                              max_q_len=context.max_q_len, out=out[num_decode:])
+    return out
 
 
 def dense_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
