@@ -65,10 +65,13 @@ bool Scheduler::Impl::release_one_idle_node() {
   return true;
 }
 
-bool Scheduler::Impl::make_room(int64_t need, bool allow_preempt, int64_t self) {
-  while (blocks.num_free_blocks() < need) {
+bool Scheduler::Impl::make_room(int64_t need, bool allow_preempt, int64_t self, const BlockTable* grow,
+                                int64_t grow_tokens) {
+  // When growing a table, what it needs can shrink as others let go (a copy-on-write becomes moot).
+  auto needed = [&] { return grow ? blocks.blocks_needed_to_append(*grow, grow_tokens) : need; };
+  while (blocks.num_free_blocks() < needed()) {
     if (cache && cache->num_evictable() > 0) {
-      cache->make_free(need);
+      cache->make_free(needed());
       continue;
     }
     if (pinned_node_blocks > 0 && release_one_idle_node()) continue;

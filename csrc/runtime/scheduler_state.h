@@ -84,7 +84,10 @@ struct Scheduler::Impl {
   // ---- admission, preemption, lifetime (scheduler_admit.cpp)
   AdmitResult try_admit(int64_t id, bool force);
   int64_t next_waiting() const;
-  bool make_room(int64_t blocks, bool allow_preempt, int64_t self);
+  /// Frees blocks until `blocks` (or what `grow` needs for grow_tokens more) are free: evicts LRU cache
+  /// blocks, releases idle prefixes, then (if allowed) preempts the latest admitted sequence but `self`.
+  bool make_room(int64_t blocks, bool allow_preempt, int64_t self, const BlockTable* grow = nullptr,
+                 int64_t grow_tokens = 0);
   bool release_one_idle_node();
   void release_node(int32_t node);
   bool allocate_node(int32_t node);

@@ -57,7 +57,7 @@ void Scheduler::Impl::schedule_decodes() {
       continue;
     }
     const int64_t need = blocks.blocks_needed_to_append(seq.table, 1);
-    if (need > blocks.num_free_blocks() && !make_room(need, true, id)) {
+    if (need > blocks.num_free_blocks() && !make_room(need, true, id, &seq.table, 1)) {
       // It is the latest admitted sequence left: step aside, or fail when nothing else holds blocks.
       if (running.size() == 1) {
         fail_request(seq.request, "sequence of " + std::to_string(seq.len()) +
@@ -156,7 +156,7 @@ bool Scheduler::Impl::schedule_prefill(int64_t id) {
   const int64_t chunk = std::min(seq.len() - seq.num_computed, budget_left);
   if (chunk <= 0) return false;
   const int64_t need = blocks.blocks_needed_to_append(seq.table, chunk);
-  if (need > blocks.num_free_blocks()) make_room(need, false, id);  // a prefill never preempts: it shrinks
+  if (need > blocks.num_free_blocks()) make_room(need, false, id, &seq.table, chunk);  // a prefill never preempts: it shrinks
   int64_t appended = 0;
   for (; appended < chunk; ++appended) {
     int32_t cow_src = -1, cow_dst = -1;

@@ -8,6 +8,13 @@
 namespace batchllm {
 namespace {
 
+// resize() after clear() would allocate exactly what is asked each time a table widens; grow
+// geometrically instead so steady decode (tables widen by a block now and then) stops allocating.
+void resize_with_headroom(std::vector<int32_t>& v, size_t n) {
+  if (n > v.capacity()) v.reserve(n + n / 2);
+  v.resize(n);
+}
+
 // Prefix nodes of `deepest`, root first. Returns the count.
 int chain_of(const JobPlan& plan, int32_t deepest, int32_t* chain) {
   int depth = 0;
@@ -35,22 +42,33 @@ void Scheduler::Impl::finalize_plan() {
     } else {
       out.seq_ids.push_back(-1 - static_cast<int64_t>(e.node));
       out.context_lens.push_back(static_cast<int32_t>(nodes[e.node].num_computed));
-      table_blocks = static_cast<int32_t>(plan.nodes[e.node].end / bs);
+      table_blocks = static_cast<int32_t>(blocks.blocks_for_tokens(nodes[e.node].num_computed));
     }
     width = std::max(width, table_blocks);
     row += e.num_rows;
     out.query_start.push_back(row);
   }
   out.max_blocks = width;
-  out.block_tables.resize(num_entries * static_cast<size_t>(width));
+  resize_with_headroom(out.block_tables, num_entries * static_cast<size_t>(width));
   int32_t chain[64];
   for (size_t s = 0; s < num_entries; ++s) {
     const StepEntry& e = entries[s];
-    int32_t* dst = out.block_tables.data() + s * width;
-    int32_t* end = dst + width;
+    int32_t* row_begin = out.block_tables.data() + s * width;
+    int32_t* dst = row_begin;
+    int32_t* end = row_begin + width;
     const int depth = chain_of(plan, e.seq >= 0 ? seqs[e.seq].node : e.node, chain);
-    for (int d = 0; d < depth; ++d) dst = std::copy(nodes[chain[d]].blocks.begin(), nodes[chain[d]].blocks.end(), dst);
-    if (e.seq >= 0) dst = std::copy(seqs[e.seq].table.blocks.begin(), seqs[e.seq].table.blocks.end(), dst);
+    if (e.seq >= 0) {
+      for (int d = 0; d < depth; ++d) dst = std::copy(nodes[chain[d]].blocks.begin(), nodes[chain[d]].blocks.end(), dst);
+      dst = std::copy(seqs[e.seq].table.blocks.begin(), seqs[e.seq].table.blocks.end(), dst);
+    } else {
+      // A prefix chunk sees its node's blocks only up to what is computed (the rest is allocated, unwritten).
+      int32_t* limit = row_begin + blocks.blocks_for_tokens(nodes[e.node].num_computed);
+      for (int d = 0; d < depth && dst < limit; ++d) {
+        const std::vector<int32_t>& nb = nodes[chain[d]].blocks;
+        const size_t take = std::min<size_t>(nb.size(), static_cast<size_t>(limit - dst));
+        dst = std::copy(nb.begin(), nb.begin() + take, dst);
+      }
+    }
     std::fill(dst, end, -1);
   }
   // ---- decode levels: each shared prefix once, with the contiguous rows that read it
@@ -59,7 +77,7 @@ void Scheduler::Impl::finalize_plan() {
   for (int32_t i = 0; i < num_decode; ++i)
     suffix_width = std::max(suffix_width, static_cast<int32_t>(seqs[entries[i].seq].table.blocks.size()));
   out.max_suffix_blocks = suffix_width;
-  out.suffix_block_tables.resize(static_cast<size_t>(num_decode) * suffix_width);
+  resize_with_headroom(out.suffix_block_tables, static_cast<size_t>(num_decode) * suffix_width);
   out.prefix_kv_indptr.push_back(0);
   for (int32_t i = 0; i < num_decode; ++i) {
     const Sequence& seq = seqs[entries[i].seq];
