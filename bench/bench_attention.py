@@ -1,0 +1,264 @@
+"""Attention kernel benchmark: the decode kernel grid of ../shared/WORKLOADS.md plus paged prefill.
+
+Decode (one query per sequence, 32 q heads, 8 KV heads, head dim 128, bf16, page 16), per shape
+(B sequences, P shared prefix tokens, S unique suffix tokens):
+  ours       batchllm_core.ops.cascade_decode_attention (prefix read once for all B readers)
+  sdpa       torch SDPA over per-sequence KV (every sequence reads its own copy of the prefix)
+  hydragen   torch composition of Hydragen: all queries of a KV head stacked against the prefix via
+             aten._scaled_dot_product_flash_attention (for the LSE), suffix attention, LSE merge
+  floor      (P + B*S) * KV bytes per token / measured device copy bandwidth
+Prefill (causal, one 4096-token chunk per sequence over paged KV): ours vs SDPA flash on the same
+dense shapes.
+
+Timing: CUDA graphs of each variant (launch gaps out), CUDA events, median of many replays after
+warm-up, input sets rotated so that the bytes touched exceed 3x L2. Prints a table, then one JSON
+line per shape (prefix "JSON ").
+
+Usage: python bench/bench_attention.py [--quick] [--json-out FILE]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+
+import torch
+
+DECODE_SHAPES = [(64, 2048, 256), (256, 2048, 256), (256, 8192, 128), (32, 4096, 1024), (512, 1024, 64)]
+PREFILL_SHAPES = [(1, 4096), (4, 4096)]  # (sequences, tokens per chunk)
+Q_HEADS, KV_HEADS, HEAD_DIM, PAGE = 32, 8, 128, 16
+DTYPE = torch.bfloat16
+KV_BYTES_PER_TOKEN = KV_HEADS * HEAD_DIM * 2 * 2  # K and V, 2 bytes each (one layer)
+
+
+def commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or "unknown"
+    except OSError:
+        return "unknown"
+
+
+def time_graphs(fns, warmup: int = 5, reps: int = 50) -> float:
+    """Median ms of one call, rotating over `fns` (one per input set), each captured as a CUDA graph."""
+    graphs = []
+    for fn in fns:
+        for _ in range(2):
+            fn()  # warm-up outside capture: lazy init, cudaFuncSetAttribute, allocator
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+        graphs.append(graph)
+    for i in range(warmup):
+        graphs[i % len(graphs)].replay()
+    times = []
+    for i in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graphs[i % len(graphs)].replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    times.sort()
+    return times[len(times) // 2]
+
+
+def copy_bandwidth_bytes_per_s() -> float:
+    """Device-to-device copy of 1 GiB, counting bytes read plus written."""
+    src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda").random_(0, 255)
+    dst = torch.empty_like(src)
+    ms = time_graphs([lambda: dst.copy_(src)], reps=20)
+    del src, dst
+    return 2 * (1 << 30) / (ms * 1e-3)
+
+
+def num_input_sets(bytes_per_set: int) -> int:
+    l2 = torch.cuda.get_device_properties(0).L2_cache_size
+    return max(1, min(8, math.ceil(3 * l2 / max(bytes_per_set, 1))))
+
+
+def merge_torch(o1, lse1, o2, lse2):
+    m = torch.maximum(lse1, lse2)
+    w1, w2 = torch.exp(lse1 - m), torch.exp(lse2 - m)
+    return (o1 * w1[..., None] + o2 * w2[..., None]) / (w1 + w2)[..., None]
+
+
+def flash_with_lse(q, k, v, scale):
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, False, False, scale=scale)[:2]
+    return out, lse
+
+
+class DecodeInputs:
+    """One input set of a decode shape: paged cache + levels for ours, dense tensors for the baselines."""
+
+    def __init__(self, batch, prefix, suffix, with_dense, seed):
+        from batchllm_core import ops
+        gen = torch.Generator(device="cuda").manual_seed(seed)
+        g = Q_HEADS // KV_HEADS
+        prefix_blocks, suffix_blocks = math.ceil(prefix / PAGE), math.ceil(suffix / PAGE)
+        num_blocks = prefix_blocks + batch * suffix_blocks
+        shape = (num_blocks, PAGE, KV_HEADS, HEAD_DIM)
+        self.k_cache = torch.randn(shape, generator=gen, device="cuda", dtype=DTYPE)
+        self.v_cache = torch.randn(shape, generator=gen, device="cuda", dtype=DTYPE)
+        self.q = torch.randn((batch, Q_HEADS, HEAD_DIM), generator=gen, device="cuda", dtype=DTYPE)
+        self.out = torch.empty_like(self.q)
+        i32 = dict(dtype=torch.int32, device="cuda")
+        suffix_tables = (prefix_blocks + torch.arange(batch * suffix_blocks, **i32)).view(batch, max(suffix_blocks, 0))
+        if suffix_blocks == 0:
+            suffix_tables = torch.full((batch, 1), -1, **i32)
+        self.levels = ops.DecodeLevels(
+            prefix_kv_indptr=torch.tensor([0, prefix_blocks], **i32),
+            prefix_kv_blocks=torch.arange(prefix_blocks, **i32),
+            prefix_kv_lens=torch.tensor([prefix], **i32),
+            prefix_q_range=torch.tensor([[0, batch]], **i32),
+            suffix_block_tables=suffix_tables,
+            suffix_kv_lens=torch.full((batch,), suffix, **i32),
+            max_prefix_kv_len=prefix, max_prefix_rows=batch, max_suffix_kv_len=suffix)
+        # Dense views for the torch baselines: [Hkv, tokens, D] prefix, [B, Hkv, S, D] suffixes.
+        flat_k = self.k_cache.flatten(0, 1)
+        flat_v = self.v_cache.flatten(0, 1)
+        self.prefix_k = flat_k[:prefix].permute(1, 0, 2).unsqueeze(0).contiguous()  # [1, Hkv, P, D]
+        self.prefix_v = flat_v[:prefix].permute(1, 0, 2).unsqueeze(0).contiguous()
+        start = prefix_blocks * PAGE
+        self.suffix_k = flat_k[start:start + batch * suffix_blocks * PAGE].view(batch, -1, KV_HEADS, HEAD_DIM)[:, :suffix]
+        self.suffix_k = self.suffix_k.permute(0, 2, 1, 3).contiguous()  # [B, Hkv, S, D]
+        self.suffix_v = flat_v[start:start + batch * suffix_blocks * PAGE].view(batch, -1, KV_HEADS, HEAD_DIM)[:, :suffix]
+        self.suffix_v = self.suffix_v.permute(0, 2, 1, 3).contiguous()
+        self.q_stacked = self.q.view(batch, KV_HEADS, g, HEAD_DIM).permute(1, 0, 2, 3).reshape(1, KV_HEADS, batch * g,
+                                                                                                HEAD_DIM)
+        self.q_grouped = self.q.view(batch, KV_HEADS, g, HEAD_DIM)  # [B, Hkv, g, D]
+        if with_dense:  # per-sequence copies of the whole KV (no sharing): [B, Hkv, P + S, D]
+            self.dense_k = torch.cat([self.prefix_k.expand(batch, -1, -1, -1), self.suffix_k], dim=2)
+            self.dense_v = torch.cat([self.prefix_v.expand(batch, -1, -1, -1), self.suffix_v], dim=2)
+        self.scale = 1.0 / math.sqrt(HEAD_DIM)
+
+    def ours(self):
+        from batchllm_core import ops
+        return ops.cascade_decode_attention(self.q, self.k_cache, self.v_cache, self.levels, out=self.out)
+
+    def sdpa(self):
+        q = self.q.unsqueeze(2)  # [B, Hq, 1, D]
+        return torch.nn.functional.scaled_dot_product_attention(q, self.dense_k, self.dense_v, scale=self.scale,
+                                                                enable_gqa=True)
+
+    def hydragen(self):
+        batch = self.q.shape[0]
+        g = Q_HEADS // KV_HEADS
+        o_p, lse_p = flash_with_lse(self.q_stacked, self.prefix_k, self.prefix_v, self.scale)  # [1, Hkv, B*g, ...]
+        o_p = o_p.view(KV_HEADS, batch, g, HEAD_DIM).permute(1, 0, 2, 3)
+        lse_p = lse_p.view(KV_HEADS, batch, g).permute(1, 0, 2)
+        o_s, lse_s = flash_with_lse(self.q_grouped, self.suffix_k, self.suffix_v, self.scale)  # [B, Hkv, g, ...]
+        return merge_torch(o_p.float(), lse_p, o_s.float(), lse_s).to(DTYPE).reshape(batch, Q_HEADS, HEAD_DIM)
+
+
+def bench_decode(shape, bandwidth, reps, device_name):
+    batch, prefix, suffix = shape
+    kv_bytes = (prefix + batch * suffix) * KV_BYTES_PER_TOKEN
+    sets = num_input_sets(kv_bytes)
+    inputs = [DecodeInputs(batch, prefix, suffix, with_dense=(i == 0), seed=i) for i in range(sets)]
+    reference = inputs[0].hydragen().float()
+    ours_out = inputs[0].ours().float()
+    rel_err = float((ours_out - reference).norm() / reference.norm())
+    ours_ms = time_graphs([x.ours for x in inputs], reps=reps)
+    hydragen_ms = time_graphs([x.hydragen for x in inputs], reps=reps)
+    sdpa_ms = time_graphs([inputs[0].sdpa], reps=reps)  # per-sequence KV is far beyond L2 already
+    floor_ms = kv_bytes / bandwidth * 1e3
+    del inputs
+    torch.cuda.empty_cache()
+    return {"bench": "decode_attention", "device": device_name, "commit": commit(), "B": batch, "P": prefix,
+            "S": suffix, "q_heads": Q_HEADS, "kv_heads": KV_HEADS, "head_dim": HEAD_DIM, "dtype": "bfloat16",
+            "page": PAGE, "input_sets": sets, "ours_ms": ours_ms, "sdpa_ms": sdpa_ms, "hydragen_ms": hydragen_ms,
+            "floor_ms": floor_ms, "ours_over_floor": ours_ms / floor_ms, "hydragen_over_ours": hydragen_ms / ours_ms,
+            "rel_err_vs_hydragen": rel_err}
+
+
+def bench_prefill(shape, reps, device_name):
+    from batchllm_core import ops
+    seqs, tokens = shape
+    gen = torch.Generator(device="cuda").manual_seed(7)
+    blocks = seqs * math.ceil(tokens / PAGE)
+    k_cache = torch.randn((blocks, PAGE, KV_HEADS, HEAD_DIM), generator=gen, device="cuda", dtype=DTYPE)
+    v_cache = torch.randn_like(k_cache)
+    q = torch.randn((seqs * tokens, Q_HEADS, HEAD_DIM), generator=gen, device="cuda", dtype=DTYPE)
+    i32 = dict(dtype=torch.int32, device="cuda")
+    tables = torch.arange(blocks, **i32).view(seqs, -1)
+    query_start = torch.arange(seqs + 1, **i32) * tokens
+    context_lens = torch.full((seqs,), tokens, **i32)
+    out = torch.empty_like(q)
+    # Dense equals for SDPA: [S, H, T, D]
+    qd = q.view(seqs, tokens, Q_HEADS, HEAD_DIM).transpose(1, 2).contiguous()
+    kd = k_cache.view(seqs, -1, KV_HEADS, HEAD_DIM)[:, :tokens].transpose(1, 2).contiguous()
+    vd = v_cache.view(seqs, -1, KV_HEADS, HEAD_DIM)[:, :tokens].transpose(1, 2).contiguous()
+
+    def ours():
+        ops.prefill_attention(q, k_cache, v_cache, tables, query_start, context_lens, max_q_len=tokens, out=out)
+
+    def sdpa():
+        return torch.nn.functional.scaled_dot_product_attention(qd, kd, vd, is_causal=True, enable_gqa=True)
+
+    ours()
+    reference = sdpa().transpose(1, 2).reshape(seqs * tokens, Q_HEADS, HEAD_DIM).float()
+    rel_err = float((out.float() - reference).norm() / reference.norm())
+    ours_ms = time_graphs([ours], reps=reps)
+    sdpa_ms = time_graphs([sdpa], reps=reps)
+    flops = seqs * 4 * (tokens * (tokens + 1) / 2) * Q_HEADS * HEAD_DIM
+    return {"bench": "prefill_attention", "device": device_name, "commit": commit(), "seqs": seqs, "tokens": tokens,
+            "q_heads": Q_HEADS, "kv_heads": KV_HEADS, "head_dim": HEAD_DIM, "dtype": "bfloat16", "ours_ms": ours_ms,
+            "sdpa_ms": sdpa_ms, "ours_over_sdpa": ours_ms / sdpa_ms, "ours_tflops": flops / (ours_ms * 1e-3) / 1e12,
+            "sdpa_tflops": flops / (sdpa_ms * 1e-3) / 1e12, "rel_err_vs_sdpa": rel_err}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="fewer replays (a smoke run)")
+    parser.add_argument("--json-out", help="also append the JSON lines to this file")
+    parser.add_argument("--no-prefill", action="store_true")
+    args = parser.parse_args()
+    import batchllm_core
+    if not torch.cuda.is_available() or not batchllm_core.cuda_available():
+        print("bench_attention: needs a CUDA GPU, a CUDA build of torch and a CUDA build of batchllm "
+              f"(torch.cuda.is_available()={torch.cuda.is_available()}, "
+              f"batchllm cuda={batchllm_core.build_info()['cuda']}); nothing measured.", file=sys.stderr)
+        return 2
+    reps = 20 if args.quick else 100
+    device_name = torch.cuda.get_device_name(0)
+    bandwidth = copy_bandwidth_bytes_per_s()
+    print(f"device {device_name}; copy bandwidth {bandwidth / 1e12:.2f} TB/s (read + write); torch {torch.__version__}")
+    rows = []
+    header = f"{'B':>5} {'P':>6} {'S':>5} | {'ours ms':>8} {'sdpa ms':>8} {'hydra ms':>8} {'floor ms':>8} | " \
+             f"{'ours/floor':>10} {'hydra/ours':>10} {'rel err':>8}"
+    print(header)
+    for shape in DECODE_SHAPES:
+        t0 = time.time()
+        r = bench_decode(shape, bandwidth, reps, device_name)
+        r["copy_tb_s"] = bandwidth / 1e12
+        rows.append(r)
+        print(f"{r['B']:>5} {r['P']:>6} {r['S']:>5} | {r['ours_ms']:>8.3f} {r['sdpa_ms']:>8.3f} "
+              f"{r['hydragen_ms']:>8.3f} {r['floor_ms']:>8.3f} | {r['ours_over_floor']:>10.2f} "
+              f"{r['hydragen_over_ours']:>10.2f} {r['rel_err_vs_hydragen']:>8.1e}   ({time.time() - t0:.0f} s)",
+              flush=True)
+    if not args.no_prefill:
+        print(f"{'seqs':>5} {'tokens':>6} | {'ours ms':>8} {'sdpa ms':>8} | {'ours/sdpa':>9} {'ours TF/s':>9} "
+              f"{'sdpa TF/s':>9} {'rel err':>8}")
+        for shape in PREFILL_SHAPES:
+            r = bench_prefill(shape, reps, device_name)
+            rows.append(r)
+            print(f"{r['seqs']:>5} {r['tokens']:>6} | {r['ours_ms']:>8.3f} {r['sdpa_ms']:>8.3f} | "
+                  f"{r['ours_over_sdpa']:>9.2f} {r['ours_tflops']:>9.1f} {r['sdpa_tflops']:>9.1f} "
+                  f"{r['rel_err_vs_sdpa']:>8.1e}", flush=True)
+    lines = [json.dumps(r) for r in rows]
+    for line in lines:
+        print("JSON " + line)
+    if args.json_out:
+        with open(args.json_out, "a") as f:
+            f.write("\n".join(lines) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,108 @@
+#!/usr/bin/env bash
+# One-shot GPU check for batchllm on a machine with an NVIDIA GPU and NO network:
+#   1. environment   (nvidia-smi, nvcc, python, torch)
+#   2. build         (pip install --no-build-isolation --no-deps --no-index . for this card's architecture)
+#   3. gpu tests     (pytest -m gpu)
+#   4. benchmarks    (bench/bench_attention.py: decode kernel grid + paged prefill)
+#   5. end-to-end    (other engineers append their runs here, one section each, same pattern)
+# Logs and JSON go to $OUT (default build/device_check_out). Budget: < 5 minutes in all; each step
+# has its own timeout. The summary is printed last.
+#
+# Usage: OUT=/some/dir bash bench/device_check.sh      (PYTHON=... to pick the interpreter)
+# Adding a section: write a function section_<name> that logs to "$OUT/<name>.log", then add
+# `run_section <name> <timeout seconds> section_<name>` to the list at the bottom.
+set -uo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+OUT="${OUT:-$ROOT/build/device_check_out}"
+mkdir -p "$OUT"
+PY="${PYTHON:-python3}"
+SITE="$ROOT/build/device_check_site"   # the built package lives here (PYTHONPATH), not in the system env
+export PYTHONPATH="$SITE"
+export PYTHONDONTWRITEBYTECODE=1
+SCRIPT_START=$(date +%s)
+SUMMARY=()
+
+log() { echo "[device_check $(date +%H:%M:%S)] $*"; }
+
+# run_section NAME TIMEOUT_S FUNCTION: runs FUNCTION under a timeout, output to $OUT/NAME.log,
+# and records "NAME: ok|FAILED (rc)|TIMEOUT, seconds" for the summary.
+run_section() {
+  local name="$1" limit="$2" fn="$3" start rc status
+  start=$(date +%s)
+  log "== $name (limit ${limit}s) -> $OUT/$name.log"
+  timeout --kill-after=10 "$limit" bash -c "$(declare -f "$fn"); $(declare -p ROOT OUT PY SITE); export PYTHONPATH=\"$SITE\"; $fn" \
+    >"$OUT/$name.log" 2>&1
+  rc=$?
+  case $rc in
+    0) status="ok" ;;
+    124|137) status="TIMEOUT after ${limit}s" ;;
+    *) status="FAILED (rc $rc)" ;;
+  esac
+  tail -n 5 "$OUT/$name.log" | sed "s/^/    [$name] /"
+  SUMMARY+=("$(printf '%-14s %-24s %4ss' "$name" "$status" "$(( $(date +%s) - start ))")")
+  return 0
+}
+
+# ---- 1. environment ---------------------------------------------------------------------------------
+section_environment() {
+  nvidia-smi --query-gpu=name,compute_cap,memory.total,driver_version --format=csv
+  nvcc --version | tail -n 2
+  "$PY" -c 'import sys, torch; print("python", sys.version.split()[0], "torch", torch.__version__,
+"cuda", torch.version.cuda, "device", torch.cuda.get_device_name(0) if torch.cuda.is_available() else None)'
+  git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo "commit unknown (no git metadata)"
+}
+
+# ---- 2. build -----------------------------------------------------------------------------------------
+# The card's architecture from nvidia-smi (9.0 -> 90a: Hopper's arch-specific target; else e.g. 8.0 -> 80).
+section_build() {
+  set -e
+  local cap arch
+  cap=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader | head -n 1 | tr -d ' ')
+  arch="${CUDA_ARCH:-${cap/./}}"   # CUDA_ARCH overrides (e.g. to try the build on a machine with no GPU)
+  [[ "$arch" == "90" ]] && arch="90a"
+  [[ -n "$arch" ]] || { echo "no GPU architecture: nvidia-smi gave no compute capability"; exit 1; }
+  echo "compute capability ${cap:-?} -> CMAKE_CUDA_ARCHITECTURES=$arch"
+  rm -rf "$SITE" && mkdir -p "$SITE"
+  cd "$ROOT"
+  CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" "$PY" -m pip install --no-build-isolation --no-deps --no-index \
+    --target "$SITE" -Cbuild-dir=build/device_check \
+    -Ccmake.define.BATCHLLM_CUDA=ON -Ccmake.define.CMAKE_CUDA_ARCHITECTURES="$arch" .
+  "$PY" -c 'import batchllm_core as b; info = b.build_info(); print(info); assert info["cuda"], "no CUDA in build";
+assert b.cuda_available(), "CUDA build but no usable device"; print("cuda head dims", b._C.cuda_kernel_head_dims())'
+}
+
+# ---- 3. gpu tests ---------------------------------------------------------------------------------------
+section_gpu_tests() {
+  cd "$ROOT/tests"
+  "$PY" -m pytest -q -p no:cacheprovider -m gpu --continue-on-collection-errors \
+    --junitxml="$OUT/gpu_tests.xml" python -rs 2>&1 | tail -n 60
+}
+
+# ---- 4. benchmarks ----------------------------------------------------------------------------------------
+section_bench_attention() {
+  cd "$ROOT"
+  rm -f "$OUT/bench_attention.jsonl"
+  "$PY" bench/bench_attention.py --json-out "$OUT/bench_attention.jsonl"
+}
+
+# ---- 5. end-to-end (append sections above this line and register them below) ---------------------------
+
+run_section environment 30 section_environment
+run_section build 150 section_build
+if [[ "${SUMMARY[-1]}" == build*ok* ]]; then
+  run_section gpu_tests 90 section_gpu_tests
+  run_section bench_attention 120 section_bench_attention
+else
+  SUMMARY+=("gpu_tests / benchmarks skipped: the build failed (see $OUT/build.log)")
+fi
+
+# ---- summary (printed last) -------------------------------------------------------------------------------
+echo
+echo "==== device_check summary ($(( $(date +%s) - SCRIPT_START ))s total; logs and JSON in $OUT) ===="
+printf '%s\n' "${SUMMARY[@]}"
+grep -E "passed|failed|error" "$OUT/gpu_tests.log" 2>/dev/null | tail -n 1 | sed 's/^/gpu tests: /'
+if [[ -s "$OUT/bench_attention.log" ]]; then
+  echo "bench_attention:"
+  grep -vE "^JSON " "$OUT/bench_attention.log" | tail -n 10
+fi
