@@ -87,14 +87,33 @@ void run_cpu(const ArgChecker& c, Fn&& fn) {
 }
 
 #ifdef BATCHLLM_WITH_CUDA
-/// Launches on `device` (restoring the caller's current device) and turns an error into RuntimeError.
+/// Makes `device` current for its lifetime, then restores the caller's device.
+class CudaDeviceGuard {
+ public:
+  explicit CudaDeviceGuard(int device) {
+    cudaGetDevice(&previous_);
+    if (previous_ != device) cudaSetDevice(device);
+    device_ = device;
+  }
+  ~CudaDeviceGuard() {
+    if (previous_ != device_) cudaSetDevice(previous_);
+  }
+  CudaDeviceGuard(const CudaDeviceGuard&) = delete;
+  CudaDeviceGuard& operator=(const CudaDeviceGuard&) = delete;
+
+ private:
+  int previous_ = 0;
+  int device_ = 0;
+};
+
+/// Launches on `device` and turns an error into RuntimeError naming the kernel.
 template <typename Fn>
 void run_cuda(const ArgChecker& c, int device, Fn&& fn) {
-  int previous = 0;
-  cudaGetDevice(&previous);
-  if (previous != device) cudaSetDevice(device);
-  const cudaError_t err = fn();
-  if (previous != device) cudaSetDevice(previous);
+  cudaError_t err;
+  {
+    const CudaDeviceGuard guard(device);
+    err = fn();
+  }
   if (err != cudaSuccess) {
     throw std::runtime_error(std::string(c.kernel()) + ": CUDA error: " + cudaGetErrorString(err));
   }
@@ -291,7 +310,9 @@ void cascade_decode_attention(py::handle q_obj, py::handle k_cache_obj, py::hand
     const ViewArg ws_arg = c.parse(workspace_obj, "workspace");
     c.same_device({&q_arg, &ws_arg});
     c.index_array(ws_arg, "float32", {-1});
-    const size_t needed = kernels::cascade_workspace_floats(p.q.shape[0], p.q.shape[1], p.q.shape[2], p.levels);
+    const CudaDeviceGuard guard(q_arg.device);  // the plan depends on this device's SM count
+    const size_t needed = kernels::cascade_workspace_floats(p.q.shape[0], p.q.shape[1], cache.num_kv_heads,
+                                                               p.q.shape[2], p.levels);
     c.require(static_cast<size_t>(ws_arg.numel()) >= needed, "workspace",
               "holds " + std::to_string(ws_arg.numel()) + " floats, needs " + std::to_string(needed));
     p.workspace = reinterpret_cast<float*>(ws_arg.data);
@@ -357,18 +378,23 @@ void register_kernels(py::module_& m) {
     }
     return dims;
   }, "Head dims the CUDA attention kernels are built for (empty without CUDA).");
-  m.def("cascade_workspace_floats", [](int64_t num_rows, int64_t num_q_heads, int64_t head_dim, int64_t num_prefixes,
-                                       int32_t max_prefix_kv_len, int32_t max_prefix_rows) -> int64_t {
+  m.def("cascade_workspace_floats", [](int64_t num_rows, int64_t num_q_heads, int64_t num_kv_heads, int64_t head_dim,
+                                       int64_t num_prefixes, int32_t max_prefix_kv_len,
+                                       int32_t max_prefix_rows) -> int64_t {
 #ifdef BATCHLLM_WITH_CUDA
     kernels::DecodeLevelsView levels;
     levels.num_prefixes = num_prefixes;
     levels.max_prefix_kv_len = max_prefix_kv_len;
     levels.max_prefix_rows = max_prefix_rows;
-    return static_cast<int64_t>(kernels::cascade_workspace_floats(num_rows, num_q_heads, head_dim, levels));
+    if (num_kv_heads <= 0 || num_q_heads % num_kv_heads != 0) {
+      throw py::value_error("cascade_workspace_floats: argument 'num_kv_heads' must divide num_q_heads");
+    }
+    return static_cast<int64_t>(
+        kernels::cascade_workspace_floats(num_rows, num_q_heads, num_kv_heads, head_dim, levels));
 #else
     return 0;
 #endif
-  }, py::arg("num_rows"), py::arg("num_q_heads"), py::arg("head_dim"), py::arg("num_prefixes"),
+  }, py::arg("num_rows"), py::arg("num_q_heads"), py::arg("num_kv_heads"), py::arg("head_dim"), py::arg("num_prefixes"),
      py::arg("max_prefix_kv_len"), py::arg("max_prefix_rows"),
      "float32 scratch elements the CUDA cascade kernel needs (0 without CUDA).");
 }

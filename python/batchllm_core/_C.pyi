@@ -63,7 +63,50 @@ def merge_states(o_a: View, lse_a: View, o_b: View, lse_b: View, o: View, lse: O
                  stream: int) -> None: ...
 def cuda_kernel_head_dims() -> list[int]:
     """Head dims the CUDA attention kernels are built for (empty without CUDA)."""
-def cascade_workspace_floats(num_rows: int, num_q_heads: int, head_dim: int, num_prefixes: int,
-                             max_prefix_kv_len: int, max_prefix_rows: int) -> int: ...
+def cascade_workspace_floats(num_rows: int, num_q_heads: int, num_kv_heads: int, head_dim: int,
+                             num_prefixes: int, max_prefix_kv_len: int, max_prefix_rows: int) -> int:
+    """float32 scratch elements the CUDA cascade kernel needs on the current device (0 without CUDA)."""
 
 # ---- end kernels ----------------------------------------------------------------------------------
+
+# ---- prefix tree (csrc/bindings/bind_prefix_tree.cpp) -------------------------------------------
+
+class SharingPlan:
+    """Shared prefixes, parents before children: prefix i is tokens [begin[i], end[i]) of each reader.
+    Every field is a fresh numpy copy."""
+    @property
+    def num_prefixes(self) -> int: ...
+    def __len__(self) -> int: ...
+    @property
+    def parent(self) -> npt.NDArray[np.int32]: ...          # [P], -1 at top
+    @property
+    def depth(self) -> npt.NDArray[np.int32]: ...           # [P], 0 at top
+    @property
+    def begin(self) -> npt.NDArray[np.int64]: ...           # [P], the parent's end
+    @property
+    def end(self) -> npt.NDArray[np.int64]: ...             # [P], a multiple of the block size
+    @property
+    def request_indptr(self) -> npt.NDArray[np.int64]: ...  # [P+1] into `requests`
+    @property
+    def requests(self) -> npt.NDArray[np.int64]: ...        # readers of every prefix, concatenated
+    def prefix_requests(self, prefix: int) -> npt.NDArray[np.int64]: ...
+    @property
+    def request_prefix(self) -> npt.NDArray[np.int32]: ...  # [N], deepest prefix or -1
+
+class PrefixTree:
+    """Compact radix tree over a job's prompts. Bad input raises ValueError naming the argument."""
+    def __init__(self) -> None: ...
+    def insert(self, tokens: npt.NDArray[np.int32], offsets: npt.NDArray[np.int64]) -> None:
+        """Prompt i = tokens[offsets[i]:offsets[i+1]]; appends to what is there; zero-copy read."""
+    def insert_list(self, prompts: Any) -> None:
+        """A list of token-id lists or 1-D integer arrays."""
+    def group_single_level(self, block_size: int, min_prefix_tokens: int = 0) -> SharingPlan: ...
+    def group_multi_level(self, block_size: int, max_depth: int = 8, min_prefix_tokens: int = 0) -> SharingPlan: ...
+    def stats(self, plan: SharingPlan) -> dict[str, int]:
+        """requests, prompt_tokens, prefill_tokens, shared_tokens, groups, nodes, memory_bytes."""
+    @property
+    def num_requests(self) -> int: ...
+    def __len__(self) -> int: ...
+    def prompt_length(self, request: int) -> int: ...
+
+# ---- end prefix tree ------------------------------------------------------------------------------

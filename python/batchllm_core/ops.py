@@ -213,8 +213,10 @@ def cascade_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: to
     if q.is_cuda:
         levels = levels.with_hints() if None in (levels.max_prefix_kv_len, levels.max_prefix_rows,
                                                  levels.max_suffix_kv_len) else levels
-        floats = _C.cascade_workspace_floats(q.shape[0], q.shape[1], q.shape[2], levels.num_prefixes,
-                                             levels.max_prefix_kv_len, levels.max_prefix_rows)
+        with torch.cuda.device(q.device):  # the split-KV plan depends on the launch device's SM count
+            floats = _C.cascade_workspace_floats(q.shape[0], q.shape[1], k_cache.shape[2], q.shape[2],
+                                                 levels.num_prefixes, levels.max_prefix_kv_len,
+                                                 levels.max_prefix_rows)
         workspace = torch.empty(max(floats, 1), dtype=torch.float32, device=q.device)
     hints = [levels.max_prefix_kv_len or 0, levels.max_prefix_rows or 0, levels.max_suffix_kv_len or 0]
     _C.cascade_decode_attention(_view(q), _view(k_cache), _view(v_cache), tuple(_view(t) for t in levels.arrays()),

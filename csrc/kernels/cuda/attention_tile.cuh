@@ -26,7 +26,8 @@ template <typename T>
 struct TileRows {
   const T* q[kTileRows];       // query vector of each row (nullptr: row unused)
   int key_limit[kTileRows];    // row attends to keys [0, key_limit) of the source
-  int num_keys;                // keys to stream: max key_limit over used rows
+  int key_begin;               // first key to stream (split-KV chunks start past 0)
+  int num_keys;                // stream keys [key_begin, num_keys): max key_limit over used rows
   const int32_t* blocks;       // KV block list of the source
   int block_size;              // set by the kernel from the cache shape
   int kv_head;
@@ -88,6 +89,7 @@ __global__ void __launch_bounds__(kTileThreads) attention_tile_kernel(Problem pr
   if (threadIdx.x == 0) sm.rows.num_keys = -1;
   __syncthreads();
   if (threadIdx.x == 0) {
+    sm.rows.key_begin = 0;
     if (problem.setup(sm.rows)) {
       sm.rows.block_size = static_cast<int>(k_cache.shape[1]);
     } else {
@@ -112,7 +114,7 @@ __global__ void __launch_bounds__(kTileThreads) attention_tile_kernel(Problem pr
   }
 
   const int warp_row0 = warp * 16;
-  for (int first_key = 0; first_key < sm.rows.num_keys; first_key += kTileKeys) {
+  for (int first_key = sm.rows.key_begin; first_key < sm.rows.num_keys; first_key += kTileKeys) {
     __syncthreads();  // previous step's readers of k/v are done (and Q/O init is visible)
     load_kv_tile<T, D>(sm.k, k_cache, sm.rows, first_key);
     load_kv_tile<T, D>(sm.v, v_cache, sm.rows, first_key);

@@ -5,8 +5,10 @@
 //      one tensor-core tile matmul, so the prefix's KV is read once per 64 rows, not once per row;
 //   3. combine: per (row, head), the suffix state merged by LSE with the state of every prefix that
 //      covers the row (merge_lse), written in q's dtype (+ optional LSE).
-// Workspace (float32): suffix o [B, Hq, D] + lse [B, Hq], then prefix o [P, R, Hq, D] + lse [P, R, Hq]
-// with R = max_prefix_rows.
+// Long prefixes with few readers are split along their keys (split-KV) so that every SM has work;
+// each chunk is one more partial state for step 3. Workspace layout: CascadePlan below.
+#include <algorithm>
+
 #include "batchllm/kernels/cuda.h"
 #include "kernels/cuda/attention_tile.cuh"
 
@@ -14,16 +16,47 @@ namespace batchllm::kernels {
 
 namespace {
 
-/// Offsets of the workspace regions, in floats.
-struct WorkspaceLayout {
-  int64_t suffix_o, suffix_lse, prefix_o, prefix_lse, total;
-  WorkspaceLayout(int64_t rows, int64_t heads, int64_t head_dim, const DecodeLevelsView& levels) {
-    const int64_t prefix_states = levels.num_prefixes * static_cast<int64_t>(levels.max_prefix_rows) * heads;
+/// Host-side sizes of one cascade call: tiles, split-KV chunks of the prefixes, workspace offsets.
+/// A prefix whose tiles alone would leave most SMs idle (few readers x KV heads) is split along its
+/// keys into chunks; each chunk's partial state is one more state for the combine step to merge.
+struct CascadePlan {
+  int group = 1;
+  int prefix_row_tiles = 0;
+  int splits = 1;
+  int chunk_keys = 0;
+  // Workspace offsets in floats: suffix o [B, Hq, D], suffix lse [B, Hq],
+  // prefix o [P, splits, R, Hq, D], prefix lse [P, splits, R, Hq] (R = max_prefix_rows).
+  int64_t suffix_o = 0, suffix_lse = 0, prefix_o = 0, prefix_lse = 0, total = 0;
+
+  CascadePlan(int64_t rows, int64_t q_heads, int64_t kv_heads, int64_t head_dim, const DecodeLevelsView& levels) {
+    group = static_cast<int>(q_heads / kv_heads);
+    prefix_row_tiles = static_cast<int>((levels.max_prefix_rows * static_cast<int64_t>(group) + 63) / 64);
+    const int64_t max_len = levels.max_prefix_kv_len;
+    const int64_t base_ctas = static_cast<int64_t>(prefix_row_tiles) * levels.num_prefixes * kv_heads;
+    if (base_ctas > 0 && max_len > 0) {
+      constexpr int64_t kMinChunkKeys = 256;  // below this a chunk's fixed costs dominate
+      const int64_t want = (2 * multiprocessor_count() + base_ctas - 1) / base_ctas;
+      const int64_t most = (max_len + kMinChunkKeys - 1) / kMinChunkKeys;
+      splits = static_cast<int>(std::max<int64_t>(1, std::min(want, most)));
+    }
+    const int64_t per_split = (max_len + splits - 1) / splits;
+    chunk_keys = static_cast<int>((per_split + 63) / 64 * 64);
+    const int64_t prefix_states = levels.num_prefixes * splits * static_cast<int64_t>(levels.max_prefix_rows) * q_heads;
     suffix_o = 0;
-    suffix_lse = rows * heads * head_dim;
-    prefix_o = suffix_lse + rows * heads;
+    suffix_lse = rows * q_heads * head_dim;
+    prefix_o = suffix_lse + rows * q_heads;
     prefix_lse = prefix_o + prefix_states * head_dim;
     total = prefix_lse + prefix_states;
+  }
+
+  static int64_t multiprocessor_count() {
+    int device = 0, count = 0;
+    if (cudaGetDevice(&device) != cudaSuccess ||
+        cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device) != cudaSuccess || count <= 0) {
+      cudaGetLastError();
+      return 132;  // an H100 SXM; only the split heuristic depends on it
+    }
+    return count;
   }
 };
 
@@ -68,19 +101,27 @@ struct SuffixProblem {
   }
 };
 
+/// grid.x = row tile + split * row_tiles: chunk `split` of the prefix's keys for 64 reader rows.
 template <typename T>
 struct PrefixProblem {
   TensorView q;
   DecodeLevelsView levels;
-  float* state_o;    // [P, R, Hq, D]
-  float* state_lse;  // [P, R, Hq]
+  float* state_o;    // [P, splits, R, Hq, D]
+  float* state_lse;  // [P, splits, R, Hq]
   int group;
+  int row_tiles;
+  int splits;
+  int chunk_keys;
 
   __device__ bool setup(TileRows<T>& rows) const {
-    const int prefix = blockIdx.y, kv_head = blockIdx.z, first = blockIdx.x * kTileRows;
+    const int prefix = blockIdx.y, kv_head = blockIdx.z;
+    const int first = (blockIdx.x % row_tiles) * kTileRows, split = blockIdx.x / row_tiles;
     const int begin = levels.prefix_q_range[2 * prefix], end = levels.prefix_q_range[2 * prefix + 1];
     if (first >= (end - begin) * group) return false;
-    rows.num_keys = levels.prefix_kv_lens[prefix];
+    // An empty chunk (prefix shorter than this split's start) still writes lse -inf, o 0: a no-op merge.
+    rows.key_begin = split * chunk_keys;
+    rows.num_keys = min(levels.prefix_kv_lens[prefix], rows.key_begin + chunk_keys);
+    rows.num_keys = max(rows.num_keys, rows.key_begin);
     for (int r = 0; r < kTileRows; ++r) {
       const int idx = first + r;
       const int row = begin + idx / group;
@@ -95,18 +136,21 @@ struct PrefixProblem {
   }
 
   __device__ void write(int r, const float* o_row, float inv_sum, float lse, int lane) const {
-    const int idx = blockIdx.x * kTileRows + r;
+    const int idx = (blockIdx.x % row_tiles) * kTileRows + r;
+    const int64_t split = blockIdx.x / row_tiles;
     const int64_t local_row = idx / group;
     const int64_t head = blockIdx.z * group + idx % group;
-    const int64_t state = (static_cast<int64_t>(blockIdx.y) * levels.max_prefix_rows + local_row) * q.shape[1] + head;
+    const int64_t state =
+        ((static_cast<int64_t>(blockIdx.y) * splits + split) * levels.max_prefix_rows + local_row) * q.shape[1] + head;
     write_state(state_o + state * q.shape[2], state_lse + state, o_row, inv_sum, lse, q.shape[2], lane);
   }
 };
 
 /// One CTA per decode row: merge its suffix state with every covering prefix's state.
 template <typename T>
-__global__ void combine_levels_kernel(TensorView o, float* lse_out, DecodeLevelsView levels, const float* suffix_o,
-                                      const float* suffix_lse, const float* prefix_o, const float* prefix_lse) {
+__global__ void combine_levels_kernel(TensorView o, float* lse_out, DecodeLevelsView levels, int splits,
+                                      const float* suffix_o, const float* suffix_lse, const float* prefix_o,
+                                      const float* prefix_lse) {
   const int row = blockIdx.x;
   const int64_t num_heads = o.shape[1], head_dim = o.shape[2];
   for (int64_t idx = threadIdx.x; idx < num_heads * head_dim; idx += blockDim.x) {
@@ -117,10 +161,12 @@ __global__ void combine_levels_kernel(TensorView o, float* lse_out, DecodeLevels
     for (int64_t p = 0; p < levels.num_prefixes; ++p) {
       const int begin = levels.prefix_q_range[2 * p], end = levels.prefix_q_range[2 * p + 1];
       if (row < begin || row >= end) continue;
-      const int64_t state = (p * levels.max_prefix_rows + (row - begin)) * num_heads + head;
-      const LseMerge w = merge_lse(lse, prefix_lse[state]);
-      value = merge_value(w, value, prefix_o[state * head_dim + d]);
-      lse = w.lse;
+      for (int64_t split = 0; split < splits; ++split) {
+        const int64_t state = ((p * splits + split) * levels.max_prefix_rows + (row - begin)) * num_heads + head;
+        const LseMerge w = merge_lse(lse, prefix_lse[state]);
+        value = merge_value(w, value, prefix_o[state * head_dim + d]);
+        lse = w.lse;
+      }
     }
     static_cast<T*>(o.data)[row * o.stride[0] + head * o.stride[1] + d] = from_float<T>(value);
     if (d == 0 && lse_out != nullptr) lse_out[suffix_state] = lse;
@@ -132,32 +178,33 @@ __global__ void combine_levels_kernel(TensorView o, float* lse_out, DecodeLevels
 
 bool cuda_head_dim_supported(int64_t head_dim) { return head_dim == 64 || head_dim == 128; }
 
-size_t cascade_workspace_floats(int64_t num_rows, int64_t num_q_heads, int64_t head_dim,
+size_t cascade_workspace_floats(int64_t num_rows, int64_t num_q_heads, int64_t num_kv_heads, int64_t head_dim,
                                 const DecodeLevelsView& levels) {
-  return static_cast<size_t>(WorkspaceLayout(num_rows, num_q_heads, head_dim, levels).total);
+  return static_cast<size_t>(CascadePlan(num_rows, num_q_heads, num_kv_heads, head_dim, levels).total);
 }
 
 cudaError_t cascade_decode_attention_cuda(const CascadeDecodeParams& p, cudaStream_t stream) {
   const int64_t num_rows = p.q.shape[0], num_heads = p.q.shape[1], head_dim = p.q.shape[2];
   if (num_rows == 0) return cudaSuccess;
   const int num_kv_heads = static_cast<int>(p.k_cache.shape[2]);
-  const int group = static_cast<int>(num_heads) / num_kv_heads;
-  const WorkspaceLayout layout(num_rows, num_heads, head_dim, p.levels);
+  const CascadePlan plan(num_rows, num_heads, num_kv_heads, head_dim, p.levels);
+  const int group = plan.group;
   float* ws = p.workspace;
   const dim3 suffix_grid((group + cuda::kTileRows - 1) / cuda::kTileRows, static_cast<unsigned>(num_rows), num_kv_heads);
-  const dim3 prefix_grid((p.levels.max_prefix_rows * group + cuda::kTileRows - 1) / cuda::kTileRows,
-                         static_cast<unsigned>(p.levels.num_prefixes), num_kv_heads);
+  const dim3 prefix_grid(plan.prefix_row_tiles * plan.splits, static_cast<unsigned>(p.levels.num_prefixes),
+                         num_kv_heads);
   return BATCHLLM_DISPATCH_HALF_TYPES(p.q.dtype, [&] {
     return BATCHLLM_DISPATCH_HEAD_DIM(head_dim, [&] {
-      const cuda::SuffixProblem<scalar_t> suffix{p.q, p.levels, ws + layout.suffix_o, ws + layout.suffix_lse, group};
+      const cuda::SuffixProblem<scalar_t> suffix{p.q, p.levels, ws + plan.suffix_o, ws + plan.suffix_lse, group};
       BATCHLLM_CUDA_RETURN_IF_ERROR((cuda::launch_attention_tiles<scalar_t, kHeadDim>(
           suffix, suffix_grid, p.k_cache, p.v_cache, p.scale, stream)));
-      const cuda::PrefixProblem<scalar_t> prefix{p.q, p.levels, ws + layout.prefix_o, ws + layout.prefix_lse, group};
+      const cuda::PrefixProblem<scalar_t> prefix{p.q, p.levels, ws + plan.prefix_o, ws + plan.prefix_lse, group,
+                                                 plan.prefix_row_tiles, plan.splits, plan.chunk_keys};
       BATCHLLM_CUDA_RETURN_IF_ERROR((cuda::launch_attention_tiles<scalar_t, kHeadDim>(
           prefix, prefix_grid, p.k_cache, p.v_cache, p.scale, stream)));
       cuda::combine_levels_kernel<scalar_t><<<static_cast<unsigned>(num_rows), 128, 0, stream>>>(
-          p.o, p.lse, p.levels, ws + layout.suffix_o, ws + layout.suffix_lse, ws + layout.prefix_o,
-          ws + layout.prefix_lse);
+          p.o, p.lse, p.levels, plan.splits, ws + plan.suffix_o, ws + plan.suffix_lse, ws + plan.prefix_o,
+          ws + plan.prefix_lse);
       return cuda::last_launch_error();
     });
   });

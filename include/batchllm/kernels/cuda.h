@@ -18,8 +18,9 @@ namespace batchllm::kernels {
 bool cuda_head_dim_supported(int64_t head_dim);
 
 /// float32 elements of scratch that cascade_decode_attention_cuda needs in params.workspace.
-/// \param num_rows B   \param num_q_heads Hq   \param levels sizes and host hints of the levels
-size_t cascade_workspace_floats(int64_t num_rows, int64_t num_q_heads, int64_t head_dim,
+/// Depends on the current device's multiprocessor count (split-KV), so size it on the launch device.
+/// \param num_rows B   \param num_q_heads Hq   \param num_kv_heads Hkv   \param levels sizes and host hints
+size_t cascade_workspace_floats(int64_t num_rows, int64_t num_q_heads, int64_t num_kv_heads, int64_t head_dim,
                                 const DecodeLevelsView& levels);
 
 cudaError_t store_kv_cuda(const StoreKvParams& params, cudaStream_t stream);
