@@ -9,8 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from batchllm_core.loader import load
+from batchllm_core.loader import build_random_model, load
 from batchllm_core.model_runner import ModelRunner
+from batchllm_core.models import LlamaModel, ModelConfig
+from conftest import gpu
 from model_fixtures import hf_checkpoint, hf_model
 
 BLOCK_SIZE = 8
@@ -50,11 +52,13 @@ class Seq:
 class Harness:
     """Builds plans the way the scheduler would, and checks logits against transformers."""
 
-    def __init__(self, name: str, use_cascade: bool = True):
-        self.name = name
-        loaded = load(hf_checkpoint(name), device="cpu")
-        self.runner = ModelRunner(loaded.model, loaded.config, NUM_BLOCKS, BLOCK_SIZE, "cpu",
-                                  torch.float32, use_cascade=use_cascade)
+    def __init__(self, name: str | None, use_cascade: bool = True, runner: ModelRunner | None = None):
+        self.name = name  # the checkpoint whose transformers model is the reference
+        if runner is None:
+            loaded = load(hf_checkpoint(name), device="cpu")
+            runner = ModelRunner(loaded.model, loaded.config, NUM_BLOCKS, BLOCK_SIZE, "cpu",
+                                 torch.float32, use_cascade=use_cascade)
+        self.runner = runner
         self.next_block = 0
         self.reference: dict[int, torch.Tensor] = {}
 
@@ -97,7 +101,8 @@ class Harness:
     def check(self, plan: Plan, seqs: list[Seq]) -> None:
         """Run the plan; compare each sampled row with transformers at that token's position."""
         logits = self.runner.execute(plan)
-        assert logits.dtype == torch.float32 and logits.shape == (len(plan.sample_rows), 128)
+        assert logits.dtype == torch.float32
+        assert logits.shape == (len(plan.sample_rows), self.runner.config.vocab_size)
         sampled = [seq for seq, row in zip(seqs, range(len(seqs)))
                    if plan.query_start[row + 1] - 1 in set(plan.sample_rows.tolist())]
         for out_row, seq in zip(logits, sampled):
@@ -241,3 +246,63 @@ def test_inconsistent_plans_are_rejected():
     plan.sample_rows = np.array([5], dtype=np.int32)
     with pytest.raises(ValueError, match="sample_rows"):
         h.runner.execute(plan)
+
+
+def scenario_logits(runner: ModelRunner) -> list[torch.Tensor]:
+    """Prefill with a shared prefix, a mixed step, decodes with levels and a CoW fork; the logits
+    of every step, on the CPU."""
+    rng = np.random.default_rng(9)
+    vocab = runner.config.vocab_size
+    h = Harness(None, runner=runner)
+    tokens = lambda n: rng.integers(4, vocab, size=n).tolist()  # noqa: E731
+    a = h.sequence(tokens(40))
+    b = h.sequence(a.tokens[:32] + tokens(10), shared=a, shared_blocks=4)
+    out = [runner.execute(h.step([(a, 37)], 0))]
+    out.append(runner.execute(h.step([(b, 7)], 0)))
+    c = Seq(b.tokens[:39] + tokens(3), b.blocks[:4] + h.new_blocks(2), done=39)
+    levels = suffix_levels([a, b, c], [(a.blocks[:4], 0, 3)], [4, 4, 4])
+    out.append(runner.execute(h.step([(a, 1), (b, 1), (c, 1)], 3, levels=levels,
+                                     cow=([b.blocks[4]], [c.blocks[4]]))))
+    d = h.sequence(tokens(20))
+    levels = suffix_levels([a, b, c], [(a.blocks[:4], 0, 3)], [4, 4, 4])
+    out.append(runner.execute(h.step([(a, 1), (b, 1), (c, 1), (d, 20)], 3, levels=levels)))
+    return [o.cpu() for o in out]
+
+
+def small_gpu_shape() -> ModelConfig:
+    """A shape the CUDA kernels are built for (head dim 64)."""
+    return ModelConfig.from_name("llama-1b").replace(hidden_size=256, num_layers=2, num_heads=4,
+                                                     num_kv_heads=2, head_dim=64,
+                                                     intermediate_size=512, vocab_size=1000)
+
+
+def float32_copy(model: LlamaModel) -> LlamaModel:
+    reference = LlamaModel(model.config)
+    reference.load_state_dict({k: v.float().cpu() for k, v in model.state_dict().items()})
+    return reference.eval()
+
+
+def assert_scenarios_close(ours: list[torch.Tensor], reference: list[torch.Tensor], rtol: float) -> None:
+    for step, (o, r) in enumerate(zip(ours, reference)):
+        assert o.shape == r.shape, step
+        err = (o - r).abs().max().item()
+        assert err <= rtol * r.abs().max().item(), f"step {step}: error {err}"
+
+
+def test_bfloat16_runner_matches_float32():
+    config = small_gpu_shape()
+    model = build_random_model(config, seed=0, dtype=torch.bfloat16, device="cpu").model
+    ours = scenario_logits(ModelRunner(model, config, NUM_BLOCKS, BLOCK_SIZE, "cpu", torch.bfloat16))
+    reference = scenario_logits(ModelRunner(float32_copy(model), config, NUM_BLOCKS, BLOCK_SIZE, "cpu",
+                                            torch.float32))
+    assert_scenarios_close(ours, reference, rtol=0.05)
+
+
+@gpu
+def test_cuda_runner_matches_cpu_float32():
+    config = small_gpu_shape()
+    model = build_random_model(config, seed=0, dtype=torch.bfloat16, device="cuda").model
+    ours = scenario_logits(ModelRunner(model, config, NUM_BLOCKS, BLOCK_SIZE, "cuda", torch.bfloat16))
+    reference = scenario_logits(ModelRunner(float32_copy(model), config, NUM_BLOCKS, BLOCK_SIZE, "cpu",
+                                            torch.float32))
+    assert_scenarios_close(ours, reference, rtol=0.05)
