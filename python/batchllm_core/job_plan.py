@@ -117,7 +117,8 @@ def plan_job(tokenized: List[TokenizedRequest], block_size: int, max_model_len: 
         "kv_peak_bytes_no_sharing": sum(solo_blocks) * block_bytes,
         "kv_largest_group_bytes": _largest_group_blocks(parent, request_prefix, prefix_blocks, own_blocks) * block_bytes,
         "prefill_speedup": prompt_tokens / prefill_tokens if prefill_tokens else 1.0,
-        "predicted_speedup": (prompt_tokens + decode_tokens) / max(prefill_tokens + decode_tokens, 1),
+        "predicted_speedup": ((prompt_tokens + decode_tokens) / (prefill_tokens + decode_tokens)
+                              if prefill_tokens + decode_tokens else 1.0),
         "prefixes": prefixes,
     }
 
