@@ -52,6 +52,9 @@ class ModelRunner:
                  device: torch.device | str, dtype: torch.dtype, use_cascade: bool = True) -> None:
         if num_kv_blocks <= 0 or block_size <= 0:
             raise ValueError(f"num_kv_blocks ({num_kv_blocks}) and block_size ({block_size}) must be positive")
+        reason = self.unsupported_reason(config, torch.device(device), dtype)
+        if reason:
+            raise ValueError(f"ModelRunner: {reason}")
         self.model, self.config = model, config
         self.num_kv_blocks, self.block_size = int(num_kv_blocks), int(block_size)
         self.device, self.dtype = torch.device(device), dtype
@@ -61,6 +64,25 @@ class ModelRunner:
         for layer, attention in enumerate(model.attention_layers):
             attention.k_cache, attention.v_cache = self.kv_cache[layer, 0], self.kv_cache[layer, 1]
         self._staging = _HostToDevice(self.device)
+
+    @staticmethod
+    def unsupported_reason(config: ModelConfig, device: torch.device, dtype: torch.dtype) -> str | None:
+        """Why the attention kernels cannot run this model on ``device`` in ``dtype``, or None.
+
+        The CPU reference kernels run every shape and dtype; the CUDA kernels only the head dims
+        they were built for, in float16/bfloat16 (the tiny model, head dim 16, runs on the CPU).
+        """
+        if device.type != "cuda":
+            return None
+        from . import _C
+
+        head_dims = list(_C.cuda_kernel_head_dims())
+        if config.head_dim not in head_dims:
+            return (f"head dim {config.head_dim} has no CUDA attention kernel (built: {head_dims or 'none'}); "
+                    "run this model on the CPU")
+        if dtype not in (torch.float16, torch.bfloat16):
+            return f"CUDA attention kernels need float16 or bfloat16, not {dtype}"
+        return None
 
     @staticmethod
     def kv_bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:

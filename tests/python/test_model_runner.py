@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+import batchllm_core
 from batchllm_core.loader import build_random_model, load
 from batchllm_core.model_runner import ModelRunner
 from batchllm_core.models import LlamaModel, ModelConfig
@@ -222,6 +223,16 @@ def test_kv_cache_geometry_and_bytes():
     assert h.runner.kv_cache.shape == (2, 2, NUM_BLOCKS, BLOCK_SIZE, 2, 32)
     assert h.runner.model.layers[1].attention.k_cache.data_ptr() == h.runner.kv_cache[1, 0].data_ptr()
     assert ModelRunner.kv_bytes_per_block(config, 16, torch.bfloat16) == 2 * 2 * 16 * 2 * 32 * 2
+
+
+def test_unsupported_device_combinations_are_explained():
+    tiny = ModelConfig.from_name("tiny")
+    assert ModelRunner.unsupported_reason(tiny, torch.device("cpu"), torch.float32) is None
+    assert "head dim 16" in ModelRunner.unsupported_reason(tiny, torch.device("cuda"), torch.bfloat16)
+    if 64 in batchllm_core._C.cuda_kernel_head_dims():
+        reason = ModelRunner.unsupported_reason(small_gpu_shape(), torch.device("cuda"), torch.float32)
+        assert "bfloat16" in reason
+        assert ModelRunner.unsupported_reason(small_gpu_shape(), torch.device("cuda"), torch.bfloat16) is None
 
 
 def test_copy_blocks_validates_ids():
