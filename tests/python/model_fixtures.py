@@ -78,9 +78,7 @@ def hf_model(name: str):
         for param_name, param in model.named_parameters():
             if param_name.endswith("norm.weight"):
                 param.uniform_(0.5, 1.5)
-            elif param_name.endswith(".bias"):
-                param.normal_(0.0, 0.1)
-            else:
+            else:  # weights and biases
                 param.normal_(0.0, 0.1)
     return model
 
@@ -88,7 +86,7 @@ def hf_model(name: str):
 @functools.lru_cache(maxsize=None)
 def hf_tokenizer():
     """A word-level tokenizer trained on SENTENCES, wrapped as a transformers fast tokenizer."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     backend = Tokenizer(models.WordLevel(unk_token="<unk>"))
@@ -97,7 +95,6 @@ def hf_tokenizer():
     backend.train_from_iterator(SENTENCES + [CHAT_TEMPLATE], trainer)
     backend.post_processor = processors.TemplateProcessing(
         single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)])
-    from tokenizers import decoders
     backend.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>",
                                         unk_token="<unk>", pad_token="<pad>")
