@@ -55,15 +55,7 @@ void insert_arrays(PrefixTree& tree, const py::object& tokens_obj, const py::obj
   if (off[num_offsets - 1] > num_tokens)
     throw py::value_error("offsets[-1] = " + std::to_string(off[num_offsets - 1]) + " exceeds len(tokens) = " +
                           std::to_string(num_tokens));
-  int32_t smallest = 0;  // branch-free min: this scan runs at memory speed over the whole job
-  for (int64_t i = off[0]; i < off[num_offsets - 1]; ++i) smallest = std::min(smallest, tok[i]);
-  if (smallest < 0) {
-    for (int64_t i = off[0]; i < off[num_offsets - 1]; ++i) {
-      if (tok[i] < 0)
-        throw py::value_error("token ids must be >= 0: tokens[" + std::to_string(i) + "] = " +
-                              std::to_string(tok[i]));
-    }
-  }
+  // Token ids are checked by the tree as it stores them (std::invalid_argument -> ValueError, tree unchanged).
   tree.insert(tok, off, num_offsets - 1);
 }
 

@@ -2,6 +2,7 @@
 #include "batchllm/prefix_tree.h"
 
 #include <algorithm>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <stdexcept>
@@ -9,23 +10,44 @@
 
 #include "runtime/prefix_tree_impl.h"
 
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
 namespace batchllm {
 namespace detail {
+
+void TokenArena::FreeChunk::operator()(int32_t* p) const { std::free(p); }
+
+int32_t* TokenArena::new_chunk(int64_t tokens) {
+  constexpr size_t kHugePage = size_t{2} << 20;
+  size_t bytes = static_cast<size_t>(tokens) * sizeof(int32_t);
+  void* p;
+  if (bytes >= kHugePage) {
+    bytes = (bytes + kHugePage - 1) / kHugePage * kHugePage;
+    p = std::aligned_alloc(kHugePage, bytes);
+#ifdef MADV_HUGEPAGE
+    if (p != nullptr) madvise(p, bytes, MADV_HUGEPAGE);  // advice only: failure just means 4 KiB pages
+#endif
+  } else {
+    p = std::malloc(bytes);
+  }
+  if (p == nullptr) throw std::bad_alloc();
+  chunks_.emplace_back(static_cast<int32_t*>(p));
+  capacity_tokens_ += static_cast<int64_t>(bytes / sizeof(int32_t));
+  return chunks_.back().get();
+}
 
 const int32_t* TokenArena::store(const int32_t* src, int64_t n) {
   int32_t* out;
   if (n >= kChunkTokens) {  // a very long run gets a chunk of its own; the current chunk stays open
-    chunks_.emplace_back(new int32_t[static_cast<size_t>(n)]);  // uninitialised: filled by the copy
-    capacity_tokens_ += n;
-    out = chunks_.back().get();
+    out = new_chunk(n);
   } else {
     if (n > left_) {  // abandons < n tokens at the end of the chunk: bounded waste
       // Chunks double from 16K tokens up to kChunkTokens: small jobs stay small, big ones allocate rarely.
       const int64_t size = std::min(kChunkTokens, std::max<int64_t>(int64_t{1} << 14, capacity_tokens_));
       const int64_t chunk = std::max(size, n);
-      chunks_.emplace_back(new int32_t[static_cast<size_t>(chunk)]);
-      capacity_tokens_ += chunk;
-      cursor_ = chunks_.back().get();
+      cursor_ = new_chunk(chunk);
       left_ = chunk;
     }
     out = cursor_;
@@ -100,38 +122,60 @@ int32_t PrefixTree::Impl::split(int32_t node, int64_t length) {
   return id;
 }
 
-void PrefixTree::Impl::insert_one(const int32_t* prompt, int64_t length) {
+bool PrefixTree::Impl::insert_one(const int32_t* prompt, int64_t length) {
+  // Walk down without changing anything; the tree changes only at the end (one split and/or one new
+  // leaf), after the new run's token ids were checked.
   int32_t node = 0;
   int64_t pos = 0;
+  int32_t split_child = -1;  // the edge the prompt leaves (or ends) inside, split at split_at tokens
+  int64_t split_at = 0;
   while (pos < length) {
     const int32_t child = children.find(node, prompt[pos]);
-    if (child < 0) {  // nothing shares the rest: one new leaf holds it
-      if (nodes.size() >= static_cast<size_t>(std::numeric_limits<int32_t>::max()))
-        throw std::length_error("PrefixTree: more than 2^31 - 1 nodes");
-      detail::TreeNode leaf;
-      leaf.edge = arena.store(prompt + pos, length - pos);
-      leaf.depth = nodes[node].depth + (length - pos);
-      leaf.parent = node;
-      const int32_t id = static_cast<int32_t>(nodes.size());
-      nodes.push_back(leaf);
-      children.insert(node, prompt[pos], id);
-      node = id;
-      break;
-    }
+    if (child < 0) break;
     const int64_t edge = edge_length(child);
     const int64_t matched =
         detail::common_prefix(nodes[child].edge, prompt + pos, std::min(edge, length - pos));
-    if (matched == edge) {
-      node = child;
-      pos += edge;
-    } else {  // diverges (or ends) inside the edge: the prompt's end or fork becomes a node
-      node = split(child, matched);
-      pos += matched;
+    pos += matched;
+    if (matched < edge) {
+      split_child = child;
+      split_at = matched;
+      break;
     }
+    node = child;
+  }
+  if (pos < length) {
+    int32_t smallest = 0;
+    for (int64_t i = pos; i < length; ++i) smallest = std::min(smallest, prompt[i]);
+    if (smallest < 0) return false;
+  }
+  const size_t new_nodes = (split_child >= 0 ? 1 : 0) + (pos < length ? 1 : 0);
+  if (nodes.size() + new_nodes > static_cast<size_t>(std::numeric_limits<int32_t>::max()))
+    throw std::length_error("PrefixTree: more than 2^31 - 1 nodes");
+  if (split_child >= 0) node = split(split_child, split_at);
+  if (pos < length) {  // nothing shares the rest: one new leaf holds it
+    detail::TreeNode leaf;
+    leaf.edge = arena.store(prompt + pos, length - pos);
+    leaf.depth = nodes[node].depth + (length - pos);
+    leaf.parent = node;
+    const int32_t id = static_cast<int32_t>(nodes.size());
+    nodes.push_back(leaf);
+    children.insert(node, prompt[pos], id);
+    node = id;
   }
   ++nodes[node].num_ends;
   request_node.push_back(node);
   prompt_tokens += length;
+  return true;
+}
+
+std::vector<int32_t> PrefixTree::Impl::prompt(int64_t request) const {
+  const int32_t end = request_node[request];
+  std::vector<int32_t> out(static_cast<size_t>(nodes[end].depth));
+  for (int32_t v = end; v > 0; v = nodes[v].parent) {
+    const int64_t begin = nodes[nodes[v].parent].depth;
+    std::copy(nodes[v].edge, nodes[v].edge + (nodes[v].depth - begin), out.begin() + begin);
+  }
+  return out;
 }
 
 detail::TreeTopology PrefixTree::Impl::topology() const {
@@ -193,9 +237,30 @@ PrefixTree::PrefixTree(PrefixTree&&) noexcept = default;
 PrefixTree& PrefixTree::operator=(PrefixTree&&) noexcept = default;
 
 void PrefixTree::insert(const int32_t* tokens, const int64_t* offsets, int64_t num_prompts) {
+  if (num_prompts < 0) throw std::invalid_argument("num_prompts must be >= 0");
+  for (int64_t i = 0; i < num_prompts; ++i) {
+    if (offsets[i] < 0 || offsets[i + 1] < offsets[i])
+      throw std::invalid_argument("offsets must be >= 0 and non-decreasing (at prompt " + std::to_string(i) + ")");
+  }
+  const int64_t before = num_requests();
   impl_->request_node.reserve(impl_->request_node.size() + static_cast<size_t>(num_prompts));
-  for (int64_t i = 0; i < num_prompts; ++i)
-    impl_->insert_one(tokens + offsets[i], offsets[i + 1] - offsets[i]);
+  for (int64_t i = 0; i < num_prompts; ++i) {
+    const int32_t* prompt = tokens + offsets[i];
+    const int64_t length = offsets[i + 1] - offsets[i];
+    if (impl_->insert_one(prompt, length)) continue;
+    // All or nothing: rebuild the tree as it was before this call (rare path, O(tree tokens)).
+    if (num_requests() > before) {
+      auto kept = std::make_unique<Impl>();
+      for (int64_t r = 0; r < before; ++r) {
+        const std::vector<int32_t> p = impl_->prompt(r);
+        kept->insert_one(p.data(), static_cast<int64_t>(p.size()));
+      }
+      impl_ = std::move(kept);
+    }
+    const int64_t bad = std::find_if(prompt, prompt + length, [](int32_t t) { return t < 0; }) - prompt;
+    throw std::invalid_argument("token ids must be >= 0: prompt " + std::to_string(i) + " holds " +
+                                std::to_string(prompt[bad]) + " at position " + std::to_string(bad));
+  }
 }
 
 int64_t PrefixTree::num_requests() const { return static_cast<int64_t>(impl_->request_node.size()); }

@@ -45,8 +45,10 @@ class PrefixTree {
   PrefixTree(PrefixTree&&) noexcept;
   PrefixTree& operator=(PrefixTree&&) noexcept;
 
-  /// Inserts `num_prompts` prompts: prompt i is tokens[offsets[i], offsets[i+1]). Appends to what is there.
-  /// The caller has validated ids (>= 0) and offsets (non-decreasing, within the token array).
+  /// Inserts `num_prompts` prompts: prompt i is tokens[offsets[i], offsets[i+1]). Appends to what is there;
+  /// request indices continue from num_requests(). The caller guarantees offsets lie within the token
+  /// array. All or nothing: a negative token id or decreasing offsets throw std::invalid_argument and
+  /// leave the tree as it was. Token ids are checked as they are stored (no separate pass).
   void insert(const int32_t* tokens, const int64_t* offsets, int64_t num_prompts);
 
   /// BatchLLM single-level groups: first-level prefixes enlarged by the gain rule
