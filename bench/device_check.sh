@@ -4,7 +4,8 @@
 #   2. build         (pip install --no-build-isolation --no-deps --no-index . for this card's architecture)
 #   3. gpu tests     (pytest -m gpu)
 #   4. benchmarks    (bench/bench_attention.py: decode kernel grid + paged prefill)
-#   5. end-to-end    (other engineers append their runs here, one section each, same pattern)
+#   5. sanitizer     (compute-sanitizer memcheck + racecheck on two small kernel tests, if time is left)
+#   6. end-to-end    (other engineers append their runs here, one section each, same pattern)
 # Logs and JSON go to $OUT (default build/device_check_out). Budget: < 5 minutes in all; each step
 # has its own timeout. The summary is printed last.
 #
@@ -86,13 +87,30 @@ section_bench_attention() {
   "$PY" bench/bench_attention.py --json-out "$OUT/bench_attention.jsonl"
 }
 
-# ---- 5. end-to-end (append sections above this line and register them below) ---------------------------
+# ---- 5. sanitizer: out-of-bounds accesses and shared-memory races of the kernels on small cases -----------
+section_sanitizer() {
+  cd "$ROOT/tests"
+  local select="test_cascade_cuda_matches_cpu_reference or test_prefill_attention_cuda_long_chunk_over_cache"
+  for tool in memcheck racecheck; do
+    echo "---- compute-sanitizer --tool $tool"
+    compute-sanitizer --tool "$tool" --error-exitcode 99 --target-processes all \
+      "$PY" -m pytest -q -p no:cacheprovider -x python/test_cuda_ops.py -k "$select" 2>&1 | tail -n 25
+    [[ ${PIPESTATUS[0]} -eq 0 ]] || exit 99
+  done
+}
+
+# ---- 6. end-to-end (append sections above this line and register them below) ---------------------------
 
 run_section environment 30 section_environment
 run_section build 150 section_build
 if [[ "${SUMMARY[-1]}" == build*ok* ]]; then
   run_section gpu_tests 90 section_gpu_tests
   run_section bench_attention 120 section_bench_attention
+  if (( $(date +%s) - SCRIPT_START < 200 )); then
+    run_section sanitizer 80 section_sanitizer
+  else
+    SUMMARY+=("sanitizer      skipped: the time budget is spent")
+  fi
 else
   SUMMARY+=("gpu_tests / benchmarks skipped: the build failed (see $OUT/build.log)")
 fi
