@@ -126,6 +126,8 @@ class LLM:
              add_generation_prompt: bool = True) -> List[RequestOutput]:
         """Generate replies to conversations (a list of {"role", "content"} messages, or a list of them)
         rendered with the model's chat template."""
+        if self.tokenizer is None:
+            raise ValueError("chat needs a tokenizer with a chat template and this model has none")
         if conversations and isinstance(conversations[0], dict):
             conversations = [conversations]
         prompts = []
@@ -204,7 +206,9 @@ class LLM:
         if prompt_len + max_tokens > self.max_model_len:
             return (f"prompt ({prompt_len} tokens) + max_tokens ({max_tokens}) exceeds the model's context "
                     f"length ({self.max_model_len} tokens)")
-        total = prompt_len + (params.max_tokens or self.max_model_len - prompt_len)
+        # max_tokens=None may stop at EOS long before the context is full: only its prompt (and first
+        # token) must fit now; the scheduler fails it later if it outgrows the whole cache.
+        total = prompt_len + max_tokens
         blocks = -(-total // self.block_size)
         if blocks > self.num_kv_blocks:
             return (f"prompt + max_tokens ({total} tokens, {blocks} KV blocks) exceeds the KV cache capacity "

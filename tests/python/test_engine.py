@@ -4,7 +4,6 @@ num_cached_tokens and requests that fail alone."""
 import random
 import warnings
 
-import numpy as np
 import pytest
 import torch
 
@@ -311,3 +310,13 @@ def test_max_tokens_none_fills_the_context():
     out = llm.generate("abc", SamplingParams(temperature=0, max_tokens=None, ignore_eos=True), use_tqdm=False)[0]
     assert len(out.prompt_token_ids) + len(out.outputs[0].token_ids) == 40
     assert out.outputs[0].finish_reason == "length"
+
+
+def test_request_outgrowing_the_kv_cache_fails_alone_mid_run():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        llm = LLM(kv_cache_memory=_kv_bytes(_tiny_config(), 4))
+    unbounded = SamplingParams(temperature=0, max_tokens=None, ignore_eos=True)
+    outs = llm.generate(["grows until the cache is full", "small"], [unbounded, GREEDY], use_tqdm=False)
+    assert "KV blocks" in outs[0].error and outs[0].outputs[0].finish_reason == "error"
+    assert outs[1].error is None and len(outs[1].outputs[0].token_ids) == 8
