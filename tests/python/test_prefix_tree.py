@@ -166,6 +166,21 @@ def test_multi_level_tree_shape():
     assert single.end.tolist() == [80] * 6
 
 
+def test_group_prefix_is_the_members_common_prefix():
+    # c (1000 tokens) -> b (20 tokens, 100 readers: promoted) and a (5 tokens) -> g (10 tokens, 2 readers:
+    # promoted out of a, not out of c) and h (1 reader). What stays with c all runs through a, so the
+    # group shares c + a (1005 tokens), deeper than the node the enlargement left it at.
+    rng = np.random.default_rng(4)
+    c, b, a, g = (rng.integers(10, 1000, n).tolist() for n in (1000, 20, 5, 10))
+    prompts = [c + b + rng.integers(10, 1000, 3).tolist() for _ in range(100)]
+    prompts += [c + a + g + [1, 2], c + a + g + [3, 4], c + a + [5, 6, 7]]
+    tree = build_prefix_tree(prompts)
+    plan = plan_to_lists(tree.group_single_level(1))
+    assert plan == reference_tree(prompts).group_single_level(1).__dict__
+    assert plan["end"] == [1020, 1005]
+    assert plan["requests"][1] == [100, 101, 102]
+
+
 def test_edge_cases():
     empty = _C.PrefixTree()
     plan = empty.group_single_level(16)
