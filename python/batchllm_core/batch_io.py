@@ -71,28 +71,42 @@ def recover_output(path: str) -> RecoveredOutput:
     """Read an output file for ``--resume``: cut a trailing partial line, collect the answered keys.
 
     A missing file answers nothing. A complete line that is not an answer object means the file is not
-    ours (or was edited): BatchFileError, rather than guessing and losing or doubling answers.
+    ours (or was edited): BatchFileError, rather than guessing and losing or doubling answers. The file
+    is streamed (answers of a large job need not fit in memory twice).
     """
     recovered = RecoveredOutput()
     if not os.path.exists(path):
         return recovered
     try:
         with open(path, "rb+") as f:
-            data = f.read()
-            complete = data.rfind(b"\n") + 1
-            if complete < len(data):
+            size = f.seek(0, os.SEEK_END)
+            complete = _end_of_last_line(f, size)
+            if complete < size:
                 f.truncate(complete)
                 f.flush()
                 os.fsync(f.fileno())
-                recovered.truncated_bytes = len(data) - complete
+                recovered.truncated_bytes = size - complete
+            f.seek(0)
+            for number, raw in enumerate(f, start=1):
+                if raw.strip():
+                    recovered.keys.add(_answer_key_of(path, number, raw))
+                    recovered.lines += 1
     except OSError as exc:
         raise BatchFileError(f"cannot resume from output {path!r}: {exc.strerror or exc}") from None
-    for number, raw in enumerate(data[:complete].split(b"\n")[:-1], start=1):
-        if not raw.strip():
-            continue
-        recovered.keys.add(_answer_key_of(path, number, raw))
-        recovered.lines += 1
     return recovered
+
+
+def _end_of_last_line(f, size: int, chunk_bytes: int = 1 << 16) -> int:
+    """Offset just past the file's last newline (0 when it has none), reading backwards by chunks."""
+    end = size
+    while end > 0:
+        start = max(0, end - chunk_bytes)
+        f.seek(start)
+        newline = f.read(end - start).rfind(b"\n")
+        if newline >= 0:
+            return start + newline + 1
+        end = start
+    return 0
 
 
 def _answer_key_of(path: str, number: int, raw: bytes):

@@ -18,6 +18,7 @@ import os
 import signal
 import sys
 import time
+import traceback
 import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, List, Optional, TextIO
@@ -91,6 +92,10 @@ def run_batch(options: RunOptions, stdout: Optional[TextIO] = None, stderr: Opti
             counters.interrupted, exit_code = True, EXIT_INTERRUPTED
         except SystemExit as exc:  # SIGTERM, raised by DeferredSignals
             counters.interrupted, exit_code = True, int(exc.code or EXIT_FAILURE)
+        except Exception:  # the engine failed as a whole: keep what was written, say how to go on
+            stderr.write("batchllm run-batch: error: the job stopped on an unexpected engine error:\n"
+                         + traceback.format_exc())
+            counters.interrupted, exit_code = True, EXIT_FAILURE
         finally:
             writer.close()
             progress.close()

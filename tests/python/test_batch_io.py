@@ -163,3 +163,17 @@ def test_error_answer_shape():
     assert answer["custom_id"] is None and answer["response"]["body"] is None
     assert answer["response"]["status_code"] == 400
     assert answer["error"] == {"code": "invalid_json", "message": "line 5 (no custom_id): not valid JSON: x", "line": 5}
+
+
+def test_recover_output_finds_the_last_newline_across_read_chunks(tmp_path):
+    from batchllm_core.batch_io import _end_of_last_line
+
+    path = tmp_path / "out.jsonl"
+    path.write_bytes(b"a" * 10 + b"\n" + b"b" * 100)
+    with open(path, "rb") as f:
+        assert _end_of_last_line(f, 111, chunk_bytes=7) == 11
+    path.write_bytes(b"x" * 50)
+    with open(path, "rb") as f:
+        assert _end_of_last_line(f, 50, chunk_bytes=8) == 0
+    recovered = recover_output(str(path))
+    assert recovered.truncated_bytes == 50 and recovered.lines == 0 and path.read_bytes() == b""
