@@ -258,9 +258,7 @@ class _HostToDevice:
     def to_device(self, arrays: dict[str, Any]) -> dict[str, torch.Tensor]:
         arrays = {k: v for k, v in arrays.items() if isinstance(v, np.ndarray)}
         if self.device.type != "cuda":
-            # torch.from_numpy shares memory; read-only views (the scheduler's) are copied first.
-            return {k: torch.from_numpy(v if v.flags.writeable and v.flags.c_contiguous else v.copy())
-                    for k, v in arrays.items()}
+            return {name: _cpu_tensor(values) for name, values in arrays.items()}
         offsets, total = {}, 0
         for name, values in arrays.items():
             offsets[name] = total
@@ -278,6 +276,17 @@ class _HostToDevice:
         return {name: device_bytes[offsets[name]:offsets[name] + values.nbytes]
                 .view(_TORCH_DTYPES[values.dtype.str]).view(values.shape)
                 for name, values in arrays.items()}
+
+
+def _cpu_tensor(values: np.ndarray) -> torch.Tensor:
+    """A CPU tensor sharing the array's memory when it can (read-only views, e.g. the scheduler's,
+    are copied). Empty arrays get fresh tensors: numpy gives them zero strides, which kernels'
+    contiguity checks reject."""
+    if values.size == 0:
+        return torch.empty(values.shape, dtype=_TORCH_DTYPES[values.dtype.str])
+    if not (values.flags.writeable and values.flags.c_contiguous):
+        values = values.copy()
+    return torch.from_numpy(values)
 
 
 _TORCH_DTYPES = {np.dtype(np.int32).str: torch.int32, np.dtype(np.int64).str: torch.int64}

@@ -192,6 +192,17 @@ def test_repeated_sample_rows_and_prefix_only_steps():
     assert h.runner.execute(empty).shape == (0, 128)
 
 
+def test_decode_levels_without_shared_prefixes():
+    """No prefix at all (P = 0): every decode row reads only its own suffix."""
+    rng = np.random.default_rng(4)
+    h = Harness("mistral")
+    seqs = [h.sequence(random_tokens(rng, n)) for n in (9, 17)]
+    h.check(h.step([(s, len(s.tokens) - 1) for s in seqs], 0), seqs)
+    levels = suffix_levels(seqs, [], [0, 0])
+    levels["prefix_q_range"] = np.zeros((0, 2), dtype=np.int32)
+    h.check(h.step([(s, 1) for s in seqs], 2, levels=levels), seqs)
+
+
 def test_cascade_and_paged_decode_agree():
     outputs = []
     for use_cascade in (True, False):
