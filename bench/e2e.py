@@ -1,0 +1,286 @@
+"""End-to-end benchmark: a whole workload of WORKLOADS.md through the public ``LLM`` API.
+
+Random weights of a named shape (``tiny``, ``llama-1b``, ``qwen2.5-7b-shape``; the loader seeds
+them) or a local checkpoint directory; the workload's prompts from bench/workloads.py as token ids;
+every output forced to full length (``ignore_eos``). Per policy it reports seconds, output and total
+tokens/s, prefill tokens computed, peak KV, and time over the floor of DESIGN.md's performance model
+(bench/e2e_floor.py; ceilings default to the H100's measured ones). ``--hf`` adds transformers
+``generate`` on the same weights and prompts in batches of 64 sequences. Prints a table, then one JSON
+line per run (also appended to ``--json-out``).
+
+    PYTHONPATH=python .venv/bin/python bench/e2e.py --workload W1 --model tiny --device cpu --policy all
+    PYTHONPATH=python python bench/e2e.py --workload W1,W2,W5 --model llama-1b --device cuda --hf --hf-batches 2
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import gc
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from e2e_floor import H100_BYTES_PER_S, H100_FLOPS, Ceilings, ModelCost, StepFloor, job_floor  # noqa: E402
+from workloads import WORKLOAD_IDS, make_workload  # noqa: E402
+
+POLICIES = ["batchllm", "fcfs-lru", "no-share"]
+
+
+def main(argv=None) -> list:
+    args = _parse(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    workloads = WORKLOAD_IDS if args.workload == "all" else args.workload.split(",")
+    policies = POLICIES if args.policy == "all" else args.policy.split(",")
+    ceilings = Ceilings(args.flops, args.bytes_per_s)
+    results = []
+    _print_header()
+    for workload_id in workloads:
+        for policy in policies:
+            results.append(run_engine(workload_id, policy, args, ceilings))
+            _print_row(results[-1])
+        if args.hf:
+            results.append(run_hf(workload_id, args, ceilings))
+            _print_row(results[-1])
+    for result in results:
+        line = json.dumps(result)
+        print(line)
+        if args.json_out:
+            with open(args.json_out, "a") as out:
+                out.write(line + "\n")
+    return results
+
+
+def _parse(argv):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--workload", default="W1", help=f"{', '.join(WORKLOAD_IDS)}, a comma list, or 'all'")
+    parser.add_argument("--model", default="tiny", help="tiny | llama-1b | qwen2.5-7b-shape | a checkpoint directory")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default="auto", help="auto: bfloat16 on cuda, float32 on cpu")
+    parser.add_argument("--policy", default="batchllm", help=f"{', '.join(POLICIES)}, a comma list, or 'all'")
+    parser.add_argument("--hf", action="store_true", help="also run transformers generate (batches of 64)")
+    parser.add_argument("--hf-batches", type=int, default=None,
+                        help="time only the first N transformers batches (throughput from those)")
+    parser.add_argument("--scale", type=float, default=1.0, help="multiplies the workload's groups / prompts")
+    parser.add_argument("--max-tokens", type=int, default=None,
+                        help="override every request's output length (quick smoke runs; recorded in the JSON)")
+    parser.add_argument("--order", choices=["shuffled", "grouped"], default="shuffled")
+    parser.add_argument("--seed", type=int, default=0, help="workload token ids (weights: the loader's seed)")
+    parser.add_argument("--kv-cache-memory", type=int, default=None, help="KV pool bytes (default: the engine's)")
+    parser.add_argument("--block-size", type=int, default=16)
+    parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    parser.add_argument("--max-num-seqs", type=int, default=1024)
+    parser.add_argument("--attention", choices=["cascade", "paged"], default="cascade",
+                        help="decode attention: shared-prefix levels (cascade) or paged per sequence (A/B)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 is fastest on a busy host)")
+    parser.add_argument("--flops", type=float, default=H100_FLOPS, help="matmul ceiling, FLOP/s (H100 measured)")
+    parser.add_argument("--bytes-per-s", type=float, default=H100_BYTES_PER_S,
+                        help="device memory ceiling, bytes/s (H100 measured copy)")
+    parser.add_argument("--no-warmup", action="store_true", help="time the first run cold")
+    parser.add_argument("--json-out", default=None, help="append the JSON lines to this file")
+    args = parser.parse_args(argv)
+    for name in (args.workload.split(",") if args.workload != "all" else []):
+        if name not in WORKLOAD_IDS:
+            parser.error(f"--workload: {name!r} is not one of {WORKLOAD_IDS}")
+    for name in (args.policy.split(",") if args.policy != "all" else []):
+        if name not in POLICIES:
+            parser.error(f"--policy: {name!r} is not one of {POLICIES}")
+    return args
+
+
+# ---------------------------------------------------------------------------------------------------
+def run_engine(workload_id: str, policy: str, args, ceilings: Ceilings) -> dict:
+    """One workload under one policy through ``LLM.generate``; the result row (a JSON-able dict)."""
+    from batchllm_core import LLM, SamplingParams
+
+    llm = LLM(model=args.model, dtype=args.dtype, device=args.device, block_size=args.block_size,
+              kv_cache_memory=args.kv_cache_memory, policy=policy, seed=args.seed,
+              max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs)
+    workload = _workload(workload_id, llm.config.vocab_size, args)
+    prompts = [{"prompt_token_ids": r.prompt_token_ids.tolist()} for r in workload.requests]
+    params = [SamplingParams(n=r.n, temperature=r.temperature, max_tokens=r.max_tokens, ignore_eos=True)
+              for r in workload.requests]
+    llm.runner.use_cascade = args.attention == "cascade"
+    cost = ModelCost.of(llm.config, torch.empty((), dtype=llm.dtype).element_size())
+    if not args.no_warmup:  # kernels loaded, allocator warm: not part of the job's time
+        llm.generate(prompts[:2], SamplingParams(max_tokens=2, ignore_eos=True), use_tqdm=False)
+    step_floor = StepFloor(cost, ceilings)
+    _record_steps(llm, step_floor)
+    _synchronize(llm.device)
+    start = time.perf_counter()
+    outputs = llm.generate(prompts, params, use_tqdm=False)
+    _synchronize(llm.device)
+    seconds = time.perf_counter() - start
+    generated = sum(len(c.token_ids) for o in outputs for c in o.outputs)
+    failed = [o.error for o in outputs if o.error]
+    if failed:
+        raise RuntimeError(f"{workload_id} {policy}: {len(failed)} requests failed, first: {failed[0]}")
+    if generated != workload.output_tokens:
+        raise RuntimeError(f"{workload_id} {policy}: generated {generated} tokens, expected {workload.output_tokens}")
+    stats = dict(llm.last_stats)
+    bytes_per_block = llm.runner.kv_bytes_per_block(llm.config, llm.block_size, llm.dtype)
+    result = _common(workload, args, llm.device, llm.dtype, policy, seconds, cost, ceilings)
+    result.update(
+        prefill_tokens=int(stats["prefill_tokens"]), decode_tokens=int(stats["decode_tokens"]),
+        steps=int(stats["steps"]), preemptions=int(stats["preemptions"]),
+        peak_kv_blocks=int(stats["peak_kv_blocks"]), peak_kv_bytes=int(stats["peak_kv_blocks"]) * bytes_per_block,
+        kv_capacity_blocks=int(llm.num_kv_blocks), step_floor_s=_sig(step_floor.seconds),
+        time_over_step_floor=round(seconds / step_floor.seconds, 3) if step_floor.seconds > 0 else None)
+    del llm, outputs
+    _release_memory()
+    return result
+
+
+def _workload(workload_id: str, vocab_size: int, args):
+    workload = make_workload(workload_id, vocab=vocab_size, seed=args.seed, scale=args.scale, order=args.order)
+    if args.max_tokens is not None:
+        for request in workload.requests:
+            request.max_tokens = args.max_tokens
+    return workload
+
+
+def _record_steps(llm, step_floor: StepFloor) -> None:
+    """Price every plan the runner executes (the plan's views are read before it runs)."""
+    execute = llm.runner.execute
+
+    def priced_execute(plan):
+        step_floor.add(plan)
+        return execute(plan)
+
+    llm.runner.execute = priced_execute
+
+
+def run_hf(workload_id: str, args, ceilings: Ceilings) -> dict:
+    """The same job through transformers ``generate`` in batches of 64 sequences."""
+    from batchllm_core.loader import resolve_device, resolve_dtype
+    from hf_baseline import HFRequest, load_hf_model, run_baseline
+
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+    hf = load_hf_model(args.model, device, dtype)
+    config = _model_config(args.model)
+    workload = _workload(workload_id, hf.config.vocab_size, args)
+    requests = [HFRequest(r.prompt_token_ids, r.max_tokens, r.n, r.temperature) for r in workload.requests]
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    run = run_baseline(hf, requests, device, args.hf_batches)
+    cost = ModelCost.of(config, torch.empty((), dtype=dtype).element_size())
+    result = _common(workload, args, device, dtype, "hf", run["seconds"], cost, ceilings,
+                     output_tokens=run["output_tokens"], prompt_tokens=run["prompt_tokens"],
+                     fraction=run["batches_run"] / run["batches_total"])
+    result.update(prefill_tokens=run["prefill_tokens"], hf_batches_run=run["batches_run"],
+                  hf_batches_total=run["batches_total"],
+                  seconds_extrapolated=round(run["seconds"] * run["batches_total"] / run["batches_run"], 4),
+                  peak_memory_bytes=int(torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else None)
+    del hf
+    _release_memory()
+    return result
+
+
+def _model_config(model_spec: str):
+    from pathlib import Path
+
+    from batchllm_core.models.config import ModelConfig
+
+    if Path(model_spec).is_dir():
+        return ModelConfig.from_hf_file(Path(model_spec) / "config.json")
+    return ModelConfig.from_name(model_spec)
+
+
+def _common(workload, args, device, dtype, policy, seconds, cost, ceilings, output_tokens=None,
+            prompt_tokens=None, fraction=1.0) -> dict:
+    """Fields every row has. ``fraction``: the share of the job that ran (the floor scales with it)."""
+    output_tokens = workload.output_tokens if output_tokens is None else output_tokens
+    prompt_tokens = workload.prompt_tokens if prompt_tokens is None else prompt_tokens
+    floor = job_floor([r.prompt_token_ids for r in workload.requests], [r.max_tokens for r in workload.requests],
+                      [r.n for r in workload.requests], cost, ceilings)
+    floor_s = floor["floor_s"] * fraction
+    return {
+        "bench": "e2e", "workload": workload.id, "model": args.model, "policy": policy,
+        "attention": args.attention if policy != "hf" else "sdpa",
+        "device": str(device), "device_name": device_name(device), "dtype": str(dtype).replace("torch.", ""),
+        "commit": commit(), "scale": args.scale, "max_tokens": args.max_tokens, "requests": len(workload.requests),
+        "sequences": workload.num_sequences, "prompt_tokens": prompt_tokens, "output_tokens": output_tokens,
+        "seconds": round(seconds, 4),
+        "output_tokens_per_s": round(output_tokens / seconds, 1),
+        "total_tokens_per_s": round((output_tokens + prompt_tokens) / seconds, 1),
+        "floor_s": _sig(floor_s), "prefill_floor_s": _sig(floor["prefill_s"] * fraction),
+        "decode_floor_s": _sig(floor["decode_s"] * fraction),
+        "floor_output_tokens_per_s": round(output_tokens / floor_s, 1) if floor_s > 0 else None,
+        "time_over_floor": round(seconds / floor_s, 3) if floor_s > 0 else None,
+        "distinct_prompt_tokens": floor["distinct_prompt_tokens"],
+        "flops": ceilings.flops, "bytes_per_s": ceilings.bytes_per_s,
+    }
+
+
+# ---------------------------------------------------------------------------------------------------
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo") as info:
+            for line in info:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "cpu"
+
+
+@functools.lru_cache(maxsize=None)
+def commit() -> str:
+    """The checkout's commit (once per process; ``BATCHLLM_COMMIT`` overrides, e.g. with no git)."""
+    if os.environ.get("BATCHLLM_COMMIT"):
+        return os.environ["BATCHLLM_COMMIT"]
+    try:
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        return subprocess.run(["git", "-C", root, "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, timeout=10, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def _sig(value: float) -> float:
+    """``value`` to 6 significant digits (floors of tiny models are microseconds)."""
+    return float(f"{value:.6g}")
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _release_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+_COLUMNS = [("workload", "wl", 3), ("policy", "policy", 9), ("seconds", "seconds", 9),
+            ("output_tokens_per_s", "out tok/s", 11), ("total_tokens_per_s", "total tok/s", 12),
+            ("prefill_tokens", "prefill tok", 11), ("peak_kv_blocks", "peak KV blk", 11),
+            ("floor_s", "floor s", 9), ("time_over_floor", "t/floor", 8)]
+
+
+def _print_header() -> None:
+    print(" ".join(f"{title:>{width}}" for _, title, width in _COLUMNS), flush=True)
+
+
+def _print_row(result: dict) -> None:
+    cells = []
+    for key, _, width in _COLUMNS:
+        value = result.get(key)
+        text = "-" if value is None else (f"{value:.4g}" if isinstance(value, float) else str(value))
+        cells.append(f"{text:>{width}}")
+    print(" ".join(cells), flush=True)
+
+
+if __name__ == "__main__":
+    main()
