@@ -29,12 +29,10 @@ def e2e_rows(tmp_path_factory):
     import e2e
 
     json_out = tmp_path_factory.mktemp("e2e") / "rows.jsonl"
-    # no-share decodes through paged attention: see the report on the cascade-binding bug with
-    # zero prefixes; prefill token counts, which this test compares, do not depend on it.
     base = ["--workload", "W6", "--model", "tiny", "--device", "cpu", "--scale", str(1 / 40), "--threads", "1",
             "--max-tokens", "8", "--kv-cache-memory", str(64 << 20), "--json-out", str(json_out)]
     rows = e2e.main(base + ["--policy", "batchllm", "--hf"])
-    rows += e2e.main(base + ["--policy", "no-share", "--attention", "paged", "--no-warmup"])
+    rows += e2e.main(base + ["--policy", "no-share", "--no-warmup"])
     return rows, json_out
 
 
@@ -64,6 +62,20 @@ def test_sharing_computes_fewer_prefill_tokens(e2e_rows):
     assert no_share["prefill_tokens"] >= 16 * 2200
     assert hf["prefill_tokens"] >= 16 * 2200
     assert ours["peak_kv_blocks"] < no_share["peak_kv_blocks"]
+
+
+def test_plot_throughput_draws_the_rows(e2e_rows, tmp_path):
+    import plot_throughput
+
+    _, json_out = e2e_rows
+    log = tmp_path / "log.txt"
+    log.write_text("a table line\n" + json_out.read_text() + "{not json\n")
+    rows = plot_throughput.read_rows([log])
+    assert [r["policy"] for r in rows] == ["batchllm", "hf", "no-share"]
+    path = plot_throughput.main([str(log), "-o", str(tmp_path / "throughput.png")])
+    assert path.stat().st_size > 1000 and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(ValueError, match="several model/device"):
+        plot_throughput.latest_by_key(rows + [{**rows[0], "model": "llama-1b"}])
 
 
 # ---------------------------------------------------------------------------------------------------
