@@ -18,7 +18,7 @@ struct RowStates {
   std::vector<float> lse;
 };
 
-/// Attends rows [row_begin, row_end) x the q heads of `kv_head` to dense keys/values and merges each
+/// Attends rows [row_begin, row_end) x the q heads of `kv_head` to dense keys (transposed) and values, merging each
 /// partial state into `states` (the first call per row may find lse -inf: merge_lse then copies).
 void attend_and_merge(const CascadeDecodeParams& p, const std::vector<float>& keys,
                       const std::vector<float>& values, int64_t num_keys, int64_t row_begin, int64_t row_end,
@@ -30,8 +30,8 @@ void attend_and_merge(const CascadeDecodeParams& p, const std::vector<float>& ke
   for (int64_t b = row_begin; b < row_end; ++b) {
     for (int64_t h = kv_head * group; h < (kv_head + 1) * group; ++h) {
       cpu::load_row(p.q, b, h, head_dim, query.data());
-      const float partial_lse = cpu::attend_one_row(query.data(), keys.data(), values.data(), num_keys, head_dim,
-                                                    p.scale, scores.data(), partial.data());
+      const float partial_lse = cpu::attend_one_row(query.data(), keys.data(), num_keys, values.data(), num_keys,
+                                                    head_dim, p.scale, scores.data(), partial.data());
       const int64_t state = b * num_q_heads + h;
       float* o_state = states.o.data() + state * head_dim;
       const LseMerge w = merge_lse(states.lse[state], partial_lse);
@@ -62,7 +62,7 @@ Status cascade_decode_attention_cpu(const CascadeDecodeParams& params) {
     for (int64_t b = 0; b < num_rows; ++b) {
       const int64_t suffix_len = levels.suffix_kv_lens[b];
       const int32_t* blocks = levels.suffix_block_tables + b * levels.max_suffix_blocks;
-      cpu::gather_paged(params.k_cache, blocks, suffix_len, kv_head, keys);
+      cpu::gather_paged(params.k_cache, blocks, suffix_len, kv_head, keys, /*transpose=*/true);
       cpu::gather_paged(params.v_cache, blocks, suffix_len, kv_head, values);
       attend_and_merge(params, keys, values, suffix_len, b, b + 1, kv_head, states);
     }
@@ -70,7 +70,7 @@ Status cascade_decode_attention_cpu(const CascadeDecodeParams& params) {
       const int64_t prefix_len = levels.prefix_kv_lens[prefix];
       const int32_t* blocks = levels.prefix_kv_blocks + levels.prefix_kv_indptr[prefix];
       // The prefix is gathered once for all its readers (the CUDA kernel reads it once from HBM).
-      cpu::gather_paged(params.k_cache, blocks, prefix_len, kv_head, keys);
+      cpu::gather_paged(params.k_cache, blocks, prefix_len, kv_head, keys, /*transpose=*/true);
       cpu::gather_paged(params.v_cache, blocks, prefix_len, kv_head, values);
       attend_and_merge(params, keys, values, prefix_len, levels.prefix_q_range[2 * prefix],
                        levels.prefix_q_range[2 * prefix + 1], kv_head, states);

@@ -7,15 +7,17 @@
 namespace batchllm::kernels::cpu {
 
 void gather_paged(const TensorView& cache, const int32_t* blocks, int64_t num_tokens, int64_t kv_head,
-                  std::vector<float>& out) {
+                  std::vector<float>& out, bool transpose) {
   const int64_t block_size = cache.shape[1];
   const int64_t head_dim = cache.shape[3];
   out.resize(static_cast<size_t>(num_tokens * head_dim));
+  const int64_t t_step = transpose ? 1 : head_dim;
+  const int64_t d_step = transpose ? num_tokens : 1;
   for (int64_t t = 0; t < num_tokens; ++t) {
     const int64_t base = blocks[t / block_size] * cache.stride[0] + (t % block_size) * cache.stride[1] +
                          kv_head * cache.stride[2];
-    float* row = out.data() + t * head_dim;
-    for (int64_t d = 0; d < head_dim; ++d) row[d] = load_float(cache.data, cache.dtype, base + d);
+    float* dst = out.data() + t * t_step;
+    for (int64_t d = 0; d < head_dim; ++d) dst[d * d_step] = load_float(cache.data, cache.dtype, base + d);
   }
 }
 

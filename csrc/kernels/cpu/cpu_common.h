@@ -115,10 +115,10 @@ inline void store_row(const TensorView& view, int64_t i, int64_t j, int64_t n, c
 }
 
 /// Gathers `num_tokens` tokens of KV head `kv_head` from a paged cache [N, bs, Hkv, D] through
-/// `blocks` into a dense float matrix out[num_tokens, D] (row-major), so that the attention loops
-/// below stream through contiguous memory.
+/// `blocks` into dense floats, so that the attention loops stream through contiguous memory:
+/// row-major out[t * D + d], or transposed out[d * num_tokens + t] when `transpose` is set.
 void gather_paged(const TensorView& cache, const int32_t* blocks, int64_t num_tokens, int64_t kv_head,
-                  std::vector<float>& out);
+                  std::vector<float>& out, bool transpose = false);
 
 /// Runs body(i) for i in [0, count) on up to hardware_concurrency threads (work-stealing by an
 /// atomic counter). Calls must be independent: each i writes its own outputs only.

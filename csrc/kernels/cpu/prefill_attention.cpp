@@ -21,14 +21,14 @@ void prefill_one(const PrefillParams& p, int64_t seq, int64_t kv_head) {
   if (q_len == 0) return;
   const int32_t* blocks = p.block_tables + seq * p.max_blocks_per_seq;
   std::vector<float> keys, values;
-  cpu::gather_paged(p.k_cache, blocks, context_len, kv_head, keys);
+  cpu::gather_paged(p.k_cache, blocks, context_len, kv_head, keys, /*transpose=*/true);
   cpu::gather_paged(p.v_cache, blocks, context_len, kv_head, values);
   std::vector<float> query(head_dim), out(head_dim), scores(context_len);
   for (int64_t j = 0; j < q_len; ++j) {
     const int64_t position = context_len - q_len + j;  // attends to keys 0..position
     for (int64_t h = kv_head * group; h < (kv_head + 1) * group; ++h) {
       cpu::load_row(p.q, row_begin + j, h, head_dim, query.data());
-      cpu::attend_one_row(query.data(), keys.data(), values.data(), position + 1, head_dim, p.scale,
+      cpu::attend_one_row(query.data(), keys.data(), context_len, values.data(), position + 1, head_dim, p.scale,
                           scores.data(), out.data());
       cpu::store_row(p.o, row_begin + j, h, head_dim, out.data());
     }
