@@ -248,34 +248,51 @@ class _HostToDevice:
     """Moves a step's int arrays to the device: zero-copy views on CPU; on CUDA one pinned staging
     buffer (reused, grown when needed) and one asynchronous copy for all of them."""
 
-    _ALIGN = 16  # bytes: every array starts aligned for its dtype
-
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self._pinned: torch.Tensor | None = None
         self._copied: torch.cuda.Event | None = None
 
-    def to_device(self, arrays: dict[str, Any]) -> dict[str, torch.Tensor]:
-        arrays = {k: v for k, v in arrays.items() if isinstance(v, np.ndarray)}
+    def to_device(self, arrays: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
         if self.device.type != "cuda":
             return {name: _cpu_tensor(values) for name, values in arrays.items()}
-        offsets, total = {}, 0
-        for name, values in arrays.items():
-            offsets[name] = total
-            total += -(-values.nbytes // self._ALIGN) * self._ALIGN
+        offsets, total = staging_layout(arrays)
         if self._pinned is None or self._pinned.numel() < total:
             self._pinned = torch.empty(max(total, 1 << 16), dtype=torch.uint8, pin_memory=True)
         elif self._copied is not None:
             self._copied.synchronize()  # the previous step's copy may still read the buffer
-        staging = self._pinned.numpy()
-        for name, values in arrays.items():
-            staging[offsets[name]:offsets[name] + values.nbytes] = values.reshape(-1).view(np.uint8)
+        write_staging(self._pinned, arrays, offsets)
         device_bytes = self._pinned[:max(total, 1)].to(self.device, non_blocking=True)
         self._copied = torch.cuda.Event()
         self._copied.record()
-        return {name: device_bytes[offsets[name]:offsets[name] + values.nbytes]
-                .view(_TORCH_DTYPES[values.dtype.str]).view(values.shape)
-                for name, values in arrays.items()}
+        return read_staging(device_bytes, arrays, offsets)
+
+
+_STAGING_ALIGN = 16  # bytes: every array starts aligned for any int dtype
+
+
+def staging_layout(arrays: dict[str, np.ndarray]) -> tuple[dict[str, int], int]:
+    """Byte offset of each array in one packed buffer, and the buffer's size."""
+    offsets, total = {}, 0
+    for name, values in arrays.items():
+        offsets[name] = total
+        total += -(-values.nbytes // _STAGING_ALIGN) * _STAGING_ALIGN
+    return offsets, total
+
+
+def write_staging(buffer: torch.Tensor, arrays: dict[str, np.ndarray], offsets: dict[str, int]) -> None:
+    """Copy the arrays into a CPU uint8 buffer at their offsets."""
+    staging = buffer.numpy()
+    for name, values in arrays.items():
+        staging[offsets[name]:offsets[name] + values.nbytes] = values.reshape(-1).view(np.uint8)
+
+
+def read_staging(buffer: torch.Tensor, arrays: dict[str, np.ndarray],
+                 offsets: dict[str, int]) -> dict[str, torch.Tensor]:
+    """Typed, shaped views of a packed uint8 buffer (on any device), one per array."""
+    return {name: buffer[offsets[name]:offsets[name] + values.nbytes]
+            .view(_TORCH_DTYPES[values.dtype.str]).view(values.shape)
+            for name, values in arrays.items()}
 
 
 def _cpu_tensor(values: np.ndarray) -> torch.Tensor:

@@ -11,7 +11,7 @@ import torch
 
 import batchllm_core
 from batchllm_core.loader import build_random_model, load
-from batchllm_core.model_runner import ModelRunner
+from batchllm_core.model_runner import ModelRunner, read_staging, staging_layout, write_staging
 from batchllm_core.models import LlamaModel, ModelConfig
 from conftest import gpu
 from model_fixtures import hf_checkpoint, hf_model
@@ -234,6 +234,21 @@ def test_kv_cache_geometry_and_bytes():
     assert h.runner.kv_cache.shape == (2, 2, NUM_BLOCKS, BLOCK_SIZE, 2, 32)
     assert h.runner.model.layers[1].attention.k_cache.data_ptr() == h.runner.kv_cache[1, 0].data_ptr()
     assert ModelRunner.kv_bytes_per_block(config, 16, torch.bfloat16) == 2 * 2 * 16 * 2 * 32 * 2
+
+
+def test_staging_buffer_round_trips_every_array():
+    """The packing the CUDA path uses for its single host-to-device copy, checked on the CPU."""
+    arrays = {"ids": np.arange(7, dtype=np.int32), "slots": np.arange(3, dtype=np.int64) * 10**10,
+              "table": np.arange(12, dtype=np.int32).reshape(3, 4)[:, 1:],  # not contiguous
+              "empty": np.zeros((0, 2), dtype=np.int32), "after": np.array([5], dtype=np.int32)}
+    offsets, total = staging_layout(arrays)
+    assert all(offset % 16 == 0 for offset in offsets.values())
+    buffer = torch.zeros(total, dtype=torch.uint8)
+    write_staging(buffer, arrays, offsets)
+    tensors = read_staging(buffer, arrays, offsets)
+    for name, values in arrays.items():
+        assert tensors[name].is_contiguous() and tensors[name].dtype == torch.from_numpy(values).dtype
+        assert tensors[name].tolist() == values.tolist(), name
 
 
 def test_unsupported_device_combinations_are_explained():
