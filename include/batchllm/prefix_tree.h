@@ -18,8 +18,10 @@ struct PrefixTreeStats {
   int64_t memory_bytes = 0;         ///< memory the tree holds
 };
 
-/// One shared prefix: tokens [begin, end) of every request in `requests`.
-/// Levels nest: a child's begin is its parent's end. begin and end are multiples of the block size.
+/// One shared prefix: tokens [begin, end) of every request in `requests` (at least two).
+/// Levels nest: a child's begin is its parent's end. begin and end are multiples of the block size,
+/// and end <= prompt_length - 1 for every reader: a request's last prompt token is never shared, so
+/// the scheduler always computes it (its logits start the output).
 struct SharedPrefix {
   int32_t parent = -1;              ///< index of the enclosing SharedPrefix in SharingPlan::prefixes, -1 at top
   int32_t depth = 0;                ///< 0 for a top-level prefix
@@ -28,7 +30,8 @@ struct SharedPrefix {
   std::vector<int64_t> requests;    ///< input indices of every request reading it, ascending
 };
 
-/// How a job shares: prefixes ordered parents before children, and each request's deepest prefix.
+/// How a job shares: prefixes ordered parents before children (depth-first; siblings in input order of
+/// their first reader), and each request's deepest prefix.
 struct SharingPlan {
   std::vector<SharedPrefix> prefixes;
   std::vector<int32_t> request_prefix;  ///< per request: deepest SharedPrefix index, or -1 (no sharing)
@@ -53,14 +56,22 @@ class PrefixTree {
 
   /// BatchLLM single-level groups: first-level prefixes enlarged by the gain rule
   /// ((leaves(g)-1)*|g| - |c| > 0 promotes grandchild g under c), cut to a multiple of block_size;
-  /// groups of one request or with a prefix shorter than min_prefix_tokens (>= block_size) are flattened.
+  /// groups of one request or with a prefix shorter than max(block_size, min_prefix_tokens) are
+  /// flattened (their requests share nothing). A group's prefix is its readers' longest common
+  /// prefix, capped at (shortest reader prompt - 1), rounded down. Groups in order of first reader.
+  /// Throws std::invalid_argument for block_size < 1 or min_prefix_tokens < 0. O(nodes + requests).
   SharingPlan group_single_level(int block_size, int64_t min_prefix_tokens = 0) const;
 
-  /// The full multi-level structure (tree-shaped sharing: system prompt -> few-shot set -> question),
-  /// each level cut to a multiple of block_size, at most max_depth levels deep.
+  /// The full multi-level structure (tree-shaped sharing: system prompt -> few-shot set -> question):
+  /// every tree node that two or more prompts pass through is a candidate level ending at its depth
+  /// (capped at the shortest prompt below it - 1, rounded down to block_size); top-down, a candidate
+  /// becomes a level when it adds at least max(block_size, min_prefix_tokens) tokens to the enclosing
+  /// level and the level is < max_depth deep. Throws std::invalid_argument for bad arguments.
   SharingPlan group_multi_level(int block_size, int max_depth = 8, int64_t min_prefix_tokens = 0) const;
 
-  /// Stats of the tree; prefill/shared/groups describe `plan` (pass the plan the job will run).
+  /// Stats of the tree; prefill/shared/groups describe `plan` (pass the plan the job will run):
+  /// shared_tokens = sum over prefixes of (end - begin) * (readers - 1). Throws std::invalid_argument
+  /// when the plan names unknown requests or a prefix longer than a reader's prompt.
   PrefixTreeStats stats(const SharingPlan& plan) const;
 
   int64_t num_requests() const;
