@@ -180,3 +180,20 @@ def test_find_stop_string():
     # ...one that ended before the new delta was already checked and is not reported again.
     assert find_stop_string("abcdef", ["ab"], search_from=4) is None
     assert find_stop_string("abc", [""]) is None
+
+
+@pytest.mark.parametrize("clean_up", [True, False])
+def test_clean_up_tokenization_spaces_as_transformers(tmp_path, clean_up):
+    from transformers import AutoTokenizer
+
+    path = tmp_path / "model"
+    shutil.copytree(hf_checkpoint("llama3"), path)
+    data = json.loads((path / "tokenizer.json").read_text())
+    data["decoder"] = {"type": "WordPiece", "prefix": "##", "cleanup": False}  # leaves " ?" alone
+    (path / "tokenizer.json").write_text(json.dumps(data))
+    config = json.loads((path / "tokenizer_config.json").read_text())
+    (path / "tokenizer_config.json").write_text(json.dumps({**config, "clean_up_tokenization_spaces": clean_up}))
+    hf, ours = AutoTokenizer.from_pretrained(path), Tokenizer.from_pretrained(path)
+    ids = hf("hello world ? the fox").input_ids
+    assert ours.decode(ids) == hf.decode(ids, skip_special_tokens=True)
+    assert ("world?" in ours.decode(ids)) == clean_up
