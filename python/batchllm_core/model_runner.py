@@ -147,6 +147,8 @@ class ModelRunner:
         levels_host = _levels(plan, num_decode) if self.use_cascade and num_decode > 0 else None
         if levels_host is None:
             num_decode = 0
+        elif host["query_start"][num_decode] != num_decode:
+            raise ValueError("StepPlan: each of the num_decode_seqs first sequences must have one row")
         host.update(_paged_part(host, num_decode))
         dev = self._staging.to_device({**{name: host[name] for name in _DEVICE_FIELDS},
                                        **(levels_host or {})})
