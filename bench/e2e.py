@@ -109,10 +109,11 @@ def run_engine(workload_id: str, policy: str, args, ceilings: Ceilings) -> dict:
               for r in workload.requests]
     llm.runner.use_cascade = args.attention == "cascade"
     cost = ModelCost.of(llm.config, torch.empty((), dtype=llm.dtype).element_size())
-    if not args.no_warmup:  # kernels loaded, allocator warm: not part of the job's time
-        llm.generate(prompts[:2], SamplingParams(max_tokens=2, ignore_eos=True), use_tqdm=False)
     step_floor = StepFloor(cost, ceilings)
     _record_steps(llm, step_floor)
+    if not args.no_warmup:  # kernels loaded, allocator warm: not part of the job's time
+        llm.generate(prompts[:2], SamplingParams(max_tokens=2, ignore_eos=True), use_tqdm=False)
+        step_floor.reset()
     _synchronize(llm.device)
     start = time.perf_counter()
     outputs = llm.generate(prompts, params, use_tqdm=False)

@@ -142,6 +142,10 @@ class StepFloor:
 
     def __init__(self, cost: ModelCost, ceilings: Ceilings):
         self.cost, self.ceilings = cost, ceilings
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the steps priced so far."""
         self.seconds = 0.0
         self.steps = 0
         self.decode_kv_tokens = 0

@@ -1,0 +1,258 @@
+"""CUDA graphs for decode-only steps: captured once per padded shape, replayed every step after.
+
+A decode-only step (every row a decoding sequence, every row sampled once, shared-prefix levels
+present) launches a few hundred small kernels; replaying them as one graph removes the launch gaps.
+A graph fixes its tensors' addresses and every launch's grid, so each step is padded to a *shape
+key*: batch rows, prefixes, rows per prefix, prefix keys, suffix block-table width and prefix block
+count, each rounded up to a bucket. The step's metadata goes into the key's static device buffers
+(step_upload.StaticUpload: one pinned copy), then the key's graph replays.
+
+Padding keeps real rows exact and padded rows harmless:
+
+- padded rows: token 0 at position 0, KV slot -1 (not stored), a 1-token suffix in block 0 (a finite
+  read), no prefix; their logits are dropped;
+- padded prefixes: 0 keys, query range [0, 0) (no reader, no tile, nothing merged);
+- the CUDA grid hints are the key's buckets, which bound the real sizes (the kernel reads the real
+  lengths from the device arrays; chunks past a prefix's end are empty no-op merges).
+
+On a CPU device (``capture=False``) the same padded static path runs eagerly: that is how the
+padding is tested without a GPU.
+
+Integration: :class:`GraphModelRunner` is a ``ModelRunner`` whose ``execute`` takes the graph path
+when :meth:`DecodeGraphs.can_run` accepts the plan and the eager path otherwise.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any, Dict, Optional
+
+import numpy as np
+import torch
+
+from .context import AttentionContext, reset_context, set_context
+from .model_runner import ModelRunner
+from .step_upload import PackedLayout, StaticUpload
+
+__all__ = ["GraphKey", "DecodeGraphs", "GraphModelRunner", "batch_bucket"]
+
+
+def _pow2(value: int, minimum: int = 1) -> int:
+    return max(minimum, 1 << max(int(value) - 1, 0).bit_length())
+
+
+def batch_bucket(rows: int) -> int:
+    """Padded batch size: powers of two to 16, then multiples of 16 to 256, then of 64.
+
+    Compute-bound decode steps pay for padding in GEMM rows, so large batches get fine buckets.
+    """
+    if rows <= 16:
+        return _pow2(rows)
+    step = 16 if rows <= 256 else 64
+    return -(-rows // step) * step
+
+
+@dataclass(frozen=True)
+class GraphKey:
+    """The padded shape of a decode-only step."""
+
+    rows: int              # B: decode rows
+    prefixes: int          # P: shared prefixes (levels)
+    prefix_rows: int       # most rows reading one prefix
+    prefix_keys: int       # most keys of one prefix (the split-KV plan's bound)
+    prefix_blocks: int     # total prefix KV block ids
+    suffix_width: int      # suffix block-table width (blocks)
+
+    @classmethod
+    def of(cls, levels: Dict[str, np.ndarray], rows: int, block_size: int) -> "GraphKey":
+        q_range = levels["prefix_q_range"].reshape(-1, 2)
+        num_prefixes = len(levels["prefix_kv_lens"])
+        most_rows = int((q_range[:, 1] - q_range[:, 0]).max()) if num_prefixes else 0
+        most_keys = int(levels["prefix_kv_lens"].max()) if num_prefixes else 0
+        width = levels["suffix_block_tables"].shape[1] if levels["suffix_block_tables"].ndim == 2 else 0
+        padded_rows = batch_bucket(rows)
+        return cls(rows=padded_rows, prefixes=_pow2(num_prefixes),
+                   prefix_rows=min(_pow2(most_rows), padded_rows),
+                   prefix_keys=_pow2(most_keys, 4 * block_size),
+                   prefix_blocks=_pow2(len(levels["prefix_kv_blocks"]), 16),
+                   suffix_width=_pow2(max(width, 1)))
+
+    def layout(self) -> PackedLayout:
+        b, p = self.rows, self.prefixes
+        return PackedLayout([
+            ("input_ids", np.int32, (b,)), ("positions", np.int32, (b,)), ("slot_mapping", np.int64, (b,)),
+            ("prefix_kv_indptr", np.int32, (p + 1,)), ("prefix_kv_blocks", np.int32, (self.prefix_blocks,)),
+            ("prefix_kv_lens", np.int32, (p,)), ("prefix_q_range", np.int32, (p, 2)),
+            ("suffix_block_tables", np.int32, (b, self.suffix_width)), ("suffix_kv_lens", np.int32, (b,)),
+            ("paged_query_start", np.int32, (1,)), ("paged_context_lens", np.int32, (0,)),
+            ("paged_block_tables", np.int32, (0, 1)),
+        ])
+
+
+def pad_decode_step(host: Dict[str, np.ndarray], levels: Dict[str, np.ndarray], key: GraphKey) -> Dict[str, np.ndarray]:
+    """The step's arrays padded to ``key`` (see the module docstring for what padding holds)."""
+    rows, b, p = len(host["input_ids"]), key.rows, key.prefixes
+    num_prefixes = len(levels["prefix_kv_lens"])
+
+    def padded(values, length, fill, dtype):
+        out = np.full(length, fill, dtype)
+        out[:len(values)] = values
+        return out
+
+    indptr = levels["prefix_kv_indptr"]
+    q_range = np.zeros((p, 2), np.int32)
+    q_range[:num_prefixes] = levels["prefix_q_range"].reshape(-1, 2)
+    suffix = np.full((b, key.suffix_width), -1, np.int32)
+    real_suffix = levels["suffix_block_tables"].reshape(rows, -1)
+    suffix[:rows, :real_suffix.shape[1]] = real_suffix
+    suffix[rows:, 0] = 0  # padded rows read one key of block 0: finite, never stored, dropped
+    return {
+        "input_ids": padded(host["input_ids"], b, 0, np.int32),
+        "positions": padded(host["positions"], b, 0, np.int32),
+        "slot_mapping": padded(host["slot_mapping"], b, -1, np.int64),
+        "prefix_kv_indptr": padded(indptr, p + 1, indptr[-1] if len(indptr) else 0, np.int32),
+        "prefix_kv_blocks": padded(levels["prefix_kv_blocks"], key.prefix_blocks, 0, np.int32),
+        "prefix_kv_lens": padded(levels["prefix_kv_lens"], p, 0, np.int32),
+        "prefix_q_range": q_range,
+        "suffix_block_tables": suffix,
+        "suffix_kv_lens": padded(levels["suffix_kv_lens"], b, 1, np.int32),
+        "paged_query_start": np.zeros(1, np.int32),
+        "paged_context_lens": np.zeros(0, np.int32),
+        "paged_block_tables": np.zeros((0, 1), np.int32),
+    }
+
+
+class _Entry:
+    """One key's static buffers, its graph (None before capture or without capture) and output."""
+
+    def __init__(self, key: GraphKey, device: torch.device):
+        self.key = key
+        self.upload = StaticUpload(key.layout(), device)
+        self.graph: Optional[torch.cuda.CUDAGraph] = None
+        self.logits: Optional[torch.Tensor] = None
+
+
+class DecodeGraphs:
+    """Decode-only steps of one ModelRunner through per-key static buffers and CUDA graphs.
+
+    Parameters
+    ----------
+    runner : ModelRunner
+        Its model and KV cache are used as they are.
+    max_rows : int
+        Larger decode steps run eagerly.
+    max_graphs : int
+        Keys kept at once (least recently used dropped first, with its graph).
+    capture : bool or None
+        Capture and replay CUDA graphs; None: when the runner's device is CUDA. False runs the same
+        padded static path eagerly (for tests, and for A/B timing on a GPU).
+    """
+
+    def __init__(self, runner: ModelRunner, max_rows: int = 1024, max_graphs: int = 32,
+                 capture: Optional[bool] = None):
+        self.runner = runner
+        self.max_rows = int(max_rows)
+        self.max_graphs = int(max_graphs)
+        self.capture = runner.device.type == "cuda" if capture is None else bool(capture)
+        if self.capture and runner.device.type != "cuda":
+            raise ValueError("DecodeGraphs: capture needs a CUDA runner")
+        self._entries: "OrderedDict[GraphKey, _Entry]" = OrderedDict()
+        self._pool = torch.cuda.graph_pool_handle() if self.capture else None
+        self.captures = 0
+        self.replays = 0
+
+    def can_run(self, plan: Any) -> bool:
+        """Whether ``plan`` is a decode-only step with levels that every row samples once, in order."""
+        rows = len(plan.input_ids)
+        num_decode = int(plan.num_decode_seqs)
+        if rows == 0 or num_decode != rows or rows > self.max_rows or not self.runner.use_cascade:
+            return False
+        indptr = getattr(plan, "prefix_kv_indptr", None)
+        if indptr is None or len(indptr) == 0:
+            return False
+        sample_rows = np.asarray(plan.sample_rows)
+        return len(sample_rows) == rows and bool((sample_rows == np.arange(rows)).all())
+
+    @torch.inference_mode()
+    def execute(self, plan: Any) -> torch.Tensor:
+        """Run a plan :meth:`can_run` accepted (cow copies already done); float32 logits ``[B, vocab]``."""
+        from .model_runner import _host_arrays, _levels
+
+        host = _host_arrays(plan)
+        rows = len(host["input_ids"])
+        levels = _levels(plan, rows)
+        key = GraphKey.of(levels, rows, self.runner.block_size)
+        entry = self._entry(key)
+        views = entry.upload.upload(pad_decode_step(host, levels, key))
+        if not self.capture:
+            return self._forward(entry, views)[:rows]
+        if entry.graph is None:
+            self._capture(entry, views)
+        entry.graph.replay()
+        self.replays += 1
+        return entry.logits[:rows]
+
+    def _entry(self, key: GraphKey) -> _Entry:
+        entry = self._entries.pop(key, None)
+        if entry is None:
+            entry = _Entry(key, self.runner.device)
+            while len(self._entries) >= self.max_graphs:
+                _, dropped = self._entries.popitem(last=False)
+                if dropped.graph is not None:
+                    dropped.graph.reset()
+        self._entries[key] = entry
+        return entry
+
+    def _forward(self, entry: _Entry, views: Dict[str, torch.Tensor]) -> torch.Tensor:
+        """The model over the static views: logits of every padded row."""
+        from .ops import DecodeLevels
+
+        key = entry.key
+        levels = DecodeLevels(views["prefix_kv_indptr"], views["prefix_kv_blocks"], views["prefix_kv_lens"],
+                              views["prefix_q_range"], views["suffix_block_tables"], views["suffix_kv_lens"],
+                              max_prefix_kv_len=key.prefix_keys, max_prefix_rows=key.prefix_rows,
+                              max_suffix_kv_len=key.suffix_width * self.runner.block_size)
+        set_context(AttentionContext(
+            slot_mapping=views["slot_mapping"], num_decode_rows=key.rows, query_start=views["paged_query_start"],
+            context_lens=views["paged_context_lens"], block_tables=views["paged_block_tables"], max_q_len=0,
+            decode_levels=levels))
+        try:
+            hidden = self.runner.model(views["input_ids"], views["positions"])
+            return self.runner.model.compute_logits(hidden).float()
+        finally:
+            reset_context()
+
+    def _capture(self, entry: _Entry, views: Dict[str, torch.Tensor]) -> None:
+        # Warm-up on a side stream, as torch requires before capture. It runs this step for real:
+        # the K/V it stores are the ones the replay stores again (same values, same slots).
+        side = torch.cuda.Stream(self.runner.device)
+        side.wait_stream(torch.cuda.current_stream(self.runner.device))
+        with torch.cuda.stream(side):
+            self._forward(entry, views)
+        torch.cuda.current_stream(self.runner.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            entry.logits = self._forward(entry, views)
+        entry.graph = graph
+        self.captures += 1
+
+
+class GraphModelRunner(ModelRunner):
+    """A ModelRunner that replays CUDA graphs for decode-only steps (eager for everything else).
+
+    Same constructor as :class:`ModelRunner` plus ``graph_max_rows``, ``max_graphs`` and ``capture``
+    (see :class:`DecodeGraphs`).
+    """
+
+    def __init__(self, *args, graph_max_rows: int = 1024, max_graphs: int = 32, capture: Optional[bool] = None,
+                 **kwargs):
+        super().__init__(*args, **kwargs)
+        self.decode_graphs = DecodeGraphs(self, graph_max_rows, max_graphs, capture)
+
+    def execute(self, plan: Any) -> torch.Tensor:
+        if not self.decode_graphs.can_run(plan):
+            return super().execute(plan)
+        cow_src, cow_dst = getattr(plan, "cow_src", None), getattr(plan, "cow_dst", None)
+        if cow_src is not None and len(cow_src):
+            self.copy_blocks(cow_src, cow_dst)
+        return self.decode_graphs.execute(plan)

@@ -1,0 +1,137 @@
+"""Decode-step CUDA graphs (batchllm_core.cuda_graphs) and their static step buffers (step_upload).
+
+On CPU the graph runner runs its padded static path eagerly (``capture=False``): every test here
+compares it, step by step, with the plain ModelRunner on the plans of a real scheduled job. The GPU
+test does the same with graphs captured and replayed.
+"""
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import gpu
+
+from batchllm_core.cuda_graphs import DecodeGraphs, GraphKey, GraphModelRunner, batch_bucket, pad_decode_step
+from batchllm_core.step_upload import PackedLayout, StaticUpload
+
+
+def test_batch_buckets_bound_rows_with_little_padding():
+    for rows in range(1, 1100):
+        bucket = batch_bucket(rows)
+        assert bucket >= rows
+        assert bucket - rows < max(rows, 16) if rows <= 16 else bucket - rows < (16 if rows <= 256 else 64)
+    assert [batch_bucket(r) for r in (1, 3, 9, 17, 250, 257, 1000)] == [1, 4, 16, 32, 256, 320, 1024]
+
+
+def test_static_upload_keeps_addresses_and_checks_shapes():
+    layout = PackedLayout([("a", np.int32, (3,)), ("b", np.int64, (2, 2)), ("c", np.int32, (0,))])
+    assert all(spec.offset % 16 == 0 for spec in layout.fields.values())
+    upload = StaticUpload(layout, torch.device("cpu"))
+    first = upload.upload({"a": [1, 2, 3], "b": np.arange(4).reshape(2, 2), "c": np.zeros(0, np.int32)})
+    pointers = {name: t.data_ptr() for name, t in first.items()}
+    second = upload.upload({"a": [7, 8, 9], "b": -np.arange(4).reshape(2, 2), "c": np.zeros(0, np.int32)})
+    assert {name: t.data_ptr() for name, t in second.items()} == pointers
+    assert second["a"].tolist() == [7, 8, 9] and second["b"].tolist() == [[0, -1], [-2, -3]]
+    assert second["b"].dtype == torch.int64 and second["b"].is_contiguous()
+    with pytest.raises(ValueError, match="field 'a' has shape"):
+        upload.upload({"a": [1, 2], "b": np.zeros((2, 2)), "c": np.zeros(0, np.int32)})
+
+
+def test_padding_keeps_real_rows_and_neutralizes_the_rest():
+    host = {"input_ids": np.array([5, 6, 7], np.int32), "positions": np.array([10, 11, 12], np.int32),
+            "slot_mapping": np.array([40, 41, 42], np.int64)}
+    levels = {"prefix_kv_indptr": np.array([0, 2], np.int32), "prefix_kv_blocks": np.array([3, 4], np.int32),
+              "prefix_kv_lens": np.array([20], np.int32), "prefix_q_range": np.array([[0, 3]], np.int32),
+              "suffix_block_tables": np.array([[1], [2], [5]], np.int32),
+              "suffix_kv_lens": np.array([1, 2, 3], np.int32)}
+    key = GraphKey.of(levels, 3, block_size=16)
+    assert (key.rows, key.prefixes, key.prefix_rows, key.prefix_keys) == (4, 1, 4, 64)
+    padded = pad_decode_step(host, levels, key)
+    assert padded["slot_mapping"].tolist() == [40, 41, 42, -1]
+    assert padded["suffix_kv_lens"].tolist() == [1, 2, 3, 1]
+    assert padded["suffix_block_tables"][:, 0].tolist() == [1, 2, 5, 0]
+    assert padded["prefix_q_range"].tolist() == [[0, 3]]
+    for name, spec in key.layout().fields.items():
+        assert padded[name].shape == spec.shape, name
+
+
+class _Compare:
+    """Runs every plan through the eager runner (whose logits the engine samples) and the graph
+    runner (its own model copy and KV cache), and checks that their logits agree."""
+
+    def __init__(self, reference, graphs: GraphModelRunner, atol: float):
+        self.reference, self.graphs, self.atol = reference, graphs, atol
+        self.graph_steps = 0
+
+    def execute(self, plan):
+        graph_path = self.graphs.decode_graphs.can_run(plan)
+        expected = self.reference.execute(plan)
+        got = self.graphs.execute(plan)
+        torch.testing.assert_close(got, expected, atol=self.atol, rtol=self.atol)
+        self.graph_steps += graph_path
+        return expected
+
+
+def _shared_prefix_prompts(vocab: int, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    prompts = []
+    for group in range(3):  # 3 groups of different sizes and prefix lengths, a tree under group 0
+        prefix = rng.integers(10, vocab, 40 + 30 * group).tolist()
+        for member in range(2 + 3 * group):
+            prompts.append({"prompt_token_ids": prefix + rng.integers(10, vocab, 5 + member).tolist()})
+    return prompts
+
+
+def _run_compared(device: str, capture, atol: float):
+    from batchllm_core import LLM, SamplingParams
+
+    llm = LLM(model=None, device=device, kv_cache_memory=8 << 20, max_num_batched_tokens=64)
+    model = copy.deepcopy(llm.model)
+    graphs = GraphModelRunner(model, llm.config, llm.num_kv_blocks, llm.block_size, llm.device, llm.dtype,
+                              max_graphs=4, capture=capture)
+    compare = _Compare(llm.runner, graphs, atol)
+    llm.runner = compare
+    prompts = _shared_prefix_prompts(llm.config.vocab_size)
+    params = [SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)] * (len(prompts) - 1)
+    params.append(SamplingParams(n=3, temperature=1.0, seed=5, max_tokens=12, ignore_eos=True))  # cow forks
+    outputs = llm.generate(prompts, params, use_tqdm=False)
+    assert all(len(c.token_ids) == 12 for o in outputs for c in o.outputs)
+    return compare, graphs
+
+
+def test_padded_static_decode_path_matches_eager_runner_on_cpu():
+    compare, graphs = _run_compared("cpu", capture=False, atol=1e-5)
+    assert compare.graph_steps >= 5  # most decode steps took the padded static path
+    assert len(graphs.decode_graphs._entries) <= 4  # LRU bound held
+
+
+def test_can_run_rejects_mixed_and_levelless_steps():
+    class Plan:
+        input_ids = np.zeros(3, np.int32)
+        num_decode_seqs = 2
+        prefix_kv_indptr = np.zeros(1, np.int32)
+        sample_rows = np.arange(3, dtype=np.int32)
+
+    class FakeRunner:
+        device = torch.device("cpu")
+        use_cascade = True
+
+    graphs = DecodeGraphs(FakeRunner(), capture=False)
+    assert not graphs.can_run(Plan())  # a prefill row
+    Plan.num_decode_seqs = 3
+    assert graphs.can_run(Plan())
+    Plan.sample_rows = np.array([0, 0, 1, 2], np.int32)  # n > 1 draws from one row
+    assert not graphs.can_run(Plan())
+    Plan.sample_rows = np.arange(3, dtype=np.int32)
+    Plan.prefix_kv_indptr = np.zeros(0, np.int32)
+    assert not graphs.can_run(Plan())
+
+
+@gpu
+def test_captured_graphs_match_eager_runner_on_gpu():
+    compare, graphs = _run_compared("cuda", capture=None, atol=2e-2)
+    assert compare.graph_steps >= 5
+    assert graphs.decode_graphs.captures >= 1 and graphs.decode_graphs.replays == compare.graph_steps
