@@ -117,6 +117,26 @@ def test_numpy_and_list_inputs_and_appends_agree(prompts, split):
     assert [from_numpy.prompt_length(i) for i in range(len(prompts))] == [len(p) for p in prompts]
 
 
+def test_insert_reads_numpy_without_copying():
+    import tracemalloc
+
+    tokens = (np.arange(2_000_000) % 1000).astype(np.int32)  # 8 MB
+    offsets = np.arange(0, 2_000_001, 1000, dtype=np.int64)
+    tracemalloc.start()  # numpy reports its buffers to tracemalloc; the tree's own storage is C++'s
+    try:
+        _C.PrefixTree().insert(tokens, offsets)
+        contiguous_peak = tracemalloc.get_traced_memory()[1]
+        strided = np.repeat(tokens, 2)[::2]
+        tracemalloc.reset_peak()
+        base = tracemalloc.get_traced_memory()[0]
+        _C.PrefixTree().insert(strided, offsets)  # a strided view is copied once, then read
+        strided_peak = tracemalloc.get_traced_memory()[1] - base
+    finally:
+        tracemalloc.stop()
+    assert contiguous_peak < 1_000_000
+    assert strided_peak >= tokens.nbytes
+
+
 # ---- planted structures ------------------------------------------------------------------------------
 
 def test_planted_groups_are_found_exactly():
