@@ -145,6 +145,24 @@ TEST(PrefixTree, DeepNestingNeedsNoRecursion) {
   EXPECT_EQ(multi.prefixes[7].requests.size(), 3000u - 128u);
 }
 
+TEST(PrefixTree, LongPromptsAndWideNodes) {
+  std::mt19937 rng(9);
+  // Runs longer than an arena chunk (1M tokens) get their own chunk; a split inside one works.
+  const auto shared = random_run(rng, 1'500'000);
+  Prompts prompts{concat(shared, random_run(rng, 10)), concat(shared, random_run(rng, 20))};
+  // 50,000 single-token prompts: the root's child index grows far past its first size.
+  for (int32_t t = 0; t < 50'000; ++t) prompts.push_back({t});
+  PrefixTree tree = build(prompts);
+  EXPECT_EQ(tree.prompt_length(1), 1'500'020);
+  const SharingPlan plan = tree.group_single_level(16);
+  ASSERT_EQ(plan.prefixes.size(), 1u);
+  EXPECT_EQ(plan.prefixes[0].end, 1'500'000);
+  EXPECT_EQ(plan.prefixes[0].requests, (std::vector<int64_t>{0, 1}));
+  // Every single-token prompt is a leaf of the root, except the one equal to the long run's first
+  // token: it ends inside that edge and splits it (root, split, long run, 2 suffixes, 49,999 leaves).
+  EXPECT_EQ(tree.stats(plan).nodes, 1 + 1 + 1 + 2 + 49'999);
+}
+
 TEST(PrefixTree, NegativeTokenRejectsTheWholeCall) {
   PrefixTree tree = build({{1, 2, 3}, {1, 2, 4}});
   const std::vector<int32_t> tokens{1, 2, 9, 9, 1, 2, 5, -3};
