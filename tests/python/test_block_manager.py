@@ -112,6 +112,8 @@ class BlockManagerMachine(RuleBasedStateMachine):
     def append(self, i, n):
         t = self.tables[i % len(self.tables)]
         values = self.contents[i % len(self.tables)]
+        need_all = self.bm.blocks_needed_to_append(t, n)
+        free_at_start = self.bm.num_free_blocks
         for _ in range(n):
             need = self.bm.blocks_needed_to_append(t, 1)
             free_before = self.bm.num_free_blocks
@@ -119,6 +121,7 @@ class BlockManagerMachine(RuleBasedStateMachine):
             slot, src, dst = self.bm.append_slot(t)
             if need > free_before:
                 assert slot == -1 and (list(t.blocks), t.num_tokens) == before
+                assert need_all > free_at_start  # the up-front answer said it would not fit
                 return
             assert slot == t.blocks[(t.num_tokens - 1) // self.BLOCK_SIZE] * self.BLOCK_SIZE + (
                 (t.num_tokens - 1) % self.BLOCK_SIZE
@@ -133,6 +136,8 @@ class BlockManagerMachine(RuleBasedStateMachine):
             self.kv[slot] = self.next_value
             values.append(self.next_value)
             self.next_value += 1
+        # All n appends went through: they took exactly what blocks_needed_to_append(n) promised.
+        assert self.bm.num_free_blocks == free_at_start - need_all
 
     @precondition(lambda self: self.tables)
     @rule(i=st.integers(min_value=0))
