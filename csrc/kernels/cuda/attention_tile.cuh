@@ -34,44 +34,63 @@ struct TileRows {
 };
 
 /// Shared-memory layout of a tile; leading dims are padded to keep WMMA pointers 32-byte aligned
-/// and to spread rows over banks.
+/// and to spread rows over banks. The probabilities P (16-bit) overwrite the front of their own
+/// score row S (float) once the row is read: at d = 128 that keeps a CTA under 114 KB, so two CTAs
+/// fit one Hopper SM.
 template <typename T, int D>
 struct TileSmem {
   static constexpr int kLdQkv = D + 8;          // 16-bit elements
   static constexpr int kLdS = kTileKeys + 4;    // floats
-  static constexpr int kLdP = kTileKeys + 8;    // 16-bit elements
+  static constexpr int kLdP = 2 * kLdS;         // 16-bit elements: row r of P starts where row r of S does
   static constexpr int kLdO = D + 4;            // floats
   T q[kTileRows * kLdQkv];
   T k[kTileKeys * kLdQkv];
   T v[kTileKeys * kLdQkv];
-  float s[kTileRows * kLdS];
-  T p[kTileRows * kLdP];
+  float s[kTileRows * kLdS];                    // S, and P in place (see p_row)
   float o[kTileRows * kLdO];
   float row_max[kTileRows];   // running max of scaled scores, log2 domain
   float row_sum[kTileRows];   // running sum of exp2(score - max)
   float row_alpha[kTileRows]; // rescale factor of this step
   TileRows<T> rows;
+
+  __device__ T* p_row(int r) { return reinterpret_cast<T*>(s + r * kLdS); }
 };
 
 /// Copies 64 keys (from `first_key`) of one KV head into shared memory, 16 bytes per thread access;
 /// keys past num_keys are zero-filled so that 0-probability columns never multiply garbage.
+/// K and V are loaded in one unrolled loop so that every thread has all its 16-byte loads in flight
+/// before the first store to shared memory.
 template <typename T, int D>
-__device__ __forceinline__ void load_kv_tile(T* dst, const TensorView& cache, const TileRows<T>& rows,
-                                             int first_key) {
+__device__ __forceinline__ void load_kv_tile(T* k_dst, T* v_dst, const TensorView& k_cache,
+                                             const TensorView& v_cache, const TileRows<T>& rows, int first_key) {
   constexpr int kVecPerKey = D * sizeof(T) / 16;
-  const char* base = static_cast<const char*>(cache.data);
-  for (int idx = threadIdx.x; idx < kTileKeys * kVecPerKey; idx += kTileThreads) {
-    const int key = idx / kVecPerKey;
-    const int chunk = idx % kVecPerKey;
+  constexpr int kVecPerThread = kTileKeys * kVecPerKey / kTileThreads;
+  static_assert(kTileKeys * kVecPerKey % kTileThreads == 0, "tile loads must divide evenly");
+  const char* k_base = static_cast<const char*>(k_cache.data);
+  const char* v_base = static_cast<const char*>(v_cache.data);
+  uint4 k_values[kVecPerThread], v_values[kVecPerThread];
+#pragma unroll
+  for (int i = 0; i < kVecPerThread; ++i) {
+    const int idx = threadIdx.x + i * kTileThreads;
+    const int key = idx / kVecPerKey, chunk = idx % kVecPerKey;
     const int pos = first_key + key;
-    uint4 value = make_uint4(0, 0, 0, 0);
+    k_values[i] = make_uint4(0, 0, 0, 0);
+    v_values[i] = make_uint4(0, 0, 0, 0);
     if (pos < rows.num_keys) {
       const int64_t block = rows.blocks[pos / rows.block_size];
-      const int64_t elem = block * cache.stride[0] + (pos % rows.block_size) * cache.stride[1] +
-                           static_cast<int64_t>(rows.kv_head) * cache.stride[2];
-      value = reinterpret_cast<const uint4*>(base + elem * sizeof(T))[chunk];
+      const int64_t slot = pos % rows.block_size;
+      const int64_t k_elem = block * k_cache.stride[0] + slot * k_cache.stride[1] + rows.kv_head * k_cache.stride[2];
+      const int64_t v_elem = block * v_cache.stride[0] + slot * v_cache.stride[1] + rows.kv_head * v_cache.stride[2];
+      k_values[i] = reinterpret_cast<const uint4*>(k_base + k_elem * sizeof(T))[chunk];
+      v_values[i] = reinterpret_cast<const uint4*>(v_base + v_elem * sizeof(T))[chunk];
     }
-    reinterpret_cast<uint4*>(dst + key * TileSmem<T, D>::kLdQkv)[chunk] = value;
+  }
+#pragma unroll
+  for (int i = 0; i < kVecPerThread; ++i) {
+    const int idx = threadIdx.x + i * kTileThreads;
+    const int key = idx / kVecPerKey, chunk = idx % kVecPerKey;
+    reinterpret_cast<uint4*>(k_dst + key * TileSmem<T, D>::kLdQkv)[chunk] = k_values[i];
+    reinterpret_cast<uint4*>(v_dst + key * TileSmem<T, D>::kLdQkv)[chunk] = v_values[i];
   }
 }
 
@@ -114,22 +133,29 @@ __global__ void __launch_bounds__(kTileThreads) attention_tile_kernel(Problem pr
   }
 
   const int warp_row0 = warp * 16;
+  __syncthreads();  // Q rows visible to every warp
+  // The warp's 16 query rows stay in registers for the whole key loop (D / 16 fragments).
+  wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> q_frags[D / 16];
+#pragma unroll
+  for (int i = 0; i < D / 16; ++i) {
+    wmma::load_matrix_sync(q_frags[i], sm.q + warp_row0 * Smem::kLdQkv + i * 16, Smem::kLdQkv);
+  }
+
   for (int first_key = sm.rows.key_begin; first_key < sm.rows.num_keys; first_key += kTileKeys) {
-    __syncthreads();  // previous step's readers of k/v are done (and Q/O init is visible)
-    load_kv_tile<T, D>(sm.k, k_cache, sm.rows, first_key);
-    load_kv_tile<T, D>(sm.v, v_cache, sm.rows, first_key);
+    __syncthreads();  // previous step's readers of k/v (and of P inside S) are done
+    load_kv_tile<T, D>(sm.k, sm.v, k_cache, v_cache, sm.rows, first_key);
     __syncthreads();
 
     // S[16 rows of this warp, 64 keys] = Q K^T.
+#pragma unroll
     for (int n = 0; n < kTileKeys; n += 16) {
       wmma::fragment<wmma::accumulator, 16, 16, 16, float> s_frag;
       wmma::fill_fragment(s_frag, 0.0f);
-      for (int kk = 0; kk < D; kk += 16) {
-        wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> q_frag;
+#pragma unroll
+      for (int i = 0; i < D / 16; ++i) {
         wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> k_frag;
-        wmma::load_matrix_sync(q_frag, sm.q + warp_row0 * Smem::kLdQkv + kk, Smem::kLdQkv);
-        wmma::load_matrix_sync(k_frag, sm.k + n * Smem::kLdQkv + kk, Smem::kLdQkv);
-        wmma::mma_sync(s_frag, q_frag, k_frag, s_frag);
+        wmma::load_matrix_sync(k_frag, sm.k + n * Smem::kLdQkv + i * 16, Smem::kLdQkv);
+        wmma::mma_sync(s_frag, q_frags[i], k_frag, s_frag);
       }
       wmma::store_matrix_sync(sm.s + warp_row0 * Smem::kLdS + n, s_frag, Smem::kLdS, wmma::mem_row_major);
     }
@@ -153,8 +179,9 @@ __global__ void __launch_bounds__(kTileThreads) attention_tile_kernel(Problem pr
       float tile_sum = p0 + p1;
       for (int offset = 16; offset > 0; offset /= 2) tile_sum += __shfl_xor_sync(0xffffffffu, tile_sum, offset);
       const float alpha = empty ? 1.0f : exp2f(old_max - new_max);  // old_max -inf -> 0
-      sm.p[r * Smem::kLdP + lane] = from_float<T>(p0);
-      sm.p[r * Smem::kLdP + lane + 32] = from_float<T>(p1);
+      __syncwarp();  // every lane has read its scores of row r before P overwrites that row
+      sm.p_row(r)[lane] = from_float<T>(p0);
+      sm.p_row(r)[lane + 32] = from_float<T>(p1);
       __syncwarp();
       if (lane == 0) {
         sm.row_max[r] = new_max;
@@ -176,7 +203,7 @@ __global__ void __launch_bounds__(kTileThreads) attention_tile_kernel(Problem pr
       for (int kk = 0; kk < kTileKeys; kk += 16) {
         wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> p_frag;
         wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> v_frag;
-        wmma::load_matrix_sync(p_frag, sm.p + warp_row0 * Smem::kLdP + kk, Smem::kLdP);
+        wmma::load_matrix_sync(p_frag, sm.p_row(warp_row0) + kk, Smem::kLdP);
         wmma::load_matrix_sync(v_frag, sm.v + kk * Smem::kLdQkv + n, Smem::kLdQkv);
         wmma::mma_sync(o_frag, p_frag, v_frag, o_frag);
       }
