@@ -79,6 +79,8 @@ def _parse(argv):
     parser.add_argument("--max-num-seqs", type=int, default=1024)
     parser.add_argument("--attention", choices=["cascade", "paged"], default="cascade",
                         help="decode attention: shared-prefix levels (cascade) or paged per sequence (A/B)")
+    parser.add_argument("--cuda-graphs", action="store_true",
+                        help="replay CUDA graphs for decode-only steps (batchllm_core.cuda_graphs)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 is fastest on a busy host)")
     parser.add_argument("--flops", type=float, default=H100_FLOPS, help="matmul ceiling, FLOP/s (H100 measured)")
     parser.add_argument("--bytes-per-s", type=float, default=H100_BYTES_PER_S,
@@ -107,6 +109,8 @@ def run_engine(workload_id: str, policy: str, args, ceilings: Ceilings) -> dict:
     prompts = [{"prompt_token_ids": r.prompt_token_ids.tolist()} for r in workload.requests]
     params = [SamplingParams(n=r.n, temperature=r.temperature, max_tokens=r.max_tokens, ignore_eos=True)
               for r in workload.requests]
+    if args.cuda_graphs:
+        _use_graph_runner(llm)
     llm.runner.use_cascade = args.attention == "cascade"
     cost = ModelCost.of(llm.config, torch.empty((), dtype=llm.dtype).element_size())
     step_floor = StepFloor(cost, ceilings)
@@ -133,10 +137,22 @@ def run_engine(workload_id: str, policy: str, args, ceilings: Ceilings) -> dict:
         steps=int(stats["steps"]), preemptions=int(stats["preemptions"]),
         peak_kv_blocks=int(stats["peak_kv_blocks"]), peak_kv_bytes=int(stats["peak_kv_blocks"]) * bytes_per_block,
         kv_capacity_blocks=int(llm.num_kv_blocks), step_floor_s=_sig(step_floor.seconds),
+        graph_steps=getattr(getattr(llm.runner, "decode_graphs", None), "steps", None),
         time_over_step_floor=round(seconds / step_floor.seconds, 3) if step_floor.seconds > 0 else None)
     del llm, outputs
     _release_memory()
     return result
+
+
+def _use_graph_runner(llm) -> None:
+    """Swap the LLM's runner for a GraphModelRunner over the same model and KV capacity (until the
+    engine builds one itself); the old KV pool is freed first."""
+    from batchllm_core.cuda_graphs import GraphModelRunner
+
+    llm.runner = None
+    _release_memory()
+    llm.runner = GraphModelRunner(llm.model, llm.config, llm.num_kv_blocks, llm.block_size, llm.device, llm.dtype,
+                                  graph_max_rows=llm.max_num_seqs)
 
 
 def _workload(workload_id: str, vocab_size: int, args):
@@ -227,6 +243,7 @@ def _common(workload, args, device, dtype, policy, seconds, cost, ceilings, outp
     return {
         "bench": "e2e", "workload": workload.id, "model": args.model, "policy": policy,
         "attention": args.attention if policy != "hf" else "sdpa",
+        "cuda_graphs": bool(args.cuda_graphs) and policy != "hf",
         "device": str(device), "device_name": device_name(device), "dtype": str(dtype).replace("torch.", ""),
         "commit": commit(), "scale": args.scale, "max_tokens": args.max_tokens, "requests": len(workload.requests),
         "sequences": workload.num_sequences, "prompt_tokens": prompt_tokens, "output_tokens": output_tokens,

@@ -158,6 +158,7 @@ class DecodeGraphs:
             raise ValueError("DecodeGraphs: capture needs a CUDA runner")
         self._entries: "OrderedDict[GraphKey, _Entry]" = OrderedDict()
         self._pool = torch.cuda.graph_pool_handle() if self.capture else None
+        self.steps = 0      # steps run through the padded static path
         self.captures = 0
         self.replays = 0
 
@@ -184,6 +185,7 @@ class DecodeGraphs:
         key = GraphKey.of(levels, rows, self.runner.block_size)
         entry = self._entry(key)
         views = entry.upload.upload(pad_decode_step(host, levels, key))
+        self.steps += 1
         if not self.capture:
             return self._forward(entry, views)[:rows]
         if entry.graph is None:
