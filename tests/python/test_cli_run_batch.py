@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from collections import Counter
 from pathlib import Path
 
@@ -49,7 +50,8 @@ def read_answers(path: Path):
 def llm():
     from batchllm_core import LLM
 
-    with pytest.warns(UserWarning, match="noise"):
+    with warnings.catch_warnings():  # "the tiny model's text is noise" (warned once per process)
+        warnings.simplefilter("ignore")
         return LLM()
 
 
@@ -284,3 +286,72 @@ def test_console_entry_on_the_example_job(tmp_path):
     cached = sum(a["response"]["body"]["usage"]["prompt_tokens_details"]["cached_tokens"] for a in answers)
     prompt = sum(a["response"]["body"]["usage"]["prompt_tokens"] for a in answers)
     assert cached > prompt / 2  # the example's groups share most of their prompts
+
+
+def test_requests_the_engine_cannot_run_fail_alone_with_status_500(tmp_path):
+    from batchllm_core import LLM
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        small = LLM(kv_cache_memory=2 * 16 * 512)      # two KV blocks of 16 float32 tokens
+    lines = [request("fits", prompt="hi", max_tokens=2), request("huge", prompt="x" * 60, max_tokens=4)]
+    code, stdout, _, output = run(small, tmp_path, lines)
+    assert code == 0
+    answers = {a["custom_id"]: a for a in read_answers(output)}
+    assert answers["fits"]["error"] is None
+    assert answers["huge"]["response"]["status_code"] == 500
+    assert answers["huge"]["error"]["code"] == "engine_error" and "KV cache" in answers["huge"]["error"]["message"]
+    assert "line 2 (custom_id 'huge')" in answers["huge"]["error"]["message"]
+    assert "1 ok, 1 failed" in stdout
+
+
+def test_progress_lines_when_not_a_terminal():
+    from batchllm_core.batch_progress import JobCounters, ProgressReporter, format_summary
+
+    now = [0.0]
+    stream = io.StringIO()
+    counters = JobCounters(total=10, ok=3, failed=1, prompt_tokens=100, cached_tokens=80, output_tokens=50)
+    progress = ProgressReporter(counters, stream, interval_s=5.0, kv_usage=lambda: 0.25, clock=lambda: now[0])
+    now[0] = 1.0
+    progress.update()
+    assert stream.getvalue() == ""                      # not yet: one line per interval
+    now[0] = 10.0
+    progress.update()
+    line = stream.getvalue()
+    assert line.endswith("\n") and "\r" not in line
+    assert "4/10 requests" in line and "5.0 output tok/s" in line and "80.0% prompt tokens" in line
+    assert "KV 25% used" in line and "1 failed" in line
+    counters.seconds, counters.interrupted = 2.0, True
+    summary = format_summary(counters, "out.jsonl")
+    assert "interrupted: 4 of 10 requests answered (3 ok, 1 failed) in 2.00 s" in summary
+    assert "25.0 tokens/s" in summary and "prefill tokens saved by shared prefixes: 80 (80.0%)" in summary
+    assert "--resume" in summary
+
+
+class _FailsAfterFirstAnswer:
+    """The real engine, except that it breaks down after its first completed request."""
+
+    def __init__(self, llm):
+        self._llm = llm
+
+    def __getattr__(self, name):
+        return getattr(self._llm, name)
+
+    def generate_stream(self, *args, **kwargs):
+        stream = self._llm.generate_stream(*args, **kwargs)
+        yield next(stream)
+        stream.close()
+        raise RuntimeError("device lost")
+
+
+def test_an_engine_failure_keeps_the_answers_written_and_resume_finishes(llm, tmp_path):
+    lines = [request(f"r{i}", prompt=f"Prompt number {i} " * (i + 1)) for i in range(5)] + ["bad line"]
+    code, stdout, stderr, output = run(_FailsAfterFirstAnswer(llm), tmp_path, lines)
+    assert code == 1
+    assert "unexpected engine error" in stderr and "device lost" in stderr
+    assert "interrupted" in stdout and "--resume" in stdout
+    assert len(read_answers(output)) == 2                 # the bad line's error and one completion
+    code, _, _, output = run(llm, tmp_path, lines, resume=True)
+    assert code == 0
+    answers = read_answers(output)
+    assert len(answers) == 6 and len({a["custom_id"] for a in answers}) == 6
