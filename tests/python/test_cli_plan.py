@@ -93,9 +93,11 @@ def test_plan_errors(tmp_path, capsys):
 
 
 def test_python_dash_m_runs_the_same_command_line(nested_job):
-    env_path = str(ROOT / "python")
+    import batchllm_core
+
+    package_parent = str(Path(batchllm_core.__file__).resolve().parents[1])  # source tree or site-packages
     result = subprocess.run([sys.executable, "-m", "batchllm_core", "plan", "-i", str(nested_job), "--json",
                              "--block-size", "4"], capture_output=True, text=True,
-                            env={"PYTHONPATH": env_path, "PATH": "/usr/bin:/bin"})
+                            env={"PYTHONPATH": package_parent, "PATH": "/usr/bin:/bin"})
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["shared_tokens"] == 28

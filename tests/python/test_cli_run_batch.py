@@ -195,8 +195,11 @@ def test_command_line_errors(tmp_path, capsys):
 
 # ------------------------------------------------------------------------------------ subprocesses
 def _env():
+    """The test's own batchllm_core for the child: the source tree (make dev) or the installed one (make test)."""
+    import batchllm_core
+
     env = dict(os.environ)
-    env["PYTHONPATH"] = str(ROOT / "python") + os.pathsep + env.get("PYTHONPATH", "")
+    env["PYTHONPATH"] = str(Path(batchllm_core.__file__).resolve().parents[1]) + os.pathsep + env.get("PYTHONPATH", "")
     return env
 
 
