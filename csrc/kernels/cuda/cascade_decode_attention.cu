@@ -34,10 +34,20 @@ struct CascadePlan {
     const int64_t max_len = levels.max_prefix_kv_len;
     const int64_t base_ctas = static_cast<int64_t>(prefix_row_tiles) * levels.num_prefixes * kv_heads;
     if (base_ctas > 0 && max_len > 0) {
+      // Pick the split count with the least time per key chunk: waves(splits) / splits, where a wave
+      // is one CTA per slot (two tile CTAs fit an SM at d = 128). A longer split list must win by 5%,
+      // so ties keep fewer, larger chunks (less combine work).
       constexpr int64_t kMinChunkKeys = 256;  // below this a chunk's fixed costs dominate
-      const int64_t want = (2 * multiprocessor_count() + base_ctas - 1) / base_ctas;
-      const int64_t most = (max_len + kMinChunkKeys - 1) / kMinChunkKeys;
-      splits = static_cast<int>(std::max<int64_t>(1, std::min(want, most)));
+      const int64_t slots = 2 * multiprocessor_count();
+      const int64_t most = std::min<int64_t>(64, (max_len + kMinChunkKeys - 1) / kMinChunkKeys);
+      double best_cost = 1.0 * ((base_ctas + slots - 1) / slots);
+      for (int64_t s = 2; s <= most; ++s) {
+        const double cost = static_cast<double>((base_ctas * s + slots - 1) / slots) / static_cast<double>(s);
+        if (cost < 0.95 * best_cost) {
+          best_cost = cost;
+          splits = static_cast<int>(s);
+        }
+      }
     }
     const int64_t per_split = (max_len + splits - 1) / splits;
     chunk_keys = static_cast<int>((per_split + 63) / 64 * 64);
