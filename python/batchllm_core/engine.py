@@ -28,9 +28,8 @@ _NOISE_WARNING = ("LLM(): no model given, using the embedded tiny model with ran
                   "it proves the machinery, its text is noise")
 _warned_noise = False
 
-# Default KV pool: a share of what the device has left after the weights (CUDA), or of RAM (CPU),
-# capped on CPU where a pool much larger than the job only costs allocation time.
-_CUDA_KV_SHARE = 0.85
+# Default KV pool on CPU: a share of RAM, capped (a pool much larger than the job only costs
+# allocation time). On CUDA it is profiled (kv_sizing.py).
 _CPU_KV_SHARE = 0.10
 _CPU_KV_CAP_BYTES = 1 << 30
 
@@ -230,16 +229,26 @@ class LLM:
                 progress.request_done(job.num_output_tokens)
                 yield done
 
+    def _default_kv_bytes(self) -> int:
+        if self.device.type != "cuda":
+            return _default_cpu_kv_bytes()
+        from .kv_sizing import kv_cache_bytes_from_profile
+
+        # What the device has left after the weights and the activations of a worst-case step.
+        return kv_cache_bytes_from_profile(self.model, self.config, self.block_size, self.dtype, self.device,
+                                           self.max_num_batched_tokens, self.max_num_seqs)
+
     def _num_kv_blocks(self, kv_cache_memory: Optional[int], bytes_per_block: int) -> int:
         if kv_cache_memory is None:
-            kv_cache_memory = _default_kv_bytes(self.device)
+            kv_cache_memory = self._default_kv_bytes()
         elif isinstance(kv_cache_memory, bool) or not isinstance(kv_cache_memory, (int, np.integer)) \
                 or kv_cache_memory <= 0:
             raise ValueError(f"kv_cache_memory must be a positive number of bytes, got {kv_cache_memory!r}")
         num_blocks = int(kv_cache_memory) // bytes_per_block
         if num_blocks < 1:
             raise ValueError(f"kv_cache_memory ({kv_cache_memory} bytes) holds no KV block "
-                             f"({bytes_per_block} bytes each)")
+                             f"({bytes_per_block} bytes each); on CUDA, the weights and a full step "
+                             "may leave no room: lower max_num_batched_tokens or use a smaller model")
         # More blocks than every sequence at full context length could use only waste memory.
         return min(num_blocks, self.max_num_seqs * -(-self.max_model_len // self.block_size))
 
@@ -311,10 +320,7 @@ def _resolve_device(device) -> torch.device:
     return torch.device(device)
 
 
-def _default_kv_bytes(device: torch.device) -> int:
-    if device.type == "cuda":
-        free_bytes, _ = torch.cuda.mem_get_info(device)
-        return int(free_bytes * _CUDA_KV_SHARE)
+def _default_cpu_kv_bytes() -> int:
     total_bytes = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     return int(min(total_bytes * _CPU_KV_SHARE, _CPU_KV_CAP_BYTES))
 

@@ -320,3 +320,12 @@ def test_request_outgrowing_the_kv_cache_fails_alone_mid_run():
     outs = llm.generate(["grows until the cache is full", "small"], [unbounded, GREEDY], use_tqdm=False)
     assert "KV blocks" in outs[0].error and outs[0].outputs[0].finish_reason == "error"
     assert outs[1].error is None and len(outs[1].outputs[0].token_ids) == 8
+
+
+def test_default_kv_pool_is_capped_by_what_the_job_can_use():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        llm = LLM(max_num_seqs=2, max_model_len=64)
+    # Two sequences of at most 64 tokens never need more than 2 * 4 blocks of 16.
+    assert llm.num_kv_blocks == 8
+    assert len(llm.generate("abc", GREEDY, use_tqdm=False)[0].outputs[0].token_ids) == 8
