@@ -100,6 +100,21 @@ def test_cascade_cuda_many_readers_one_long_prefix(dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+def test_cascade_cuda_split_kv_with_unequal_prefixes(dtype):
+    # Few row tiles -> the prefix keys are split into chunks; the 90-token prefix has empty chunks
+    # (lse -inf, o 0) that the combine step must merge as no-ops.
+    kv = PagedKV(200, 16, 8, 128, dtype, device=DEVICE)
+    rows = 64
+    case = make_cascade_case(kv, rows, [2], [lambda i: 1000 if i == 0 else 90], [(5 * r) % 33 for r in range(rows)],
+                             32, 128, dtype, device=DEVICE)
+    o, lse = ops.cascade_decode_attention(case.q, kv.k, kv.v, case.levels, return_lse=True,
+                                          out=poisoned(case.q.shape, dtype, DEVICE), check_indices=True)
+    ref_o, ref_lse = cascade_reference(kv, case, 1.0 / math.sqrt(128))
+    assert rel_err(o, ref_o) < TOLERANCE[dtype]
+    assert torch.allclose(lse.double().cpu(), ref_lse, atol=2e-3, rtol=1e-3)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_cascade_cuda_matches_cpu_reference(dtype):
     kv = PagedKV(64, 16, 2, 64, dtype, device=DEVICE)
     case = make_cascade_case(kv, 10, [2, 2], [lambda i: 33, lambda i: 5 + i], [r % 7 for r in range(10)], 8, 64,
