@@ -19,7 +19,10 @@ namespace {
 template <typename T>
 py::array view(const std::vector<T>& data, std::vector<py::ssize_t> shape, py::handle owner) {
   static const T empty{};
-  return py::array(py::dtype::of<T>(), std::move(shape), data.empty() ? &empty : data.data(), owner);
+  py::array arr(py::dtype::of<T>(), std::move(shape), data.empty() ? &empty : data.data(), owner);
+  // Views of the scheduler's own buffers: read-only, so a caller cannot corrupt the next step's plan.
+  py::detail::array_proxy(arr.ptr())->flags &= ~py::detail::npy_api::NPY_ARRAY_WRITEABLE_;
+  return arr;
 }
 
 template <typename T>
@@ -108,7 +111,8 @@ void bind_step_plan(py::module_& m) {
 }
 
 SchedulerConfig make_config(int64_t num_blocks, int block_size, int64_t token_budget, const std::string& policy,
-                            int64_t max_num_seqs, int64_t tile_tokens, int max_prefix_depth, double watermark) {
+                            int64_t max_num_seqs, int64_t tile_tokens, int max_prefix_depth, double watermark,
+                            int64_t admission_horizon) {
   if (num_blocks < 1) throw py::value_error("num_blocks must be >= 1, got " + std::to_string(num_blocks));
   if (block_size < 1) throw py::value_error("block_size must be >= 1, got " + std::to_string(block_size));
   if (token_budget < 1) throw py::value_error("token_budget must be >= 1, got " + std::to_string(token_budget));
@@ -117,6 +121,7 @@ SchedulerConfig make_config(int64_t num_blocks, int block_size, int64_t token_bu
   if (max_prefix_depth < 1 || max_prefix_depth > 32)
     throw py::value_error("max_prefix_depth must be in [1, 32], got " + std::to_string(max_prefix_depth));
   if (!(watermark >= 0 && watermark < 1)) throw py::value_error("watermark must be in [0, 1)");
+  if (admission_horizon < 0) throw py::value_error("admission_horizon must be >= 0 (0: unlimited)");
   SchedulerConfig c;
   c.num_blocks = num_blocks;
   c.block_size = block_size;
@@ -130,6 +135,7 @@ SchedulerConfig make_config(int64_t num_blocks, int block_size, int64_t token_bu
   }
   c.max_prefix_depth = max_prefix_depth;
   c.watermark = watermark;
+  c.admission_horizon = admission_horizon;
   return c;
 }
 
@@ -139,13 +145,16 @@ void register_scheduler(py::module_& m) {
   bind_step_plan(m);
   py::class_<Scheduler>(m, "Scheduler", "Global prefix-sharing scheduler: add_requests, then next_step/commit.")
       .def(py::init([](int64_t num_blocks, int block_size, int64_t token_budget, const std::string& policy,
-                       int64_t max_num_seqs, int64_t tile_tokens, int max_prefix_depth, double watermark) {
-             return std::make_unique<Scheduler>(make_config(num_blocks, block_size, token_budget, policy,
-                                                            max_num_seqs, tile_tokens, max_prefix_depth, watermark));
+                       int64_t max_num_seqs, int64_t tile_tokens, int max_prefix_depth, double watermark,
+                       int64_t admission_horizon) {
+             return std::make_unique<Scheduler>(make_config(num_blocks, block_size, token_budget, policy, max_num_seqs,
+                                                            tile_tokens, max_prefix_depth, watermark,
+                                                            admission_horizon));
            }),
            py::arg("num_blocks"), py::arg("block_size") = 16,
            py::arg("token_budget") = 2048, py::arg("policy") = "batchllm", py::arg("max_num_seqs") = 1024,
-           py::arg("tile_tokens") = 128, py::arg("max_prefix_depth") = 8, py::arg("watermark") = 0.01)
+           py::arg("tile_tokens") = 128, py::arg("max_prefix_depth") = 8, py::arg("watermark") = 0.01,
+           py::arg("admission_horizon") = 128)
       .def(
           "add_requests",
           [](Scheduler& s, py::handle tokens, py::handle offsets, py::handle max_tokens, py::handle num_samples,

@@ -59,12 +59,14 @@ std::string JobRequests::validate() const {
   return "";
 }
 
-Scheduler::Impl::Impl(const SchedulerConfig& cfg) : config(cfg), blocks(cfg.num_blocks, cfg.block_size) {
+Scheduler::Impl::Impl(const SchedulerConfig& cfg)
+    : config(cfg), blocks(cfg.num_blocks, cfg.block_size), forecast(cfg.block_size) {
   if (cfg.num_blocks < 1) throw std::invalid_argument("num_blocks must be >= 1");
   if (cfg.tile_tokens < 1) throw std::invalid_argument("tile_tokens must be >= 1");
   if (cfg.token_budget < 1) throw std::invalid_argument("token_budget must be >= 1");
   if (cfg.max_num_seqs < 1) throw std::invalid_argument("max_num_seqs must be >= 1");
   if (cfg.watermark < 0 || cfg.watermark >= 1) throw std::invalid_argument("watermark must be in [0, 1)");
+  if (cfg.admission_horizon < 0) throw std::invalid_argument("admission_horizon must be >= 0");
   // Chains are walked in fixed 64-entry arrays: depth levels plus one sample-group level fit.
   if (cfg.max_prefix_depth < 1 || cfg.max_prefix_depth > 32)
     throw std::invalid_argument("max_prefix_depth must be in [1, 32]");
@@ -122,7 +124,7 @@ void Scheduler::Impl::add_requests(JobRequests new_job) {
       ++stats.failed_requests;
     }
   }
-  while (fresh_cursor < total && seqs[fresh_cursor].status != SeqStatus::kWaiting) ++fresh_cursor;
+  build_admit_order();
   stats.prefix_nodes = static_cast<int64_t>(plan.nodes.size());
   stats.planned_prefill_tokens = plan.prefill_tokens;
 }

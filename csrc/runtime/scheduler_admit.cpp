@@ -6,16 +6,57 @@
 
 namespace batchllm {
 
-int64_t Scheduler::Impl::projected_blocks(const Sequence& seq) const {
-  // Own KV at the end: prompt past the shared prefixes plus every output token but the last
-  // (the last sampled token is never stored).
+void Scheduler::Impl::forecast_entry(const Sequence& seq, int64_t& tokens, int64_t& steps) const {
+  // Charged as if its pending prefill were stored now (conservative), living on for the tokens it may
+  // still generate plus the steps its prefill takes (so it is not assumed gone too early).
+  tokens = seq.len() - seq.shared_len;
   const int64_t final_tokens = seq.prompt_len + job.max_tokens[seq.request] - 1 - seq.shared_len;
-  return blocks.blocks_for_tokens(std::max<int64_t>(final_tokens, seq.len() - seq.shared_len));
+  const int64_t pending = seq.len() - seq.num_computed;
+  steps = std::max<int64_t>(0, final_tokens - tokens) + (pending + budget - 1) / budget;
+  if (config.admission_horizon > 0 && steps > config.admission_horizon) {
+    // Only the next admission_horizon steps are promised (the footprint up to then is unchanged by
+    // the clamp); growth past them may have to preempt (recompute) later.
+    steps = config.admission_horizon;
+  }
 }
 
-int64_t Scheduler::Impl::next_waiting() const {
+void Scheduler::Impl::refresh_forecast() {
+  forecast.clear();
+  int64_t tokens, steps;
+  for (int64_t id : running) {
+    forecast_entry(seqs[id], tokens, steps);
+    forecast.add(tokens, steps, 1 + seqs[id].unforked);
+  }
+  forecast_step = step_index;
+}
+
+void Scheduler::Impl::build_admit_order() {
+  admit_order.clear();
+  std::vector<char> queued(seqs.size(), 0);
+  if (config.policy == SchedulePolicy::kBatchLLM) {
+    // The first reader of every shared prefix goes first: the prefixes are computed before the steps
+    // fill with decodes, so the last prefill (and with it the job) ends earlier. The forecast and
+    // pinned-prefix accounting still bound the memory this takes.
+    for (size_t n = 0; n < nodes.size(); ++n) {
+      if (plan.nodes[n].is_sample_group || nodes[n].unfinished == 0) continue;
+      queued[nodes[n].first_seq] = 1;
+    }
+    for (size_t id = 0; id < seqs.size(); ++id)
+      if (queued[id]) admit_order.push_back(static_cast<int64_t>(id));
+  }
+  for (size_t id = 0; id < seqs.size(); ++id)
+    if (!queued[id] && seqs[id].status == SeqStatus::kWaiting) admit_order.push_back(static_cast<int64_t>(id));
+  fresh_cursor = 0;
+}
+
+int64_t Scheduler::Impl::next_waiting() {
   if (!preempted.empty()) return *preempted.begin();  // preempted work was admitted earlier: it goes first
-  return fresh_cursor < static_cast<int64_t>(seqs.size()) ? fresh_cursor : -1;
+  while (fresh_cursor < admit_order.size()) {
+    const Sequence& seq = seqs[admit_order[fresh_cursor]];
+    if (seq.status == SeqStatus::kWaiting && !seq.ever_admitted) return admit_order[fresh_cursor];
+    ++fresh_cursor;
+  }
+  return -1;
 }
 
 void Scheduler::Impl::insert_running(int64_t id) {
@@ -107,8 +148,13 @@ AdmitResult Scheduler::Impl::try_admit(int64_t id, bool force) {
     int64_t missing_node_blocks = 0;
     for (int32_t n = seq.node; n >= 0; n = plan.nodes[n].parent)
       if (!nodes[n].allocated) missing_node_blocks += (plan.nodes[n].end - plan.nodes[n].begin) / config.block_size;
-    const int64_t own = projected_blocks(seq) * group_size;
-    if (!force && reserved_seq_blocks + pinned_node_blocks + missing_node_blocks + own > config.num_blocks)
+    // Memory-centric admission: the projected peak of all admitted KV (each sequence growing a token
+    // per step to max_tokens, freed when done) plus resident prefixes must fit.
+    if (forecast_step != step_index) refresh_forecast();
+    int64_t tokens, steps;
+    forecast_entry(seq, tokens, steps);
+    if (!force && forecast.peak_blocks_with(tokens, steps, group_size) + pinned_node_blocks + missing_node_blocks >
+                      config.num_blocks)
       return AdmitResult::kNoRoom;
     for (int32_t n = seq.node; n >= 0; n = plan.nodes[n].parent) ++nodes[n].admitted;  // protects the chain
     // Allocate root first so a parent is never missing under a resident child.
@@ -124,8 +170,7 @@ AdmitResult Scheduler::Impl::try_admit(int64_t id, bool force) {
         return AdmitResult::kFailed;
       }
     }
-    seq.reserved_blocks = own;
-    reserved_seq_blocks += own;
+    forecast.add(tokens, steps, group_size);
   } else {
     // FCFS: admit while the prompt's uncached blocks fit above the watermark (vLLM's can_allocate).
     // Longest run of already computed blocks in the cache (never the block holding the last token:
@@ -170,11 +215,8 @@ AdmitResult Scheduler::Impl::try_admit(int64_t id, bool force) {
   seq.status = SeqStatus::kRunning;
   pending_forks += seq.unforked;
   insert_running(id);
-  if (!preempted.erase(id)) {
-    ++fresh_cursor;
-    while (fresh_cursor < static_cast<int64_t>(seqs.size()) && seqs[fresh_cursor].status != SeqStatus::kWaiting)
-      ++fresh_cursor;
-  }
+  preempted.erase(id);
+  seq.ever_admitted = true;
   return AdmitResult::kAdmitted;
 }
 
@@ -184,10 +226,6 @@ void Scheduler::Impl::fork_sibling(int64_t id) {
   sib.table = blocks.fork(leader.table);
   sib.num_computed = leader.num_computed;
   sib.status = SeqStatus::kRunning;
-  const int64_t share = projected_blocks(sib);
-  const int64_t moved = std::min(share, leader.reserved_blocks);
-  leader.reserved_blocks -= moved;
-  sib.reserved_blocks = moved;
   --leader.unforked;
   --pending_forks;
   for (int32_t n = sib.node; n >= 0; n = plan.nodes[n].parent) ++nodes[n].admitted;
@@ -201,8 +239,6 @@ void Scheduler::Impl::preempt(int64_t id) {
   seq.num_registered = 0;
   seq.last_hash = 0;
   seq.status = SeqStatus::kWaiting;
-  reserved_seq_blocks -= seq.reserved_blocks;
-  seq.reserved_blocks = 0;
   pending_forks -= seq.unforked;
   for (int32_t n = seq.node; n >= 0; n = plan.nodes[n].parent) --nodes[n].admitted;
   preempted.insert(id);
@@ -214,8 +250,6 @@ void Scheduler::Impl::finish(int64_t id, const std::string& reason) {
   const bool was_running = seq.status == SeqStatus::kRunning;
   if (was_running) {
     release_table(seq);
-    reserved_seq_blocks -= seq.reserved_blocks;
-    seq.reserved_blocks = 0;
   }
   seq.status = SeqStatus::kFinished;
   --unfinished;
@@ -235,8 +269,6 @@ void Scheduler::Impl::fail_request(int64_t request, const std::string& message) 
     const bool was_running = seq.status == SeqStatus::kRunning;
     if (was_running) {
       release_table(seq);
-      reserved_seq_blocks -= seq.reserved_blocks;
-      seq.reserved_blocks = 0;
       pending_forks -= seq.unforked;
     }
     preempted.erase(id);
@@ -248,8 +280,6 @@ void Scheduler::Impl::fail_request(int64_t request, const std::string& message) 
       if (--nodes[n].unfinished == 0) release_node(n);
     }
   }
-  while (fresh_cursor < static_cast<int64_t>(seqs.size()) && seqs[fresh_cursor].status != SeqStatus::kWaiting)
-    ++fresh_cursor;
   compact_running();
   failed.push_back({request, message});
   ++stats.failed_requests;

@@ -11,6 +11,7 @@
 #include "batchllm/scheduler.h"
 #include "runtime/planner.h"
 #include "runtime/prefix_cache.h"
+#include "runtime/scheduler_forecast.h"
 
 namespace batchllm {
 
@@ -34,10 +35,10 @@ struct Sequence {
   int64_t num_computed = 0;  ///< tokens whose KV is (or is being, this step) stored, >= shared_len
   BlockTable table;          ///< own blocks: tokens [shared_len, ...)
   SeqStatus status = SeqStatus::kWaiting;
-  int64_t reserved_blocks = 0;  ///< batchllm admission reservation held (includes unforked siblings')
   int32_t unforked = 0;         ///< leader: siblings still waiting for its prompt
   int64_t num_registered = 0;   ///< fcfs-lru: full blocks already offered to the prefix cache
   uint64_t last_hash = 0;       ///< fcfs-lru: hash of block num_registered - 1
+  bool ever_admitted = false;
 
   int64_t len() const { return prompt_len + static_cast<int64_t>(output.size()); }
   int32_t token(int64_t t) const { return t < prompt_len ? prompt[t] : output[t - prompt_len]; }
@@ -83,7 +84,8 @@ struct Scheduler::Impl {
   void register_computed_blocks(Sequence& seq);
   // ---- admission, preemption, lifetime (scheduler_admit.cpp)
   AdmitResult try_admit(int64_t id, bool force);
-  int64_t next_waiting() const;
+  int64_t next_waiting();
+  void build_admit_order();
   /// Frees blocks until `blocks` (or what `grow` needs for grow_tokens more) are free: evicts LRU cache
   /// blocks, releases idle prefixes, then (if allowed) preempts the latest admitted sequence but `self`.
   bool make_room(int64_t blocks, bool allow_preempt, int64_t self, const BlockTable* grow = nullptr,
@@ -98,9 +100,11 @@ struct Scheduler::Impl {
   void insert_running(int64_t id);
   void compact_running();
   void fork_sibling(int64_t id);
-  int64_t projected_blocks(const Sequence& seq) const;
+  void forecast_entry(const Sequence& seq, int64_t& tokens, int64_t& steps) const;
+  void refresh_forecast();
   // ---- plan arrays (step_plan_builder.cpp)
   void finalize_plan();
+  void build_decode_levels();
   // ---- commit and checks (scheduler.cpp)
   void commit(const int32_t* sampled, int64_t count);
   std::string check_integrity() const;
@@ -116,8 +120,10 @@ struct Scheduler::Impl {
   std::vector<NodeState> nodes;
   std::vector<int64_t> running;        ///< sorted by id: a prefix's readers stay contiguous
   std::set<int64_t> preempted;         ///< waiting after preemption, by id
-  int64_t fresh_cursor = 0;            ///< next never-admitted sequence id to consider
-  int64_t reserved_seq_blocks = 0;     ///< batchllm: projected own blocks of admitted sequences
+  std::vector<int64_t> admit_order;    ///< never-admitted sequences in admission order
+  size_t fresh_cursor = 0;             ///< next entry of admit_order to consider
+  KvForecast forecast;                 ///< batchllm: projected KV of running work (rebuilt per step)
+  int64_t forecast_step = -1;          ///< step the forecast was built for
   int64_t pinned_node_blocks = 0;      ///< blocks held by resident prefix nodes
   int64_t pending_forks = 0;
   int64_t unfinished = 0;              ///< sequences not finished or failed
@@ -130,7 +136,12 @@ struct Scheduler::Impl {
   int64_t budget_left = 0;
   int64_t step_index = 0;
   bool plan_pending = false;
-  bool in_running_scan = false;
+  // rows of the table matrices as last written (kept when the next step runs the same sequences)
+  std::vector<int64_t> kept_seq_ids;
+  int32_t kept_table_width = -1;
+  std::vector<int64_t> kept_suffix_seq_ids;
+  int32_t kept_suffix_rows = -1;
+  int32_t kept_suffix_width = -1;
 
   std::vector<FinishedSequence> finished;
   std::vector<FailedRequest> failed;

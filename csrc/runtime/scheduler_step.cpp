@@ -56,21 +56,23 @@ void Scheduler::Impl::schedule_decodes() {
       prefill_candidates.push_back(id);
       continue;
     }
-    const int64_t need = blocks.blocks_needed_to_append(seq.table, 1);
-    if (need > blocks.num_free_blocks() && !make_room(need, true, id, &seq.table, 1)) {
-      // It is the latest admitted sequence left: step aside, or fail when nothing else holds blocks.
-      if (running.size() == 1) {
-        fail_request(seq.request, "sequence of " + std::to_string(seq.len()) +
-                                      " tokens needs more KV blocks than the cache has (" +
-                                      std::to_string(config.num_blocks) + ")");
-      } else {
-        preempt(id);
-        running.pop_back();
-      }
-      break;
-    }
     int32_t cow_src = -1, cow_dst = -1;
-    const int64_t slot = blocks.append_slot(seq.table, &cow_src, &cow_dst);
+    int64_t slot = blocks.append_slot(seq.table, &cow_src, &cow_dst);  // the common case: room in its block
+    if (slot < 0) {
+      if (!make_room(blocks.blocks_needed_to_append(seq.table, 1), true, id, &seq.table, 1)) {
+        // It is the latest admitted sequence left: step aside, or fail when nothing else holds blocks.
+        if (running.size() == 1) {
+          fail_request(seq.request, "sequence of " + std::to_string(seq.len()) +
+                                        " tokens needs more KV blocks than the cache has (" +
+                                        std::to_string(config.num_blocks) + ")");
+        } else {
+          preempt(id);
+          running.pop_back();
+        }
+        break;
+      }
+      slot = blocks.append_slot(seq.table, &cow_src, &cow_dst);
+    }
     if (cow_src >= 0) {
       out.cow_src.push_back(cow_src);
       out.cow_dst.push_back(cow_dst);

@@ -1,4 +1,5 @@
-// StepPlan buffers: cleared, never shrunk, so a steady-state step allocates nothing.
+// StepPlan buffers: cleared, never shrunk, so a steady-state step allocates nothing. The two table
+// matrices are left to the builder, which keeps rows that did not change since the last step.
 #include "batchllm/step_plan.h"
 
 namespace batchllm {
@@ -10,14 +11,12 @@ void StepPlan::clear() {
   seq_ids.clear();
   query_start.clear();
   context_lens.clear();
-  block_tables.clear();
   max_blocks = 0;
   num_decode_seqs = 0;
   prefix_kv_indptr.clear();
   prefix_kv_blocks.clear();
   prefix_kv_lens.clear();
   prefix_q_range.clear();
-  suffix_block_tables.clear();
   max_suffix_blocks = 0;
   suffix_kv_lens.clear();
   sample_rows.clear();

@@ -1,5 +1,10 @@
 // Scheduler: turns the scheduled entries of a step into the StepPlan's sequence, block-table and
 // decode-level arrays.
+//
+// The two table matrices dominate a steady decode step (1,024 rows x context blocks). When a step of
+// decodes alone runs the same sequences in the same order as the previous step, their rows are kept
+// and only rows whose own table changed (a new block, a copy-on-write) are rewritten; widths are
+// rounded up so the matrices are rebuilt only every kWidthQuantum blocks of growth.
 #include <algorithm>
 #include <stdexcept>
 
@@ -7,6 +12,10 @@
 
 namespace batchllm {
 namespace {
+
+constexpr int32_t kWidthQuantum = 8;
+
+int32_t round_width(int32_t w) { return (w + kWidthQuantum - 1) / kWidthQuantum * kWidthQuantum; }
 
 // resize() after clear() would allocate exactly what is asked each time a table widens; grow
 // geometrically instead so steady decode (tables widen by a block now and then) stops allocating.
@@ -23,6 +32,14 @@ int chain_of(const JobPlan& plan, int32_t deepest, int32_t* chain) {
   return depth;
 }
 
+// Whether a kept row already ends with the sequence's own blocks (they only ever grow at the end or
+// have their last block replaced by a copy-on-write while the sequence keeps running).
+bool row_current(const int32_t* row, int32_t width, int32_t offset, const std::vector<int32_t>& own) {
+  const int32_t last = offset + static_cast<int32_t>(own.size()) - 1;
+  if (own.empty() || last >= width || row[last] != own.back()) return false;
+  return last + 1 == width || row[last + 1] == -1;
+}
+
 }  // namespace
 
 void Scheduler::Impl::finalize_plan() {
@@ -31,6 +48,7 @@ void Scheduler::Impl::finalize_plan() {
   // ---- per-sequence arrays and the widest block table
   int32_t width = 0;
   int32_t row = 0;
+  bool all_seqs = true;
   out.query_start.push_back(0);
   for (const StepEntry& e : entries) {
     int32_t table_blocks;
@@ -40,6 +58,7 @@ void Scheduler::Impl::finalize_plan() {
       out.context_lens.push_back(static_cast<int32_t>(seq.num_computed));
       table_blocks = static_cast<int32_t>(seq.shared_len / bs + seq.table.blocks.size());
     } else {
+      all_seqs = false;
       out.seq_ids.push_back(-1 - static_cast<int64_t>(e.node));
       out.context_lens.push_back(static_cast<int32_t>(nodes[e.node].num_computed));
       table_blocks = static_cast<int32_t>(blocks.blocks_for_tokens(nodes[e.node].num_computed));
@@ -48,15 +67,24 @@ void Scheduler::Impl::finalize_plan() {
     row += e.num_rows;
     out.query_start.push_back(row);
   }
+  width = round_width(width);
+  // Only a step of decodes alone may keep rows: a sequence preempted and re-admitted within one
+  // next_step keeps its place in the order but not its blocks, and it shows up as a prefill entry.
+  const bool all_decodes = all_seqs && out.num_decode_seqs == static_cast<int32_t>(num_entries);
+  const bool same_rows = all_decodes && width == kept_table_width && out.seq_ids == kept_seq_ids &&
+                         out.block_tables.size() == num_entries * static_cast<size_t>(width);
   out.max_blocks = width;
-  resize_with_headroom(out.block_tables, num_entries * static_cast<size_t>(width));
+  if (!same_rows) resize_with_headroom(out.block_tables, num_entries * static_cast<size_t>(width));
   int32_t chain[64];
   for (size_t s = 0; s < num_entries; ++s) {
     const StepEntry& e = entries[s];
     int32_t* row_begin = out.block_tables.data() + s * width;
-    int32_t* dst = row_begin;
-    int32_t* end = row_begin + width;
+    if (same_rows) {
+      const Sequence& seq = seqs[e.seq];
+      if (row_current(row_begin, width, static_cast<int32_t>(seq.shared_len / bs), seq.table.blocks)) continue;
+    }
     const int depth = chain_of(plan, e.seq >= 0 ? seqs[e.seq].node : e.node, chain);
+    int32_t* dst = row_begin;
     if (e.seq >= 0) {
       for (int d = 0; d < depth; ++d) dst = std::copy(nodes[chain[d]].blocks.begin(), nodes[chain[d]].blocks.end(), dst);
       dst = std::copy(seqs[e.seq].table.blocks.begin(), seqs[e.seq].table.blocks.end(), dst);
@@ -69,16 +97,30 @@ void Scheduler::Impl::finalize_plan() {
         dst = std::copy(nb.begin(), nb.begin() + take, dst);
       }
     }
-    std::fill(dst, end, -1);
+    std::fill(dst, row_begin + width, -1);
   }
-  // ---- decode levels: each shared prefix once, with the contiguous rows that read it
+  kept_seq_ids.assign(out.seq_ids.begin(), out.seq_ids.end());
+  kept_table_width = width;
+  build_decode_levels();
+  out.nano_batch_offsets.push_back(0);
+  out.nano_batch_offsets.push_back(static_cast<int32_t>(out.num_tokens()));
+}
+
+void Scheduler::Impl::build_decode_levels() {
+  // ---- each shared prefix once, with the contiguous decode rows that read it; then own (suffix) KV
   const int32_t num_decode = out.num_decode_seqs;
-  int32_t suffix_width = 0;
+  int32_t width = 0;
   for (int32_t i = 0; i < num_decode; ++i)
-    suffix_width = std::max(suffix_width, static_cast<int32_t>(seqs[entries[i].seq].table.blocks.size()));
-  out.max_suffix_blocks = suffix_width;
-  resize_with_headroom(out.suffix_block_tables, static_cast<size_t>(num_decode) * suffix_width);
+    width = std::max(width, static_cast<int32_t>(seqs[entries[i].seq].table.blocks.size()));
+  width = round_width(width);
+  const bool same_rows = num_decode == static_cast<int32_t>(entries.size()) && width == kept_suffix_width &&
+                         num_decode == kept_suffix_rows &&
+                         std::equal(out.seq_ids.begin(), out.seq_ids.begin() + num_decode, kept_suffix_seq_ids.begin(),
+                                    kept_suffix_seq_ids.end());
+  out.max_suffix_blocks = width;
+  if (!same_rows) resize_with_headroom(out.suffix_block_tables, static_cast<size_t>(num_decode) * width);
   out.prefix_kv_indptr.push_back(0);
+  int32_t chain[64];
   for (int32_t i = 0; i < num_decode; ++i) {
     const Sequence& seq = seqs[entries[i].seq];
     const int depth = chain_of(plan, seq.node, chain);
@@ -100,15 +142,18 @@ void Scheduler::Impl::finalize_plan() {
         range_end = i + 1;
       }
     }
-    int32_t* dst = out.suffix_block_tables.data() + static_cast<size_t>(i) * suffix_width;
-    dst = std::copy(seq.table.blocks.begin(), seq.table.blocks.end(), dst);
-    std::fill(dst, out.suffix_block_tables.data() + static_cast<size_t>(i + 1) * suffix_width, -1);
+    int32_t* row_begin = out.suffix_block_tables.data() + static_cast<size_t>(i) * width;
+    if (!same_rows || !row_current(row_begin, width, 0, seq.table.blocks)) {
+      int32_t* dst = std::copy(seq.table.blocks.begin(), seq.table.blocks.end(), row_begin);
+      std::fill(dst, row_begin + width, -1);
+    }
     out.suffix_kv_lens.push_back(static_cast<int32_t>(seq.table.num_tokens));
     out.decode_kv_tokens_read += seq.table.num_tokens;
     out.decode_kv_tokens_unshared += seq.num_computed;
   }
-  out.nano_batch_offsets.push_back(0);
-  out.nano_batch_offsets.push_back(static_cast<int32_t>(out.num_tokens()));
+  kept_suffix_seq_ids.assign(out.seq_ids.begin(), out.seq_ids.begin() + num_decode);
+  kept_suffix_rows = num_decode;
+  kept_suffix_width = width;
 }
 
 }  // namespace batchllm

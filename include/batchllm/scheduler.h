@@ -29,6 +29,9 @@ struct SchedulerConfig {
   int64_t max_num_seqs = 1024;   ///< running sequences at most
   SchedulePolicy policy = SchedulePolicy::kBatchLLM;
   int max_prefix_depth = 8;      ///< batchllm: levels of nested shared prefixes
+  /// batchllm: admission keeps the projected KV footprint within capacity for this many future
+  /// steps (0: until every admitted sequence finishes, i.e. never preempt for growth).
+  int64_t admission_horizon = 128;
   /// fcfs-lru / no-share admit a prompt only while this fraction of blocks stays free (vLLM watermark).
   double watermark = 0.01;
 };

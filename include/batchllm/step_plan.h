@@ -25,7 +25,7 @@ struct StepPlan {
   std::vector<int32_t> query_start;   ///< [S+1] rows of sequence s: query_start[s]:query_start[s+1]
   std::vector<int32_t> context_lens;  ///< [S] KV length of s after this step's tokens are stored
   std::vector<int32_t> block_tables;  ///< [S, max_blocks] row-major, padded with -1
-  int32_t max_blocks = 0;             ///< width of block_tables
+  int32_t max_blocks = 0;             ///< width of block_tables (rounded up to a multiple of 8)
   int32_t num_decode_seqs = 0;        ///< the first num_decode_seqs sequences are decodes (1 row each)
 
   // ---- decode attention levels (decode rows 0..num_decode_seqs-1 only)
@@ -60,7 +60,8 @@ struct StepPlan {
   int64_t num_sample_rows() const { return static_cast<int64_t>(sample_rows.size()); }
   int64_t num_prefixes() const { return static_cast<int64_t>(prefix_kv_lens.size()); }
 
-  /// Empties every array, keeping their capacity (no allocation in steady state).
+  /// Empties every array but the two table matrices (the scheduler resizes and rewrites those,
+  /// keeping unchanged rows), keeping their capacity: no allocation in steady state.
   void clear();
 };
 

@@ -43,7 +43,7 @@ def jobs(draw):
     return Job([prompts[i] for i in order], [max_tokens[i] for i in order], [num_samples[i] for i in order])
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(job=jobs(), policy=st.sampled_from(POLICIES), block_size=st.sampled_from([2, 4, 16]),
        capacity=st.floats(0.0, 1.0), budget=st.sampled_from([8, 16, 48, 256]), data=st.data())
 def test_random_jobs_complete_exactly_once(job, policy, block_size, capacity, budget, data):
@@ -57,7 +57,8 @@ def test_random_jobs_complete_exactly_once(job, policy, block_size, capacity, bu
     if data.draw(st.booleans()):
         num_blocks = max(need)  # barely one (the largest) sequence
     sched = _C.Scheduler(num_blocks=num_blocks, block_size=block_size, token_budget=budget, policy=policy,
-                         tile_tokens=8, max_num_seqs=data.draw(st.sampled_from([2, 64])))
+                         tile_tokens=8, max_num_seqs=data.draw(st.sampled_from([2, 64])),
+                         admission_horizon=data.draw(st.sampled_from([0, 2, 128])))
     finished, failed, _ = run_job(sched, job, num_blocks, block_size)
     for r, prompt in enumerate(job.prompts):
         impossible = blocks_for(len(prompt) + job.max_tokens[r] - 1, block_size) > num_blocks
