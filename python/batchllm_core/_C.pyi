@@ -110,3 +110,83 @@ class PrefixTree:
     def prompt_length(self, request: int) -> int: ...
 
 # ---- end prefix tree ------------------------------------------------------------------------------
+
+# ---- scheduler (csrc/bindings/bind_scheduler.cpp) -------------------------------------------------
+
+class StepPlan:
+    """One engine step as flat arrays: read-only numpy views of the scheduler's buffers, valid until
+    the next ``next_step``/``commit``. Rows: decode rows first (one per decoding sequence), then prefill
+    chunks. A sequence id < 0 is a shared-prefix prefill chunk (prefix node ``-id - 1``, no sample row)."""
+    input_ids: npt.NDArray[np.int32]           # [T]
+    positions: npt.NDArray[np.int32]           # [T]
+    slot_mapping: npt.NDArray[np.int64]        # [T]
+    seq_ids: npt.NDArray[np.int64]             # [S]
+    query_start: npt.NDArray[np.int32]         # [S+1]
+    context_lens: npt.NDArray[np.int32]        # [S]
+    block_tables: npt.NDArray[np.int32]        # [S, max_blocks], -1 padded
+    max_blocks: int
+    num_decode_seqs: int
+    prefix_kv_indptr: npt.NDArray[np.int32]    # [P+1]
+    prefix_kv_blocks: npt.NDArray[np.int32]    # [sum of prefix blocks]
+    prefix_kv_lens: npt.NDArray[np.int32]      # [P]
+    prefix_q_range: npt.NDArray[np.int32]      # [P, 2] decode rows [begin, end) reading prefix p
+    suffix_block_tables: npt.NDArray[np.int32] # [num_decode_seqs, max_suffix_blocks], -1 padded
+    max_suffix_blocks: int
+    suffix_kv_lens: npt.NDArray[np.int32]      # [num_decode_seqs]
+    sample_rows: npt.NDArray[np.int32]         # [R]
+    sample_seq_ids: npt.NDArray[np.int64]      # [R]
+    sample_requests: npt.NDArray[np.int64]     # [R]
+    sample_indices: npt.NDArray[np.int32]      # [R]
+    sample_output_lens: npt.NDArray[np.int32]  # [R]
+    cow_src: npt.NDArray[np.int32]             # [C] copy block cow_src[i] -> cow_dst[i] before the step
+    cow_dst: npt.NDArray[np.int32]             # [C]
+    nano_batch_offsets: npt.NDArray[np.int32]  # [K+1], [0, T] for now
+    num_prefill_tokens: int
+    decode_kv_tokens_read: int                 # KV tokens decode attention reads (shared prefixes once)
+    decode_kv_tokens_unshared: int             # the same if every row read its whole context
+    @property
+    def num_tokens(self) -> int: ...
+    @property
+    def num_seqs(self) -> int: ...
+    @property
+    def num_sample_rows(self) -> int: ...
+    @property
+    def num_prefixes(self) -> int: ...
+
+class Scheduler:
+    """Global prefix-sharing scheduler. policy: "batchllm" | "fcfs-lru" | "no-share".
+    Bad arguments raise ValueError naming the argument."""
+    def __init__(self, num_blocks: int, block_size: int = 16, token_budget: int = 2048,
+                 policy: str = "batchllm", max_num_seqs: int = 1024, tile_tokens: int = 128,
+                 max_prefix_depth: int = 8, watermark: float = 0.01, admission_horizon: int = 128) -> None: ...
+    def add_requests(self, tokens: npt.ArrayLike, offsets: npt.ArrayLike, max_tokens: npt.ArrayLike,
+                     num_samples: npt.ArrayLike, min_tokens: npt.ArrayLike, ignore_eos: npt.ArrayLike,
+                     stop_token_ids: npt.ArrayLike, stop_token_offsets: npt.ArrayLike,
+                     eos_token_ids: list[int] = ...) -> None: ...
+    def next_step(self) -> Optional[StepPlan]: ...
+    def commit(self, sampled: npt.ArrayLike) -> None:
+        """One token per sample row of the last plan, in row order (int32 [num_sample_rows])."""
+    def finish_sequence(self, seq_id: int, reason: str = "stop") -> None: ...
+    def pop_finished(self) -> list[tuple[int, int, list[int], str]]:
+        """(request, sample_index, output token ids, finish_reason) of sequences finished since the last call."""
+    def pop_failed(self) -> list[tuple[int, str]]:
+        """(request, message) of requests that cannot run (e.g. larger than the whole KV cache)."""
+    def stats(self) -> dict[str, Any]: ...
+    def step_token_counts(self) -> npt.NDArray[np.int32]: ...
+    def check_integrity(self) -> str: ...
+    @property
+    def num_free_blocks(self) -> int: ...
+    @property
+    def num_running(self) -> int: ...
+    @property
+    def num_waiting(self) -> int: ...
+    @property
+    def done(self) -> bool: ...
+    @property
+    def num_blocks(self) -> int: ...
+    @property
+    def block_size(self) -> int: ...
+    @property
+    def policy(self) -> str: ...
+
+# ---- end scheduler --------------------------------------------------------------------------------
