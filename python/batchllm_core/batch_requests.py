@@ -195,6 +195,7 @@ def _parse_request(line_no: int, custom_id: str, obj: Dict[str, Any]) -> BatchRe
         raise _Invalid("invalid_type", "'body.model' must be a string")
     if body.get("stream"):
         raise _Invalid("invalid_value", "'body.stream' is not supported in a batch job")
+    _reject_unsupported(body)
     request = BatchRequest(line=line_no, custom_id=custom_id, url=url, model=model, sampling={})
     if url == CHAT_URL:
         request.messages = _parse_messages(body)
@@ -204,6 +205,24 @@ def _parse_request(line_no: int, custom_id: str, obj: Dict[str, Any]) -> BatchRe
         request.top_logprobs = _parse_completion_logprobs(body)
     request.sampling = _parse_sampling(body, chat=url == CHAT_URL, top_logprobs=request.top_logprobs)
     return request
+
+
+# Fields that would change the result if they were silently ignored, with the value that is harmless.
+_UNSUPPORTED_UNLESS = {
+    "presence_penalty": (0, 0.0), "frequency_penalty": (0, 0.0), "repetition_penalty": (1, 1.0),
+    "logit_bias": ({},), "echo": (False,), "suffix": ("",), "tools": ([],), "functions": ([],),
+    "response_format": ({"type": "text"},), "guided_json": (), "guided_regex": (), "guided_choice": (),
+}
+
+
+def _reject_unsupported(body: Dict[str, Any]) -> None:
+    for name, harmless in _UNSUPPORTED_UNLESS.items():
+        value = body.get(name)
+        if value is not None and not any(value == ok and type(value) is type(ok) for ok in harmless):
+            raise _Invalid("unsupported_field", f"'body.{name}' is not supported (got {_show(value)})")
+    best_of = body.get("best_of")
+    if best_of is not None and best_of != body.get("n", 1):
+        raise _Invalid("unsupported_field", f"'body.best_of' is not supported (got {_show(best_of)}); use n")
 
 
 def _parse_messages(body: Dict[str, Any]) -> List[Dict[str, str]]:

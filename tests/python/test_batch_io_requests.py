@@ -112,6 +112,13 @@ def test_lines_without_a_custom_id(text, code, fragment):
     ({"body": {"messages": [{"role": "user", "content": "x"}], "stream": True}}, "invalid_value", "stream"),
     ({"body": {"messages": [{"role": "user", "content": "x"}], "min_tokens": 9, "max_tokens": 2}},
      "invalid_value", "min_tokens"),
+    ({"body": {"messages": [{"role": "user", "content": "x"}], "presence_penalty": 0.5}},
+     "unsupported_field", "presence_penalty"),
+    ({"body": {"messages": [{"role": "user", "content": "x"}], "logit_bias": {"5": 10}}}, "unsupported_field", "logit_bias"),
+    ({"body": {"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]}},
+     "unsupported_field", "tools"),
+    ({"url": COMPLETIONS_URL, "body": {"prompt": "a", "echo": True}}, "unsupported_field", "echo"),
+    ({"url": COMPLETIONS_URL, "body": {"prompt": "a", "best_of": 3}}, "unsupported_field", "best_of"),
     ({"url": COMPLETIONS_URL, "body": {"max_tokens": 3}}, "missing_field", "body.prompt"),
     ({"url": COMPLETIONS_URL, "body": {"prompt": ["a", "b"]}}, "invalid_value", "several prompts"),
     ({"url": COMPLETIONS_URL, "body": {"prompt": [1, -2]}}, "invalid_value", ">= 0"),
@@ -127,6 +134,12 @@ def test_invalid_lines_name_the_problem_the_line_and_the_custom_id(obj_changes, 
     assert fragment in err.message
     assert err.message.startswith("line 12 (custom_id 'abc'): ")
     assert err.key == ("id", "abc")
+
+
+def test_harmless_values_of_unsupported_fields_are_accepted():
+    body = {"prompt": "a", "presence_penalty": 0, "frequency_penalty": 0.0, "echo": False, "logit_bias": {},
+            "best_of": 2, "n": 2, "user": "someone", "response_format": {"type": "text"}}
+    assert isinstance(parse_line(1, line(url=COMPLETIONS_URL, body=body)), BatchRequest)
 
 
 def test_missing_method_url_body_are_missing_fields():

@@ -258,14 +258,16 @@ def test_sigkill_part_way_then_resume_answers_every_line_exactly_once(tmp_path):
 
 
 @pytest.mark.slow
-def test_ctrl_c_stops_cleanly_after_flushing_and_resume_finishes(tmp_path):
+@pytest.mark.parametrize("signum, exit_code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_ctrl_c_or_sigterm_stops_cleanly_after_flushing_and_resume_finishes(tmp_path, signum, exit_code):
     input_path = _slow_job(tmp_path / "in.jsonl")
     output = tmp_path / "out.jsonl"
     proc = _start(["run-batch", "-i", input_path, "-o", output, "--kv-cache-memory", "512KiB"])
     _wait_for_lines(output, 5, proc)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signum)
     stdout, stderr = proc.communicate(timeout=60)
-    assert proc.returncode == 130, stderr
+    assert proc.returncode == exit_code, stderr
+    assert "Traceback" not in stderr
     assert "interrupted" in stdout and "--resume" in stdout
     data = output.read_bytes()
     assert data.endswith(b"\n")  # flushed whole lines only
@@ -358,3 +360,40 @@ def test_an_engine_failure_keeps_the_answers_written_and_resume_finishes(llm, tm
     assert code == 0
     answers = read_answers(output)
     assert len(answers) == 6 and len({a["custom_id"] for a in answers}) == 6
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_redraws_one_line_on_a_terminal():
+    from batchllm_core.batch_progress import JobCounters, ProgressReporter
+
+    now = [0.0]
+    stream = _Terminal()
+    counters = JobCounters(total=4)
+    progress = ProgressReporter(counters, stream, interval_s=60.0, clock=lambda: now[0])
+    assert progress.interval_s == ProgressReporter.TTY_REFRESH_S
+    for done in (1, 2):
+        counters.ok = done
+        now[0] += 1.0
+        progress.update()
+    progress.stage("finishing")
+    progress.close()
+    text = stream.getvalue()
+    assert text.count("\r\x1b[2K") == 2 and "2/4 requests" in text
+    assert text.endswith("\nbatchllm: finishing\n")   # the status line is ended before a stage line
+
+
+def test_progress_ticker_reports_while_nothing_finishes():
+    from batchllm_core.batch_progress import JobCounters, ProgressReporter
+
+    stream = io.StringIO()
+    progress = ProgressReporter(JobCounters(total=3), stream, interval_s=0.02)
+    progress.start_ticker()
+    deadline = time.monotonic() + 5
+    while stream.getvalue().count("\n") < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    progress.close()
+    assert stream.getvalue().count("0/3 requests") >= 2
