@@ -99,7 +99,29 @@ section_sanitizer() {
   done
 }
 
-# ---- 6. end-to-end (append sections above this line and register them below) ---------------------------
+# ---- 6. end-to-end: whole workloads through LLM, llama-1b random weights (bench/e2e.py) --------------------
+# Runs in priority order, each its own process so that what finished survives the section's timeout;
+# JSON lines in $OUT/e2e.jsonl, the plot in $OUT/throughput.png. Reduced scales fit the budget:
+# W1 1/4 (4 groups x 64), W2 1/4 (2 docs x 32), W5 1/8 (128 prompts); transformers: one batch of 64.
+section_e2e() {
+  cd "$ROOT"
+  local json="$OUT/e2e.jsonl" e2e=("$PY" bench/e2e.py --model llama-1b --device cuda --json-out "$OUT/e2e.jsonl")
+  rm -f "$json"
+  "${e2e[@]}" --workload W1 --scale 0.25 --policy batchllm,fcfs-lru || return 1
+  "${e2e[@]}" --workload W1 --scale 0.25 --policy batchllm --cuda-graphs || echo "e2e: cuda graphs run FAILED"
+  "${e2e[@]}" --workload W2 --scale 0.25 --policy batchllm,fcfs-lru || echo "e2e: W2 FAILED"
+  "${e2e[@]}" --workload W5 --scale 0.125 --policy batchllm,fcfs-lru || echo "e2e: W5 FAILED"
+  "${e2e[@]}" --workload W1 --scale 0.25 --policy none --hf --hf-batches 1 || echo "e2e: transformers baseline FAILED"
+  "$PY" bench/plot_throughput.py "$json" -o "$OUT/throughput.png" || true
+  echo "e2e summary (workload policy seconds out_tok/s prefill_tokens time/floor):"
+  "$PY" -c 'import json, sys
+for line in open(sys.argv[1]):
+    r = json.loads(line)
+    print(r["workload"], r["policy"] + ("+graphs" if r.get("cuda_graphs") else ""), r["seconds"],
+          r["output_tokens_per_s"], r["prefill_tokens"], r["time_over_floor"])' "$json"
+}
+
+# ---- 7. (append sections above this line and register them below) ------------------------------------------
 
 run_section environment 30 section_environment
 run_section build 150 section_build
@@ -110,6 +132,12 @@ if [[ "${SUMMARY[-1]}" == build*ok* ]]; then
     run_section sanitizer 80 section_sanitizer
   else
     SUMMARY+=("sanitizer      skipped: the time budget is spent")
+  fi
+  E2E_LEFT=$(( 295 - ($(date +%s) - SCRIPT_START) ))
+  if (( E2E_LEFT >= 45 )); then
+    run_section e2e "$E2E_LEFT" section_e2e
+  else
+    SUMMARY+=("e2e            skipped: ${E2E_LEFT}s left of the budget (run bench/e2e.py by hand)")
   fi
 else
   SUMMARY+=("gpu_tests / benchmarks skipped: the build failed (see $OUT/build.log)")
@@ -123,4 +151,8 @@ grep -E "passed|failed|error" "$OUT/gpu_tests.log" 2>/dev/null | tail -n 1 | sed
 if [[ -s "$OUT/bench_attention.log" ]]; then
   echo "bench_attention:"
   grep -vE "^JSON " "$OUT/bench_attention.log" | tail -n 10
+fi
+if [[ -s "$OUT/e2e.log" ]]; then
+  echo "e2e:"
+  sed -n '/^e2e summary/,$p' "$OUT/e2e.log" | tail -n 12
 fi

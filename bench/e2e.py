@@ -38,7 +38,7 @@ def main(argv=None) -> list:
     if args.threads:
         torch.set_num_threads(args.threads)
     workloads = WORKLOAD_IDS if args.workload == "all" else args.workload.split(",")
-    policies = POLICIES if args.policy == "all" else args.policy.split(",")
+    policies = {"all": POLICIES, "none": []}.get(args.policy, args.policy.split(","))
     ceilings = Ceilings(args.flops, args.bytes_per_s)
     results = []
     _print_header()
@@ -64,7 +64,8 @@ def _parse(argv):
     parser.add_argument("--model", default="tiny", help="tiny | llama-1b | qwen2.5-7b-shape | a checkpoint directory")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="auto", help="auto: bfloat16 on cuda, float32 on cpu")
-    parser.add_argument("--policy", default="batchllm", help=f"{', '.join(POLICIES)}, a comma list, or 'all'")
+    parser.add_argument("--policy", default="batchllm",
+                        help=f"{', '.join(POLICIES)}, a comma list, 'all', or 'none' (with --hf: the baseline only)")
     parser.add_argument("--hf", action="store_true", help="also run transformers generate (batches of 64)")
     parser.add_argument("--hf-batches", type=int, default=None,
                         help="time only the first N transformers batches (throughput from those)")
@@ -91,7 +92,7 @@ def _parse(argv):
     for name in (args.workload.split(",") if args.workload != "all" else []):
         if name not in WORKLOAD_IDS:
             parser.error(f"--workload: {name!r} is not one of {WORKLOAD_IDS}")
-    for name in (args.policy.split(",") if args.policy != "all" else []):
+    for name in (args.policy.split(",") if args.policy not in ("all", "none") else []):
         if name not in POLICIES:
             parser.error(f"--policy: {name!r} is not one of {POLICIES}")
     return args

@@ -3,7 +3,8 @@
     python bench/plot_throughput.py e2e.jsonl [more.jsonl ...] -o docs/throughput.png
 
 Reads every line that is a JSON object with ``"bench": "e2e"`` (other lines are skipped, so a whole
-log works as input). Bars: one group per workload, one bar per policy (transformers as "hf"); the
+log works as input). Bars: one group per workload, one bar per policy (transformers as "hf", CUDA-graph runs as
+"batchllm+graphs"); the
 floor's output tokens/s (DESIGN.md performance model) is a black tick over each group. The y axis is
 logarithmic: the baseline and the floor differ by orders of magnitude. When a file holds several runs
 of the same (workload, policy, model, device), the last one is plotted.
@@ -14,8 +15,9 @@ import argparse
 import json
 from pathlib import Path
 
-POLICY_ORDER = ["batchllm", "fcfs-lru", "no-share", "hf"]
-POLICY_COLORS = {"batchllm": "#1f77b4", "fcfs-lru": "#ff7f0e", "no-share": "#7f7f7f", "hf": "#d62728"}
+POLICY_ORDER = ["batchllm+graphs", "batchllm", "fcfs-lru", "no-share", "hf"]
+POLICY_COLORS = {"batchllm+graphs": "#17becf", "batchllm": "#1f77b4", "fcfs-lru": "#ff7f0e", "no-share": "#7f7f7f",
+                 "hf": "#d62728"}
 
 
 def read_rows(paths) -> list:
@@ -35,12 +37,17 @@ def read_rows(paths) -> list:
     return rows
 
 
+def label(row: dict) -> str:
+    """The bar a row belongs to: its policy, "+graphs" when decode steps replayed CUDA graphs."""
+    return row["policy"] + ("+graphs" if row.get("cuda_graphs") else "")
+
+
 def latest_by_key(rows) -> dict:
-    """(workload, policy) -> the last row of each; raises if the rows mix models or devices."""
+    """(workload, label) -> the last row of each; raises if the rows mix models or devices."""
     setups = {(r["model"], r.get("device_name", r["device"])) for r in rows}
     if len(setups) > 1:
         raise ValueError(f"rows from several model/device setups {sorted(setups)}: plot one at a time")
-    return {(r["workload"], r["policy"]): r for r in rows}
+    return {(r["workload"], label(r)): r for r in rows}
 
 
 def plot(rows, output: Path) -> Path:
