@@ -28,6 +28,7 @@ _NOISE_WARNING = ("LLM(): no model given, using the embedded tiny model with ran
                   "it proves the machinery, its text is noise")
 _warned_noise = False
 
+_TILE_TOKENS = 128  # token-budget alignment (matmul tiles); the scheduler's default
 # Default KV pool on CPU: a share of RAM, capped (a pool much larger than the job only costs
 # allocation time). On CUDA it is profiled (kv_sizing.py).
 _CPU_KV_SHARE = 0.10
@@ -60,6 +61,16 @@ class LLM:
         Sequences running at once at most.
     max_model_len : int or None
         Context length (prompt + output) allowed; None: the model's.
+
+    Attributes
+    ----------
+    max_model_len : int
+        Context length: prompt + output tokens of a request must fit.
+    num_kv_blocks : int
+        KV pool size in blocks of ``block_size`` tokens.
+    last_stats : dict
+        The scheduler's statistics of the last finished job (steps, prefill_tokens, decode_tokens,
+        peak_kv_blocks, preemptions, ...) plus ``max_step_tokens``, the largest step's token rows.
 
     Examples
     --------
@@ -160,6 +171,7 @@ class LLM:
                     scheduler.finish_sequence(seq_id, "stop")
                 yield from self._collect(scheduler, job, progress)
             self.last_stats = dict(scheduler.stats())
+            self.last_stats["max_step_tokens"] = int(max(scheduler.step_token_counts(), default=0))
 
     # ------------------------------------------------------------------ job setup
     def _new_job(self, prompts, sampling_params) -> Job:
@@ -215,9 +227,13 @@ class LLM:
         return None
 
     def _new_scheduler(self):
+        # The scheduler rounds its budget to whole tiles but never below one tile: a budget under the
+        # default tile gets a tile of its own size, so a step never exceeds max_num_batched_tokens
+        # (the KV pool was sized for that step's activations).
         return _C.Scheduler(num_blocks=self.num_kv_blocks, block_size=self.block_size,
                             token_budget=self.max_num_batched_tokens, policy=self.policy,
-                            max_num_seqs=self.max_num_seqs)
+                            max_num_seqs=self.max_num_seqs,
+                            tile_tokens=min(_TILE_TOKENS, self.max_num_batched_tokens))
 
     def _collect(self, scheduler, job: Job, progress: "_Progress") -> Iterator[Tuple[int, RequestOutput]]:
         for request, message in scheduler.pop_failed():

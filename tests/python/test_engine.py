@@ -329,3 +329,13 @@ def test_default_kv_pool_is_capped_by_what_the_job_can_use():
     # Two sequences of at most 64 tokens never need more than 2 * 4 blocks of 16.
     assert llm.num_kv_blocks == 8
     assert len(llm.generate("abc", GREEDY, use_tqdm=False)[0].outputs[0].token_ids) == 8
+
+
+def test_steps_never_exceed_max_num_batched_tokens():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        llm = LLM(kv_cache_memory=_kv_bytes(_tiny_config(), 64), max_num_batched_tokens=24)
+    prompts = [{"prompt_token_ids": [256] + [70 + i] * 50} for i in range(3)]
+    outs = llm.generate(prompts, GREEDY, use_tqdm=False)
+    assert all(len(o.outputs[0].token_ids) == 8 for o in outs)
+    assert llm.last_stats["max_step_tokens"] == 24  # the prompts were chunked to exactly the budget
