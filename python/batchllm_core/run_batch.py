@@ -143,8 +143,8 @@ def _run(llm, options: RunOptions, requests: List[BatchRequest], errors: List[Li
     tokenizer = llm.get_tokenizer()
     started = time.perf_counter()
     tokenized, rejected = tokenize_requests(requests, tokenizer, llm.max_model_len, llm.config.vocab_size)
-    progress.stage(f"tokenized {len(requests)} prompts ({sum(len(t.prompt_token_ids) for t in tokenized):,} tokens) "
-                   f"in {time.perf_counter() - started:.2f} s")
+    progress.stage(f"tokenized {len(requests)} prompts in {time.perf_counter() - started:.2f} s: {len(tokenized)} fit "
+                   f"the model ({sum(len(t.prompt_token_ids) for t in tokenized):,} tokens), {len(rejected)} rejected")
     for error in rejected:
         _write_error(writer, counters, error)
     runnable, params = _sampling_params(tokenized, writer, counters)
