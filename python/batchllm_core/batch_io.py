@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass, field
-from typing import List, Set, Tuple, Union
+from typing import List, Optional, Set, Tuple, Union
 
 from .batch_requests import answer_key
 
@@ -44,8 +44,11 @@ def read_input_lines(path: str) -> List[Tuple[int, str]]:
     return [(i + 1, line.rstrip("\r")) for i, line in enumerate(lines)]
 
 
-def check_output_path(path: str) -> None:
-    """Fail early (before loading a model) when the output cannot be written."""
+def check_output_path(path: str, input_path: Optional[str] = None) -> None:
+    """Fail early (before loading a model) when the output cannot be written or would replace the input."""
+    if input_path is not None and os.path.exists(path) and os.path.exists(input_path) \
+            and os.path.samefile(path, input_path):
+        raise BatchFileError(f"output {path!r} is the input file: answers would overwrite the requests")
     if os.path.isdir(path):
         raise BatchFileError(f"cannot write output {path!r}: it is a directory")
     parent = os.path.dirname(os.path.abspath(path))

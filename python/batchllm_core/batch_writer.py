@@ -109,7 +109,10 @@ class DurableWriter:
         if fsync_interval_s < 0:
             raise ValueError(f"fsync_interval_s must be >= 0, got {fsync_interval_s}")
         flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | (0 if append else os.O_TRUNC)
+        existed = os.path.exists(path)
         self._fd: Optional[int] = os.open(path, flags, 0o644)
+        if not existed:
+            _fsync_directory_of(path)  # a new file's name must survive a crash too, not only its lines
         self._fsync_interval_s = fsync_interval_s
         self._signals = signals
         self._clock = clock
@@ -162,3 +165,13 @@ class DurableWriter:
 
     def __exit__(self, *exc_info) -> None:
         self.close()
+
+
+def _fsync_directory_of(path: str) -> None:
+    directory = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    except OSError:  # some file systems cannot fsync a directory; the lines are still fsynced
+        pass
+    finally:
+        os.close(directory)

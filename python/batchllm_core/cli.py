@@ -53,10 +53,17 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _version() -> str:
+    from . import __version__, build_info
+
+    return f"{__version__} ({'CUDA ' + build_info()['cuda_version'] if build_info()['cuda'] else 'CPU only'})"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="batchllm",
         description="Offline LLM batch jobs that plan the whole job and compute every shared prefix once.")
+    parser.add_argument("--version", action="version", version=f"batchllm {_version()}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     run = commands.add_parser("run-batch", help="run an OpenAI-batch JSONL file, writing vLLM run-batch answers",

@@ -118,7 +118,7 @@ def _load_quietly(llm_factory, options: RunOptions, progress: ProgressReporter):
 def _read_job(options: RunOptions, progress: ProgressReporter):
     """Every input line to answer in this run, and how many an earlier run already answered."""
     lines = read_input_lines(options.input_path)
-    check_output_path(options.output_path)
+    check_output_path(options.output_path, options.input_path)
     items = list(parse_lines(lines))
     invalid = sum(isinstance(item, LineError) for item in items)
     progress.stage(f"read {len(items)} requests from {options.input_path} ({invalid} invalid)")

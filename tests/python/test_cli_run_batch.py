@@ -397,3 +397,18 @@ def test_progress_ticker_reports_while_nothing_finishes():
         time.sleep(0.01)
     progress.close()
     assert stream.getvalue().count("0/3 requests") >= 2
+
+
+def test_the_output_may_not_be_the_input(tmp_path):
+    source = write_lines(tmp_path / "in.jsonl", [request("a")])
+    stderr = io.StringIO()
+    code = run_batch(RunOptions(str(source), str(tmp_path / "." / "in.jsonl")), io.StringIO(), stderr,
+                     llm_factory=lambda _: pytest.fail("no model"))
+    assert code == 1 and "is the input file" in stderr.getvalue()
+    assert source.read_text().strip() == request("a")
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["--version"])
+    assert exc.value.code == 0 and capsys.readouterr().out.startswith("batchllm 0.1")
