@@ -182,7 +182,9 @@ class Job:
 
     @staticmethod
     def _logprob_dict(sampled: SamplerOutput, row: int, token: int, k: int) -> Dict[int, float]:
-        top = {int(t): float(v) for t, v in zip(sampled.top_token_ids[row, :k], sampled.top_logprobs[row, :k])}
+        top = {}
+        if k > 0:  # logprobs=0: only the sampled token (the step may have no top arrays at all)
+            top = {int(t): float(v) for t, v in zip(sampled.top_token_ids[row, :k], sampled.top_logprobs[row, :k])}
         top[token] = float(sampled.logprobs[row])
         return top
 

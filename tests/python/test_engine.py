@@ -53,11 +53,11 @@ def llama(llama_dir):
     return LLM(model=llama_dir, kv_cache_memory=1 << 22)
 
 
-def _shared_prefix_prompts(count=100, seed=0):
+def _shared_prefix_prompts(count=100, seed=0, bos=256):
     """Token-id prompts in a two-level prefix tree (4 x 2 shared prefixes) with unique suffixes."""
     rng = random.Random(seed)
     letters = lambda n: [rng.randrange(32, 127) for _ in range(n)]  # noqa: E731 - printable bytes
-    roots = [[256] + letters(31) for _ in range(4)]
+    roots = [[bos] + letters(31) for _ in range(4)]
     branches = [[root + letters(16) for _ in range(2)] for root in roots]
     prompts = []
     for i in range(count):
@@ -134,25 +134,26 @@ def test_invalid_constructor_arguments():
 
 # ------------------------------------------------------------------------------------ exactness
 @pytest.fixture(scope="module")
-def invariance_job():
-    """100 prompts sharing prefixes, and the greedy outputs of a sample of them run alone."""
-    prompts = _shared_prefix_prompts()
+def invariance_job(llama_dir):
+    """100 prompts sharing prefixes, and the greedy outputs of a sample of them run alone.
+
+    On the random Llama checkpoint: its logits are peaked (the tiny model's are nearly flat, so its
+    greedy choices are near-ties that the last float bit of a differently blocked matmul can flip;
+    that would test BLAS, not the engine).
+    """
+    prompts = _shared_prefix_prompts(bos=0)
     sample = list(range(0, 100, 9))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        llm = LLM(kv_cache_memory=_kv_bytes(_tiny_config(), 64), policy="no-share")
+    llm = LLM(model=llama_dir, kv_cache_memory=1 << 20, policy="no-share")
     alone = {i: llm.generate(prompts[i], GREEDY, use_tqdm=False)[0].outputs[0].token_ids for i in sample}
-    return prompts, alone, {}
+    return llama_dir, _kv_bytes(llm, 1), prompts, alone, {}
 
 
 @pytest.mark.parametrize("policy", POLICIES)
 def test_batch_invariance_under_every_policy_and_preemption(policy, invariance_job):
-    prompts, alone, batch_results = invariance_job
+    model_dir, bytes_per_block, prompts, alone, batch_results = invariance_job
     # 256 blocks hold the whole job at once; 12 blocks (192 tokens) about three requests.
     for blocks in (256, 12):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            llm = LLM(kv_cache_memory=_kv_bytes(_tiny_config(), blocks), policy=policy)
+        llm = LLM(model=model_dir, kv_cache_memory=bytes_per_block * blocks, policy=policy)
         got = [o.outputs[0].token_ids for o in llm.generate(prompts, GREEDY, use_tqdm=False)]
         for i, expected in alone.items():
             assert got[i] == expected, f"{policy}, {blocks} blocks: prompt {i} differs from its run alone"
@@ -255,6 +256,8 @@ def test_logprobs_and_cumulative_logprob(tiny):
     for token, entry in zip(greedy.outputs[0].token_ids, greedy.outputs[0].logprobs):
         assert entry[token] == max(entry.values())
     assert tiny.generate("hello", GREEDY, use_tqdm=False)[0].outputs[0].logprobs is None
+    only_sampled = tiny.generate("hello", SamplingParams(max_tokens=3, logprobs=0), use_tqdm=False)[0].outputs[0]
+    assert [list(entry) for entry in only_sampled.logprobs] == [[t] for t in only_sampled.token_ids]
 
 
 def test_seeded_request_is_batch_independent(tiny):
