@@ -37,6 +37,10 @@ EXIT_FAILURE = 1
 EXIT_INTERRUPTED = 128 + signal.SIGINT
 
 
+class ModelLoadError(Exception):
+    """The model cannot be loaded (directory, dtype, device): the job stops before writing anything."""
+
+
 @dataclass
 class RunOptions:
     """What ``batchllm run-batch`` was asked to do (see ``cli.py`` for the flags)."""
@@ -79,7 +83,7 @@ def run_batch(options: RunOptions, stdout: Optional[TextIO] = None, stderr: Opti
         if requests:
             progress.stage(f"loading model {options.model or '(embedded tiny default)'} ...")
             llm = _load_quietly(llm_factory, options, progress)
-    except BatchFileError as exc:
+    except (BatchFileError, ModelLoadError) as exc:
         stderr.write(f"batchllm run-batch: error: {exc}\n")
         return EXIT_FAILURE
     with DeferredSignals() as signals:
@@ -109,7 +113,13 @@ def _load_quietly(llm_factory, options: RunOptions, progress: ProgressReporter):
     """Load the model; its warnings (e.g. "the tiny model's text is noise") become plain stage lines."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        llm = llm_factory(options)
+        try:
+            llm = llm_factory(options)
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except Exception as exc:  # a bad directory, dtype or device: nothing has been written yet
+            raise ModelLoadError(f"cannot load the model {options.model or '(embedded tiny default)'} "
+                                 f"on device {options.device!r}: {exc}") from exc
     for warning in caught:
         progress.stage(f"warning: {warning.message}")
     return llm

@@ -412,3 +412,18 @@ def test_version(capsys):
     with pytest.raises(SystemExit) as exc:
         main(["--version"])
     assert exc.value.code == 0 and capsys.readouterr().out.startswith("batchllm 0.1")
+
+
+def test_a_model_that_cannot_load_stops_the_job_before_writing(tmp_path):
+    source = write_lines(tmp_path / "in.jsonl", [request("a")])
+    output = tmp_path / "out.jsonl"
+    output.write_text("kept\n")
+
+    def broken(_):
+        raise RuntimeError("Torch not compiled with CUDA enabled")
+
+    stderr = io.StringIO()
+    code = run_batch(RunOptions(str(source), str(output), device="cuda"), io.StringIO(), stderr, llm_factory=broken)
+    assert code == 1 and "cannot load the model" in stderr.getvalue() and "'cuda'" in stderr.getvalue()
+    assert output.read_text() == "kept\n"
+    assert main(["run-batch", "-i", str(source), "-o", str(output), "--model", str(tmp_path)]) == 1
