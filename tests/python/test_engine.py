@@ -135,26 +135,29 @@ def test_invalid_constructor_arguments():
 # ------------------------------------------------------------------------------------ exactness
 @pytest.fixture(scope="module")
 def invariance_job(llama_dir):
-    """100 prompts sharing prefixes, and the greedy outputs of a sample of them run alone.
+    """100 prompts sharing prefixes (greedy or seeded), and the outputs of a sample of them run alone.
 
     On the random Llama checkpoint: its logits are peaked (the tiny model's are nearly flat, so its
     greedy choices are near-ties that the last float bit of a differently blocked matmul can flip;
     that would test BLAS, not the engine).
     """
     prompts = _shared_prefix_prompts(bos=0)
+    # Odd prompts sample with their own seed: their draws must not depend on the batch either.
+    params = [GREEDY if i % 2 == 0 else SamplingParams(temperature=0.9, top_k=50, seed=1000 + i, max_tokens=8,
+                                                       ignore_eos=True) for i in range(len(prompts))]
     sample = list(range(0, 100, 9))
     llm = LLM(model=llama_dir, kv_cache_memory=1 << 20, policy="no-share")
-    alone = {i: llm.generate(prompts[i], GREEDY, use_tqdm=False)[0].outputs[0].token_ids for i in sample}
-    return llama_dir, _kv_bytes(llm, 1), prompts, alone, {}
+    alone = {i: llm.generate(prompts[i], params[i], use_tqdm=False)[0].outputs[0].token_ids for i in sample}
+    return llama_dir, _kv_bytes(llm, 1), prompts, params, alone, {}
 
 
 @pytest.mark.parametrize("policy", POLICIES)
 def test_batch_invariance_under_every_policy_and_preemption(policy, invariance_job):
-    model_dir, bytes_per_block, prompts, alone, batch_results = invariance_job
+    model_dir, bytes_per_block, prompts, params, alone, batch_results = invariance_job
     # 256 blocks hold the whole job at once; 12 blocks (192 tokens) about three requests.
     for blocks in (256, 12):
         llm = LLM(model=model_dir, kv_cache_memory=bytes_per_block * blocks, policy=policy)
-        got = [o.outputs[0].token_ids for o in llm.generate(prompts, GREEDY, use_tqdm=False)]
+        got = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
         for i, expected in alone.items():
             assert got[i] == expected, f"{policy}, {blocks} blocks: prompt {i} differs from its run alone"
         # Every policy and capacity gives every prompt the same tokens.
