@@ -427,3 +427,12 @@ def test_a_model_that_cannot_load_stops_the_job_before_writing(tmp_path):
     assert code == 1 and "cannot load the model" in stderr.getvalue() and "'cuda'" in stderr.getvalue()
     assert output.read_text() == "kept\n"
     assert main(["run-batch", "-i", str(source), "-o", str(output), "--model", str(tmp_path)]) == 1
+
+
+def test_logprobs_without_alternatives(llm, tmp_path):
+    lines = [request("chat", CHAT, logprobs=True, max_tokens=3), request("text", logprobs=0, max_tokens=3)]
+    code, _, _, output = run(llm, tmp_path, lines)
+    assert code == 0
+    answers = {a["custom_id"]: a["response"]["body"]["choices"][0]["logprobs"] for a in read_answers(output)}
+    assert all(t["top_logprobs"] == [] for t in answers["chat"]["content"]) and answers["chat"]["content"]
+    assert all(top == {} for top in answers["text"]["top_logprobs"]) and answers["text"]["token_logprobs"]
