@@ -194,6 +194,8 @@ void prefill_attention(py::handle q_obj, py::handle k_cache_obj, py::handle v_ca
   p.context_lens = reinterpret_cast<const int32_t*>(ctx_arg.data);
   p.scale = scale;
   p.max_q_len = max_q_len;
+  // CUDA grids put sequences on grid.y (at most 65535); the runtime's steps stay far below.
+  c.require(!q_arg.is_cuda() || num_seqs <= 65535, "block_tables", "has more than 65535 sequences (CUDA grid limit)");
   if (check_indices || !q_arg.is_cuda()) {
     const auto query_start = c.read<int32_t>(qs_arg);
     const auto context_lens = c.read<int32_t>(ctx_arg);
@@ -298,6 +300,8 @@ void cascade_decode_attention(py::handle q_obj, py::handle k_cache_obj, py::hand
   p.levels.max_prefix_rows = hints[1];
   p.levels.max_suffix_kv_len = hints[2];
   check_levels(c, levels_arg, p.q.shape[0], cache, check_indices || !q_arg.is_cuda(), q_arg.is_cuda(), p.levels);
+  c.require(!q_arg.is_cuda() || (p.q.shape[0] <= 65535 && p.levels.num_prefixes <= 65535), "q",
+            "has more than 65535 rows or prefixes (CUDA grid limit)");
   if (!lse_obj.is_none()) {
     const ViewArg lse_arg = c.parse(lse_obj, "lse");
     c.same_device({&q_arg, &lse_arg});
