@@ -170,30 +170,9 @@ def _record_steps(llm, step_floor: StepFloor) -> None:
 
     def priced_execute(plan):
         step_floor.add(plan)
-        return execute(_WithWritableEmptyLevels(plan) if _has_empty_levels(plan) else plan)
+        return execute(plan)
 
     llm.runner.execute = priced_execute
-
-
-def _has_empty_levels(plan) -> bool:
-    return int(plan.num_decode_seqs) > 0 and len(getattr(plan, "prefix_q_range", ())) == 0
-
-
-class _WithWritableEmptyLevels:
-    """A StepPlan whose empty ``prefix_q_range`` is a fresh writable array.
-
-    Works around a CPU-only failure ("prefix_q_range must be contiguous"): the runner copies the
-    plan's read-only empty view, torch gives the copy strides (0, 0) and the kernel binding rejects
-    them. Remove once the binding ignores strides of empty arrays (or the runner passes no levels
-    when a step has no prefix).
-    """
-
-    def __init__(self, plan):
-        self._plan = plan
-        self.prefix_q_range = np.zeros(0, np.int32)
-
-    def __getattr__(self, name):
-        return getattr(self._plan, name)
 
 
 def run_hf(workload_id: str, args, ceilings: Ceilings) -> dict:
