@@ -213,6 +213,7 @@ AdmitResult Scheduler::Impl::try_admit(int64_t id, bool force) {
     stats.cached_prefix_tokens += hits * config.block_size;
   }
   seq.status = SeqStatus::kRunning;
+  seq.table_changed = true;
   pending_forks += seq.unforked;
   insert_running(id);
   preempted.erase(id);
@@ -224,6 +225,7 @@ void Scheduler::Impl::fork_sibling(int64_t id) {
   Sequence& sib = seqs[id];
   Sequence& leader = seqs[request_first_seq[sib.request]];
   sib.table = blocks.fork(leader.table);
+  sib.table_changed = true;
   sib.num_computed = leader.num_computed;
   sib.status = SeqStatus::kRunning;
   --leader.unforked;

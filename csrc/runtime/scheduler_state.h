@@ -39,6 +39,7 @@ struct Sequence {
   int64_t num_registered = 0;   ///< fcfs-lru: full blocks already offered to the prefix cache
   uint64_t last_hash = 0;       ///< fcfs-lru: hash of block num_registered - 1
   bool ever_admitted = false;
+  bool table_changed = true;    ///< own blocks changed since its plan rows were last written
 
   int64_t len() const { return prompt_len + static_cast<int64_t>(output.size()); }
   int32_t token(int64_t t) const { return t < prompt_len ? prompt[t] : output[t - prompt_len]; }

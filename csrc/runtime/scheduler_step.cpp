@@ -46,13 +46,28 @@ const StepPlan* Scheduler::Impl::next_step() {
 }
 
 void Scheduler::Impl::schedule_decodes() {
+  // Decode rows are written by index into arrays sized for every running sequence (trimmed at the
+  // end): this loop runs for ~1,000 sequences every step and is the scheduler's hot path.
   prefill_candidates.clear();
+  const size_t cap = running.size();
+  out.input_ids.resize(cap);
+  out.positions.resize(cap);
+  out.slot_mapping.resize(cap);
+  out.sample_rows.resize(cap);
+  out.sample_seq_ids.resize(cap);
+  out.sample_requests.resize(cap);
+  out.sample_indices.resize(cap);
+  out.sample_output_lens.resize(cap);
+  entries.resize(cap);
+  int32_t rows = 0;
   int64_t decode_with_output = 0;
+  const int bs = config.block_size;
   for (size_t i = 0; i < running.size(); ++i) {
     const int64_t id = running[i];
     Sequence& seq = seqs[id];
     const bool chain_ready = seq.node < 0 || nodes[seq.node].num_computed == plan.nodes[seq.node].end;
-    if (seq.len() - seq.num_computed != 1 || !chain_ready) {
+    // A prompt whose waiting samples draw from its last row goes through the prefill path (n sample rows).
+    if (seq.len() - seq.num_computed != 1 || !chain_ready || seq.unforked > 0) {
       prefill_candidates.push_back(id);
       continue;
     }
@@ -77,17 +92,32 @@ void Scheduler::Impl::schedule_decodes() {
       out.cow_src.push_back(cow_src);
       out.cow_dst.push_back(cow_dst);
     }
-    const int32_t row = static_cast<int32_t>(out.input_ids.size());
-    out.input_ids.push_back(seq.token(seq.num_computed));
-    out.positions.push_back(static_cast<int32_t>(seq.num_computed));
-    out.slot_mapping.push_back(slot);
+    if (cow_src >= 0 || slot % bs == 0) seq.table_changed = true;  // a copy or a new block
+    const int64_t n_out = static_cast<int64_t>(seq.output.size());
+    out.input_ids[rows] = seq.token(seq.num_computed);
+    out.positions[rows] = static_cast<int32_t>(seq.num_computed);
+    out.slot_mapping[rows] = slot;
+    out.sample_rows[rows] = rows;
+    out.sample_seq_ids[rows] = id;
+    out.sample_requests[rows] = seq.request;
+    out.sample_indices[rows] = seq.sample;
+    out.sample_output_lens[rows] = static_cast<int32_t>(n_out);
+    entries[rows] = {id, -1, 1};
+    ++rows;
     ++seq.num_computed;
-    if (!seq.output.empty()) ++decode_with_output;
-    entries.push_back({id, -1, 1});
-    emit_samples(id, row);
+    if (n_out > 0) ++decode_with_output;
     if (cache) register_computed_blocks(seq);
   }
-  out.num_prefill_tokens = out.num_tokens() - decode_with_output;
+  out.input_ids.resize(rows);
+  out.positions.resize(rows);
+  out.slot_mapping.resize(rows);
+  out.sample_rows.resize(rows);
+  out.sample_seq_ids.resize(rows);
+  out.sample_requests.resize(rows);
+  out.sample_indices.resize(rows);
+  out.sample_output_lens.resize(rows);
+  entries.resize(rows);
+  out.num_prefill_tokens = rows - decode_with_output;
 }
 
 void Scheduler::Impl::schedule_running_prefills() {
@@ -174,6 +204,7 @@ bool Scheduler::Impl::schedule_prefill(int64_t id) {
     out.slot_mapping.push_back(slot);
   }
   if (appended == 0) return false;
+  seq.table_changed = true;
   seq.num_computed += appended;
   budget_left -= appended;
   out.num_prefill_tokens += appended;

@@ -3,7 +3,8 @@
 //
 // The two table matrices dominate a steady decode step (1,024 rows x context blocks). When a step of
 // decodes alone runs the same sequences in the same order as the previous step, their rows are kept
-// and only rows whose own table changed (a new block, a copy-on-write) are rewritten; widths are
+// and only rows of sequences whose own table changed (Sequence::table_changed: a new block, a copy-on-
+// write, an admission or fork) are rewritten, without reading the kept rows; widths are
 // rounded up so the matrices are rebuilt only every kWidthQuantum blocks of growth.
 #include <algorithm>
 #include <stdexcept>
@@ -30,14 +31,6 @@ int chain_of(const JobPlan& plan, int32_t deepest, int32_t* chain) {
   for (int32_t n = deepest; n >= 0 && depth < 64; n = plan.nodes[n].parent) chain[depth++] = n;
   std::reverse(chain, chain + depth);
   return depth;
-}
-
-// Whether a kept row already ends with the sequence's own blocks (they only ever grow at the end or
-// have their last block replaced by a copy-on-write while the sequence keeps running).
-bool row_current(const int32_t* row, int32_t width, int32_t offset, const std::vector<int32_t>& own) {
-  const int32_t last = offset + static_cast<int32_t>(own.size()) - 1;
-  if (own.empty() || last >= width || row[last] != own.back()) return false;
-  return last + 1 == width || row[last + 1] == -1;
 }
 
 }  // namespace
@@ -79,10 +72,8 @@ void Scheduler::Impl::finalize_plan() {
   for (size_t s = 0; s < num_entries; ++s) {
     const StepEntry& e = entries[s];
     int32_t* row_begin = out.block_tables.data() + s * width;
-    if (same_rows) {
-      const Sequence& seq = seqs[e.seq];
-      if (row_current(row_begin, width, static_cast<int32_t>(seq.shared_len / bs), seq.table.blocks)) continue;
-    }
+    if (same_rows && !seqs[e.seq].table_changed) continue;  // the row still holds exactly its blocks
+    if (e.seq >= 0 && s >= static_cast<size_t>(out.num_decode_seqs)) seqs[e.seq].table_changed = false;
     const int depth = chain_of(plan, e.seq >= 0 ? seqs[e.seq].node : e.node, chain);
     int32_t* dst = row_begin;
     if (e.seq >= 0) {
@@ -101,7 +92,7 @@ void Scheduler::Impl::finalize_plan() {
   }
   kept_seq_ids.assign(out.seq_ids.begin(), out.seq_ids.end());
   kept_table_width = width;
-  build_decode_levels();
+  build_decode_levels();  // clears table_changed of the decode rows
   out.nano_batch_offsets.push_back(0);
   out.nano_batch_offsets.push_back(static_cast<int32_t>(out.num_tokens()));
 }
@@ -122,7 +113,7 @@ void Scheduler::Impl::build_decode_levels() {
   out.prefix_kv_indptr.push_back(0);
   int32_t chain[64];
   for (int32_t i = 0; i < num_decode; ++i) {
-    const Sequence& seq = seqs[entries[i].seq];
+    Sequence& seq = seqs[entries[i].seq];
     const int depth = chain_of(plan, seq.node, chain);
     for (int d = 0; d < depth; ++d) {
       NodeState& state = nodes[chain[d]];
@@ -143,10 +134,11 @@ void Scheduler::Impl::build_decode_levels() {
       }
     }
     int32_t* row_begin = out.suffix_block_tables.data() + static_cast<size_t>(i) * width;
-    if (!same_rows || !row_current(row_begin, width, 0, seq.table.blocks)) {
+    if (!same_rows || seq.table_changed) {
       int32_t* dst = std::copy(seq.table.blocks.begin(), seq.table.blocks.end(), row_begin);
       std::fill(dst, row_begin + width, -1);
     }
+    seq.table_changed = false;
     out.suffix_kv_lens.push_back(static_cast<int32_t>(seq.table.num_tokens));
     out.decode_kv_tokens_read += seq.table.num_tokens;
     out.decode_kv_tokens_unshared += seq.num_computed;
