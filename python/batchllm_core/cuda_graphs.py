@@ -23,6 +23,7 @@ when :meth:`DecodeGraphs.can_run` accepts the plan and the eager path otherwise.
 """
 from __future__ import annotations
 
+import os
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Dict, Optional
@@ -123,13 +124,15 @@ def pad_decode_step(host: Dict[str, np.ndarray], levels: Dict[str, np.ndarray], 
 
 
 class _Entry:
-    """One key's static buffers, its graph (None before capture or without capture) and output."""
+    """One key's static buffers, its graph (None before capture or without capture) and output:
+    the final hidden states (a few MB; logits, up to vocab x rows x 4 bytes, stay out of the graph
+    so that dozens of graphs do not each pin their own)."""
 
     def __init__(self, key: GraphKey, device: torch.device):
         self.key = key
         self.upload = StaticUpload(key.layout(), device)
         self.graph: Optional[torch.cuda.CUDAGraph] = None
-        self.logits: Optional[torch.Tensor] = None
+        self.hidden: Optional[torch.Tensor] = None
 
 
 class DecodeGraphs:
@@ -144,7 +147,8 @@ class DecodeGraphs:
     max_graphs : int
         Keys kept at once (least recently used dropped first, with its graph).
     capture : bool or None
-        Capture and replay CUDA graphs; None: when the runner's device is CUDA. False runs the same
+        Capture and replay CUDA graphs; None: when the runner's device is CUDA and kernel index
+        checks (``BATCHLLM_CHECK_INDICES=1``, which synchronise) are off. False runs the same
         padded static path eagerly (for tests, and for A/B timing on a GPU).
     """
 
@@ -153,7 +157,9 @@ class DecodeGraphs:
         self.runner = runner
         self.max_rows = int(max_rows)
         self.max_graphs = int(max_graphs)
-        self.capture = runner.device.type == "cuda" if capture is None else bool(capture)
+        if capture is None:
+            capture = runner.device.type == "cuda" and os.environ.get("BATCHLLM_CHECK_INDICES", "0") != "1"
+        self.capture = bool(capture)
         if self.capture and runner.device.type != "cuda":
             raise ValueError("DecodeGraphs: capture needs a CUDA runner")
         self._entries: "OrderedDict[GraphKey, _Entry]" = OrderedDict()
@@ -187,12 +193,14 @@ class DecodeGraphs:
         views = entry.upload.upload(pad_decode_step(host, levels, key))
         self.steps += 1
         if not self.capture:
-            return self._forward(entry, views)[:rows]
-        if entry.graph is None:
-            self._capture(entry, views)
-        entry.graph.replay()
-        self.replays += 1
-        return entry.logits[:rows]
+            hidden = self._forward(entry, views)
+        else:
+            if entry.graph is None:
+                self._capture(entry, views)
+            entry.graph.replay()
+            self.replays += 1
+            hidden = entry.hidden
+        return self.runner.model.compute_logits(hidden[:rows]).float()
 
     def _entry(self, key: GraphKey) -> _Entry:
         entry = self._entries.pop(key, None)
@@ -206,7 +214,7 @@ class DecodeGraphs:
         return entry
 
     def _forward(self, entry: _Entry, views: Dict[str, torch.Tensor]) -> torch.Tensor:
-        """The model over the static views: logits of every padded row."""
+        """The model over the static views: final hidden states of every padded row."""
         from .ops import DecodeLevels
 
         key = entry.key
@@ -219,8 +227,7 @@ class DecodeGraphs:
             context_lens=views["paged_context_lens"], block_tables=views["paged_block_tables"], max_q_len=0,
             decode_levels=levels))
         try:
-            hidden = self.runner.model(views["input_ids"], views["positions"])
-            return self.runner.model.compute_logits(hidden).float()
+            return self.runner.model(views["input_ids"], views["positions"])
         finally:
             reset_context()
 
@@ -233,8 +240,9 @@ class DecodeGraphs:
             self._forward(entry, views)
         torch.cuda.current_stream(self.runner.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
-            entry.logits = self._forward(entry, views)
+        # thread_local: a progress-bar thread touching CUDA must not invalidate the capture.
+        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
+            entry.hidden = self._forward(entry, views)
         entry.graph = graph
         self.captures += 1
 
