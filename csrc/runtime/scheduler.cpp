@@ -136,9 +136,11 @@ void Scheduler::Impl::commit(const int32_t* sampled, int64_t count) {
                                 " sampled tokens (one per sample row), got " + std::to_string(count));
   plan_pending = false;
   // Samples of a prompt fork its blocks before anyone (the leader included) may finish and free them.
-  for (int64_t r = 0; r < count; ++r) {
-    const int64_t id = out.sample_seq_ids[r];
-    if (seqs[id].status == SeqStatus::kAwaitingLeader) fork_sibling(id);
+  if (pending_forks > 0) {
+    for (int64_t r = 0; r < count; ++r) {
+      const int64_t id = out.sample_seq_ids[r];
+      if (seqs[id].status == SeqStatus::kAwaitingLeader) fork_sibling(id);
+    }
   }
   bool any_finished = false;
   for (int64_t r = 0; r < count; ++r) {

@@ -135,6 +135,8 @@ struct Scheduler::Impl {
   std::vector<StepEntry> entries;
   std::vector<int64_t> prefill_candidates;
   int64_t budget_left = 0;
+  int32_t decode_table_width = 0;   ///< widest block table among this step's decode rows
+  int32_t decode_suffix_width = 0;  ///< widest own table among this step's decode rows
   int64_t step_index = 0;
   bool plan_pending = false;
   // rows of the table matrices as last written (kept when the next step runs the same sequences)

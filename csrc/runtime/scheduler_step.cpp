@@ -59,6 +59,11 @@ void Scheduler::Impl::schedule_decodes() {
   out.sample_indices.resize(cap);
   out.sample_output_lens.resize(cap);
   entries.resize(cap);
+  out.seq_ids.resize(cap);
+  out.context_lens.resize(cap);
+  out.query_start.resize(cap + 1);
+  out.query_start[0] = 0;
+  int32_t table_width = 0, suffix_width = 0;
   int32_t rows = 0;
   int64_t decode_with_output = 0;
   const int bs = config.block_size;
@@ -103,6 +108,12 @@ void Scheduler::Impl::schedule_decodes() {
     out.sample_indices[rows] = seq.sample;
     out.sample_output_lens[rows] = static_cast<int32_t>(n_out);
     entries[rows] = {id, -1, 1};
+    out.seq_ids[rows] = id;
+    out.context_lens[rows] = static_cast<int32_t>(seq.num_computed + 1);
+    out.query_start[rows + 1] = rows + 1;
+    const int32_t own_blocks = static_cast<int32_t>(seq.table.blocks.size());
+    table_width = std::max(table_width, static_cast<int32_t>(seq.shared_len / bs) + own_blocks);
+    suffix_width = std::max(suffix_width, own_blocks);
     ++rows;
     ++seq.num_computed;
     if (n_out > 0) ++decode_with_output;
@@ -117,6 +128,11 @@ void Scheduler::Impl::schedule_decodes() {
   out.sample_indices.resize(rows);
   out.sample_output_lens.resize(rows);
   entries.resize(rows);
+  out.seq_ids.resize(rows);
+  out.context_lens.resize(rows);
+  out.query_start.resize(rows + 1);
+  decode_table_width = table_width;
+  decode_suffix_width = suffix_width;
   out.num_prefill_tokens = rows - decode_with_output;
 }
 

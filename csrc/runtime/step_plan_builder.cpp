@@ -39,11 +39,12 @@ void Scheduler::Impl::finalize_plan() {
   const int bs = config.block_size;
   const size_t num_entries = entries.size();
   // ---- per-sequence arrays and the widest block table
-  int32_t width = 0;
-  int32_t row = 0;
+  // Decode rows' seq_ids, context_lens, query_start and widths were written by schedule_decodes.
+  int32_t width = decode_table_width;
+  int32_t row = out.num_decode_seqs;
   bool all_seqs = true;
-  out.query_start.push_back(0);
-  for (const StepEntry& e : entries) {
+  for (size_t s = static_cast<size_t>(out.num_decode_seqs); s < num_entries; ++s) {
+    const StepEntry& e = entries[s];
     int32_t table_blocks;
     if (e.seq >= 0) {
       const Sequence& seq = seqs[e.seq];
@@ -100,10 +101,7 @@ void Scheduler::Impl::finalize_plan() {
 void Scheduler::Impl::build_decode_levels() {
   // ---- each shared prefix once, with the contiguous decode rows that read it; then own (suffix) KV
   const int32_t num_decode = out.num_decode_seqs;
-  int32_t width = 0;
-  for (int32_t i = 0; i < num_decode; ++i)
-    width = std::max(width, static_cast<int32_t>(seqs[entries[i].seq].table.blocks.size()));
-  width = round_width(width);
+  const int32_t width = round_width(decode_suffix_width);
   const bool same_rows = num_decode == static_cast<int32_t>(entries.size()) && width == kept_suffix_width &&
                          num_decode == kept_suffix_rows &&
                          std::equal(out.seq_ids.begin(), out.seq_ids.begin() + num_decode, kept_suffix_seq_ids.begin(),
