@@ -72,7 +72,7 @@ class ArgChecker {
     else if (arg.dtype == "float16") view.dtype = kernels::DType::kFloat16;
     else if (arg.dtype == "bfloat16") view.dtype = kernels::DType::kBFloat16;
     else fail(arg.name, "has dtype " + arg.dtype + "; expected float32, float16 or bfloat16");
-    require(arg.strides[ndim - 1] == 1 || arg.shape[ndim - 1] <= 1, arg.name,
+    require(arg.strides[ndim - 1] == 1 || arg.shape[ndim - 1] <= 1 || arg.numel() == 0, arg.name,
             "must have a contiguous last dimension (stride 1), got stride " + std::to_string(arg.strides[ndim - 1]));
     require(arg.numel() == 0 || arg.data != 0, arg.name, "has a null data pointer");
     view.data = reinterpret_cast<void*>(arg.data);
@@ -97,12 +97,15 @@ class ArgChecker {
   void index_array(const ViewArg& arg, const char* dtype, std::vector<int64_t> shape) const {
     require(arg.dtype == dtype, arg.name, std::string("must be ") + dtype + ", got " + arg.dtype);
     require(arg.shape.size() == shape.size(), arg.name, "must have " + std::to_string(shape.size()) + " dimensions");
+    // An empty array has no element to address: its strides mean nothing (numpy and torch give
+    // empty views strides such as (0, 0)), so only non-empty arrays must be contiguous.
+    const bool empty = arg.numel() == 0;
     int64_t expected_stride = 1;
     for (int d = static_cast<int>(shape.size()) - 1; d >= 0; --d) {
       require(shape[d] < 0 || arg.shape[d] == shape[d], arg.name,
               "has size " + std::to_string(arg.shape[d]) + " in dim " + std::to_string(d) + ", expected " +
                   std::to_string(shape[d]));
-      require(arg.shape[d] <= 1 || arg.strides[d] == expected_stride, arg.name, "must be contiguous");
+      require(empty || arg.shape[d] <= 1 || arg.strides[d] == expected_stride, arg.name, "must be contiguous");
       expected_stride *= arg.shape[d];
     }
     require(arg.numel() == 0 || arg.data != 0, arg.name, "has a null data pointer");

@@ -304,3 +304,14 @@ def test_merge_states_shape_mismatch():
     with pytest.raises(ValueError, match=r"merge_states: argument 'lse_a' must be float32"):
         ops.merge_states(torch.zeros(2, 2, 4), torch.zeros(2, 2, dtype=torch.float64), torch.zeros(2, 2, 4),
                          torch.zeros(2, 2))
+
+
+def test_empty_index_arrays_with_zero_strides_are_accepted():
+    # numpy/torch give empty views strides like (0, 0); an empty array has nothing to address.
+    kv = PagedKV(8, 16, 2, 16, torch.float32)
+    case = make_cascade_case(kv, 3, [], [], [4, 1, 7], 4, 16, torch.float32)
+    levels = case.levels
+    empty_range = torch.zeros(0, dtype=torch.int32).as_strided((0, 2), (0, 0))
+    levels = ops.DecodeLevels(**{**levels.__dict__, "prefix_q_range": empty_range})
+    expected = ops.cascade_decode_attention(case.q, kv.k, kv.v, case.levels)
+    assert torch.equal(ops.cascade_decode_attention(case.q, kv.k, kv.v, levels), expected)
