@@ -330,10 +330,22 @@ def _check_positive_int(name: str, value) -> None:
 
 
 def _resolve_device(device) -> torch.device:
-    if device == "auto":
-        from . import cuda_available
-        return torch.device("cuda" if cuda_available() and torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    """"auto": CUDA when batchllm has CUDA kernels and torch sees a device, else CPU."""
+    from . import cuda_available
+
+    usable = cuda_available() and torch.cuda.is_available()
+    if isinstance(device, str) and device == "auto":
+        return torch.device("cuda" if usable else "cpu")
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}") from err
+    if resolved.type == "cuda" and not usable:
+        raise ValueError(f"device {device!r}: batchllm was built without CUDA kernels or no CUDA device "
+                         "is usable (use device='cpu' or 'auto')")
+    if resolved.type not in ("cpu", "cuda"):
+        raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}")
+    return resolved
 
 
 def _default_cpu_kv_bytes() -> int:

@@ -123,6 +123,7 @@ def test_progress_bar(tiny, capsys):
     assert "Processed prompts" in err and "3/3" in err and "toks/s" in err
 
 
+@pytest.mark.filterwarnings("ignore::UserWarning")
 def test_invalid_constructor_arguments():
     with pytest.raises(ValueError, match="policy"):
         LLM(policy="lru")
@@ -130,6 +131,11 @@ def test_invalid_constructor_arguments():
         LLM(block_size=0)
     with pytest.raises(ValueError, match="kv_cache_memory"):
         LLM(kv_cache_memory=1)
+    with pytest.raises(ValueError, match="device"):
+        LLM(device="tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA"):
+            LLM(device="cuda")
 
 
 # ------------------------------------------------------------------------------------ exactness
