@@ -62,15 +62,19 @@ class _Compare:
     """Runs every plan through the eager runner (whose logits the engine samples) and the graph
     runner (its own model copy and KV cache), and checks that their logits agree."""
 
-    def __init__(self, reference, graphs: GraphModelRunner, atol: float):
-        self.reference, self.graphs, self.atol = reference, graphs, atol
+    def __init__(self, reference, graphs: GraphModelRunner, rtol: float):
+        self.reference, self.graphs, self.rtol = reference, graphs, rtol
         self.graph_steps = 0
 
     def execute(self, plan):
         graph_path = self.graphs.decode_graphs.can_run(plan)
         expected = self.reference.execute(plan)
         got = self.graphs.execute(plan)
-        torch.testing.assert_close(got, expected, atol=self.atol, rtol=self.atol)
+        assert got.shape == expected.shape and bool(torch.isfinite(got).all())
+        if expected.numel() == 0:  # a step that samples nothing (a prefill chunk mid-prompt)
+            return expected
+        error = (got - expected).abs().max().item()
+        assert error <= self.rtol * expected.abs().max().item(), f"logits differ by {error}"
         self.graph_steps += graph_path
         return expected
 
@@ -85,14 +89,14 @@ def _shared_prefix_prompts(vocab: int, seed: int = 0):
     return prompts
 
 
-def _run_compared(device: str, capture, atol: float):
+def _run_compared(model, device: str, capture, rtol: float):
     from batchllm_core import LLM, SamplingParams
 
-    llm = LLM(model=None, device=device, kv_cache_memory=8 << 20, max_num_batched_tokens=64)
+    llm = LLM(model=model, device=device, kv_cache_memory=64 << 20, max_num_batched_tokens=64)
     model = copy.deepcopy(llm.model)
     graphs = GraphModelRunner(model, llm.config, llm.num_kv_blocks, llm.block_size, llm.device, llm.dtype,
                               max_graphs=4, capture=capture)
-    compare = _Compare(llm.runner, graphs, atol)
+    compare = _Compare(llm.runner, graphs, rtol)
     llm.runner = compare
     prompts = _shared_prefix_prompts(llm.config.vocab_size)
     params = [SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)] * (len(prompts) - 1)
@@ -103,7 +107,7 @@ def _run_compared(device: str, capture, atol: float):
 
 
 def test_padded_static_decode_path_matches_eager_runner_on_cpu():
-    compare, graphs = _run_compared("cpu", capture=False, atol=1e-5)
+    compare, graphs = _run_compared(None, "cpu", capture=False, rtol=1e-5)
     assert compare.graph_steps >= 5 and graphs.decode_graphs.steps == compare.graph_steps
     assert len(graphs.decode_graphs._entries) <= 4  # LRU bound held
 
@@ -132,6 +136,8 @@ def test_can_run_rejects_mixed_and_levelless_steps():
 
 @gpu
 def test_captured_graphs_match_eager_runner_on_gpu():
-    compare, graphs = _run_compared("cuda", capture=None, atol=2e-2)
+    # llama-1b: the smallest named shape the CUDA kernels are built for (head dim 64); bf16, and
+    # padded rows change the GEMM shapes, hence a bf16-sized tolerance.
+    compare, graphs = _run_compared("llama-1b", "cuda", capture=None, rtol=0.05)
     assert compare.graph_steps >= 5
     assert graphs.decode_graphs.captures >= 1 and graphs.decode_graphs.replays == compare.graph_steps

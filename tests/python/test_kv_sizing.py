@@ -46,7 +46,11 @@ def test_profiled_pool_fits_in_free_memory_after_the_step():
     from batchllm_core.loader import build_random_model
     from batchllm_core.model_runner import ModelRunner
 
-    loaded = build_random_model("tiny", 0, torch.bfloat16, "cuda")
+    from batchllm_core.models.config import ModelConfig
+
+    config = ModelConfig.from_name("llama-1b").replace(hidden_size=256, num_layers=2, num_heads=4, num_kv_heads=2,
+                                                       head_dim=64, intermediate_size=512, vocab_size=1000)
+    loaded = build_random_model(config, 0, torch.bfloat16, "cuda")  # head dim 64: has CUDA kernels
     budget = kv_cache_bytes_from_profile(loaded.model, loaded.config, 16, torch.bfloat16, torch.device("cuda"),
                                          2048, 1024)
     free, total = torch.cuda.mem_get_info()

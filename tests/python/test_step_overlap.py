@@ -34,12 +34,12 @@ def test_feed_gathers_by_sequence_id_and_keeps_unknown_rows():
     assert DecodeTokenFeed().gather_index(np.array([1, 2])).tolist() == [-1, -1]
 
 
-def _check_feed_against_engine(device: str):
+def _check_feed_against_engine(model, device: str):
     """Every decode row of every step must be fed exactly the id sampled for its sequence one step
     earlier, when that step sampled it: the invariant overlapped scheduling relies on."""
     from batchllm_core import LLM, SamplingParams
 
-    llm = LLM(model=None, device=device, kv_cache_memory=8 << 20, max_num_batched_tokens=48)
+    llm = LLM(model=model, device=device, kv_cache_memory=64 << 20, max_num_batched_tokens=48)
     feed, checked = DecodeTokenFeed(), [0]
     execute, sample = llm.runner.execute, llm.sampler.sample
     last_seq_ids = []
@@ -72,12 +72,12 @@ def _check_feed_against_engine(device: str):
 
 
 def test_feed_reproduces_the_schedulers_decode_inputs_on_cpu():
-    _check_feed_against_engine("cpu")
+    _check_feed_against_engine(None, "cpu")
 
 
 @gpu
 def test_feed_and_async_copy_on_gpu():
-    _check_feed_against_engine("cuda")
+    _check_feed_against_engine("llama-1b", "cuda")  # head dim 64: has CUDA kernels
     copy = SampledTokenCopy(torch.device("cuda"))
     ids = torch.arange(5000, device="cuda", dtype=torch.int64) * 3
     copy.start(ids)
