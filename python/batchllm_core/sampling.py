@@ -183,6 +183,7 @@ class RequestSamplingTable:
     """
 
     temperature: torch.Tensor  # float32 [N]
+    temperature_host: np.ndarray  # float32 [N], the same on the host (which rows are greedy, no sync)
     top_k: torch.Tensor        # int64 [N]; 0 = all tokens
     top_p: torch.Tensor        # float32 [N]
     min_p: torch.Tensor        # float32 [N]
@@ -210,6 +211,7 @@ class RequestSamplingTable:
 
         return cls(
             temperature=as_tensor([p.temperature for p in params], torch.float32),
+            temperature_host=np.array([p.temperature for p in params], dtype=np.float32),
             top_k=as_tensor([max(p.top_k, 0) for p in params], torch.int64),
             top_p=as_tensor([p.top_p for p in params], torch.float32),
             min_p=as_tensor([p.min_p for p in params], torch.float32),
@@ -312,18 +314,21 @@ class Sampler:
             return SamplerOutput(np.zeros(0, np.int32), np.zeros(0, np.float32))
         raw_logits = logits.float()
         requests = np.asarray(requests, dtype=np.int64)
-        logits = self._mask_before_min_tokens(raw_logits, table, requests, np.asarray(output_positions))
-        req = torch.as_tensor(requests, device=self.device)
-        keys = _row_keys(table.seeds[req],
-                         torch.as_tensor(np.asarray(sample_indices, dtype=np.int64), device=self.device),
-                         torch.as_tensor(np.asarray(output_positions, dtype=np.int64), device=self.device))
-        temperature = table.temperature[req]
-        token_ids = torch.empty(num_rows, dtype=torch.int64, device=self.device)
+        positions = np.asarray(output_positions, dtype=np.int64)
+        logits = self._mask_before_min_tokens(raw_logits, table, requests, positions)
+        token_ids = torch.argmax(logits, dim=-1)  # greedy rows; the others are overwritten below
+        # Only rows with a temperature need filters and noise (the host copy avoids a device sync).
+        random_rows = np.nonzero(table.temperature_host[requests] > 0)[0]
         chunk = max(1, self.max_noise_elements // self.vocab_size)
-        for start in range(0, num_rows, chunk):
-            rows = slice(start, min(start + chunk, num_rows))
-            token_ids[rows] = self._draw(logits[rows], temperature[rows], table.top_k[req[rows]],
-                                         table.top_p[req[rows]], table.min_p[req[rows]], keys[rows])
+        for start in range(0, len(random_rows), chunk):
+            rows = random_rows[start:start + chunk]
+            row_index = torch.as_tensor(rows, device=self.device)
+            req = torch.as_tensor(requests[rows], device=self.device)
+            keys = _row_keys(table.seeds[req],
+                             torch.as_tensor(np.asarray(sample_indices, dtype=np.int64)[rows], device=self.device),
+                             torch.as_tensor(positions[rows], device=self.device))
+            token_ids[row_index] = self._draw(logits[row_index], table.temperature[req], table.top_k[req],
+                                              table.top_p[req], table.min_p[req], keys)
         return self._with_logprobs(raw_logits, token_ids, table.num_logprobs[requests])
 
     def _mask_before_min_tokens(self, logits, table, requests, output_positions) -> torch.Tensor:
@@ -335,13 +340,10 @@ class Sampler:
         return logits.index_put((rows, tokens), torch.tensor(float("-inf"), device=self.device))
 
     def _draw(self, logits, temperature, top_k, top_p, min_p, keys) -> torch.Tensor:
-        greedy = temperature == 0
-        # Greedy rows divide by 1 so that the tempered tensor stays finite; their draw is replaced below.
-        scaled = logits / torch.where(greedy, torch.ones_like(temperature), temperature)[:, None]
-        scaled = _apply_top_k_top_p(scaled, top_k, top_p)
+        """Gumbel-max draw for rows with temperature > 0; [rows, V] -> int64 [rows]."""
+        scaled = _apply_top_k_top_p(logits / temperature[:, None], top_k, top_p)
         scaled = _apply_min_p(scaled, min_p)
-        sampled = torch.argmax(scaled + _gumbel_noise(keys, self._token_hashes), dim=-1)
-        return torch.where(greedy, torch.argmax(logits, dim=-1), sampled)
+        return torch.argmax(scaled + _gumbel_noise(keys, self._token_hashes), dim=-1)
 
     def _with_logprobs(self, logits, token_ids, num_logprobs: np.ndarray) -> SamplerOutput:
         log_norm = torch.logsumexp(logits, dim=-1)
