@@ -27,7 +27,8 @@ class JobCounters:
     prompt_tokens: int = 0      # of the requests that ran
     cached_tokens: int = 0      # prompt tokens served from a shared prefix
     output_tokens: int = 0
-    seconds: float = 0.0
+    seconds: float = 0.0        # running the engine (the rate's basis)
+    wall_seconds: float = 0.0   # the whole job: reading, loading the model, tokenizing, running
     kv_peak_fraction: Optional[float] = None
     interrupted: bool = False
 
@@ -45,7 +46,7 @@ class JobCounters:
 
     def as_dict(self) -> dict:
         return {"requests": self.total, "ok": self.ok, "failed": self.failed, "skipped": self.skipped,
-                "seconds": round(self.seconds, 3), "prompt_tokens": self.prompt_tokens,
+                "seconds": round(self.seconds, 3), "wall_seconds": round(self.wall_seconds, 3), "prompt_tokens": self.prompt_tokens,
                 "prefill_tokens_saved": self.cached_tokens, "output_tokens": self.output_tokens,
                 "output_tokens_per_s": round(self.output_tokens_per_s, 1), "interrupted": self.interrupted}
 
@@ -156,7 +157,8 @@ def format_summary(counters: JobCounters, output_path: str) -> str:
     c = counters
     head = "interrupted" if c.interrupted else "done"
     lines = [f"batchllm run-batch {head}: {c.done} of {c.total} requests answered "
-             f"({c.ok} ok, {c.failed} failed) in {c.seconds:.2f} s"]
+             f"({c.ok} ok, {c.failed} failed) in {c.seconds:.2f} s"
+             + (f" ({c.wall_seconds:.2f} s with reading, loading and tokenizing)" if c.wall_seconds > c.seconds else "")]
     if c.skipped:
         lines.append(f"  {c.skipped} requests were already answered in {output_path} (--resume) and were skipped")
     lines.append(f"  output tokens: {c.output_tokens:,} ({c.output_tokens_per_s:,.1f} tokens/s)")

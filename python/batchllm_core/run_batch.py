@@ -73,6 +73,7 @@ def run_batch(options: RunOptions, stdout: Optional[TextIO] = None, stderr: Opti
     """
     stdout, stderr = stdout or sys.stdout, stderr or sys.stderr
     counters = JobCounters()
+    job_started = time.monotonic()
     progress = ProgressReporter(counters, stderr, interval_s=options.progress_interval_s)
     try:
         items, counters.skipped = _read_job(options, progress)
@@ -104,6 +105,7 @@ def run_batch(options: RunOptions, stdout: Optional[TextIO] = None, stderr: Opti
             writer.close()
             progress.close()
         counters.seconds = progress.elapsed_s()
+        counters.wall_seconds = time.monotonic() - job_started
     stdout.write(format_summary(counters, options.output_path) + "\n")
     stdout.flush()
     return exit_code
