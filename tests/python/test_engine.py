@@ -187,6 +187,12 @@ def test_num_cached_tokens_counts_shared_prefix(tiny):
         warnings.simplefilter("ignore")
         no_share = LLM(kv_cache_memory=_kv_bytes(_tiny_config(), 64), policy="no-share")
     assert all(o.num_cached_tokens == 0 for o in no_share.generate(prompts, GREEDY, use_tqdm=False))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        lru = LLM(kv_cache_memory=_kv_bytes(_tiny_config(), 64), policy="fcfs-lru")
+    cached = [o.num_cached_tokens for o in lru.generate(prompts, GREEDY, use_tqdm=False)]
+    # The first request fills the LRU prefix cache; the scheduler counts the same hits.
+    assert cached[0] == 0 and sum(cached) == lru.last_stats["cached_prefix_tokens"] > 0
 
 
 # ------------------------------------------------------------------------------------ stopping
