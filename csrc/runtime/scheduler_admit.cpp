@@ -143,81 +143,89 @@ AdmitResult Scheduler::Impl::try_admit(int64_t id, bool force) {
   const int32_t group_size = 1 + seq.unforked;
   if (!force && static_cast<int64_t>(running.size()) + pending_forks + group_size > config.max_num_seqs)
     return AdmitResult::kNoRoom;
-  if (config.policy == SchedulePolicy::kBatchLLM) {
-    // Memory-centric admission: the projected final KV of everything admitted must fit.
-    int64_t missing_node_blocks = 0;
-    for (int32_t n = seq.node; n >= 0; n = plan.nodes[n].parent)
-      if (!nodes[n].allocated) missing_node_blocks += (plan.nodes[n].end - plan.nodes[n].begin) / config.block_size;
-    // Memory-centric admission: the projected peak of all admitted KV (each sequence growing a token
-    // per step to max_tokens, freed when done) plus resident prefixes must fit.
-    if (forecast_step != step_index) refresh_forecast();
-    int64_t tokens, steps;
-    forecast_entry(seq, tokens, steps);
-    if (!force && forecast.peak_blocks_with(tokens, steps, group_size) + pinned_node_blocks + missing_node_blocks >
-                      config.num_blocks)
-      return AdmitResult::kNoRoom;
-    for (int32_t n = seq.node; n >= 0; n = plan.nodes[n].parent) ++nodes[n].admitted;  // protects the chain
-    // Allocate root first so a parent is never missing under a resident child.
-    int32_t chain[64];
-    int depth = 0;
-    for (int32_t n = seq.node; n >= 0 && depth < 64; n = plan.nodes[n].parent) chain[depth++] = n;
-    for (int d = depth - 1; d >= 0; --d) {
-      if (!allocate_node(chain[d])) {
-        for (int32_t n = seq.node; n >= 0; n = plan.nodes[n].parent) --nodes[n].admitted;
-        if (!force) return AdmitResult::kNoRoom;
-        fail_request(seq.request, "its shared prefixes need more KV blocks than the cache has (" +
-                                      std::to_string(config.num_blocks) + ")");
-        return AdmitResult::kFailed;
-      }
-    }
-    forecast.add(tokens, steps, group_size);
-  } else {
-    // FCFS: admit while the prompt's uncached blocks fit above the watermark (vLLM's can_allocate).
-    // Longest run of already computed blocks in the cache (never the block holding the last token:
-    // that token must be computed to be sampled from).
-    const int64_t max_hits = cache ? (seq.len() - 1) / config.block_size : 0;
-    std::vector<int32_t> hit_blocks;
-    std::vector<int32_t> block_tokens(config.block_size);
-    uint64_t hash = 0;
-    while (static_cast<int64_t>(hit_blocks.size()) < max_hits) {
-      const int64_t first = static_cast<int64_t>(hit_blocks.size()) * config.block_size;
-      for (int i = 0; i < config.block_size; ++i) block_tokens[i] = seq.token(first + i);
-      const uint64_t h = hash_block(hash, block_tokens.data(), config.block_size);
-      const int32_t block = cache->lookup(h, block_tokens.data());
-      if (block < 0) break;
-      hit_blocks.push_back(block);
-      hash = h;
-    }
-    const int64_t hits = static_cast<int64_t>(hit_blocks.size());
-    const int64_t need = blocks.blocks_for_tokens(seq.len()) - hits;
-    const int64_t evictable = cache ? cache->num_evictable() : 0;
-    int64_t hit_idle = 0;
-    for (int64_t i = 0; i < hits; ++i)
-      if (blocks.refcount(hit_blocks[i]) == 1) ++hit_idle;  // reusing it takes it off the LRU queue
-    const int64_t watermark = static_cast<int64_t>(config.watermark * config.num_blocks);
-    const int64_t available = blocks.num_free_blocks() + evictable - hit_idle;
-    if (!force && available - need < watermark) return AdmitResult::kNoRoom;
-    if (force && need > available) {
-      fail_request(seq.request, "sequence of " + std::to_string(seq.len()) + " tokens needs more KV blocks than the cache has (" +
-                                    std::to_string(config.num_blocks) + ")");
-      return AdmitResult::kFailed;
-    }
-    for (int64_t i = 0; i < hits; ++i) {
-      cache->acquire(hit_blocks[i]);
-      seq.table.blocks.push_back(hit_blocks[i]);
-    }
-    seq.table.num_tokens = hits * config.block_size;
-    seq.num_computed = hits * config.block_size;
-    seq.num_registered = hits;
-    seq.last_hash = hash;
-    stats.cached_prefix_tokens += hits * config.block_size;
-  }
+  const AdmitResult result =
+      config.policy == SchedulePolicy::kBatchLLM ? admit_with_forecast(seq, force) : admit_fcfs(seq, force);
+  if (result != AdmitResult::kAdmitted) return result;
   seq.status = SeqStatus::kRunning;
   seq.table_changed = true;
   pending_forks += seq.unforked;
   insert_running(id);
   preempted.erase(id);
   seq.ever_admitted = true;
+  return AdmitResult::kAdmitted;
+}
+
+AdmitResult Scheduler::Impl::admit_with_forecast(Sequence& seq, bool force) {
+  // Memory-centric admission: the projected peak of all admitted KV (each sequence growing a token
+  // per step to max_tokens, freed when done) plus resident prefixes must fit.
+  const int32_t group_size = 1 + seq.unforked;
+  int64_t missing_node_blocks = 0;
+  for (int32_t n = seq.node; n >= 0; n = plan.nodes[n].parent)
+    if (!nodes[n].allocated) missing_node_blocks += (plan.nodes[n].end - plan.nodes[n].begin) / config.block_size;
+  if (forecast_step != step_index) refresh_forecast();
+  int64_t tokens, steps;
+  forecast_entry(seq, tokens, steps);
+  if (!force && forecast.peak_blocks_with(tokens, steps, group_size) + pinned_node_blocks + missing_node_blocks >
+                    config.num_blocks)
+    return AdmitResult::kNoRoom;
+  for (int32_t n = seq.node; n >= 0; n = plan.nodes[n].parent) ++nodes[n].admitted;  // protects the chain
+  // Allocate root first so a parent is never missing under a resident child.
+  int32_t chain[64];
+  int depth = 0;
+  for (int32_t n = seq.node; n >= 0 && depth < 64; n = plan.nodes[n].parent) chain[depth++] = n;
+  for (int d = depth - 1; d >= 0; --d) {
+    if (allocate_node(chain[d])) continue;
+    for (int32_t n = seq.node; n >= 0; n = plan.nodes[n].parent) --nodes[n].admitted;
+    if (!force) return AdmitResult::kNoRoom;
+    fail_request(seq.request, "its shared prefixes need more KV blocks than the cache has (" +
+                                  std::to_string(config.num_blocks) + ")");
+    return AdmitResult::kFailed;
+  }
+  forecast.add(tokens, steps, group_size);
+  return AdmitResult::kAdmitted;
+}
+
+AdmitResult Scheduler::Impl::admit_fcfs(Sequence& seq, bool force) {
+  // FCFS: admit while the prompt's uncached blocks fit above the watermark (vLLM's can_allocate).
+  // Reuse the longest run of computed blocks in the cache (never the block holding the last token:
+  // that token must be computed to be sampled from).
+  const int bs = config.block_size;
+  const int64_t max_hits = cache ? (seq.len() - 1) / bs : 0;
+  std::vector<int32_t> hit_blocks;
+  std::vector<int32_t> block_tokens(bs);
+  uint64_t hash = 0;
+  while (static_cast<int64_t>(hit_blocks.size()) < max_hits) {
+    const int64_t first = static_cast<int64_t>(hit_blocks.size()) * bs;
+    for (int i = 0; i < bs; ++i) block_tokens[i] = seq.token(first + i);
+    const uint64_t h = hash_block(hash, block_tokens.data(), bs);
+    const int32_t block = cache->lookup(h, block_tokens.data());
+    if (block < 0) break;
+    hit_blocks.push_back(block);
+    hash = h;
+  }
+  const int64_t hits = static_cast<int64_t>(hit_blocks.size());
+  const int64_t need = blocks.blocks_for_tokens(seq.len()) - hits;
+  int64_t hit_idle = 0;
+  for (int32_t b : hit_blocks)
+    if (blocks.refcount(b) == 1) ++hit_idle;  // reusing it takes it off the LRU queue
+  const int64_t watermark = static_cast<int64_t>(config.watermark * config.num_blocks);
+  const int64_t available = blocks.num_free_blocks() + (cache ? cache->num_evictable() : 0) - hit_idle;
+  if (!force && available - need < watermark) return AdmitResult::kNoRoom;
+  if (force && need > available) {
+    fail_request(seq.request, "sequence of " + std::to_string(seq.len()) +
+                                  " tokens needs more KV blocks than the cache has (" +
+                                  std::to_string(config.num_blocks) + ")");
+    return AdmitResult::kFailed;
+  }
+  for (int32_t b : hit_blocks) {
+    cache->acquire(b);
+    seq.table.blocks.push_back(b);
+  }
+  seq.table.num_tokens = hits * bs;
+  seq.num_computed = hits * bs;
+  seq.num_registered = hits;
+  seq.last_hash = hash;
+  stats.cached_prefix_tokens += hits * bs;
   return AdmitResult::kAdmitted;
 }
 

@@ -85,6 +85,8 @@ struct Scheduler::Impl {
   void register_computed_blocks(Sequence& seq);
   // ---- admission, preemption, lifetime (scheduler_admit.cpp)
   AdmitResult try_admit(int64_t id, bool force);
+  AdmitResult admit_with_forecast(Sequence& seq, bool force);
+  AdmitResult admit_fcfs(Sequence& seq, bool force);
   int64_t next_waiting();
   void build_admit_order();
   /// Frees blocks until `blocks` (or what `grow` needs for grow_tokens more) are free: evicts LRU cache
