@@ -86,12 +86,19 @@ def _finish_reason(completion) -> str:
     return completion.finish_reason or "length"
 
 
+def _stop_reason(completion):
+    """vLLM's stop_reason: the stop string or stop token id that ended the choice, None for EOS/length."""
+    reason = getattr(completion, "stop_reason", None)
+    return reason if isinstance(reason, (str, int)) and not isinstance(reason, bool) else None
+
+
 def _chat_choice(completion, top_logprobs: Optional[int], decode_token) -> Dict[str, Any]:
     choice = {
         "index": completion.index,
         "message": {"role": "assistant", "content": completion.text},
         "logprobs": None,
         "finish_reason": _finish_reason(completion),
+        "stop_reason": _stop_reason(completion),
     }
     if top_logprobs is not None and completion.logprobs is not None:
         content = []
@@ -110,7 +117,7 @@ def _chat_token(token: str, logprob: float) -> Dict[str, Any]:
 
 def _completion_choice(completion, top_logprobs: Optional[int], decode_token) -> Dict[str, Any]:
     choice = {"index": completion.index, "text": completion.text, "logprobs": None,
-              "finish_reason": _finish_reason(completion)}
+              "finish_reason": _finish_reason(completion), "stop_reason": _stop_reason(completion)}
     if top_logprobs is not None and completion.logprobs is not None:
         tokens: List[str] = []
         token_logprobs: List[float] = []

@@ -138,6 +138,7 @@ def test_chat_answer_shape_usage_and_logprobs():
                              "prompt_tokens_details": {"cached_tokens": 4}}
     choice = body["choices"][0]
     assert choice["message"] == {"role": "assistant", "content": "ab"} and choice["finish_reason"] == "stop"
+    assert choice["stop_reason"] is None
     content = choice["logprobs"]["content"]
     assert content[0]["token"] == "a" and content[0]["logprob"] == -0.1 and content[0]["bytes"] == [97]
     assert [t["token"] for t in content[1]["top_logprobs"]] == ["\x07"]
@@ -155,7 +156,17 @@ def test_completion_answer_with_logprobs_and_infinite_values():
     logprobs = body["choices"][0]["logprobs"]
     assert logprobs["tokens"] == ["a", "b"] and logprobs["token_logprobs"] == [-1.0, -9999.0]
     assert logprobs["top_logprobs"][1] == {"c": -0.2, "b": -9999.0} and logprobs["text_offset"] == [0, 1]
-    assert body["choices"][0]["finish_reason"] == "length"
+    assert body["choices"][0]["finish_reason"] == "length" and body["choices"][0]["stop_reason"] is None
+
+
+def test_stop_reason_is_the_stop_string_or_token():
+    req = parse_line(1, json.dumps({"custom_id": "p", "method": "POST", "url": "/v1/completions",
+                                    "body": {"prompt": "x", "stop": "b"}}))
+    output = _output([97], text="a")
+    output.outputs[0].stop_reason = "b"
+    assert success_answer(req, output, chr, "tiny")["response"]["body"]["choices"][0]["stop_reason"] == "b"
+    output.outputs[0].stop_reason = 7
+    assert success_answer(req, output, chr, "tiny")["response"]["body"]["choices"][0]["stop_reason"] == 7
 
 
 def test_error_answer_shape():

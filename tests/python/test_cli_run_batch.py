@@ -113,7 +113,11 @@ def test_a_mixed_job_answers_every_line_once_and_bad_lines_fail_alone(llm, tmp_p
         usage = body["usage"]
         assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
         assert 0 <= usage["prompt_tokens_details"]["cached_tokens"] < usage["prompt_tokens"]
-    assert "\n" not in ok["stop"]["choices"][0]["text"] and "." not in ok["stop"]["choices"][0]["text"]
+    stop_choice = ok["stop"]["choices"][0]
+    assert "\n" not in stop_choice["text"] and "." not in stop_choice["text"]
+    assert stop_choice["stop_reason"] in ("\n", ".", None)
+    if stop_choice["finish_reason"] == "length":
+        assert stop_choice["stop_reason"] is None
     assert "4 ok, 7 failed" in stdout and "batchllm: read 11 requests" in stderr
 
 
