@@ -11,6 +11,7 @@ never scheduled).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from itertools import chain
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -101,7 +102,7 @@ class Job:
         lengths = [len(r.prompt_token_ids) for r in runnable]
         stop_ids = [r.params.stop_token_ids for r in runnable]
         return dict(
-            tokens=np.fromiter((t for r in runnable for t in r.prompt_token_ids), np.int32, sum(lengths)),
+            tokens=np.fromiter(chain.from_iterable(r.prompt_token_ids for r in runnable), np.int32, sum(lengths)),
             offsets=np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)]).astype(np.int64),
             max_tokens=np.array([r.max_tokens for r in runnable], np.int32),
             num_samples=np.array([r.params.n for r in runnable], np.int32),
@@ -139,7 +140,7 @@ class Job:
         sample_rows = np.asarray(plan.sample_rows)
         owners = np.searchsorted(query_start, sample_rows[first_tokens], side="right") - 1
         for row, owner in zip(first_tokens, owners):
-            position = self._first_prefill_position.get(int(seq_ids[owner]))
+            position = self._first_prefill_position.pop(int(seq_ids[owner]), None)
             if position is not None and owner >= num_decode:
                 self._cached_tokens[rows.requests[row]] = position
 
@@ -211,12 +212,14 @@ class Job:
         self._remaining[request] -= 1
         if self._remaining[request] > 0:
             return None
-        return self._output(request, self._completions[request], error=None)
+        completions, self._completions[request] = self._completions[request], None  # free as we go
+        return self._output(request, completions, error=None)
 
     def fail(self, request: int, message: str) -> Tuple[int, RequestOutput]:
         """The scheduler gave up on a request: it fails alone, with every completion marked "error"."""
         params = self.params[request]
         self._remaining[request] = 0
+        self._completions[request] = None
         for sample in range(params.n):
             self._states.pop((request, sample), None)
         return self._output(request, _error_completions(params.n), error=message)
