@@ -25,8 +25,9 @@ void Scheduler::Impl::refresh_forecast() {
   int64_t tokens, steps;
   for (int64_t id : running) {
     forecast_entry(seqs[id], tokens, steps);
-    forecast.add(tokens, steps, 1 + seqs[id].unforked);
+    forecast.append_unsorted(tokens, steps, 1 + seqs[id].unforked);
   }
+  forecast.sort();
   forecast_step = step_index;
 }
 

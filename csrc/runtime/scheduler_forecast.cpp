@@ -13,6 +13,14 @@ void KvForecast::add(int64_t tokens, int64_t steps, int64_t count) {
   entries_.insert(pos, entry);
 }
 
+void KvForecast::append_unsorted(int64_t tokens, int64_t steps, int64_t count) {
+  if (count > 0) entries_.push_back({std::max<int64_t>(0, steps), tokens, count});
+}
+
+void KvForecast::sort() {
+  std::stable_sort(entries_.begin(), entries_.end(), [](const Entry& a, const Entry& b) { return a.steps > b.steps; });
+}
+
 int64_t KvForecast::peak_blocks_with(int64_t tokens, int64_t steps, int64_t count) const {
   // Sweep completion times from the latest down: at time t every sequence with steps >= t is alive
   // and holds tokens + t, charged (tokens + t) / block_size rounded up, summed as one ceiling each.

@@ -18,6 +18,9 @@ class KvForecast {
   void clear() { entries_.clear(); }
   /// Adds `count` sequences of (tokens, steps); keeps entries sorted by steps, descending. O(n).
   void add(int64_t tokens, int64_t steps, int64_t count = 1);
+  /// Bulk build: append unsorted, then sort once (O(n log n) instead of n sorted inserts).
+  void append_unsorted(int64_t tokens, int64_t steps, int64_t count = 1);
+  void sort();
   /// Peak blocks over all future steps if (tokens, steps, count) were added too. O(n).
   int64_t peak_blocks_with(int64_t tokens, int64_t steps, int64_t count) const;
   int64_t peak_blocks() const { return peak_blocks_with(0, 0, 0); }

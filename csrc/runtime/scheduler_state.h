@@ -76,6 +76,9 @@ struct Scheduler::Impl {
   // ---- step building (scheduler_step.cpp)
   const StepPlan* next_step();
   void schedule_decodes();
+  /// A KV slot for the next token of running sequence `id`, making room (preempting later work) if
+  /// needed; -1 when `id`, the latest running sequence by then, had to step aside (preempted) or fail.
+  int64_t decode_slot(int64_t id, int32_t* cow_src, int32_t* cow_dst);
   void schedule_running_prefills();
   void admit_new();
   bool unstick();

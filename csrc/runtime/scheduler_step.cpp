@@ -77,22 +77,8 @@ void Scheduler::Impl::schedule_decodes() {
       continue;
     }
     int32_t cow_src = -1, cow_dst = -1;
-    int64_t slot = blocks.append_slot(seq.table, &cow_src, &cow_dst);  // the common case: room in its block
-    if (slot < 0) {
-      if (!make_room(blocks.blocks_needed_to_append(seq.table, 1), true, id, &seq.table, 1)) {
-        // It is the latest admitted sequence left: step aside, or fail when nothing else holds blocks.
-        if (running.size() == 1) {
-          fail_request(seq.request, "sequence of " + std::to_string(seq.len()) +
-                                        " tokens needs more KV blocks than the cache has (" +
-                                        std::to_string(config.num_blocks) + ")");
-        } else {
-          preempt(id);
-          running.pop_back();
-        }
-        break;
-      }
-      slot = blocks.append_slot(seq.table, &cow_src, &cow_dst);
-    }
+    const int64_t slot = decode_slot(id, &cow_src, &cow_dst);
+    if (slot < 0) break;  // it stepped aside (preempted) or failed: it was the latest running sequence
     if (cow_src >= 0) {
       out.cow_src.push_back(cow_src);
       out.cow_dst.push_back(cow_dst);
@@ -134,6 +120,24 @@ void Scheduler::Impl::schedule_decodes() {
   decode_table_width = table_width;
   decode_suffix_width = suffix_width;
   out.num_prefill_tokens = rows - decode_with_output;
+}
+
+int64_t Scheduler::Impl::decode_slot(int64_t id, int32_t* cow_src, int32_t* cow_dst) {
+  Sequence& seq = seqs[id];
+  const int64_t slot = blocks.append_slot(seq.table, cow_src, cow_dst);  // the common case: room in its block
+  if (slot >= 0) return slot;
+  if (make_room(blocks.blocks_needed_to_append(seq.table, 1), true, id, &seq.table, 1))
+    return blocks.append_slot(seq.table, cow_src, cow_dst);
+  // It is the latest admitted sequence left: step aside, or fail when nothing else holds blocks.
+  if (running.size() == 1) {
+    fail_request(seq.request, "sequence of " + std::to_string(seq.len()) +
+                                  " tokens needs more KV blocks than the cache has (" +
+                                  std::to_string(config.num_blocks) + ")");
+  } else {
+    preempt(id);
+    running.pop_back();
+  }
+  return -1;
 }
 
 void Scheduler::Impl::schedule_running_prefills() {

@@ -37,6 +37,10 @@ TEST(KvForecast, PeakMatchesBruteForce) {
   auto with = seqs;
   with.push_back({20, 40, 2});
   EXPECT_EQ(f.peak_blocks_with(20, 40, 2), brute_peak(with, 16));
+  KvForecast bulk(16);
+  for (auto& s : seqs) bulk.append_unsorted(s[0], s[1], s[2]);
+  bulk.sort();
+  EXPECT_EQ(bulk.peak_blocks_with(20, 40, 2), brute_peak(with, 16));
 }
 
 TEST(KvForecast, StaggeredWorkNeedsLessThanItsFinalSizes) {
