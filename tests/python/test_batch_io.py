@@ -188,3 +188,45 @@ def test_recover_output_finds_the_last_newline_across_read_chunks(tmp_path):
         assert _end_of_last_line(f, 50, chunk_bytes=8) == 0
     recovered = recover_output(str(path))
     assert recovered.truncated_bytes == 50 and recovered.lines == 0 and path.read_bytes() == b""
+
+
+_LINE_KINDS = ["ok", "ok", "ok", "bad_json", "no_id", "bad_value", "blank"]
+
+
+def _input_line(kind: str, custom_id: str) -> str:
+    if kind == "bad_json":
+        return "{nope"
+    if kind == "no_id":
+        return json.dumps({"method": "POST", "url": "/v1/completions", "body": {"prompt": "x"}})
+    if kind == "blank":
+        return ""
+    body = {"prompt": "x", "temperature": -1 if kind == "bad_value" else 0}
+    return json.dumps({"custom_id": custom_id, "method": "POST", "url": "/v1/completions", "body": body})
+
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+
+@settings(max_examples=150, deadline=None)
+@given(lines=st.lists(st.tuples(st.sampled_from(_LINE_KINDS), st.sampled_from("abcdef")), max_size=25),
+       answered=st.lists(st.booleans(), min_size=25, max_size=25), torn=st.binary(max_size=30).filter(lambda b: b"\n" not in b))
+def test_resume_answers_exactly_the_lines_not_answered_yet(tmp_path_factory, lines, answered, torn):
+    """For any job (duplicates, lines without custom_id, invalid lines) and any subset of answers already
+    written plus a torn last line, recovery leaves exactly the unanswered lines to run."""
+    from batchllm_core.batch_requests import BatchRequest, parse_lines
+
+    items = list(parse_lines((i + 1, _input_line(kind, cid)) for i, (kind, cid) in enumerate(lines)))
+    done = [item for item, flag in zip(items, answered) if flag]
+    path = tmp_path_factory.mktemp("resume") / "out.jsonl"
+    with DurableWriter(str(path), append=False) as writer:
+        for item in done:
+            if isinstance(item, BatchRequest):
+                writer.write({"id": "x", "custom_id": item.custom_id, "response": {"status_code": 200}, "error": None})
+            else:
+                writer.write(error_answer(item))
+    with open(path, "ab") as f:
+        f.write(torn)
+    recovered = recover_output(str(path))
+    remaining = [item for item in items if item.key not in recovered.keys]
+    assert [item.line for item in remaining] == [item.line for item in items if item not in done]
+    assert recovered.lines == len(done) and recovered.truncated_bytes == len(torn)
