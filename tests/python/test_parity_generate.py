@@ -33,10 +33,15 @@ def one_torch_thread():
     torch.set_num_threads(threads)
 
 
+# Weight seeds whose greedy paths over PROMPTS have top-1/top-2 logit gaps of at least 1e-3: exact
+# parity then tests the engine, not which float32 summation order wins a near-tie (diffs ~1e-6).
+WEIGHT_SEEDS = {"llama": 0, "mistral": 14, "qwen2": 2, "qwen3": 3}
+
+
 @pytest.fixture(scope="session", params=ARCHITECTURES)
 def checkpoint(request, tmp_path_factory):
     directory = tmp_path_factory.mktemp(f"ckpt_{request.param}")
-    model, tokenizer = build_checkpoint(request.param, directory, seed=ARCHITECTURES.index(request.param))
+    model, tokenizer = build_checkpoint(request.param, directory, seed=WEIGHT_SEEDS[request.param])
     return request.param, directory, model, tokenizer
 
 
@@ -72,3 +77,27 @@ def test_first_token_logprobs_match_transformers(checkpoint):
         top_values, top_ids = torch.topk(reference, 5)
         assert set(top_ids.tolist()) <= set(got), f"{arch}: top-5 ids differ"
         np.testing.assert_allclose([got[t] for t in top_ids.tolist()], top_values.numpy(), rtol=1e-4, atol=1e-5)
+
+
+# The model engineer's checkpoints (tests/python/model_fixtures.py) add llama3 and linear rope
+# scaling, attention and MLP biases, tied embeddings, head_dim != hidden / heads and GQA ratio 4.
+FIXTURE_PROMPTS = [
+    "the quick brown fox jumps over the lazy dog a shared prefix is computed once",
+    "the quick brown fox jumps over the lazy dog hello world how are you",
+    "the quick brown fox jumps over the lazy dog",
+    "batch jobs plan globally and decode many sequences together",
+]
+
+
+@pytest.mark.parametrize("name", ["llama3", "llama-tied-bias", "mistral"])
+def test_greedy_tokens_match_transformers_on_model_fixtures(name):
+    from model_fixtures import hf_checkpoint, hf_model, hf_tokenizer
+
+    hf = hf_model(name)
+    llm = LLM(model=str(hf_checkpoint(name)), kv_cache_memory=1 << 22)
+    outputs = llm.generate(FIXTURE_PROMPTS, SamplingParams(temperature=0, max_tokens=MAX_TOKENS), use_tqdm=False)
+    for prompt, out in zip(FIXTURE_PROMPTS, outputs):
+        ids = hf_tokenizer()(prompt).input_ids
+        assert out.prompt_token_ids == ids
+        expected = _hf_greedy(hf, ids, MAX_TOKENS)
+        assert out.outputs[0].token_ids == expected, f"{name}: {prompt!r}"
