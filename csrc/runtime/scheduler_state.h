@@ -93,7 +93,7 @@ struct Scheduler::Impl {
   int64_t next_waiting();
   void build_admit_order();
   /// Frees blocks until `blocks` (or what `grow` needs for grow_tokens more) are free: evicts LRU cache
-  /// blocks, releases idle prefixes, then (if allowed) preempts the latest admitted sequence but `self`.
+  /// blocks, releases idle prefixes, then (if allowed) preempts the running sequence latest in run order (highest id), never `self`.
   bool make_room(int64_t blocks, bool allow_preempt, int64_t self, const BlockTable* grow = nullptr,
                  int64_t grow_tokens = 0);
   bool release_one_idle_node();
@@ -111,6 +111,8 @@ struct Scheduler::Impl {
   // ---- plan arrays (step_plan_builder.cpp)
   void finalize_plan();
   void build_decode_levels();
+  /// Decode level of prefix `node` for decode row `row`: opened at its first reader, extended after.
+  int32_t open_level(int32_t node, int32_t row);
   // ---- commit and checks (scheduler.cpp)
   void commit(const int32_t* sampled, int64_t count);
   std::string check_integrity() const;

@@ -128,7 +128,7 @@ int64_t Scheduler::Impl::decode_slot(int64_t id, int32_t* cow_src, int32_t* cow_
   if (slot >= 0) return slot;
   if (make_room(blocks.blocks_needed_to_append(seq.table, 1), true, id, &seq.table, 1))
     return blocks.append_slot(seq.table, cow_src, cow_dst);
-  // It is the latest admitted sequence left: step aside, or fail when nothing else holds blocks.
+  // It is the latest running sequence in run order: step aside, or fail when nothing else holds blocks.
   if (running.size() == 1) {
     fail_request(seq.request, "sequence of " + std::to_string(seq.len()) +
                                   " tokens needs more KV blocks than the cache has (" +

@@ -98,6 +98,26 @@ void Scheduler::Impl::finalize_plan() {
   out.nano_batch_offsets.push_back(static_cast<int32_t>(out.num_tokens()));
 }
 
+int32_t Scheduler::Impl::open_level(int32_t node, int32_t row) {
+  NodeState& state = nodes[node];
+  if (state.level_step != step_index) {  // first reader this step: the level starts here
+    state.level_step = step_index;
+    state.level_index = static_cast<int32_t>(out.prefix_kv_lens.size());
+    out.prefix_kv_blocks.insert(out.prefix_kv_blocks.end(), state.blocks.begin(), state.blocks.end());
+    out.prefix_kv_indptr.push_back(static_cast<int32_t>(out.prefix_kv_blocks.size()));
+    const int32_t len = static_cast<int32_t>(plan.nodes[node].end - plan.nodes[node].begin);
+    out.prefix_kv_lens.push_back(len);
+    out.prefix_q_range.push_back(row);
+    out.prefix_q_range.push_back(row + 1);
+    out.decode_kv_tokens_read += len;
+  } else {
+    int32_t& range_end = out.prefix_q_range[2 * state.level_index + 1];
+    if (range_end != row) throw std::logic_error("decode rows of a shared prefix are not contiguous");
+    range_end = row + 1;
+  }
+  return state.level_index;
+}
+
 void Scheduler::Impl::build_decode_levels() {
   // ---- each shared prefix once, with the contiguous decode rows that read it; then own (suffix) KV
   const int32_t num_decode = out.num_decode_seqs;
@@ -110,26 +130,19 @@ void Scheduler::Impl::build_decode_levels() {
   if (!same_rows) resize_with_headroom(out.suffix_block_tables, static_cast<size_t>(num_decode) * width);
   out.prefix_kv_indptr.push_back(0);
   int32_t chain[64];
+  // The rows of a group come in a run: a row with the previous row's deepest prefix only extends
+  // the ranges of that run's levels, without walking the chain again.
+  int32_t run_node = -2;
+  int run_depth = 0;
+  int32_t run_levels[64];
   for (int32_t i = 0; i < num_decode; ++i) {
     Sequence& seq = seqs[entries[i].seq];
-    const int depth = chain_of(plan, seq.node, chain);
-    for (int d = 0; d < depth; ++d) {
-      NodeState& state = nodes[chain[d]];
-      if (state.level_step != step_index) {
-        state.level_step = step_index;
-        state.level_index = static_cast<int32_t>(out.prefix_kv_lens.size());
-        out.prefix_kv_blocks.insert(out.prefix_kv_blocks.end(), state.blocks.begin(), state.blocks.end());
-        out.prefix_kv_indptr.push_back(static_cast<int32_t>(out.prefix_kv_blocks.size()));
-        const int32_t len = static_cast<int32_t>(plan.nodes[chain[d]].end - plan.nodes[chain[d]].begin);
-        out.prefix_kv_lens.push_back(len);
-        out.prefix_q_range.push_back(i);
-        out.prefix_q_range.push_back(i + 1);
-        out.decode_kv_tokens_read += len;
-      } else {
-        int32_t& range_end = out.prefix_q_range[2 * state.level_index + 1];
-        if (range_end != i) throw std::logic_error("decode rows of a shared prefix are not contiguous");
-        range_end = i + 1;
-      }
+    if (seq.node == run_node) {
+      for (int d = 0; d < run_depth; ++d) out.prefix_q_range[2 * run_levels[d] + 1] = i + 1;
+    } else {
+      run_node = seq.node;
+      run_depth = chain_of(plan, seq.node, chain);
+      for (int d = 0; d < run_depth; ++d) run_levels[d] = open_level(chain[d], i);
     }
     int32_t* row_begin = out.suffix_block_tables.data() + static_cast<size_t>(i) * width;
     if (!same_rows || seq.table_changed) {
