@@ -4,6 +4,7 @@ num_cached_tokens and requests that fail alone."""
 import random
 import warnings
 
+import numpy as np
 import pytest
 import torch
 
@@ -357,3 +358,16 @@ def test_steps_never_exceed_max_num_batched_tokens():
     outs = llm.generate(prompts, GREEDY, use_tqdm=False)
     assert all(len(o.outputs[0].token_ids) == 8 for o in outs)
     assert llm.last_stats["max_step_tokens"] == 24  # the prompts were chunked to exactly the budget
+
+
+def test_sampled_first_tokens_follow_the_model_distribution(llama):
+    draws = 600
+    out = llama.generate("Question: what is", SamplingParams(n=draws, temperature=1.0, max_tokens=1, logprobs=3, seed=11),
+                         use_tqdm=False)[0]
+    tokens = [c.token_ids[0] for c in out.outputs]
+    top = {t: v for c in out.outputs for t, v in c.logprobs[0].items()}  # the top 3 (plus each sample)
+    for token in sorted(top, key=top.get, reverse=True)[:3]:
+        p = float(np.exp(top[token]))
+        freq = tokens.count(token) / draws
+        assert abs(freq - p) <= 5 * np.sqrt(p * (1 - p) / draws) + 1e-3, (token, freq, p)
+    assert max(np.exp(v) for v in top.values()) > 0.1  # a distribution with real mass to check
