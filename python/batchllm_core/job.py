@@ -193,6 +193,8 @@ class Job:
     def finish(self, request: int, sample: int, token_ids: Sequence[int],
                reason: str) -> Optional[Tuple[int, RequestOutput]]:
         """One completion is done; returns (input index, output) when it was its request's last."""
+        if self._completions[request] is None:
+            return None  # the request already failed (a sibling outgrew the cache): its output is out
         params = self.params[request]
         token_ids = [int(t) for t in token_ids]
         state = self._states.pop((request, sample), None)
