@@ -25,7 +25,8 @@ class JobCounters:
     failed: int = 0
     skipped: int = 0            # already answered by an earlier run (--resume)
     prompt_tokens: int = 0      # of the requests that ran
-    cached_tokens: int = 0      # prompt tokens served from a shared prefix
+    cached_tokens: int = 0      # prompt tokens served from a shared prefix (every reader of a prefix counts it)
+    prefilled_tokens: Optional[int] = None  # prompt tokens the engine computed (known when the run completes)
     output_tokens: int = 0
     seconds: float = 0.0        # running the engine (the rate's basis)
     wall_seconds: float = 0.0   # the whole job: reading, loading the model, tokenizing, running
@@ -41,13 +42,19 @@ class JobCounters:
         return self.cached_tokens / self.prompt_tokens if self.prompt_tokens else 0.0
 
     @property
+    def prefill_tokens_saved(self) -> Optional[int]:
+        """Prompt tokens not computed thanks to sharing (each shared prefix is computed once per group)."""
+        return None if self.prefilled_tokens is None else self.prompt_tokens - self.prefilled_tokens
+
+    @property
     def output_tokens_per_s(self) -> float:
         return self.output_tokens / self.seconds if self.seconds > 0 else 0.0
 
     def as_dict(self) -> dict:
         return {"requests": self.total, "ok": self.ok, "failed": self.failed, "skipped": self.skipped,
                 "seconds": round(self.seconds, 3), "wall_seconds": round(self.wall_seconds, 3), "prompt_tokens": self.prompt_tokens,
-                "prefill_tokens_saved": self.cached_tokens, "output_tokens": self.output_tokens,
+                "cached_tokens": self.cached_tokens, "prefill_tokens_saved": self.prefill_tokens_saved,
+                "output_tokens": self.output_tokens,
                 "output_tokens_per_s": round(self.output_tokens_per_s, 1), "interrupted": self.interrupted}
 
 
@@ -162,8 +169,12 @@ def format_summary(counters: JobCounters, output_path: str) -> str:
     if c.skipped:
         lines.append(f"  {c.skipped} requests were already answered in {output_path} (--resume) and were skipped")
     lines.append(f"  output tokens: {c.output_tokens:,} ({c.output_tokens_per_s:,.1f} tokens/s)")
-    lines.append(f"  prompt tokens: {c.prompt_tokens:,}, prefill tokens saved by shared prefixes: "
-                 f"{c.cached_tokens:,} ({100 * c.shared_fraction:.1f}%)")
+    lines.append(f"  prompt tokens: {c.prompt_tokens:,}, served from shared prefixes: {c.cached_tokens:,} "
+                 f"({100 * c.shared_fraction:.1f}%)")
+    if c.prefill_tokens_saved is not None:
+        share = c.prefill_tokens_saved / c.prompt_tokens if c.prompt_tokens else 0.0
+        lines.append(f"  prefill tokens saved: {c.prefill_tokens_saved:,} ({100 * share:.1f}% of the prompt tokens; "
+                     f"{c.prefilled_tokens:,} computed, each shared prefix once)")
     if c.kv_peak_fraction is not None:
         lines.append(f"  KV cache peak: {100 * c.kv_peak_fraction:.1f}% of the pool")
     if c.interrupted:

@@ -184,7 +184,9 @@ def _run(llm, options: RunOptions, requests: List[BatchRequest], errors: List[Li
             progress.update()
     finally:
         stream.close()  # an interrupt leaves the engine's generator suspended; end it now
-    stats = getattr(llm, "last_stats", None) or {}
+    stats = getattr(llm, "last_stats", None) or {}  # the engine's counters of the run that just completed
+    if stats.get("prefill_tokens") is not None:
+        counters.prefilled_tokens = int(stats["prefill_tokens"])
     if stats.get("peak_kv_blocks") is not None and getattr(llm, "num_kv_blocks", 0):
         counters.kv_peak_fraction = stats["peak_kv_blocks"] / llm.num_kv_blocks
     progress.update(force=True)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -127,8 +128,11 @@ def test_shared_prefixes_are_reported_as_cached_tokens(llm, tmp_path):
     code, stdout, _, output = run(llm, tmp_path, lines)
     assert code == 0
     cached = [a["response"]["body"]["usage"]["prompt_tokens_details"]["cached_tokens"] for a in read_answers(output)]
-    assert len(cached) == 6 and sum(cached) >= 5 * 128      # the 152-byte preamble: at least 8 shared blocks
-    assert "prefill tokens saved by shared prefixes" in stdout
+    assert len(cached) == 6 and min(cached) >= 128       # the 152-byte preamble: at least 8 shared blocks
+    assert len(set(cached)) == 1                          # one group, one prefix
+    # Every member is served the prefix; it is computed once, so 5 of the 6 copies are saved.
+    saved = int(re.search(r"prefill tokens saved: ([\d,]+)", stdout).group(1).replace(",", ""))
+    assert saved == 5 * cached[0]
 
 
 def test_resume_skips_answered_lines_and_cuts_a_torn_last_line(llm, tmp_path):
@@ -333,8 +337,11 @@ def test_progress_lines_when_not_a_terminal():
     counters.seconds, counters.interrupted = 2.0, True
     summary = format_summary(counters, "out.jsonl")
     assert "interrupted: 4 of 10 requests answered (3 ok, 1 failed) in 2.00 s" in summary
-    assert "25.0 tokens/s" in summary and "prefill tokens saved by shared prefixes: 80 (80.0%)" in summary
-    assert "--resume" in summary
+    assert "25.0 tokens/s" in summary and "served from shared prefixes: 80 (80.0%)" in summary
+    assert "--resume" in summary and "prefill tokens saved" not in summary   # unknown: the run did not complete
+    counters.prefilled_tokens = 40
+    assert "prefill tokens saved: 60 (60.0% of the prompt tokens; 40 computed" in format_summary(counters, "o")
+    assert counters.as_dict()["prefill_tokens_saved"] == 60
 
 
 class _FailsAfterFirstAnswer:
@@ -440,3 +447,13 @@ def test_logprobs_without_alternatives(llm, tmp_path):
     answers = {a["custom_id"]: a["response"]["body"]["choices"][0]["logprobs"] for a in read_answers(output)}
     assert all(t["top_logprobs"] == [] for t in answers["chat"]["content"]) and answers["chat"]["content"]
     assert all(top == {} for top in answers["text"]["top_logprobs"]) and answers["text"]["token_logprobs"]
+
+
+def test_plan_predicts_the_prefill_the_engine_does_on_the_example(llm, tmp_path, capsys):
+    assert main(["plan", "-i", str(EXAMPLE), "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    code, stdout, _, _ = run(llm, tmp_path, EXAMPLE.read_text().splitlines())
+    assert code == 0
+    computed = int(re.search(r"; ([\d,]+) computed", stdout).group(1).replace(",", ""))
+    saved = int(re.search(r"prefill tokens saved: ([\d,]+)", stdout).group(1).replace(",", ""))
+    assert computed == plan["prefill_tokens"] and saved == plan["shared_tokens"]
