@@ -138,6 +138,7 @@ def run_engine(workload_id: str, policy: str, args, ceilings: Ceilings) -> dict:
         peak_kv_blocks=int(stats["peak_kv_blocks"]), peak_kv_bytes=int(stats["peak_kv_blocks"]) * bytes_per_block,
         kv_capacity_blocks=int(llm.num_kv_blocks), step_floor_s=_sig(step_floor.seconds),
         graph_steps=getattr(getattr(llm.runner, "decode_graphs", None), "steps", None),
+        graph_replays=getattr(getattr(llm.runner, "decode_graphs", None), "replays", None),
         time_over_step_floor=round(seconds / step_floor.seconds, 3) if step_floor.seconds > 0 else None)
     del llm, outputs
     _release_memory()

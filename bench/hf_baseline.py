@@ -120,7 +120,10 @@ def generate_batch(hf, batch: Sequence[HFRequest], device: torch.device) -> dict
     sampling = batch[0].temperature > 0
     config = transformers.GenerationConfig(
         max_new_tokens=new_tokens, min_new_tokens=None, do_sample=sampling,
-        temperature=batch[0].temperature if sampling else None, top_k=None, top_p=None,
+        # Plain temperature sampling, as the engine's workloads ask (top_k 0 disables transformers'
+        # default top-k of 50).
+        temperature=batch[0].temperature if sampling else None, top_k=0 if sampling else None,
+        top_p=1.0 if sampling else None,
         num_return_sequences=batch[0].n, eos_token_id=None, pad_token_id=PAD_TOKEN_ID, use_cache=True)
     out = hf.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
                       generation_config=config)

@@ -24,6 +24,7 @@ when :meth:`DecodeGraphs.can_run` accepts the plan and the eager path otherwise.
 from __future__ import annotations
 
 import os
+import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Dict, Optional
@@ -192,11 +193,11 @@ class DecodeGraphs:
         entry = self._entry(key)
         views = entry.upload.upload(pad_decode_step(host, levels, key))
         self.steps += 1
-        if not self.capture:
+        if self.capture and entry.graph is None:
+            self._try_capture(entry, views)
+        if entry.graph is None:
             hidden = self._forward(entry, views)
         else:
-            if entry.graph is None:
-                self._capture(entry, views)
             entry.graph.replay()
             self.replays += 1
             hidden = entry.hidden
@@ -230,6 +231,18 @@ class DecodeGraphs:
             return self.runner.model(views["input_ids"], views["positions"])
         finally:
             reset_context()
+
+    def _try_capture(self, entry: _Entry, views: Dict[str, torch.Tensor]) -> None:
+        """Capture ``entry``'s graph; if capture fails, warn once and stop capturing (every later
+        step runs the padded path eagerly: same results, launch gaps back)."""
+        try:
+            self._capture(entry, views)
+        except RuntimeError as err:
+            entry.graph, entry.hidden = None, None
+            self.capture = False
+            torch.cuda.synchronize(self.runner.device)
+            warnings.warn(f"CUDA graph capture failed, decode steps run eagerly from now on: {err}",
+                          RuntimeWarning, stacklevel=3)
 
     def _capture(self, entry: _Entry, views: Dict[str, torch.Tensor]) -> None:
         # Warm-up on a side stream, as torch requires before capture. It runs this step for real:
