@@ -130,6 +130,9 @@ class LLM:
         outputs: List[Optional[RequestOutput]] = [None] * len(_as_prompt_list(prompts))
         for index, output in self.generate_stream(prompts, sampling_params, use_tqdm=use_tqdm):
             outputs[index] = output
+        missing = [i for i, output in enumerate(outputs) if output is None]
+        if missing:  # the scheduler ended without finishing or failing them: an engine bug
+            raise RuntimeError(f"generate: no output for requests {missing[:10]} (of {len(missing)})")
         return outputs  # type: ignore[return-value]
 
     def chat(self, conversations, sampling_params: ParamsType = None, use_tqdm: bool = True,
@@ -170,6 +173,8 @@ class LLM:
                 for seq_id in job.record(rows, sampled):
                     scheduler.finish_sequence(seq_id, "stop")
                 yield from self._collect(scheduler, job, progress)
+            # The last next_step() may itself have failed requests (one that cannot fit even alone).
+            yield from self._collect(scheduler, job, progress)
             self.last_stats = dict(scheduler.stats())
             self.last_stats["max_step_tokens"] = int(max(scheduler.step_token_counts(), default=0))
 

@@ -341,6 +341,18 @@ def test_request_outgrowing_the_kv_cache_fails_alone_mid_run():
     assert outs[1].error is None and len(outs[1].outputs[0].token_ids) == 8
 
 
+@pytest.mark.parametrize("policy", POLICIES)
+def test_n_samples_outgrowing_the_cache_fail_together(policy):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        llm = LLM(kv_cache_memory=_kv_bytes(_tiny_config(), 6), policy=policy)
+    grows = SamplingParams(n=3, max_tokens=None, ignore_eos=True, seed=1)
+    outs = llm.generate(["grows", "small"], [grows, GREEDY], use_tqdm=False)
+    assert outs[0] is not None and "KV blocks" in outs[0].error
+    assert [c.finish_reason for c in outs[0].outputs] == ["error"] * 3
+    assert outs[1].error is None and len(outs[1].outputs[0].token_ids) == 8
+
+
 def test_default_kv_pool_is_capped_by_what_the_job_can_use():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
