@@ -46,6 +46,7 @@ _params = st.builds(
     max_tokens=st.integers(1, 12),
     min_tokens=st.integers(0, 1),
     stop_token_ids=st.sampled_from([None, [101], [97, 98]]),
+    stop=st.sampled_from([None, ["e"], ["ab", "x"]]),
     ignore_eos=st.booleans(),
     logprobs=st.sampled_from([None, 0, 2]),
 )
@@ -70,6 +71,7 @@ def test_random_jobs(model_dir, reference_llm, job, policy, blocks, max_num_seqs
     prompts, params = [p for p, _ in job], [s for _, s in job]
     llm = _llm(model_dir, blocks, policy, max_num_seqs, budget)
     outputs = llm.generate(prompts, params, use_tqdm=False)
+    tokenizer = llm.get_tokenizer()
     assert [o.request_id for o in outputs] == [str(i) for i in range(len(job))]
     for prompt, p, out in zip(prompts, params, outputs):
         assert out.prompt_token_ids == prompt["prompt_token_ids"] and len(out.outputs) == p.n
@@ -81,10 +83,15 @@ def test_random_jobs(model_dir, reference_llm, job, policy, blocks, max_num_seqs
             assert 1 <= len(ids) <= p.max_tokens
             stoppers = set(p.stop_token_ids) | (set() if p.ignore_eos else EOS)
             assert not stoppers & set(ids[:max(p.min_tokens, len(ids) - 1)]), "a stopper before the end"
-            if c.finish_reason == "length":
-                assert len(ids) == p.max_tokens
+            full_text = tokenizer.decode(ids)
+            if isinstance(c.stop_reason, str):  # cut before the first stop string, found on the last token
+                assert c.finish_reason == "stop" and full_text.startswith(c.text)
+                assert full_text[len(c.text):].startswith(c.stop_reason)
+                assert not any(stop in tokenizer.decode(ids[:-1]) for stop in p.stop)
+            elif c.finish_reason == "length":
+                assert len(ids) == p.max_tokens and c.text == full_text
             else:
-                assert c.finish_reason == "stop" and ids[-1] in stoppers
+                assert c.finish_reason == "stop" and ids[-1] in stoppers and c.text == full_text
             if p.logprobs is not None:
                 assert len(c.logprobs) == len(ids) and all(t in e for t, e in zip(ids, c.logprobs))
         if p.temperature == 0 or p.seed is not None:
