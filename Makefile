@@ -17,11 +17,10 @@ all: test
 
 # The virtual environment with torch (pinned: an unpinned torch pulls a multi-GB CUDA build)
 # and the build and test dependencies from pyproject's extras.
-$(VENV)/.ready: pyproject.toml
+$(VENV)/.ready: pyproject.toml .ci/requirements.py
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q "$(TORCH_SPEC)"
-	$(PIP) install -q scikit-build-core pybind11 ninja "cmake>=3.24" numpy
-	$(PIP) install -q safetensors tokenizers jinja2 tqdm pytest hypothesis "transformers>=4.45" matplotlib
+	$(PIP) install -q ninja "cmake>=3.24" $$($(PY) .ci/requirements.py build test bench)
 	touch $@
 
 venv: $(VENV)/.ready

@@ -9,6 +9,8 @@ import sys
 import numpy as np
 import pytest
 
+import batchllm_core
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.join(ROOT, "bench"))
 from workloads import WORKLOAD_IDS, make_workload  # noqa: E402
@@ -35,7 +37,9 @@ def test_workloads_are_deterministic_and_shaped_as_specified():
 
 
 def test_simulator_runs_every_policy_and_prints_json():
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.join(ROOT, "python"), os.environ.get("PYTHONPATH", "")]))
+    # The package this test imported (the installed one under `make test`, python/ in a dev build).
+    package_parent = os.path.dirname(os.path.dirname(os.path.abspath(batchllm_core.__file__)))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([package_parent, os.environ.get("PYTHONPATH", "")]))
     out = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "simulate.py"), "--workloads", "W1,W4",
                           "--scale", "0.05", "--kv-of", "self", "--check-integrity"],
                          capture_output=True, text=True, env=env, timeout=300, check=True).stdout

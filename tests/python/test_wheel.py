@@ -48,7 +48,10 @@ def test_wheel_installs_into_a_fresh_venv_and_runs_the_example(tmp_path):
     python = venv / "bin" / "python"
     site = Path(_run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"]).stdout.strip())
     (site / "borrowed_test_env.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
-    _run([python, "-m", "pip", "install", "-q", "--no-deps", "--no-index", wheels[0]], env=_clean_env())
+    # --ignore-installed: the borrowed environment may hold batchllm itself (`make test` installs it
+    # there), and pip would otherwise call the wheel "already satisfied" and install nothing.
+    _run([python, "-m", "pip", "install", "-q", "--no-deps", "--no-index", "--ignore-installed", wheels[0]],
+         env=_clean_env())
 
     where = _run([python, "-c", "import batchllm_core, sys; print(batchllm_core.__file__); "
                   "print(batchllm_core.build_info()['version'])"], env=_clean_env(), cwd=tmp_path).stdout.split()
