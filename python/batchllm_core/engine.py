@@ -91,7 +91,7 @@ class LLM:
             raise ValueError(f"policy must be 'batchllm', 'fcfs-lru' or 'no-share', got {policy!r}")
         if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
             raise ValueError(f"seed must be an int, got {seed!r}")
-        self.device = _resolve_device(device)
+        self.device = _pick_device(model, dtype, device)
         self.model, self.config, self.tokenizer, self.eos_token_ids, self.dtype = _load(model, dtype, self.device)
         self.max_model_len = int(self.config.max_position_embeddings)
         if max_model_len is not None:
@@ -351,6 +351,53 @@ def _resolve_device(device) -> torch.device:
     if resolved.type not in ("cpu", "cuda"):
         raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}")
     return resolved
+
+
+def _pick_device(model: Optional[str], dtype, device) -> torch.device:
+    """The device to load on, decided from the config before any weight is loaded.
+
+    "auto" picks CUDA only when the CUDA kernels can run the model (head dim built, float16 or
+    bfloat16); otherwise it warns and runs on the CPU (the embedded tiny model, head dim 16, always
+    does). An explicit CUDA device the kernels cannot serve is an error naming why.
+    """
+    from .model_runner import ModelRunner
+
+    resolved = _resolve_device(device)
+    if resolved.type != "cuda":
+        return resolved
+    config = _config_of(model)
+    if config is None:  # not a model we know how to read: the loader reports it
+        return resolved
+    from .loader import resolve_dtype
+
+    reason = ModelRunner.unsupported_reason(config, resolved, resolve_dtype(dtype, resolved))
+    if reason is None:
+        return resolved
+    if isinstance(device, str) and device == "auto":
+        if model is not None:  # the tiny model always runs on the CPU; no news there
+            warnings.warn(f"LLM(device='auto'): {reason}; running on the CPU", UserWarning, stacklevel=3)
+        return torch.device("cpu")
+    raise ValueError(f"device {device!r}: {reason}")
+
+
+def _config_of(model: Optional[str]):
+    """The ModelConfig that ``model`` names, read without loading weights (None if unreadable)."""
+    from pathlib import Path
+
+    from .models.config import NAMED_SHAPES, ModelConfig
+    from .models.tiny import tiny_config
+
+    if model is None or model == "tiny":
+        return tiny_config()
+    if str(model) in NAMED_SHAPES:
+        return ModelConfig.from_name(str(model))
+    config_file = Path(model) / "config.json"
+    if config_file.is_file():
+        try:
+            return ModelConfig.from_hf_file(config_file)
+        except (ValueError, KeyError, OSError):
+            return None
+    return None
 
 
 def _default_cpu_kv_bytes() -> int:

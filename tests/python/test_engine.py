@@ -388,3 +388,20 @@ def test_sampled_first_tokens_follow_the_model_distribution(llama):
         if p > 0.02:
             freq = tokens.count(int(token)) / draws
             assert abs(freq - p) <= 5 * np.sqrt(p * (1 - p) / draws) + 1e-3, (int(token), freq, p)
+
+
+# ---------------------------------------------------------------- device choice (GPU machine, simulated)
+def test_auto_device_runs_models_the_cuda_kernels_cannot_serve_on_the_cpu(monkeypatch):
+    """On a GPU machine "auto" must not hand the tiny model (head dim 16) to the CUDA kernels: the
+    choice is made from the config before loading, CPU with a warning for a real model, and an
+    explicit "cuda" is an error naming the head dim."""
+    from batchllm_core import _C, engine
+
+    monkeypatch.setattr(engine, "_resolve_device", lambda device: torch.device("cuda"))
+    monkeypatch.setattr(_C, "cuda_kernel_head_dims", lambda: [64, 128], raising=False)
+    assert engine._pick_device(None, "auto", "auto") == torch.device("cpu")
+    with pytest.raises(ValueError, match="head dim 16"):
+        engine._pick_device(None, "auto", "cuda")
+    assert engine._pick_device("llama-1b", "auto", "auto") == torch.device("cuda")
+    with pytest.warns(UserWarning, match="float16 or bfloat16"):
+        assert engine._pick_device("llama-1b", "float32", "auto") == torch.device("cpu")
