@@ -189,6 +189,10 @@ class RequestSamplingTable:
     min_p: torch.Tensor        # float32 [N]
     seeds: torch.Tensor        # int64 [N]: the request's seed, or one drawn from the LLM's seed stream
     num_logprobs: np.ndarray   # int64 [N]; -1 = no logprobs (host side: only used to slice results)
+    # Host copies of which requests need the top-k/top-p and min-p filters: the sampler decides
+    # per step without reading the device tensors (no device-to-host sync before the draw).
+    filters_kp_host: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))  # bool [N]
+    filters_min_p_host: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))  # bool [N]
     # min_tokens (host side): before it, the request's stop token ids and EOS ids are masked out
     # (as vLLM), so a completion cannot end early. Stopper ids of request i are
     # stopper_ids[stopper_offsets[i]:stopper_offsets[i+1]].
@@ -217,6 +221,8 @@ class RequestSamplingTable:
             min_p=as_tensor([p.min_p for p in params], torch.float32),
             seeds=as_tensor([_seed_to_int64(int(s)) for s in seeds], torch.int64),
             num_logprobs=np.array([-1 if p.logprobs is None else p.logprobs for p in params], dtype=np.int64),
+            filters_kp_host=np.array([p.top_k > 0 or p.top_p < 1.0 for p in params], dtype=bool),
+            filters_min_p_host=np.array([p.min_p > 0 for p in params], dtype=bool),
             min_tokens=np.array([p.min_tokens for p in params], dtype=np.int64),
             stopper_ids=np.array([t for ids in stoppers for t in ids], dtype=np.int64),
             stopper_offsets=np.concatenate([[0], np.cumsum([len(ids) for ids in stoppers])]).astype(np.int64),
@@ -328,7 +334,9 @@ class Sampler:
                              torch.as_tensor(np.asarray(sample_indices, dtype=np.int64)[rows], device=self.device),
                              torch.as_tensor(positions[rows], device=self.device))
             token_ids[row_index] = self._draw(logits[row_index], table.temperature[req], table.top_k[req],
-                                              table.top_p[req], table.min_p[req], keys)
+                                              table.top_p[req], table.min_p[req], keys,
+                                              _any(table.filters_kp_host, requests[rows]),
+                                              _any(table.filters_min_p_host, requests[rows]))
         return self._with_logprobs(raw_logits, token_ids, table.num_logprobs[requests])
 
     def _mask_before_min_tokens(self, logits, table, requests, output_positions) -> torch.Tensor:
@@ -339,23 +347,34 @@ class Sampler:
         # A copy: the raw logits still give the reported logprobs.
         return logits.index_put((rows, tokens), torch.tensor(float("-inf"), device=self.device))
 
-    def _draw(self, logits, temperature, top_k, top_p, min_p, keys) -> torch.Tensor:
-        """Gumbel-max draw for rows with temperature > 0; [rows, V] -> int64 [rows]."""
-        scaled = _apply_top_k_top_p(logits / temperature[:, None], top_k, top_p)
-        scaled = _apply_min_p(scaled, min_p)
+    def _draw(self, logits, temperature, top_k, top_p, min_p, keys, filter_kp: Optional[bool] = None,
+              filter_min_p: Optional[bool] = None) -> torch.Tensor:
+        """Gumbel-max draw for rows with temperature > 0; [rows, V] -> int64 [rows]. ``filter_*``:
+        whether any row needs that filter, known on the host (None: look on the device, a sync)."""
+        scaled = logits / temperature[:, None]
+        if filter_kp is not False:
+            scaled = _apply_top_k_top_p(scaled, top_k, top_p)
+        if filter_min_p is not False:
+            scaled = _apply_min_p(scaled, min_p)
         return torch.argmax(scaled + _gumbel_noise(keys, self._token_hashes), dim=-1)
 
     def _with_logprobs(self, logits, token_ids, num_logprobs: np.ndarray) -> SamplerOutput:
         log_norm = torch.logsumexp(logits, dim=-1)
         sampled_logprobs = logits.gather(1, token_ids[:, None])[:, 0] - log_norm
-        out = SamplerOutput(token_ids=token_ids.to(torch.int32).cpu().numpy(),
-                            logprobs=sampled_logprobs.cpu().numpy().astype(np.float32))
+        # One device-to-host copy for both: ids and the logprobs' float32 bits side by side.
+        packed = torch.stack([token_ids.to(torch.int32), sampled_logprobs.float().view(torch.int32)]).cpu().numpy()
+        out = SamplerOutput(token_ids=packed[0].copy(), logprobs=packed[1].view(np.float32).copy())
         max_k = int(min(num_logprobs.max(), self.vocab_size))
         if max_k > 0:
             top_values, top_ids = torch.topk(logits, max_k, dim=-1)
             out.top_token_ids = top_ids.cpu().numpy()
             out.top_logprobs = (top_values - log_norm[:, None]).cpu().numpy().astype(np.float32)
         return out
+
+
+def _any(flags: np.ndarray, requests: np.ndarray) -> Optional[bool]:
+    """Whether any of ``requests`` has its flag set; None when the table has no host flags."""
+    return bool(flags[requests].any()) if len(flags) else None
 
 
 def _apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
