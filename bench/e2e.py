@@ -104,13 +104,12 @@ def run_engine(workload_id: str, policy: str, args, ceilings: Ceilings) -> dict:
 
     llm = LLM(model=args.model, dtype=args.dtype, device=args.device, block_size=args.block_size,
               kv_cache_memory=args.kv_cache_memory, policy=policy, seed=args.seed,
-              max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs)
+              max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
+              cuda_graphs=bool(args.cuda_graphs) and args.device != "cpu")
     workload = _workload(workload_id, llm.config.vocab_size, args)
     prompts = [{"prompt_token_ids": r.prompt_token_ids.tolist()} for r in workload.requests]
     params = [SamplingParams(n=r.n, temperature=r.temperature, max_tokens=r.max_tokens, ignore_eos=True)
               for r in workload.requests]
-    if args.cuda_graphs:
-        _use_graph_runner(llm)
     llm.runner.use_cascade = args.attention == "cascade"
     cost = ModelCost.of(llm.config, torch.empty((), dtype=llm.dtype).element_size())
     step_floor = StepFloor(cost, ceilings)
@@ -143,17 +142,6 @@ def run_engine(workload_id: str, policy: str, args, ceilings: Ceilings) -> dict:
     del llm, outputs
     _release_memory()
     return result
-
-
-def _use_graph_runner(llm) -> None:
-    """Swap the LLM's runner for a GraphModelRunner over the same model and KV capacity (until the
-    engine builds one itself); the old KV pool is freed first."""
-    from batchllm_core.cuda_graphs import GraphModelRunner
-
-    llm.runner = None
-    _release_memory()
-    llm.runner = GraphModelRunner(llm.model, llm.config, llm.num_kv_blocks, llm.block_size, llm.device, llm.dtype,
-                                  graph_max_rows=llm.max_num_seqs)
 
 
 def _workload(workload_id: str, vocab_size: int, args):

@@ -61,6 +61,10 @@ class LLM:
         Sequences running at once at most.
     max_model_len : int or None
         Context length (prompt + output) allowed; None: the model's.
+    cuda_graphs : bool
+        On CUDA, replay captured CUDA graphs for decode-only steps (``batchllm_core.cuda_graphs``;
+        a failed capture warns and runs that shape eagerly). Off by default until measured on a
+        card; ignored, with a warning, on the CPU.
 
     Attributes
     ----------
@@ -81,7 +85,7 @@ class LLM:
     def __init__(self, model: Optional[str] = None, dtype="auto", device="auto", block_size: int = 16,
                  kv_cache_memory: Optional[int] = None, policy: str = "batchllm", seed: int = 0,
                  max_num_batched_tokens: int = 2048, max_num_seqs: int = 1024,
-                 max_model_len: Optional[int] = None):
+                 max_model_len: Optional[int] = None, cuda_graphs: bool = False):
         from .model_runner import ModelRunner
 
         _check_positive_int("block_size", block_size)
@@ -103,8 +107,7 @@ class LLM:
         self.max_num_seqs = int(max_num_seqs)
         bytes_per_block = ModelRunner.kv_bytes_per_block(self.config, self.block_size, self.dtype)
         self.num_kv_blocks = self._num_kv_blocks(kv_cache_memory, bytes_per_block)
-        self.runner = ModelRunner(self.model, self.config, self.num_kv_blocks, self.block_size,
-                                  self.device, self.dtype)
+        self.runner = self._new_runner(bool(cuda_graphs))
         self.sampler = Sampler(self.config.vocab_size, self.device)
         self._seed_stream = np.random.default_rng(int(seed))
         self.last_stats: dict = {}
@@ -249,6 +252,20 @@ class LLM:
             if done is not None:
                 progress.request_done(job.num_output_tokens)
                 yield done
+
+    def _new_runner(self, cuda_graphs: bool):
+        from .model_runner import ModelRunner
+
+        if cuda_graphs and self.device.type != "cuda":
+            warnings.warn("LLM(cuda_graphs=True) needs a CUDA device; running eagerly on the CPU",
+                          UserWarning, stacklevel=3)
+            cuda_graphs = False
+        if not cuda_graphs:
+            return ModelRunner(self.model, self.config, self.num_kv_blocks, self.block_size, self.device, self.dtype)
+        from .cuda_graphs import GraphModelRunner
+
+        return GraphModelRunner(self.model, self.config, self.num_kv_blocks, self.block_size, self.device,
+                                self.dtype, graph_max_rows=self.max_num_seqs)
 
     def _default_kv_bytes(self) -> int:
         if self.device.type != "cuda":

@@ -14,6 +14,7 @@ import torch
 
 from conftest import gpu
 
+from batchllm_core import LLM, SamplingParams
 from batchllm_core.cuda_graphs import DecodeGraphs, GraphKey, GraphModelRunner, batch_bucket, pad_decode_step
 from batchllm_core.step_upload import PackedLayout, StaticUpload
 
@@ -141,3 +142,21 @@ def test_captured_graphs_match_eager_runner_on_gpu():
     compare, graphs = _run_compared("llama-1b", "cuda", capture=None, rtol=0.05)
     assert compare.graph_steps >= 5
     assert graphs.decode_graphs.captures >= 1 and graphs.decode_graphs.replays == compare.graph_steps
+
+
+def test_llm_cuda_graphs_option_warns_and_runs_eagerly_on_cpu():
+    with pytest.warns(UserWarning, match=r"cuda_graphs=True\) needs a CUDA device"):
+        llm = LLM(device="cpu", kv_cache_memory=1 << 22, cuda_graphs=True)
+    assert not isinstance(llm.runner, GraphModelRunner)
+    out = llm.generate("hello", SamplingParams(temperature=0, max_tokens=4, ignore_eos=True), use_tqdm=False)
+    assert len(out[0].outputs[0].token_ids) == 4
+
+
+@gpu
+def test_llm_cuda_graphs_option_replays_decode_steps_on_gpu():
+    llm = LLM(model="llama-1b", device="cuda", cuda_graphs=True, kv_cache_memory=1 << 30)
+    assert isinstance(llm.runner, GraphModelRunner)
+    prompts = _shared_prefix_prompts(llm.config.vocab_size)
+    outputs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=16, ignore_eos=True), use_tqdm=False)
+    assert all(len(o.outputs[0].token_ids) == 16 for o in outputs)
+    assert llm.runner.decode_graphs.replays >= 10
