@@ -109,6 +109,7 @@ section_e2e() {
   rm -f "$json"
   "${e2e[@]}" --workload W1 --scale 0.25 --policy batchllm,fcfs-lru || return 1
   "${e2e[@]}" --workload W1 --scale 0.25 --policy batchllm --cuda-graphs || echo "e2e: cuda graphs run FAILED"
+  "${e2e[@]}" --workload W1 --scale 0.25 --policy batchllm --cuda-graphs --overlap || echo "e2e: overlap run FAILED"
   "${e2e[@]}" --workload W2 --scale 0.25 --policy batchllm,fcfs-lru || echo "e2e: W2 FAILED"
   "${e2e[@]}" --workload W5 --scale 0.125 --policy batchllm,fcfs-lru || echo "e2e: W5 FAILED"
   "${e2e[@]}" --workload W1 --scale 0.25 --policy none --hf --hf-batches 1 || echo "e2e: transformers baseline FAILED"
@@ -117,7 +118,7 @@ section_e2e() {
   "$PY" -c 'import json, sys
 for line in open(sys.argv[1]):
     r = json.loads(line)
-    print(r["workload"], r["policy"] + ("+graphs" if r.get("cuda_graphs") else ""), r["seconds"],
+    print(r["workload"], r["policy"] + ("+graphs" if r.get("cuda_graphs") else "") + ("+overlap" if r.get("overlap") else ""), r["seconds"],
           r["output_tokens_per_s"], r["prefill_tokens"], r["time_over_floor"])' "$json"
 }
 

@@ -81,6 +81,8 @@ def _parse(argv):
                         help="decode attention: shared-prefix levels (cascade) or paged per sequence (A/B)")
     parser.add_argument("--cuda-graphs", action="store_true",
                         help="replay CUDA graphs for decode-only steps (batchllm_core.cuda_graphs)")
+    parser.add_argument("--overlap", action="store_true",
+                        help="plan and queue step i+1 before step i's samples reach the host (LLM(overlap=True))")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 is fastest on a busy host)")
     parser.add_argument("--flops", type=float, default=H100_FLOPS, help="matmul ceiling, FLOP/s (H100 measured)")
     parser.add_argument("--bytes-per-s", type=float, default=H100_BYTES_PER_S,
@@ -105,7 +107,7 @@ def run_engine(workload_id: str, policy: str, args, ceilings: Ceilings) -> dict:
     llm = LLM(model=args.model, dtype=args.dtype, device=args.device, block_size=args.block_size,
               kv_cache_memory=args.kv_cache_memory, policy=policy, seed=args.seed,
               max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
-              cuda_graphs=bool(args.cuda_graphs) and args.device != "cpu")
+              cuda_graphs=bool(args.cuda_graphs) and args.device != "cpu", overlap=bool(args.overlap))
     workload = _workload(workload_id, llm.config.vocab_size, args)
     prompts = [{"prompt_token_ids": r.prompt_token_ids.tolist()} for r in workload.requests]
     params = [SamplingParams(n=r.n, temperature=r.temperature, max_tokens=r.max_tokens, ignore_eos=True)
@@ -156,9 +158,9 @@ def _record_steps(llm, step_floor: StepFloor) -> None:
     """Price every plan the runner executes (the plan's views are read before it runs)."""
     execute = llm.runner.execute
 
-    def priced_execute(plan):
+    def priced_execute(plan, token_feed=None):
         step_floor.add(plan)
-        return execute(plan)
+        return execute(plan, token_feed)
 
     llm.runner.execute = priced_execute
 
@@ -212,6 +214,7 @@ def _common(workload, args, device, dtype, policy, seconds, cost, ceilings, outp
         "bench": "e2e", "workload": workload.id, "model": args.model, "policy": policy,
         "attention": args.attention if policy != "hf" else "sdpa",
         "cuda_graphs": bool(args.cuda_graphs) and policy != "hf",
+        "overlap": bool(args.overlap) and policy != "hf",
         "device": str(device), "device_name": device_name(device), "dtype": str(dtype).replace("torch.", ""),
         "commit": commit(), "scale": args.scale, "max_tokens": args.max_tokens, "requests": len(workload.requests),
         "sequences": workload.num_sequences, "prompt_tokens": prompt_tokens, "output_tokens": output_tokens,

@@ -39,7 +39,7 @@ def read_rows(paths) -> list:
 
 def label(row: dict) -> str:
     """The bar a row belongs to: its policy, "+graphs" when decode steps replayed CUDA graphs."""
-    return row["policy"] + ("+graphs" if row.get("cuda_graphs") else "")
+    return row["policy"] + ("+graphs" if row.get("cuda_graphs") else "") + ("+overlap" if row.get("overlap") else "")
 
 
 def latest_by_key(rows) -> dict:

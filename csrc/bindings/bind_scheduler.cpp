@@ -56,6 +56,7 @@ py::dict stats_dict(const Scheduler& s) {
   d["failed_requests"] = st.failed_requests;
   d["prefix_nodes"] = st.prefix_nodes;
   d["planned_prefill_tokens"] = st.planned_prefill_tokens;
+  d["discarded_rows"] = st.discarded_rows;
   d["policy"] = policy_name(s.config().policy);
   d["num_blocks"] = s.config().num_blocks;
   d["block_size"] = s.config().block_size;
@@ -184,14 +185,19 @@ void register_scheduler(py::module_& m) {
           py::arg("eos_token_ids") = std::vector<int32_t>{})
       .def(
           "next_step",
-          [](Scheduler& s) -> const StepPlan* {
+          [](Scheduler& s, bool overlap) -> const StepPlan* {
             try {
-              return s.next_step();
+              return s.next_step(overlap);
             } catch (const std::invalid_argument& e) {
               throw py::value_error(e.what());
             }
           },
-          py::return_value_policy::reference_internal)
+          py::arg("overlap") = false, py::return_value_policy::reference_internal)
+      .def("last_discarded_rows",
+           [](const Scheduler& s) {
+             const std::vector<int32_t>& rows = s.last_discarded_rows();
+             return py::array_t<int32_t>(static_cast<py::ssize_t>(rows.size()), rows.data());
+           })
       .def(
           "commit",
           [](Scheduler& s, py::array_t<int32_t, py::array::c_style | py::array::forcecast> sampled) {

@@ -130,27 +130,30 @@ void Scheduler::Impl::add_requests(JobRequests new_job) {
 }
 
 void Scheduler::Impl::commit(const int32_t* sampled, int64_t count) {
-  if (!plan_pending) throw std::invalid_argument("commit: no step is pending (call next_step first)");
-  if (count != out.num_sample_rows())
-    throw std::invalid_argument("commit: expected " + std::to_string(out.num_sample_rows()) +
+  if (inflight.empty()) throw std::invalid_argument("commit: no step is pending (call next_step first)");
+  InFlightPlan& f = inflight.front();
+  const int64_t expected = static_cast<int64_t>(f.seq_ids.size());
+  if (count != expected)
+    throw std::invalid_argument("commit: expected " + std::to_string(expected) +
                                 " sampled tokens (one per sample row), got " + std::to_string(count));
-  plan_pending = false;
-  // Samples of a prompt fork its blocks before anyone (the leader included) may finish and free them.
-  if (pending_forks > 0) {
-    for (int64_t r = 0; r < count; ++r) {
-      const int64_t id = out.sample_seq_ids[r];
-      if (seqs[id].status == SeqStatus::kAwaitingLeader) fork_sibling(id);
-    }
-  }
+  if (!f.reserved) reserve_samples(f);
+  discarded.clear();
   bool any_finished = false;
   for (int64_t r = 0; r < count; ++r) {
-    Sequence& seq = seqs[out.sample_seq_ids[r]];
+    const int64_t id = f.seq_ids[r];
+    Sequence& seq = seqs[id];
+    const int64_t index = f.out_index[r];
+    if (index < 0 || seq.status == SeqStatus::kFinished || seq.status == SeqStatus::kFailed) {
+      discarded.push_back(static_cast<int32_t>(r));  // it finished or failed after this step was planned
+      continue;
+    }
     const int32_t token = sampled[r];
-    seq.output.push_back(token);
-    const int64_t n_out = static_cast<int64_t>(seq.output.size());
+    seq.output[index] = token;
+    seq.pending_pos = -1;
+    const int64_t n_out = index + 1;
     const int64_t req = seq.request;
     const char* reason = nullptr;
-    if (n_out >= job.max_tokens[req]) {
+    if (seq.length_pending || n_out >= job.max_tokens[req]) {
       reason = "length";
     } else if (n_out >= job.min_tokens[req]) {
       const int32_t* stop = job.stop_token_ids.data();
@@ -162,10 +165,14 @@ void Scheduler::Impl::commit(const int32_t* sampled, int64_t count) {
         reason = "stop";
     }
     if (reason) {
-      finish(out.sample_seq_ids[r], reason);
+      seq.length_pending = false;
+      preempted.erase(id);  // overlap: preempted while its sample was pending
+      finish(id, reason);
       any_finished = true;
     }
   }
+  stats.discarded_rows += static_cast<int64_t>(discarded.size());
+  inflight.pop_front();
   if (any_finished) compact_running();
 }
 
@@ -212,7 +219,8 @@ std::string Scheduler::Impl::check_integrity() const {
 Scheduler::Scheduler(const SchedulerConfig& config) : impl_(std::make_unique<Impl>(config)) {}
 Scheduler::~Scheduler() = default;
 void Scheduler::add_requests(JobRequests job) { impl_->add_requests(std::move(job)); }
-const StepPlan* Scheduler::next_step() { return impl_->next_step(); }
+const StepPlan* Scheduler::next_step(bool overlap) { return impl_->next_step(overlap); }
+const std::vector<int32_t>& Scheduler::last_discarded_rows() const { return impl_->discarded; }
 void Scheduler::commit(const int32_t* sampled, int64_t count) { impl_->commit(sampled, count); }
 
 void Scheduler::finish_sequence(int64_t seq_id, const std::string& reason) {
@@ -222,7 +230,9 @@ void Scheduler::finish_sequence(int64_t seq_id, const std::string& reason) {
   if (seq.status == SeqStatus::kFinished || seq.status == SeqStatus::kFailed) return;  // already done
   if (seq.output.empty() || seq.unforked > 0)
     throw std::invalid_argument("finish_sequence: sequence " + std::to_string(seq_id) + " has no output yet");
-  if (impl_->plan_pending) throw std::invalid_argument("finish_sequence: commit the pending step first");
+  if (seq.pending_pos >= 0 || seq.length_pending)
+    throw std::invalid_argument("finish_sequence: sequence " + std::to_string(seq_id) +
+                                " has an uncommitted sample; commit that step first");
   impl_->preempted.erase(seq_id);
   impl_->finish(seq_id, reason);
   impl_->compact_running();

@@ -51,7 +51,12 @@ void Scheduler::Impl::build_admit_order() {
 }
 
 int64_t Scheduler::Impl::next_waiting() {
-  if (!preempted.empty()) return *preempted.begin();  // preempted work was admitted earlier: it goes first
+  if (!preempted.empty()) {  // preempted work was admitted earlier: it goes first
+    const Sequence& first = seqs[*preempted.begin()];
+    // Overlap: its last sample is not committed yet, so its tokens are not all known; nothing
+    // overtakes it, so nothing is admitted until that commit.
+    return first.pending_pos >= 0 || first.length_pending ? -1 : *preempted.begin();
+  }
   while (fresh_cursor < admit_order.size()) {
     const Sequence& seq = seqs[admit_order[fresh_cursor]];
     if (seq.status == SeqStatus::kWaiting && !seq.ever_admitted) return admit_order[fresh_cursor];

@@ -3,6 +3,7 @@
 
 #include <cstdint>
 #include <memory>
+#include <deque>
 #include <set>
 #include <string>
 #include <vector>
@@ -40,6 +41,9 @@ struct Sequence {
   uint64_t last_hash = 0;       ///< fcfs-lru: hash of block num_registered - 1
   bool ever_admitted = false;
   bool table_changed = true;    ///< own blocks changed since its plan rows were last written
+  /// Overlap: index in `output` of a sampled token not committed yet (kPendingToken there), or -1.
+  int64_t pending_pos = -1;
+  bool length_pending = false;  ///< overlap: that pending token is its last (max_tokens); no more rows
 
   int64_t len() const { return prompt_len + static_cast<int64_t>(output.size()); }
   int32_t token(int64_t t) const { return t < prompt_len ? prompt[t] : output[t - prompt_len]; }
@@ -68,13 +72,23 @@ struct StepEntry {
 
 enum class AdmitResult { kAdmitted, kNoRoom, kFailed };
 
+/// A plan handed out and not committed yet: which sequence each sample row belongs to and, once its
+/// samples are reserved (overlap), where each goes in that sequence's output (-1: discarded).
+struct InFlightPlan {
+  std::vector<int64_t> seq_ids;
+  std::vector<int64_t> out_index;
+  bool reserved = false;
+};
+
 struct Scheduler::Impl {
   explicit Impl(const SchedulerConfig& config);
 
   // ---- setup (scheduler.cpp)
   void add_requests(JobRequests job);
   // ---- step building (scheduler_step.cpp)
-  const StepPlan* next_step();
+  const StepPlan* next_step(bool overlap);
+  /// Overlap: appends a kPendingToken for each sample row of `f` (forking waiting n>1 siblings first).
+  void reserve_samples(InFlightPlan& f);
   void schedule_decodes();
   /// A KV slot for the next token of running sequence `id`, making room (preempting later work) if
   /// needed; -1 when `id`, the latest running sequence by then, had to step aside (preempted) or fail.
@@ -145,7 +159,9 @@ struct Scheduler::Impl {
   int32_t decode_table_width = 0;   ///< widest block table among this step's decode rows
   int32_t decode_suffix_width = 0;  ///< widest own table among this step's decode rows
   int64_t step_index = 0;
-  bool plan_pending = false;
+  std::deque<InFlightPlan> inflight;  ///< uncommitted plans, oldest first (at most two)
+  bool overlapping = false;           ///< the step being built overlaps an uncommitted one
+  std::vector<int32_t> discarded;     ///< sample rows the last commit discarded
   // rows of the table matrices as last written (kept when the next step runs the same sequences)
   std::vector<int64_t> kept_seq_ids;
   int32_t kept_table_width = -1;

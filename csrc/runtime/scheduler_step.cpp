@@ -7,9 +7,14 @@
 
 namespace batchllm {
 
-const StepPlan* Scheduler::Impl::next_step() {
+const StepPlan* Scheduler::Impl::next_step(bool overlap) {
   if (!added) throw std::invalid_argument("next_step: add_requests first");
-  if (plan_pending) throw std::invalid_argument("next_step: commit the previous step first");
+  if (!inflight.empty()) {
+    if (!overlap) throw std::invalid_argument("next_step: commit the previous step first");
+    if (inflight.size() > 1) throw std::invalid_argument("next_step: two steps are uncommitted; commit one first");
+    if (!inflight.front().reserved) reserve_samples(inflight.front());
+  }
+  overlapping = !inflight.empty();
   bool allow_admission = true;
   // Each retry preempts or fails something, so the loop ends; the bound only guards against a bug.
   const int64_t max_attempts = 4 * static_cast<int64_t>(seqs.size()) + 16;
@@ -28,6 +33,11 @@ const StepPlan* Scheduler::Impl::next_step() {
     schedule_running_prefills();
     if (allow_admission || running.empty()) admit_new();
     if (out.num_tokens() > 0) break;
+    if (overlapping) {  // wait for the uncommitted step: its samples may finish work and free memory
+      out.clear();
+      entries.clear();
+      return nullptr;
+    }
     // Nothing could run: memory is held by partial prefills. Make room by preempting (or failing a
     // sequence that cannot fit even alone), and do not re-admit in this step (that would loop).
     if (!running.empty()) allow_admission = false;
@@ -41,8 +51,26 @@ const StepPlan* Scheduler::Impl::next_step() {
   stats.peak_kv_blocks = std::max(stats.peak_kv_blocks, held);
   step_tokens.push_back(static_cast<int32_t>(out.num_tokens()));
   ++step_index;
-  plan_pending = true;
+  inflight.push_back({out.sample_seq_ids, {}, false});
   return &out;
+}
+
+void Scheduler::Impl::reserve_samples(InFlightPlan& f) {
+  // Samples of a prompt fork its blocks before anyone (the leader included) may finish and free them.
+  if (pending_forks > 0) {
+    for (int64_t id : f.seq_ids)
+      if (seqs[id].status == SeqStatus::kAwaitingLeader) fork_sibling(id);
+  }
+  f.out_index.assign(f.seq_ids.size(), -1);
+  for (size_t r = 0; r < f.seq_ids.size(); ++r) {
+    Sequence& seq = seqs[f.seq_ids[r]];
+    if (seq.status != SeqStatus::kRunning) continue;  // finished or failed since: its sample is discarded
+    seq.output.push_back(kPendingToken);
+    seq.pending_pos = static_cast<int64_t>(seq.output.size()) - 1;
+    f.out_index[r] = seq.pending_pos;
+    if (static_cast<int64_t>(seq.output.size()) >= job.max_tokens[seq.request]) seq.length_pending = true;
+  }
+  f.reserved = true;
 }
 
 void Scheduler::Impl::schedule_decodes() {
@@ -70,6 +98,7 @@ void Scheduler::Impl::schedule_decodes() {
   for (size_t i = 0; i < running.size(); ++i) {
     const int64_t id = running[i];
     Sequence& seq = seqs[id];
+    if (seq.length_pending) continue;  // its uncommitted sample is its last: no row, finished at commit
     const bool chain_ready = seq.node < 0 || nodes[seq.node].num_computed == plan.nodes[seq.node].end;
     // A prompt whose waiting samples draw from its last row goes through the prefill path (n sample rows).
     if (seq.len() - seq.num_computed != 1 || !chain_ready || seq.unforked > 0) {
@@ -128,6 +157,8 @@ int64_t Scheduler::Impl::decode_slot(int64_t id, int32_t* cow_src, int32_t* cow_
   if (slot >= 0) return slot;
   if (make_room(blocks.blocks_needed_to_append(seq.table, 1), true, id, &seq.table, 1))
     return blocks.append_slot(seq.table, cow_src, cow_dst);
+  // Overlapped, alone and its sample not known: it may be stopping; decide after the commit.
+  if (overlapping && running.size() == 1 && seq.pending_pos >= 0) return -1;
   // It is the latest running sequence in run order: step aside, or fail when nothing else holds blocks.
   if (running.size() == 1) {
     fail_request(seq.request, "sequence of " + std::to_string(seq.len()) +
@@ -253,7 +284,9 @@ void Scheduler::Impl::emit_samples(int64_t id, int32_t row) {
 
 void Scheduler::Impl::register_computed_blocks(Sequence& seq) {
   const int bs = config.block_size;
-  const int64_t full = seq.num_computed / bs;
+  int64_t full = seq.num_computed / bs;
+  // A block holding an uncommitted sample is hashed once that sample is known (a later call).
+  if (seq.pending_pos >= 0) full = std::min(full, (seq.prompt_len + seq.pending_pos) / bs);
   if (seq.num_registered >= full) return;
   int32_t tokens[1024];
   std::vector<int32_t> big;

@@ -79,7 +79,12 @@ struct SchedulerStats {
   int64_t failed_requests = 0;
   int64_t prefix_nodes = 0;      ///< batchllm: shared prefixes planned
   int64_t planned_prefill_tokens = 0;  ///< prefill tokens the plan needs without any recompute
+  int64_t discarded_rows = 0;    ///< overlapped steps: rows of sequences that had finished meanwhile
 };
+
+/// Token id a decode row carries while its input is the still-uncommitted sample of the step before
+/// (overlapped scheduling): the engine feeds that sample on the device.
+constexpr int32_t kPendingToken = -1;
 
 /// Plans a job (add_requests) and runs it step by step: next_step() -> run the model -> commit().
 /// Not copyable; not thread-safe (one engine loop drives it).
@@ -97,11 +102,24 @@ class Scheduler {
 
   /// Schedules the next step; nullptr when every request has finished or failed. The plan and its
   /// arrays stay valid until the next call of next_step/commit. Mutates (blocks, computed counts).
-  const StepPlan* next_step();
-  /// Applies one sampled token per sample row of the last plan (row order); finishes sequences by
-  /// max_tokens / stop ids / eos. Throws std::invalid_argument on a count mismatch or no pending plan.
+  ///
+  /// overlap = true plans the next step while the last one is still uncommitted (its samples not
+  /// known yet, the GPU still running it): each sequence sampled there is taken to go on, its decode
+  /// row carrying kPendingToken as input (the engine feeds the real id on the device), except those
+  /// max_tokens ends, which get no row. A sequence that its sample then stops (eos, stop id or
+  /// string) has its row of the overlapped step discarded at that step's commit. Returns nullptr
+  /// also when nothing can be planned before that commit (then commit and call again); done() tells
+  /// the two apart. At most two plans are uncommitted.
+  const StepPlan* next_step(bool overlap = false);
+  /// Applies one sampled token per sample row of the oldest uncommitted plan (row order); finishes
+  /// sequences by max_tokens / stop ids / eos. Throws std::invalid_argument on a count mismatch or
+  /// no pending plan.
   void commit(const int32_t* sampled, int64_t count);
-  /// Finishes a running sequence now (Python-side stop strings) and frees its blocks.
+  /// Sample rows of the last commit that were discarded (their sequence had finished or failed).
+  const std::vector<int32_t>& last_discarded_rows() const;
+  /// Finishes a running sequence now (Python-side stop strings) and frees its blocks. Allowed while
+  /// a plan is uncommitted (its row for the sequence is then discarded), not while the sequence's
+  /// own last sample is (overlap: commit that step first).
   void finish_sequence(int64_t seq_id, const std::string& reason);
 
   std::vector<FinishedSequence> pop_finished();

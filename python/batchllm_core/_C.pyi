@@ -163,9 +163,14 @@ class Scheduler:
                      num_samples: npt.ArrayLike, min_tokens: npt.ArrayLike, ignore_eos: npt.ArrayLike,
                      stop_token_ids: npt.ArrayLike, stop_token_offsets: npt.ArrayLike,
                      eos_token_ids: list[int] = ...) -> None: ...
-    def next_step(self) -> Optional[StepPlan]: ...
+    def next_step(self, overlap: bool = False) -> Optional[StepPlan]:
+        """The next step, or None when the job is done. ``overlap=True`` plans it while the last
+        step is uncommitted: decode rows whose input is that step's sample carry -1 (feed it on the
+        device); None then may also mean "commit first" (``done`` tells which)."""
     def commit(self, sampled: npt.ArrayLike) -> None:
-        """One token per sample row of the last plan, in row order (int32 [num_sample_rows])."""
+        """One token per sample row of the oldest uncommitted plan, in row order (int32 [num_sample_rows])."""
+    def last_discarded_rows(self) -> npt.NDArray[np.int32]:
+        """Sample rows the last commit discarded (their sequence finished or failed after planning)."""
     def finish_sequence(self, seq_id: int, reason: str = "stop") -> None: ...
     def pop_finished(self) -> list[tuple[int, int, list[int], str]]:
         """(request, sample_index, output token ids, finish_reason) of sequences finished since the last call."""

@@ -182,8 +182,9 @@ class DecodeGraphs:
         return len(sample_rows) == rows and bool((sample_rows == np.arange(rows)).all())
 
     @torch.inference_mode()
-    def execute(self, plan: Any) -> torch.Tensor:
-        """Run a plan :meth:`can_run` accepted (cow copies already done); float32 logits ``[B, vocab]``."""
+    def execute(self, plan: Any, token_feed=None) -> torch.Tensor:
+        """Run a plan :meth:`can_run` accepted (cow copies already done); float32 logits ``[B, vocab]``.
+        ``token_feed``: a model_runner.TokenFeed for overlapped steps."""
         from .model_runner import _host_arrays, _levels
 
         host = _host_arrays(plan)
@@ -192,6 +193,8 @@ class DecodeGraphs:
         key = GraphKey.of(levels, rows, self.runner.block_size)
         entry = self._entry(key)
         views = entry.upload.upload(pad_decode_step(host, levels, key))
+        if token_feed is not None:  # before capture or replay: both read the static input ids
+            token_feed.apply(views["input_ids"])
         self.steps += 1
         if self.capture and entry.graph is None:
             self._try_capture(entry, views)
@@ -272,10 +275,10 @@ class GraphModelRunner(ModelRunner):
         super().__init__(*args, **kwargs)
         self.decode_graphs = DecodeGraphs(self, graph_max_rows, max_graphs, capture)
 
-    def execute(self, plan: Any) -> torch.Tensor:
+    def execute(self, plan: Any, token_feed=None) -> torch.Tensor:
         if not self.decode_graphs.can_run(plan):
-            return super().execute(plan)
+            return super().execute(plan, token_feed)
         cow_src, cow_dst = getattr(plan, "cow_src", None), getattr(plan, "cow_dst", None)
         if cow_src is not None and len(cow_src):
             self.copy_blocks(cow_src, cow_dst)
-        return self.decode_graphs.execute(plan)
+        return self.decode_graphs.execute(plan, token_feed)

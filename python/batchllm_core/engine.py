@@ -65,6 +65,12 @@ class LLM:
         On CUDA, replay captured CUDA graphs for decode-only steps (``batchllm_core.cuda_graphs``;
         a failed capture warns and runs that shape eagerly). Off by default until measured on a
         card; ignored, with a warning, on the CPU.
+    overlap : bool
+        Plan and queue step i+1 before waiting for step i's samples (the scheduler assumes each
+        sampled sequence goes on; the step's decode rows take their input ids from step i's samples
+        on the device; a row of a sequence that step i stopped is discarded). Hides the host's
+        per-step work behind the GPU's. Same outputs as without; off by default until measured on
+        a card (on the CPU it only adds the discarded rows).
 
     Attributes
     ----------
@@ -85,7 +91,7 @@ class LLM:
     def __init__(self, model: Optional[str] = None, dtype="auto", device="auto", block_size: int = 16,
                  kv_cache_memory: Optional[int] = None, policy: str = "batchllm", seed: int = 0,
                  max_num_batched_tokens: int = 2048, max_num_seqs: int = 1024,
-                 max_model_len: Optional[int] = None, cuda_graphs: bool = False):
+                 max_model_len: Optional[int] = None, cuda_graphs: bool = False, overlap: bool = False):
         from .model_runner import ModelRunner
 
         _check_positive_int("block_size", block_size)
@@ -108,6 +114,7 @@ class LLM:
         bytes_per_block = ModelRunner.kv_bytes_per_block(self.config, self.block_size, self.dtype)
         self.num_kv_blocks = self._num_kv_blocks(kv_cache_memory, bytes_per_block)
         self.runner = self._new_runner(bool(cuda_graphs))
+        self.overlap = bool(overlap)
         self.sampler = Sampler(self.config.vocab_size, self.device)
         self._seed_stream = np.random.default_rng(int(seed))
         self.last_stats: dict = {}
@@ -168,6 +175,8 @@ class LLM:
             scheduler = self._new_scheduler()
             scheduler.add_requests(**job.scheduler_arrays())
             yield from self._collect(scheduler, job, progress)
+            if self.overlap:
+                yield from self._run_overlapped(scheduler, job, progress)
             while (plan := scheduler.next_step()) is not None:      # schedule
                 rows = job.step_rows(plan)
                 sampled = self.sampler.sample(self.runner.execute(plan), job.table, rows.requests,
@@ -180,6 +189,46 @@ class LLM:
             yield from self._collect(scheduler, job, progress)
             self.last_stats = dict(scheduler.stats())
             self.last_stats["max_step_tokens"] = int(max(scheduler.step_token_counts(), default=0))
+
+    def _run_overlapped(self, scheduler, job: Job, progress: "_Progress") -> Iterator[Tuple[int, RequestOutput]]:
+        """The step loop with step i+1 planned and queued before step i's samples reach the host.
+
+        Per iteration: plan i+1 (overlapping i) -> queue it, its pending input ids fed from i's
+        samples on the device -> wait for i's samples, commit them (rows of sequences that stopped
+        meanwhile are discarded) -> stop strings. Returns when the job is done; the caller's plain
+        loop then finds nothing left.
+        """
+        from .model_runner import TokenFeed
+
+        in_flight = None  # (rows, PendingSample) of the uncommitted step
+        while True:
+            plan = scheduler.next_step(overlap=in_flight is not None)   # schedule i+1
+            launched = None
+            if plan is not None:
+                rows = job.step_rows(plan)
+                feed = None if in_flight is None else TokenFeed.for_plan(plan, in_flight[0].seq_ids,
+                                                                         in_flight[1].token_ids)
+                launched = (rows, self.sampler.sample_async(self.runner.execute(plan, feed), job.table,
+                                                            rows.requests, rows.sample_indices,
+                                                            rows.output_lens))   # run i+1 (queued)
+            if in_flight is not None:
+                self._commit(scheduler, job, *in_flight)                 # commit i
+                yield from self._collect(scheduler, job, progress)
+            elif plan is None:
+                return
+            in_flight = launched
+
+    @staticmethod
+    def _commit(scheduler, job: Job, rows, pending) -> None:
+        sampled = pending.result()
+        scheduler.commit(sampled.token_ids)
+        discarded = scheduler.last_discarded_rows()
+        if len(discarded):
+            keep = np.ones(len(rows), bool)
+            keep[discarded] = False
+            rows, sampled = rows.subset(keep), sampled.subset(keep)
+        for seq_id in job.record(rows, sampled):
+            scheduler.finish_sequence(seq_id, "stop")
 
     # ------------------------------------------------------------------ job setup
     def _new_job(self, prompts, sampling_params) -> Job:

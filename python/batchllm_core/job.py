@@ -46,6 +46,10 @@ class StepRows:
     def __len__(self) -> int:
         return len(self.requests)
 
+    def subset(self, keep: np.ndarray) -> "StepRows":
+        """The rows where ``keep`` (bool [R]) is set."""
+        return StepRows(self.requests[keep], self.sample_indices[keep], self.output_lens[keep], self.seq_ids[keep])
+
 
 @dataclass
 class _SampleState:

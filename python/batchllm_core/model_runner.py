@@ -109,7 +109,7 @@ class ModelRunner:
         self.kv_cache.index_copy_(2, dst_t, self.kv_cache.index_select(2, src_t))
 
     @torch.inference_mode()
-    def execute(self, plan: Any) -> torch.Tensor:
+    def execute(self, plan: Any, token_feed: "TokenFeed | None" = None) -> torch.Tensor:
         """Run one step; return the logits of its sampled rows.
 
         Parameters
@@ -123,6 +123,9 @@ class ModelRunner:
             ``suffix_block_tables`` [B, max_suffix_blocks] (or flat, with ``max_suffix_blocks``),
             ``suffix_kv_lens`` [B]. Without level fields (absent, None or an empty
             ``prefix_kv_indptr``), decode rows use paged prefill attention.
+        token_feed : TokenFeed or None
+            Overlapped steps: input ids still on the device (the last step's samples) for the rows
+            whose ``input_ids`` is -1 (``_C.Scheduler.next_step(overlap=True)``).
 
         Returns
         -------
@@ -150,8 +153,11 @@ class ModelRunner:
         elif host["query_start"][num_decode] != num_decode:
             raise ValueError("StepPlan: each of the num_decode_seqs first sequences must have one row")
         host.update(_paged_part(host, num_decode))
+        fed = {"token_src": token_feed.src} if token_feed is not None else {}
         dev = self._staging.to_device({**{name: host[name] for name in _DEVICE_FIELDS},
-                                       **(levels_host or {})})
+                                       **(levels_host or {}), **fed})
+        if token_feed is not None:
+            token_feed.apply(dev["input_ids"], dev["token_src"])
         context = AttentionContext(
             slot_mapping=dev["slot_mapping"], num_decode_rows=num_decode,
             query_start=dev["paged_query_start"], context_lens=dev["paged_context_lens"],
@@ -163,6 +169,48 @@ class ModelRunner:
         finally:
             reset_context()
         return self.model.compute_logits(hidden[dev["sample_rows"].long()]).float()
+
+
+class TokenFeed:
+    """Input ids an overlapped step takes from the previous step's samples, on the device.
+
+    ``src[row]`` is the previous step's sample row whose id is ``row``'s input, or -1 where the
+    plan's own ``input_ids`` holds (rows of sequences whose last token is known on the host).
+    """
+
+    def __init__(self, src: np.ndarray, sampled: torch.Tensor):
+        self.src = np.ascontiguousarray(src, dtype=np.int64)
+        self.sampled = sampled
+
+    @classmethod
+    def for_plan(cls, plan: Any, prev_seq_ids: np.ndarray, sampled: torch.Tensor) -> "TokenFeed | None":
+        """The feed of ``plan``'s pending rows (input id -1) from the previous step's sample rows
+        (``prev_seq_ids``: the sequence of each, ``sampled``: its id on the device); None if none."""
+        input_ids = np.asarray(plan.input_ids)
+        pending = np.nonzero(input_ids < 0)[0]
+        if len(pending) == 0:
+            return None
+        num_decode = int(plan.num_decode_seqs)
+        if pending[-1] >= num_decode:
+            raise ValueError("StepPlan: only decode rows may wait for the previous step's sample")
+        seq_ids = np.asarray(plan.seq_ids)[pending]
+        prev_seq_ids = np.asarray(prev_seq_ids, np.int64)
+        order = np.argsort(prev_seq_ids, kind="stable")
+        pos = np.minimum(np.searchsorted(prev_seq_ids[order], seq_ids), max(len(order) - 1, 0))
+        if len(order) == 0 or not (prev_seq_ids[order][pos] == seq_ids).all():
+            raise ValueError("StepPlan: a pending decode row has no sample in the previous step")
+        src = np.full(len(input_ids), -1, np.int64)
+        src[pending] = order[pos]
+        return cls(src, sampled)
+
+    def apply(self, input_ids: torch.Tensor, src: torch.Tensor | None = None) -> None:
+        """Write the fed ids into ``input_ids`` (device, [T] or its first rows) in place; ``src``:
+        :attr:`src` already on the device (else copied there now)."""
+        if src is None:
+            src = torch.as_tensor(self.src).to(input_ids.device, non_blocking=True)
+        rows = src.numel()
+        fed = self.sampled.index_select(0, src.clamp(min=0)).to(input_ids.dtype)
+        input_ids[:rows] = torch.where(src >= 0, fed, input_ids[:rows])
 
 
 def _array(plan: Any, name: str) -> np.ndarray | None:

@@ -259,6 +259,13 @@ class SamplerOutput:
     top_token_ids: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.int64))
     top_logprobs: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.float32))
 
+    def subset(self, keep: np.ndarray) -> "SamplerOutput":
+        """The rows where ``keep`` (bool [R]) is set."""
+        top = len(self.top_token_ids) > 0
+        return SamplerOutput(self.token_ids[keep], self.logprobs[keep],
+                             self.top_token_ids[keep] if top else self.top_token_ids,
+                             self.top_logprobs[keep] if top else self.top_logprobs)
+
 
 class Sampler:
     """Draws one token per sample row from float32 logits ``[R, vocab]``, vectorized over rows.
@@ -290,10 +297,17 @@ class Sampler:
         self._token_hashes = _hash32(torch.arange(self.vocab_size, dtype=torch.int64, device=self.device)
                                      ^ 0x2545F491)
 
-    @torch.no_grad()
     def sample(self, logits: torch.Tensor, table: RequestSamplingTable, requests: np.ndarray,
                sample_indices: np.ndarray, output_positions: np.ndarray) -> SamplerOutput:
-        """Draw one token for each row of ``logits``.
+        """Draw one token for each row of ``logits`` and bring the draws to the host (see
+        :meth:`sample_async` for the parameters)."""
+        return self.sample_async(logits, table, requests, sample_indices, output_positions).result()
+
+    @torch.no_grad()
+    def sample_async(self, logits: torch.Tensor, table: RequestSamplingTable, requests: np.ndarray,
+                     sample_indices: np.ndarray, output_positions: np.ndarray) -> "PendingSample":
+        """Draw one token for each row of ``logits``; the draws stay on the device, their copy to
+        the host is queued (``result()`` waits for it).
 
         Parameters
         ----------
@@ -308,7 +322,8 @@ class Sampler:
 
         Returns
         -------
-        SamplerOutput
+        PendingSample
+            ``token_ids`` (int64 [R], on the device) right away; ``result()`` -> SamplerOutput.
         """
         num_rows = logits.shape[0]
         if logits.dim() != 2 or logits.shape[1] != self.vocab_size:
@@ -317,7 +332,7 @@ class Sampler:
             raise ValueError(f"{num_rows} logit rows but {len(requests)} requests, "
                              f"{len(sample_indices)} sample indices, {len(output_positions)} positions")
         if num_rows == 0:
-            return SamplerOutput(np.zeros(0, np.int32), np.zeros(0, np.float32))
+            return PendingSample.ready(SamplerOutput(np.zeros(0, np.int32), np.zeros(0, np.float32)), self.device)
         raw_logits = logits.float()
         requests = np.asarray(requests, dtype=np.int64)
         positions = np.asarray(output_positions, dtype=np.int64)
@@ -358,18 +373,59 @@ class Sampler:
             scaled = _apply_min_p(scaled, min_p)
         return torch.argmax(scaled + _gumbel_noise(keys, self._token_hashes), dim=-1)
 
-    def _with_logprobs(self, logits, token_ids, num_logprobs: np.ndarray) -> SamplerOutput:
+    def _with_logprobs(self, logits, token_ids, num_logprobs: np.ndarray) -> "PendingSample":
         log_norm = torch.logsumexp(logits, dim=-1)
         sampled_logprobs = logits.gather(1, token_ids[:, None])[:, 0] - log_norm
         # One device-to-host copy for both: ids and the logprobs' float32 bits side by side.
-        packed = torch.stack([token_ids.to(torch.int32), sampled_logprobs.float().view(torch.int32)]).cpu().numpy()
-        out = SamplerOutput(token_ids=packed[0].copy(), logprobs=packed[1].view(np.float32).copy())
+        packed = torch.stack([token_ids.to(torch.int32), sampled_logprobs.float().view(torch.int32)])
+        top = None
         max_k = int(min(num_logprobs.max(), self.vocab_size))
         if max_k > 0:
             top_values, top_ids = torch.topk(logits, max_k, dim=-1)
-            out.top_token_ids = top_ids.cpu().numpy()
-            out.top_logprobs = (top_values - log_norm[:, None]).cpu().numpy().astype(np.float32)
-        return out
+            top = (top_ids, (top_values - log_norm[:, None]).float())
+        return PendingSample(token_ids, packed, top)
+
+
+class PendingSample:
+    """One step's draws: ``token_ids`` on the device now, the host copy queued at construction.
+
+    On CUDA the copy goes to pinned memory behind an event, so the host can queue the next step
+    before it waits (:meth:`result`); on the CPU everything is ready at once.
+    """
+
+    def __init__(self, token_ids: torch.Tensor, packed: torch.Tensor,
+                 top: Optional[tuple] = None, output: Optional[SamplerOutput] = None):
+        self.token_ids = token_ids  # int64 [R] on the device
+        self._output = output
+        self._event = None
+        if output is not None:
+            return
+        cuda = packed.device.type == "cuda"
+        tensors = (packed,) + (top or ())
+        self._host = [t.to("cpu", non_blocking=True) if not cuda else
+                      torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True)
+                      for t in tensors]
+        if cuda:
+            self._event = torch.cuda.Event()
+            self._event.record()
+
+    @classmethod
+    def ready(cls, output: SamplerOutput, device) -> "PendingSample":
+        ids = torch.as_tensor(output.token_ids, dtype=torch.int64).to(device)
+        return cls(ids, None, output=output)
+
+    def result(self) -> SamplerOutput:
+        """The draws on the host (waits for the copy once)."""
+        if self._output is None:
+            if self._event is not None:
+                self._event.synchronize()
+            packed = self._host[0].numpy()
+            out = SamplerOutput(token_ids=packed[0].copy(), logprobs=packed[1].view(np.float32).copy())
+            if len(self._host) == 3:
+                out.top_token_ids = self._host[1].numpy()
+                out.top_logprobs = self._host[2].numpy().astype(np.float32)
+            self._output, self._host = out, []
+        return self._output
 
 
 def _any(flags: np.ndarray, requests: np.ndarray) -> Optional[bool]:

@@ -405,3 +405,28 @@ def test_auto_device_runs_models_the_cuda_kernels_cannot_serve_on_the_cpu(monkey
     assert engine._pick_device("llama-1b", "auto", "auto") == torch.device("cuda")
     with pytest.warns(UserWarning, match="float16 or bfloat16"):
         assert engine._pick_device("llama-1b", "float32", "auto") == torch.device("cpu")
+
+
+# ---------------------------------------------------------------- overlapped step loop
+@pytest.mark.parametrize("policy", ["batchllm", "fcfs-lru", "no-share"])
+@pytest.mark.parametrize("kv_blocks", [512, 15])  # 15: preemption and discarded rows under pressure
+def test_overlapped_loop_gives_the_serial_loops_completions(policy, kv_blocks):
+    """LLM(overlap=True) plans step i+1 before step i's samples reach the host: same tokens, finish
+    reasons and logprob entries as the serial loop, with n > 1, stop ids, min_tokens and seeds."""
+    rng = np.random.default_rng(0)
+    prefix = rng.integers(10, 250, 40).tolist()
+    prompts = [{"prompt_token_ids": prefix[:rng.integers(0, 40)] + rng.integers(10, 250, rng.integers(1, 20)).tolist()}
+               for _ in range(30)]
+    params = [SamplingParams(n=1 + i % 3, temperature=0 if i % 2 else 0.8, seed=i, max_tokens=int(rng.integers(2, 20)),
+                             stop_token_ids=[int(rng.integers(10, 250))] if i % 4 == 0 else None,
+                             logprobs=2 if i % 5 == 0 else None, min_tokens=2 if i % 7 == 0 else 0)
+              for i in range(30)]
+    results, stats = [], []
+    for overlap in (False, True):
+        llm = LLM(kv_cache_memory=kv_blocks * 16 * 512, policy=policy, overlap=overlap)
+        outputs = llm.generate(prompts, params, use_tqdm=False)
+        results.append([[(c.token_ids, c.finish_reason, c.logprobs and [sorted(d) for d in c.logprobs])
+                         for c in o.outputs] for o in outputs])
+        stats.append(llm.last_stats)
+    assert results[1] == results[0]
+    assert stats[0]["discarded_rows"] == 0 and stats[1]["discarded_rows"] > 0  # stop ids ended some early

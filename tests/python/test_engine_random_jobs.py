@@ -21,10 +21,10 @@ def model_dir(tmp_path_factory):
     return str(directory)
 
 
-def _llm(model_dir, blocks, policy, max_num_seqs=1024, max_num_batched_tokens=2048):
+def _llm(model_dir, blocks, policy, max_num_seqs=1024, max_num_batched_tokens=2048, overlap=False):
     bytes_per_block = 16 * ModelConfig.from_hf_file(f"{model_dir}/config.json").kv_bytes_per_token(torch.float32)
     return LLM(model=model_dir, kv_cache_memory=bytes_per_block * blocks, policy=policy,
-               max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens)
+               max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens, overlap=overlap)
 
 
 @pytest.fixture(scope="module")
@@ -66,10 +66,11 @@ def _jobs(draw):
 @settings(max_examples=120, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow,
                                                                  HealthCheck.function_scoped_fixture])
 @given(job=_jobs(), policy=st.sampled_from(["batchllm", "fcfs-lru", "no-share"]), blocks=st.integers(6, 40),
-       max_num_seqs=st.integers(1, 16), budget=st.sampled_from([16, 64, 2048]))
-def test_random_jobs(model_dir, reference_llm, job, policy, blocks, max_num_seqs, budget):
+       max_num_seqs=st.integers(1, 16), budget=st.sampled_from([16, 64, 2048]), overlap=st.booleans())
+def test_random_jobs(model_dir, reference_llm, job, policy, blocks, max_num_seqs, budget, overlap):
+    """Serial and overlapped step loops (step i+1 planned before step i's samples are committed)."""
     prompts, params = [p for p, _ in job], [s for _, s in job]
-    llm = _llm(model_dir, blocks, policy, max_num_seqs, budget)
+    llm = _llm(model_dir, blocks, policy, max_num_seqs, budget, overlap)
     outputs = llm.generate(prompts, params, use_tqdm=False)
     tokenizer = llm.get_tokenizer()
     assert [o.request_id for o in outputs] == [str(i) for i in range(len(job))]

@@ -59,7 +59,7 @@ def test_random_jobs_complete_exactly_once(job, policy, block_size, capacity, bu
     sched = _C.Scheduler(num_blocks=num_blocks, block_size=block_size, token_budget=budget, policy=policy,
                          tile_tokens=8, max_num_seqs=data.draw(st.sampled_from([2, 64])),
                          admission_horizon=data.draw(st.sampled_from([0, 2, 128])))
-    finished, failed, _ = run_job(sched, job, num_blocks, block_size)
+    finished, failed, _ = run_job(sched, job, num_blocks, block_size, overlap=data.draw(st.booleans()))
     for r, prompt in enumerate(job.prompts):
         impossible = blocks_for(len(prompt) + job.max_tokens[r] - 1, block_size) > num_blocks
         if impossible:
@@ -71,6 +71,69 @@ def test_random_jobs_complete_exactly_once(job, policy, block_size, capacity, bu
             assert reason == "length"
             assert tokens == [sampled_token(r, s, k) for k in range(job.max_tokens[r])]
     assert len(finished) == sum(job.num_samples[r] for r in range(len(job.prompts)) if r not in failed)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(job=jobs(), policy=st.sampled_from(POLICIES), block_size=st.sampled_from([2, 4, 16]),
+       capacity=st.floats(0.0, 1.0), budget=st.sampled_from([8, 16, 48]), data=st.data())
+def test_overlapped_steps_give_the_same_completions_as_serial_ones(job, policy, block_size, capacity, budget, data):
+    """next_step(overlap=True) plans step i+1 before step i's samples are committed. With samples that
+    stop sequences early (eos, stop ids, min_tokens), every completion and failure is the same as in
+    the serial loop; rows of sequences that stopped meanwhile are discarded, never committed."""
+    n = len(job.prompts)
+    job.ignore_eos = [data.draw(st.booleans()) for _ in range(n)]
+    job.min_tokens = [data.draw(st.integers(0, m)) for m in job.max_tokens]
+    job.stop_token_ids = [data.draw(st.lists(st.integers(10, 20), max_size=2)) for _ in range(n)]
+    salt = data.draw(st.integers(0, 1000))
+
+    def token_fn(request, sample, k):  # eos (2) now and then, otherwise tokens 10..40 (some stop ids)
+        h = (request * 7919 + sample * 104729 + k * 31 + salt) % 97
+        return 2 if h < 9 else 10 + h % 31
+
+    need = [blocks_for(len(p) + m - 1, block_size) for p, m in zip(job.prompts, job.max_tokens)]
+    footprint = sum(k * s for k, s in zip(need, job.num_samples))
+    num_blocks = max(1, int(min(need) + capacity * (footprint - min(need))))
+    horizon = data.draw(st.sampled_from([0, 2, 128]))
+    runs = []
+    for overlap in (False, True):
+        sched = _C.Scheduler(num_blocks=num_blocks, block_size=block_size, token_budget=budget, policy=policy,
+                             tile_tokens=8, max_num_seqs=8, admission_horizon=horizon)
+        finished, failed, _ = run_job(sched, job, num_blocks, block_size, token_fn=token_fn, overlap=overlap)
+        runs.append((finished, set(failed), sched.stats()))
+    assert runs[1][0] == runs[0][0] and runs[1][1] == runs[0][1]
+    assert runs[0][2]["discarded_rows"] == 0
+
+
+def test_overlap_discards_the_row_of_a_sequence_its_last_sample_stopped():
+    job = Job([[10, 11, 12], [10, 11, 13]], [8, 8], [1, 1], ignore_eos=[False, False], eos_token_ids=[2])
+    sched = _C.Scheduler(num_blocks=16, block_size=4, token_budget=16, tile_tokens=4)
+    sched.add_requests(**job.arrays())
+    plan = sched.next_step()
+    assert list(plan.sample_seq_ids) == [0, 1]
+    first = np.array([40, 41], np.int32)
+    with pytest.raises(ValueError, match="commit"):
+        sched.next_step()  # serial: the step must be committed first
+    plan = sched.next_step(overlap=True)
+    assert list(plan.input_ids) == [-1, -1]  # both wait for their first sample, fed on the device
+    with pytest.raises(ValueError, match="uncommitted sample"):
+        sched.finish_sequence(0, "stop")
+    with pytest.raises(ValueError, match="two steps"):
+        sched.next_step(overlap=True)
+    sched.commit(first)
+    assert len(sched.last_discarded_rows()) == 0
+    sched.commit(np.array([2, 42], np.int32))  # sequence 0 stops on eos
+    assert sched.pop_finished() == [(0, 0, [40, 2], "stop")]
+    plan = sched.next_step(overlap=True)
+    assert list(plan.sample_seq_ids) == [1]  # nothing was pending: a serial plan
+    assert list(plan.input_ids) == [42]
+    plan2 = sched.next_step(overlap=True)
+    assert list(plan2.input_ids) == [-1]
+    sched.commit(np.array([2], np.int32))  # sequence 1 stops: its row in plan2 is discarded
+    sched.commit(np.array([43], np.int32))
+    assert list(sched.last_discarded_rows()) == [0]
+    assert sched.pop_finished() == [(1, 0, [41, 42, 2], "stop")]
+    assert sched.next_step(overlap=True) is None and sched.done
+    assert sched.stats()["discarded_rows"] == 1 and sched.num_free_blocks == 16
 
 
 def fewshot_job(groups=3, per_group=6, prefix=40, suffix=5, out=6, n=1, seed=0):

@@ -84,8 +84,11 @@ class PlanChecker:
         assert block >= 0, f"position {pos} has no block"
         return block * self.bs + pos % self.bs
 
-    def check(self, plan) -> np.ndarray:
-        """Validates `plan`, applies it to the simulated cache, returns the sampled tokens."""
+    def check(self, plan, overlap: bool = False) -> np.ndarray:
+        """Validates `plan`, applies it to the simulated cache, returns the sampled tokens.
+
+        overlap: the plan was made before the previous one was committed; its decode rows may carry
+        -1 (the previous sample, fed on the device): the checker substitutes that sample."""
         bs = self.bs
         T = plan.num_tokens
         input_ids, positions, slots = plan.input_ids, plan.positions, plan.slot_mapping
@@ -112,7 +115,11 @@ class PlanChecker:
                 assert int(slots[row]) == self.slot(table, pos)
                 prev = 0 if pos == 0 else int(self.cache[self.slot(table, pos - 1)])
                 assert prev != EMPTY, f"seq {seq_ids[s]} reads unwritten position {pos - 1}"
-                self.cache[slots[row]] = chain(prev, int(input_ids[row]))
+                token = int(input_ids[row])
+                if token < 0:  # pending: the sequence's last sample, not committed when planned
+                    assert overlap and s < plan.num_decode_seqs, f"row {row}: input -1 outside an overlapped decode"
+                    token = self.outputs[self.seq_key[int(seq_ids[s])]][-1]
+                self.cache[slots[row]] = chain(prev, token)
             if seq_ids[s] >= 0:
                 key = self.seq_key.get(int(seq_ids[s]))
                 if key is not None:
@@ -163,9 +170,13 @@ class PlanChecker:
             assert blocks == list(table[: len(blocks)]) and len(blocks) == -(-int(plan.context_lens[i]) // self.bs)
 
 
-def run_job(sched, job: Job, num_blocks: int, block_size: int, max_steps: int = 100_000, token_fn=sampled_token):
+def run_job(sched, job: Job, num_blocks: int, block_size: int, max_steps: int = 100_000, token_fn=sampled_token,
+            overlap: bool = False):
     """Runs `job` to the end, checking every plan and integrity after every step and commit.
-    Returns (finished {(request, sample): (tokens, reason)}, failed {request: message}, checker)."""
+    Returns (finished {(request, sample): (tokens, reason)}, failed {request: message}, checker).
+
+    overlap: plan step i+1 before committing step i (``next_step(overlap=True)``), as the engine's
+    overlapped loop does."""
     sched.add_requests(**job.arrays())
     checker = PlanChecker(job, num_blocks, block_size, token_fn)
     finished, failed = {}, {}
@@ -179,15 +190,25 @@ def run_job(sched, job: Job, num_blocks: int, block_size: int, max_steps: int = 
             failed[req] = msg
 
     collect()
+    pending = None
     for _ in range(max_steps):
-        plan = sched.next_step()
-        if plan is None:
+        plan = sched.next_step(overlap=overlap and pending is not None)
+        sampled = None
+        if plan is not None:
+            assert sched.check_integrity() == ""
+            sampled = checker.check(plan, overlap)
+        if pending is not None:
+            sched.commit(pending)
+            assert sched.check_integrity() == ""
+            collect()
+        elif plan is None:
             break
-        assert sched.check_integrity() == ""
-        sampled = checker.check(plan)
-        sched.commit(sampled)
-        assert sched.check_integrity() == ""
-        collect()
+        if not overlap:
+            sched.commit(sampled)
+            assert sched.check_integrity() == ""
+            collect()
+        else:
+            pending = sampled
     else:
         raise AssertionError("job did not finish")
     collect()
