@@ -16,6 +16,7 @@ import torch
 from .context import AttentionContext, reset_context, set_context
 from .models.config import ModelConfig
 from .models.llama import LlamaModel
+from .step_upload import to_device_async
 
 # The level arrays of a StepPlan, in ops.DecodeLevels field order.
 _DEVICE_FIELDS = ("input_ids", "positions", "slot_mapping", "sample_rows", "paged_query_start",
@@ -95,16 +96,15 @@ class ModelRunner:
 
         All sources are read before any destination is written. ``src``, ``dst``: int arrays [C].
         """
-        src_t = torch.as_tensor(np.asarray(src, dtype=np.int64), device=self.device)
-        dst_t = torch.as_tensor(np.asarray(dst, dtype=np.int64), device=self.device)
-        if src_t.shape != dst_t.shape or src_t.dim() != 1:
-            raise ValueError(f"copy_blocks: src {tuple(src_t.shape)} and dst {tuple(dst_t.shape)} "
-                             "must be 1-D of one length")
-        if src_t.numel() == 0:
+        src, dst = np.asarray(src, dtype=np.int64), np.asarray(dst, dtype=np.int64)
+        if src.shape != dst.shape or src.ndim != 1:
+            raise ValueError(f"copy_blocks: src {src.shape} and dst {dst.shape} must be 1-D of one length")
+        if src.size == 0:
             return
-        for ids in (src_t, dst_t):
-            if int(ids.min()) < 0 or int(ids.max()) >= self.num_kv_blocks:
+        for ids in (src, dst):  # checked on the host: no device sync
+            if ids.min() < 0 or ids.max() >= self.num_kv_blocks:
                 raise ValueError(f"copy_blocks: block id out of [0, {self.num_kv_blocks})")
+        src_t, dst_t = to_device_async(np.stack([src, dst]), self.device)
         # [L, 2, blocks, ...]: one gather + one scatter over all layers at once.
         self.kv_cache.index_copy_(2, dst_t, self.kv_cache.index_select(2, src_t))
 
@@ -207,7 +207,7 @@ class TokenFeed:
         """Write the fed ids into ``input_ids`` (device, [T] or its first rows) in place; ``src``:
         :attr:`src` already on the device (else copied there now)."""
         if src is None:
-            src = torch.as_tensor(self.src).to(input_ids.device, non_blocking=True)
+            src = to_device_async(self.src, input_ids.device)
         rows = src.numel()
         fed = self.sampled.index_select(0, src.clamp(min=0)).to(input_ids.dtype)
         input_ids[:rows] = torch.where(src >= 0, fed, input_ids[:rows])
@@ -296,25 +296,30 @@ def _matrix(values: Any, num_rows: int, width: int | None, name: str) -> np.ndar
 
 class _HostToDevice:
     """Moves a step's int arrays to the device: zero-copy views on CPU; on CUDA one pinned staging
-    buffer (reused, grown when needed) and one asynchronous copy for all of them."""
+    buffer and one asynchronous copy for all of them. Two buffers take turns (grown when needed):
+    with overlapped steps, step i's copy may still be queued behind step i-1 when step i+1 is staged."""
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
-        self._pinned: torch.Tensor | None = None
-        self._copied: torch.cuda.Event | None = None
+        self._pinned: list[torch.Tensor | None] = [None, None]
+        self._copied: list[torch.cuda.Event | None] = [None, None]
+        self._turn = 0
 
     def to_device(self, arrays: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
         if self.device.type != "cuda":
             return {name: _cpu_tensor(values) for name, values in arrays.items()}
         offsets, total = staging_layout(arrays)
-        if self._pinned is None or self._pinned.numel() < total:
-            self._pinned = torch.empty(max(total, 1 << 16), dtype=torch.uint8, pin_memory=True)
-        elif self._copied is not None:
-            self._copied.synchronize()  # the previous step's copy may still read the buffer
-        write_staging(self._pinned, arrays, offsets)
-        device_bytes = self._pinned[:max(total, 1)].to(self.device, non_blocking=True)
-        self._copied = torch.cuda.Event()
-        self._copied.record()
+        turn = self._turn
+        self._turn ^= 1
+        if self._copied[turn] is not None:
+            self._copied[turn].synchronize()  # the copy two steps back may still read this buffer
+        if self._pinned[turn] is None or self._pinned[turn].numel() < total:
+            self._pinned[turn] = torch.empty(max(total, 1 << 16), dtype=torch.uint8, pin_memory=True)
+        pinned = self._pinned[turn]
+        write_staging(pinned, arrays, offsets)
+        device_bytes = pinned[:max(total, 1)].to(self.device, non_blocking=True)
+        self._copied[turn] = torch.cuda.Event()
+        self._copied[turn].record()
         return read_staging(device_bytes, arrays, offsets)
 
 

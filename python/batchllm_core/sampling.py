@@ -18,6 +18,8 @@ from typing import List, Optional, Sequence, Union
 import numpy as np
 import torch
 
+from .step_upload import to_device_async
+
 __all__ = ["SamplingParams", "Sampler", "SamplerOutput", "RequestSamplingTable"]
 
 
@@ -343,11 +345,11 @@ class Sampler:
         chunk = max(1, self.max_noise_elements // self.vocab_size)
         for start in range(0, len(random_rows), chunk):
             rows = random_rows[start:start + chunk]
-            row_index = torch.as_tensor(rows, device=self.device)
-            req = torch.as_tensor(requests[rows], device=self.device)
-            keys = _row_keys(table.seeds[req],
-                             torch.as_tensor(np.asarray(sample_indices, dtype=np.int64)[rows], device=self.device),
-                             torch.as_tensor(positions[rows], device=self.device))
+            # One upload for the chunk's row, request, sample index and position columns.
+            columns = to_device_async(np.stack([rows, requests[rows], np.asarray(sample_indices, np.int64)[rows],
+                                                positions[rows]]).astype(np.int64), self.device)
+            row_index, req = columns[0], columns[1]
+            keys = _row_keys(table.seeds[req], columns[2], columns[3])
             token_ids[row_index] = self._draw(logits[row_index], table.temperature[req], table.top_k[req],
                                               table.top_p[req], table.min_p[req], keys,
                                               _any(table.filters_kp_host, requests[rows]),
@@ -358,9 +360,10 @@ class Sampler:
         mask = table.min_tokens_mask(requests, output_positions, self.vocab_size)
         if mask is None:
             return logits
-        rows, tokens = (torch.as_tensor(a, device=self.device) for a in mask)
-        # A copy: the raw logits still give the reported logprobs.
-        return logits.index_put((rows, tokens), torch.tensor(float("-inf"), device=self.device))
+        rows_tokens = to_device_async(np.stack(mask).astype(np.int64), self.device)
+        masked = logits.clone()  # a copy: the raw logits still give the reported logprobs
+        masked[rows_tokens[0], rows_tokens[1]] = float("-inf")
+        return masked
 
     def _draw(self, logits, temperature, top_k, top_p, min_p, keys, filter_kp: Optional[bool] = None,
               filter_min_p: Optional[bool] = None) -> torch.Tensor:
@@ -368,9 +371,9 @@ class Sampler:
         whether any row needs that filter, known on the host (None: look on the device, a sync)."""
         scaled = logits / temperature[:, None]
         if filter_kp is not False:
-            scaled = _apply_top_k_top_p(scaled, top_k, top_p)
+            scaled = _apply_top_k_top_p(scaled, top_k, top_p, needed=filter_kp)
         if filter_min_p is not False:
-            scaled = _apply_min_p(scaled, min_p)
+            scaled = _apply_min_p(scaled, min_p, needed=filter_min_p)
         return torch.argmax(scaled + _gumbel_noise(keys, self._token_hashes), dim=-1)
 
     def _with_logprobs(self, logits, token_ids, num_logprobs: np.ndarray) -> "PendingSample":
@@ -433,13 +436,17 @@ def _any(flags: np.ndarray, requests: np.ndarray) -> Optional[bool]:
     return bool(flags[requests].any()) if len(flags) else None
 
 
-def _apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
-    """Mask (to -inf) tokens outside each row's top_k (0 = all) and top_p nucleus; [R, V] -> [R, V]."""
+def _apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
+                       needed: Optional[bool] = None) -> torch.Tensor:
+    """Mask (to -inf) tokens outside each row's top_k (0 = all) and top_p nucleus; [R, V] -> [R, V].
+    ``needed``: whether some row filters, when the caller knows (None: look, a device sync)."""
     vocab = logits.shape[1]
     needs_k = (top_k > 0) & (top_k < vocab)
     needs_p = top_p < 1.0
-    if not bool((needs_k | needs_p).any()):
-        return logits  # one sync per step avoids a full-vocab sort in the common case
+    if needed is None:
+        needed = bool((needs_k | needs_p).any())
+    if not needed:
+        return logits  # no full-vocab sort in the common case
     sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
     ranks = torch.arange(vocab, device=logits.device)[None, :]
     k = torch.where(needs_k, top_k, torch.full_like(top_k, vocab))
@@ -452,9 +459,12 @@ def _apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.T
     return torch.empty_like(logits).scatter_(1, order, sorted_logits)
 
 
-def _apply_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
-    """Mask tokens whose probability is below min_p times the row's largest; [R, V] -> [R, V]."""
-    if not bool((min_p > 0).any()):
+def _apply_min_p(logits: torch.Tensor, min_p: torch.Tensor, needed: Optional[bool] = None) -> torch.Tensor:
+    """Mask tokens whose probability is below min_p times the row's largest; [R, V] -> [R, V].
+    ``needed``: whether some row has min_p > 0, when the caller knows (None: look, a device sync)."""
+    if needed is None:
+        needed = bool((min_p > 0).any())
+    if not needed:
         return logits
     probs = torch.softmax(logits, dim=-1)
     threshold = probs.max(dim=-1, keepdim=True).values * min_p[:, None]

@@ -118,3 +118,17 @@ class StaticUpload:
         else:
             self._device.copy_(self._host)
         return self.device_views
+
+
+def to_device_async(values: np.ndarray, device: torch.device) -> torch.Tensor:
+    """A small host array on ``device`` without waiting for the work queued there.
+
+    A plain ``torch.as_tensor(values, device="cuda")`` copies from pageable memory and synchronises
+    the stream, so the host would wait for the step it just queued; here the array goes through a
+    pinned buffer (torch's caching host allocator keeps it until the copy is done). CPU: no copy
+    when the array allows one.
+    """
+    values = np.ascontiguousarray(values)
+    if device.type != "cuda":
+        return torch.as_tensor(values)
+    return torch.from_numpy(values).pin_memory().to(device, non_blocking=True)
