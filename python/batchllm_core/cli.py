@@ -82,6 +82,14 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
     run.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16 (default: auto)")
     run.add_argument("--seed", type=int, default=0, help="seed of unseeded requests' sampling (default: 0)")
+    run.add_argument("--max-num-batched-tokens", type=_positive_int, default=2048, metavar="N",
+                     help="token rows per step (default: 2048)")
+    run.add_argument("--max-num-seqs", type=_positive_int, default=1024, metavar="N",
+                     help="sequences running at once at most (default: 1024)")
+    run.add_argument("--cuda-graphs", action="store_true",
+                     help="CUDA: replay CUDA graphs for decode-only steps")
+    run.add_argument("--overlap", action="store_true",
+                     help="plan step i+1 while the device runs step i (same answers)")
     run.add_argument("--progress-interval", type=float, default=5.0, metavar="SECONDS",
                      help="seconds between progress lines when not on a terminal (default: 5)")
 
@@ -115,7 +123,9 @@ def _run_batch(args: argparse.Namespace) -> int:
 
     options = RunOptions(input_path=args.input, output_path=args.output, model=args.model, resume=args.resume,
                          policy=args.policy, kv_cache_memory=args.kv_cache_memory, device=args.device,
-                         dtype=args.dtype, seed=args.seed, progress_interval_s=args.progress_interval)
+                         dtype=args.dtype, seed=args.seed, max_num_batched_tokens=args.max_num_batched_tokens,
+                         max_num_seqs=args.max_num_seqs, cuda_graphs=args.cuda_graphs, overlap=args.overlap,
+                         progress_interval_s=args.progress_interval)
     try:
         return run_batch(options)
     except (OSError, ValueError) as exc:  # the model directory or device cannot be used

@@ -54,6 +54,10 @@ class RunOptions:
     device: str = "auto"
     dtype: str = "auto"
     seed: int = 0
+    max_num_batched_tokens: int = 2048
+    max_num_seqs: int = 1024
+    cuda_graphs: bool = False
+    overlap: bool = False
     progress_interval_s: float = 5.0
     fsync_interval_s: float = 0.1
 
@@ -62,7 +66,9 @@ def _load_llm(options: RunOptions):
     from .engine import LLM  # torch and the model layer load only when something runs
 
     return LLM(model=options.model, dtype=options.dtype, device=options.device,
-               kv_cache_memory=options.kv_cache_memory, policy=options.policy, seed=options.seed)
+               kv_cache_memory=options.kv_cache_memory, policy=options.policy, seed=options.seed,
+               max_num_batched_tokens=options.max_num_batched_tokens, max_num_seqs=options.max_num_seqs,
+               cuda_graphs=options.cuda_graphs, overlap=options.overlap)
 
 
 def run_batch(options: RunOptions, stdout: Optional[TextIO] = None, stderr: Optional[TextIO] = None,

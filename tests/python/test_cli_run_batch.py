@@ -457,3 +457,22 @@ def test_plan_predicts_the_prefill_the_engine_does_on_the_example(llm, tmp_path,
     computed = int(re.search(r"; ([\d,]+) computed", stdout).group(1).replace(",", ""))
     saved = int(re.search(r"prefill tokens saved: ([\d,]+)", stdout).group(1).replace(",", ""))
     assert computed == plan["prefill_tokens"] and saved == plan["shared_tokens"]
+
+
+def test_engine_flags_reach_the_llm(tmp_path, monkeypatch):
+    """--max-num-batched-tokens, --max-num-seqs, --cuda-graphs and --overlap go to LLM(...)."""
+    from batchllm_core import cli, run_batch as run_batch_module
+
+    seen = {}
+    monkeypatch.setattr(run_batch_module, "run_batch", lambda options: seen.update(options=options) or 0)
+    code = cli.main(["run-batch", "-i", str(tmp_path / "in.jsonl"), "-o", str(tmp_path / "out.jsonl"),
+                     "--max-num-batched-tokens", "512", "--max-num-seqs", "8", "--overlap"])
+    assert code == 0
+    options = seen["options"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the tiny model's "noise" warning comes once per process
+        llm = run_batch_module._load_llm(options)
+    assert (llm.max_num_batched_tokens, llm.max_num_seqs, llm.overlap) == (512, 8, True)
+    options.cuda_graphs = True
+    with pytest.warns(UserWarning, match="cuda_graphs"):  # no CUDA here: warned, eager
+        run_batch_module._load_llm(options)
