@@ -129,42 +129,50 @@ void Scheduler::Impl::add_requests(JobRequests new_job) {
   stats.planned_prefill_tokens = plan.prefill_tokens;
 }
 
+const char* Scheduler::Impl::stop_reason(const Sequence& seq, int64_t n_out, int32_t token) const {
+  const int64_t req = seq.request;
+  if (seq.length_pending || n_out >= job.max_tokens[req]) return "length";
+  if (n_out < job.min_tokens[req]) return nullptr;
+  const int32_t* stop = job.stop_token_ids.data();
+  if (std::find(stop + job.stop_offsets[req], stop + job.stop_offsets[req + 1], token) != stop + job.stop_offsets[req + 1])
+    return "stop";
+  if (!job.ignore_eos[req] &&
+      std::find(job.eos_token_ids.begin(), job.eos_token_ids.end(), token) != job.eos_token_ids.end())
+    return "stop";
+  return nullptr;
+}
+
 void Scheduler::Impl::commit(const int32_t* sampled, int64_t count) {
-  if (inflight.empty()) throw std::invalid_argument("commit: no step is pending (call next_step first)");
-  InFlightPlan& f = inflight.front();
-  const int64_t expected = static_cast<int64_t>(f.seq_ids.size());
+  // The oldest uncommitted plan: a reserved one (overlap), else the one in `out`.
+  if (!reserved_pending && !out_pending)
+    throw std::invalid_argument("commit: no step is pending (call next_step first)");
+  const bool from_reserved = reserved_pending;
+  const std::vector<int64_t>& seq_ids = from_reserved ? reserved.seq_ids : out.sample_seq_ids;
+  const int64_t expected = static_cast<int64_t>(seq_ids.size());
   if (count != expected)
     throw std::invalid_argument("commit: expected " + std::to_string(expected) +
                                 " sampled tokens (one per sample row), got " + std::to_string(count));
-  if (!f.reserved) reserve_samples(f);
+  if (!from_reserved) fork_waiting_siblings(seq_ids);
   discarded.clear();
   bool any_finished = false;
   for (int64_t r = 0; r < count; ++r) {
-    const int64_t id = f.seq_ids[r];
+    const int64_t id = seq_ids[r];
     Sequence& seq = seqs[id];
-    const int64_t index = f.out_index[r];
+    const int64_t index = from_reserved ? reserved.out_index[r] : 0;
     if (index < 0 || seq.status == SeqStatus::kFinished || seq.status == SeqStatus::kFailed) {
       discarded.push_back(static_cast<int32_t>(r));  // it finished or failed after this step was planned
       continue;
     }
-    const int32_t token = sampled[r];
-    seq.output[index] = token;
-    seq.pending_pos = -1;
-    const int64_t n_out = index + 1;
-    const int64_t req = seq.request;
-    const char* reason = nullptr;
-    if (seq.length_pending || n_out >= job.max_tokens[req]) {
-      reason = "length";
-    } else if (n_out >= job.min_tokens[req]) {
-      const int32_t* stop = job.stop_token_ids.data();
-      if (std::find(stop + job.stop_offsets[req], stop + job.stop_offsets[req + 1], token) !=
-          stop + job.stop_offsets[req + 1])
-        reason = "stop";
-      else if (!job.ignore_eos[req] &&
-               std::find(job.eos_token_ids.begin(), job.eos_token_ids.end(), token) != job.eos_token_ids.end())
-        reason = "stop";
+    int64_t n_out;
+    if (from_reserved) {
+      seq.output[index] = sampled[r];
+      seq.pending_pos = -1;
+      n_out = index + 1;
+    } else {
+      seq.output.push_back(sampled[r]);
+      n_out = static_cast<int64_t>(seq.output.size());
     }
-    if (reason) {
+    if (const char* reason = stop_reason(seq, n_out, sampled[r])) {
       seq.length_pending = false;
       preempted.erase(id);  // overlap: preempted while its sample was pending
       finish(id, reason);
@@ -172,7 +180,7 @@ void Scheduler::Impl::commit(const int32_t* sampled, int64_t count) {
     }
   }
   stats.discarded_rows += static_cast<int64_t>(discarded.size());
-  inflight.pop_front();
+  (from_reserved ? reserved_pending : out_pending) = false;
   if (any_finished) compact_running();
 }
 

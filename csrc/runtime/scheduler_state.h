@@ -3,7 +3,6 @@
 
 #include <cstdint>
 #include <memory>
-#include <deque>
 #include <set>
 #include <string>
 #include <vector>
@@ -36,14 +35,14 @@ struct Sequence {
   int64_t num_computed = 0;  ///< tokens whose KV is (or is being, this step) stored, >= shared_len
   BlockTable table;          ///< own blocks: tokens [shared_len, ...)
   SeqStatus status = SeqStatus::kWaiting;
+  bool length_pending = false;  ///< overlap: its pending sample is its last (max_tokens); no more rows
   int32_t unforked = 0;         ///< leader: siblings still waiting for its prompt
   int64_t num_registered = 0;   ///< fcfs-lru: full blocks already offered to the prefix cache
   uint64_t last_hash = 0;       ///< fcfs-lru: hash of block num_registered - 1
   bool ever_admitted = false;
   bool table_changed = true;    ///< own blocks changed since its plan rows were last written
   /// Overlap: index in `output` of a sampled token not committed yet (kPendingToken there), or -1.
-  int64_t pending_pos = -1;
-  bool length_pending = false;  ///< overlap: that pending token is its last (max_tokens); no more rows
+  int32_t pending_pos = -1;
 
   int64_t len() const { return prompt_len + static_cast<int64_t>(output.size()); }
   int32_t token(int64_t t) const { return t < prompt_len ? prompt[t] : output[t - prompt_len]; }
@@ -72,12 +71,11 @@ struct StepEntry {
 
 enum class AdmitResult { kAdmitted, kNoRoom, kFailed };
 
-/// A plan handed out and not committed yet: which sequence each sample row belongs to and, once its
-/// samples are reserved (overlap), where each goes in that sequence's output (-1: discarded).
-struct InFlightPlan {
+/// Overlap: an uncommitted plan whose arrays the next plan reuses: which sequence each sample row
+/// belongs to and where its reserved sample sits in that sequence's output (-1: discarded).
+struct ReservedPlan {
   std::vector<int64_t> seq_ids;
   std::vector<int64_t> out_index;
-  bool reserved = false;
 };
 
 struct Scheduler::Impl {
@@ -87,8 +85,13 @@ struct Scheduler::Impl {
   void add_requests(JobRequests job);
   // ---- step building (scheduler_step.cpp)
   const StepPlan* next_step(bool overlap);
-  /// Overlap: appends a kPendingToken for each sample row of `f` (forking waiting n>1 siblings first).
-  void reserve_samples(InFlightPlan& f);
+  /// Overlap: moves the uncommitted plan in `out` to `reserved`, appending a kPendingToken to each
+  /// of its sampled sequences (forking waiting n>1 siblings first).
+  void reserve_samples();
+  /// Forks the n>1 siblings of the plan's sample rows that wait for their leader's prompt.
+  void fork_waiting_siblings(const std::vector<int64_t>& sample_seq_ids);
+  /// The finish reason a sample gives its sequence (n_out: tokens generated with it), or nullptr.
+  const char* stop_reason(const Sequence& seq, int64_t n_out, int32_t token) const;
   void schedule_decodes();
   /// A KV slot for the next token of running sequence `id`, making room (preempting later work) if
   /// needed; -1 when `id`, the latest running sequence by then, had to step aside (preempted) or fail.
@@ -159,8 +162,10 @@ struct Scheduler::Impl {
   int32_t decode_table_width = 0;   ///< widest block table among this step's decode rows
   int32_t decode_suffix_width = 0;  ///< widest own table among this step's decode rows
   int64_t step_index = 0;
-  std::deque<InFlightPlan> inflight;  ///< uncommitted plans, oldest first (at most two)
-  bool overlapping = false;           ///< the step being built overlaps an uncommitted one
+  bool out_pending = false;       ///< the plan in `out` is uncommitted (its samples not reserved)
+  bool reserved_pending = false;  ///< `reserved` holds an older uncommitted plan (overlap)
+  ReservedPlan reserved;
+  bool overlapping = false;       ///< the step being built overlaps an uncommitted one
   std::vector<int32_t> discarded;     ///< sample rows the last commit discarded
   // rows of the table matrices as last written (kept when the next step runs the same sequences)
   std::vector<int64_t> kept_seq_ids;

@@ -9,12 +9,13 @@ namespace batchllm {
 
 const StepPlan* Scheduler::Impl::next_step(bool overlap) {
   if (!added) throw std::invalid_argument("next_step: add_requests first");
-  if (!inflight.empty()) {
+  if (out_pending || reserved_pending) {
     if (!overlap) throw std::invalid_argument("next_step: commit the previous step first");
-    if (inflight.size() > 1) throw std::invalid_argument("next_step: two steps are uncommitted; commit one first");
-    if (!inflight.front().reserved) reserve_samples(inflight.front());
+    if (out_pending && reserved_pending)
+      throw std::invalid_argument("next_step: two steps are uncommitted; commit one first");
+    if (out_pending) reserve_samples();
   }
-  overlapping = !inflight.empty();
+  overlapping = reserved_pending;
   bool allow_admission = true;
   // Each retry preempts or fails something, so the loop ends; the bound only guards against a bug.
   const int64_t max_attempts = 4 * static_cast<int64_t>(seqs.size()) + 16;
@@ -51,26 +52,32 @@ const StepPlan* Scheduler::Impl::next_step(bool overlap) {
   stats.peak_kv_blocks = std::max(stats.peak_kv_blocks, held);
   step_tokens.push_back(static_cast<int32_t>(out.num_tokens()));
   ++step_index;
-  inflight.push_back({out.sample_seq_ids, {}, false});
+  out_pending = true;
   return &out;
 }
 
-void Scheduler::Impl::reserve_samples(InFlightPlan& f) {
-  // Samples of a prompt fork its blocks before anyone (the leader included) may finish and free them.
-  if (pending_forks > 0) {
-    for (int64_t id : f.seq_ids)
-      if (seqs[id].status == SeqStatus::kAwaitingLeader) fork_sibling(id);
-  }
-  f.out_index.assign(f.seq_ids.size(), -1);
-  for (size_t r = 0; r < f.seq_ids.size(); ++r) {
-    Sequence& seq = seqs[f.seq_ids[r]];
+void Scheduler::Impl::reserve_samples() {
+  // The next plan is built in `out`: keep what commit needs of this one (buffers reused).
+  reserved.seq_ids.assign(out.sample_seq_ids.begin(), out.sample_seq_ids.end());
+  out_pending = false;
+  reserved_pending = true;
+  fork_waiting_siblings(reserved.seq_ids);
+  reserved.out_index.assign(reserved.seq_ids.size(), -1);
+  for (size_t r = 0; r < reserved.seq_ids.size(); ++r) {
+    Sequence& seq = seqs[reserved.seq_ids[r]];
     if (seq.status != SeqStatus::kRunning) continue;  // finished or failed since: its sample is discarded
     seq.output.push_back(kPendingToken);
-    seq.pending_pos = static_cast<int64_t>(seq.output.size()) - 1;
-    f.out_index[r] = seq.pending_pos;
+    seq.pending_pos = static_cast<int32_t>(seq.output.size()) - 1;
+    reserved.out_index[r] = seq.pending_pos;
     if (static_cast<int64_t>(seq.output.size()) >= job.max_tokens[seq.request]) seq.length_pending = true;
   }
-  f.reserved = true;
+}
+
+void Scheduler::Impl::fork_waiting_siblings(const std::vector<int64_t>& sample_seq_ids) {
+  // Samples of a prompt fork its blocks before anyone (the leader included) may finish and free them.
+  if (pending_forks == 0) return;
+  for (int64_t id : sample_seq_ids)
+    if (seqs[id].status == SeqStatus::kAwaitingLeader) fork_sibling(id);
 }
 
 void Scheduler::Impl::schedule_decodes() {
