@@ -241,26 +241,31 @@ class LLM:
                  for p in params]
         return Job(requests, self.tokenizer, self.eos_token_ids, seeds, self.device)
 
-    def _tokenize(self, prompts: List[PromptType]) -> Tuple[List[Optional[str]], List[List[int]]]:
-        """Prompt texts and token ids; text prompts are encoded in one batch."""
+    def _tokenize(self, prompts: List[PromptType]) -> Tuple[List[Optional[str]], list]:
+        """Prompt texts and token ids (int64 arrays; for a dict prompt whose ids are not a flat list
+        of integers, the raw value, which fails that request alone); text prompts are encoded in one
+        batch."""
         texts = [p if isinstance(p, str) else p.get("prompt") for p in prompts]
-        token_ids = [None if isinstance(p, str) else [int(t) for t in p["prompt_token_ids"]] for p in prompts]
+        token_ids = [None if isinstance(p, str) else _token_array(p["prompt_token_ids"]) for p in prompts]
         to_encode = [i for i, p in enumerate(prompts) if isinstance(p, str)]
         if to_encode:
             if self.tokenizer is None:
                 raise ValueError("this model has no tokenizer: give prompts as {'prompt_token_ids': [...]}")
             for i, ids in zip(to_encode, self.tokenizer.encode_batch([prompts[i] for i in to_encode])):
-                token_ids[i] = list(ids)
+                token_ids[i] = np.asarray(ids, dtype=np.int64)
         return texts, token_ids
 
-    def _prepare(self, text: Optional[str], token_ids: List[int], params: SamplingParams) -> PreparedRequest:
+    def _prepare(self, text: Optional[str], token_ids, params: SamplingParams) -> PreparedRequest:
+        if not isinstance(token_ids, np.ndarray):
+            return PreparedRequest(text, list(token_ids), params,
+                                   error="prompt_token_ids must be a flat list of integers")
         request = PreparedRequest(text, token_ids, params)
         request.error = self._check_request(token_ids, params)
         if request.error is None:
             request.max_tokens = params.max_tokens or (self.max_model_len - len(token_ids))
         return request
 
-    def _check_request(self, token_ids: List[int], params: SamplingParams) -> Optional[str]:
+    def _check_request(self, token_ids: np.ndarray, params: SamplingParams) -> Optional[str]:
         """Why the request cannot run, or None. These fail alone; the rest of the job runs."""
         prompt_len = len(token_ids)
         if params.stop and self.tokenizer is None:
@@ -268,8 +273,9 @@ class LLM:
         if prompt_len == 0:
             return "the prompt is empty"
         vocab = self.config.vocab_size
-        if min(token_ids) < 0 or max(token_ids) >= vocab:
-            return f"prompt token ids must be in [0, {vocab}), got {min(token_ids)}..{max(token_ids)}"
+        low, high = int(token_ids.min()), int(token_ids.max())
+        if low < 0 or high >= vocab:
+            return f"prompt token ids must be in [0, {vocab}), got {low}..{high}"
         max_tokens = params.max_tokens if params.max_tokens is not None else 1
         if prompt_len + max_tokens > self.max_model_len:
             return (f"prompt ({prompt_len} tokens) + max_tokens ({max_tokens}) exceeds the model's context "
@@ -379,6 +385,17 @@ def _as_prompt_list(prompts) -> List[PromptType]:
         elif not isinstance(prompt, str):
             raise ValueError(f"prompts[{i}] must be a str or a dict, got {type(prompt).__name__}")
     return list(prompts)
+
+
+def _token_array(ids):
+    """``ids`` as an int64 array when it is a flat sequence of integers, else ``ids`` unchanged."""
+    try:
+        array = np.asarray(ids)
+    except (ValueError, TypeError):  # ragged nesting
+        return ids
+    if array.ndim != 1 or (array.size and array.dtype.kind not in "iu"):
+        return ids
+    return array.astype(np.int64, copy=False)
 
 
 def _as_params_list(sampling_params: ParamsType, count: int) -> List[SamplingParams]:

@@ -11,8 +11,7 @@ never scheduled).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from itertools import chain
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -28,7 +27,7 @@ class PreparedRequest:
     """One validated input: prompt tokens, params and the resolved output limit (or why it cannot run)."""
 
     prompt: Optional[str]
-    prompt_token_ids: List[int]
+    prompt_token_ids: Union[np.ndarray, List]  # int64 array; the raw value when it was not one (error set)
     params: SamplingParams
     max_tokens: int = 0
     error: Optional[str] = None
@@ -103,11 +102,10 @@ class Job:
     def scheduler_arrays(self) -> dict:
         """Keyword arguments of ``Scheduler.add_requests`` for the runnable requests."""
         runnable = [self.requests[i] for i in self.input_index]
-        lengths = [len(r.prompt_token_ids) for r in runnable]
         stop_ids = [r.params.stop_token_ids for r in runnable]
         return dict(
-            tokens=np.fromiter(chain.from_iterable(r.prompt_token_ids for r in runnable), np.int32, sum(lengths)),
-            offsets=np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)]).astype(np.int64),
+            tokens=np.concatenate([r.prompt_token_ids for r in runnable]).astype(np.int32),  # ids < vocab
+            offsets=np.concatenate([[0], np.cumsum([len(r.prompt_token_ids) for r in runnable])]).astype(np.int64),
             max_tokens=np.array([r.max_tokens for r in runnable], np.int32),
             num_samples=np.array([r.params.n for r in runnable], np.int32),
             min_tokens=np.array([r.params.min_tokens for r in runnable], np.int32),
@@ -235,7 +233,7 @@ class Job:
         failed = []
         for index, r in enumerate(self.requests):
             if r.error is not None:
-                failed.append((index, RequestOutput(str(index), r.prompt, list(r.prompt_token_ids),
+                failed.append((index, RequestOutput(str(index), r.prompt, _id_list(r.prompt_token_ids),
                                                     _error_completions(r.params.n), 0, r.error)))
         return failed
 
@@ -243,8 +241,13 @@ class Job:
         index = int(self.input_index[request])
         r = self.requests[index]
         cached = 0 if error is not None else int(self._cached_tokens[request])
-        return index, RequestOutput(str(index), r.prompt, list(r.prompt_token_ids), list(completions),
+        return index, RequestOutput(str(index), r.prompt, _id_list(r.prompt_token_ids), list(completions),
                                     cached, error)
+
+
+def _id_list(ids) -> list:
+    """Token ids as a list of Python ints (RequestOutput's type)."""
+    return ids.tolist() if isinstance(ids, np.ndarray) else list(ids)
 
 
 def _error_completions(n: int) -> List[CompletionOutput]:

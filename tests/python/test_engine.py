@@ -313,6 +313,21 @@ def test_requests_fail_alone(tiny):
         assert [c.finish_reason for c in out.outputs] == ["error"] and out.outputs[0].token_ids == []
 
 
+def test_prompt_token_ids_as_arrays_and_malformed_ones(tiny):
+    """Token ids may come as a numpy array (any integer dtype); ids that are not a flat list of
+    integers (floats, bools, nesting) fail that request alone, named; outputs hold Python ints."""
+    ids = [256, 120, 121]
+    outs = tiny.generate([{"prompt_token_ids": np.array(ids, np.int16)}, {"prompt_token_ids": [1.5, 2.0]},
+                          {"prompt_token_ids": [[1, 2], [3]]}, {"prompt_token_ids": [True, False]},
+                          {"prompt_token_ids": ids}], GREEDY, use_tqdm=False)
+    assert outs[0].error is None and outs[0].prompt_token_ids == ids
+    assert type(outs[0].prompt_token_ids[0]) is int and type(outs[4].prompt_token_ids[0]) is int
+    assert outs[0].outputs[0].token_ids == outs[4].outputs[0].token_ids
+    for out in outs[1:4]:
+        assert "prompt_token_ids must be a flat list of integers" in out.error
+        assert [c.finish_reason for c in out.outputs] == ["error"]
+
+
 def test_request_larger_than_kv_capacity_fails_alone():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
