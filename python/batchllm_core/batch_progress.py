@@ -73,6 +73,7 @@ class ProgressReporter:
     """
 
     TTY_REFRESH_S = 0.2
+    TICK_MIN_S = 0.05  # the ticker never spins, whatever interval it is given
 
     def __init__(self, counters: JobCounters, stream: TextIO, interval_s: float = 5.0,
                  kv_usage: Optional[Callable[[], Optional[float]]] = None,
@@ -96,7 +97,7 @@ class ProgressReporter:
             return
 
         def tick() -> None:
-            while not self._stop_ticker.wait(self.interval_s):
+            while not self._stop_ticker.wait(max(self.interval_s, self.TICK_MIN_S)):
                 self.update()
 
         self._ticker = threading.Thread(target=tick, name="batchllm-progress", daemon=True)

@@ -118,8 +118,15 @@ class LLM:
         self.sampler = Sampler(self.config.vocab_size, self.device)
         self._seed_stream = np.random.default_rng(int(seed))
         self.last_stats: dict = {}
+        self._kv_blocks_used: Optional[int] = None  # of the running job, after its last step
 
     # ------------------------------------------------------------------ public API
+    def kv_cache_usage(self) -> Optional[float]:
+        """Fraction of the KV pool that the running job holds (after its last step), or None when no
+        job runs. Safe to call from another thread (a progress reporter)."""
+        used = self._kv_blocks_used
+        return None if used is None else used / self.num_kv_blocks
+
     def get_tokenizer(self):
         """The tokenizer (``batchllm_core.tokenizer``): encode/decode, eos ids, chat template."""
         return self.tokenizer
@@ -174,19 +181,23 @@ class LLM:
                 return
             scheduler = self._new_scheduler()
             scheduler.add_requests(**job.scheduler_arrays())
-            yield from self._collect(scheduler, job, progress)
-            if self.overlap:
-                yield from self._run_overlapped(scheduler, job, progress)
-            while (plan := scheduler.next_step()) is not None:      # schedule
-                rows = job.step_rows(plan)
-                sampled = self.sampler.sample(self.runner.execute(plan), job.table, rows.requests,
-                                              rows.sample_indices, rows.output_lens)   # run
-                scheduler.commit(sampled.token_ids)                 # commit
-                for seq_id in job.record(rows, sampled):
-                    scheduler.finish_sequence(seq_id, "stop")
+            try:
                 yield from self._collect(scheduler, job, progress)
-            # The last next_step() may itself have failed requests (one that cannot fit even alone).
-            yield from self._collect(scheduler, job, progress)
+                if self.overlap:
+                    yield from self._run_overlapped(scheduler, job, progress)
+                while (plan := scheduler.next_step()) is not None:      # schedule
+                    rows = job.step_rows(plan)
+                    sampled = self.sampler.sample(self.runner.execute(plan), job.table, rows.requests,
+                                                  rows.sample_indices, rows.output_lens)   # run
+                    scheduler.commit(sampled.token_ids)                 # commit
+                    for seq_id in job.record(rows, sampled):
+                        scheduler.finish_sequence(seq_id, "stop")
+                    self._note_kv_use(scheduler)
+                    yield from self._collect(scheduler, job, progress)
+                # The last next_step() may itself have failed requests (one that cannot fit even alone).
+                yield from self._collect(scheduler, job, progress)
+            finally:
+                self._kv_blocks_used = None
             self.last_stats = dict(scheduler.stats())
             self.last_stats["max_step_tokens"] = int(max(scheduler.step_token_counts(), default=0))
 
@@ -213,10 +224,14 @@ class LLM:
                                                             rows.output_lens))   # run i+1 (queued)
             if in_flight is not None:
                 self._commit(scheduler, job, *in_flight)                 # commit i
+                self._note_kv_use(scheduler)
                 yield from self._collect(scheduler, job, progress)
             elif plan is None:
                 return
             in_flight = launched
+
+    def _note_kv_use(self, scheduler) -> None:
+        self._kv_blocks_used = self.num_kv_blocks - scheduler.num_free_blocks
 
     @staticmethod
     def _commit(scheduler, job: Job, rows, pending) -> None:

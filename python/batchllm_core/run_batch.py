@@ -90,6 +90,7 @@ def run_batch(options: RunOptions, stdout: Optional[TextIO] = None, stderr: Opti
         if requests:
             progress.stage(f"loading model {options.model or '(embedded tiny default)'} ...")
             llm = _load_quietly(llm_factory, options, progress)
+            progress.kv_usage = getattr(llm, "kv_cache_usage", None)
     except (BatchFileError, ModelLoadError) as exc:
         stderr.write(f"batchllm run-batch: error: {exc}\n")
         return EXIT_FAILURE

@@ -344,6 +344,15 @@ def test_progress_lines_when_not_a_terminal():
     assert counters.as_dict()["prefill_tokens_saved"] == 60
 
 
+def test_progress_shows_the_live_kv_use_of_the_running_job(llm, tmp_path):
+    lines = [request(f"r{i}", max_tokens=6) for i in range(12)]
+    code, _, stderr, _ = run(llm, tmp_path, lines, progress_interval_s=0.0)
+    assert code == 0
+    used = [float(m) for m in re.findall(r"KV (\d+)% used", stderr)]
+    assert used and all(0 <= u <= 100 for u in used), stderr
+    assert llm.kv_cache_usage() is None  # no job runs now
+
+
 class _FailsAfterFirstAnswer:
     """The real engine, except that it breaks down after its first completed request."""
 

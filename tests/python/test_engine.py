@@ -445,3 +445,17 @@ def test_overlapped_loop_gives_the_serial_loops_completions(policy, kv_blocks):
         stats.append(llm.last_stats)
     assert results[1] == results[0]
     assert stats[0]["discarded_rows"] == 0 and stats[1]["discarded_rows"] > 0  # stop ids ended some early
+
+
+def test_kv_cache_usage_follows_the_running_job():
+    llm = LLM(kv_cache_memory=64 * 8192, overlap=False)  # 64 blocks of the tiny model
+    assert llm.num_kv_blocks == 64 and llm.kv_cache_usage() is None
+    prompts = [{"prompt_token_ids": list(range(10, 60)) + [100 + i]} for i in range(6)]
+    seen = []
+    params = [SamplingParams(temperature=0, max_tokens=5 + 5 * i, ignore_eos=True) for i in range(6)]
+    for _ in llm.generate_stream(prompts, params):
+        seen.append(llm.kv_cache_usage())
+    # While the longest ones run they hold the shared 48-token prefix (3 blocks) and their own
+    # blocks; everything is freed by the end.
+    assert all(u is not None and 0 <= u <= 1 for u in seen) and seen[0] >= 4 / 64 and seen[-1] == 0
+    assert llm.kv_cache_usage() is None
