@@ -32,7 +32,7 @@ def e2e_rows(tmp_path_factory):
     base = ["--workload", "W6", "--model", "tiny", "--device", "cpu", "--scale", str(1 / 40), "--threads", "1",
             "--max-tokens", "8", "--kv-cache-memory", str(64 << 20), "--json-out", str(json_out)]
     rows = e2e.main(base + ["--policy", "batchllm", "--hf"])
-    rows += e2e.main(base + ["--policy", "no-share", "--no-warmup"])
+    rows += e2e.main(base + ["--policy", "no-share", "--no-warmup", "--overlap"])  # the overlapped loop too
     return rows, json_out
 
 
@@ -41,6 +41,7 @@ def test_rows_have_every_field_and_consistent_rates(e2e_rows):
     written = [json.loads(line) for line in json_out.read_text().splitlines()]
     assert written == rows
     assert [r["policy"] for r in rows] == ["batchllm", "hf", "no-share"]
+    assert [r["overlap"] for r in rows] == [False, False, True]
     for row in rows:
         assert _ROW_FIELDS <= set(row), _ROW_FIELDS - set(row)
         assert row["workload"] == "W6" and row["device"] == "cpu" and row["requests"] == 16
@@ -72,6 +73,7 @@ def test_plot_throughput_draws_the_rows(e2e_rows, tmp_path):
     log.write_text("a table line\n" + json_out.read_text() + "{not json\n")
     rows = plot_throughput.read_rows([log])
     assert [r["policy"] for r in rows] == ["batchllm", "hf", "no-share"]
+    assert [r["overlap"] for r in rows] == [False, False, True]
     path = plot_throughput.main([str(log), "-o", str(tmp_path / "throughput.png")])
     assert path.stat().st_size > 1000 and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(ValueError, match="several model/device"):
