@@ -19,7 +19,7 @@ import argparse
 import json
 import zlib
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List
+from typing import Dict, List
 
 import numpy as np
 

@@ -19,7 +19,7 @@ def cuda_available() -> bool:
 # core (planning, build info) stays importable without it.
 _LAZY_EXPORTS = {
     "LLM": ".engine",
-    "SamplingParams": ".sampling",
+    "SamplingParams": ".sampling_params",  # no torch needed
     "RequestOutput": ".outputs",
     "CompletionOutput": ".outputs",
 }

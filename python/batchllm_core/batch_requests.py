@@ -26,6 +26,8 @@ import math
 from dataclasses import dataclass
 from typing import Any, Dict, Iterable, Iterator, List, Optional, Tuple, Union
 
+from .sampling_params import is_int, is_number
+
 __all__ = [
     "CHAT_URL",
     "COMPLETIONS_URL",
@@ -127,14 +129,6 @@ def _show(value: Any, limit: int = 60) -> str:
     except (TypeError, ValueError):
         text = repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def parse_lines(lines: Iterable[Tuple[int, str]]) -> Iterator[Union[BatchRequest, LineError]]:
@@ -266,7 +260,7 @@ def _parse_prompt(body: Dict[str, Any]) -> Tuple[Optional[str], Optional[List[in
         return prompt, None
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
         return prompt[0], None
-    if isinstance(prompt, list) and prompt and all(_is_int(t) for t in prompt):
+    if isinstance(prompt, list) and prompt and all(is_int(t) for t in prompt):
         if any(t < 0 for t in prompt):
             raise _Invalid("invalid_value", "'body.prompt' token ids must be >= 0")
         return None, list(prompt)
@@ -279,7 +273,7 @@ def _int_field(body: Dict[str, Any], name: str, minimum: int, maximum: Optional[
     value = body.get(name)
     if value is None:
         return None
-    if not _is_int(value):
+    if not is_int(value):
         raise _Invalid("invalid_type", f"'body.{name}' must be an integer, got {_show(value)}")
     if value < minimum or (maximum is not None and value > maximum):
         bounds = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
@@ -306,7 +300,7 @@ def _float_field(body: Dict[str, Any], name: str, low: float, high: float, low_o
     if value is None:
         return None
     try:
-        finite = _is_number(value) and math.isfinite(value)
+        finite = is_number(value) and math.isfinite(value)
     except OverflowError:  # an int too large for a float
         finite = False
     if not finite:
@@ -341,12 +335,12 @@ def _parse_sampling(body: Dict[str, Any], chat: bool, top_logprobs: Optional[int
     sampling["n"] = _int_field(body, "n", 1, 128)
     sampling["top_k"] = _int_field(body, "top_k", -1)
     sampling["min_tokens"] = _int_field(body, "min_tokens", 0)
-    if body.get("seed") is not None and not _is_int(body["seed"]):
+    if body.get("seed") is not None and not is_int(body["seed"]):
         raise _Invalid("invalid_type", f"'body.seed' must be an integer, got {_show(body['seed'])}")
     sampling["seed"] = body.get("seed")
     sampling["stop"] = _parse_stop(body)
     stop_ids = body.get("stop_token_ids")
-    if stop_ids is not None and (not isinstance(stop_ids, list) or not all(_is_int(t) and t >= 0 for t in stop_ids)):
+    if stop_ids is not None and (not isinstance(stop_ids, list) or not all(is_int(t) and t >= 0 for t in stop_ids)):
         raise _Invalid("invalid_type", "'body.stop_token_ids' must be a list of token ids >= 0")
     sampling["stop_token_ids"] = stop_ids
     ignore_eos = body.get("ignore_eos")

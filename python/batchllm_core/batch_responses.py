@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 import time
 import uuid
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional
 
 from .batch_requests import BatchRequest, LineError
 

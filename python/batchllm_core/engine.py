@@ -6,15 +6,14 @@ scheduler has nothing left. Python adds what needs text or tensors: sampling, lo
 """
 from __future__ import annotations
 
-import os
 import time
 import warnings
 from typing import Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
-import torch
 
 from . import _C
+from .engine_setup import default_cpu_kv_bytes, load, pick_device
 from .job import Job, PreparedRequest
 from .outputs import RequestOutput
 from .sampling import Sampler, SamplingParams
@@ -24,15 +23,8 @@ __all__ = ["LLM"]
 PromptType = Union[str, dict]
 ParamsType = Union[None, SamplingParams, Sequence[SamplingParams]]
 
-_NOISE_WARNING = ("LLM(): no model given, using the embedded tiny model with random weights; "
-                  "it proves the machinery, its text is noise")
-_warned_noise = False
 
 _TILE_TOKENS = 128  # token-budget alignment (matmul tiles); the scheduler's default
-# Default KV pool on CPU: a share of RAM, capped (a pool much larger than the job only costs
-# allocation time). On CUDA it is profiled (kv_sizing.py).
-_CPU_KV_SHARE = 0.10
-_CPU_KV_CAP_BYTES = 1 << 30
 
 
 class LLM:
@@ -101,8 +93,8 @@ class LLM:
             raise ValueError(f"policy must be 'batchllm', 'fcfs-lru' or 'no-share', got {policy!r}")
         if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
             raise ValueError(f"seed must be an int, got {seed!r}")
-        self.device = _pick_device(model, dtype, device)
-        self.model, self.config, self.tokenizer, self.eos_token_ids, self.dtype = _load(model, dtype, self.device)
+        self.device = pick_device(model, dtype, device)
+        self.model, self.config, self.tokenizer, self.eos_token_ids, self.dtype = load(model, dtype, self.device)
         self.max_model_len = int(self.config.max_position_embeddings)
         if max_model_len is not None:
             _check_positive_int("max_model_len", max_model_len)
@@ -339,7 +331,7 @@ class LLM:
 
     def _default_kv_bytes(self) -> int:
         if self.device.type != "cuda":
-            return _default_cpu_kv_bytes()
+            return default_cpu_kv_bytes()
         from .kv_sizing import kv_cache_bytes_from_profile
 
         # What the device has left after the weights and the activations of a worst-case step.
@@ -430,87 +422,3 @@ def _as_params_list(sampling_params: ParamsType, count: int) -> List[SamplingPar
 def _check_positive_int(name: str, value) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
         raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-
-
-def _resolve_device(device) -> torch.device:
-    """"auto": CUDA when batchllm has CUDA kernels and torch sees a device, else CPU."""
-    from . import cuda_available
-
-    usable = cuda_available() and torch.cuda.is_available()
-    if isinstance(device, str) and device == "auto":
-        return torch.device("cuda" if usable else "cpu")
-    try:
-        resolved = torch.device(device)
-    except (RuntimeError, TypeError) as err:
-        raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}") from err
-    if resolved.type == "cuda" and not usable:
-        raise ValueError(f"device {device!r}: batchllm was built without CUDA kernels or no CUDA device "
-                         "is usable (use device='cpu' or 'auto')")
-    if resolved.type not in ("cpu", "cuda"):
-        raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}")
-    return resolved
-
-
-def _pick_device(model: Optional[str], dtype, device) -> torch.device:
-    """The device to load on, decided from the config before any weight is loaded.
-
-    "auto" picks CUDA only when the CUDA kernels can run the model (head dim built, float16 or
-    bfloat16); otherwise it warns and runs on the CPU (the embedded tiny model, head dim 16, always
-    does). An explicit CUDA device the kernels cannot serve is an error naming why.
-    """
-    from .model_runner import ModelRunner
-
-    resolved = _resolve_device(device)
-    if resolved.type != "cuda":
-        return resolved
-    config = _config_of(model)
-    if config is None:  # not a model we know how to read: the loader reports it
-        return resolved
-    from .loader import resolve_dtype
-
-    reason = ModelRunner.unsupported_reason(config, resolved, resolve_dtype(dtype, resolved))
-    if reason is None:
-        return resolved
-    if isinstance(device, str) and device == "auto":
-        if model is not None:  # the tiny model always runs on the CPU; no news there
-            warnings.warn(f"LLM(device='auto'): {reason}; running on the CPU", UserWarning, stacklevel=3)
-        return torch.device("cpu")
-    raise ValueError(f"device {device!r}: {reason}")
-
-
-def _config_of(model: Optional[str]):
-    """The ModelConfig that ``model`` names, read without loading weights (None if unreadable)."""
-    from pathlib import Path
-
-    from .models.config import NAMED_SHAPES, ModelConfig
-    from .models.tiny import tiny_config
-
-    if model is None or model == "tiny":
-        return tiny_config()
-    if str(model) in NAMED_SHAPES:
-        return ModelConfig.from_name(str(model))
-    config_file = Path(model) / "config.json"
-    if config_file.is_file():
-        try:
-            return ModelConfig.from_hf_file(config_file)
-        except (ValueError, KeyError, OSError):
-            return None
-    return None
-
-
-def _default_cpu_kv_bytes() -> int:
-    total_bytes = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    return int(min(total_bytes * _CPU_KV_SHARE, _CPU_KV_CAP_BYTES))
-
-
-def _load(model: Optional[str], dtype, device: torch.device):
-    """(model, config, tokenizer or None, eos token ids, torch dtype) through the loader."""
-    global _warned_noise
-    from .loader import load_model
-
-    if model is None and not _warned_noise:
-        warnings.warn(_NOISE_WARNING, UserWarning, stacklevel=3)
-        _warned_noise = True
-    loaded = load_model(model, dtype=dtype, device=device)
-    eos = set(loaded.eos_token_ids)
-    return loaded.model, loaded.config, loaded.tokenizer, sorted(eos), loaded.dtype

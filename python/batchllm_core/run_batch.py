@@ -200,7 +200,7 @@ def _run(llm, options: RunOptions, requests: List[BatchRequest], errors: List[Li
 
 
 def _sampling_params(tokenized: List[TokenizedRequest], writer: DurableWriter, counters: JobCounters):
-    from .sampling import SamplingParams
+    from .sampling_params import SamplingParams
 
     runnable, params = [], []
     for item in tokenized:

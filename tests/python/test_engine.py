@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-import batchllm_core.engine as engine_module
+import batchllm_core.engine_setup as engine_setup
 from batchllm_core import LLM, CompletionOutput, RequestOutput, SamplingParams
 from hf_checkpoints import build_checkpoint
 
@@ -70,7 +70,7 @@ def _shared_prefix_prompts(count=100, seed=0, bos=256):
 
 # ------------------------------------------------------------------------------------ API basics
 def test_embedded_model_warns_once(monkeypatch):
-    monkeypatch.setattr(engine_module, "_warned_noise", False)
+    monkeypatch.setattr(engine_setup, "_warned_noise", False)
     with pytest.warns(UserWarning, match="noise"):
         LLM(kv_cache_memory=_kv_bytes(_tiny_config(), 8))
     with warnings.catch_warnings():
@@ -410,16 +410,16 @@ def test_auto_device_runs_models_the_cuda_kernels_cannot_serve_on_the_cpu(monkey
     """On a GPU machine "auto" must not hand the tiny model (head dim 16) to the CUDA kernels: the
     choice is made from the config before loading, CPU with a warning for a real model, and an
     explicit "cuda" is an error naming the head dim."""
-    from batchllm_core import _C, engine
+    from batchllm_core import _C
 
-    monkeypatch.setattr(engine, "_resolve_device", lambda device: torch.device("cuda"))
+    monkeypatch.setattr(engine_setup, "resolve_device", lambda device: torch.device("cuda"))
     monkeypatch.setattr(_C, "cuda_kernel_head_dims", lambda: [64, 128], raising=False)
-    assert engine._pick_device(None, "auto", "auto") == torch.device("cpu")
+    assert engine_setup.pick_device(None, "auto", "auto") == torch.device("cpu")
     with pytest.raises(ValueError, match="head dim 16"):
-        engine._pick_device(None, "auto", "cuda")
-    assert engine._pick_device("llama-1b", "auto", "auto") == torch.device("cuda")
+        engine_setup.pick_device(None, "auto", "cuda")
+    assert engine_setup.pick_device("llama-1b", "auto", "auto") == torch.device("cuda")
     with pytest.warns(UserWarning, match="float16 or bfloat16"):
-        assert engine._pick_device("llama-1b", "float32", "auto") == torch.device("cpu")
+        assert engine_setup.pick_device("llama-1b", "float32", "auto") == torch.device("cpu")
 
 
 # ---------------------------------------------------------------- overlapped step loop
