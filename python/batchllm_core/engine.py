@@ -175,17 +175,7 @@ class LLM:
             scheduler.add_requests(**job.scheduler_arrays())
             try:
                 yield from self._collect(scheduler, job, progress)
-                if self.overlap:
-                    yield from self._run_overlapped(scheduler, job, progress)
-                while (plan := scheduler.next_step()) is not None:      # schedule
-                    rows = job.step_rows(plan)
-                    sampled = self.sampler.sample(self.runner.execute(plan), job.table, rows.requests,
-                                                  rows.sample_indices, rows.output_lens)   # run
-                    scheduler.commit(sampled.token_ids)                 # commit
-                    for seq_id in job.record(rows, sampled):
-                        scheduler.finish_sequence(seq_id, "stop")
-                    self._note_kv_use(scheduler)
-                    yield from self._collect(scheduler, job, progress)
+                yield from self._run_steps(scheduler, job, progress)
                 # The last next_step() may itself have failed requests (one that cannot fit even alone).
                 yield from self._collect(scheduler, job, progress)
             finally:
@@ -193,40 +183,37 @@ class LLM:
             self.last_stats = dict(scheduler.stats())
             self.last_stats["max_step_tokens"] = int(max(scheduler.step_token_counts(), default=0))
 
-    def _run_overlapped(self, scheduler, job: Job, progress: "_Progress") -> Iterator[Tuple[int, RequestOutput]]:
-        """The step loop with step i+1 planned and queued before step i's samples reach the host.
+    def _run_steps(self, scheduler, job: Job, progress: "_Progress") -> Iterator[Tuple[int, RequestOutput]]:
+        """schedule -> run -> commit until the scheduler has nothing left.
 
-        Per iteration: plan i+1 (overlapping i) -> queue it, its pending input ids fed from i's
-        samples on the device -> wait for i's samples, commit them (rows of sequences that stopped
-        meanwhile are discarded) -> stop strings. Returns when the job is done; the caller's plain
-        loop then finds nothing left.
+        With ``overlap``, step i+1 is scheduled and queued (its pending input ids fed from step i's
+        samples on the device) before the host waits for step i's samples and commits them; rows of
+        sequences that step i stopped are discarded at step i+1's commit.
         """
-        from .model_runner import TokenFeed
-
-        in_flight = None  # (rows, PendingSample) of the uncommitted step
+        in_flight = None  # (rows, PendingSample) of the step queued and not committed
         while True:
-            plan = scheduler.next_step(overlap=in_flight is not None)   # schedule i+1
-            launched = None
-            if plan is not None:
-                rows = job.step_rows(plan)
-                feed = None if in_flight is None else TokenFeed.for_plan(plan, in_flight[0].seq_ids,
-                                                                         in_flight[1].token_ids)
-                launched = (rows, self.sampler.sample_async(self.runner.execute(plan, feed), job.table,
-                                                            rows.requests, rows.sample_indices,
-                                                            rows.output_lens))   # run i+1 (queued)
+            plan = scheduler.next_step(overlap=in_flight is not None)          # schedule
+            launched = None if plan is None else self._launch(plan, job, in_flight)   # run (queued)
             if in_flight is not None:
-                self._commit(scheduler, job, *in_flight)                 # commit i
-                self._note_kv_use(scheduler)
-                yield from self._collect(scheduler, job, progress)
+                yield from self._commit(scheduler, job, progress, *in_flight)  # commit the step before
             elif plan is None:
                 return
             in_flight = launched
+            if not self.overlap and in_flight is not None:
+                yield from self._commit(scheduler, job, progress, *in_flight)  # commit this step
+                in_flight = None
 
-    def _note_kv_use(self, scheduler) -> None:
-        self._kv_blocks_used = self.num_kv_blocks - scheduler.num_free_blocks
+    def _launch(self, plan, job: Job, in_flight):
+        from .model_runner import TokenFeed
 
-    @staticmethod
-    def _commit(scheduler, job: Job, rows, pending) -> None:
+        rows = job.step_rows(plan)
+        feed = None if in_flight is None else TokenFeed.for_plan(plan, in_flight[0].seq_ids, in_flight[1].token_ids)
+        # A runner that never overlaps needs no feed argument (the runner contract is execute(plan)).
+        logits = self.runner.execute(plan) if feed is None else self.runner.execute(plan, feed)
+        return rows, self.sampler.sample_async(logits, job.table, rows.requests, rows.sample_indices,
+                                               rows.output_lens)
+
+    def _commit(self, scheduler, job: Job, progress: "_Progress", rows, pending) -> Iterator[Tuple[int, RequestOutput]]:
         sampled = pending.result()
         scheduler.commit(sampled.token_ids)
         discarded = scheduler.last_discarded_rows()
@@ -236,6 +223,8 @@ class LLM:
             rows, sampled = rows.subset(keep), sampled.subset(keep)
         for seq_id in job.record(rows, sampled):
             scheduler.finish_sequence(seq_id, "stop")
+        self._kv_blocks_used = self.num_kv_blocks - scheduler.num_free_blocks
+        yield from self._collect(scheduler, job, progress)
 
     # ------------------------------------------------------------------ job setup
     def _new_job(self, prompts, sampling_params) -> Job:
