@@ -9,3 +9,29 @@ foreach(test_source ${BATCHLLM_GTEST_SOURCES})
   target_include_directories(${test_name} PRIVATE ${CMAKE_CURRENT_SOURCE_DIR}/csrc)
   gtest_discover_tests(${test_name} DISCOVERY_MODE PRE_TEST)
 endforeach()
+
+# The CUDA kernel sources compiled as C++ against the CPU emulation of CUDA (tests/cpp/cuda_emulation),
+# so that CI, which has no GPU, runs the kernels themselves and not only their CPU references. The
+# kernel sweep test is built a second time against them.
+set(BATCHLLM_EMULATION_DIR ${CMAKE_CURRENT_SOURCE_DIR}/tests/cpp/cuda_emulation)
+file(GLOB BATCHLLM_CUDA_KERNEL_SOURCES CONFIGURE_DEPENDS ${CMAKE_CURRENT_SOURCE_DIR}/csrc/kernels/cuda/*.cu)
+set(BATCHLLM_EMULATED_SOURCES)
+foreach(cuda_source ${BATCHLLM_CUDA_KERNEL_SOURCES})
+  get_filename_component(kernel_name ${cuda_source} NAME_WE)
+  set(wrapper ${CMAKE_CURRENT_BINARY_DIR}/cuda_emulation/${kernel_name}.cpp)
+  file(CONFIGURE OUTPUT ${wrapper} CONTENT "#include \"${cuda_source}\"\n")
+  list(APPEND BATCHLLM_EMULATED_SOURCES ${wrapper})
+endforeach()
+add_library(batchllm_cuda_emulated STATIC ${BATCHLLM_EMULATED_SOURCES} ${BATCHLLM_EMULATION_DIR}/cuda_emulation.cpp
+            ${BATCHLLM_CPU_KERNEL_SOURCES})
+# The stand-in CUDA headers come first: this target never sees the toolkit's.
+target_include_directories(batchllm_cuda_emulated BEFORE PUBLIC ${BATCHLLM_EMULATION_DIR}/include
+  ${BATCHLLM_EMULATION_DIR} ${CMAKE_CURRENT_SOURCE_DIR}/include ${CMAKE_CURRENT_SOURCE_DIR}/csrc)
+target_compile_definitions(batchllm_cuda_emulated PUBLIC BATCHLLM_WITH_CUDA=1)
+target_compile_options(batchllm_cuda_emulated PRIVATE -Wall -Wextra -Wno-unused-parameter -Wno-unknown-pragmas)
+add_executable(test_cuda_kernel_sweep_emulated ${CMAKE_CURRENT_SOURCE_DIR}/tests/cpp/kernels/test_cuda_kernel_sweep.cpp)
+target_link_libraries(test_cuda_kernel_sweep_emulated PRIVATE batchllm_cuda_emulated GTest::gtest GTest::gtest_main)
+gtest_discover_tests(test_cuda_kernel_sweep_emulated DISCOVERY_MODE PRE_TEST)
+add_executable(test_cuda_emulation ${BATCHLLM_EMULATION_DIR}/emulation_selftest.cpp)
+target_link_libraries(test_cuda_emulation PRIVATE batchllm_cuda_emulated GTest::gtest GTest::gtest_main)
+gtest_discover_tests(test_cuda_emulation DISCOVERY_MODE PRE_TEST)

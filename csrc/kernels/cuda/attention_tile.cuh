@@ -100,7 +100,7 @@ __global__ void __launch_bounds__(kTileThreads) attention_tile_kernel(Problem pr
                                                                       TensorView v_cache, float scale_log2) {
   using namespace nvcuda;
   using Smem = TileSmem<T, D>;
-  extern __shared__ __align__(128) unsigned char smem_raw[];
+  BATCHLLM_DYNAMIC_SHARED_MEMORY(smem_raw);
   Smem& sm = *reinterpret_cast<Smem*>(smem_raw);
   const int warp = threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
@@ -233,8 +233,8 @@ cudaError_t launch_attention_tiles(const Problem& problem, dim3 grid, const Tens
       attention_tile_kernel<T, D, Problem>, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(kSmemBytes));
   BATCHLLM_CUDA_RETURN_IF_ERROR(attribute_error);
   constexpr float kLog2e = 1.4426950408889634f;
-  attention_tile_kernel<T, D, Problem><<<grid, kTileThreads, kSmemBytes, stream>>>(problem, k_cache, v_cache,
-                                                                                   scale * kLog2e);
+  BATCHLLM_LAUNCH(grid, kTileThreads, kSmemBytes, stream, attention_tile_kernel<T, D, Problem>)(
+      problem, k_cache, v_cache, scale * kLog2e);
   return last_launch_error();
 }
 

@@ -212,7 +212,7 @@ cudaError_t cascade_decode_attention_cuda(const CascadeDecodeParams& p, cudaStre
                                                  plan.prefix_row_tiles, plan.splits, plan.chunk_keys};
       BATCHLLM_CUDA_RETURN_IF_ERROR((cuda::launch_attention_tiles<scalar_t, kHeadDim>(
           prefix, prefix_grid, p.k_cache, p.v_cache, p.scale, stream)));
-      cuda::combine_levels_kernel<scalar_t><<<static_cast<unsigned>(num_rows), 128, 0, stream>>>(
+      BATCHLLM_LAUNCH(static_cast<unsigned>(num_rows), 128, 0, stream, cuda::combine_levels_kernel<scalar_t>)(
           p.o, p.lse, p.levels, plan.splits, ws + plan.suffix_o, ws + plan.suffix_lse, ws + plan.prefix_o,
           ws + plan.prefix_lse);
       return cuda::last_launch_error();

@@ -32,6 +32,19 @@ inline cudaError_t last_launch_error() { return cudaGetLastError(); }
 
 }  // namespace batchllm::kernels::cuda
 
+/// Launch and dynamic shared memory spelled so that the kernels also compile as C++ for the CPU
+/// emulation that tests them where there is no GPU (tests/cpp/cuda_emulation): the kernel goes last,
+/// so that a template's commas need no parentheses.
+///   BATCHLLM_LAUNCH(grid, block, smem, stream, kernel<T, D>)(args...);
+#if defined(BATCHLLM_CUDA_EMULATION_ACTIVE)
+#define BATCHLLM_LAUNCH(grid, block, smem, stream, ...) \
+  ::batchllm_emulation::launch(__VA_ARGS__, grid, block, smem, stream)
+#define BATCHLLM_DYNAMIC_SHARED_MEMORY(name) unsigned char* name = ::batchllm_emulation::dynamic_shared_memory()
+#else
+#define BATCHLLM_LAUNCH(grid, block, smem, stream, ...) __VA_ARGS__<<<grid, block, smem, stream>>>
+#define BATCHLLM_DYNAMIC_SHARED_MEMORY(name) extern __shared__ __align__(128) unsigned char name[]
+#endif
+
 /// Returns from the enclosing launcher with the error of the expression, if any.
 #define BATCHLLM_CUDA_RETURN_IF_ERROR(expr)    \
   do {                                         \

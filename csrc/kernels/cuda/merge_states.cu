@@ -36,10 +36,10 @@ cudaError_t merge_states_cuda(const MergeStatesParams& p, cudaStream_t stream) {
   constexpr int kWarpsPerBlock = 8;
   const unsigned grid = static_cast<unsigned>((num_states + kWarpsPerBlock - 1) / kWarpsPerBlock);
   switch (p.o_a.dtype) {
-    case DType::kFloat32: cuda::merge_states_kernel<float><<<grid, 32 * kWarpsPerBlock, 0, stream>>>(p); break;
-    case DType::kFloat16: cuda::merge_states_kernel<__half><<<grid, 32 * kWarpsPerBlock, 0, stream>>>(p); break;
+    case DType::kFloat32: BATCHLLM_LAUNCH(grid, 32 * kWarpsPerBlock, 0, stream, cuda::merge_states_kernel<float>)(p); break;
+    case DType::kFloat16: BATCHLLM_LAUNCH(grid, 32 * kWarpsPerBlock, 0, stream, cuda::merge_states_kernel<__half>)(p); break;
     case DType::kBFloat16:
-      cuda::merge_states_kernel<__nv_bfloat16><<<grid, 32 * kWarpsPerBlock, 0, stream>>>(p);
+      BATCHLLM_LAUNCH(grid, 32 * kWarpsPerBlock, 0, stream, cuda::merge_states_kernel<__nv_bfloat16>)(p);
       break;
   }
   return cuda::last_launch_error();

@@ -38,8 +38,8 @@ cudaError_t store_kv_cuda(const StoreKvParams& p, cudaStream_t stream) {
   if ((p.k.shape[2] * 2) % 16 != 0) return cudaErrorInvalidValue;
   const int64_t num_tokens = p.k.shape[0];
   if (num_tokens == 0) return cudaSuccess;
-  cuda::store_kv_kernel<<<static_cast<unsigned>(num_tokens), 128, 0, stream>>>(p.k, p.v, p.k_cache, p.v_cache,
-                                                                               p.slot_mapping);
+  BATCHLLM_LAUNCH(static_cast<unsigned>(num_tokens), 128, 0, stream, cuda::store_kv_kernel)(
+      p.k, p.v, p.k_cache, p.v_cache, p.slot_mapping);
   return cuda::last_launch_error();
 }
 

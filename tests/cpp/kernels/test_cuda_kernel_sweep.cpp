@@ -1,0 +1,477 @@
+// The CUDA launchers against the CPU references over a sweep of shapes: dtypes, head dims, GQA ratios,
+// page sizes, lengths of 0 and non-multiples of the page size, tiles and key steps beyond 64, split-KV
+// prefixes, 1-3 prefix levels. Outputs are poisoned (NaN) before every launch so that an unwritten
+// row fails. Two builds of this file (tests/cpp/cuda_emulation/CMakeLists.txt):
+//   test_cuda_kernel_sweep           real CUDA; skipped when the build has no CUDA or there is no device;
+//   test_cuda_kernel_sweep_emulated  the same kernel sources compiled for the CPU emulation (CI), each
+//                                    case under a different thread order between barriers.
+#include <gtest/gtest.h>
+
+#ifdef BATCHLLM_WITH_CUDA
+
+#include <cuda_runtime_api.h>
+
+#include <algorithm>
+#include <cmath>
+#include <numeric>
+#include <random>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "batchllm/kernels.h"
+#include "batchllm/kernels/cuda.h"
+#include "kernels/cpu/cpu_common.h"
+
+#ifdef BATCHLLM_CUDA_EMULATION_ACTIVE
+#include "cuda_emulation.h"
+#endif
+
+namespace bk = batchllm::kernels;
+using bk::DType;
+
+namespace {
+
+/// Host vector mirrored in device memory.
+template <typename T>
+struct Mirror {
+  std::vector<T> host;
+  T* device = nullptr;
+
+  explicit Mirror(std::vector<T> values) : host(std::move(values)) {
+    EXPECT_EQ(cudaMalloc(reinterpret_cast<void**>(&device), std::max<size_t>(host.size(), 1) * sizeof(T)), cudaSuccess);
+    upload();
+  }
+  Mirror(const Mirror&) = delete;
+  Mirror& operator=(const Mirror&) = delete;
+  ~Mirror() { cudaFree(device); }
+  void upload() {
+    EXPECT_EQ(cudaMemcpy(device, host.data(), host.size() * sizeof(T), cudaMemcpyHostToDevice), cudaSuccess);
+  }
+  std::vector<T> download() const {
+    std::vector<T> out(host.size());
+    EXPECT_EQ(cudaMemcpy(out.data(), device, out.size() * sizeof(T), cudaMemcpyDeviceToHost), cudaSuccess);
+    return out;
+  }
+};
+
+uint16_t to_bits(float x, DType dtype) {
+  return dtype == DType::kFloat16 ? bk::cpu::float_to_half(x) : bk::cpu::float_to_bf16(x);
+}
+float from_bits(uint16_t x, DType dtype) {
+  return dtype == DType::kFloat16 ? bk::cpu::half_to_float(x) : bk::cpu::bf16_to_float(x);
+}
+
+std::vector<uint16_t> random_bits(size_t n, DType dtype, std::mt19937& gen) {
+  std::normal_distribution<float> dist;
+  std::vector<uint16_t> out(n);
+  for (auto& x : out) x = to_bits(dist(gen), dtype);
+  return out;
+}
+
+std::vector<uint16_t> poison(size_t n, DType dtype) { return std::vector<uint16_t>(n, to_bits(NAN, dtype)); }
+
+bk::TensorView view(void* data, DType dtype, std::vector<int64_t> shape) {
+  bk::TensorView v;
+  v.data = data;
+  v.dtype = dtype;
+  v.ndim = static_cast<int32_t>(shape.size());
+  int64_t stride = 1;
+  for (int d = v.ndim - 1; d >= 0; --d) {
+    v.shape[d] = shape[d];
+    v.stride[d] = stride;
+    stride *= shape[d];
+  }
+  return v;
+}
+
+/// max |got - want| / max |want|; infinite when got has a NaN.
+double rel_err(const std::vector<uint16_t>& got, const std::vector<uint16_t>& want, DType dtype) {
+  double worst = 0, scale = 1e-6;
+  for (size_t i = 0; i < got.size(); ++i) {
+    const double g = from_bits(got[i], dtype), w = from_bits(want[i], dtype);
+    if (std::isnan(g)) return INFINITY;
+    worst = std::max(worst, std::fabs(g - w));
+    scale = std::max(scale, std::fabs(w));
+  }
+  return worst / scale;
+}
+
+double tolerance(DType dtype) { return dtype == DType::kFloat16 ? 2e-3 : 1e-2; }
+
+const char* name(DType dtype) { return bk::dtype_name(dtype); }
+
+/// Before each case: the emulation's thread order rotates (forward, reverse, shuffled).
+void begin_case(int index) {
+#ifdef BATCHLLM_CUDA_EMULATION_ACTIVE
+  using batchllm_emulation::Order;
+  const Order orders[] = {Order::kForward, Order::kReverse, Order::kShuffled};
+  batchllm_emulation::set_order(orders[index % 3], static_cast<unsigned>(index));
+#else
+  (void)index;
+#endif
+}
+
+class CudaSweep : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    int count = 0;
+    if (cudaGetDeviceCount(&count) != cudaSuccess || count == 0) {
+      cudaGetLastError();
+      GTEST_SKIP() << "no CUDA device";
+    }
+  }
+};
+
+/// A paged KV cache with shuffled block ids, filled with random values.
+struct Cache {
+  int64_t num_blocks, block_size, kv_heads, head_dim;
+  DType dtype;
+  Mirror<uint16_t> k, v;
+  std::vector<int32_t> free_blocks;
+
+  Cache(int64_t blocks, int64_t bs, int64_t heads, int64_t dim, DType dt, std::mt19937& gen)
+      : num_blocks(blocks), block_size(bs), kv_heads(heads), head_dim(dim), dtype(dt),
+        k(random_bits(blocks * bs * heads * dim, dt, gen)), v(random_bits(blocks * bs * heads * dim, dt, gen)),
+        free_blocks(blocks) {
+    std::iota(free_blocks.begin(), free_blocks.end(), 0);
+    std::shuffle(free_blocks.begin(), free_blocks.end(), gen);
+  }
+  /// Blocks for `tokens` tokens, taken from the free list.
+  std::vector<int32_t> take(int64_t tokens) {
+    const int64_t n = (tokens + block_size - 1) / block_size;
+    EXPECT_LE(n, static_cast<int64_t>(free_blocks.size())) << "test cache too small";
+    std::vector<int32_t> out(free_blocks.end() - n, free_blocks.end());
+    free_blocks.resize(free_blocks.size() - n);
+    return out;
+  }
+  bk::TensorView k_view(bool device) {
+    return view(device ? k.device : k.host.data(), dtype, {num_blocks, block_size, kv_heads, head_dim});
+  }
+  bk::TensorView v_view(bool device) {
+    return view(device ? v.device : v.host.data(), dtype, {num_blocks, block_size, kv_heads, head_dim});
+  }
+};
+
+// ---- store_kv --------------------------------------------------------------------------------------------
+
+TEST_F(CudaSweep, StoreKv) {
+  int index = 0;
+  for (DType dtype : {DType::kFloat16, DType::kBFloat16}) {
+    for (int64_t head_dim : {64, 128}) {
+      for (int64_t kv_heads : {1, 3}) {
+        SCOPED_TRACE(std::string(name(dtype)) + " d=" + std::to_string(head_dim) + " hkv=" + std::to_string(kv_heads));
+        begin_case(index++);
+        std::mt19937 gen(static_cast<uint32_t>(index));
+        Cache cache(7, 16, kv_heads, head_dim, dtype, gen);
+        const int64_t tokens = 37;
+        std::vector<int64_t> slots(7 * 16);
+        std::iota(slots.begin(), slots.end(), 0);
+        std::shuffle(slots.begin(), slots.end(), gen);
+        slots.resize(tokens);
+        slots[5] = slots[20] = -1;  // padding rows
+        Mirror<uint16_t> k(random_bits(tokens * kv_heads * head_dim, dtype, gen));
+        Mirror<uint16_t> v(random_bits(tokens * kv_heads * head_dim, dtype, gen));
+        Mirror<int64_t> slot_mapping(slots);
+        bk::StoreKvParams p;
+        p.k = view(k.host.data(), dtype, {tokens, kv_heads, head_dim});
+        p.v = view(v.host.data(), dtype, {tokens, kv_heads, head_dim});
+        p.k_cache = cache.k_view(false);
+        p.v_cache = cache.v_view(false);
+        p.slot_mapping = slots.data();
+        ASSERT_EQ(bk::store_kv_cpu(p), bk::Status::kOk);
+        bk::StoreKvParams d = p;
+        d.k.data = k.device;
+        d.v.data = v.device;
+        d.k_cache = cache.k_view(true);
+        d.v_cache = cache.v_view(true);
+        d.slot_mapping = slot_mapping.device;
+        ASSERT_EQ(bk::store_kv_cuda(d, nullptr), cudaSuccess);
+        ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+        EXPECT_EQ(cache.k.download(), cache.k.host);
+        EXPECT_EQ(cache.v.download(), cache.v.host);
+      }
+    }
+  }
+}
+
+// ---- merge_states ------------------------------------------------------------------------------------------
+
+TEST_F(CudaSweep, MergeStates) {
+  int index = 0;
+  for (DType dtype : {DType::kFloat32, DType::kFloat16, DType::kBFloat16}) {
+    for (bool alias : {false, true}) {
+      SCOPED_TRACE(std::string(name(dtype)) + (alias ? " o aliases o_a" : ""));
+      begin_case(index++);
+      std::mt19937 gen(static_cast<uint32_t>(100 + index));
+      std::normal_distribution<float> dist;
+      const int64_t n = 13, h = 3, d = 80;  // 80: lanes past the head dim on the second pass
+      const size_t elems = n * h * d, elem_bytes = dtype == DType::kFloat32 ? 4 : 2;
+      auto random_bytes = [&](size_t count) {
+        std::vector<uint8_t> out(count * elem_bytes);
+        for (size_t i = 0; i < count; ++i) bk::cpu::store_float(out.data(), dtype, i, dist(gen));
+        return out;
+      };
+      std::vector<float> lse_a(n * h), lse_b(n * h);
+      for (size_t i = 0; i < lse_a.size(); ++i) {
+        lse_a[i] = i % 5 == 1 ? -INFINITY : 3 * dist(gen);
+        lse_b[i] = i % 7 == 2 || i % 5 == 1 ? -INFINITY : 3 * dist(gen);  // both sides empty sometimes
+      }
+      Mirror<uint8_t> o_a(random_bytes(elems)), o_b(random_bytes(elems));
+      Mirror<uint8_t> o(std::vector<uint8_t>(elems * elem_bytes, 0xff));
+      Mirror<float> la(lse_a), lb(lse_b), lse(std::vector<float>(n * h, NAN));
+      std::vector<uint8_t> want(elems * elem_bytes);
+      std::vector<float> want_lse(n * h);
+      bk::MergeStatesParams p;
+      p.o_a = view(o_a.host.data(), dtype, {n, h, d});
+      p.o_b = view(o_b.host.data(), dtype, {n, h, d});
+      p.o = view(want.data(), dtype, {n, h, d});
+      p.lse_a = lse_a.data();
+      p.lse_b = lse_b.data();
+      p.lse = want_lse.data();
+      ASSERT_EQ(bk::merge_states_cpu(p), bk::Status::kOk);
+      bk::MergeStatesParams q = p;
+      q.o_a.data = o_a.device;
+      q.o_b.data = o_b.device;
+      q.o.data = alias ? o_a.device : o.device;
+      q.lse_a = la.device;
+      q.lse_b = lb.device;
+      q.lse = alias ? la.device : lse.device;
+      ASSERT_EQ(bk::merge_states_cuda(q, nullptr), cudaSuccess);
+      ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+      const std::vector<uint8_t> got = alias ? o_a.download() : o.download();
+      const std::vector<float> got_lse = alias ? la.download() : lse.download();
+      for (size_t i = 0; i < elems; ++i) {
+        const float g = bk::cpu::load_float(got.data(), dtype, i), w = bk::cpu::load_float(want.data(), dtype, i);
+        ASSERT_FALSE(std::isnan(g)) << "element " << i;
+        ASSERT_NEAR(g, w, 1e-5 + 1e-5 * std::fabs(w)) << "element " << i;
+      }
+      for (size_t i = 0; i < want_lse.size(); ++i) {
+        if (std::isinf(want_lse[i])) {
+          EXPECT_EQ(got_lse[i], want_lse[i]) << "state " << i;
+        } else {
+          EXPECT_NEAR(got_lse[i], want_lse[i], 1e-5) << "state " << i;
+        }
+      }
+    }
+  }
+}
+
+// ---- prefill_attention --------------------------------------------------------------------------------------
+
+/// (q_len, context_len) of each sequence: context includes the chunk; context > q_len is a cached
+/// prefix (or earlier chunks) before it.
+const std::vector<std::vector<std::pair<int, int>>> kPrefillSeqs = {
+    {{1, 1}},                               // one token
+    {{17, 17}, {5, 40}},                    // a chunk over a cached prefix, lengths off the page size
+    {{70, 70}, {1, 130}, {33, 33}},         // > 64 rows, > 64 keys, a decode-like row
+    {{100, 229}},                           // several key steps with the diagonal inside a step
+};
+
+TEST_F(CudaSweep, PrefillAttention) {
+  int index = 0;
+  for (DType dtype : {DType::kFloat16, DType::kBFloat16}) {
+    for (int64_t head_dim : {64, 128}) {
+      for (auto heads : {std::pair<int64_t, int64_t>{4, 4}, {8, 2}, {12, 4}, {7, 1}}) {
+        for (int64_t block_size : {16, 8}) {
+          for (size_t s = 0; s < kPrefillSeqs.size(); ++s) {
+            // Keep the sweep's cost down on the emulation: the big shapes once per dtype/head dim.
+            if (s >= 2 && (heads.first != 8 || block_size != 16)) continue;
+            const auto& seqs = kPrefillSeqs[s];
+            const auto [hq, hkv] = heads;
+            SCOPED_TRACE(std::string(name(dtype)) + " d=" + std::to_string(head_dim) + " hq/hkv=" +
+                         std::to_string(hq) + "/" + std::to_string(hkv) + " page=" + std::to_string(block_size) +
+                         " seqs#" + std::to_string(s));
+            begin_case(index++);
+            std::mt19937 gen(static_cast<uint32_t>(1000 + index));
+            Cache cache(48, block_size, hkv, head_dim, dtype, gen);
+            int64_t max_blocks = 0, rows = 0;
+            int32_t max_q = 0;
+            for (auto [q_len, ctx] : seqs) {
+              max_blocks = std::max<int64_t>(max_blocks, (ctx + block_size - 1) / block_size);
+              rows += q_len;
+              max_q = std::max(max_q, q_len);
+            }
+            std::vector<int32_t> tables(seqs.size() * max_blocks, -1), query_start = {0}, context_lens;
+            for (size_t i = 0; i < seqs.size(); ++i) {
+              const std::vector<int32_t> blocks = cache.take(seqs[i].second);
+              std::copy(blocks.begin(), blocks.end(), tables.begin() + i * max_blocks);
+              query_start.push_back(query_start.back() + seqs[i].first);
+              context_lens.push_back(seqs[i].second);
+            }
+            Mirror<uint16_t> q(random_bits(rows * hq * head_dim, dtype, gen)), o(poison(rows * hq * head_dim, dtype));
+            Mirror<int32_t> d_tables(tables), d_start(query_start), d_context(context_lens);
+            std::vector<uint16_t> want(rows * hq * head_dim);
+            bk::PrefillParams p;
+            p.q = view(q.host.data(), dtype, {rows, hq, head_dim});
+            p.o = view(want.data(), dtype, {rows, hq, head_dim});
+            p.k_cache = cache.k_view(false);
+            p.v_cache = cache.v_view(false);
+            p.block_tables = tables.data();
+            p.max_blocks_per_seq = max_blocks;
+            p.query_start = query_start.data();
+            p.context_lens = context_lens.data();
+            p.num_seqs = static_cast<int64_t>(seqs.size());
+            p.scale = 1.0f / std::sqrt(static_cast<float>(head_dim));
+            p.max_q_len = max_q;
+            ASSERT_EQ(bk::prefill_attention_cpu(p), bk::Status::kOk);
+            bk::PrefillParams d = p;
+            d.q.data = q.device;
+            d.o.data = o.device;
+            d.k_cache = cache.k_view(true);
+            d.v_cache = cache.v_view(true);
+            d.block_tables = d_tables.device;
+            d.query_start = d_start.device;
+            d.context_lens = d_context.device;
+            ASSERT_EQ(bk::prefill_attention_cuda(d, nullptr), cudaSuccess);
+            ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+            EXPECT_LT(rel_err(o.download(), want, dtype), tolerance(dtype));
+          }
+        }
+      }
+    }
+  }
+}
+
+// ---- cascade_decode_attention --------------------------------------------------------------------------------
+
+/// A decode batch: prefixes (tokens, reader rows [begin, end)) in tree order, suffix length per row.
+struct CascadeShape {
+  std::string name;
+  std::vector<std::tuple<int, int, int>> prefixes;  // (tokens, begin, end)
+  std::vector<int> suffix_lens;
+  int multiprocessors = 132;  // fewer: the split-KV heuristic splits long prefixes
+};
+
+std::vector<CascadeShape> cascade_shapes() {
+  std::vector<CascadeShape> shapes;
+  shapes.push_back({"no prefix", {}, {5, 0, 16, 33}});
+  shapes.push_back({"one level", {{40, 0, 4}}, {5, 0, 16, 1, 9}});
+  shapes.push_back({"two levels", {{40, 0, 5}, {7, 1, 3}}, {5, 0, 16, 1, 9}});
+  shapes.push_back({"three levels, empty suffixes", {{64, 0, 6}, {17, 0, 4}, {1, 2, 4}}, {0, 0, 3, 0, 70, 2}});
+  shapes.push_back({"many readers (> 64 rows per tile)", {{23, 0, 70}}, std::vector<int>(70, 2)});
+  shapes.push_back({"split-KV prefix", {{600, 0, 3}, {130, 1, 3}}, {4, 17, 0}, 8});
+  shapes.push_back({"empty prefix", {{0, 0, 2}, {20, 0, 3}}, {3, 1, 0}});
+  return shapes;
+}
+
+TEST_F(CudaSweep, CascadeDecodeAttention) {
+  int index = 0;
+  for (DType dtype : {DType::kFloat16, DType::kBFloat16}) {
+    for (int64_t head_dim : {64, 128}) {
+      for (auto heads : {std::pair<int64_t, int64_t>{4, 4}, {8, 2}, {12, 4}, {8, 1}}) {
+        for (const CascadeShape& shape : cascade_shapes()) {
+          for (bool with_lse : {true, false}) {
+            // Every GQA ratio on one instantiation (fp16, d = 64); the other three get (8, 2).
+            const bool first_instance = dtype == DType::kFloat16 && head_dim == 64;
+            if (!first_instance && heads.first != 8) continue;
+            if (!with_lse && heads.first != 8) continue;
+            const auto [hq, hkv] = heads;
+            SCOPED_TRACE(std::string(name(dtype)) + " d=" + std::to_string(head_dim) + " hq/hkv=" +
+                         std::to_string(hq) + "/" + std::to_string(hkv) + " " + shape.name +
+                         (with_lse ? " +lse" : ""));
+            begin_case(index++);
+#ifdef BATCHLLM_CUDA_EMULATION_ACTIVE
+            batchllm_emulation::set_multiprocessor_count(shape.multiprocessors);
+#else
+            if (shape.multiprocessors != 132) continue;  // the real device decides its own splits
+#endif
+            std::mt19937 gen(static_cast<uint32_t>(5000 + index));
+            const int64_t block_size = 16;
+            Cache cache(96, block_size, hkv, head_dim, dtype, gen);
+            const int64_t rows = static_cast<int64_t>(shape.suffix_lens.size());
+            std::vector<int32_t> indptr = {0}, blocks, lens, ranges;
+            int32_t max_prefix_len = 0, max_prefix_rows = 0, max_suffix_len = 0;
+            for (auto [tokens, begin, end] : shape.prefixes) {
+              const std::vector<int32_t> b = cache.take(tokens);
+              blocks.insert(blocks.end(), b.begin(), b.end());
+              indptr.push_back(static_cast<int32_t>(blocks.size()));
+              lens.push_back(tokens);
+              ranges.push_back(begin);
+              ranges.push_back(end);
+              max_prefix_len = std::max(max_prefix_len, tokens);
+              max_prefix_rows = std::max(max_prefix_rows, end - begin);
+            }
+            int64_t max_suffix_blocks = 1;
+            for (int len : shape.suffix_lens) {
+              max_suffix_blocks = std::max<int64_t>(max_suffix_blocks, (len + block_size - 1) / block_size);
+              max_suffix_len = std::max(max_suffix_len, len);
+            }
+            std::vector<int32_t> suffix_tables(rows * max_suffix_blocks, -1);
+            for (int64_t r = 0; r < rows; ++r) {
+              const std::vector<int32_t> b = cache.take(shape.suffix_lens[r]);
+              std::copy(b.begin(), b.end(), suffix_tables.begin() + r * max_suffix_blocks);
+            }
+            Mirror<uint16_t> q(random_bits(rows * hq * head_dim, dtype, gen)), o(poison(rows * hq * head_dim, dtype));
+            Mirror<int32_t> d_indptr(indptr), d_blocks(blocks), d_lens(lens), d_ranges(ranges);
+            Mirror<int32_t> d_suffix_tables(suffix_tables), d_suffix_lens(std::vector<int32_t>(
+                                                                shape.suffix_lens.begin(), shape.suffix_lens.end()));
+            std::vector<uint16_t> want(rows * hq * head_dim);
+            std::vector<float> want_lse(rows * hq);
+            bk::CascadeDecodeParams p;
+            p.q = view(q.host.data(), dtype, {rows, hq, head_dim});
+            p.o = view(want.data(), dtype, {rows, hq, head_dim});
+            p.k_cache = cache.k_view(false);
+            p.v_cache = cache.v_view(false);
+            p.lse = want_lse.data();
+            p.scale = 1.0f / std::sqrt(static_cast<float>(head_dim));
+            p.levels.num_prefixes = static_cast<int64_t>(shape.prefixes.size());
+            p.levels.prefix_kv_indptr = indptr.data();
+            p.levels.prefix_kv_blocks = blocks.data();
+            p.levels.prefix_kv_lens = lens.data();
+            p.levels.prefix_q_range = ranges.data();
+            p.levels.suffix_block_tables = suffix_tables.data();
+            p.levels.max_suffix_blocks = max_suffix_blocks;
+            const std::vector<int32_t> suffix_lens(shape.suffix_lens.begin(), shape.suffix_lens.end());
+            p.levels.suffix_kv_lens = suffix_lens.data();
+            p.levels.max_prefix_kv_len = max_prefix_len;
+            p.levels.max_prefix_rows = max_prefix_rows;
+            p.levels.max_suffix_kv_len = max_suffix_len;
+            ASSERT_EQ(bk::cascade_decode_attention_cpu(p), bk::Status::kOk);
+
+            bk::CascadeDecodeParams d = p;
+            d.q.data = q.device;
+            d.o.data = o.device;
+            d.k_cache = cache.k_view(true);
+            d.v_cache = cache.v_view(true);
+            d.levels.prefix_kv_indptr = d_indptr.device;
+            d.levels.prefix_kv_blocks = d_blocks.device;
+            d.levels.prefix_kv_lens = d_lens.device;
+            d.levels.prefix_q_range = d_ranges.device;
+            d.levels.suffix_block_tables = d_suffix_tables.device;
+            d.levels.suffix_kv_lens = d_suffix_lens.device;
+            Mirror<float> lse(std::vector<float>(rows * hq, NAN));
+            d.lse = with_lse ? lse.device : nullptr;
+            Mirror<float> workspace(
+                std::vector<float>(bk::cascade_workspace_floats(rows, hq, hkv, head_dim, p.levels), NAN));
+            d.workspace = workspace.device;
+            ASSERT_EQ(bk::cascade_decode_attention_cuda(d, nullptr), cudaSuccess);
+            ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+            EXPECT_LT(rel_err(o.download(), want, dtype), tolerance(dtype));
+            if (with_lse) {
+              const std::vector<float> got_lse = lse.download();
+              for (size_t i = 0; i < got_lse.size(); ++i) {
+                if (std::isinf(want_lse[i])) {
+                  EXPECT_EQ(got_lse[i], want_lse[i]) << "state " << i;
+                } else {
+                  EXPECT_NEAR(got_lse[i], want_lse[i], 2e-3 * (1 + std::fabs(want_lse[i]))) << "state " << i;
+                }
+              }
+            }
+          }
+        }
+      }
+    }
+  }
+#ifdef BATCHLLM_CUDA_EMULATION_ACTIVE
+  batchllm_emulation::set_multiprocessor_count(132);
+#endif
+}
+
+}  // namespace
+
+#else
+
+TEST(CudaSweep, NotBuilt) { GTEST_SKIP() << "built without CUDA"; }
+
+#endif  // BATCHLLM_WITH_CUDA
