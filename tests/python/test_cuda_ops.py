@@ -77,8 +77,13 @@ def test_prefill_attention_cuda_long_chunk_over_cache(dtype):
 @pytest.mark.parametrize("heads", HEADS)
 @pytest.mark.parametrize("head_dim", HEAD_DIMS)
 @pytest.mark.parametrize("name", list(CASCADE_SHAPES))
-def test_cascade_decode_attention_cuda(dtype, heads, head_dim, name):
+@pytest.mark.parametrize("suffix_kernel", ["decode", "tile"])
+def test_cascade_decode_attention_cuda(dtype, heads, head_dim, name, suffix_kernel, monkeypatch):
     from test_ops import run_cascade_case
+    if suffix_kernel == "tile":  # the A/B alternative of the suffix level, on one dtype
+        if dtype != torch.bfloat16:
+            pytest.skip("the tile suffix kernel is swept in bf16 only")
+        monkeypatch.setenv("BATCHLLM_CASCADE_SUFFIX", "tile")
     o, lse, ref_o, ref_lse = run_cascade_case(name, dtype, heads, head_dim, device=DEVICE, check_indices=True)
     torch.cuda.synchronize()
     assert not torch.isnan(o).any() and not torch.isnan(lse).any()

@@ -1,6 +1,8 @@
 // CUDA cascade_decode_attention: decode attention by shared-prefix levels (Hydragen / FlashInfer
 // cascade). Three steps on one stream:
-//   1. suffix tiles: each decode row's GQA heads over its own suffix blocks -> suffix state;
+//   1. suffix: each decode row's GQA heads over its own suffix blocks -> suffix state, by the CUDA-core
+//      decode kernel (decode_rows.cuh; BATCHLLM_CASCADE_SUFFIX=tile selects the tensor-core tile
+//      kernel instead, for A/B measurements);
 //   2. prefix tiles: for each shared prefix, all its reader rows x GQA heads stacked as the rows of
 //      one tensor-core tile matmul, so the prefix's KV is read once per 64 rows, not once per row;
 //   3. combine: per (row, head), the suffix state merged by LSE with the state of every prefix that
@@ -8,9 +10,12 @@
 // Long prefixes with few readers are split along their keys (split-KV) so that every SM has work;
 // each chunk is one more partial state for step 3. Workspace layout: CascadePlan below.
 #include <algorithm>
+#include <cstdlib>
+#include <cstring>
 
 #include "batchllm/kernels/cuda.h"
 #include "kernels/cuda/attention_tile.cuh"
+#include "kernels/cuda/decode_rows.cuh"
 
 namespace batchllm::kernels {
 
@@ -186,6 +191,17 @@ __global__ void combine_levels_kernel(TensorView o, float* lse_out, DecodeLevels
 }  // namespace
 }  // namespace cuda
 
+namespace {
+
+/// The suffix kernel: the decode kernel unless BATCHLLM_CASCADE_SUFFIX=tile (read at every launch, so
+/// that a benchmark can compare both in one process).
+bool suffix_by_tiles() {
+  const char* choice = std::getenv("BATCHLLM_CASCADE_SUFFIX");
+  return choice != nullptr && std::strcmp(choice, "tile") == 0;
+}
+
+}  // namespace
+
 bool cuda_head_dim_supported(int64_t head_dim) { return head_dim == 64 || head_dim == 128; }
 
 size_t cascade_workspace_floats(int64_t num_rows, int64_t num_q_heads, int64_t num_kv_heads, int64_t head_dim,
@@ -205,9 +221,18 @@ cudaError_t cascade_decode_attention_cuda(const CascadeDecodeParams& p, cudaStre
                          num_kv_heads);
   return BATCHLLM_DISPATCH_HALF_TYPES(p.q.dtype, [&] {
     return BATCHLLM_DISPATCH_HEAD_DIM(head_dim, [&] {
-      const cuda::SuffixProblem<scalar_t> suffix{p.q, p.levels, ws + plan.suffix_o, ws + plan.suffix_lse, group};
-      BATCHLLM_CUDA_RETURN_IF_ERROR((cuda::launch_attention_tiles<scalar_t, kHeadDim>(
-          suffix, suffix_grid, p.k_cache, p.v_cache, p.scale, stream)));
+      if (suffix_by_tiles()) {
+        const cuda::SuffixProblem<scalar_t> suffix{p.q, p.levels, ws + plan.suffix_o, ws + plan.suffix_lse, group};
+        BATCHLLM_CUDA_RETURN_IF_ERROR((cuda::launch_attention_tiles<scalar_t, kHeadDim>(
+            suffix, suffix_grid, p.k_cache, p.v_cache, p.scale, stream)));
+      } else {
+        constexpr float kLog2e = 1.4426950408889634f;
+        const cuda::DecodeRowsArgs suffix{p.q, p.k_cache, p.v_cache, p.levels.suffix_block_tables,
+                                          p.levels.max_suffix_blocks, p.levels.suffix_kv_lens, ws + plan.suffix_o,
+                                          ws + plan.suffix_lse, p.scale * kLog2e, group};
+        BATCHLLM_CUDA_RETURN_IF_ERROR(
+            (cuda::launch_decode_rows<scalar_t, kHeadDim>(suffix, num_rows, num_kv_heads, stream)));
+      }
       const cuda::PrefixProblem<scalar_t> prefix{p.q, p.levels, ws + plan.prefix_o, ws + plan.prefix_lse, group,
                                                  plan.prefix_row_tiles, plan.splits, plan.chunk_keys};
       BATCHLLM_CUDA_RETURN_IF_ERROR((cuda::launch_attention_tiles<scalar_t, kHeadDim>(

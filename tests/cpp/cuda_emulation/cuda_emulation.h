@@ -37,6 +37,9 @@
 #define __launch_bounds__(...)
 #define __align__(n) alignas(n)
 #define __restrict__
+// Static shared arrays: one variable for all the threads of the CTA, which is right because CTAs run
+// one at a time. (Unlike dynamic shared memory they are not poisoned between CTAs.)
+#define __shared__ static
 
 // ---- vector and index types ---------------------------------------------------------------------------
 struct dim3 {

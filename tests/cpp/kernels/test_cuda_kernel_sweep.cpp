@@ -13,6 +13,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <numeric>
 #include <random>
 #include <string>
@@ -445,7 +446,11 @@ TEST_F(CudaSweep, CascadeDecodeAttention) {
             Mirror<float> workspace(
                 std::vector<float>(bk::cascade_workspace_floats(rows, hq, hkv, head_dim, p.levels), NAN));
             d.workspace = workspace.device;
-            ASSERT_EQ(bk::cascade_decode_attention_cuda(d, nullptr), cudaSuccess);
+            // The suffix level by the decode kernel (default), and every third case by the tile kernel.
+            if (index % 3 == 0) setenv("BATCHLLM_CASCADE_SUFFIX", "tile", 1);
+            const cudaError_t launched = bk::cascade_decode_attention_cuda(d, nullptr);
+            unsetenv("BATCHLLM_CASCADE_SUFFIX");
+            ASSERT_EQ(launched, cudaSuccess);
             ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
             EXPECT_LT(rel_err(o.download(), want, dtype), tolerance(dtype));
             if (with_lse) {

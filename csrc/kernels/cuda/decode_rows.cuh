@@ -1,0 +1,192 @@
+// Decode attention of single query rows over their own paged keys, on CUDA cores: the suffix level of
+// cascade decode. Each decode row reads keys no other row reads, so there is nothing to share and a
+// tensor-core tile would leave 60 of its 64 rows empty (GQA group 4); what matters is keeping many
+// 16-byte loads in flight. Layout (FlashInfer's batch decode, simplified):
+//   grid (row, KV head, chunk of up to kDecodeHeads query heads of the GQA group), 128 threads;
+//   a key's D elements are spread over D / 8 lanes (16 bytes each), so a warp takes 32 / (D / 8) keys
+//   at a time and the CTA 4x that, kDecodeUnroll times per iteration: loads for all of them are issued
+//   before any is used. Every lane group keeps its own online-softmax state (max, sum, o) per head;
+//   the states are merged across the warp by shuffles and across warps through shared memory.
+// Output: normalised o (float32) and lse (natural log; -inf and o = 0 for a row with no keys), the
+// partial state that the cascade's combine step merges with the prefix states.
+#pragma once
+
+#include "kernels/cuda/cuda_common.cuh"
+
+namespace batchllm::kernels::cuda {
+
+constexpr int kDecodeThreads = 128;
+constexpr int kDecodeWarps = kDecodeThreads / 32;
+constexpr int kDecodeHeads = 4;   // query heads per CTA (larger GQA groups take several CTAs)
+constexpr int kDecodeUnroll = 4;  // key groups loaded per lane before the first is used
+
+/// Running softmax state of one head over some keys: max m and sum l of exp2(score - m), in the
+/// log2 domain, and the unnormalised output o of 8 elements. m = -inf means no keys yet (l = o = 0).
+struct RunningState {
+  float m = -INFINITY;
+  float l = 0.0f;
+  float o[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+
+  /// Adds one key with scaled score s (log2 domain; -inf: masked) and value v.
+  __device__ __forceinline__ void add(float s, const float (&v)[8]) {
+    if (s == -INFINITY) return;
+    const float m_new = fmaxf(m, s);
+    const float alpha = exp2f(m - m_new);  // m = -inf -> 0: the empty state contributes nothing
+    const float p = exp2f(s - m_new);
+    l = l * alpha + p;
+#pragma unroll
+    for (int i = 0; i < 8; ++i) o[i] = o[i] * alpha + p * v[i];
+    m = m_new;
+  }
+
+  /// Merges another state over disjoint keys into this one; either may be empty.
+  __device__ __forceinline__ void merge(float m_b, float l_b, const float (&o_b)[8]) {
+    const float m_new = fmaxf(m, m_b);
+    if (m_new == -INFINITY) return;  // both empty: (-inf) - (-inf) below would be NaN
+    const float alpha = exp2f(m - m_new), beta = exp2f(m_b - m_new);
+    l = l * alpha + l_b * beta;
+#pragma unroll
+    for (int i = 0; i < 8; ++i) o[i] = o[i] * alpha + o_b[i] * beta;
+    m = m_new;
+  }
+};
+
+template <typename T>
+__device__ __forceinline__ void unpack8(const uint4& raw, float (&out)[8]) {
+  const T* values = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+  for (int i = 0; i < 8; ++i) out[i] = to_float(values[i]);
+}
+
+/// Rows, keys and outputs of one decode_rows launch.
+struct DecodeRowsArgs {
+  TensorView q;                  // [B, Hq, D]
+  TensorView k_cache, v_cache;   // [blocks, block_size, Hkv, D]
+  const int32_t* block_tables;   // [B, max_blocks]
+  int64_t max_blocks;
+  const int32_t* kv_lens;        // [B]
+  float* state_o;                // [B, Hq, D] normalised
+  float* state_lse;              // [B, Hq] natural log
+  float scale_log2;              // softmax scale * log2(e)
+  int group;                     // Hq / Hkv
+};
+
+template <typename T, int D>
+__global__ void __launch_bounds__(kDecodeThreads) decode_rows_kernel(DecodeRowsArgs args) {
+  constexpr int kLanesPerKey = D / 8;
+  constexpr int kKeysPerWarp = 32 / kLanesPerKey;
+  constexpr int kGroups = kDecodeWarps * kKeysPerWarp;  // keys in flight per unrolled step
+  __shared__ float smem_m[kDecodeWarps][kDecodeHeads];
+  __shared__ float smem_l[kDecodeWarps][kDecodeHeads];
+  __shared__ float smem_o[kDecodeWarps][kDecodeHeads][D];
+
+  const int row = blockIdx.x, kv_head = blockIdx.y;
+  const int first_head = kv_head * args.group + blockIdx.z * kDecodeHeads;
+  const int heads = min(kDecodeHeads, args.group - static_cast<int>(blockIdx.z) * kDecodeHeads);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int sub = lane / kLanesPerKey, chunk = lane % kLanesPerKey;  // chunk: which 8 elements
+  const int group_id = warp * kKeysPerWarp + sub;
+  const int len = args.kv_lens[row];
+  const int block_size = static_cast<int>(args.k_cache.shape[1]);
+  const int32_t* blocks = args.block_tables + row * args.max_blocks;
+
+  float q[kDecodeHeads][8];
+  RunningState state[kDecodeHeads];
+#pragma unroll
+  for (int h = 0; h < kDecodeHeads; ++h) {
+    const int head = first_head + min(h, heads - 1);  // unused slots repeat a used head, never read out
+    const T* q_row = static_cast<const T*>(args.q.data) + row * args.q.stride[0] + head * args.q.stride[1];
+    unpack8<T>(reinterpret_cast<const uint4*>(q_row)[chunk], q[h]);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) q[h][i] *= args.scale_log2;
+  }
+
+  const char* k_base = static_cast<const char*>(args.k_cache.data);
+  const char* v_base = static_cast<const char*>(args.v_cache.data);
+  for (int base = 0; base < len; base += kGroups * kDecodeUnroll) {
+    uint4 k_raw[kDecodeUnroll], v_raw[kDecodeUnroll];
+#pragma unroll
+    for (int u = 0; u < kDecodeUnroll; ++u) {
+      const int pos = base + u * kGroups + group_id;
+      k_raw[u] = v_raw[u] = make_uint4(0, 0, 0, 0);
+      if (pos < len) {
+        const int64_t block = blocks[pos / block_size], slot = pos % block_size;
+        const int64_t k_elem = block * args.k_cache.stride[0] + slot * args.k_cache.stride[1] +
+                               kv_head * args.k_cache.stride[2];
+        const int64_t v_elem = block * args.v_cache.stride[0] + slot * args.v_cache.stride[1] +
+                               kv_head * args.v_cache.stride[2];
+        k_raw[u] = reinterpret_cast<const uint4*>(k_base + k_elem * sizeof(T))[chunk];
+        v_raw[u] = reinterpret_cast<const uint4*>(v_base + v_elem * sizeof(T))[chunk];
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < kDecodeUnroll; ++u) {
+      const bool valid = base + u * kGroups + group_id < len;  // uniform within a lane group
+      float k[8], v[8];
+      unpack8<T>(k_raw[u], k);
+      unpack8<T>(v_raw[u], v);
+#pragma unroll
+      for (int h = 0; h < kDecodeHeads; ++h) {
+        float s = 0.0f;
+#pragma unroll
+        for (int i = 0; i < 8; ++i) s += q[h][i] * k[i];
+        // Sum over the key's lanes (xor offsets below kLanesPerKey stay inside the lane group); every
+        // lane of the warp takes part, valid key or not.
+#pragma unroll
+        for (int offset = kLanesPerKey / 2; offset > 0; offset /= 2) s += __shfl_xor_sync(0xffffffffu, s, offset);
+        state[h].add(valid ? s : -INFINITY, v);
+      }
+    }
+  }
+
+  // Merge the warp's lane groups (same chunk, other sub), then the warps through shared memory.
+#pragma unroll
+  for (int h = 0; h < kDecodeHeads; ++h) {
+#pragma unroll
+    for (int offset = kLanesPerKey; offset < 32; offset *= 2) {
+      const float m_b = __shfl_xor_sync(0xffffffffu, state[h].m, offset);
+      const float l_b = __shfl_xor_sync(0xffffffffu, state[h].l, offset);
+      float o_b[8];
+#pragma unroll
+      for (int i = 0; i < 8; ++i) o_b[i] = __shfl_xor_sync(0xffffffffu, state[h].o[i], offset);
+      state[h].merge(m_b, l_b, o_b);
+    }
+    if (sub == 0) {
+#pragma unroll
+      for (int i = 0; i < 8; ++i) smem_o[warp][h][chunk * 8 + i] = state[h].o[i];
+      if (chunk == 0) {
+        smem_m[warp][h] = state[h].m;
+        smem_l[warp][h] = state[h].l;
+      }
+    }
+  }
+  __syncthreads();
+  for (int idx = threadIdx.x; idx < heads * D; idx += kDecodeThreads) {
+    const int h = idx / D, d = idx % D;
+    float m = -INFINITY;
+    for (int w = 0; w < kDecodeWarps; ++w) m = fmaxf(m, smem_m[w][h]);
+    float l = 0.0f, o = 0.0f;
+    if (m != -INFINITY) {
+      for (int w = 0; w < kDecodeWarps; ++w) {
+        const float weight = exp2f(smem_m[w][h] - m);  // an empty warp: exp2(-inf) = 0
+        l += smem_l[w][h] * weight;
+        o += smem_o[w][h][d] * weight;
+      }
+    }
+    const int64_t out_state = static_cast<int64_t>(row) * args.q.shape[1] + first_head + h;
+    args.state_o[out_state * D + d] = l > 0.0f ? o / l : 0.0f;
+    if (d == 0) args.state_lse[out_state] = l > 0.0f ? (m + log2f(l)) * 0.69314718055994531f : -INFINITY;
+  }
+}
+
+/// Launches decode_rows_kernel for B rows.
+template <typename T, int D>
+cudaError_t launch_decode_rows(const DecodeRowsArgs& args, int64_t num_rows, int num_kv_heads, cudaStream_t stream) {
+  if (num_rows == 0) return cudaSuccess;
+  const dim3 grid(static_cast<unsigned>(num_rows), static_cast<unsigned>(num_kv_heads),
+                  static_cast<unsigned>((args.group + kDecodeHeads - 1) / kDecodeHeads));
+  BATCHLLM_LAUNCH(grid, kDecodeThreads, 0, stream, decode_rows_kernel<T, D>)(args);
+  return last_launch_error();
+}
+
+}  // namespace batchllm::kernels::cuda
