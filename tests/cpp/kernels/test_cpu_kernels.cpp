@@ -7,23 +7,14 @@
 #include <vector>
 
 #include "batchllm/kernels.h"
+#include "tensor_views.h"
 
 namespace bk = batchllm::kernels;
 
 namespace {
 
 bk::TensorView view(std::vector<float>& data, std::vector<int64_t> shape) {
-  bk::TensorView v;
-  v.data = data.data();
-  v.dtype = bk::DType::kFloat32;
-  v.ndim = static_cast<int32_t>(shape.size());
-  int64_t stride = 1;
-  for (int d = v.ndim - 1; d >= 0; --d) {
-    v.shape[d] = shape[d];
-    v.stride[d] = stride;
-    stride *= shape[d];
-  }
-  return v;
+  return bk::testing::contiguous_view(data.data(), bk::DType::kFloat32, shape);
 }
 
 std::vector<float> random_vector(size_t n, uint32_t seed) {

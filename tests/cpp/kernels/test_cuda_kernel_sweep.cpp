@@ -23,6 +23,7 @@
 #include "batchllm/kernels.h"
 #include "batchllm/kernels/cuda.h"
 #include "kernels/cpu/cpu_common.h"
+#include "tensor_views.h"
 
 #ifdef BATCHLLM_CUDA_EMULATION_ACTIVE
 #include "cuda_emulation.h"
@@ -73,17 +74,7 @@ std::vector<uint16_t> random_bits(size_t n, DType dtype, std::mt19937& gen) {
 std::vector<uint16_t> poison(size_t n, DType dtype) { return std::vector<uint16_t>(n, to_bits(NAN, dtype)); }
 
 bk::TensorView view(void* data, DType dtype, std::vector<int64_t> shape) {
-  bk::TensorView v;
-  v.data = data;
-  v.dtype = dtype;
-  v.ndim = static_cast<int32_t>(shape.size());
-  int64_t stride = 1;
-  for (int d = v.ndim - 1; d >= 0; --d) {
-    v.shape[d] = shape[d];
-    v.stride[d] = stride;
-    stride *= shape[d];
-  }
-  return v;
+  return bk::testing::contiguous_view(data, dtype, shape);
 }
 
 /// max |got - want| / max |want|; infinite when got has a NaN.
