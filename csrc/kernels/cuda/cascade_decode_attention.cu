@@ -29,12 +29,31 @@ struct CascadePlan {
   int prefix_row_tiles = 0;
   int splits = 1;
   int chunk_keys = 0;
-  // Workspace offsets in floats: suffix o [B, Hq, D], suffix lse [B, Hq],
+  // The suffix level (decode_rows) is split along its keys too when rows x KV heads leave SMs idle
+  // (the tail of a job: few sequences, long outputs).
+  int suffix_splits = 1;
+  int suffix_chunk_keys = 1 << 30;  // unsplit: one chunk holds any row
+  // Workspace offsets in floats: suffix o [suffix_splits, B, Hq, D], suffix lse [suffix_splits, B, Hq],
   // prefix o [P, splits, R, Hq, D], prefix lse [P, splits, R, Hq] (R = max_prefix_rows).
   int64_t suffix_o = 0, suffix_lse = 0, prefix_o = 0, prefix_lse = 0, total = 0;
 
-  CascadePlan(int64_t rows, int64_t q_heads, int64_t kv_heads, int64_t head_dim, const DecodeLevelsView& levels) {
+  /// `suffix_by_tiles`: the tile suffix kernel, which takes no suffix splits.
+  CascadePlan(int64_t rows, int64_t q_heads, int64_t kv_heads, int64_t head_dim, const DecodeLevelsView& levels,
+              bool suffix_by_tiles = false) {
     group = static_cast<int>(q_heads / kv_heads);
+    if (!suffix_by_tiles && rows > 0 && levels.max_suffix_kv_len > 0) {
+      // decode_rows runs 4 CTAs per SM; split while a wave would be under half full, chunks of at
+      // least 256 keys (a multiple of the 32 keys a CTA loads per step).
+      constexpr int64_t kMinChunkKeys = 256;
+      const int64_t slots = 4 * multiprocessor_count();
+      const int64_t ctas = rows * kv_heads * ((group + cuda::kDecodeHeads - 1) / cuda::kDecodeHeads);
+      const int64_t by_keys = (levels.max_suffix_kv_len + kMinChunkKeys - 1) / kMinChunkKeys;
+      if (2 * ctas < slots && by_keys > 1) {
+        suffix_splits = static_cast<int>(std::min<int64_t>({slots / ctas, by_keys, 16}));
+        const int64_t per_split = (levels.max_suffix_kv_len + suffix_splits - 1) / suffix_splits;
+        suffix_chunk_keys = static_cast<int>((per_split + 63) / 64 * 64);
+      }
+    }
     prefix_row_tiles = static_cast<int>((levels.max_prefix_rows * static_cast<int64_t>(group) + 63) / 64);
     const int64_t max_len = levels.max_prefix_kv_len;
     const int64_t base_ctas = static_cast<int64_t>(prefix_row_tiles) * levels.num_prefixes * kv_heads;
@@ -58,8 +77,8 @@ struct CascadePlan {
     chunk_keys = static_cast<int>((per_split + 63) / 64 * 64);
     const int64_t prefix_states = levels.num_prefixes * splits * static_cast<int64_t>(levels.max_prefix_rows) * q_heads;
     suffix_o = 0;
-    suffix_lse = rows * q_heads * head_dim;
-    prefix_o = suffix_lse + rows * q_heads;
+    suffix_lse = suffix_splits * rows * q_heads * head_dim;
+    prefix_o = suffix_lse + suffix_splits * rows * q_heads;
     prefix_lse = prefix_o + prefix_states * head_dim;
     total = prefix_lse + prefix_states;
   }
@@ -164,7 +183,8 @@ struct PrefixProblem {
 /// One CTA per decode row: merge its suffix state with every covering prefix's state.
 template <typename T>
 __global__ void combine_levels_kernel(TensorView o, float* lse_out, DecodeLevelsView levels, int splits,
-                                      const float* suffix_o, const float* suffix_lse, const float* prefix_o,
+                                      int suffix_splits, const float* suffix_o, const float* suffix_lse,
+                                      const float* prefix_o,
                                       const float* prefix_lse) {
   const int row = blockIdx.x;
   const int64_t num_heads = o.shape[1], head_dim = o.shape[2];
@@ -173,6 +193,12 @@ __global__ void combine_levels_kernel(TensorView o, float* lse_out, DecodeLevels
     const int64_t suffix_state = row * num_heads + head;
     float value = suffix_o[suffix_state * head_dim + d];
     float lse = suffix_lse[suffix_state];
+    for (int64_t split = 1; split < suffix_splits; ++split) {
+      const int64_t state = split * o.shape[0] * num_heads + suffix_state;
+      const LseMerge w = merge_lse(lse, suffix_lse[state]);
+      value = merge_value(w, value, suffix_o[state * head_dim + d]);
+      lse = w.lse;
+    }
     for (int64_t p = 0; p < levels.num_prefixes; ++p) {
       const int begin = levels.prefix_q_range[2 * p], end = levels.prefix_q_range[2 * p + 1];
       if (row < begin || row >= end) continue;
@@ -213,7 +239,8 @@ cudaError_t cascade_decode_attention_cuda(const CascadeDecodeParams& p, cudaStre
   const int64_t num_rows = p.q.shape[0], num_heads = p.q.shape[1], head_dim = p.q.shape[2];
   if (num_rows == 0) return cudaSuccess;
   const int num_kv_heads = static_cast<int>(p.k_cache.shape[2]);
-  const CascadePlan plan(num_rows, num_heads, num_kv_heads, head_dim, p.levels);
+  const bool tiles = suffix_by_tiles();
+  const CascadePlan plan(num_rows, num_heads, num_kv_heads, head_dim, p.levels, tiles);
   const int group = plan.group;
   float* ws = p.workspace;
   const dim3 suffix_grid((group + cuda::kTileRows - 1) / cuda::kTileRows, static_cast<unsigned>(num_rows), num_kv_heads);
@@ -221,7 +248,7 @@ cudaError_t cascade_decode_attention_cuda(const CascadeDecodeParams& p, cudaStre
                          num_kv_heads);
   return BATCHLLM_DISPATCH_HALF_TYPES(p.q.dtype, [&] {
     return BATCHLLM_DISPATCH_HEAD_DIM(head_dim, [&] {
-      if (suffix_by_tiles()) {
+      if (tiles) {
         const cuda::SuffixProblem<scalar_t> suffix{p.q, p.levels, ws + plan.suffix_o, ws + plan.suffix_lse, group};
         BATCHLLM_CUDA_RETURN_IF_ERROR((cuda::launch_attention_tiles<scalar_t, kHeadDim>(
             suffix, suffix_grid, p.k_cache, p.v_cache, p.scale, stream)));
@@ -229,16 +256,16 @@ cudaError_t cascade_decode_attention_cuda(const CascadeDecodeParams& p, cudaStre
         constexpr float kLog2e = 1.4426950408889634f;
         const cuda::DecodeRowsArgs suffix{p.q, p.k_cache, p.v_cache, p.levels.suffix_block_tables,
                                           p.levels.max_suffix_blocks, p.levels.suffix_kv_lens, ws + plan.suffix_o,
-                                          ws + plan.suffix_lse, p.scale * kLog2e, group};
-        BATCHLLM_CUDA_RETURN_IF_ERROR(
-            (cuda::launch_decode_rows<scalar_t, kHeadDim>(suffix, num_rows, num_kv_heads, stream)));
+                                          ws + plan.suffix_lse, p.scale * kLog2e, group, plan.suffix_chunk_keys};
+        BATCHLLM_CUDA_RETURN_IF_ERROR((cuda::launch_decode_rows<scalar_t, kHeadDim>(suffix, num_rows, num_kv_heads,
+                                                                                    plan.suffix_splits, stream)));
       }
       const cuda::PrefixProblem<scalar_t> prefix{p.q, p.levels, ws + plan.prefix_o, ws + plan.prefix_lse, group,
                                                  plan.prefix_row_tiles, plan.splits, plan.chunk_keys};
       BATCHLLM_CUDA_RETURN_IF_ERROR((cuda::launch_attention_tiles<scalar_t, kHeadDim>(
           prefix, prefix_grid, p.k_cache, p.v_cache, p.scale, stream)));
       BATCHLLM_LAUNCH(static_cast<unsigned>(num_rows), 128, 0, stream, cuda::combine_levels_kernel<scalar_t>)(
-          p.o, p.lse, p.levels, plan.splits, ws + plan.suffix_o, ws + plan.suffix_lse, ws + plan.prefix_o,
+          p.o, p.lse, p.levels, plan.splits, plan.suffix_splits, ws + plan.suffix_o, ws + plan.suffix_lse, ws + plan.prefix_o,
           ws + plan.prefix_lse);
       return cuda::last_launch_error();
     });

@@ -2,13 +2,14 @@
 // cascade decode. Each decode row reads keys no other row reads, so there is nothing to share and a
 // tensor-core tile would leave 60 of its 64 rows empty (GQA group 4); what matters is keeping many
 // 16-byte loads in flight. Layout (FlashInfer's batch decode, simplified):
-//   grid (row, KV head, chunk of up to kDecodeHeads query heads of the GQA group), 128 threads;
+//   grid (row, KV head, head chunk x key split): a CTA takes up to kDecodeHeads query heads of the
+//   GQA group and one chunk of the row's keys (all of them unless the launch splits them), 128 threads;
 //   a key's D elements are spread over D / 8 lanes (16 bytes each), so a warp takes 32 / (D / 8) keys
 //   at a time and the CTA 4x that, kDecodeUnroll times per iteration: loads for all of them are issued
 //   before any is used. Every lane group keeps its own online-softmax state (max, sum, o) per head;
 //   the states are merged across the warp by shuffles and across warps through shared memory.
-// Output: normalised o (float32) and lse (natural log; -inf and o = 0 for a row with no keys), the
-// partial state that the cascade's combine step merges with the prefix states.
+// Output: normalised o (float32) and lse (natural log; -inf and o = 0 for a row with no keys), one
+// partial state per key split, which the cascade's combine step merges with the prefix states.
 #pragma once
 
 #include "kernels/cuda/cuda_common.cuh"
@@ -65,10 +66,11 @@ struct DecodeRowsArgs {
   const int32_t* block_tables;   // [B, max_blocks]
   int64_t max_blocks;
   const int32_t* kv_lens;        // [B]
-  float* state_o;                // [B, Hq, D] normalised
-  float* state_lse;              // [B, Hq] natural log
+  float* state_o;                // [splits, B, Hq, D] normalised
+  float* state_lse;              // [splits, B, Hq] natural log
   float scale_log2;              // softmax scale * log2(e)
   int group;                     // Hq / Hkv
+  int chunk_keys;                // keys per split (any value >= the longest row when not split)
 };
 
 template <typename T, int D>
@@ -81,12 +83,16 @@ __global__ void __launch_bounds__(kDecodeThreads) decode_rows_kernel(DecodeRowsA
   __shared__ float smem_o[kDecodeWarps][kDecodeHeads][D];
 
   const int row = blockIdx.x, kv_head = blockIdx.y;
-  const int first_head = kv_head * args.group + blockIdx.z * kDecodeHeads;
-  const int heads = min(kDecodeHeads, args.group - static_cast<int>(blockIdx.z) * kDecodeHeads);
+  const int head_chunks = (args.group + kDecodeHeads - 1) / kDecodeHeads;
+  const int head_chunk = blockIdx.z % head_chunks, split = blockIdx.z / head_chunks;
+  const int first_head = kv_head * args.group + head_chunk * kDecodeHeads;
+  const int heads = min(kDecodeHeads, args.group - head_chunk * kDecodeHeads);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int sub = lane / kLanesPerKey, chunk = lane % kLanesPerKey;  // chunk: which 8 elements
   const int group_id = warp * kKeysPerWarp + sub;
-  const int len = args.kv_lens[row];
+  // This split's keys [key_begin, len); an empty range writes the empty state (lse -inf, o 0).
+  const int key_begin = split * args.chunk_keys;
+  const int len = min(args.kv_lens[row], key_begin + args.chunk_keys);
   const int block_size = static_cast<int>(args.k_cache.shape[1]);
   const int32_t* blocks = args.block_tables + row * args.max_blocks;
 
@@ -103,7 +109,7 @@ __global__ void __launch_bounds__(kDecodeThreads) decode_rows_kernel(DecodeRowsA
 
   const char* k_base = static_cast<const char*>(args.k_cache.data);
   const char* v_base = static_cast<const char*>(args.v_cache.data);
-  for (int base = 0; base < len; base += kGroups * kDecodeUnroll) {
+  for (int base = key_begin; base < len; base += kGroups * kDecodeUnroll) {
     uint4 k_raw[kDecodeUnroll], v_raw[kDecodeUnroll];
 #pragma unroll
     for (int u = 0; u < kDecodeUnroll; ++u) {
@@ -173,18 +179,20 @@ __global__ void __launch_bounds__(kDecodeThreads) decode_rows_kernel(DecodeRowsA
         o += smem_o[w][h][d] * weight;
       }
     }
-    const int64_t out_state = static_cast<int64_t>(row) * args.q.shape[1] + first_head + h;
+    const int64_t out_state =
+        (static_cast<int64_t>(split) * args.q.shape[0] + row) * args.q.shape[1] + first_head + h;
     args.state_o[out_state * D + d] = l > 0.0f ? o / l : 0.0f;
     if (d == 0) args.state_lse[out_state] = l > 0.0f ? (m + log2f(l)) * 0.69314718055994531f : -INFINITY;
   }
 }
 
-/// Launches decode_rows_kernel for B rows.
+/// Launches decode_rows_kernel for B rows, their keys in `splits` chunks of args.chunk_keys.
 template <typename T, int D>
-cudaError_t launch_decode_rows(const DecodeRowsArgs& args, int64_t num_rows, int num_kv_heads, cudaStream_t stream) {
+cudaError_t launch_decode_rows(const DecodeRowsArgs& args, int64_t num_rows, int num_kv_heads, int splits,
+                               cudaStream_t stream) {
   if (num_rows == 0) return cudaSuccess;
   const dim3 grid(static_cast<unsigned>(num_rows), static_cast<unsigned>(num_kv_heads),
-                  static_cast<unsigned>((args.group + kDecodeHeads - 1) / kDecodeHeads));
+                  static_cast<unsigned>((args.group + kDecodeHeads - 1) / kDecodeHeads * splits));
   BATCHLLM_LAUNCH(grid, kDecodeThreads, 0, stream, decode_rows_kernel<T, D>)(args);
   return last_launch_error();
 }

@@ -344,6 +344,8 @@ std::vector<CascadeShape> cascade_shapes() {
   shapes.push_back({"many readers (> 64 rows per tile)", {{23, 0, 70}}, std::vector<int>(70, 2)});
   shapes.push_back({"split-KV prefix", {{600, 0, 3}, {130, 1, 3}}, {4, 17, 0}, 8});
   shapes.push_back({"empty prefix", {{0, 0, 2}, {20, 0, 3}}, {3, 1, 0}});
+  // Few rows, long suffixes, few SMs: the suffix keys are split too (one row's last chunks empty).
+  shapes.push_back({"split-KV suffix", {{40, 0, 2}}, {700, 300}, 8});
   return shapes;
 }
 
