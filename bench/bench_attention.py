@@ -4,13 +4,14 @@ Decode (one query per sequence, 32 q heads, 8 KV heads, head dim 128, bf16, page
 (B sequences, P shared prefix tokens, S unique suffix tokens):
   ours       batchllm_core.ops.cascade_decode_attention (prefix read once for all B readers); the
              suffix level by the CUDA-core decode kernel, and again (tile-sfx) by the tensor-core tile
-             kernel (BATCHLLM_CASCADE_SUFFIX=tile) for the A/B
+             kernel (BATCHLLM_CASCADE_SUFFIX=tile) for the A/B, and (mma) with the prefix tiles on
+             mma.sync with O in registers instead of WMMA (BATCHLLM_ATTENTION_TILES=mma)
   sdpa       torch SDPA over per-sequence KV (every sequence reads its own copy of the prefix)
   hydragen   torch composition of Hydragen: all queries of a KV head stacked against the prefix via
              aten._scaled_dot_product_flash_attention (for the LSE), suffix attention, LSE merge
   floor      (P + B*S) * KV bytes per token / measured device copy bandwidth
-Prefill (causal, one 4096-token chunk per sequence over paged KV): ours vs SDPA flash on the same
-dense shapes.
+Prefill (causal, one 4096-token chunk per sequence over paged KV): ours (WMMA tiles, and mma.sync
+tiles) vs SDPA flash on the same dense shapes.
 
 Timing: CUDA graphs of each variant (launch gaps out), CUDA events, median of many replays after
 warm-up, input sets rotated so that the bytes touched exceed 3x L2. Prints a table, then one JSON
@@ -21,6 +22,7 @@ Usage: python bench/bench_attention.py [--quick] [--json-out FILE]
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -68,6 +70,26 @@ def time_graphs(fns, warmup: int = 5, reps: int = 50) -> float:
         times.append(start.elapsed_time(end))
     times.sort()
     return times[len(times) // 2]
+
+
+@contextlib.contextmanager
+def kernel_env(settings):
+    """Kernel choices read from the environment at launch (so at graph capture): set, then restored."""
+    saved = {key: os.environ.get(key) for key in settings}
+    os.environ.update(settings)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def time_with_env(settings, fns, reps):
+    with kernel_env(settings):
+        return time_graphs(fns, reps=reps)
 
 
 def copy_bandwidth_bytes_per_s() -> float:
@@ -191,11 +213,10 @@ def bench_decode(shape, bandwidth, reps, device_name):
     ours_out = inputs[0].ours().float()
     rel_err = float((ours_out - reference).norm() / reference.norm())
     ours_ms = time_graphs([x.ours for x in inputs], reps=reps)
-    os.environ["BATCHLLM_CASCADE_SUFFIX"] = "tile"  # read at launch, so at capture
-    try:
-        tile_suffix_ms = time_graphs([x.ours for x in inputs], reps=reps)
-    finally:
-        del os.environ["BATCHLLM_CASCADE_SUFFIX"]
+    tile_suffix_ms = time_with_env({"BATCHLLM_CASCADE_SUFFIX": "tile"}, [x.ours for x in inputs], reps)
+    mma_ms = time_with_env({"BATCHLLM_ATTENTION_TILES": "mma"}, [x.ours for x in inputs], reps)
+    with kernel_env({"BATCHLLM_ATTENTION_TILES": "mma"}):
+        mma_rel_err = float((inputs[0].ours().float() - reference).norm() / reference.norm())
     hydragen_ms = time_graphs([x.hydragen for x in inputs], reps=reps)
     check_sdpa_backend(inputs[0].sdpa)
     sdpa_ms = time_graphs([inputs[0].sdpa], reps=reps)  # per-sequence KV is far beyond L2 already
@@ -204,7 +225,8 @@ def bench_decode(shape, bandwidth, reps, device_name):
     torch.cuda.empty_cache()
     return {"bench": "decode_attention", "device": device_name, "commit": commit(), "B": batch, "P": prefix,
             "S": suffix, "q_heads": Q_HEADS, "kv_heads": KV_HEADS, "head_dim": HEAD_DIM, "dtype": "bfloat16",
-            "page": PAGE, "input_sets": sets, "ours_ms": ours_ms, "ours_tile_suffix_ms": tile_suffix_ms, "sdpa_ms": sdpa_ms, "hydragen_ms": hydragen_ms,
+            "page": PAGE, "input_sets": sets, "ours_ms": ours_ms, "ours_tile_suffix_ms": tile_suffix_ms,
+            "ours_mma_ms": mma_ms, "rel_err_mma_vs_hydragen": mma_rel_err, "sdpa_ms": sdpa_ms, "hydragen_ms": hydragen_ms,
             "floor_ms": floor_ms, "sdpa_backend": SDPA_BACKEND["name"], "ours_over_floor": ours_ms / floor_ms, "hydragen_over_ours": hydragen_ms / ours_ms,
             "rel_err_vs_hydragen": rel_err}
 
@@ -239,11 +261,15 @@ def bench_prefill(shape, reps, device_name):
     reference = sdpa().transpose(1, 2).reshape(seqs * tokens, Q_HEADS, HEAD_DIM).float()
     rel_err = float((out.float() - reference).norm() / reference.norm())
     ours_ms = time_graphs([ours], reps=reps)
+    mma_ms = time_with_env({"BATCHLLM_ATTENTION_TILES": "mma"}, [ours], reps)
+    with kernel_env({"BATCHLLM_ATTENTION_TILES": "mma"}):
+        ours()
+        mma_rel_err = float((out.float() - reference).norm() / reference.norm())
     sdpa_ms = time_graphs([sdpa], reps=reps)
     flops = seqs * 4 * (tokens * (tokens + 1) / 2) * Q_HEADS * HEAD_DIM
     return {"bench": "prefill_attention", "device": device_name, "commit": commit(), "seqs": seqs, "tokens": tokens,
             "q_heads": Q_HEADS, "kv_heads": KV_HEADS, "head_dim": HEAD_DIM, "dtype": "bfloat16", "ours_ms": ours_ms,
-            "sdpa_ms": sdpa_ms, "sdpa_backend": SDPA_BACKEND["name"], "ours_over_sdpa": ours_ms / sdpa_ms, "ours_tflops": flops / (ours_ms * 1e-3) / 1e12,
+            "ours_mma_ms": mma_ms, "rel_err_mma_vs_sdpa": mma_rel_err, "sdpa_ms": sdpa_ms, "sdpa_backend": SDPA_BACKEND["name"], "ours_over_sdpa": ours_ms / sdpa_ms, "ours_tflops": flops / (ours_ms * 1e-3) / 1e12,
             "sdpa_tflops": flops / (sdpa_ms * 1e-3) / 1e12, "rel_err_vs_sdpa": rel_err}
 
 
@@ -281,7 +307,7 @@ def main() -> int:
     bandwidth = copy_bandwidth_bytes_per_s()
     print(f"device {device_name}; copy bandwidth {bandwidth / 1e12:.2f} TB/s (read + write); torch {torch.__version__}")
     rows = []
-    header = f"{'B':>5} {'P':>6} {'S':>5} | {'ours ms':>8} {'tile-sfx':>8} {'sdpa ms':>8} {'hydra ms':>8} {'floor ms':>8} | " \
+    header = f"{'B':>5} {'P':>6} {'S':>5} | {'ours ms':>8} {'tile-sfx':>8} {'mma':>8} {'sdpa ms':>8} {'hydra ms':>8} {'floor ms':>8} | " \
              f"{'ours/floor':>10} {'hydra/ours':>10} {'rel err':>8}"
     print(header)
     for shape in DECODE_SHAPES:
@@ -289,18 +315,18 @@ def main() -> int:
         r = bench_decode(shape, bandwidth, reps, device_name)
         r["copy_tb_s"] = bandwidth / 1e12
         rows.append(r)
-        print(f"{r['B']:>5} {r['P']:>6} {r['S']:>5} | {r['ours_ms']:>8.3f} {r['ours_tile_suffix_ms']:>8.3f} "
+        print(f"{r['B']:>5} {r['P']:>6} {r['S']:>5} | {r['ours_ms']:>8.3f} {r['ours_tile_suffix_ms']:>8.3f} {r['ours_mma_ms']:>8.3f} "
               f"{r['sdpa_ms']:>8.3f} "
               f"{r['hydragen_ms']:>8.3f} {r['floor_ms']:>8.3f} | {r['ours_over_floor']:>10.2f} "
               f"{r['hydragen_over_ours']:>10.2f} {r['rel_err_vs_hydragen']:>8.1e}   ({time.time() - t0:.0f} s)",
               flush=True)
     if not args.no_prefill:
-        print(f"{'seqs':>5} {'tokens':>6} | {'ours ms':>8} {'sdpa ms':>8} | {'ours/sdpa':>9} {'ours TF/s':>9} "
+        print(f"{'seqs':>5} {'tokens':>6} | {'ours ms':>8} {'mma ms':>8} {'sdpa ms':>8} | {'ours/sdpa':>9} {'ours TF/s':>9} "
               f"{'sdpa TF/s':>9} {'rel err':>8}")
         for shape in PREFILL_SHAPES:
             r = bench_prefill(shape, reps, device_name)
             rows.append(r)
-            print(f"{r['seqs']:>5} {r['tokens']:>6} | {r['ours_ms']:>8.3f} {r['sdpa_ms']:>8.3f} | "
+            print(f"{r['seqs']:>5} {r['tokens']:>6} | {r['ours_ms']:>8.3f} {r['ours_mma_ms']:>8.3f} {r['sdpa_ms']:>8.3f} | "
                   f"{r['ours_over_sdpa']:>9.2f} {r['ours_tflops']:>9.1f} {r['sdpa_tflops']:>9.1f} "
                   f"{r['rel_err_vs_sdpa']:>8.1e}", flush=True)
     lines = [json.dumps(r) for r in rows]

@@ -127,7 +127,7 @@ for line in open(sys.argv[1]):
 run_section environment 30 section_environment
 run_section build 150 section_build
 if [[ "${SUMMARY[-1]}" == build*ok* ]]; then
-  run_section gpu_tests 90 section_gpu_tests
+  run_section gpu_tests 110 section_gpu_tests
   run_section bench_attention 120 section_bench_attention
   if (( $(date +%s) - SCRIPT_START < 200 )); then
     run_section sanitizer 80 section_sanitizer

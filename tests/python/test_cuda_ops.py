@@ -23,6 +23,10 @@ DTYPES = [torch.float16, torch.bfloat16]
 HEADS = [(4, 4), (8, 2), (32, 8), (8, 1)]
 HEAD_DIMS = [64, 128]
 DEVICE = "cuda"
+# The tile kernels of prefill and cascade prefixes (BATCHLLM_ATTENTION_TILES), both until a GPU run
+# picks one: WMMA with O in shared memory (attention_tile.cuh), mma.sync with O in registers
+# (attention_mma.cuh).
+TILE_KERNELS = ["wmma", "mma"]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -48,7 +52,11 @@ def test_store_kv_cuda(dtype, head_dim):
 @pytest.mark.parametrize("heads", HEADS)
 @pytest.mark.parametrize("head_dim", HEAD_DIMS)
 @pytest.mark.parametrize("seqs_name", list(PREFILL_SEQS))
-def test_prefill_attention_cuda(dtype, heads, head_dim, seqs_name):
+@pytest.mark.parametrize("tiles", TILE_KERNELS)
+def test_prefill_attention_cuda(dtype, heads, head_dim, seqs_name, tiles, monkeypatch):
+    if tiles != "wmma" and dtype != torch.bfloat16:
+        pytest.skip("the A/B tile kernel is swept in bf16 only")
+    monkeypatch.setenv("BATCHLLM_ATTENTION_TILES", tiles)
     num_q_heads, num_kv_heads = heads
     seqs = PREFILL_SEQS[seqs_name]
     kv = PagedKV(64, 16, num_kv_heads, head_dim, dtype, device=DEVICE)
@@ -63,7 +71,9 @@ def test_prefill_attention_cuda(dtype, heads, head_dim, seqs_name):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_prefill_attention_cuda_long_chunk_over_cache(dtype):
+@pytest.mark.parametrize("tiles", TILE_KERNELS)
+def test_prefill_attention_cuda_long_chunk_over_cache(dtype, tiles, monkeypatch):
+    monkeypatch.setenv("BATCHLLM_ATTENTION_TILES", tiles)
     # A 300-token chunk over a 1000-token context: many key tiles, causal masking inside tiles.
     kv = PagedKV(80, 16, 8, 128, dtype, device=DEVICE)
     seqs = [(300, 1000), (1, 77)]
@@ -77,13 +87,14 @@ def test_prefill_attention_cuda_long_chunk_over_cache(dtype):
 @pytest.mark.parametrize("heads", HEADS)
 @pytest.mark.parametrize("head_dim", HEAD_DIMS)
 @pytest.mark.parametrize("name", list(CASCADE_SHAPES))
-@pytest.mark.parametrize("suffix_kernel", ["decode", "tile"])
-def test_cascade_decode_attention_cuda(dtype, heads, head_dim, name, suffix_kernel, monkeypatch):
+@pytest.mark.parametrize("kernels", ["decode+wmma", "tile+wmma", "decode+mma"])
+def test_cascade_decode_attention_cuda(dtype, heads, head_dim, name, kernels, monkeypatch):
     from test_ops import run_cascade_case
-    if suffix_kernel == "tile":  # the A/B alternative of the suffix level, on one dtype
-        if dtype != torch.bfloat16:
-            pytest.skip("the tile suffix kernel is swept in bf16 only")
-        monkeypatch.setenv("BATCHLLM_CASCADE_SUFFIX", "tile")
+    suffix, tiles = kernels.split("+")
+    if kernels != "decode+wmma" and dtype != torch.bfloat16:
+        pytest.skip("the A/B kernel variants are swept in bf16 only")
+    monkeypatch.setenv("BATCHLLM_CASCADE_SUFFIX", suffix)
+    monkeypatch.setenv("BATCHLLM_ATTENTION_TILES", tiles)
     o, lse, ref_o, ref_lse = run_cascade_case(name, dtype, heads, head_dim, device=DEVICE, check_indices=True)
     torch.cuda.synchronize()
     assert not torch.isnan(o).any() and not torch.isnan(lse).any()
@@ -92,7 +103,9 @@ def test_cascade_decode_attention_cuda(dtype, heads, head_dim, name, suffix_kern
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_cascade_cuda_many_readers_one_long_prefix(dtype):
+@pytest.mark.parametrize("tiles", TILE_KERNELS)
+def test_cascade_cuda_many_readers_one_long_prefix(dtype, tiles, monkeypatch):
+    monkeypatch.setenv("BATCHLLM_ATTENTION_TILES", tiles)
     # Kernel-grid shape in miniature: 96 rows read one 1000-token prefix (several 64-row tiles).
     kv = PagedKV(200, 16, 8, 128, dtype, device=DEVICE)
     rows = 96

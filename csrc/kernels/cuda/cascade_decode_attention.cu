@@ -14,7 +14,7 @@
 #include <cstring>
 
 #include "batchllm/kernels/cuda.h"
-#include "kernels/cuda/attention_tile.cuh"
+#include "kernels/cuda/attention_mma.cuh"
 #include "kernels/cuda/decode_rows.cuh"
 
 namespace batchllm::kernels {
@@ -262,8 +262,8 @@ cudaError_t cascade_decode_attention_cuda(const CascadeDecodeParams& p, cudaStre
       }
       const cuda::PrefixProblem<scalar_t> prefix{p.q, p.levels, ws + plan.prefix_o, ws + plan.prefix_lse, group,
                                                  plan.prefix_row_tiles, plan.splits, plan.chunk_keys};
-      BATCHLLM_CUDA_RETURN_IF_ERROR((cuda::launch_attention_tiles<scalar_t, kHeadDim>(
-          prefix, prefix_grid, p.k_cache, p.v_cache, p.scale, stream)));
+      BATCHLLM_CUDA_RETURN_IF_ERROR((cuda::launch_tiles<scalar_t, kHeadDim>(prefix, prefix_grid, p.k_cache,
+                                                                            p.v_cache, p.scale, stream)));
       BATCHLLM_LAUNCH(static_cast<unsigned>(num_rows), 128, 0, stream, cuda::combine_levels_kernel<scalar_t>)(
           p.o, p.lse, p.levels, plan.splits, plan.suffix_splits, ws + plan.suffix_o, ws + plan.suffix_lse, ws + plan.prefix_o,
           ws + plan.prefix_lse);

@@ -3,7 +3,7 @@
 // (token, GQA head) pairs of one sequence and KV head, token-major, so the group's heads share
 // every K/V tile they load.
 #include "batchllm/kernels/cuda.h"
-#include "kernels/cuda/attention_tile.cuh"
+#include "kernels/cuda/attention_mma.cuh"
 
 namespace batchllm::kernels {
 
@@ -67,7 +67,7 @@ cudaError_t prefill_attention_cuda(const PrefillParams& p, cudaStream_t stream) 
     return BATCHLLM_DISPATCH_HEAD_DIM(p.q.shape[2], [&] {
       cuda::PrefillProblem<scalar_t> problem{p.q, p.o, p.block_tables, p.max_blocks_per_seq, p.query_start,
                                              p.context_lens, group};
-      return cuda::launch_attention_tiles<scalar_t, kHeadDim>(problem, grid, p.k_cache, p.v_cache, p.scale, stream);
+      return cuda::launch_tiles<scalar_t, kHeadDim>(problem, grid, p.k_cache, p.v_cache, p.scale, stream);
     });
   });
 }

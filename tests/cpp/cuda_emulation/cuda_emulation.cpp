@@ -96,6 +96,7 @@ struct Fiber {
   Context context;
   State state = State::kRunnable;
   unsigned shuffle_round = 0;
+  unsigned mma_round = 0;
 };
 
 /// Memory with a PROT_NONE page right after its last byte (and the mapping's bookkeeping).
@@ -133,6 +134,7 @@ struct Emulator {
   std::vector<Fiber> fibers;
   std::vector<std::vector<char>> stacks;
   std::vector<uint64_t> shuffle_buffers;  // [warp][2 rounds][32 lanes]
+  std::vector<uint32_t> mma_buffers;      // [warp][2 rounds][32 lanes][6 registers]
   Context scheduler;
   int current = -1;
   const std::function<void()>* body = nullptr;
@@ -180,6 +182,7 @@ bool run_block(int num_threads) {
   e.fibers.assign(num_threads, Fiber{});
   if (static_cast<int>(e.stacks.size()) < num_threads) e.stacks.resize(num_threads);
   e.shuffle_buffers.assign(static_cast<size_t>(num_warps) * 64, 0);
+  e.mma_buffers.assign(static_cast<size_t>(num_warps) * 2 * 32 * 6, 0);
   for (int t = 0; t < num_threads; ++t) {
     if (e.stacks[t].empty()) e.stacks[t].resize(kStackBytes);
     Fiber& f = e.fibers[t];
@@ -336,6 +339,43 @@ uint64_t* shuffle_slots() {
   uint64_t* slots = e.shuffle_buffers.data() + (static_cast<size_t>(warp) * 2 + self.shuffle_round % 2) * 32;
   ++self.shuffle_round;
   return slots;
+}
+
+void mma_m16n8k16(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2], bool bf16) {
+  Emulator& e = emu();
+  Fiber& self = e.fibers[e.current];
+  const int warp = static_cast<int>(threadIdx.x / 32), lane = static_cast<int>(threadIdx.x % 32);
+  // Every lane posts its registers, then each computes its own accumulators from the whole warp's.
+  // Two buffers by round, so a lane's next post never overwrites what a slower lane still reads.
+  uint32_t* posts = e.mma_buffers.data() + (static_cast<size_t>(warp) * 2 + self.mma_round % 2) * 32 * 6;
+  ++self.mma_round;
+  for (int i = 0; i < 4; ++i) posts[lane * 6 + i] = a[i];
+  for (int i = 0; i < 2; ++i) posts[lane * 6 + 4 + i] = b[i];
+  warp_barrier();
+  auto element = [&](uint32_t reg, int half) {
+    const uint16_t bits = static_cast<uint16_t>(half ? reg >> 16 : reg & 0xffffu);
+    return bf16 ? batchllm::kernels::cpu::bf16_to_float(bits) : batchllm::kernels::cpu::half_to_float(bits);
+  };
+  float A[16][16], B[16][8];
+  for (int l = 0; l < 32; ++l) {
+    const int g = l / 4, t = l % 4;
+    const uint32_t* r = posts + l * 6;
+    for (int h = 0; h < 2; ++h) {
+      A[g][2 * t + h] = element(r[0], h);
+      A[g + 8][2 * t + h] = element(r[1], h);
+      A[g][2 * t + 8 + h] = element(r[2], h);
+      A[g + 8][2 * t + 8 + h] = element(r[3], h);
+      B[2 * t + h][g] = element(r[4], h);
+      B[2 * t + 8 + h][g] = element(r[5], h);
+    }
+  }
+  const int g = lane / 4, t = lane % 4;
+  const int rows[4] = {g, g, g + 8, g + 8}, cols[4] = {2 * t, 2 * t + 1, 2 * t, 2 * t + 1};
+  for (int i = 0; i < 4; ++i) {
+    float sum = d[i];
+    for (int k = 0; k < 16; ++k) sum += A[rows[i]][k] * B[k][cols[i]];
+    d[i] = sum;
+  }
 }
 
 }  // namespace batchllm_emulation

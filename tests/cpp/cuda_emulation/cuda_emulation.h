@@ -133,6 +133,9 @@ void warp_barrier();
 [[noreturn]] void device_fault(const char* what);
 /// The calling lane's slot of its warp's shuffle buffer of this round, and the buffer itself.
 uint64_t* shuffle_slots();
+/// mma.sync.aligned.m16n8k16.row.col.f32.{bf16|f16}: warp-collective, d += a * b with the PTX ISA's
+/// fragment layout (csrc/kernels/cuda/mma_sync.cuh); each lane's registers, like the device's.
+void mma_m16n8k16(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2], bool bf16);
 
 template <typename... P>
 struct Launch {
@@ -175,6 +178,20 @@ T __shfl_xor_sync(unsigned /*mask*/, T value, int lane_mask, int width = 32) {
   const int source = (lane ^ lane_mask) < width ? (lane ^ lane_mask) : lane;
   T out;
   std::memcpy(&out, &slots[source], sizeof(T));
+  return out;
+}
+
+template <typename T>
+T __shfl_sync(unsigned /*mask*/, T value, int source_lane, int width = 32) {
+  static_assert(sizeof(T) <= sizeof(uint64_t) && std::is_trivially_copyable_v<T>, "shuffle of a register value");
+  uint64_t* slots = batchllm_emulation::shuffle_slots();
+  const int lane = static_cast<int>(threadIdx.x % 32);
+  uint64_t mine = 0;
+  std::memcpy(&mine, &value, sizeof(T));
+  slots[lane] = mine;
+  batchllm_emulation::warp_barrier();
+  T out;
+  std::memcpy(&out, &slots[(lane / width) * width + source_lane % width], sizeof(T));
   return out;
 }
 

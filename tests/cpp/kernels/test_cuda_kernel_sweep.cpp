@@ -315,9 +315,17 @@ TEST_F(CudaSweep, PrefillAttention) {
             d.block_tables = d_tables.device;
             d.query_start = d_start.device;
             d.context_lens = d_context.device;
-            ASSERT_EQ(bk::prefill_attention_cuda(d, nullptr), cudaSuccess);
-            ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
-            EXPECT_LT(rel_err(o.download(), want, dtype), tolerance(dtype));
+            // Both tile kernels: WMMA (attention_tile.cuh) and mma.sync (attention_mma.cuh).
+            for (const char* tiles : {"wmma", "mma"}) {
+              SCOPED_TRACE(std::string("tiles ") + tiles);
+              o.upload();  // poisoned again
+              setenv("BATCHLLM_ATTENTION_TILES", tiles, 1);
+              const cudaError_t launched = bk::prefill_attention_cuda(d, nullptr);
+              unsetenv("BATCHLLM_ATTENTION_TILES");
+              ASSERT_EQ(launched, cudaSuccess);
+              ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+              EXPECT_LT(rel_err(o.download(), want, dtype), tolerance(dtype));
+            }
           }
         }
       }
@@ -439,10 +447,17 @@ TEST_F(CudaSweep, CascadeDecodeAttention) {
             Mirror<float> workspace(
                 std::vector<float>(bk::cascade_workspace_floats(rows, hq, hkv, head_dim, p.levels), NAN));
             d.workspace = workspace.device;
-            // The suffix level by the decode kernel (default), and every third case by the tile kernel.
-            if (index % 3 == 0) setenv("BATCHLLM_CASCADE_SUFFIX", "tile", 1);
+            // Kernel variants by a hash of the case (a plain index % n would tie them to shapes):
+            // the suffix level on decode_rows (default) or the tile kernel, the prefix tiles on WMMA
+            // (default) or mma.sync.
+            const unsigned variant = (static_cast<unsigned>(index) * 2654435761u) >> 28;
+            if (variant % 3 == 0) setenv("BATCHLLM_CASCADE_SUFFIX", "tile", 1);
+            if (variant / 3 % 2 == 1) setenv("BATCHLLM_ATTENTION_TILES", "mma", 1);
+            SCOPED_TRACE(std::string(variant % 3 == 0 ? "suffix tiles" : "suffix decode_rows") +
+                         (variant / 3 % 2 == 1 ? ", prefix mma" : ", prefix wmma"));
             const cudaError_t launched = bk::cascade_decode_attention_cuda(d, nullptr);
             unsetenv("BATCHLLM_CASCADE_SUFFIX");
+            unsetenv("BATCHLLM_ATTENTION_TILES");
             ASSERT_EQ(launched, cudaSuccess);
             ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
             EXPECT_LT(rel_err(o.download(), want, dtype), tolerance(dtype));

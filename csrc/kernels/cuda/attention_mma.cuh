@@ -1,0 +1,221 @@
+// One tile of paged attention on mma.sync (flash-attention 2's layout): the same Problem interface and
+// TileRows as attention_tile.cuh (64 query rows of one KV head, keys streamed 64 at a time), but
+// scores, probabilities and the output accumulator stay in registers:
+//   - each warp owns 16 rows; its Q fragments are loaded once from global memory;
+//   - S = Q K^T as 8 n-blocks of 8 keys (32 floats per lane), masked, scaled, online softmax with
+//     the row max reduced over the 4 lanes that share a row;
+//   - the S accumulators are, element for element, the A operand of P V (mma_sync.cuh), so P never
+//     goes through shared memory; O (D / 8 n-blocks, 4 floats each) is rescaled in registers.
+// Shared memory holds only the K and V tile (35 KB at d = 128 instead of the WMMA tile's 105 KB);
+// the finished O rows go through the K/V space to Problem::write.
+// Selected by BATCHLLM_ATTENTION_TILES=mma (prefill and cascade prefixes) until a GPU run decides.
+#pragma once
+
+#include <cstdlib>
+#include <cstring>
+
+#include "kernels/cuda/attention_tile.cuh"
+#include "kernels/cuda/mma_sync.cuh"
+
+namespace batchllm::kernels::cuda {
+
+/// Whether prefill and cascade-prefix tiles run on attention_mma_kernel (BATCHLLM_ATTENTION_TILES=mma)
+/// instead of the WMMA tile kernel; read at every launch so that a benchmark can compare both.
+inline bool attention_tiles_by_mma() {
+  const char* choice = std::getenv("BATCHLLM_ATTENTION_TILES");
+  return choice != nullptr && std::strcmp(choice, "mma") == 0;
+}
+
+/// Launches the Problem's tiles on the kernel attention_tiles_by_mma() picks.
+template <typename T, int D, typename Problem>
+cudaError_t launch_tiles(const Problem& problem, dim3 grid, const TensorView& k_cache, const TensorView& v_cache,
+                         float scale, cudaStream_t stream);
+
+template <typename T, int D>
+struct MmaSmem {
+  static constexpr int kLd = D + 8;  // 16-bit elements; rows 16-byte aligned, banks spread
+  static constexpr int kLdO = D + 4;  // floats, for the finished rows
+  union {
+    struct {
+      T k[kTileKeys * kLd];
+      T v[kTileKeys * kLd];
+    } kv;
+    float o[kTileRows * kLdO];
+  };
+  TileRows<T> rows;
+};
+
+template <typename T, int D, typename Problem>
+__global__ void __launch_bounds__(kTileThreads) attention_mma_kernel(Problem problem, TensorView k_cache,
+                                                                     TensorView v_cache, float scale_log2) {
+  static_assert(sizeof(float) * kTileRows * (D + 4) <= 2 * sizeof(T) * kTileKeys * (D + 8),
+                "finished rows must fit in the K/V space");
+  using Smem = MmaSmem<T, D>;
+  BATCHLLM_DYNAMIC_SHARED_MEMORY(smem_raw);
+  Smem& sm = *reinterpret_cast<Smem*>(smem_raw);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int g = lane / 4, t = lane % 4;
+
+  if (threadIdx.x == 0) {
+    sm.rows.key_begin = 0;
+    if (problem.setup(sm.rows)) {
+      sm.rows.block_size = static_cast<int>(k_cache.shape[1]);
+    } else {
+      sm.rows.num_keys = -1;
+    }
+  }
+  __syncthreads();
+  if (sm.rows.num_keys < 0) return;  // uniform across the CTA
+
+  // This lane's two rows (g and g + 8 of the warp's 16) and their Q fragments (zero when unused).
+  const int r0 = warp * 16 + g, r1 = r0 + 8;
+  const T* q0 = sm.rows.q[r0];
+  const T* q1 = sm.rows.q[r1];
+  const int limit0 = q0 ? sm.rows.key_limit[r0] : 0, limit1 = q1 ? sm.rows.key_limit[r1] : 0;
+  uint32_t qa[D / 16][4];
+#pragma unroll
+  for (int kk = 0; kk < D / 16; ++kk) {
+    const int c = kk * 16 + 2 * t;
+    qa[kk][0] = q0 ? pack2(q0 + c, q0 + c + 1) : 0u;
+    qa[kk][1] = q1 ? pack2(q1 + c, q1 + c + 1) : 0u;
+    qa[kk][2] = q0 ? pack2(q0 + c + 8, q0 + c + 9) : 0u;
+    qa[kk][3] = q1 ? pack2(q1 + c + 8, q1 + c + 9) : 0u;
+  }
+
+  float o[D / 8][4];
+#pragma unroll
+  for (int n = 0; n < D / 8; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.0f;
+  float m0 = -INFINITY, m1 = -INFINITY;  // running max of scaled scores (log2 domain)
+  float l0 = 0.0f, l1 = 0.0f;            // this lane's part of the running sums
+
+  constexpr int kLd = Smem::kLd;
+  for (int first_key = sm.rows.key_begin; first_key < sm.rows.num_keys; first_key += kTileKeys) {
+    __syncthreads();  // every warp is done with the previous K/V tile
+    load_kv_tile<T, D>(sm.kv.k, sm.kv.v, k_cache, v_cache, sm.rows, first_key);  // rows of kLd elements
+    __syncthreads();
+
+    // S = Q K^T: n-block n holds keys n*8 .. n*8+7; B fragment b0 = K[key g][dims 2t, 2t+1].
+    float s[kTileKeys / 8][4];
+#pragma unroll
+    for (int n = 0; n < kTileKeys / 8; ++n) {
+      s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.0f;
+      const T* k_row = sm.kv.k + (n * 8 + g) * kLd;
+#pragma unroll
+      for (int kk = 0; kk < D / 16; ++kk) {
+        const uint32_t b[2] = {*reinterpret_cast<const uint32_t*>(k_row + kk * 16 + 2 * t),
+                               *reinterpret_cast<const uint32_t*>(k_row + kk * 16 + 8 + 2 * t)};
+        mma_m16n8k16<T>(s[n], qa[kk], b);
+      }
+    }
+    // Mask (causal limit, past the keys) and scale; the rows' maxima over the 4 lanes of the row.
+    float tile_max0 = -INFINITY, tile_max1 = -INFINITY;
+#pragma unroll
+    for (int n = 0; n < kTileKeys / 8; ++n) {
+#pragma unroll
+      for (int j = 0; j < 2; ++j) {
+        const int key = first_key + n * 8 + 2 * t + j;
+        s[n][j] = key < limit0 ? s[n][j] * scale_log2 : -INFINITY;
+        s[n][2 + j] = key < limit1 ? s[n][2 + j] * scale_log2 : -INFINITY;
+        tile_max0 = fmaxf(tile_max0, s[n][j]);
+        tile_max1 = fmaxf(tile_max1, s[n][2 + j]);
+      }
+    }
+#pragma unroll
+    for (int offset = 1; offset < 4; offset *= 2) {
+      tile_max0 = fmaxf(tile_max0, __shfl_xor_sync(0xffffffffu, tile_max0, offset));
+      tile_max1 = fmaxf(tile_max1, __shfl_xor_sync(0xffffffffu, tile_max1, offset));
+    }
+    const float new_m0 = fmaxf(m0, tile_max0), new_m1 = fmaxf(m1, tile_max1);
+    // A row with no valid key so far keeps o = 0, l = 0 (exp2 of -inf - -inf would be NaN).
+    const bool empty0 = new_m0 == -INFINITY, empty1 = new_m1 == -INFINITY;
+    const float alpha0 = empty0 ? 1.0f : exp2f(m0 - new_m0), alpha1 = empty1 ? 1.0f : exp2f(m1 - new_m1);
+    m0 = new_m0;
+    m1 = new_m1;
+    float sum0 = 0.0f, sum1 = 0.0f;
+#pragma unroll
+    for (int n = 0; n < kTileKeys / 8; ++n) {
+#pragma unroll
+      for (int j = 0; j < 2; ++j) {
+        s[n][j] = empty0 ? 0.0f : exp2f(s[n][j] - new_m0);
+        s[n][2 + j] = empty1 ? 0.0f : exp2f(s[n][2 + j] - new_m1);
+        sum0 += s[n][j];
+        sum1 += s[n][2 + j];
+      }
+    }
+    l0 = l0 * alpha0 + sum0;
+    l1 = l1 * alpha1 + sum1;
+#pragma unroll
+    for (int n = 0; n < D / 8; ++n) {
+      o[n][0] *= alpha0;
+      o[n][1] *= alpha0;
+      o[n][2] *= alpha1;
+      o[n][3] *= alpha1;
+    }
+    // O += P V. k-step j covers keys 16j .. 16j+15: its A fragment is S n-blocks 2j and 2j+1;
+    // B fragment b0 = V[keys 2t, 2t+1][dim g] (two rows of V: packed from two loads).
+#pragma unroll
+    for (int j = 0; j < kTileKeys / 16; ++j) {
+      const uint32_t pa[4] = {pack2<T>(s[2 * j][0], s[2 * j][1]), pack2<T>(s[2 * j][2], s[2 * j][3]),
+                              pack2<T>(s[2 * j + 1][0], s[2 * j + 1][1]), pack2<T>(s[2 * j + 1][2], s[2 * j + 1][3])};
+      const T* v0 = sm.kv.v + (16 * j + 2 * t) * kLd;
+#pragma unroll
+      for (int n = 0; n < D / 8; ++n) {
+        const int dim = n * 8 + g;
+        const uint32_t b[2] = {pack2(v0 + dim, v0 + kLd + dim), pack2(v0 + 8 * kLd + dim, v0 + 9 * kLd + dim)};
+        mma_m16n8k16<T>(o[n], pa, b);
+      }
+    }
+  }
+
+  // Whole-row sums over the row's 4 lanes; normalised rows through shared memory to Problem::write.
+#pragma unroll
+  for (int offset = 1; offset < 4; offset *= 2) {
+    l0 += __shfl_xor_sync(0xffffffffu, l0, offset);
+    l1 += __shfl_xor_sync(0xffffffffu, l1, offset);
+  }
+  const float inv0 = l0 > 0.0f ? 1.0f / l0 : 0.0f, inv1 = l1 > 0.0f ? 1.0f / l1 : 0.0f;
+  __syncthreads();  // every warp is done with K/V: the space holds the finished rows now
+#pragma unroll
+  for (int n = 0; n < D / 8; ++n) {
+    const int c = n * 8 + 2 * t;
+    sm.o[r0 * Smem::kLdO + c] = o[n][0] * inv0;
+    sm.o[r0 * Smem::kLdO + c + 1] = o[n][1] * inv0;
+    sm.o[r1 * Smem::kLdO + c] = o[n][2] * inv1;
+    sm.o[r1 * Smem::kLdO + c + 1] = o[n][3] * inv1;
+  }
+  __syncwarp();
+  // lse back to natural log: (max + log2(sum)) * ln 2; -inf when the row saw no keys.
+  const float lse0 = l0 > 0.0f ? (m0 + log2f(l0)) * 0.69314718055994531f : -INFINITY;
+  const float lse1 = l1 > 0.0f ? (m1 + log2f(l1)) * 0.69314718055994531f : -INFINITY;
+  for (int i = 0; i < 16; ++i) {
+    const int r = warp * 16 + i;
+    if (!sm.rows.q[r]) continue;
+    // Row i's lse lives in the lanes of group i % 8 (first or second row of the lane).
+    const float lse = __shfl_sync(0xffffffffu, i < 8 ? lse0 : lse1, (i % 8) * 4);
+    problem.write(r, sm.o + r * Smem::kLdO, 1.0f, lse, lane);
+  }
+}
+
+/// Launches attention_mma_kernel; same grid and Problem as launch_attention_tiles.
+template <typename T, int D, typename Problem>
+cudaError_t launch_attention_mma(const Problem& problem, dim3 grid, const TensorView& k_cache,
+                                 const TensorView& v_cache, float scale, cudaStream_t stream) {
+  if (grid.x == 0 || grid.y == 0 || grid.z == 0) return cudaSuccess;
+  constexpr size_t kSmemBytes = sizeof(MmaSmem<T, D>);
+  static const cudaError_t attribute_error = cudaFuncSetAttribute(
+      attention_mma_kernel<T, D, Problem>, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(kSmemBytes));
+  BATCHLLM_CUDA_RETURN_IF_ERROR(attribute_error);
+  constexpr float kLog2e = 1.4426950408889634f;
+  BATCHLLM_LAUNCH(grid, kTileThreads, kSmemBytes, stream, attention_mma_kernel<T, D, Problem>)(
+      problem, k_cache, v_cache, scale * kLog2e);
+  return last_launch_error();
+}
+
+template <typename T, int D, typename Problem>
+cudaError_t launch_tiles(const Problem& problem, dim3 grid, const TensorView& k_cache, const TensorView& v_cache,
+                         float scale, cudaStream_t stream) {
+  return attention_tiles_by_mma() ? launch_attention_mma<T, D>(problem, grid, k_cache, v_cache, scale, stream)
+                                  : launch_attention_tiles<T, D>(problem, grid, k_cache, v_cache, scale, stream);
+}
+
+}  // namespace batchllm::kernels::cuda
