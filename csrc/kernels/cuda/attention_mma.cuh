@@ -94,17 +94,20 @@ __global__ void __launch_bounds__(kTileThreads) attention_mma_kernel(Problem pro
     load_kv_tile<T, D>(sm.kv.k, sm.kv.v, k_cache, v_cache, sm.rows, first_key);  // rows of kLd elements
     __syncthreads();
 
-    // S = Q K^T: n-block n holds keys n*8 .. n*8+7; B fragment b0 = K[key g][dims 2t, 2t+1].
+    // S = Q K^T: n-block n holds keys n*8 .. n*8+7; B fragment b0 = K[key g][dims 2t, 2t+1], which is
+    // ldmatrix (no transpose) of the 8 x 8 blocks (keys of n, 8 dims): one x4 feeds two k-steps.
     float s[kTileKeys / 8][4];
 #pragma unroll
     for (int n = 0; n < kTileKeys / 8; ++n) {
       s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.0f;
-      const T* k_row = sm.kv.k + (n * 8 + g) * kLd;
+      const T* k_rows = sm.kv.k + (n * 8 + lane % 8) * kLd + (lane / 8) * 8;
 #pragma unroll
-      for (int kk = 0; kk < D / 16; ++kk) {
-        const uint32_t b[2] = {*reinterpret_cast<const uint32_t*>(k_row + kk * 16 + 2 * t),
-                               *reinterpret_cast<const uint32_t*>(k_row + kk * 16 + 8 + 2 * t)};
-        mma_m16n8k16<T>(s[n], qa[kk], b);
+      for (int kk = 0; kk < D / 16; kk += 2) {
+        uint32_t b[4];
+        ldmatrix_x4<false>(b, k_rows + kk * 16);
+        const uint32_t b0[2] = {b[0], b[1]}, b1[2] = {b[2], b[3]};
+        mma_m16n8k16<T>(s[n], qa[kk], b0);
+        mma_m16n8k16<T>(s[n], qa[kk + 1], b1);
       }
     }
     // Mask (causal limit, past the keys) and scale; the rows' maxima over the 4 lanes of the row.
@@ -152,17 +155,20 @@ __global__ void __launch_bounds__(kTileThreads) attention_mma_kernel(Problem pro
       o[n][3] *= alpha1;
     }
     // O += P V. k-step j covers keys 16j .. 16j+15: its A fragment is S n-blocks 2j and 2j+1;
-    // B fragment b0 = V[keys 2t, 2t+1][dim g] (two rows of V: packed from two loads).
+    // B fragment b0 = V[keys 2t, 2t+1][dim g]: ldmatrix.trans of the 8 x 8 blocks (8 keys, dims of
+    // n); one x4 gives b0 and b1 of two dim blocks.
 #pragma unroll
     for (int j = 0; j < kTileKeys / 16; ++j) {
       const uint32_t pa[4] = {pack2<T>(s[2 * j][0], s[2 * j][1]), pack2<T>(s[2 * j][2], s[2 * j][3]),
                               pack2<T>(s[2 * j + 1][0], s[2 * j + 1][1]), pack2<T>(s[2 * j + 1][2], s[2 * j + 1][3])};
-      const T* v0 = sm.kv.v + (16 * j + 2 * t) * kLd;
+      const T* v_rows = sm.kv.v + (16 * j + (lane / 8) % 2 * 8 + lane % 8) * kLd + (lane / 16) * 8;
 #pragma unroll
-      for (int n = 0; n < D / 8; ++n) {
-        const int dim = n * 8 + g;
-        const uint32_t b[2] = {pack2(v0 + dim, v0 + kLd + dim), pack2(v0 + 8 * kLd + dim, v0 + 9 * kLd + dim)};
-        mma_m16n8k16<T>(o[n], pa, b);
+      for (int n = 0; n < D / 8; n += 2) {
+        uint32_t b[4];
+        ldmatrix_x4<true>(b, v_rows + n * 8);
+        const uint32_t b0[2] = {b[0], b[1]}, b1[2] = {b[2], b[3]};
+        mma_m16n8k16<T>(o[n], pa, b0);
+        mma_m16n8k16<T>(o[n + 1], pa, b1);
       }
     }
   }

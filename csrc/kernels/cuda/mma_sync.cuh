@@ -39,6 +39,28 @@ __device__ __forceinline__ void mma_m16n8k16(float (&d)[4], const uint32_t (&a)[
 #endif
 }
 
+/// ldmatrix.sync.aligned.m8n8.x4(.trans).shared.b16: four 8 x 8 matrices of 16-bit elements from
+/// shared memory, warp-collective. Lane l gives the address of row l % 8 of matrix l / 8 (16-byte
+/// aligned); register i receives, of matrix i, elements [l / 4][2 (l % 4)] and [l / 4][2 (l % 4) + 1]
+/// (with .trans: [2 (l % 4)][l / 4] and [2 (l % 4) + 1][l / 4]) - exactly an mma A or B fragment.
+template <bool kTrans>
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* row) {
+#if defined(BATCHLLM_CUDA_EMULATION_ACTIVE)
+  batchllm_emulation::ldmatrix_x4(r, row, kTrans);
+#else
+  const unsigned address = static_cast<unsigned>(__cvta_generic_to_shared(row));
+  if constexpr (kTrans) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(address));
+  } else {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(address));
+  }
+#endif
+}
+
 /// Two floats as one register of two 16-bit T (lo in the low half).
 template <typename T>
 __device__ __forceinline__ uint32_t pack2(float lo, float hi) {

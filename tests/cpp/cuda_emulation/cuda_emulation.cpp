@@ -378,6 +378,30 @@ void mma_m16n8k16(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2],
   }
 }
 
+void ldmatrix_x4(uint32_t (&r)[4], const void* row, bool trans) {
+  Emulator& e = emu();
+  Fiber& self = e.fibers[e.current];
+  const int warp = static_cast<int>(threadIdx.x / 32), lane = static_cast<int>(threadIdx.x % 32);
+  if (reinterpret_cast<uintptr_t>(row) % 16 != 0) device_fault("ldmatrix row address not 16-byte aligned");
+  uint64_t* posts = e.shuffle_buffers.data() + (static_cast<size_t>(warp) * 2 + self.shuffle_round % 2) * 32;
+  ++self.shuffle_round;
+  posts[lane] = reinterpret_cast<uintptr_t>(row);
+  warp_barrier();
+  const int g = lane / 4, t = lane % 4;
+  for (int i = 0; i < 4; ++i) {
+    uint16_t lo, hi;
+    if (!trans) {  // row g, columns 2t and 2t + 1 of matrix i
+      const auto* m_row = reinterpret_cast<const uint16_t*>(posts[8 * i + g]);
+      lo = m_row[2 * t];
+      hi = m_row[2 * t + 1];
+    } else {       // rows 2t and 2t + 1, column g of matrix i
+      lo = reinterpret_cast<const uint16_t*>(posts[8 * i + 2 * t])[g];
+      hi = reinterpret_cast<const uint16_t*>(posts[8 * i + 2 * t + 1])[g];
+    }
+    r[i] = static_cast<uint32_t>(lo) | (static_cast<uint32_t>(hi) << 16);
+  }
+}
+
 }  // namespace batchllm_emulation
 
 using batchllm_emulation::emu;

@@ -136,6 +136,8 @@ uint64_t* shuffle_slots();
 /// mma.sync.aligned.m16n8k16.row.col.f32.{bf16|f16}: warp-collective, d += a * b with the PTX ISA's
 /// fragment layout (csrc/kernels/cuda/mma_sync.cuh); each lane's registers, like the device's.
 void mma_m16n8k16(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2], bool bf16);
+/// ldmatrix.sync.aligned.m8n8.x4(.trans).shared.b16 (csrc/kernels/cuda/mma_sync.cuh), warp-collective.
+void ldmatrix_x4(uint32_t (&r)[4], const void* row, bool trans);
 
 template <typename... P>
 struct Launch {
