@@ -6,8 +6,9 @@
 //     the row max reduced over the 4 lanes that share a row;
 //   - the S accumulators are, element for element, the A operand of P V (mma_sync.cuh), so P never
 //     goes through shared memory; O (D / 8 n-blocks, 4 floats each) is rescaled in registers.
-// Shared memory holds only the K and V tile (35 KB at d = 128 instead of the WMMA tile's 105 KB);
-// the finished O rows go through the K/V space to Problem::write.
+// Shared memory holds only K and V, double-buffered: tile i + 1 arrives by cp.async while tile i is
+// computed (70 KB at d = 128; the WMMA tile kernel needs 105 KB for one); the finished O rows go
+// through the K/V space to Problem::write.
 // Selected by BATCHLLM_ATTENTION_TILES=mma (prefill and cascade prefixes) until a GPU run decides.
 #pragma once
 
@@ -35,20 +36,52 @@ template <typename T, int D>
 struct MmaSmem {
   static constexpr int kLd = D + 8;  // 16-bit elements; rows 16-byte aligned, banks spread
   static constexpr int kLdO = D + 4;  // floats, for the finished rows
+  static constexpr int kStages = 2;   // K/V tile i + 1 loads (cp.async) while tile i is computed
   union {
     struct {
       T k[kTileKeys * kLd];
       T v[kTileKeys * kLd];
-    } kv;
+    } kv[kStages];
     float o[kTileRows * kLdO];
   };
   TileRows<T> rows;
 };
 
+/// Issues the cp.async copies of 64 keys (from `first_key`) of one KV head into a stage and commits
+/// them as one group; keys past num_keys are zero-filled.
+template <typename T, int D>
+__device__ __forceinline__ void issue_kv_tile(T* k_dst, T* v_dst, const TensorView& k_cache,
+                                              const TensorView& v_cache, const TileRows<T>& rows, int first_key) {
+  constexpr int kLd = MmaSmem<T, D>::kLd;
+  constexpr int kVecPerKey = D * sizeof(T) / 16;
+  constexpr int kVecPerThread = kTileKeys * kVecPerKey / kTileThreads;
+  static_assert(kTileKeys * kVecPerKey % kTileThreads == 0, "tile loads must divide evenly");
+  const T* k_base = static_cast<const T*>(k_cache.data);
+  const T* v_base = static_cast<const T*>(v_cache.data);
+#pragma unroll
+  for (int i = 0; i < kVecPerThread; ++i) {
+    const int idx = threadIdx.x + i * kTileThreads;
+    const int key = idx / kVecPerKey, chunk = idx % kVecPerKey;
+    const int pos = first_key + key;
+    const bool valid = pos < rows.num_keys;
+    const T* k_src = k_base;
+    const T* v_src = v_base;
+    if (valid) {
+      const int64_t block = rows.blocks[pos / rows.block_size];
+      const int64_t slot = pos % rows.block_size;
+      k_src += block * k_cache.stride[0] + slot * k_cache.stride[1] + rows.kv_head * k_cache.stride[2] + chunk * 8;
+      v_src += block * v_cache.stride[0] + slot * v_cache.stride[1] + rows.kv_head * v_cache.stride[2] + chunk * 8;
+    }
+    cp_async_16(k_dst + key * kLd + chunk * 8, k_src, valid);
+    cp_async_16(v_dst + key * kLd + chunk * 8, v_src, valid);
+  }
+  cp_async_commit();
+}
+
 template <typename T, int D, typename Problem>
 __global__ void __launch_bounds__(kTileThreads) attention_mma_kernel(Problem problem, TensorView k_cache,
                                                                      TensorView v_cache, float scale_log2) {
-  static_assert(sizeof(float) * kTileRows * (D + 4) <= 2 * sizeof(T) * kTileKeys * (D + 8),
+  static_assert(sizeof(float) * kTileRows * (D + 4) <= 4 * sizeof(T) * kTileKeys * (D + 8),
                 "finished rows must fit in the K/V space");
   using Smem = MmaSmem<T, D>;
   BATCHLLM_DYNAMIC_SHARED_MEMORY(smem_raw);
@@ -89,10 +122,22 @@ __global__ void __launch_bounds__(kTileThreads) attention_mma_kernel(Problem pro
   float l0 = 0.0f, l1 = 0.0f;            // this lane's part of the running sums
 
   constexpr int kLd = Smem::kLd;
-  for (int first_key = sm.rows.key_begin; first_key < sm.rows.num_keys; first_key += kTileKeys) {
-    __syncthreads();  // every warp is done with the previous K/V tile
-    load_kv_tile<T, D>(sm.kv.k, sm.kv.v, k_cache, v_cache, sm.rows, first_key);  // rows of kLd elements
-    __syncthreads();
+  const int keys_end = sm.rows.num_keys;
+  if (sm.rows.key_begin < keys_end) {
+    issue_kv_tile<T, D>(sm.kv[0].k, sm.kv[0].v, k_cache, v_cache, sm.rows, sm.rows.key_begin);
+  }
+  int stage = 0;
+  for (int first_key = sm.rows.key_begin; first_key < keys_end; first_key += kTileKeys, stage ^= 1) {
+    if (first_key + kTileKeys < keys_end) {  // the next tile into the other stage, then wait for this one
+      issue_kv_tile<T, D>(sm.kv[stage ^ 1].k, sm.kv[stage ^ 1].v, k_cache, v_cache, sm.rows,
+                          first_key + kTileKeys);
+      cp_async_wait<1>();
+    } else {
+      cp_async_wait<0>();
+    }
+    __syncthreads();  // this stage's copies, by every thread, are visible
+    const T* k_tile = sm.kv[stage].k;
+    const T* v_tile = sm.kv[stage].v;
 
     // S = Q K^T: n-block n holds keys n*8 .. n*8+7; B fragment b0 = K[key g][dims 2t, 2t+1], which is
     // ldmatrix (no transpose) of the 8 x 8 blocks (keys of n, 8 dims): one x4 feeds two k-steps.
@@ -100,7 +145,7 @@ __global__ void __launch_bounds__(kTileThreads) attention_mma_kernel(Problem pro
 #pragma unroll
     for (int n = 0; n < kTileKeys / 8; ++n) {
       s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.0f;
-      const T* k_rows = sm.kv.k + (n * 8 + lane % 8) * kLd + (lane / 8) * 8;
+      const T* k_rows = k_tile + (n * 8 + lane % 8) * kLd + (lane / 8) * 8;
 #pragma unroll
       for (int kk = 0; kk < D / 16; kk += 2) {
         uint32_t b[4];
@@ -161,7 +206,7 @@ __global__ void __launch_bounds__(kTileThreads) attention_mma_kernel(Problem pro
     for (int j = 0; j < kTileKeys / 16; ++j) {
       const uint32_t pa[4] = {pack2<T>(s[2 * j][0], s[2 * j][1]), pack2<T>(s[2 * j][2], s[2 * j][3]),
                               pack2<T>(s[2 * j + 1][0], s[2 * j + 1][1]), pack2<T>(s[2 * j + 1][2], s[2 * j + 1][3])};
-      const T* v_rows = sm.kv.v + (16 * j + (lane / 8) % 2 * 8 + lane % 8) * kLd + (lane / 16) * 8;
+      const T* v_rows = v_tile + (16 * j + (lane / 8) % 2 * 8 + lane % 8) * kLd + (lane / 16) * 8;
 #pragma unroll
       for (int n = 0; n < D / 8; n += 2) {
         uint32_t b[4];
@@ -171,6 +216,7 @@ __global__ void __launch_bounds__(kTileThreads) attention_mma_kernel(Problem pro
         mma_m16n8k16<T>(o[n + 1], pa, b1);
       }
     }
+    __syncthreads();  // every warp is done with this stage before the next iteration refills it
   }
 
   // Whole-row sums over the row's 4 lanes; normalised rows through shared memory to Problem::write.

@@ -61,6 +61,38 @@ __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* row) {
 #endif
 }
 
+/// cp.async.cg.shared.global: 16 bytes from global to shared memory without passing through
+/// registers (sm_80+); zero-filled when !valid (then src is not read). Visible after
+/// cp_async_wait<N>() in the issuing thread, and to others after a barrier that follows it.
+__device__ __forceinline__ void cp_async_16(void* smem_dst, const void* global_src, bool valid) {
+#if defined(BATCHLLM_CUDA_EMULATION_ACTIVE)
+  batchllm_emulation::cp_async_16(smem_dst, global_src, valid);
+#else
+  const unsigned address = static_cast<unsigned>(__cvta_generic_to_shared(smem_dst));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(address), "l"(global_src),
+               "r"(valid ? 16 : 0));
+#endif
+}
+
+/// Closes the group of the cp_async_16 calls issued since the last commit.
+__device__ __forceinline__ void cp_async_commit() {
+#if defined(BATCHLLM_CUDA_EMULATION_ACTIVE)
+  batchllm_emulation::cp_async_commit();
+#else
+  asm volatile("cp.async.commit_group;\n" ::);
+#endif
+}
+
+/// Waits until at most kPending of this thread's committed groups are still in flight.
+template <int kPending>
+__device__ __forceinline__ void cp_async_wait() {
+#if defined(BATCHLLM_CUDA_EMULATION_ACTIVE)
+  batchllm_emulation::cp_async_wait(kPending);
+#else
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending));
+#endif
+}
+
 /// Two floats as one register of two 16-bit T (lo in the low half).
 template <typename T>
 __device__ __forceinline__ uint32_t pack2(float lo, float hi) {

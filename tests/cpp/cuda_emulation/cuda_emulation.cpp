@@ -92,7 +92,14 @@ constexpr size_t kOptInSmemLimit = 232448;  // sm_90: 227 KB per block
 
 enum class State { kRunnable, kAtBlockBarrier, kAtWarpBarrier, kDone };
 
+struct AsyncCopy {
+  void* dst;
+  unsigned char bytes[16];
+};
+
 struct Fiber {
+  std::vector<std::vector<AsyncCopy>> async_groups;  // committed, oldest first
+  std::vector<AsyncCopy> async_open;                 // issued, not committed yet
   Context context;
   State state = State::kRunnable;
   unsigned shuffle_round = 0;
@@ -399,6 +406,37 @@ void ldmatrix_x4(uint32_t (&r)[4], const void* row, bool trans) {
       hi = reinterpret_cast<const uint16_t*>(posts[8 * i + 2 * t + 1])[g];
     }
     r[i] = static_cast<uint32_t>(lo) | (static_cast<uint32_t>(hi) << 16);
+  }
+}
+
+void cp_async_16(void* smem_dst, const void* global_src, bool valid) {
+  Emulator& e = emu();
+  if (reinterpret_cast<uintptr_t>(smem_dst) % 16 != 0 || (valid && reinterpret_cast<uintptr_t>(global_src) % 16 != 0)) {
+    device_fault("cp.async of 16 bytes needs 16-byte aligned addresses");
+  }
+  AsyncCopy copy{smem_dst, {}};
+  if (valid) std::memcpy(copy.bytes, global_src, 16);
+  // The device lands a copy anywhere between the issue and the wait: at the wait in forward and
+  // shuffled order (a read before the wait sees old bytes), at once in reverse order (a copy into a
+  // buffer that another warp still reads corrupts what it reads).
+  if (e.order == Order::kReverse) {
+    std::memcpy(smem_dst, copy.bytes, 16);
+    return;
+  }
+  e.fibers[e.current].async_open.push_back(copy);
+}
+
+void cp_async_commit() {
+  Fiber& self = emu().fibers[emu().current];
+  self.async_groups.push_back(std::move(self.async_open));
+  self.async_open.clear();
+}
+
+void cp_async_wait(int pending_groups_allowed) {
+  Fiber& self = emu().fibers[emu().current];
+  while (static_cast<int>(self.async_groups.size()) > pending_groups_allowed) {
+    for (const AsyncCopy& copy : self.async_groups.front()) std::memcpy(copy.dst, copy.bytes, 16);
+    self.async_groups.erase(self.async_groups.begin());
   }
 }
 

@@ -138,6 +138,13 @@ uint64_t* shuffle_slots();
 void mma_m16n8k16(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2], bool bf16);
 /// ldmatrix.sync.aligned.m8n8.x4(.trans).shared.b16 (csrc/kernels/cuda/mma_sync.cuh), warp-collective.
 void ldmatrix_x4(uint32_t (&r)[4], const void* row, bool trans);
+/// cp.async.cg.shared.global of 16 bytes (zero-filled when !valid), commit_group and wait_group.
+/// In forward and shuffled order the bytes land only when the issuing thread waits for their group
+/// (a read before the wait, or before the barrier after it, sees the old contents); in reverse order
+/// they land at the issue (a copy into a buffer another warp still reads corrupts it).
+void cp_async_16(void* smem_dst, const void* global_src, bool valid);
+void cp_async_commit();
+void cp_async_wait(int pending_groups_allowed);
 
 template <typename... P>
 struct Launch {
