@@ -9,6 +9,7 @@
 
 #include "cuda_emulation.h"
 #include "kernels/cuda/cuda_common.cuh"  // BATCHLLM_LAUNCH, BATCHLLM_DYNAMIC_SHARED_MEMORY
+#include "kernels/cuda/mma_sync.cuh"
 
 namespace {
 
@@ -132,6 +133,75 @@ TEST(CudaEmulation, WmmaComputesTheTileProductAndChecksAlignment) {
   cudaFree(a);
   cudaFree(b);
   cudaFree(c);
+}
+
+/// C = A B (16 x 16 times 16 x 8) through mma_m16n8k16 with fragments built from the layout that
+/// mma_sync.cuh documents: A from registers, B through ldmatrix.trans of B stored k-major in shared
+/// memory (as the attention kernel stores V).
+__global__ void mma_layout_kernel(const __half* a, const __half* b, float* c) {
+  using namespace batchllm::kernels::cuda;
+  BATCHLLM_DYNAMIC_SHARED_MEMORY(smem);
+  __half* b_smem = reinterpret_cast<__half*>(smem);  // [16 k][8 n], rows of 8 elements (16 bytes)
+  for (int i = threadIdx.x; i < 128; i += 32) b_smem[i] = b[i];
+  __syncwarp();
+  const int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+  const uint32_t frag_a[4] = {pack2(a + g * 16 + 2 * t, a + g * 16 + 2 * t + 1),
+                              pack2(a + (g + 8) * 16 + 2 * t, a + (g + 8) * 16 + 2 * t + 1),
+                              pack2(a + g * 16 + 2 * t + 8, a + g * 16 + 2 * t + 9),
+                              pack2(a + (g + 8) * 16 + 2 * t + 8, a + (g + 8) * 16 + 2 * t + 9)};
+  uint32_t r[4];
+  ldmatrix_x4<true>(r, b_smem + (lane % 16) * 8);  // matrices 2, 3 repeat 0, 1
+  const uint32_t frag_b[2] = {r[0], r[1]};
+  float d[4] = {0, 0, 0, 0};
+  mma_m16n8k16<__half>(d, frag_a, frag_b);
+  c[g * 8 + 2 * t] = d[0];
+  c[g * 8 + 2 * t + 1] = d[1];
+  c[(g + 8) * 8 + 2 * t] = d[2];
+  c[(g + 8) * 8 + 2 * t + 1] = d[3];
+}
+
+TEST(CudaEmulation, MmaFragmentsFollowThePtxLayout) {
+  std::vector<__half> a(256), b(128);
+  std::vector<float> c(128, NAN);
+  for (int i = 0; i < 256; ++i) a[i] = __float2half_rn(static_cast<float>((i * 7) % 13 - 6) / 4);
+  for (int i = 0; i < 128; ++i) b[i] = __float2half_rn(static_cast<float>((i * 5) % 11 - 5) / 4);
+  BATCHLLM_LAUNCH(1, 32, 256, nullptr, mma_layout_kernel)(a.data(), b.data(), c.data());
+  ASSERT_EQ(cudaGetLastError(), cudaSuccess);
+  for (int i = 0; i < 16; ++i) {
+    for (int j = 0; j < 8; ++j) {
+      float want = 0;
+      for (int k = 0; k < 16; ++k) want += __half2float(a[i * 16 + k]) * __half2float(b[k * 8 + j]);
+      EXPECT_FLOAT_EQ(c[i * 8 + j], want) << i << "," << j;
+    }
+  }
+}
+
+/// Each thread copies 16 bytes by cp.async and reads them back before and after waiting.
+__global__ void cp_async_kernel(const uint4* src, unsigned* before, unsigned* after) {
+  BATCHLLM_DYNAMIC_SHARED_MEMORY(smem);
+  uint4* dst = reinterpret_cast<uint4*>(smem);
+  dst[threadIdx.x] = make_uint4(0, 0, 0, 0);
+  batchllm::kernels::cuda::cp_async_16(&dst[threadIdx.x], &src[threadIdx.x], true);
+  batchllm::kernels::cuda::cp_async_commit();
+  before[threadIdx.x] = dst[threadIdx.x].x;
+  batchllm::kernels::cuda::cp_async_wait<0>();
+  after[threadIdx.x] = dst[threadIdx.x].x;
+}
+
+TEST(CudaEmulation, AsyncCopiesLandAtTheWaitOrAtOnceByOrder) {
+  std::vector<uint4> src(32);
+  for (unsigned i = 0; i < 32; ++i) src[i] = make_uint4(i + 1, 0, 0, 0);
+  for (Order order : {Order::kForward, Order::kReverse}) {
+    batchllm_emulation::set_order(order);
+    std::vector<unsigned> before(32), after(32);
+    BATCHLLM_LAUNCH(1, 32, 512, nullptr, cp_async_kernel)(src.data(), before.data(), after.data());
+    ASSERT_EQ(cudaGetLastError(), cudaSuccess);
+    for (unsigned i = 0; i < 32; ++i) {
+      EXPECT_EQ(after[i], i + 1);
+      EXPECT_EQ(before[i], order == Order::kForward ? 0u : i + 1);  // lazy vs eager landing
+    }
+  }
+  batchllm_emulation::set_order(Order::kForward);
 }
 
 }  // namespace
