@@ -188,6 +188,32 @@ __global__ void combine_levels_kernel(TensorView o, float* lse_out, DecodeLevels
                                       const float* prefix_lse) {
   const int row = blockIdx.x;
   const int64_t num_heads = o.shape[1], head_dim = o.shape[2];
+  // The prefixes that cover this row (one per level, so a handful of a batch's P), found once by the
+  // CTA instead of by every element: ascending, the order of the merges below. More than
+  // kMaxCovering (not a real tree) falls back to scanning every prefix.
+  constexpr int kMaxCovering = 32;
+  __shared__ int covering[kMaxCovering];
+  __shared__ int num_covering;
+  if (threadIdx.x == 0) num_covering = 0;
+  __syncthreads();
+  for (int64_t p = threadIdx.x; p < levels.num_prefixes; p += blockDim.x) {
+    if (row >= levels.prefix_q_range[2 * p] && row < levels.prefix_q_range[2 * p + 1]) {
+      const int slot = atomicAdd(&num_covering, 1);
+      if (slot < kMaxCovering) covering[slot] = static_cast<int>(p);
+    }
+  }
+  __syncthreads();
+  if (threadIdx.x == 0 && num_covering <= kMaxCovering) {
+    for (int i = 1; i < num_covering; ++i) {  // insertion sort of a few entries
+      const int p = covering[i];
+      int j = i;
+      for (; j > 0 && covering[j - 1] > p; --j) covering[j] = covering[j - 1];
+      covering[j] = p;
+    }
+  }
+  __syncthreads();
+  const bool listed = num_covering <= kMaxCovering;
+  const int64_t candidates = listed ? num_covering : levels.num_prefixes;
   for (int64_t idx = threadIdx.x; idx < num_heads * head_dim; idx += blockDim.x) {
     const int64_t head = idx / head_dim, d = idx % head_dim;
     const int64_t suffix_state = row * num_heads + head;
@@ -199,7 +225,8 @@ __global__ void combine_levels_kernel(TensorView o, float* lse_out, DecodeLevels
       value = merge_value(w, value, suffix_o[state * head_dim + d]);
       lse = w.lse;
     }
-    for (int64_t p = 0; p < levels.num_prefixes; ++p) {
+    for (int64_t c = 0; c < candidates; ++c) {
+      const int64_t p = listed ? covering[c] : c;
       const int begin = levels.prefix_q_range[2 * p], end = levels.prefix_q_range[2 * p + 1];
       if (row < begin || row >= end) continue;
       for (int64_t split = 0; split < splits; ++split) {

@@ -204,6 +204,13 @@ T __shfl_sync(unsigned /*mask*/, T value, int source_lane, int width = 32) {
   return out;
 }
 
+/// Threads of a CTA run one at a time, so an atomic is a plain read-modify-write.
+inline int atomicAdd(int* address, int value) {
+  const int old = *address;
+  *address = old + value;
+  return old;
+}
+
 // ---- WMMA ------------------------------------------------------------------------------------------------
 // A fragment stores the whole tile in every lane, but a lane owns only the accumulator elements
 // e % 32 == lane, as on the device each lane holds its share: mma_sync computes, and store_matrix_sync

@@ -341,6 +341,7 @@ struct CascadeShape {
   std::vector<std::tuple<int, int, int>> prefixes;  // (tokens, begin, end)
   std::vector<int> suffix_lens;
   int multiprocessors = 132;  // fewer: the split-KV heuristic splits long prefixes
+  bool once = false;          // costly on the emulation: one dtype, head dim and GQA ratio only
 };
 
 std::vector<CascadeShape> cascade_shapes() {
@@ -354,6 +355,15 @@ std::vector<CascadeShape> cascade_shapes() {
   shapes.push_back({"empty prefix", {{0, 0, 2}, {20, 0, 3}}, {3, 1, 0}});
   // Few rows, long suffixes, few SMs: the suffix keys are split too (one row's last chunks empty).
   shapes.push_back({"split-KV suffix", {{40, 0, 2}}, {700, 300}, 8});
+  // More prefixes than the combine step's threads (each row still covered by a few).
+  CascadeShape many{"131 prefixes", {{16, 0, 65}}, std::vector<int>(65, 1)};
+  for (int r = 0; r < 65; ++r) many.prefixes.push_back({3, r, r + 1});
+  for (int r = 0; r < 65; ++r) many.prefixes.push_back({2, r, r + 1});
+  many.once = true;
+  shapes.push_back(many);
+  // Rows covered by more prefixes than the combine step lists: its fallback scans them all.
+  shapes.push_back({"34 prefixes over the same rows", std::vector<std::tuple<int, int, int>>(34, {1, 0, 2}), {2, 3},
+                    132, true});
   return shapes;
 }
 
@@ -368,6 +378,7 @@ TEST_F(CudaSweep, CascadeDecodeAttention) {
             const bool first_instance = dtype == DType::kFloat16 && head_dim == 64;
             if (!first_instance && heads.first != 8) continue;
             if (!with_lse && heads.first != 8) continue;
+            if (shape.once && !(first_instance && heads.first == 8 && with_lse)) continue;
             const auto [hq, hkv] = heads;
             SCOPED_TRACE(std::string(name(dtype)) + " d=" + std::to_string(head_dim) + " hq/hkv=" +
                          std::to_string(hq) + "/" + std::to_string(hkv) + " " + shape.name +
@@ -380,7 +391,10 @@ TEST_F(CudaSweep, CascadeDecodeAttention) {
 #endif
             std::mt19937 gen(static_cast<uint32_t>(5000 + index));
             const int64_t block_size = 16;
-            Cache cache(96, block_size, hkv, head_dim, dtype, gen);
+            int64_t blocks_needed = 0;
+            for (auto [tokens, begin, end] : shape.prefixes) blocks_needed += (tokens + block_size - 1) / block_size;
+            for (int len : shape.suffix_lens) blocks_needed += (len + block_size - 1) / block_size;
+            Cache cache(blocks_needed + 4, block_size, hkv, head_dim, dtype, gen);
             const int64_t rows = static_cast<int64_t>(shape.suffix_lens.size());
             std::vector<int32_t> indptr = {0}, blocks, lens, ranges;
             int32_t max_prefix_len = 0, max_prefix_rows = 0, max_suffix_len = 0;
