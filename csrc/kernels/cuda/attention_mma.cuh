@@ -89,16 +89,7 @@ __global__ void __launch_bounds__(kTileThreads) attention_mma_kernel(Problem pro
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int g = lane / 4, t = lane % 4;
 
-  if (threadIdx.x == 0) {
-    sm.rows.key_begin = 0;
-    if (problem.setup(sm.rows)) {
-      sm.rows.block_size = static_cast<int>(k_cache.shape[1]);
-    } else {
-      sm.rows.num_keys = -1;
-    }
-  }
-  __syncthreads();
-  if (sm.rows.num_keys < 0) return;  // uniform across the CTA
+  if (!setup_rows(problem, sm.rows, k_cache)) return;
 
   // This lane's two rows (g and g + 8 of the warp's 16) and their Q fragments (zero when unused).
   const int r0 = warp * 16 + g, r1 = r0 + 8;
@@ -252,15 +243,8 @@ __global__ void __launch_bounds__(kTileThreads) attention_mma_kernel(Problem pro
 template <typename T, int D, typename Problem>
 cudaError_t launch_attention_mma(const Problem& problem, dim3 grid, const TensorView& k_cache,
                                  const TensorView& v_cache, float scale, cudaStream_t stream) {
-  if (grid.x == 0 || grid.y == 0 || grid.z == 0) return cudaSuccess;
-  constexpr size_t kSmemBytes = sizeof(MmaSmem<T, D>);
-  static const cudaError_t attribute_error = cudaFuncSetAttribute(
-      attention_mma_kernel<T, D, Problem>, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(kSmemBytes));
-  BATCHLLM_CUDA_RETURN_IF_ERROR(attribute_error);
-  constexpr float kLog2e = 1.4426950408889634f;
-  BATCHLLM_LAUNCH(grid, kTileThreads, kSmemBytes, stream, attention_mma_kernel<T, D, Problem>)(
-      problem, k_cache, v_cache, scale * kLog2e);
-  return last_launch_error();
+  return launch_tile_kernel<attention_mma_kernel<T, D, Problem>, sizeof(MmaSmem<T, D>)>(problem, grid, k_cache,
+                                                                                        v_cache, scale, stream);
 }
 
 template <typename T, int D, typename Problem>

@@ -94,6 +94,22 @@ __device__ __forceinline__ void load_kv_tile(T* k_dst, T* v_dst, const TensorVie
   }
 }
 
+/// Thread 0 asks the Problem for this CTA's rows and KV source; false, for every thread, when the CTA
+/// has no work.
+template <typename T, typename Problem>
+__device__ __forceinline__ bool setup_rows(const Problem& problem, TileRows<T>& rows, const TensorView& k_cache) {
+  if (threadIdx.x == 0) {
+    rows.key_begin = 0;
+    if (problem.setup(rows)) {
+      rows.block_size = static_cast<int>(k_cache.shape[1]);
+    } else {
+      rows.num_keys = -1;
+    }
+  }
+  __syncthreads();
+  return rows.num_keys >= 0;
+}
+
 /// The tile kernel. grid: the Problem's work items; block: kTileThreads; dynamic smem: TileSmem.
 template <typename T, int D, typename Problem>
 __global__ void __launch_bounds__(kTileThreads) attention_tile_kernel(Problem problem, TensorView k_cache,
@@ -105,18 +121,7 @@ __global__ void __launch_bounds__(kTileThreads) attention_tile_kernel(Problem pr
   const int warp = threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
 
-  if (threadIdx.x == 0) sm.rows.num_keys = -1;
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    sm.rows.key_begin = 0;
-    if (problem.setup(sm.rows)) {
-      sm.rows.block_size = static_cast<int>(k_cache.shape[1]);
-    } else {
-      sm.rows.num_keys = -1;
-    }
-  }
-  __syncthreads();
-  if (sm.rows.num_keys < 0) return;  // uniform across the CTA
+  if (!setup_rows(problem, sm.rows, k_cache)) return;
 
   // Q rows (zero for unused rows), running state, O accumulator.
   constexpr int kVecPerRow = D * sizeof(T) / 16;
@@ -223,19 +228,25 @@ __global__ void __launch_bounds__(kTileThreads) attention_tile_kernel(Problem pr
   }
 }
 
-/// Dynamic shared memory of one tile CTA; raises the kernel's limit above 48 KB once per process.
+/// Launches a tile kernel (attention_tile_kernel, attention_mma_kernel) with kSmemBytes of dynamic
+/// shared memory; raises the kernel's limit above 48 KB once per process.
+template <auto kKernel, size_t kSmemBytes, typename Problem>
+cudaError_t launch_tile_kernel(const Problem& problem, dim3 grid, const TensorView& k_cache,
+                               const TensorView& v_cache, float scale, cudaStream_t stream) {
+  if (grid.x == 0 || grid.y == 0 || grid.z == 0) return cudaSuccess;
+  static const cudaError_t attribute_error =
+      cudaFuncSetAttribute(kKernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(kSmemBytes));
+  BATCHLLM_CUDA_RETURN_IF_ERROR(attribute_error);
+  constexpr float kLog2e = 1.4426950408889634f;
+  BATCHLLM_LAUNCH(grid, kTileThreads, kSmemBytes, stream, kKernel)(problem, k_cache, v_cache, scale * kLog2e);
+  return last_launch_error();
+}
+
 template <typename T, int D, typename Problem>
 cudaError_t launch_attention_tiles(const Problem& problem, dim3 grid, const TensorView& k_cache,
                                    const TensorView& v_cache, float scale, cudaStream_t stream) {
-  if (grid.x == 0 || grid.y == 0 || grid.z == 0) return cudaSuccess;
-  constexpr size_t kSmemBytes = sizeof(TileSmem<T, D>);
-  static const cudaError_t attribute_error = cudaFuncSetAttribute(
-      attention_tile_kernel<T, D, Problem>, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(kSmemBytes));
-  BATCHLLM_CUDA_RETURN_IF_ERROR(attribute_error);
-  constexpr float kLog2e = 1.4426950408889634f;
-  BATCHLLM_LAUNCH(grid, kTileThreads, kSmemBytes, stream, attention_tile_kernel<T, D, Problem>)(
-      problem, k_cache, v_cache, scale * kLog2e);
-  return last_launch_error();
+  return launch_tile_kernel<attention_tile_kernel<T, D, Problem>, sizeof(TileSmem<T, D>)>(problem, grid, k_cache,
+                                                                                          v_cache, scale, stream);
 }
 
 }  // namespace batchllm::kernels::cuda

@@ -175,33 +175,31 @@ cudaError_t cudaFuncSetAttribute(Kernel* kernel, cudaFuncAttribute attr, int val
 inline void __syncthreads() { batchllm_emulation::block_barrier(); }
 inline void __syncwarp(unsigned /*mask*/ = 0xffffffffu) { batchllm_emulation::warp_barrier(); }
 
-template <typename T>
-T __shfl_xor_sync(unsigned /*mask*/, T value, int lane_mask, int width = 32) {
+namespace batchllm_emulation {
+/// A warp shuffle: every lane posts `value`, then reads the value of lane source(lane).
+template <typename T, typename Source>
+T shuffle(T value, Source source) {
   static_assert(sizeof(T) <= sizeof(uint64_t) && std::is_trivially_copyable_v<T>, "shuffle of a register value");
-  uint64_t* slots = batchllm_emulation::shuffle_slots();
+  uint64_t* slots = shuffle_slots();
   const int lane = static_cast<int>(threadIdx.x % 32);
   uint64_t mine = 0;
   std::memcpy(&mine, &value, sizeof(T));
   slots[lane] = mine;
-  batchllm_emulation::warp_barrier();
-  const int source = (lane ^ lane_mask) < width ? (lane ^ lane_mask) : lane;
+  warp_barrier();
   T out;
-  std::memcpy(&out, &slots[source], sizeof(T));
+  std::memcpy(&out, &slots[source(lane)], sizeof(T));
   return out;
+}
+}  // namespace batchllm_emulation
+
+template <typename T>
+T __shfl_xor_sync(unsigned /*mask*/, T value, int lane_mask, int width = 32) {
+  return batchllm_emulation::shuffle(value, [=](int lane) { return (lane ^ lane_mask) < width ? lane ^ lane_mask : lane; });
 }
 
 template <typename T>
 T __shfl_sync(unsigned /*mask*/, T value, int source_lane, int width = 32) {
-  static_assert(sizeof(T) <= sizeof(uint64_t) && std::is_trivially_copyable_v<T>, "shuffle of a register value");
-  uint64_t* slots = batchllm_emulation::shuffle_slots();
-  const int lane = static_cast<int>(threadIdx.x % 32);
-  uint64_t mine = 0;
-  std::memcpy(&mine, &value, sizeof(T));
-  slots[lane] = mine;
-  batchllm_emulation::warp_barrier();
-  T out;
-  std::memcpy(&out, &slots[(lane / width) * width + source_lane % width], sizeof(T));
-  return out;
+  return batchllm_emulation::shuffle(value, [=](int lane) { return (lane / width) * width + source_lane % width; });
 }
 
 /// Threads of a CTA run one at a time, so an atomic is a plain read-modify-write.
