@@ -46,7 +46,8 @@ struct CascadePlan {
       // least 256 keys (a multiple of the 32 keys a CTA loads per step).
       constexpr int64_t kMinChunkKeys = 256;
       const int64_t slots = 4 * multiprocessor_count();
-      const int64_t ctas = rows * kv_heads * ((group + cuda::kDecodeHeads - 1) / cuda::kDecodeHeads);
+      const int heads_per_cta = cuda::decode_heads_per_cta(group);
+      const int64_t ctas = rows * kv_heads * ((group + heads_per_cta - 1) / heads_per_cta);
       const int64_t by_keys = (levels.max_suffix_kv_len + kMinChunkKeys - 1) / kMinChunkKeys;
       if (2 * ctas < slots && by_keys > 1) {
         suffix_splits = static_cast<int>(std::min<int64_t>({slots / ctas, by_keys, 16}));

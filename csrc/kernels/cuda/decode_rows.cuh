@@ -2,8 +2,9 @@
 // cascade decode. Each decode row reads keys no other row reads, so there is nothing to share and a
 // tensor-core tile would leave 60 of its 64 rows empty (GQA group 4); what matters is keeping many
 // 16-byte loads in flight. Layout (FlashInfer's batch decode, simplified):
-//   grid (row, KV head, head chunk x key split): a CTA takes up to kDecodeHeads query heads of the
-//   GQA group and one chunk of the row's keys (all of them unless the launch splits them), 128 threads;
+//   grid (row, KV head, head chunk x key split): a CTA takes up to kHeads (4 or 8, by the GQA group:
+//   every head of a group up to 8 reads the row's keys in one CTA, so they are loaded once) query heads
+//   and one chunk of the row's keys (all of them unless the launch splits them), 128 threads;
 //   a key's D elements are spread over D / 8 lanes (16 bytes each), so a warp takes 32 / (D / 8) keys
 //   at a time and the CTA 4x that, kDecodeUnroll times per iteration: loads for all of them are issued
 //   before any is used. Every lane group keeps its own online-softmax state (max, sum, o) per head;
@@ -18,8 +19,10 @@ namespace batchllm::kernels::cuda {
 
 constexpr int kDecodeThreads = 128;
 constexpr int kDecodeWarps = kDecodeThreads / 32;
-constexpr int kDecodeHeads = 4;   // query heads per CTA (larger GQA groups take several CTAs)
 constexpr int kDecodeUnroll = 4;  // key groups loaded per lane before the first is used
+
+/// Query heads per CTA for a GQA group: 4 up to a group of 4, else 8 (groups above 8 take several CTAs).
+inline int decode_heads_per_cta(int group) { return group <= 4 ? 4 : 8; }
 
 /// Running softmax state of one head over some keys: max m and sum l of exp2(score - m), in the
 /// log2 domain, and the unnormalised output o of 8 elements. m = -inf means no keys yet (l = o = 0).
@@ -73,20 +76,20 @@ struct DecodeRowsArgs {
   int chunk_keys;                // keys per split (any value >= the longest row when not split)
 };
 
-template <typename T, int D>
+template <typename T, int D, int kHeads>
 __global__ void __launch_bounds__(kDecodeThreads) decode_rows_kernel(DecodeRowsArgs args) {
   constexpr int kLanesPerKey = D / 8;
   constexpr int kKeysPerWarp = 32 / kLanesPerKey;
   constexpr int kGroups = kDecodeWarps * kKeysPerWarp;  // keys in flight per unrolled step
-  __shared__ float smem_m[kDecodeWarps][kDecodeHeads];
-  __shared__ float smem_l[kDecodeWarps][kDecodeHeads];
-  __shared__ float smem_o[kDecodeWarps][kDecodeHeads][D];
+  __shared__ float smem_m[kDecodeWarps][kHeads];
+  __shared__ float smem_l[kDecodeWarps][kHeads];
+  __shared__ float smem_o[kDecodeWarps][kHeads][D];
 
   const int row = blockIdx.x, kv_head = blockIdx.y;
-  const int head_chunks = (args.group + kDecodeHeads - 1) / kDecodeHeads;
+  const int head_chunks = (args.group + kHeads - 1) / kHeads;
   const int head_chunk = blockIdx.z % head_chunks, split = blockIdx.z / head_chunks;
-  const int first_head = kv_head * args.group + head_chunk * kDecodeHeads;
-  const int heads = min(kDecodeHeads, args.group - head_chunk * kDecodeHeads);
+  const int first_head = kv_head * args.group + head_chunk * kHeads;
+  const int heads = min(kHeads, args.group - head_chunk * kHeads);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int sub = lane / kLanesPerKey, chunk = lane % kLanesPerKey;  // chunk: which 8 elements
   const int group_id = warp * kKeysPerWarp + sub;
@@ -96,10 +99,10 @@ __global__ void __launch_bounds__(kDecodeThreads) decode_rows_kernel(DecodeRowsA
   const int block_size = static_cast<int>(args.k_cache.shape[1]);
   const int32_t* blocks = args.block_tables + row * args.max_blocks;
 
-  float q[kDecodeHeads][8];
-  RunningState state[kDecodeHeads];
+  float q[kHeads][8];
+  RunningState state[kHeads];
 #pragma unroll
-  for (int h = 0; h < kDecodeHeads; ++h) {
+  for (int h = 0; h < kHeads; ++h) {
     const int head = first_head + min(h, heads - 1);  // unused slots repeat a used head, never read out
     const T* q_row = static_cast<const T*>(args.q.data) + row * args.q.stride[0] + head * args.q.stride[1];
     unpack8<T>(reinterpret_cast<const uint4*>(q_row)[chunk], q[h]);
@@ -132,7 +135,7 @@ __global__ void __launch_bounds__(kDecodeThreads) decode_rows_kernel(DecodeRowsA
       unpack8<T>(k_raw[u], k);
       unpack8<T>(v_raw[u], v);
 #pragma unroll
-      for (int h = 0; h < kDecodeHeads; ++h) {
+      for (int h = 0; h < kHeads; ++h) {
         float s = 0.0f;
 #pragma unroll
         for (int i = 0; i < 8; ++i) s += q[h][i] * k[i];
@@ -147,7 +150,7 @@ __global__ void __launch_bounds__(kDecodeThreads) decode_rows_kernel(DecodeRowsA
 
   // Merge the warp's lane groups (same chunk, other sub), then the warps through shared memory.
 #pragma unroll
-  for (int h = 0; h < kDecodeHeads; ++h) {
+  for (int h = 0; h < kHeads; ++h) {
 #pragma unroll
     for (int offset = kLanesPerKey; offset < 32; offset *= 2) {
       const float m_b = __shfl_xor_sync(0xffffffffu, state[h].m, offset);
@@ -191,9 +194,14 @@ template <typename T, int D>
 cudaError_t launch_decode_rows(const DecodeRowsArgs& args, int64_t num_rows, int num_kv_heads, int splits,
                                cudaStream_t stream) {
   if (num_rows == 0) return cudaSuccess;
+  const int heads = decode_heads_per_cta(args.group);
   const dim3 grid(static_cast<unsigned>(num_rows), static_cast<unsigned>(num_kv_heads),
-                  static_cast<unsigned>((args.group + kDecodeHeads - 1) / kDecodeHeads * splits));
-  BATCHLLM_LAUNCH(grid, kDecodeThreads, 0, stream, decode_rows_kernel<T, D>)(args);
+                  static_cast<unsigned>((args.group + heads - 1) / heads * splits));
+  if (heads == 4) {
+    BATCHLLM_LAUNCH(grid, kDecodeThreads, 0, stream, decode_rows_kernel<T, D, 4>)(args);
+  } else {
+    BATCHLLM_LAUNCH(grid, kDecodeThreads, 0, stream, decode_rows_kernel<T, D, 8>)(args);
+  }
   return last_launch_error();
 }
 

@@ -371,7 +371,8 @@ TEST_F(CudaSweep, CascadeDecodeAttention) {
   int index = 0;
   for (DType dtype : {DType::kFloat16, DType::kBFloat16}) {
     for (int64_t head_dim : {64, 128}) {
-      for (auto heads : {std::pair<int64_t, int64_t>{4, 4}, {8, 2}, {12, 4}, {8, 1}}) {
+      // GQA groups 1, 4, 3, 8, 7 and 16 (decode_rows: 4 or 8 heads per CTA, 16 takes two CTAs).
+      for (auto heads : {std::pair<int64_t, int64_t>{4, 4}, {8, 2}, {12, 4}, {8, 1}, {14, 2}, {16, 1}}) {
         for (const CascadeShape& shape : cascade_shapes()) {
           for (bool with_lse : {true, false}) {
             // Every GQA ratio on one instantiation (fp16, d = 64); the other three get (8, 2).
