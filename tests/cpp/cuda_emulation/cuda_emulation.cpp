@@ -299,16 +299,21 @@ cudaError_t run_kernel(const void* kernel, dim3 grid, dim3 block, size_t dynamic
   e.body = &body;
   blockDim = block;
   gridDim = grid;
+  // CTAs run one at a time, in the order of the thread schedule: forward, reverse or shuffled, so that
+  // two CTAs writing the same output (a race on the device) leave a wrong value in some order.
+  std::vector<dim3> blocks;
+  blocks.reserve(static_cast<size_t>(grid.x) * grid.y * grid.z);
+  for (unsigned z = 0; z < grid.z; ++z)
+    for (unsigned y = 0; y < grid.y; ++y)
+      for (unsigned x = 0; x < grid.x; ++x) blocks.emplace_back(x, y, z);
+  if (e.order == Order::kReverse) std::reverse(blocks.begin(), blocks.end());
+  if (e.order == Order::kShuffled) std::shuffle(blocks.begin(), blocks.end(), e.rng);
   bool ok = true;
-  for (unsigned z = 0; z < grid.z && ok; ++z) {
-    for (unsigned y = 0; y < grid.y && ok; ++y) {
-      for (unsigned x = 0; x < grid.x && ok; ++x) {
-        blockIdx = dim3(x, y, z);
-        // Shared memory starts as garbage on the device: poison it so that a read before a write shows.
-        std::memset(e.smem.user, 0xff, dynamic_smem);
-        ok = run_block(static_cast<int>(threads));
-      }
-    }
+  for (size_t i = 0; i < blocks.size() && ok; ++i) {
+    blockIdx = blocks[i];
+    // Shared memory starts as garbage on the device: poison it so that a read before a write shows.
+    std::memset(e.smem.user, 0xff, dynamic_smem);
+    ok = run_block(static_cast<int>(threads));
   }
   munmap(e.smem.base, e.smem.mapped);
   e.smem = {};

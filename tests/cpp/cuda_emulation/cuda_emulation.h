@@ -12,7 +12,9 @@
 //   - reads or writes past the end of cudaMalloc'd memory or of the dynamic shared memory hit a guard
 //     page (the test process dies with SIGSEGV: a memcheck of sorts);
 //   - missing barriers: Order::kReverse / kShuffled run the threads between two barriers in another
-//     order, so a thread that reads what another writes without a barrier between sees stale data.
+//     order, so a thread that reads what another writes without a barrier between sees stale data;
+//   - CTAs that write the same output (a race on the device): the CTAs run in the same order
+//     (forward, reverse, shuffled), so the wrong write lands last in some order.
 // What it does not model: timing, memory ordering between CTAs, warp divergence rules, tensor-core
 // rounding (fragments are float math on the 16-bit inputs, which is what the hardware computes up to
 // accumulation order).
