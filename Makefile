@@ -34,8 +34,10 @@ install: venv
 test-cpp: install
 	ctest --test-dir $(BUILD_DIR) --output-on-failure -j $(JOBS)
 
+# Without a GPU, the GPU op tests run the CUDA kernels on the CPU emulation built beside the gtests.
 test-python: install
-	cd tests && ../$(PY) -m pytest -q -p no:cacheprovider python
+	cd tests && BATCHLLM_CUDA_EMULATION_DIR=$(abspath $(BUILD_DIR))/cuda_emulation \
+	  ../$(PY) -m pytest -q -p no:cacheprovider python
 
 test: test-cpp test-python
 

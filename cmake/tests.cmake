@@ -29,9 +29,20 @@ target_include_directories(batchllm_cuda_emulated BEFORE PUBLIC ${BATCHLLM_EMULA
   ${BATCHLLM_EMULATION_DIR} ${CMAKE_CURRENT_SOURCE_DIR}/include ${CMAKE_CURRENT_SOURCE_DIR}/csrc)
 target_compile_definitions(batchllm_cuda_emulated PUBLIC BATCHLLM_WITH_CUDA=1)
 target_compile_options(batchllm_cuda_emulated PRIVATE -Wall -Wextra -Wno-unused-parameter -Wno-unknown-pragmas)
+# Its cudaMalloc, cudaGetLastError... stay inside whatever links it (the Python module beside a real _C).
+set_target_properties(batchllm_cuda_emulated PROPERTIES CXX_VISIBILITY_PRESET hidden VISIBILITY_INLINES_HIDDEN ON)
 add_executable(test_cuda_kernel_sweep_emulated ${CMAKE_CURRENT_SOURCE_DIR}/tests/cpp/kernels/test_cuda_kernel_sweep.cpp)
 target_link_libraries(test_cuda_kernel_sweep_emulated PRIVATE batchllm_cuda_emulated GTest::gtest GTest::gtest_main)
 gtest_discover_tests(test_cuda_kernel_sweep_emulated DISCOVERY_MODE PRE_TEST)
 add_executable(test_cuda_emulation ${BATCHLLM_EMULATION_DIR}/emulation_selftest.cpp)
 target_link_libraries(test_cuda_emulation PRIVATE batchllm_cuda_emulated GTest::gtest GTest::gtest_main)
 gtest_discover_tests(test_cuda_emulation DISCOVERY_MODE PRE_TEST)
+
+# The kernel bindings over the emulated kernels, as a Python module for tests/python/test_cuda_ops.py
+# on machines with no GPU (found through BATCHLLM_CUDA_EMULATION_DIR, which `make test` sets).
+if(BATCHLLM_BUILD_PYTHON)
+  pybind11_add_module(_cuda_emulation MODULE ${BATCHLLM_EMULATION_DIR}/emulation_module.cpp
+                      ${CMAKE_CURRENT_SOURCE_DIR}/csrc/bindings/bind_kernels.cpp)
+  target_link_libraries(_cuda_emulation PRIVATE batchllm_cuda_emulated)
+  set_target_properties(_cuda_emulation PROPERTIES LIBRARY_OUTPUT_DIRECTORY ${CMAKE_BINARY_DIR}/cuda_emulation)
+endif()

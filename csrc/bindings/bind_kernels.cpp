@@ -383,13 +383,14 @@ void register_kernels(py::module_& m) {
     return dims;
   }, "Head dims the CUDA attention kernels are built for (empty without CUDA).");
   m.def("cascade_workspace_floats", [](int64_t num_rows, int64_t num_q_heads, int64_t num_kv_heads, int64_t head_dim,
-                                       int64_t num_prefixes, int32_t max_prefix_kv_len,
-                                       int32_t max_prefix_rows) -> int64_t {
+                                       int64_t num_prefixes, int32_t max_prefix_kv_len, int32_t max_prefix_rows,
+                                       int32_t max_suffix_kv_len) -> int64_t {
 #ifdef BATCHLLM_WITH_CUDA
     kernels::DecodeLevelsView levels;
     levels.num_prefixes = num_prefixes;
     levels.max_prefix_kv_len = max_prefix_kv_len;
     levels.max_prefix_rows = max_prefix_rows;
+    levels.max_suffix_kv_len = max_suffix_kv_len;  // long suffixes of few rows are split: more workspace
     if (num_kv_heads <= 0 || num_q_heads % num_kv_heads != 0) {
       throw py::value_error("cascade_workspace_floats: argument 'num_kv_heads' must divide num_q_heads");
     }
@@ -399,7 +400,7 @@ void register_kernels(py::module_& m) {
     return 0;
 #endif
   }, py::arg("num_rows"), py::arg("num_q_heads"), py::arg("num_kv_heads"), py::arg("head_dim"), py::arg("num_prefixes"),
-     py::arg("max_prefix_kv_len"), py::arg("max_prefix_rows"),
+     py::arg("max_prefix_kv_len"), py::arg("max_prefix_rows"), py::arg("max_suffix_kv_len"),
      "float32 scratch elements the CUDA cascade kernel needs (0 without CUDA).");
 }
 

@@ -64,7 +64,8 @@ def merge_states(o_a: View, lse_a: View, o_b: View, lse_b: View, o: View, lse: O
 def cuda_kernel_head_dims() -> list[int]:
     """Head dims the CUDA attention kernels are built for (empty without CUDA)."""
 def cascade_workspace_floats(num_rows: int, num_q_heads: int, num_kv_heads: int, head_dim: int,
-                             num_prefixes: int, max_prefix_kv_len: int, max_prefix_rows: int) -> int:
+                             num_prefixes: int, max_prefix_kv_len: int, max_prefix_rows: int,
+                             max_suffix_kv_len: int) -> int:
     """float32 scratch elements the CUDA cascade kernel needs on the current device (0 without CUDA)."""
 
 # ---- end kernels ----------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ or the environment variable ``BATCHLLM_CHECK_INDICES=1``. On CPU they always run
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from dataclasses import dataclass, replace
@@ -28,9 +29,20 @@ from . import _C
 __all__ = ["DecodeLevels", "store_kv", "prefill_attention", "cascade_decode_attention", "merge_states"]
 
 
+# Tests only (tests/python/cuda_emulation.py): CPU tensors go to the CUDA path of the bindings as
+# device 0, whose kernels are the CUDA sources compiled for the CPU emulation.
+_emulated_cuda = False
+
+
+def _is_cuda(t: torch.Tensor) -> bool:
+    """Whether t takes the CUDA path: on a CUDA device, or on the CPU under the test emulation."""
+    return t.is_cuda or _emulated_cuda
+
+
 def _view(t: torch.Tensor) -> tuple:
     """(data_ptr, dtype name, shape, strides in elements, device index or -1 for CPU)."""
-    return (t.data_ptr(), str(t.dtype).replace("torch.", ""), tuple(t.shape), tuple(t.stride()), t.get_device())
+    device = t.get_device() if t.is_cuda else (0 if _emulated_cuda else -1)
+    return (t.data_ptr(), str(t.dtype).replace("torch.", ""), tuple(t.shape), tuple(t.stride()), device)
 
 
 def _stream(t: torch.Tensor) -> int:
@@ -40,7 +52,7 @@ def _stream(t: torch.Tensor) -> int:
 def _check_indices(t: torch.Tensor, requested: Optional[bool]) -> bool:
     if requested is not None:
         return requested
-    return (not t.is_cuda) or os.environ.get("BATCHLLM_CHECK_INDICES", "0") == "1"
+    return (not _is_cuda(t)) or os.environ.get("BATCHLLM_CHECK_INDICES", "0") == "1"
 
 
 def _scale(q: torch.Tensor, scale: Optional[float]) -> float:
@@ -172,7 +184,7 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     """
     o = torch.empty_like(q) if out is None else out
     if max_q_len is None:
-        max_q_len = _max_or_zero(query_start[1:] - query_start[:-1]) if q.is_cuda else 0
+        max_q_len = _max_or_zero(query_start[1:] - query_start[:-1]) if _is_cuda(q) else 0
     _C.prefill_attention(_view(q), _view(k_cache), _view(v_cache), _view(block_tables), _view(query_start),
                          _view(context_lens), _view(o), _scale(q, scale), int(max_q_len), _stream(q),
                          _check_indices(q, check_indices))
@@ -210,13 +222,14 @@ def cascade_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: to
     if lse is None and return_lse:
         lse = torch.empty(q.shape[:2], dtype=torch.float32, device=q.device)
     workspace = None
-    if q.is_cuda:
+    if _is_cuda(q):
         levels = levels.with_hints() if None in (levels.max_prefix_kv_len, levels.max_prefix_rows,
                                                  levels.max_suffix_kv_len) else levels
-        with torch.cuda.device(q.device):  # the split-KV plan depends on the launch device's SM count
+        # The split-KV plan depends on the launch device's SM count.
+        with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
             floats = _C.cascade_workspace_floats(q.shape[0], q.shape[1], k_cache.shape[2], q.shape[2],
                                                  levels.num_prefixes, levels.max_prefix_kv_len,
-                                                 levels.max_prefix_rows)
+                                                 levels.max_prefix_rows, levels.max_suffix_kv_len)
         workspace = torch.empty(max(floats, 1), dtype=torch.float32, device=q.device)
     hints = [levels.max_prefix_kv_len or 0, levels.max_prefix_rows or 0, levels.max_suffix_kv_len or 0]
     _C.cascade_decode_attention(_view(q), _view(k_cache), _view(v_cache), tuple(_view(t) for t in levels.arrays()),
