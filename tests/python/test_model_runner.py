@@ -13,6 +13,7 @@ import batchllm_core
 from batchllm_core.loader import build_random_model, load
 from batchllm_core.model_runner import ModelRunner, read_staging, staging_layout, write_staging
 from batchllm_core.models import LlamaModel, ModelConfig
+import cuda_emulation
 from conftest import gpu
 from model_fixtures import hf_checkpoint, hf_model
 
@@ -332,6 +333,22 @@ def test_bfloat16_runner_matches_float32():
     ours = scenario_logits(ModelRunner(model, config, NUM_BLOCKS, BLOCK_SIZE, "cpu", torch.bfloat16))
     reference = scenario_logits(ModelRunner(float32_copy(model), config, NUM_BLOCKS, BLOCK_SIZE, "cpu",
                                             torch.float32))
+    assert_scenarios_close(ours, reference, rtol=0.05)
+
+
+@pytest.mark.skipif(cuda_emulation.module() is None, reason="no CUDA emulation module (BATCHLLM_CUDA_EMULATION_DIR)")
+def test_runner_on_the_emulated_cuda_kernels_matches_float32(monkeypatch):
+    # The CUDA runner's attention path without a GPU: every op call of the bf16 runner goes to the
+    # CUDA kernels (store_kv, paged prefill, cascade decode) compiled for the CPU emulation, fed by
+    # the runner's own plans, levels and hints.
+    config = small_gpu_shape()
+    model = build_random_model(config, seed=0, dtype=torch.bfloat16, device="cpu").model
+    reference = scenario_logits(ModelRunner(float32_copy(model), config, NUM_BLOCKS, BLOCK_SIZE, "cpu",
+                                            torch.float32))
+    cuda_emulation.activate(monkeypatch)
+    launches = cuda_emulation.module().launch_count()
+    ours = scenario_logits(ModelRunner(model, config, NUM_BLOCKS, BLOCK_SIZE, "cpu", torch.bfloat16))
+    assert cuda_emulation.module().launch_count() > launches  # the kernels did run
     assert_scenarios_close(ours, reference, rtol=0.05)
 
 
