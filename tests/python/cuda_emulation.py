@@ -11,7 +11,6 @@ import contextlib
 import importlib
 import os
 import sys
-import types
 
 from batchllm_core import ops
 
@@ -37,12 +36,9 @@ def module():
 def activate(monkeypatch) -> None:
     """For one test: ops' kernel calls go to the emulation, CPU tensors count as CUDA tensors."""
     emulated = module()
-    kernels = {name: getattr(emulated, name) for name in
-               ("store_kv", "prefill_attention", "cascade_decode_attention", "merge_states",
-                "cascade_workspace_floats", "cuda_kernel_head_dims")}
-    native = ops._C
-    monkeypatch.setattr(ops, "_C", types.SimpleNamespace(**{**vars(native), **kernels})
-                        if hasattr(native, "__dict__") else native)
+    for name in ("store_kv", "prefill_attention", "cascade_decode_attention", "merge_states",
+                 "cascade_workspace_floats", "cuda_kernel_head_dims"):
+        monkeypatch.setattr(ops._C, name, getattr(emulated, name))
     monkeypatch.setattr(ops, "_emulated_cuda", True)
 
 

@@ -12,9 +12,6 @@
 // Selected by BATCHLLM_ATTENTION_TILES=mma (prefill and cascade prefixes) until a GPU run decides.
 #pragma once
 
-#include <cstdlib>
-#include <cstring>
-
 #include "kernels/cuda/attention_tile.cuh"
 #include "kernels/cuda/mma_sync.cuh"
 
@@ -22,15 +19,7 @@ namespace batchllm::kernels::cuda {
 
 /// Whether prefill and cascade-prefix tiles run on attention_mma_kernel (BATCHLLM_ATTENTION_TILES=mma)
 /// instead of the WMMA tile kernel; read at every launch so that a benchmark can compare both.
-inline bool attention_tiles_by_mma() {
-  const char* choice = std::getenv("BATCHLLM_ATTENTION_TILES");
-  return choice != nullptr && std::strcmp(choice, "mma") == 0;
-}
-
-/// Launches the Problem's tiles on the kernel attention_tiles_by_mma() picks.
-template <typename T, int D, typename Problem>
-cudaError_t launch_tiles(const Problem& problem, dim3 grid, const TensorView& k_cache, const TensorView& v_cache,
-                         float scale, cudaStream_t stream);
+inline bool attention_tiles_by_mma() { return env_equals("BATCHLLM_ATTENTION_TILES", "mma"); }
 
 template <typename T, int D>
 struct MmaSmem {
@@ -67,10 +56,8 @@ __device__ __forceinline__ void issue_kv_tile(T* k_dst, T* v_dst, const TensorVi
     const T* k_src = k_base;
     const T* v_src = v_base;
     if (valid) {
-      const int64_t block = rows.blocks[pos / rows.block_size];
-      const int64_t slot = pos % rows.block_size;
-      k_src += block * k_cache.stride[0] + slot * k_cache.stride[1] + rows.kv_head * k_cache.stride[2] + chunk * 8;
-      v_src += block * v_cache.stride[0] + slot * v_cache.stride[1] + rows.kv_head * v_cache.stride[2] + chunk * 8;
+      k_src += paged_kv_offset(k_cache, rows.blocks, rows.block_size, rows.kv_head, pos) + chunk * 8;
+      v_src += paged_kv_offset(v_cache, rows.blocks, rows.block_size, rows.kv_head, pos) + chunk * 8;
     }
     cp_async_16(k_dst + key * kLd + chunk * 8, k_src, valid);
     cp_async_16(v_dst + key * kLd + chunk * 8, v_src, valid);
@@ -247,6 +234,7 @@ cudaError_t launch_attention_mma(const Problem& problem, dim3 grid, const Tensor
                                                                                         v_cache, scale, stream);
 }
 
+/// Launches the Problem's tiles on the kernel attention_tiles_by_mma() picks.
 template <typename T, int D, typename Problem>
 cudaError_t launch_tiles(const Problem& problem, dim3 grid, const TensorView& k_cache, const TensorView& v_cache,
                          float scale, cudaStream_t stream) {

@@ -77,10 +77,8 @@ __device__ __forceinline__ void load_kv_tile(T* k_dst, T* v_dst, const TensorVie
     k_values[i] = make_uint4(0, 0, 0, 0);
     v_values[i] = make_uint4(0, 0, 0, 0);
     if (pos < rows.num_keys) {
-      const int64_t block = rows.blocks[pos / rows.block_size];
-      const int64_t slot = pos % rows.block_size;
-      const int64_t k_elem = block * k_cache.stride[0] + slot * k_cache.stride[1] + rows.kv_head * k_cache.stride[2];
-      const int64_t v_elem = block * v_cache.stride[0] + slot * v_cache.stride[1] + rows.kv_head * v_cache.stride[2];
+      const int64_t k_elem = paged_kv_offset(k_cache, rows.blocks, rows.block_size, rows.kv_head, pos);
+      const int64_t v_elem = paged_kv_offset(v_cache, rows.blocks, rows.block_size, rows.kv_head, pos);
       k_values[i] = reinterpret_cast<const uint4*>(k_base + k_elem * sizeof(T))[chunk];
       v_values[i] = reinterpret_cast<const uint4*>(v_base + v_elem * sizeof(T))[chunk];
     }

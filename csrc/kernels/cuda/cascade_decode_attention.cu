@@ -10,8 +10,6 @@
 // Long prefixes with few readers are split along their keys (split-KV) so that every SM has work;
 // each chunk is one more partial state for step 3. Workspace layout: CascadePlan below.
 #include <algorithm>
-#include <cstdlib>
-#include <cstring>
 
 #include "batchllm/kernels/cuda.h"
 #include "kernels/cuda/attention_mma.cuh"
@@ -249,10 +247,7 @@ namespace {
 
 /// The suffix kernel: the decode kernel unless BATCHLLM_CASCADE_SUFFIX=tile (read at every launch, so
 /// that a benchmark can compare both in one process).
-bool suffix_by_tiles() {
-  const char* choice = std::getenv("BATCHLLM_CASCADE_SUFFIX");
-  return choice != nullptr && std::strcmp(choice, "tile") == 0;
-}
+bool suffix_by_tiles() { return cuda::env_equals("BATCHLLM_CASCADE_SUFFIX", "tile"); }
 
 }  // namespace
 

@@ -1,6 +1,9 @@
 // Helpers shared by the CUDA kernels: element conversion, launch-error checks, dtype dispatch.
 #pragma once
 
+#include <cstdlib>
+#include <cstring>
+
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -29,6 +32,21 @@ __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) { re
 
 /// The error of the launch just made (configuration errors, or a fault of an earlier kernel).
 inline cudaError_t last_launch_error() { return cudaGetLastError(); }
+
+/// Element offset of position `pos` of KV head `kv_head` in a paged cache [blocks, block_size, Hkv, D]
+/// whose blocks for this sequence (or prefix) are listed in `blocks`.
+__device__ __forceinline__ int64_t paged_kv_offset(const TensorView& cache, const int32_t* blocks, int block_size,
+                                                   int kv_head, int pos) {
+  const int64_t block = blocks[pos / block_size], slot = pos % block_size;
+  return block * cache.stride[0] + slot * cache.stride[1] + kv_head * cache.stride[2];
+}
+
+/// Whether the environment variable `name` equals `value`: the kernel variants kept for A/B
+/// measurements are chosen so, at every launch (BATCHLLM_CASCADE_SUFFIX, BATCHLLM_ATTENTION_TILES).
+inline bool env_equals(const char* name, const char* value) {
+  const char* set = std::getenv(name);
+  return set != nullptr && std::strcmp(set, value) == 0;
+}
 
 }  // namespace batchllm::kernels::cuda
 

@@ -119,11 +119,8 @@ __global__ void __launch_bounds__(kDecodeThreads) decode_rows_kernel(DecodeRowsA
       const int pos = base + u * kGroups + group_id;
       k_raw[u] = v_raw[u] = make_uint4(0, 0, 0, 0);
       if (pos < len) {
-        const int64_t block = blocks[pos / block_size], slot = pos % block_size;
-        const int64_t k_elem = block * args.k_cache.stride[0] + slot * args.k_cache.stride[1] +
-                               kv_head * args.k_cache.stride[2];
-        const int64_t v_elem = block * args.v_cache.stride[0] + slot * args.v_cache.stride[1] +
-                               kv_head * args.v_cache.stride[2];
+        const int64_t k_elem = paged_kv_offset(args.k_cache, blocks, block_size, kv_head, pos);
+        const int64_t v_elem = paged_kv_offset(args.v_cache, blocks, block_size, kv_head, pos);
         k_raw[u] = reinterpret_cast<const uint4*>(k_base + k_elem * sizeof(T))[chunk];
         v_raw[u] = reinterpret_cast<const uint4*>(v_base + v_elem * sizeof(T))[chunk];
       }
