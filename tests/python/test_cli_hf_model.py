@@ -2,9 +2,7 @@
 BPE tokenizer, context length 256) instead of the embedded default."""
 from __future__ import annotations
 
-import io
 import json
-import warnings
 from pathlib import Path
 
 import pytest

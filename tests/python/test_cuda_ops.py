@@ -39,11 +39,22 @@ def _emulation(monkeypatch):
 
 def synchronize():
     if DEVICE == "cuda":
-        synchronize()
+        torch.cuda.synchronize()
 # The tile kernels of prefill and cascade prefixes (BATCHLLM_ATTENTION_TILES), both until a GPU run
 # picks one: WMMA with O in shared memory (attention_tile.cuh), mma.sync with O in registers
 # (attention_mma.cuh).
 TILE_KERNELS = ["wmma", "mma"]
+# Cascade decode variants, "<suffix level>+<prefix tiles>": the suffix on decode_rows (default), on
+# the old tile kernel (BATCHLLM_CASCADE_SUFFIX=tile), or decode_rows and the prefix tiles in one fused
+# launch (BATCHLLM_CASCADE_LAUNCH=fused).
+CASCADE_KERNELS = ["decode+wmma", "tile+wmma", "decode+mma", "fused+wmma", "fused+mma"]
+
+
+def use_cascade_kernels(kernels: str, monkeypatch) -> None:
+    suffix, tiles = kernels.split("+")
+    monkeypatch.setenv("BATCHLLM_CASCADE_SUFFIX", "tile" if suffix == "tile" else "decode")
+    monkeypatch.setenv("BATCHLLM_CASCADE_LAUNCH", "fused" if suffix == "fused" else "separate")
+    monkeypatch.setenv("BATCHLLM_ATTENTION_TILES", tiles)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -105,14 +116,12 @@ def test_prefill_attention_cuda_long_chunk_over_cache(dtype, tiles, monkeypatch)
 @pytest.mark.parametrize("heads", HEADS)
 @pytest.mark.parametrize("head_dim", HEAD_DIMS)
 @pytest.mark.parametrize("name", list(CASCADE_SHAPES))
-@pytest.mark.parametrize("kernels", ["decode+wmma", "tile+wmma", "decode+mma"])
+@pytest.mark.parametrize("kernels", CASCADE_KERNELS)
 def test_cascade_decode_attention_cuda(dtype, heads, head_dim, name, kernels, monkeypatch):
     from test_ops import run_cascade_case
-    suffix, tiles = kernels.split("+")
     if kernels != "decode+wmma" and dtype != torch.bfloat16:
         pytest.skip("the A/B kernel variants are swept in bf16 only")
-    monkeypatch.setenv("BATCHLLM_CASCADE_SUFFIX", suffix)
-    monkeypatch.setenv("BATCHLLM_ATTENTION_TILES", tiles)
+    use_cascade_kernels(kernels, monkeypatch)
     o, lse, ref_o, ref_lse = run_cascade_case(name, dtype, heads, head_dim, device=DEVICE, check_indices=True)
     synchronize()
     assert not torch.isnan(o).any() and not torch.isnan(lse).any()
@@ -138,7 +147,9 @@ def test_cascade_cuda_many_readers_one_long_prefix(dtype, tiles, monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_cascade_cuda_split_kv_with_unequal_prefixes(dtype):
+@pytest.mark.parametrize("kernels", ["decode+wmma", "fused+mma"])
+def test_cascade_cuda_split_kv_with_unequal_prefixes(dtype, kernels, monkeypatch):
+    use_cascade_kernels(kernels, monkeypatch)
     # Few row tiles -> the prefix keys are split into chunks; the 90-token prefix has empty chunks
     # (lse -inf, o 0) that the combine step must merge as no-ops.
     kv = PagedKV(200, 16, 8, 128, dtype, device=DEVICE)
@@ -153,7 +164,9 @@ def test_cascade_cuda_split_kv_with_unequal_prefixes(dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_cascade_cuda_few_rows_long_suffixes(dtype):
+@pytest.mark.parametrize("kernels", ["decode+wmma", "fused+mma"])
+def test_cascade_cuda_few_rows_long_suffixes(dtype, kernels, monkeypatch):
+    use_cascade_kernels(kernels, monkeypatch)
     # 3 rows x 2 KV heads leave the SMs idle: each row's suffix keys are split too, which needs more
     # workspace (ops.py sizes it from the suffix hint; a short size would be refused by the binding).
     kv = PagedKV(120, 16, 2, 128, dtype, device=DEVICE)

@@ -65,18 +65,20 @@ __device__ __forceinline__ void issue_kv_tile(T* k_dst, T* v_dst, const TensorVi
   cp_async_commit();
 }
 
+/// One work item of the mma tile kernel on a CTA of kTileThreads threads, in `smem_raw` (MmaSmem,
+/// 128-byte aligned): the body of attention_mma_kernel and of the fused cascade kernel's prefix items.
 template <typename T, int D, typename Problem>
-__global__ void __launch_bounds__(kTileThreads) attention_mma_kernel(Problem problem, TensorView k_cache,
-                                                                     TensorView v_cache, float scale_log2) {
+__device__ __forceinline__ void attention_mma(const Problem& problem, const dim3& item, unsigned char* smem_raw,
+                                              const TensorView& k_cache, const TensorView& v_cache,
+                                              float scale_log2) {
   static_assert(sizeof(float) * kTileRows * (D + 4) <= 4 * sizeof(T) * kTileKeys * (D + 8),
                 "finished rows must fit in the K/V space");
   using Smem = MmaSmem<T, D>;
-  BATCHLLM_DYNAMIC_SHARED_MEMORY(smem_raw);
   Smem& sm = *reinterpret_cast<Smem*>(smem_raw);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int g = lane / 4, t = lane % 4;
 
-  if (!setup_rows(problem, sm.rows, k_cache)) return;
+  if (!setup_rows(problem, sm.rows, k_cache, item)) return;
 
   // This lane's two rows (g and g + 8 of the warp's 16) and their Q fragments (zero when unused).
   const int r0 = warp * 16 + g, r1 = r0 + 8;
@@ -222,8 +224,16 @@ __global__ void __launch_bounds__(kTileThreads) attention_mma_kernel(Problem pro
     if (!sm.rows.q[r]) continue;
     // Row i's lse lives in the lanes of group i % 8 (first or second row of the lane).
     const float lse = __shfl_sync(0xffffffffu, i < 8 ? lse0 : lse1, (i % 8) * 4);
-    problem.write(r, sm.o + r * Smem::kLdO, 1.0f, lse, lane);
+    problem.write(item, r, sm.o + r * Smem::kLdO, 1.0f, lse, lane);
   }
+}
+
+/// The mma tile kernel: grid, block and Problem as attention_tile_kernel; dynamic smem: MmaSmem.
+template <typename T, int D, typename Problem>
+__global__ void __launch_bounds__(kTileThreads) attention_mma_kernel(Problem problem, TensorView k_cache,
+                                                                     TensorView v_cache, float scale_log2) {
+  BATCHLLM_DYNAMIC_SHARED_MEMORY(smem_raw);
+  attention_mma<T, D>(problem, blockIdx, smem_raw, k_cache, v_cache, scale_log2);
 }
 
 /// Launches attention_mma_kernel; same grid and Problem as launch_attention_tiles.

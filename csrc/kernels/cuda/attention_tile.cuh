@@ -5,10 +5,10 @@
 //   cascade prefix: (reader row b, head of the group) of one shared prefix: the prefix's K/V tiles
 //             are read once for all 64 rows, so its readers' matvecs become one matmul (Hydragen);
 //   cascade suffix: the group's heads of one decode row over its own suffix blocks.
-// Problem interface (device):
-//   bool setup(TileRows&)        fills rows (validity, q pointer, key limit) and the KV source;
-//                                false: this CTA has no work
-//   void write(row, o[D], lse)   stores a finished row (o normalised; o = 0, lse = -inf when no keys)
+// Problem interface (device), for the work item `item` (the CTA's blockIdx, or its item in a fused grid):
+//   bool setup(TileRows&, item)        fills rows (validity, q pointer, key limit) and the KV source;
+//                                      false: this item has no work
+//   void write(item, row, o[D], lse)   stores a finished row (o normalised; o = 0, lse = -inf when no keys)
 #pragma once
 
 #include <mma.h>
@@ -92,13 +92,14 @@ __device__ __forceinline__ void load_kv_tile(T* k_dst, T* v_dst, const TensorVie
   }
 }
 
-/// Thread 0 asks the Problem for this CTA's rows and KV source; false, for every thread, when the CTA
-/// has no work.
+/// Thread 0 asks the Problem for the rows and KV source of work item `item`; false, for every thread,
+/// when the item has no work.
 template <typename T, typename Problem>
-__device__ __forceinline__ bool setup_rows(const Problem& problem, TileRows<T>& rows, const TensorView& k_cache) {
+__device__ __forceinline__ bool setup_rows(const Problem& problem, TileRows<T>& rows, const TensorView& k_cache,
+                                           const dim3& item) {
   if (threadIdx.x == 0) {
     rows.key_begin = 0;
-    if (problem.setup(rows)) {
+    if (problem.setup(rows, item)) {
       rows.block_size = static_cast<int>(k_cache.shape[1]);
     } else {
       rows.num_keys = -1;
@@ -108,18 +109,19 @@ __device__ __forceinline__ bool setup_rows(const Problem& problem, TileRows<T>& 
   return rows.num_keys >= 0;
 }
 
-/// The tile kernel. grid: the Problem's work items; block: kTileThreads; dynamic smem: TileSmem.
+/// One work item of the tile kernel on a CTA of kTileThreads threads, in `smem_raw` (TileSmem, 128-byte
+/// aligned): the body of attention_tile_kernel and of the fused cascade kernel's prefix items.
 template <typename T, int D, typename Problem>
-__global__ void __launch_bounds__(kTileThreads) attention_tile_kernel(Problem problem, TensorView k_cache,
-                                                                      TensorView v_cache, float scale_log2) {
+__device__ __forceinline__ void attention_tile(const Problem& problem, const dim3& item, unsigned char* smem_raw,
+                                               const TensorView& k_cache, const TensorView& v_cache,
+                                               float scale_log2) {
   using namespace nvcuda;
   using Smem = TileSmem<T, D>;
-  BATCHLLM_DYNAMIC_SHARED_MEMORY(smem_raw);
   Smem& sm = *reinterpret_cast<Smem*>(smem_raw);
   const int warp = threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
 
-  if (!setup_rows(problem, sm.rows, k_cache)) return;
+  if (!setup_rows(problem, sm.rows, k_cache, item)) return;
 
   // Q rows (zero for unused rows), running state, O accumulator.
   constexpr int kVecPerRow = D * sizeof(T) / 16;
@@ -222,8 +224,16 @@ __global__ void __launch_bounds__(kTileThreads) attention_tile_kernel(Problem pr
     const float inv = sum > 0.0f ? 1.0f / sum : 0.0f;
     // lse back to natural log: (max + log2(sum)) * ln 2; -inf when the row saw no keys.
     const float lse = sum > 0.0f ? (sm.row_max[r] + log2f(sum)) * 0.69314718055994531f : -INFINITY;
-    problem.write(r, sm.o + r * Smem::kLdO, inv, lse, lane);
+    problem.write(item, r, sm.o + r * Smem::kLdO, inv, lse, lane);
   }
+}
+
+/// The tile kernel. grid: the Problem's work items; block: kTileThreads; dynamic smem: TileSmem.
+template <typename T, int D, typename Problem>
+__global__ void __launch_bounds__(kTileThreads) attention_tile_kernel(Problem problem, TensorView k_cache,
+                                                                      TensorView v_cache, float scale_log2) {
+  BATCHLLM_DYNAMIC_SHARED_MEMORY(smem_raw);
+  attention_tile<T, D>(problem, blockIdx, smem_raw, k_cache, v_cache, scale_log2);
 }
 
 /// Launches a tile kernel (attention_tile_kernel, attention_mma_kernel) with kSmemBytes of dynamic

@@ -1,5 +1,5 @@
 // CUDA cascade_decode_attention: decode attention by shared-prefix levels (Hydragen / FlashInfer
-// cascade). Three steps on one stream:
+// cascade). Three steps on one stream (steps 1 and 2 in one launch with BATCHLLM_CASCADE_LAUNCH=fused):
 //   1. suffix: each decode row's GQA heads over its own suffix blocks -> suffix state, by the CUDA-core
 //      decode kernel (decode_rows.cuh; BATCHLLM_CASCADE_SUFFIX=tile selects the tensor-core tile
 //      kernel instead, for A/B measurements);
@@ -113,8 +113,8 @@ struct SuffixProblem {
   float* state_lse;  // [B, Hq]
   int group;
 
-  __device__ bool setup(TileRows<T>& rows) const {
-    const int row = blockIdx.y, kv_head = blockIdx.z, first = blockIdx.x * kTileRows;
+  __device__ bool setup(TileRows<T>& rows, const dim3& item) const {
+    const int row = item.y, kv_head = item.z, first = item.x * kTileRows;
     if (first >= group) return false;
     rows.num_keys = levels.suffix_kv_lens[row];
     for (int r = 0; r < kTileRows; ++r) {
@@ -128,8 +128,8 @@ struct SuffixProblem {
     return true;
   }
 
-  __device__ void write(int r, const float* o_row, float inv_sum, float lse, int lane) const {
-    const int64_t state = static_cast<int64_t>(blockIdx.y) * q.shape[1] + blockIdx.z * group + blockIdx.x * kTileRows + r;
+  __device__ void write(const dim3& item, int r, const float* o_row, float inv_sum, float lse, int lane) const {
+    const int64_t state = static_cast<int64_t>(item.y) * q.shape[1] + item.z * group + item.x * kTileRows + r;
     write_state(state_o + state * q.shape[2], state_lse + state, o_row, inv_sum, lse, q.shape[2], lane);
   }
 };
@@ -146,9 +146,9 @@ struct PrefixProblem {
   int splits;
   int chunk_keys;
 
-  __device__ bool setup(TileRows<T>& rows) const {
-    const int prefix = blockIdx.y, kv_head = blockIdx.z;
-    const int first = (blockIdx.x % row_tiles) * kTileRows, split = blockIdx.x / row_tiles;
+  __device__ bool setup(TileRows<T>& rows, const dim3& item) const {
+    const int prefix = item.y, kv_head = item.z;
+    const int first = (item.x % row_tiles) * kTileRows, split = item.x / row_tiles;
     const int begin = levels.prefix_q_range[2 * prefix], end = levels.prefix_q_range[2 * prefix + 1];
     if (first >= (end - begin) * group) return false;
     // An empty chunk (prefix shorter than this split's start) still writes lse -inf, o 0: a no-op merge.
@@ -168,16 +168,66 @@ struct PrefixProblem {
     return true;
   }
 
-  __device__ void write(int r, const float* o_row, float inv_sum, float lse, int lane) const {
-    const int idx = (blockIdx.x % row_tiles) * kTileRows + r;
-    const int64_t split = blockIdx.x / row_tiles;
+  __device__ void write(const dim3& item, int r, const float* o_row, float inv_sum, float lse, int lane) const {
+    const int idx = (item.x % row_tiles) * kTileRows + r;
+    const int64_t split = item.x / row_tiles;
     const int64_t local_row = idx / group;
-    const int64_t head = blockIdx.z * group + idx % group;
+    const int64_t head = item.z * group + idx % group;
     const int64_t state =
-        ((static_cast<int64_t>(blockIdx.y) * splits + split) * levels.max_prefix_rows + local_row) * q.shape[1] + head;
+        ((static_cast<int64_t>(item.y) * splits + split) * levels.max_prefix_rows + local_row) * q.shape[1] + head;
     write_state(state_o + state * q.shape[2], state_lse + state, o_row, inv_sum, lse, q.shape[2], lane);
   }
 };
+
+/// Work item `i` of `grid`, counted x fastest (as the hardware numbers CTAs).
+__device__ __forceinline__ dim3 grid_item(unsigned i, const dim3& grid) {
+  return dim3(i % grid.x, i / grid.x % grid.y, i / (grid.x * grid.y));
+}
+
+__host__ __device__ __forceinline__ unsigned grid_items(const dim3& grid) { return grid.x * grid.y * grid.z; }
+
+/// Steps 1 and 2 in one launch (BatchLLM's horizontally fused kernel): CTAs [0, prefix items) are the
+/// prefix tiles, the rest the suffix's decode_rows items, so the long prefix tiles start first and the
+/// short suffix items fill the SMs around them and the prefix tail; no launch gap between the two.
+/// Every CTA gets the larger of the two shared-memory layouts (and the larger register count): the
+/// suffix items run at the tiles' occupancy, the price the A/B measures (BATCHLLM_CASCADE_LAUNCH=fused).
+template <typename T, int D, int kHeads, bool kMma>
+__global__ void __launch_bounds__(kTileThreads)
+    cascade_fused_kernel(PrefixProblem<T> prefix, dim3 prefix_grid, DecodeRowsArgs suffix, dim3 suffix_grid,
+                         TensorView k_cache, TensorView v_cache, float scale_log2) {
+  static_assert(kTileThreads == kDecodeThreads, "prefix and suffix items share the block size");
+  BATCHLLM_DYNAMIC_SHARED_MEMORY(smem_raw);
+  const unsigned prefix_items = grid_items(prefix_grid);
+  if (blockIdx.x < prefix_items) {
+    const dim3 item = grid_item(blockIdx.x, prefix_grid);
+    if constexpr (kMma) {
+      attention_mma<T, D>(prefix, item, smem_raw, k_cache, v_cache, scale_log2);
+    } else {
+      attention_tile<T, D>(prefix, item, smem_raw, k_cache, v_cache, scale_log2);
+    }
+  } else {
+    decode_rows<T, D, kHeads>(suffix, grid_item(blockIdx.x - prefix_items, suffix_grid),
+                              *reinterpret_cast<DecodeSmem<D, kHeads>*>(smem_raw));
+  }
+}
+
+template <typename T, int D, int kHeads, bool kMma>
+cudaError_t launch_cascade_fused(const PrefixProblem<T>& prefix, dim3 prefix_grid, const DecodeRowsArgs& suffix,
+                                 dim3 suffix_grid, const TensorView& k_cache, const TensorView& v_cache,
+                                 float scale, cudaStream_t stream) {
+  constexpr auto kKernel = cascade_fused_kernel<T, D, kHeads, kMma>;
+  constexpr size_t kTileSmem = kMma ? sizeof(MmaSmem<T, D>) : sizeof(TileSmem<T, D>);
+  constexpr size_t kSmemBytes = std::max(kTileSmem, sizeof(DecodeSmem<D, kHeads>));
+  const unsigned items = grid_items(prefix_grid) + grid_items(suffix_grid);
+  if (items == 0) return cudaSuccess;
+  static const cudaError_t attribute_error =
+      cudaFuncSetAttribute(kKernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(kSmemBytes));
+  BATCHLLM_CUDA_RETURN_IF_ERROR(attribute_error);
+  constexpr float kLog2e = 1.4426950408889634f;
+  BATCHLLM_LAUNCH(items, kTileThreads, kSmemBytes, stream, kKernel)(prefix, prefix_grid, suffix, suffix_grid,
+                                                                     k_cache, v_cache, scale * kLog2e);
+  return last_launch_error();
+}
 
 /// One CTA per decode row: merge its suffix state with every covering prefix's state.
 template <typename T>
@@ -249,6 +299,10 @@ namespace {
 /// that a benchmark can compare both in one process).
 bool suffix_by_tiles() { return cuda::env_equals("BATCHLLM_CASCADE_SUFFIX", "tile"); }
 
+/// Steps 1 and 2 in one launch (cascade_fused_kernel) when BATCHLLM_CASCADE_LAUNCH=fused, for the A/B
+/// against separate launches; only with the decode_rows suffix.
+bool fused_launch() { return cuda::env_equals("BATCHLLM_CASCADE_LAUNCH", "fused"); }
+
 }  // namespace
 
 bool cuda_head_dim_supported(int64_t head_dim) { return head_dim == 64 || head_dim == 128; }
@@ -263,30 +317,45 @@ cudaError_t cascade_decode_attention_cuda(const CascadeDecodeParams& p, cudaStre
   if (num_rows == 0) return cudaSuccess;
   const int num_kv_heads = static_cast<int>(p.k_cache.shape[2]);
   const bool tiles = suffix_by_tiles();
+  const bool fused = !tiles && fused_launch();
   const CascadePlan plan(num_rows, num_heads, num_kv_heads, head_dim, p.levels, tiles);
   const int group = plan.group;
   float* ws = p.workspace;
-  const dim3 suffix_grid((group + cuda::kTileRows - 1) / cuda::kTileRows, static_cast<unsigned>(num_rows), num_kv_heads);
   const dim3 prefix_grid(plan.prefix_row_tiles * plan.splits, static_cast<unsigned>(p.levels.num_prefixes),
                          num_kv_heads);
   return BATCHLLM_DISPATCH_HALF_TYPES(p.q.dtype, [&] {
     return BATCHLLM_DISPATCH_HEAD_DIM(head_dim, [&] {
-      if (tiles) {
-        const cuda::SuffixProblem<scalar_t> suffix{p.q, p.levels, ws + plan.suffix_o, ws + plan.suffix_lse, group};
-        BATCHLLM_CUDA_RETURN_IF_ERROR((cuda::launch_attention_tiles<scalar_t, kHeadDim>(
-            suffix, suffix_grid, p.k_cache, p.v_cache, p.scale, stream)));
-      } else {
-        constexpr float kLog2e = 1.4426950408889634f;
-        const cuda::DecodeRowsArgs suffix{p.q, p.k_cache, p.v_cache, p.levels.suffix_block_tables,
-                                          p.levels.max_suffix_blocks, p.levels.suffix_kv_lens, ws + plan.suffix_o,
-                                          ws + plan.suffix_lse, p.scale * kLog2e, group, plan.suffix_chunk_keys};
-        BATCHLLM_CUDA_RETURN_IF_ERROR((cuda::launch_decode_rows<scalar_t, kHeadDim>(suffix, num_rows, num_kv_heads,
-                                                                                    plan.suffix_splits, stream)));
-      }
       const cuda::PrefixProblem<scalar_t> prefix{p.q, p.levels, ws + plan.prefix_o, ws + plan.prefix_lse, group,
                                                  plan.prefix_row_tiles, plan.splits, plan.chunk_keys};
-      BATCHLLM_CUDA_RETURN_IF_ERROR((cuda::launch_tiles<scalar_t, kHeadDim>(prefix, prefix_grid, p.k_cache,
-                                                                            p.v_cache, p.scale, stream)));
+      constexpr float kLog2e = 1.4426950408889634f;
+      const cuda::DecodeRowsArgs suffix{p.q, p.k_cache, p.v_cache, p.levels.suffix_block_tables,
+                                        p.levels.max_suffix_blocks, p.levels.suffix_kv_lens, ws + plan.suffix_o,
+                                        ws + plan.suffix_lse, p.scale * kLog2e, group, plan.suffix_chunk_keys};
+      if (fused) {
+        const dim3 suffix_grid = cuda::decode_rows_grid(num_rows, num_kv_heads, group, plan.suffix_splits);
+        const bool mma = cuda::attention_tiles_by_mma();
+        const bool four = cuda::decode_heads_per_cta(group) == 4;
+        const auto launch = mma ? (four ? cuda::launch_cascade_fused<scalar_t, kHeadDim, 4, true>
+                                        : cuda::launch_cascade_fused<scalar_t, kHeadDim, 8, true>)
+                                : (four ? cuda::launch_cascade_fused<scalar_t, kHeadDim, 4, false>
+                                        : cuda::launch_cascade_fused<scalar_t, kHeadDim, 8, false>);
+        BATCHLLM_CUDA_RETURN_IF_ERROR(
+            launch(prefix, prefix_grid, suffix, suffix_grid, p.k_cache, p.v_cache, p.scale, stream));
+      } else {
+        if (tiles) {
+          const dim3 suffix_grid((group + cuda::kTileRows - 1) / cuda::kTileRows, static_cast<unsigned>(num_rows),
+                                 num_kv_heads);
+          const cuda::SuffixProblem<scalar_t> tile_suffix{p.q, p.levels, ws + plan.suffix_o, ws + plan.suffix_lse,
+                                                          group};
+          BATCHLLM_CUDA_RETURN_IF_ERROR((cuda::launch_attention_tiles<scalar_t, kHeadDim>(
+              tile_suffix, suffix_grid, p.k_cache, p.v_cache, p.scale, stream)));
+        } else {
+          BATCHLLM_CUDA_RETURN_IF_ERROR((cuda::launch_decode_rows<scalar_t, kHeadDim>(
+              suffix, num_rows, num_kv_heads, plan.suffix_splits, stream)));
+        }
+        BATCHLLM_CUDA_RETURN_IF_ERROR((cuda::launch_tiles<scalar_t, kHeadDim>(prefix, prefix_grid, p.k_cache,
+                                                                              p.v_cache, p.scale, stream)));
+      }
       BATCHLLM_LAUNCH(static_cast<unsigned>(num_rows), 128, 0, stream, cuda::combine_levels_kernel<scalar_t>)(
           p.o, p.lse, p.levels, plan.splits, plan.suffix_splits, ws + plan.suffix_o, ws + plan.suffix_lse, ws + plan.prefix_o,
           ws + plan.prefix_lse);

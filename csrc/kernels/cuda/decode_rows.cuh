@@ -76,18 +76,33 @@ struct DecodeRowsArgs {
   int chunk_keys;                // keys per split (any value >= the longest row when not split)
 };
 
+/// Shared memory of one decode_rows CTA: the warps' states, merged at the end.
+template <int D, int kHeads>
+struct DecodeSmem {
+  float m[kDecodeWarps][kHeads];
+  float l[kDecodeWarps][kHeads];
+  float o[kDecodeWarps][kHeads][D];
+};
+
+/// The grid of a decode_rows launch: (row, KV head, head chunk + chunks x key split).
+inline dim3 decode_rows_grid(int64_t num_rows, int num_kv_heads, int group, int splits) {
+  const int heads = decode_heads_per_cta(group);
+  return dim3(static_cast<unsigned>(num_rows), static_cast<unsigned>(num_kv_heads),
+              static_cast<unsigned>((group + heads - 1) / heads * splits));
+}
+
+/// One work item (row, KV head, head chunk x key split) of decode_rows on a CTA of kDecodeThreads:
+/// the body of decode_rows_kernel and of the fused cascade kernel's suffix items.
 template <typename T, int D, int kHeads>
-__global__ void __launch_bounds__(kDecodeThreads) decode_rows_kernel(DecodeRowsArgs args) {
+__device__ __forceinline__ void decode_rows(const DecodeRowsArgs& args, const dim3& item,
+                                            DecodeSmem<D, kHeads>& sm) {
   constexpr int kLanesPerKey = D / 8;
   constexpr int kKeysPerWarp = 32 / kLanesPerKey;
   constexpr int kGroups = kDecodeWarps * kKeysPerWarp;  // keys in flight per unrolled step
-  __shared__ float smem_m[kDecodeWarps][kHeads];
-  __shared__ float smem_l[kDecodeWarps][kHeads];
-  __shared__ float smem_o[kDecodeWarps][kHeads][D];
 
-  const int row = blockIdx.x, kv_head = blockIdx.y;
+  const int row = item.x, kv_head = item.y;
   const int head_chunks = (args.group + kHeads - 1) / kHeads;
-  const int head_chunk = blockIdx.z % head_chunks, split = blockIdx.z / head_chunks;
+  const int head_chunk = item.z % head_chunks, split = item.z / head_chunks;
   const int first_head = kv_head * args.group + head_chunk * kHeads;
   const int heads = min(kHeads, args.group - head_chunk * kHeads);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -159,10 +174,10 @@ __global__ void __launch_bounds__(kDecodeThreads) decode_rows_kernel(DecodeRowsA
     }
     if (sub == 0) {
 #pragma unroll
-      for (int i = 0; i < 8; ++i) smem_o[warp][h][chunk * 8 + i] = state[h].o[i];
+      for (int i = 0; i < 8; ++i) sm.o[warp][h][chunk * 8 + i] = state[h].o[i];
       if (chunk == 0) {
-        smem_m[warp][h] = state[h].m;
-        smem_l[warp][h] = state[h].l;
+        sm.m[warp][h] = state[h].m;
+        sm.l[warp][h] = state[h].l;
       }
     }
   }
@@ -170,13 +185,13 @@ __global__ void __launch_bounds__(kDecodeThreads) decode_rows_kernel(DecodeRowsA
   for (int idx = threadIdx.x; idx < heads * D; idx += kDecodeThreads) {
     const int h = idx / D, d = idx % D;
     float m = -INFINITY;
-    for (int w = 0; w < kDecodeWarps; ++w) m = fmaxf(m, smem_m[w][h]);
+    for (int w = 0; w < kDecodeWarps; ++w) m = fmaxf(m, sm.m[w][h]);
     float l = 0.0f, o = 0.0f;
     if (m != -INFINITY) {
       for (int w = 0; w < kDecodeWarps; ++w) {
-        const float weight = exp2f(smem_m[w][h] - m);  // an empty warp: exp2(-inf) = 0
-        l += smem_l[w][h] * weight;
-        o += smem_o[w][h][d] * weight;
+        const float weight = exp2f(sm.m[w][h] - m);  // an empty warp: exp2(-inf) = 0
+        l += sm.l[w][h] * weight;
+        o += sm.o[w][h][d] * weight;
       }
     }
     const int64_t out_state =
@@ -186,15 +201,19 @@ __global__ void __launch_bounds__(kDecodeThreads) decode_rows_kernel(DecodeRowsA
   }
 }
 
+template <typename T, int D, int kHeads>
+__global__ void __launch_bounds__(kDecodeThreads) decode_rows_kernel(DecodeRowsArgs args) {
+  __shared__ DecodeSmem<D, kHeads> sm;
+  decode_rows<T, D, kHeads>(args, blockIdx, sm);
+}
+
 /// Launches decode_rows_kernel for B rows, their keys in `splits` chunks of args.chunk_keys.
 template <typename T, int D>
 cudaError_t launch_decode_rows(const DecodeRowsArgs& args, int64_t num_rows, int num_kv_heads, int splits,
                                cudaStream_t stream) {
   if (num_rows == 0) return cudaSuccess;
-  const int heads = decode_heads_per_cta(args.group);
-  const dim3 grid(static_cast<unsigned>(num_rows), static_cast<unsigned>(num_kv_heads),
-                  static_cast<unsigned>((args.group + heads - 1) / heads * splits));
-  if (heads == 4) {
+  const dim3 grid = decode_rows_grid(num_rows, num_kv_heads, args.group, splits);
+  if (decode_heads_per_cta(args.group) == 4) {
     BATCHLLM_LAUNCH(grid, kDecodeThreads, 0, stream, decode_rows_kernel<T, D, 4>)(args);
   } else {
     BATCHLLM_LAUNCH(grid, kDecodeThreads, 0, stream, decode_rows_kernel<T, D, 8>)(args);

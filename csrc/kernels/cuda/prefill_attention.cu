@@ -19,13 +19,13 @@ struct PrefillProblem {
   const int32_t* context_lens;
   int group;
 
-  __device__ bool setup(TileRows<T>& rows) const {
-    const int seq = blockIdx.y;
-    const int kv_head = blockIdx.z;
+  __device__ bool setup(TileRows<T>& rows, const dim3& item) const {
+    const int seq = item.y;
+    const int kv_head = item.z;
     const int q_begin = query_start[seq];
     const int q_len = query_start[seq + 1] - q_begin;
     const int context = context_lens[seq];
-    const int first = blockIdx.x * kTileRows;
+    const int first = item.x * kTileRows;
     if (first >= q_len * group) return false;
     rows.num_keys = 0;
     for (int r = 0; r < kTileRows; ++r) {
@@ -46,10 +46,10 @@ struct PrefillProblem {
     return true;
   }
 
-  __device__ void write(int r, const float* o_row, float inv_sum, float /*lse*/, int lane) const {
-    const int idx = blockIdx.x * kTileRows + r;
-    const int64_t row = query_start[blockIdx.y] + idx / group;
-    const int head = blockIdx.z * group + idx % group;
+  __device__ void write(const dim3& item, int r, const float* o_row, float inv_sum, float /*lse*/, int lane) const {
+    const int idx = item.x * kTileRows + r;
+    const int64_t row = query_start[item.y] + idx / group;
+    const int head = item.z * group + idx % group;
     T* dst = static_cast<T*>(o.data) + row * o.stride[0] + head * o.stride[1];
     for (int d = lane; d < o.shape[2]; d += 32) dst[d] = from_float<T>(o_row[d] * inv_sum);
   }

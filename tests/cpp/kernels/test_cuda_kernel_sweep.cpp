@@ -463,15 +463,18 @@ TEST_F(CudaSweep, CascadeDecodeAttention) {
                 std::vector<float>(bk::cascade_workspace_floats(rows, hq, hkv, head_dim, p.levels), NAN));
             d.workspace = workspace.device;
             // Kernel variants by a hash of the case (a plain index % n would tie them to shapes):
-            // the suffix level on decode_rows (default) or the tile kernel, the prefix tiles on WMMA
-            // (default) or mma.sync.
+            // the suffix level on decode_rows (default) or the tile kernel, or decode_rows and the
+            // prefix tiles fused in one launch; the prefix tiles on WMMA (default) or mma.sync.
             const unsigned variant = (static_cast<unsigned>(index) * 2654435761u) >> 28;
+            const char* suffix_names[] = {"suffix tiles", "suffix decode_rows", "suffix decode_rows fused"};
             if (variant % 3 == 0) setenv("BATCHLLM_CASCADE_SUFFIX", "tile", 1);
+            if (variant % 3 == 2) setenv("BATCHLLM_CASCADE_LAUNCH", "fused", 1);
             if (variant / 3 % 2 == 1) setenv("BATCHLLM_ATTENTION_TILES", "mma", 1);
-            SCOPED_TRACE(std::string(variant % 3 == 0 ? "suffix tiles" : "suffix decode_rows") +
+            SCOPED_TRACE(std::string(suffix_names[variant % 3]) +
                          (variant / 3 % 2 == 1 ? ", prefix mma" : ", prefix wmma"));
             const cudaError_t launched = bk::cascade_decode_attention_cuda(d, nullptr);
             unsetenv("BATCHLLM_CASCADE_SUFFIX");
+            unsetenv("BATCHLLM_CASCADE_LAUNCH");
             unsetenv("BATCHLLM_ATTENTION_TILES");
             ASSERT_EQ(launched, cudaSuccess);
             ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
