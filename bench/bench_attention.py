@@ -300,7 +300,7 @@ def cpu_smoke() -> int:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer replays (a smoke run)")
-    parser.add_argument("--json-out", help="also append the JSON lines to this file")
+    parser.add_argument("--json-out", help="also append the JSON lines to this file, each as its shape finishes")
     parser.add_argument("--no-prefill", action="store_true")
     parser.add_argument("--cpu-smoke", action="store_true",
                         help="check the baselines' layouts against our CPU op on a tiny shape (no timing)")
@@ -318,6 +318,14 @@ def main() -> int:
     bandwidth = copy_bandwidth_bytes_per_s()
     print(f"device {device_name}; copy bandwidth {bandwidth / 1e12:.2f} TB/s (read + write); torch {torch.__version__}")
     rows = []
+
+    def record(row: dict) -> None:
+        """Keeps a finished row; with --json-out it is on disk at once (a time limit keeps what ran)."""
+        rows.append(row)
+        if args.json_out:
+            with open(args.json_out, "a") as f:
+                f.write(json.dumps(row) + "\n")
+
     header = f"{'B':>5} {'P':>6} {'S':>5} | {'ours ms':>8} {'tile-sfx':>8} {'mma':>8} {'fused':>8} {'fused+mma':>9} {'sdpa ms':>8} " \
              f"{'hydra ms':>8} {'floor ms':>8} | {'ours/floor':>10} {'best/floor':>10} {'hydra/ours':>10} {'rel err':>8}"
     print(header)
@@ -325,7 +333,7 @@ def main() -> int:
         t0 = time.time()
         r = bench_decode(shape, bandwidth, reps, device_name)
         r["copy_tb_s"] = bandwidth / 1e12
-        rows.append(r)
+        record(r)
         print(f"{r['B']:>5} {r['P']:>6} {r['S']:>5} | {r['ours_ms']:>8.3f} {r['ours_tile_suffix_ms']:>8.3f} {r['ours_mma_ms']:>8.3f} "
               f"{r['ours_fused_ms']:>8.3f} {r['ours_fused_mma_ms']:>9.3f} {r['sdpa_ms']:>8.3f} "
               f"{r['hydragen_ms']:>8.3f} {r['floor_ms']:>8.3f} | {r['ours_over_floor']:>10.2f} "
@@ -336,16 +344,12 @@ def main() -> int:
               f"{'sdpa TF/s':>9} {'rel err':>8}")
         for shape in PREFILL_SHAPES:
             r = bench_prefill(shape, reps, device_name)
-            rows.append(r)
+            record(r)
             print(f"{r['seqs']:>5} {r['tokens']:>6} | {r['ours_ms']:>8.3f} {r['ours_mma_ms']:>8.3f} {r['sdpa_ms']:>8.3f} | "
                   f"{r['ours_over_sdpa']:>9.2f} {r['ours_tflops']:>9.1f} {r['sdpa_tflops']:>9.1f} "
                   f"{r['rel_err_vs_sdpa']:>8.1e}", flush=True)
-    lines = [json.dumps(r) for r in rows]
-    for line in lines:
-        print("JSON " + line)
-    if args.json_out:
-        with open(args.json_out, "a") as f:
-            f.write("\n".join(lines) + "\n")
+    for r in rows:
+        print("JSON " + json.dumps(r))
     return 0
 
 

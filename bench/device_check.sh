@@ -1,17 +1,22 @@
 #!/usr/bin/env bash
 # One-shot GPU check for batchllm on a machine with an NVIDIA GPU and NO network:
-#   1. environment   (nvidia-smi, nvcc, python, torch)
+#   1. environment   (nvidia-smi, nvcc, cmake, python, torch)
 #   2. build         (pip install --no-build-isolation --no-deps --no-index . for this card's architecture)
 #   3. gpu tests     (pytest -m gpu)
 #   4. benchmarks    (bench/bench_attention.py: decode kernel grid + paged prefill)
-#   5. sanitizer     (compute-sanitizer memcheck + racecheck on two small kernel tests, if time is left)
-#   6. end-to-end    (other engineers append their runs here, one section each, same pattern)
-# Logs and JSON go to $OUT (default build/device_check_out). Budget: < 5 minutes in all; each step
-# has its own timeout. The summary is printed last.
+#   5. end-to-end    (bench/e2e.py: W1, W2, W5 on llama-1b, policies, graphs, overlap, transformers)
+#   6. sanitizer     (compute-sanitizer memcheck + racecheck on small kernel tests, if time is left)
+# Logs and JSON go to $OUT (default build/device_check_out): one log per section plus
+# bench_attention.jsonl and e2e.jsonl, 8 files at most (the device tool returns no more; make the
+# plot here from e2e.jsonl: python bench/plot_throughput.py e2e.jsonl). Budget: BUDGET_S (default
+# 295 s) in all; every section gets what is left of it, up to its own limit, so the summary is
+# always printed. The summary is printed last.
 #
 # Usage: OUT=/some/dir bash bench/device_check.sh      (PYTHON=... to pick the interpreter)
-# Adding a section: write a function section_<name> that logs to "$OUT/<name>.log", then add
-# `run_section <name> <timeout seconds> section_<name>` to the list at the bottom.
+#   SECTIONS="e2e sanitizer" runs only those (after environment), REUSE_BUILD=1 keeps an earlier
+#   build of this tree (a second call on the same warm machine), BUDGET_S=... changes the budget.
+# Adding a section: write a function section_<name> that logs to stdout, then add a
+# `run_section <name> <limit seconds> <minimum seconds> section_<name>` line to the list at the bottom.
 set -uo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -26,14 +31,28 @@ SUMMARY=()
 
 log() { echo "[device_check $(date +%H:%M:%S)] $*"; }
 
-# run_section NAME TIMEOUT_S FUNCTION: runs FUNCTION under a timeout, output to $OUT/NAME.log,
-# and records "NAME: ok|FAILED (rc)|TIMEOUT, seconds" for the summary.
+BUDGET_S="${BUDGET_S:-295}"
+SECTIONS="${SECTIONS:-}"
+left_s() { echo $(( BUDGET_S - ($(date +%s) - SCRIPT_START) )); }
+
+# run_section NAME LIMIT_S MIN_S FUNCTION: runs FUNCTION (with pipefail) under a timeout of LIMIT_S or
+# what is left of the budget, whichever is less, output to $OUT/NAME.log; skipped when under MIN_S is
+# left or SECTIONS leaves it out. Records "NAME: ok|FAILED (rc)|TIMEOUT|skipped, seconds".
 run_section() {
-  local name="$1" limit="$2" fn="$3" start rc status
+  local name="$1" limit="$2" minimum="$3" fn="$4" start rc status left
+  if [[ -n "$SECTIONS" && "$name" != environment && " $SECTIONS " != *" $name "* ]]; then
+    return 0
+  fi
+  left=$(( $(left_s) - 5 ))
+  (( left < limit )) && limit=$left
+  if (( limit < minimum )); then
+    SUMMARY+=("$(printf '%-16s %s' "$name" "skipped: ${left}s left of the ${BUDGET_S}s budget")")
+    return 0
+  fi
   start=$(date +%s)
   log "== $name (limit ${limit}s) -> $OUT/$name.log"
-  timeout --kill-after=10 "$limit" bash -c "$(declare -f "$fn"); $(declare -p ROOT OUT PY SITE); export PYTHONPATH=\"$SITE\"; $fn" \
-    >"$OUT/$name.log" 2>&1
+  timeout --kill-after=5 "$limit" bash -c "set -o pipefail; $(declare -f "$fn"); $(declare -p ROOT OUT PY SITE);
+    export PYTHONPATH=\"$SITE\" PYTHONUNBUFFERED=1; $fn" >"$OUT/$name.log" 2>&1
   rc=$?
   case $rc in
     0) status="ok" ;;
@@ -41,7 +60,7 @@ run_section() {
     *) status="FAILED (rc $rc)" ;;
   esac
   tail -n 5 "$OUT/$name.log" | sed "s/^/    [$name] /"
-  SUMMARY+=("$(printf '%-14s %-24s %4ss' "$name" "$status" "$(( $(date +%s) - start ))")")
+  SUMMARY+=("$(printf '%-16s %-24s %4ss' "$name" "$status" "$(( $(date +%s) - start ))")")
   return 0
 }
 
@@ -49,6 +68,7 @@ run_section() {
 section_environment() {
   nvidia-smi --query-gpu=name,compute_cap,memory.total,driver_version --format=csv
   nvcc --version | tail -n 2
+  cmake --version | head -n 1
   "$PY" -c 'import sys, torch; print("python", sys.version.split()[0], "torch", torch.__version__,
 "cuda", torch.version.cuda, "device", torch.cuda.get_device_name(0) if torch.cuda.is_available() else None)'
   git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo "commit unknown (no git metadata)"
@@ -59,6 +79,9 @@ section_environment() {
 section_build() {
   set -e
   local cap arch
+  if [[ "${REUSE_BUILD:-0}" == 1 ]] && "$PY" -c 'import batchllm_core as b; assert b.cuda_available()' 2>/dev/null; then
+    echo "REUSE_BUILD=1: keeping the build in $SITE"; return 0
+  fi
   cap=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader | head -n 1 | tr -d ' ')
   arch="${CUDA_ARCH:-${cap/./}}"   # CUDA_ARCH overrides (e.g. to try the build on a machine with no GPU)
   [[ "$arch" == "90" ]] && arch="90a"
@@ -76,8 +99,7 @@ assert b.cuda_available(), "CUDA build but no usable device"; print("cuda head d
 # ---- 3. gpu tests ---------------------------------------------------------------------------------------
 section_gpu_tests() {
   cd "$ROOT/tests"
-  "$PY" -m pytest -q -p no:cacheprovider -m gpu --continue-on-collection-errors \
-    --junitxml="$OUT/gpu_tests.xml" python -rs 2>&1 | tail -n 60
+  "$PY" -m pytest -q -p no:cacheprovider -m gpu --continue-on-collection-errors -rfEs python
 }
 
 # ---- 4. benchmarks ----------------------------------------------------------------------------------------
@@ -87,59 +109,60 @@ section_bench_attention() {
   "$PY" bench/bench_attention.py --json-out "$OUT/bench_attention.jsonl"
 }
 
-# ---- 5. sanitizer: out-of-bounds accesses and shared-memory races of the kernels on small cases -----------
-section_sanitizer() {
-  cd "$ROOT/tests"
-  local select="test_cascade_cuda_matches_cpu_reference or test_prefill_attention_cuda_long_chunk_over_cache"
-  for tool in memcheck racecheck; do
-    echo "---- compute-sanitizer --tool $tool"
-    compute-sanitizer --tool "$tool" --error-exitcode 99 --target-processes all \
-      "$PY" -m pytest -q -p no:cacheprovider -x python/test_cuda_ops.py -k "$select" 2>&1 | tail -n 25
-    [[ ${PIPESTATUS[0]} -eq 0 ]] || exit 99
-  done
-}
-
-# ---- 6. end-to-end: whole workloads through LLM, llama-1b random weights (bench/e2e.py) --------------------
+# ---- 5. end-to-end: whole workloads through LLM, llama-1b random weights (bench/e2e.py) --------------------
 # Runs in priority order, each its own process so that what finished survives the section's timeout;
-# JSON lines in $OUT/e2e.jsonl, the plot in $OUT/throughput.png. Reduced scales fit the budget:
+# JSON lines in $OUT/e2e.jsonl (plot it here: bench/plot_throughput.py). Reduced scales fit the budget:
 # W1 1/4 (4 groups x 64), W2 1/4 (2 docs x 32), W5 1/8 (128 prompts); transformers: one batch of 64.
 section_e2e() {
   cd "$ROOT"
   local json="$OUT/e2e.jsonl" e2e=("$PY" bench/e2e.py --model llama-1b --device cuda --json-out "$OUT/e2e.jsonl")
   rm -f "$json"
-  "${e2e[@]}" --workload W1 --scale 0.25 --policy batchllm,fcfs-lru || return 1
-  "${e2e[@]}" --workload W1 --scale 0.25 --policy batchllm --cuda-graphs || echo "e2e: cuda graphs run FAILED"
-  "${e2e[@]}" --workload W1 --scale 0.25 --policy batchllm --cuda-graphs --overlap || echo "e2e: overlap run FAILED"
-  "${e2e[@]}" --workload W2 --scale 0.25 --policy batchllm,fcfs-lru || echo "e2e: W2 FAILED"
-  "${e2e[@]}" --workload W5 --scale 0.125 --policy batchllm,fcfs-lru || echo "e2e: W5 FAILED"
-  "${e2e[@]}" --workload W1 --scale 0.25 --policy none --hf --hf-batches 1 || echo "e2e: transformers baseline FAILED"
-  "$PY" bench/plot_throughput.py "$json" -o "$OUT/throughput.png" || true
+  local failed=0
+  # e2e_run LABEL ARGS...: one run; a failure is logged and counted, the next run still goes.
+  e2e_run() { local label="$1"; shift; "${e2e[@]}" "$@" || { echo "e2e: $label FAILED"; failed=$((failed + 1)); }; }
+  e2e_run "W1" --workload W1 --scale 0.25 --policy batchllm,fcfs-lru
+  e2e_run "W1 cuda graphs" --workload W1 --scale 0.25 --policy batchllm --cuda-graphs
+  e2e_run "W2" --workload W2 --scale 0.25 --policy batchllm,fcfs-lru
+  e2e_run "W5" --workload W5 --scale 0.125 --policy batchllm,fcfs-lru
+  e2e_run "W1 graphs + overlap" --workload W1 --scale 0.25 --policy batchllm --cuda-graphs --overlap
+  e2e_run "transformers baseline" --workload W1 --scale 0.25 --policy none --hf --hf-batches 1
   echo "e2e summary (workload policy seconds out_tok/s prefill_tokens time/floor):"
-  "$PY" -c 'import json, sys
+  [[ -s "$json" ]] && "$PY" -c 'import json, sys
 for line in open(sys.argv[1]):
     r = json.loads(line)
     print(r["workload"], r["policy"] + ("+graphs" if r.get("cuda_graphs") else "") + ("+overlap" if r.get("overlap") else ""), r["seconds"],
           r["output_tokens_per_s"], r["prefill_tokens"], r["time_over_floor"])' "$json"
+  echo "e2e: $failed run(s) failed"
+  return "$failed"
+}
+
+# ---- 6. sanitizer: out-of-bounds accesses and shared-memory races of the kernels on small cases -----------
+# memcheck on a cascade and a prefill case; racecheck (slow: it tracks every shared-memory access) on
+# the small cascade case only, whose kernels are the decode, tile and combine kernels.
+section_sanitizer() {
+  cd "$ROOT/tests"
+  local cascade="test_cascade_cuda_matches_cpu_reference" prefill="test_prefill_attention_cuda_long_chunk_over_cache"
+  echo "---- compute-sanitizer --tool memcheck"
+  compute-sanitizer --tool memcheck --error-exitcode 99 --target-processes all \
+    "$PY" -m pytest -q -p no:cacheprovider -x python/test_cuda_ops.py -k "$cascade or $prefill" || exit 99
+  echo "---- compute-sanitizer --tool racecheck"
+  compute-sanitizer --tool racecheck --error-exitcode 99 --target-processes all \
+    "$PY" -m pytest -q -p no:cacheprovider -x python/test_cuda_ops.py -k "$cascade" || exit 99
 }
 
 # ---- 7. (append sections above this line and register them below) ------------------------------------------
 
-run_section environment 30 section_environment
-run_section build 150 section_build
-if [[ "${SUMMARY[-1]}" == build*ok* ]]; then
-  run_section gpu_tests 110 section_gpu_tests
-  run_section bench_attention 120 section_bench_attention
-  if (( $(date +%s) - SCRIPT_START < 200 )); then
-    run_section sanitizer 80 section_sanitizer
-  else
-    SUMMARY+=("sanitizer      skipped: the time budget is spent")
-  fi
-  E2E_LEFT=$(( 295 - ($(date +%s) - SCRIPT_START) ))
-  if (( E2E_LEFT >= 45 )); then
-    run_section e2e "$E2E_LEFT" section_e2e
-  else
-    SUMMARY+=("e2e            skipped: ${E2E_LEFT}s left of the budget (run bench/e2e.py by hand)")
-  fi
+run_section environment 30 5 section_environment
+BUILD_OK=1   # a SECTIONS list without build runs on an earlier build (REUSE_BUILD's)
+if [[ -z "$SECTIONS" || " $SECTIONS " == *" build "* ]]; then
+  run_section build 150 60 section_build
+  [[ "${SUMMARY[-1]}" == build*ok* ]] || BUILD_OK=0
+fi
+if (( BUILD_OK )); then
+  run_section gpu_tests 110 30 section_gpu_tests
+  run_section bench_attention 100 30 section_bench_attention
+  run_section e2e 240 45 section_e2e
+  run_section sanitizer 90 40 section_sanitizer
 else
   SUMMARY+=("gpu_tests / benchmarks skipped: the build failed (see $OUT/build.log)")
 fi

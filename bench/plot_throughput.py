@@ -15,8 +15,8 @@ import argparse
 import json
 from pathlib import Path
 
-POLICY_ORDER = ["batchllm+graphs", "batchllm", "fcfs-lru", "no-share", "hf"]
-POLICY_COLORS = {"batchllm+graphs": "#17becf", "batchllm": "#1f77b4", "fcfs-lru": "#ff7f0e", "no-share": "#7f7f7f",
+POLICY_ORDER = ["batchllm+graphs+overlap", "batchllm+graphs", "batchllm", "fcfs-lru", "no-share", "hf"]
+POLICY_COLORS = {"batchllm+graphs+overlap": "#2ca02c", "batchllm+graphs": "#17becf", "batchllm": "#1f77b4", "fcfs-lru": "#ff7f0e", "no-share": "#7f7f7f",
                  "hf": "#d62728"}
 
 
@@ -50,6 +50,13 @@ def latest_by_key(rows) -> dict:
     return {(r["workload"], label(r)): r for r in rows}
 
 
+def bar_order(table: dict) -> list:
+    """The bars of each group: known labels in POLICY_ORDER, then any other label (a new kind of run is
+    drawn, never dropped)."""
+    labels = {label for _, label in table}
+    return [p for p in POLICY_ORDER if p in labels] + sorted(labels - set(POLICY_ORDER))
+
+
 def plot(rows, output: Path) -> Path:
     import matplotlib
 
@@ -60,7 +67,7 @@ def plot(rows, output: Path) -> Path:
         raise ValueError("no bench/e2e.py rows in the input")
     table = latest_by_key(rows)
     workloads = sorted({w for w, _ in table})
-    policies = [p for p in POLICY_ORDER if any((w, p) in table for w in workloads)]
+    policies = bar_order(table)
     width = 0.8 / max(len(policies), 1)
     fig, ax = plt.subplots(figsize=(1.6 + 1.5 * len(workloads), 4.2))
     for i, policy in enumerate(policies):

@@ -10,6 +10,7 @@ without the emulation module they skip with a reason.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -172,6 +173,23 @@ def test_cascade_cuda_few_rows_long_suffixes(dtype, kernels, monkeypatch):
     kv = PagedKV(120, 16, 2, 128, dtype, device=DEVICE)
     case = make_cascade_case(kv, 3, [1], [lambda i: 40], [900, 300, 0], 8, 128, dtype, device=DEVICE)
     o, lse = ops.cascade_decode_attention(case.q, kv.k, kv.v, case.levels, return_lse=True,
+                                          out=poisoned(case.q.shape, dtype, DEVICE), check_indices=True)
+    ref_o, ref_lse = cascade_reference(kv, case, 1.0 / math.sqrt(128))
+    assert rel_err(o, ref_o) < TOLERANCE[dtype]
+    assert torch.allclose(lse.double().cpu(), ref_lse, atol=2e-3, rtol=1e-3)
+
+
+@pytest.mark.parametrize("kernels", CASCADE_KERNELS)
+def test_cascade_cuda_size_hints_above_the_sizes(kernels, monkeypatch):
+    # CUDA graph replays pass their bucket's bounds as the size hints (cuda_graphs.py), above the
+    # step's real sizes: the split plans and the workspace follow the hints, the kernels the arrays.
+    use_cascade_kernels(kernels, monkeypatch)
+    dtype = torch.bfloat16
+    kv = PagedKV(120, 16, 2, 128, dtype, device=DEVICE)
+    case = make_cascade_case(kv, 3, [1], [lambda i: 40], [300, 100, 0], 8, 128, dtype, device=DEVICE)
+    levels = dataclasses.replace(case.levels.with_hints(), max_prefix_kv_len=4096, max_prefix_rows=64,
+                                 max_suffix_kv_len=2048)
+    o, lse = ops.cascade_decode_attention(case.q, kv.k, kv.v, levels, return_lse=True,
                                           out=poisoned(case.q.shape, dtype, DEVICE), check_indices=True)
     ref_o, ref_lse = cascade_reference(kv, case, 1.0 / math.sqrt(128))
     assert rel_err(o, ref_o) < TOLERANCE[dtype]

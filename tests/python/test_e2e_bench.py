@@ -42,6 +42,7 @@ def test_rows_have_every_field_and_consistent_rates(e2e_rows):
     assert written == rows
     assert [r["policy"] for r in rows] == ["batchllm", "hf", "no-share"]
     assert [r["overlap"] for r in rows] == [False, False, True]
+    assert plot_throughput.bar_order(plot_throughput.latest_by_key(rows)) == ["batchllm", "hf", "no-share+overlap"]
     for row in rows:
         assert _ROW_FIELDS <= set(row), _ROW_FIELDS - set(row)
         assert row["workload"] == "W6" and row["device"] == "cpu" and row["requests"] == 16
@@ -74,6 +75,7 @@ def test_plot_throughput_draws_the_rows(e2e_rows, tmp_path):
     rows = plot_throughput.read_rows([log])
     assert [r["policy"] for r in rows] == ["batchllm", "hf", "no-share"]
     assert [r["overlap"] for r in rows] == [False, False, True]
+    assert plot_throughput.bar_order(plot_throughput.latest_by_key(rows)) == ["batchllm", "hf", "no-share+overlap"]
     path = plot_throughput.main([str(log), "-o", str(tmp_path / "throughput.png")])
     assert path.stat().st_size > 1000 and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(ValueError, match="several model/device"):
