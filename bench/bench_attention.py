@@ -5,7 +5,8 @@ Decode (one query per sequence, 32 q heads, 8 KV heads, head dim 128, bf16, page
   ours       batchllm_core.ops.cascade_decode_attention (prefix read once for all B readers); the
              suffix level by the CUDA-core decode kernel, and again (tile-sfx) by the tensor-core tile
              kernel (BATCHLLM_CASCADE_SUFFIX=tile) for the A/B, and (mma) with the prefix tiles on
-             mma.sync with O in registers instead of WMMA (BATCHLLM_ATTENTION_TILES=mma), and (fused,
+             mma.sync with O in registers instead of WMMA (BATCHLLM_ATTENTION_TILES=mma), (mma128) the
+             same in 128-row tiles of 8 warps (BATCHLLM_ATTENTION_TILES=mma128), and (fused,
              fused+mma) with the suffix and prefix steps in one launch (BATCHLLM_CASCADE_LAUNCH=fused);
              best/floor: the fastest of these variants over the floor
   sdpa       torch SDPA over per-sequence KV (every sequence reads its own copy of the prefix)
@@ -13,7 +14,7 @@ Decode (one query per sequence, 32 q heads, 8 KV heads, head dim 128, bf16, page
              aten._scaled_dot_product_flash_attention (for the LSE), suffix attention, LSE merge
   floor      (P + B*S) * KV bytes per token / measured device copy bandwidth
 Prefill (causal, one 4096-token chunk per sequence over paged KV): ours (WMMA tiles, and mma.sync
-tiles) vs SDPA flash on the same dense shapes.
+tiles of 64 and 128 rows) vs SDPA flash on the same dense shapes.
 
 Timing: CUDA graphs of each variant (launch gaps out), CUDA events, median of many replays after
 warm-up, input sets rotated so that the bytes touched exceed 3x L2. Prints a table, then one JSON
@@ -218,13 +219,16 @@ def bench_decode(shape, bandwidth, reps, device_name):
     mma_ms = time_with_env({"BATCHLLM_ATTENTION_TILES": "mma"}, [x.ours for x in inputs], reps)
     with kernel_env({"BATCHLLM_ATTENTION_TILES": "mma"}):
         mma_rel_err = float((inputs[0].ours().float() - reference).norm() / reference.norm())
+    mma128_ms = time_with_env({"BATCHLLM_ATTENTION_TILES": "mma128"}, [x.ours for x in inputs], reps)
+    with kernel_env({"BATCHLLM_ATTENTION_TILES": "mma128"}):
+        mma128_rel_err = float((inputs[0].ours().float() - reference).norm() / reference.norm())
     fused_env = {"BATCHLLM_CASCADE_LAUNCH": "fused"}
     fused_ms = time_with_env(fused_env, [x.ours for x in inputs], reps)
     fused_mma_ms = time_with_env({**fused_env, "BATCHLLM_ATTENTION_TILES": "mma"}, [x.ours for x in inputs], reps)
     with kernel_env({**fused_env, "BATCHLLM_ATTENTION_TILES": "mma"}):
         fused_rel_err = float((inputs[0].ours().float() - reference).norm() / reference.norm())
-    variants = {"default": ours_ms, "tile_suffix": tile_suffix_ms, "mma": mma_ms, "fused": fused_ms,
-                "fused_mma": fused_mma_ms}
+    variants = {"default": ours_ms, "tile_suffix": tile_suffix_ms, "mma": mma_ms, "mma128": mma128_ms,
+                "fused": fused_ms, "fused_mma": fused_mma_ms}
     best = min(variants, key=variants.get)
     hydragen_ms = time_graphs([x.hydragen for x in inputs], reps=reps)
     check_sdpa_backend(inputs[0].sdpa)
@@ -235,7 +239,8 @@ def bench_decode(shape, bandwidth, reps, device_name):
     return {"bench": "decode_attention", "device": device_name, "commit": commit(), "B": batch, "P": prefix,
             "S": suffix, "q_heads": Q_HEADS, "kv_heads": KV_HEADS, "head_dim": HEAD_DIM, "dtype": "bfloat16",
             "page": PAGE, "input_sets": sets, "ours_ms": ours_ms, "ours_tile_suffix_ms": tile_suffix_ms,
-            "ours_mma_ms": mma_ms, "rel_err_mma_vs_hydragen": mma_rel_err, "ours_fused_ms": fused_ms,
+            "ours_mma_ms": mma_ms, "rel_err_mma_vs_hydragen": mma_rel_err, "ours_mma128_ms": mma128_ms,
+            "rel_err_mma128_vs_hydragen": mma128_rel_err, "ours_fused_ms": fused_ms,
             "ours_fused_mma_ms": fused_mma_ms, "rel_err_fused_mma_vs_hydragen": fused_rel_err, "best_variant": best,
             "best_ms": variants[best], "best_over_floor": variants[best] / floor_ms, "sdpa_ms": sdpa_ms, "hydragen_ms": hydragen_ms,
             "floor_ms": floor_ms, "sdpa_backend": SDPA_BACKEND["name"], "ours_over_floor": ours_ms / floor_ms, "hydragen_over_ours": hydragen_ms / ours_ms,
@@ -276,11 +281,16 @@ def bench_prefill(shape, reps, device_name):
     with kernel_env({"BATCHLLM_ATTENTION_TILES": "mma"}):
         ours()
         mma_rel_err = float((out.float() - reference).norm() / reference.norm())
+    mma128_ms = time_with_env({"BATCHLLM_ATTENTION_TILES": "mma128"}, [ours], reps)
+    with kernel_env({"BATCHLLM_ATTENTION_TILES": "mma128"}):
+        ours()
+        mma128_rel_err = float((out.float() - reference).norm() / reference.norm())
     sdpa_ms = time_graphs([sdpa], reps=reps)
     flops = seqs * 4 * (tokens * (tokens + 1) / 2) * Q_HEADS * HEAD_DIM
     return {"bench": "prefill_attention", "device": device_name, "commit": commit(), "seqs": seqs, "tokens": tokens,
             "q_heads": Q_HEADS, "kv_heads": KV_HEADS, "head_dim": HEAD_DIM, "dtype": "bfloat16", "ours_ms": ours_ms,
-            "ours_mma_ms": mma_ms, "rel_err_mma_vs_sdpa": mma_rel_err, "sdpa_ms": sdpa_ms, "sdpa_backend": SDPA_BACKEND["name"], "ours_over_sdpa": ours_ms / sdpa_ms, "ours_tflops": flops / (ours_ms * 1e-3) / 1e12,
+            "ours_mma_ms": mma_ms, "rel_err_mma_vs_sdpa": mma_rel_err, "ours_mma128_ms": mma128_ms,
+            "rel_err_mma128_vs_sdpa": mma128_rel_err, "sdpa_ms": sdpa_ms, "sdpa_backend": SDPA_BACKEND["name"], "ours_over_sdpa": ours_ms / sdpa_ms, "ours_tflops": flops / (ours_ms * 1e-3) / 1e12,
             "sdpa_tflops": flops / (sdpa_ms * 1e-3) / 1e12, "rel_err_vs_sdpa": rel_err}
 
 
@@ -326,7 +336,8 @@ def main() -> int:
             with open(args.json_out, "a") as f:
                 f.write(json.dumps(row) + "\n")
 
-    header = f"{'B':>5} {'P':>6} {'S':>5} | {'ours ms':>8} {'tile-sfx':>8} {'mma':>8} {'fused':>8} {'fused+mma':>9} {'sdpa ms':>8} " \
+    header = f"{'B':>5} {'P':>6} {'S':>5} | {'ours ms':>8} {'tile-sfx':>8} {'mma':>8} {'mma128':>8} {'fused':>8} {'fused+mma':>9} " \
+             f"{'sdpa ms':>8} " \
              f"{'hydra ms':>8} {'floor ms':>8} | {'ours/floor':>10} {'best/floor':>10} {'hydra/ours':>10} {'rel err':>8}"
     print(header)
     for shape in DECODE_SHAPES:
@@ -335,17 +346,18 @@ def main() -> int:
         r["copy_tb_s"] = bandwidth / 1e12
         record(r)
         print(f"{r['B']:>5} {r['P']:>6} {r['S']:>5} | {r['ours_ms']:>8.3f} {r['ours_tile_suffix_ms']:>8.3f} {r['ours_mma_ms']:>8.3f} "
-              f"{r['ours_fused_ms']:>8.3f} {r['ours_fused_mma_ms']:>9.3f} {r['sdpa_ms']:>8.3f} "
+              f"{r['ours_mma128_ms']:>8.3f} {r['ours_fused_ms']:>8.3f} {r['ours_fused_mma_ms']:>9.3f} {r['sdpa_ms']:>8.3f} "
               f"{r['hydragen_ms']:>8.3f} {r['floor_ms']:>8.3f} | {r['ours_over_floor']:>10.2f} "
               f"{r['best_over_floor']:>10.2f} {r['hydragen_over_ours']:>10.2f} {r['rel_err_vs_hydragen']:>8.1e}   ({time.time() - t0:.0f} s)",
               flush=True)
     if not args.no_prefill:
-        print(f"{'seqs':>5} {'tokens':>6} | {'ours ms':>8} {'mma ms':>8} {'sdpa ms':>8} | {'ours/sdpa':>9} {'ours TF/s':>9} "
+        print(f"{'seqs':>5} {'tokens':>6} | {'ours ms':>8} {'mma ms':>8} {'mma128':>8} {'sdpa ms':>8} | {'ours/sdpa':>9} {'ours TF/s':>9} "
               f"{'sdpa TF/s':>9} {'rel err':>8}")
         for shape in PREFILL_SHAPES:
             r = bench_prefill(shape, reps, device_name)
             record(r)
-            print(f"{r['seqs']:>5} {r['tokens']:>6} | {r['ours_ms']:>8.3f} {r['ours_mma_ms']:>8.3f} {r['sdpa_ms']:>8.3f} | "
+            print(f"{r['seqs']:>5} {r['tokens']:>6} | {r['ours_ms']:>8.3f} {r['ours_mma_ms']:>8.3f} {r['ours_mma128_ms']:>8.3f} "
+                  f"{r['sdpa_ms']:>8.3f} | "
                   f"{r['ours_over_sdpa']:>9.2f} {r['ours_tflops']:>9.1f} {r['sdpa_tflops']:>9.1f} "
                   f"{r['rel_err_vs_sdpa']:>8.1e}", flush=True)
     for r in rows:

@@ -41,14 +41,14 @@ def _emulation(monkeypatch):
 def synchronize():
     if DEVICE == "cuda":
         torch.cuda.synchronize()
-# The tile kernels of prefill and cascade prefixes (BATCHLLM_ATTENTION_TILES), both until a GPU run
+# The tile kernels of prefill and cascade prefixes (BATCHLLM_ATTENTION_TILES), all until a GPU run
 # picks one: WMMA with O in shared memory (attention_tile.cuh), mma.sync with O in registers
-# (attention_mma.cuh).
-TILE_KERNELS = ["wmma", "mma"]
+# (attention_mma.cuh) in 64-row (4 warps) and 128-row (8 warps) tiles.
+TILE_KERNELS = ["wmma", "mma", "mma128"]
 # Cascade decode variants, "<suffix level>+<prefix tiles>": the suffix on decode_rows (default), on
 # the old tile kernel (BATCHLLM_CASCADE_SUFFIX=tile), or decode_rows and the prefix tiles in one fused
 # launch (BATCHLLM_CASCADE_LAUNCH=fused).
-CASCADE_KERNELS = ["decode+wmma", "tile+wmma", "decode+mma", "fused+wmma", "fused+mma"]
+CASCADE_KERNELS = ["decode+wmma", "tile+wmma", "decode+mma", "decode+mma128", "fused+wmma", "fused+mma"]
 
 
 def use_cascade_kernels(kernels: str, monkeypatch) -> None:
@@ -148,7 +148,7 @@ def test_cascade_cuda_many_readers_one_long_prefix(dtype, tiles, monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("kernels", ["decode+wmma", "fused+mma"])
+@pytest.mark.parametrize("kernels", ["decode+wmma", "decode+mma128", "fused+mma"])
 def test_cascade_cuda_split_kv_with_unequal_prefixes(dtype, kernels, monkeypatch):
     use_cascade_kernels(kernels, monkeypatch)
     # Few row tiles -> the prefix keys are split into chunks; the 90-token prefix has empty chunks
@@ -165,7 +165,7 @@ def test_cascade_cuda_split_kv_with_unequal_prefixes(dtype, kernels, monkeypatch
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("kernels", ["decode+wmma", "fused+mma"])
+@pytest.mark.parametrize("kernels", ["decode+wmma", "decode+mma128", "fused+mma"])
 def test_cascade_cuda_few_rows_long_suffixes(dtype, kernels, monkeypatch):
     use_cascade_kernels(kernels, monkeypatch)
     # 3 rows x 2 KV heads leave the SMs idle: each row's suffix keys are split too, which needs more

@@ -17,9 +17,21 @@
 
 namespace batchllm::kernels::cuda {
 
-/// Whether prefill and cascade-prefix tiles run on attention_mma_kernel (BATCHLLM_ATTENTION_TILES=mma)
-/// instead of the WMMA tile kernel; read at every launch so that a benchmark can compare both.
-inline bool attention_tiles_by_mma() { return env_equals("BATCHLLM_ATTENTION_TILES", "mma"); }
+/// The kernel of prefill and cascade-prefix tiles, from BATCHLLM_ATTENTION_TILES, read at every
+/// launch so that a benchmark can compare them in one process: WMMA (default; 64 rows), mma (the
+/// mma.sync kernel, 4 warps, 64 rows) or mma128 (8 warps, 128 rows: each K/V tile brought into
+/// shared memory serves twice the rows, which halves the L2 -> SM traffic of a prefix with many
+/// readers).
+enum class TileKernel { kWmma, kMma, kMma128 };
+
+inline TileKernel tile_kernel() {
+  if (env_equals("BATCHLLM_ATTENTION_TILES", "mma")) return TileKernel::kMma;
+  if (env_equals("BATCHLLM_ATTENTION_TILES", "mma128")) return TileKernel::kMma128;
+  return TileKernel::kWmma;
+}
+
+/// Query rows per tile of a tile kernel: the Problem's tile_rows and the grid follow it.
+inline int tile_rows(TileKernel kernel) { return kernel == TileKernel::kMma128 ? kMaxTileRows : kTileRows; }
 
 template <typename T, int D>
 struct MmaSmem {
@@ -31,25 +43,25 @@ struct MmaSmem {
       T k[kTileKeys * kLd];
       T v[kTileKeys * kLd];
     } kv[kStages];
-    float o[kTileRows * kLdO];
+    float o[kMaxTileRows * kLdO];  // the finished rows (128 fit where 2 K/V stages were)
   };
   TileRows<T> rows;
 };
 
-/// Issues the cp.async copies of 64 keys (from `first_key`) of one KV head into a stage and commits
-/// them as one group; keys past num_keys are zero-filled.
-template <typename T, int D>
+/// Issues the cp.async copies of 64 keys (from `first_key`) of one KV head into a stage, by a CTA of
+/// kThreads threads, and commits them as one group; keys past num_keys are zero-filled.
+template <typename T, int D, int kThreads>
 __device__ __forceinline__ void issue_kv_tile(T* k_dst, T* v_dst, const TensorView& k_cache,
                                               const TensorView& v_cache, const TileRows<T>& rows, int first_key) {
   constexpr int kLd = MmaSmem<T, D>::kLd;
   constexpr int kVecPerKey = D * sizeof(T) / 16;
-  constexpr int kVecPerThread = kTileKeys * kVecPerKey / kTileThreads;
-  static_assert(kTileKeys * kVecPerKey % kTileThreads == 0, "tile loads must divide evenly");
+  constexpr int kVecPerThread = kTileKeys * kVecPerKey / kThreads;
+  static_assert(kTileKeys * kVecPerKey % kThreads == 0, "tile loads must divide evenly");
   const T* k_base = static_cast<const T*>(k_cache.data);
   const T* v_base = static_cast<const T*>(v_cache.data);
 #pragma unroll
   for (int i = 0; i < kVecPerThread; ++i) {
-    const int idx = threadIdx.x + i * kTileThreads;
+    const int idx = threadIdx.x + i * kThreads;
     const int key = idx / kVecPerKey, chunk = idx % kVecPerKey;
     const int pos = first_key + key;
     const bool valid = pos < rows.num_keys;
@@ -65,14 +77,17 @@ __device__ __forceinline__ void issue_kv_tile(T* k_dst, T* v_dst, const TensorVi
   cp_async_commit();
 }
 
-/// One work item of the mma tile kernel on a CTA of kTileThreads threads, in `smem_raw` (MmaSmem,
-/// 128-byte aligned): the body of attention_mma_kernel and of the fused cascade kernel's prefix items.
-template <typename T, int D, typename Problem>
+/// One work item of the mma tile kernel on a CTA of kWarps warps (16 rows each; the Problem's
+/// tile_rows = 16 * kWarps), in `smem_raw` (MmaSmem, 128-byte aligned): the body of
+/// attention_mma_kernel and of the fused cascade kernel's prefix items.
+template <typename T, int D, int kWarps, typename Problem>
 __device__ __forceinline__ void attention_mma(const Problem& problem, const dim3& item, unsigned char* smem_raw,
                                               const TensorView& k_cache, const TensorView& v_cache,
                                               float scale_log2) {
-  static_assert(sizeof(float) * kTileRows * (D + 4) <= 4 * sizeof(T) * kTileKeys * (D + 8),
+  static_assert(16 * kWarps <= kMaxTileRows, "a warp takes 16 rows");
+  static_assert(sizeof(float) * kMaxTileRows * (D + 4) <= 4 * sizeof(T) * kTileKeys * (D + 8),
                 "finished rows must fit in the K/V space");
+  constexpr int kThreads = 32 * kWarps;
   using Smem = MmaSmem<T, D>;
   Smem& sm = *reinterpret_cast<Smem*>(smem_raw);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -104,13 +119,13 @@ __device__ __forceinline__ void attention_mma(const Problem& problem, const dim3
   constexpr int kLd = Smem::kLd;
   const int keys_end = sm.rows.num_keys;
   if (sm.rows.key_begin < keys_end) {
-    issue_kv_tile<T, D>(sm.kv[0].k, sm.kv[0].v, k_cache, v_cache, sm.rows, sm.rows.key_begin);
+    issue_kv_tile<T, D, kThreads>(sm.kv[0].k, sm.kv[0].v, k_cache, v_cache, sm.rows, sm.rows.key_begin);
   }
   int stage = 0;
   for (int first_key = sm.rows.key_begin; first_key < keys_end; first_key += kTileKeys, stage ^= 1) {
     if (first_key + kTileKeys < keys_end) {  // the next tile into the other stage, then wait for this one
-      issue_kv_tile<T, D>(sm.kv[stage ^ 1].k, sm.kv[stage ^ 1].v, k_cache, v_cache, sm.rows,
-                          first_key + kTileKeys);
+      issue_kv_tile<T, D, kThreads>(sm.kv[stage ^ 1].k, sm.kv[stage ^ 1].v, k_cache, v_cache, sm.rows,
+                                    first_key + kTileKeys);
       cp_async_wait<1>();
     } else {
       cp_async_wait<0>();
@@ -228,28 +243,31 @@ __device__ __forceinline__ void attention_mma(const Problem& problem, const dim3
   }
 }
 
-/// The mma tile kernel: grid, block and Problem as attention_tile_kernel; dynamic smem: MmaSmem.
-template <typename T, int D, typename Problem>
-__global__ void __launch_bounds__(kTileThreads) attention_mma_kernel(Problem problem, TensorView k_cache,
-                                                                     TensorView v_cache, float scale_log2) {
+/// The mma tile kernel: grid and Problem as attention_tile_kernel, 32 * kWarps threads; dynamic smem:
+/// MmaSmem.
+template <typename T, int D, typename Problem, int kWarps>
+__global__ void __launch_bounds__(32 * kWarps) attention_mma_kernel(Problem problem, TensorView k_cache,
+                                                                    TensorView v_cache, float scale_log2) {
   BATCHLLM_DYNAMIC_SHARED_MEMORY(smem_raw);
-  attention_mma<T, D>(problem, blockIdx, smem_raw, k_cache, v_cache, scale_log2);
+  attention_mma<T, D, kWarps>(problem, blockIdx, smem_raw, k_cache, v_cache, scale_log2);
 }
 
-/// Launches attention_mma_kernel; same grid and Problem as launch_attention_tiles.
+/// Launches the Problem's tiles on `kernel` (tile_kernel()); the Problem's tile_rows and the grid
+/// must be tile_rows(kernel)'s.
 template <typename T, int D, typename Problem>
-cudaError_t launch_attention_mma(const Problem& problem, dim3 grid, const TensorView& k_cache,
-                                 const TensorView& v_cache, float scale, cudaStream_t stream) {
-  return launch_tile_kernel<attention_mma_kernel<T, D, Problem>, sizeof(MmaSmem<T, D>)>(problem, grid, k_cache,
-                                                                                        v_cache, scale, stream);
-}
-
-/// Launches the Problem's tiles on the kernel attention_tiles_by_mma() picks.
-template <typename T, int D, typename Problem>
-cudaError_t launch_tiles(const Problem& problem, dim3 grid, const TensorView& k_cache, const TensorView& v_cache,
-                         float scale, cudaStream_t stream) {
-  return attention_tiles_by_mma() ? launch_attention_mma<T, D>(problem, grid, k_cache, v_cache, scale, stream)
-                                  : launch_attention_tiles<T, D>(problem, grid, k_cache, v_cache, scale, stream);
+cudaError_t launch_tiles(TileKernel kernel, const Problem& problem, dim3 grid, const TensorView& k_cache,
+                         const TensorView& v_cache, float scale, cudaStream_t stream) {
+  if (problem.tile_rows != tile_rows(kernel)) return cudaErrorInvalidValue;
+  switch (kernel) {
+    case TileKernel::kMma:
+      return launch_tile_kernel<attention_mma_kernel<T, D, Problem, 4>, sizeof(MmaSmem<T, D>)>(
+          problem, grid, k_cache, v_cache, scale, stream);
+    case TileKernel::kMma128:
+      return launch_tile_kernel<attention_mma_kernel<T, D, Problem, 8>, sizeof(MmaSmem<T, D>), Problem, 256>(
+          problem, grid, k_cache, v_cache, scale, stream);
+    default:
+      return launch_attention_tiles<T, D>(problem, grid, k_cache, v_cache, scale, stream);
+  }
 }
 
 }  // namespace batchllm::kernels::cuda

@@ -17,15 +17,17 @@
 
 namespace batchllm::kernels::cuda {
 
-constexpr int kTileRows = 64;  // query rows per CTA (4 warps x 16)
+constexpr int kTileRows = 64;  // query rows per CTA (4 warps x 16) of the WMMA and 4-warp mma kernels
 constexpr int kTileKeys = 64;  // keys per shared-memory step
 constexpr int kTileThreads = 128;
+constexpr int kMaxTileRows = 128;  // the 8-warp mma kernel's rows (BATCHLLM_ATTENTION_TILES=mma128)
 
-/// The rows and KV source of one tile, filled by Problem::setup.
+/// The rows and KV source of one tile, filled by Problem::setup: its first `tile_rows` entries (the
+/// Problem's tile_rows, which the launcher sets to the kernel's rows).
 template <typename T>
 struct TileRows {
-  const T* q[kTileRows];       // query vector of each row (nullptr: row unused)
-  int key_limit[kTileRows];    // row attends to keys [0, key_limit) of the source
+  const T* q[kMaxTileRows];       // query vector of each row (nullptr: row unused)
+  int key_limit[kMaxTileRows];    // row attends to keys [0, key_limit) of the source
   int key_begin;               // first key to stream (split-KV chunks start past 0)
   int num_keys;                // stream keys [key_begin, num_keys): max key_limit over used rows
   const int32_t* blocks;       // KV block list of the source
@@ -236,9 +238,9 @@ __global__ void __launch_bounds__(kTileThreads) attention_tile_kernel(Problem pr
   attention_tile<T, D>(problem, blockIdx, smem_raw, k_cache, v_cache, scale_log2);
 }
 
-/// Launches a tile kernel (attention_tile_kernel, attention_mma_kernel) with kSmemBytes of dynamic
-/// shared memory; raises the kernel's limit above 48 KB once per process.
-template <auto kKernel, size_t kSmemBytes, typename Problem>
+/// Launches a tile kernel (attention_tile_kernel, attention_mma_kernel) of kThreads threads with
+/// kSmemBytes of dynamic shared memory; raises the kernel's limit above 48 KB once per process.
+template <auto kKernel, size_t kSmemBytes, typename Problem, int kThreads = kTileThreads>
 cudaError_t launch_tile_kernel(const Problem& problem, dim3 grid, const TensorView& k_cache,
                                const TensorView& v_cache, float scale, cudaStream_t stream) {
   if (grid.x == 0 || grid.y == 0 || grid.z == 0) return cudaSuccess;
@@ -246,7 +248,7 @@ cudaError_t launch_tile_kernel(const Problem& problem, dim3 grid, const TensorVi
       cudaFuncSetAttribute(kKernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(kSmemBytes));
   BATCHLLM_CUDA_RETURN_IF_ERROR(attribute_error);
   constexpr float kLog2e = 1.4426950408889634f;
-  BATCHLLM_LAUNCH(grid, kTileThreads, kSmemBytes, stream, kKernel)(problem, k_cache, v_cache, scale * kLog2e);
+  BATCHLLM_LAUNCH(grid, kThreads, kSmemBytes, stream, kKernel)(problem, k_cache, v_cache, scale * kLog2e);
   return last_launch_error();
 }
 

@@ -35,9 +35,10 @@ struct CascadePlan {
   // prefix o [P, splits, R, Hq, D], prefix lse [P, splits, R, Hq] (R = max_prefix_rows).
   int64_t suffix_o = 0, suffix_lse = 0, prefix_o = 0, prefix_lse = 0, total = 0;
 
-  /// `suffix_by_tiles`: the tile suffix kernel, which takes no suffix splits.
+  /// `suffix_by_tiles`: the tile suffix kernel, which takes no suffix splits; `tile_rows`: rows per
+  /// prefix tile (64, or 128 for the 8-warp mma kernel, of which one CTA fits an SM instead of two).
   CascadePlan(int64_t rows, int64_t q_heads, int64_t kv_heads, int64_t head_dim, const DecodeLevelsView& levels,
-              bool suffix_by_tiles = false) {
+              bool suffix_by_tiles, int tile_rows) {
     group = static_cast<int>(q_heads / kv_heads);
     if (!suffix_by_tiles && rows > 0 && levels.max_suffix_kv_len > 0) {
       // decode_rows runs 4 CTAs per SM; split while a wave would be under half full, chunks of at
@@ -53,15 +54,16 @@ struct CascadePlan {
         suffix_chunk_keys = static_cast<int>((per_split + 63) / 64 * 64);
       }
     }
-    prefix_row_tiles = static_cast<int>((levels.max_prefix_rows * static_cast<int64_t>(group) + 63) / 64);
+    prefix_row_tiles = static_cast<int>((levels.max_prefix_rows * static_cast<int64_t>(group) + tile_rows - 1) /
+                                        tile_rows);
     const int64_t max_len = levels.max_prefix_kv_len;
     const int64_t base_ctas = static_cast<int64_t>(prefix_row_tiles) * levels.num_prefixes * kv_heads;
     if (base_ctas > 0 && max_len > 0) {
       // Pick the split count with the least time per key chunk: waves(splits) / splits, where a wave
-      // is one CTA per slot (two tile CTAs fit an SM at d = 128). A longer split list must win by 5%,
-      // so ties keep fewer, larger chunks (less combine work).
+      // is one CTA per slot (two 64-row tile CTAs fit an SM at d = 128, one of 128 rows). A longer
+      // split list must win by 5%, so ties keep fewer, larger chunks (less combine work).
       constexpr int64_t kMinChunkKeys = 256;  // below this a chunk's fixed costs dominate
-      const int64_t slots = 2 * multiprocessor_count();
+      const int64_t slots = (tile_rows > cuda::kTileRows ? 1 : 2) * multiprocessor_count();
       const int64_t most = std::min<int64_t>(64, (max_len + kMinChunkKeys - 1) / kMinChunkKeys);
       double best_cost = 1.0 * ((base_ctas + slots - 1) / slots);
       for (int64_t s = 2; s <= most; ++s) {
@@ -142,20 +144,21 @@ struct PrefixProblem {
   float* state_o;    // [P, splits, R, Hq, D]
   float* state_lse;  // [P, splits, R, Hq]
   int group;
+  int tile_rows;  // rows per tile: the kernel's (tile_rows(kernel))
   int row_tiles;
   int splits;
   int chunk_keys;
 
   __device__ bool setup(TileRows<T>& rows, const dim3& item) const {
     const int prefix = item.y, kv_head = item.z;
-    const int first = (item.x % row_tiles) * kTileRows, split = item.x / row_tiles;
+    const int first = (item.x % row_tiles) * tile_rows, split = item.x / row_tiles;
     const int begin = levels.prefix_q_range[2 * prefix], end = levels.prefix_q_range[2 * prefix + 1];
     if (first >= (end - begin) * group) return false;
     // An empty chunk (prefix shorter than this split's start) still writes lse -inf, o 0: a no-op merge.
     rows.key_begin = split * chunk_keys;
     rows.num_keys = min(levels.prefix_kv_lens[prefix], rows.key_begin + chunk_keys);
     rows.num_keys = max(rows.num_keys, rows.key_begin);
-    for (int r = 0; r < kTileRows; ++r) {
+    for (int r = 0; r < tile_rows; ++r) {
       const int idx = first + r;
       const int row = begin + idx / group;
       const bool used = row < end;
@@ -169,7 +172,7 @@ struct PrefixProblem {
   }
 
   __device__ void write(const dim3& item, int r, const float* o_row, float inv_sum, float lse, int lane) const {
-    const int idx = (item.x % row_tiles) * kTileRows + r;
+    const int idx = (item.x % row_tiles) * tile_rows + r;
     const int64_t split = item.x / row_tiles;
     const int64_t local_row = idx / group;
     const int64_t head = item.z * group + idx % group;
@@ -201,7 +204,7 @@ __global__ void __launch_bounds__(kTileThreads)
   if (blockIdx.x < prefix_items) {
     const dim3 item = grid_item(blockIdx.x, prefix_grid);
     if constexpr (kMma) {
-      attention_mma<T, D>(prefix, item, smem_raw, k_cache, v_cache, scale_log2);
+      attention_mma<T, D, 4>(prefix, item, smem_raw, k_cache, v_cache, scale_log2);
     } else {
       attention_tile<T, D>(prefix, item, smem_raw, k_cache, v_cache, scale_log2);
     }
@@ -309,7 +312,13 @@ bool cuda_head_dim_supported(int64_t head_dim) { return head_dim == 64 || head_d
 
 size_t cascade_workspace_floats(int64_t num_rows, int64_t num_q_heads, int64_t num_kv_heads, int64_t head_dim,
                                 const DecodeLevelsView& levels) {
-  return static_cast<size_t>(CascadePlan(num_rows, num_q_heads, num_kv_heads, head_dim, levels).total);
+  // Enough for every kernel variant (the launch picks one from the environment): the split counts,
+  // and so the states, differ between 64- and 128-row prefix tiles; the tile suffix takes no splits.
+  int64_t most = 0;
+  for (int rows : {cuda::kTileRows, cuda::kMaxTileRows}) {
+    most = std::max(most, CascadePlan(num_rows, num_q_heads, num_kv_heads, head_dim, levels, false, rows).total);
+  }
+  return static_cast<size_t>(most);
 }
 
 cudaError_t cascade_decode_attention_cuda(const CascadeDecodeParams& p, cudaStream_t stream) {
@@ -317,8 +326,10 @@ cudaError_t cascade_decode_attention_cuda(const CascadeDecodeParams& p, cudaStre
   if (num_rows == 0) return cudaSuccess;
   const int num_kv_heads = static_cast<int>(p.k_cache.shape[2]);
   const bool tiles = suffix_by_tiles();
-  const bool fused = !tiles && fused_launch();
-  const CascadePlan plan(num_rows, num_heads, num_kv_heads, head_dim, p.levels, tiles);
+  const cuda::TileKernel kernel = cuda::tile_kernel();
+  // The fused grid shares one block size: 4-warp prefix tiles only.
+  const bool fused = !tiles && fused_launch() && kernel != cuda::TileKernel::kMma128;
+  const CascadePlan plan(num_rows, num_heads, num_kv_heads, head_dim, p.levels, tiles, cuda::tile_rows(kernel));
   const int group = plan.group;
   float* ws = p.workspace;
   const dim3 prefix_grid(plan.prefix_row_tiles * plan.splits, static_cast<unsigned>(p.levels.num_prefixes),
@@ -326,14 +337,15 @@ cudaError_t cascade_decode_attention_cuda(const CascadeDecodeParams& p, cudaStre
   return BATCHLLM_DISPATCH_HALF_TYPES(p.q.dtype, [&] {
     return BATCHLLM_DISPATCH_HEAD_DIM(head_dim, [&] {
       const cuda::PrefixProblem<scalar_t> prefix{p.q, p.levels, ws + plan.prefix_o, ws + plan.prefix_lse, group,
-                                                 plan.prefix_row_tiles, plan.splits, plan.chunk_keys};
+                                                 cuda::tile_rows(kernel), plan.prefix_row_tiles, plan.splits,
+                                                 plan.chunk_keys};
       constexpr float kLog2e = 1.4426950408889634f;
       const cuda::DecodeRowsArgs suffix{p.q, p.k_cache, p.v_cache, p.levels.suffix_block_tables,
                                         p.levels.max_suffix_blocks, p.levels.suffix_kv_lens, ws + plan.suffix_o,
                                         ws + plan.suffix_lse, p.scale * kLog2e, group, plan.suffix_chunk_keys};
       if (fused) {
         const dim3 suffix_grid = cuda::decode_rows_grid(num_rows, num_kv_heads, group, plan.suffix_splits);
-        const bool mma = cuda::attention_tiles_by_mma();
+        const bool mma = kernel == cuda::TileKernel::kMma;
         const bool four = cuda::decode_heads_per_cta(group) == 4;
         const auto launch = mma ? (four ? cuda::launch_cascade_fused<scalar_t, kHeadDim, 4, true>
                                         : cuda::launch_cascade_fused<scalar_t, kHeadDim, 8, true>)
@@ -353,7 +365,7 @@ cudaError_t cascade_decode_attention_cuda(const CascadeDecodeParams& p, cudaStre
           BATCHLLM_CUDA_RETURN_IF_ERROR((cuda::launch_decode_rows<scalar_t, kHeadDim>(
               suffix, num_rows, num_kv_heads, plan.suffix_splits, stream)));
         }
-        BATCHLLM_CUDA_RETURN_IF_ERROR((cuda::launch_tiles<scalar_t, kHeadDim>(prefix, prefix_grid, p.k_cache,
+        BATCHLLM_CUDA_RETURN_IF_ERROR((cuda::launch_tiles<scalar_t, kHeadDim>(kernel, prefix, prefix_grid, p.k_cache,
                                                                               p.v_cache, p.scale, stream)));
       }
       BATCHLLM_LAUNCH(static_cast<unsigned>(num_rows), 128, 0, stream, cuda::combine_levels_kernel<scalar_t>)(

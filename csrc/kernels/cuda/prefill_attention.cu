@@ -1,5 +1,5 @@
 // CUDA prefill_attention: ragged causal attention of a step's query rows over their paged context.
-// Grid: (row tiles of the longest sequence, sequences, KV heads). A tile's 64 rows are the
+// Grid: (row tiles of the longest sequence, sequences, KV heads). A tile's 64 (128 with mma128) rows are the
 // (token, GQA head) pairs of one sequence and KV head, token-major, so the group's heads share
 // every K/V tile they load.
 #include "batchllm/kernels/cuda.h"
@@ -18,6 +18,7 @@ struct PrefillProblem {
   const int32_t* query_start;
   const int32_t* context_lens;
   int group;
+  int tile_rows;  // rows per tile: the kernel's (tile_rows(kernel))
 
   __device__ bool setup(TileRows<T>& rows, const dim3& item) const {
     const int seq = item.y;
@@ -25,10 +26,10 @@ struct PrefillProblem {
     const int q_begin = query_start[seq];
     const int q_len = query_start[seq + 1] - q_begin;
     const int context = context_lens[seq];
-    const int first = item.x * kTileRows;
+    const int first = item.x * tile_rows;
     if (first >= q_len * group) return false;
     rows.num_keys = 0;
-    for (int r = 0; r < kTileRows; ++r) {
+    for (int r = 0; r < tile_rows; ++r) {
       const int idx = first + r;
       const int j = idx / group;
       if (j < q_len) {
@@ -47,7 +48,7 @@ struct PrefillProblem {
   }
 
   __device__ void write(const dim3& item, int r, const float* o_row, float inv_sum, float /*lse*/, int lane) const {
-    const int idx = item.x * kTileRows + r;
+    const int idx = item.x * tile_rows + r;
     const int64_t row = query_start[item.y] + idx / group;
     const int head = item.z * group + idx % group;
     T* dst = static_cast<T*>(o.data) + row * o.stride[0] + head * o.stride[1];
@@ -61,13 +62,14 @@ struct PrefillProblem {
 cudaError_t prefill_attention_cuda(const PrefillParams& p, cudaStream_t stream) {
   const int num_kv_heads = static_cast<int>(p.k_cache.shape[2]);
   const int group = static_cast<int>(p.q.shape[1]) / num_kv_heads;
-  const dim3 grid((p.max_q_len * group + cuda::kTileRows - 1) / cuda::kTileRows, static_cast<unsigned>(p.num_seqs),
-                  num_kv_heads);
+  const cuda::TileKernel kernel = cuda::tile_kernel();
+  const int rows = cuda::tile_rows(kernel);
+  const dim3 grid((p.max_q_len * group + rows - 1) / rows, static_cast<unsigned>(p.num_seqs), num_kv_heads);
   return BATCHLLM_DISPATCH_HALF_TYPES(p.q.dtype, [&] {
     return BATCHLLM_DISPATCH_HEAD_DIM(p.q.shape[2], [&] {
       cuda::PrefillProblem<scalar_t> problem{p.q, p.o, p.block_tables, p.max_blocks_per_seq, p.query_start,
-                                             p.context_lens, group};
-      return cuda::launch_tiles<scalar_t, kHeadDim>(problem, grid, p.k_cache, p.v_cache, p.scale, stream);
+                                             p.context_lens, group, rows};
+      return cuda::launch_tiles<scalar_t, kHeadDim>(kernel, problem, grid, p.k_cache, p.v_cache, p.scale, stream);
     });
   });
 }

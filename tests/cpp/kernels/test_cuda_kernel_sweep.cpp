@@ -315,8 +315,8 @@ TEST_F(CudaSweep, PrefillAttention) {
             d.block_tables = d_tables.device;
             d.query_start = d_start.device;
             d.context_lens = d_context.device;
-            // Both tile kernels: WMMA (attention_tile.cuh) and mma.sync (attention_mma.cuh).
-            for (const char* tiles : {"wmma", "mma"}) {
+            // Every tile kernel: WMMA (attention_tile.cuh), mma.sync with 4 and 8 warps (attention_mma.cuh).
+            for (const char* tiles : {"wmma", "mma", "mma128"}) {
               SCOPED_TRACE(std::string("tiles ") + tiles);
               o.upload();  // poisoned again
               setenv("BATCHLLM_ATTENTION_TILES", tiles, 1);
@@ -466,12 +466,14 @@ TEST_F(CudaSweep, CascadeDecodeAttention) {
             // the suffix level on decode_rows (default) or the tile kernel, or decode_rows and the
             // prefix tiles fused in one launch; the prefix tiles on WMMA (default) or mma.sync.
             const unsigned variant = (static_cast<unsigned>(index) * 2654435761u) >> 28;
+            // (mma128 with fused runs separate launches: the fused grid takes 4-warp tiles only.)
             const char* suffix_names[] = {"suffix tiles", "suffix decode_rows", "suffix decode_rows fused"};
+            const char* tile_names[] = {"wmma", "mma", "mma128"};
+            const unsigned tiles = variant / 3 % 3;
             if (variant % 3 == 0) setenv("BATCHLLM_CASCADE_SUFFIX", "tile", 1);
             if (variant % 3 == 2) setenv("BATCHLLM_CASCADE_LAUNCH", "fused", 1);
-            if (variant / 3 % 2 == 1) setenv("BATCHLLM_ATTENTION_TILES", "mma", 1);
-            SCOPED_TRACE(std::string(suffix_names[variant % 3]) +
-                         (variant / 3 % 2 == 1 ? ", prefix mma" : ", prefix wmma"));
+            setenv("BATCHLLM_ATTENTION_TILES", tile_names[tiles], 1);
+            SCOPED_TRACE(std::string(suffix_names[variant % 3]) + ", prefix " + tile_names[tiles]);
             const cudaError_t launched = bk::cascade_decode_attention_cuda(d, nullptr);
             unsetenv("BATCHLLM_CASCADE_SUFFIX");
             unsetenv("BATCHLLM_CASCADE_LAUNCH");
