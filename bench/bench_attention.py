@@ -2,13 +2,13 @@
 
 Decode (one query per sequence, 32 q heads, 8 KV heads, head dim 128, bf16, page 16), per shape
 (B sequences, P shared prefix tokens, S unique suffix tokens):
-  ours       batchllm_core.ops.cascade_decode_attention (prefix read once for all B readers); the
-             suffix level by the CUDA-core decode kernel, and again (tile-sfx) by the tensor-core tile
-             kernel (BATCHLLM_CASCADE_SUFFIX=tile) for the A/B, and (mma) with the prefix tiles on
-             mma.sync with O in registers instead of WMMA (BATCHLLM_ATTENTION_TILES=mma), (mma128) the
-             same in 128-row tiles of 8 warps (BATCHLLM_ATTENTION_TILES=mma128), and (fused,
-             fused+mma) with the suffix and prefix steps in one launch (BATCHLLM_CASCADE_LAUNCH=fused);
-             best/floor: the fastest of these variants over the floor
+  ours       batchllm_core.ops.cascade_decode_attention (prefix read once for all B readers): the
+             suffix level by the CUDA-core decode kernel, prefix tiles on WMMA, 3 launches; and for
+             the A/B the variants of DECODE_VARIANTS: (tile-sfx) the suffix by the tensor-core tile
+             kernel, (mma) prefix tiles on mma.sync with O in registers, (mma128) the same in 128-row
+             tiles of 8 warps, (fused) suffix and prefix steps in one launch, (merge) the suffix
+             kernel merging the prefix states itself (no combine launch); best/floor: the fastest
+             over the floor
   sdpa       torch SDPA over per-sequence KV (every sequence reads its own copy of the prefix)
   hydragen   torch composition of Hydragen: all queries of a KV head stacked against the prefix via
              aten._scaled_dot_product_flash_attention (for the LSE), suffix attention, LSE merge
@@ -206,30 +206,38 @@ class DecodeInputs:
         return merge_torch(o_p.float(), lse_p, o_s.float(), lse_s).to(self.q.dtype).reshape(batch, Q_HEADS, HEAD_DIM)
 
 
+# The cascade kernel variants timed beside the default ("ours"), as the environment that selects them
+# (read at each launch, so at graph capture): the A/B that sets the defaults.
+DECODE_VARIANTS = {
+    "tile-sfx": {"BATCHLLM_CASCADE_SUFFIX": "tile"},
+    "mma": {"BATCHLLM_ATTENTION_TILES": "mma"},
+    "mma128": {"BATCHLLM_ATTENTION_TILES": "mma128"},
+    "fused": {"BATCHLLM_CASCADE_LAUNCH": "fused"},
+    "fused+mma": {"BATCHLLM_CASCADE_LAUNCH": "fused", "BATCHLLM_ATTENTION_TILES": "mma"},
+    "merge": {"BATCHLLM_CASCADE_LAUNCH": "merge"},
+    "merge+mma128": {"BATCHLLM_CASCADE_LAUNCH": "merge", "BATCHLLM_ATTENTION_TILES": "mma128"},
+}
+
+
 def bench_decode(shape, bandwidth, reps, device_name):
     batch, prefix, suffix = shape
     kv_bytes = (prefix + batch * suffix) * KV_BYTES_PER_TOKEN
     sets = num_input_sets(kv_bytes)
     inputs = [DecodeInputs(batch, prefix, suffix, with_dense=(i == 0), seed=i) for i in range(sets)]
     reference = inputs[0].hydragen().float()
-    ours_out = inputs[0].ours().float()
-    rel_err = float((ours_out - reference).norm() / reference.norm())
+
+    def rel_err_of(x: DecodeInputs, settings) -> float:
+        with kernel_env(settings):
+            return float((x.ours().float() - reference).norm() / reference.norm())
+
+    rel_err = rel_err_of(inputs[0], {})
     ours_ms = time_graphs([x.ours for x in inputs], reps=reps)
-    tile_suffix_ms = time_with_env({"BATCHLLM_CASCADE_SUFFIX": "tile"}, [x.ours for x in inputs], reps)
-    mma_ms = time_with_env({"BATCHLLM_ATTENTION_TILES": "mma"}, [x.ours for x in inputs], reps)
-    with kernel_env({"BATCHLLM_ATTENTION_TILES": "mma"}):
-        mma_rel_err = float((inputs[0].ours().float() - reference).norm() / reference.norm())
-    mma128_ms = time_with_env({"BATCHLLM_ATTENTION_TILES": "mma128"}, [x.ours for x in inputs], reps)
-    with kernel_env({"BATCHLLM_ATTENTION_TILES": "mma128"}):
-        mma128_rel_err = float((inputs[0].ours().float() - reference).norm() / reference.norm())
-    fused_env = {"BATCHLLM_CASCADE_LAUNCH": "fused"}
-    fused_ms = time_with_env(fused_env, [x.ours for x in inputs], reps)
-    fused_mma_ms = time_with_env({**fused_env, "BATCHLLM_ATTENTION_TILES": "mma"}, [x.ours for x in inputs], reps)
-    with kernel_env({**fused_env, "BATCHLLM_ATTENTION_TILES": "mma"}):
-        fused_rel_err = float((inputs[0].ours().float() - reference).norm() / reference.norm())
-    variants = {"default": ours_ms, "tile_suffix": tile_suffix_ms, "mma": mma_ms, "mma128": mma128_ms,
-                "fused": fused_ms, "fused_mma": fused_mma_ms}
-    best = min(variants, key=variants.get)
+    variant_ms = {"ours": ours_ms}
+    variant_rel_err = {"ours": rel_err}
+    for name, settings in DECODE_VARIANTS.items():
+        variant_ms[name] = time_with_env(settings, [x.ours for x in inputs], reps)
+        variant_rel_err[name] = rel_err_of(inputs[0], settings)
+    best = min(variant_ms, key=variant_ms.get)
     hydragen_ms = time_graphs([x.hydragen for x in inputs], reps=reps)
     check_sdpa_backend(inputs[0].sdpa)
     sdpa_ms = time_graphs([inputs[0].sdpa], reps=reps)  # per-sequence KV is far beyond L2 already
@@ -238,13 +246,12 @@ def bench_decode(shape, bandwidth, reps, device_name):
     torch.cuda.empty_cache()
     return {"bench": "decode_attention", "device": device_name, "commit": commit(), "B": batch, "P": prefix,
             "S": suffix, "q_heads": Q_HEADS, "kv_heads": KV_HEADS, "head_dim": HEAD_DIM, "dtype": "bfloat16",
-            "page": PAGE, "input_sets": sets, "ours_ms": ours_ms, "ours_tile_suffix_ms": tile_suffix_ms,
-            "ours_mma_ms": mma_ms, "rel_err_mma_vs_hydragen": mma_rel_err, "ours_mma128_ms": mma128_ms,
-            "rel_err_mma128_vs_hydragen": mma128_rel_err, "ours_fused_ms": fused_ms,
-            "ours_fused_mma_ms": fused_mma_ms, "rel_err_fused_mma_vs_hydragen": fused_rel_err, "best_variant": best,
-            "best_ms": variants[best], "best_over_floor": variants[best] / floor_ms, "sdpa_ms": sdpa_ms, "hydragen_ms": hydragen_ms,
-            "floor_ms": floor_ms, "sdpa_backend": SDPA_BACKEND["name"], "ours_over_floor": ours_ms / floor_ms, "hydragen_over_ours": hydragen_ms / ours_ms,
-            "rel_err_vs_hydragen": rel_err}
+            "page": PAGE, "input_sets": sets, "ours_ms": ours_ms, "variant_ms": variant_ms,
+            "variant_rel_err_vs_hydragen": variant_rel_err, "variant_env": DECODE_VARIANTS, "best_variant": best,
+            "best_ms": variant_ms[best], "best_over_floor": variant_ms[best] / floor_ms, "sdpa_ms": sdpa_ms,
+            "hydragen_ms": hydragen_ms, "floor_ms": floor_ms, "sdpa_backend": SDPA_BACKEND["name"],
+            "ours_over_floor": ours_ms / floor_ms, "hydragen_over_ours": hydragen_ms / ours_ms,
+            "hydragen_over_best": hydragen_ms / variant_ms[best], "rel_err_vs_hydragen": rel_err}
 
 
 def bench_prefill(shape, reps, device_name):
@@ -336,20 +343,19 @@ def main() -> int:
             with open(args.json_out, "a") as f:
                 f.write(json.dumps(row) + "\n")
 
-    header = f"{'B':>5} {'P':>6} {'S':>5} | {'ours ms':>8} {'tile-sfx':>8} {'mma':>8} {'mma128':>8} {'fused':>8} {'fused+mma':>9} " \
-             f"{'sdpa ms':>8} " \
-             f"{'hydra ms':>8} {'floor ms':>8} | {'ours/floor':>10} {'best/floor':>10} {'hydra/ours':>10} {'rel err':>8}"
-    print(header)
+    names = ["ours", *DECODE_VARIANTS]
+    print(f"{'B':>5} {'P':>6} {'S':>5} | " + " ".join(f"{n:>12}" for n in names) + f" {'sdpa':>8} {'hydragen':>8} "
+          f"{'floor':>8} | {'ours/floor':>10} {'best/floor':>10} {'hydra/best':>10} {'max rel err':>11}   (ms)")
     for shape in DECODE_SHAPES:
         t0 = time.time()
         r = bench_decode(shape, bandwidth, reps, device_name)
         r["copy_tb_s"] = bandwidth / 1e12
         record(r)
-        print(f"{r['B']:>5} {r['P']:>6} {r['S']:>5} | {r['ours_ms']:>8.3f} {r['ours_tile_suffix_ms']:>8.3f} {r['ours_mma_ms']:>8.3f} "
-              f"{r['ours_mma128_ms']:>8.3f} {r['ours_fused_ms']:>8.3f} {r['ours_fused_mma_ms']:>9.3f} {r['sdpa_ms']:>8.3f} "
-              f"{r['hydragen_ms']:>8.3f} {r['floor_ms']:>8.3f} | {r['ours_over_floor']:>10.2f} "
-              f"{r['best_over_floor']:>10.2f} {r['hydragen_over_ours']:>10.2f} {r['rel_err_vs_hydragen']:>8.1e}   ({time.time() - t0:.0f} s)",
-              flush=True)
+        print(f"{r['B']:>5} {r['P']:>6} {r['S']:>5} | " + " ".join(f"{r['variant_ms'][n]:>12.4f}" for n in names) +
+              f" {r['sdpa_ms']:>8.3f} {r['hydragen_ms']:>8.3f} {r['floor_ms']:>8.4f} | {r['ours_over_floor']:>10.2f} "
+              f"{r['best_over_floor']:>10.2f} {r['hydragen_over_best']:>10.2f} "
+              f"{max(r['variant_rel_err_vs_hydragen'].values()):>11.1e}   best {r['best_variant']} "
+              f"({time.time() - t0:.0f} s)", flush=True)
     if not args.no_prefill:
         print(f"{'seqs':>5} {'tokens':>6} | {'ours ms':>8} {'mma ms':>8} {'mma128':>8} {'sdpa ms':>8} | {'ours/sdpa':>9} {'ours TF/s':>9} "
               f"{'sdpa TF/s':>9} {'rel err':>8}")

@@ -42,7 +42,6 @@ def test_rows_have_every_field_and_consistent_rates(e2e_rows):
     assert written == rows
     assert [r["policy"] for r in rows] == ["batchllm", "hf", "no-share"]
     assert [r["overlap"] for r in rows] == [False, False, True]
-    assert plot_throughput.bar_order(plot_throughput.latest_by_key(rows)) == ["batchllm", "hf", "no-share+overlap"]
     for row in rows:
         assert _ROW_FIELDS <= set(row), _ROW_FIELDS - set(row)
         assert row["workload"] == "W6" and row["device"] == "cpu" and row["requests"] == 16

@@ -3,7 +3,15 @@ per-sequence SDPA) must compute the same attention as our op on CPU, so the GPU 
 from __future__ import annotations
 
 import importlib.util
+import json
+import sys
 from pathlib import Path
+
+import pytest
+import torch
+
+import batchllm_core
+import cuda_emulation
 
 
 def test_bench_attention_baselines_agree_with_ops_on_cpu(capsys):
@@ -12,3 +20,45 @@ def test_bench_attention_baselines_agree_with_ops_on_cpu(capsys):
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     assert bench.cpu_smoke() == 0, capsys.readouterr().out
+
+
+def _load_bench():
+    path = Path(__file__).resolve().parents[2] / "bench" / "bench_attention.py"
+    spec = importlib.util.spec_from_file_location("bench_attention", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    return bench
+
+
+@pytest.mark.skipif(cuda_emulation.module() is None, reason="no CUDA emulation module in this build")
+def test_bench_attention_decode_variants_on_emulated_kernels(monkeypatch, tmp_path, capsys):
+    # The GPU run's decode table, on the CUDA kernels compiled for the CPU emulation: every variant's
+    # environment selects kernels that compute the baselines' attention, the table prints, and each
+    # shape's JSON line is on disk. Only the timing is faked (one call, 1 ms).
+    bench = _load_bench()
+    cuda_emulation.activate(monkeypatch)
+    init = bench.DecodeInputs.__init__
+
+    def cpu_inputs(self, batch, prefix, suffix, with_dense, seed, device="cpu", dtype=torch.bfloat16):
+        init(self, batch, prefix, suffix, with_dense, seed, device="cpu", dtype=dtype)
+
+    monkeypatch.setattr(bench.DecodeInputs, "__init__", cpu_inputs)
+    monkeypatch.setattr(bench, "time_graphs", lambda fns, reps=1: (fns[0](), 1.0)[1])
+    monkeypatch.setattr(bench, "check_sdpa_backend", lambda fn: None)
+    monkeypatch.setattr(bench, "num_input_sets", lambda n: 1)
+    monkeypatch.setattr(bench, "copy_bandwidth_bytes_per_s", lambda: 3e12)
+    monkeypatch.setattr(bench, "DECODE_SHAPES", [(3, 40, 20), (70, 16, 5)])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i=0: "emulated")
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    monkeypatch.setattr(batchllm_core, "cuda_available", lambda: True)
+    json_out = tmp_path / "bench.jsonl"
+    monkeypatch.setattr(sys, "argv", ["bench_attention.py", "--no-prefill", "--json-out", str(json_out)])
+    assert bench.main() == 0
+    rows = [json.loads(line) for line in json_out.read_text().splitlines()]
+    assert [(r["B"], r["P"], r["S"]) for r in rows] == [(3, 40, 20), (70, 16, 5)]
+    for r in rows:
+        assert set(r["variant_ms"]) == {"ours", *bench.DECODE_VARIANTS}
+        worst = max(r["variant_rel_err_vs_hydragen"].items(), key=lambda kv: kv[1])
+        assert worst[1] < 1e-2, worst
+    assert "best ours" in capsys.readouterr().out

@@ -1,5 +1,6 @@
 // CUDA cascade_decode_attention: decode attention by shared-prefix levels (Hydragen / FlashInfer
-// cascade). Three steps on one stream (steps 1 and 2 in one launch with BATCHLLM_CASCADE_LAUNCH=fused):
+// cascade). Three steps on one stream (BATCHLLM_CASCADE_LAUNCH=fused: steps 1 and 2 in one launch;
+// =merge: step 2, then step 1 with step 3 as its epilogue; cascade_launch() below):
 //   1. suffix: each decode row's GQA heads over its own suffix blocks -> suffix state, by the CUDA-core
 //      decode kernel (decode_rows.cuh; BATCHLLM_CASCADE_SUFFIX=tile selects the tensor-core tile
 //      kernel instead, for A/B measurements);
@@ -14,6 +15,7 @@
 #include "batchllm/kernels/cuda.h"
 #include "kernels/cuda/attention_mma.cuh"
 #include "kernels/cuda/decode_rows.cuh"
+#include "kernels/cuda/prefix_states.cuh"
 
 namespace batchllm::kernels {
 
@@ -232,40 +234,14 @@ cudaError_t launch_cascade_fused(const PrefixProblem<T>& prefix, dim3 prefix_gri
   return last_launch_error();
 }
 
-/// One CTA per decode row: merge its suffix state with every covering prefix's state.
+/// One CTA per decode row: merge its suffix state (every key split) with every covering prefix's state.
 template <typename T>
-__global__ void combine_levels_kernel(TensorView o, float* lse_out, DecodeLevelsView levels, int splits,
-                                      int suffix_splits, const float* suffix_o, const float* suffix_lse,
-                                      const float* prefix_o,
-                                      const float* prefix_lse) {
+__global__ void combine_levels_kernel(TensorView o, float* lse_out, DecodeLevelsView levels, PrefixStates prefix,
+                                      int suffix_splits, const float* suffix_o, const float* suffix_lse) {
+  __shared__ CoveringList covering;
   const int row = blockIdx.x;
   const int64_t num_heads = o.shape[1], head_dim = o.shape[2];
-  // The prefixes that cover this row (one per level, so a handful of a batch's P), found once by the
-  // CTA instead of by every element: ascending, the order of the merges below. More than
-  // kMaxCovering (not a real tree) falls back to scanning every prefix.
-  constexpr int kMaxCovering = 32;
-  __shared__ int covering[kMaxCovering];
-  __shared__ int num_covering;
-  if (threadIdx.x == 0) num_covering = 0;
-  __syncthreads();
-  for (int64_t p = threadIdx.x; p < levels.num_prefixes; p += blockDim.x) {
-    if (row >= levels.prefix_q_range[2 * p] && row < levels.prefix_q_range[2 * p + 1]) {
-      const int slot = atomicAdd(&num_covering, 1);
-      if (slot < kMaxCovering) covering[slot] = static_cast<int>(p);
-    }
-  }
-  __syncthreads();
-  if (threadIdx.x == 0 && num_covering <= kMaxCovering) {
-    for (int i = 1; i < num_covering; ++i) {  // insertion sort of a few entries
-      const int p = covering[i];
-      int j = i;
-      for (; j > 0 && covering[j - 1] > p; --j) covering[j] = covering[j - 1];
-      covering[j] = p;
-    }
-  }
-  __syncthreads();
-  const bool listed = num_covering <= kMaxCovering;
-  const int64_t candidates = listed ? num_covering : levels.num_prefixes;
+  const int listed = list_covering_prefixes(levels, row, covering);
   for (int64_t idx = threadIdx.x; idx < num_heads * head_dim; idx += blockDim.x) {
     const int64_t head = idx / head_dim, d = idx % head_dim;
     const int64_t suffix_state = row * num_heads + head;
@@ -277,17 +253,7 @@ __global__ void combine_levels_kernel(TensorView o, float* lse_out, DecodeLevels
       value = merge_value(w, value, suffix_o[state * head_dim + d]);
       lse = w.lse;
     }
-    for (int64_t c = 0; c < candidates; ++c) {
-      const int64_t p = listed ? covering[c] : c;
-      const int begin = levels.prefix_q_range[2 * p], end = levels.prefix_q_range[2 * p + 1];
-      if (row < begin || row >= end) continue;
-      for (int64_t split = 0; split < splits; ++split) {
-        const int64_t state = ((p * splits + split) * levels.max_prefix_rows + (row - begin)) * num_heads + head;
-        const LseMerge w = merge_lse(lse, prefix_lse[state]);
-        value = merge_value(w, value, prefix_o[state * head_dim + d]);
-        lse = w.lse;
-      }
-    }
+    merge_prefix_states(value, lse, levels, covering, listed, prefix, row, head, num_heads, d, head_dim);
     static_cast<T*>(o.data)[row * o.stride[0] + head * o.stride[1] + d] = from_float<T>(value);
     if (d == 0 && lse_out != nullptr) lse_out[suffix_state] = lse;
   }
@@ -302,9 +268,19 @@ namespace {
 /// that a benchmark can compare both in one process).
 bool suffix_by_tiles() { return cuda::env_equals("BATCHLLM_CASCADE_SUFFIX", "tile"); }
 
-/// Steps 1 and 2 in one launch (cascade_fused_kernel) when BATCHLLM_CASCADE_LAUNCH=fused, for the A/B
-/// against separate launches; only with the decode_rows suffix.
-bool fused_launch() { return cuda::env_equals("BATCHLLM_CASCADE_LAUNCH", "fused"); }
+/// How the steps are launched (BATCHLLM_CASCADE_LAUNCH, for the A/B; decode_rows suffix only):
+///   separate (default): suffix, prefix tiles, combine;
+///   fused: suffix and prefix tiles in one launch (cascade_fused_kernel), then combine;
+///   merge: prefix tiles, then the suffix with decode_rows' merge epilogue, which writes the output:
+///          no suffix state round trip through memory, no combine launch (one suffix key split only;
+///          with more, separate).
+enum class CascadeLaunch { kSeparate, kFused, kMerge };
+
+CascadeLaunch cascade_launch() {
+  if (cuda::env_equals("BATCHLLM_CASCADE_LAUNCH", "fused")) return CascadeLaunch::kFused;
+  if (cuda::env_equals("BATCHLLM_CASCADE_LAUNCH", "merge")) return CascadeLaunch::kMerge;
+  return CascadeLaunch::kSeparate;
+}
 
 }  // namespace
 
@@ -327,9 +303,11 @@ cudaError_t cascade_decode_attention_cuda(const CascadeDecodeParams& p, cudaStre
   const int num_kv_heads = static_cast<int>(p.k_cache.shape[2]);
   const bool tiles = suffix_by_tiles();
   const cuda::TileKernel kernel = cuda::tile_kernel();
-  // The fused grid shares one block size: 4-warp prefix tiles only.
-  const bool fused = !tiles && fused_launch() && kernel != cuda::TileKernel::kMma128;
+  const CascadeLaunch launch_mode = cascade_launch();
   const CascadePlan plan(num_rows, num_heads, num_kv_heads, head_dim, p.levels, tiles, cuda::tile_rows(kernel));
+  // The fused grid shares one block size: 4-warp prefix tiles only.
+  const bool fused = !tiles && launch_mode == CascadeLaunch::kFused && kernel != cuda::TileKernel::kMma128;
+  const bool merge = !tiles && launch_mode == CascadeLaunch::kMerge && plan.suffix_splits == 1;
   const int group = plan.group;
   float* ws = p.workspace;
   const dim3 prefix_grid(plan.prefix_row_tiles * plan.splits, static_cast<unsigned>(p.levels.num_prefixes),
@@ -340,9 +318,20 @@ cudaError_t cascade_decode_attention_cuda(const CascadeDecodeParams& p, cudaStre
                                                  cuda::tile_rows(kernel), plan.prefix_row_tiles, plan.splits,
                                                  plan.chunk_keys};
       constexpr float kLog2e = 1.4426950408889634f;
-      const cuda::DecodeRowsArgs suffix{p.q, p.k_cache, p.v_cache, p.levels.suffix_block_tables,
-                                        p.levels.max_suffix_blocks, p.levels.suffix_kv_lens, ws + plan.suffix_o,
-                                        ws + plan.suffix_lse, p.scale * kLog2e, group, plan.suffix_chunk_keys};
+      cuda::DecodeRowsArgs suffix{p.q, p.k_cache, p.v_cache, p.levels.suffix_block_tables,
+                                  p.levels.max_suffix_blocks, p.levels.suffix_kv_lens, ws + plan.suffix_o,
+                                  ws + plan.suffix_lse, p.scale * kLog2e, group, plan.suffix_chunk_keys};
+      const cuda::PrefixStates prefix_states{ws + plan.prefix_o, ws + plan.prefix_lse, plan.splits};
+      if (merge) {
+        BATCHLLM_CUDA_RETURN_IF_ERROR((cuda::launch_tiles<scalar_t, kHeadDim>(kernel, prefix, prefix_grid, p.k_cache,
+                                                                              p.v_cache, p.scale, stream)));
+        suffix.merge_prefixes = true;
+        suffix.levels = p.levels;
+        suffix.prefix_states = prefix_states;
+        suffix.out = p.o;
+        suffix.lse_out = p.lse;
+        return cuda::launch_decode_rows<scalar_t, kHeadDim>(suffix, num_rows, num_kv_heads, 1, stream);
+      }
       if (fused) {
         const dim3 suffix_grid = cuda::decode_rows_grid(num_rows, num_kv_heads, group, plan.suffix_splits);
         const bool mma = kernel == cuda::TileKernel::kMma;
@@ -369,8 +358,7 @@ cudaError_t cascade_decode_attention_cuda(const CascadeDecodeParams& p, cudaStre
                                                                               p.v_cache, p.scale, stream)));
       }
       BATCHLLM_LAUNCH(static_cast<unsigned>(num_rows), 128, 0, stream, cuda::combine_levels_kernel<scalar_t>)(
-          p.o, p.lse, p.levels, plan.splits, plan.suffix_splits, ws + plan.suffix_o, ws + plan.suffix_lse, ws + plan.prefix_o,
-          ws + plan.prefix_lse);
+          p.o, p.lse, p.levels, prefix_states, plan.suffix_splits, ws + plan.suffix_o, ws + plan.suffix_lse);
       return cuda::last_launch_error();
     });
   });

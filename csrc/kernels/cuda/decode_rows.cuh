@@ -10,10 +10,12 @@
 //   before any is used. Every lane group keeps its own online-softmax state (max, sum, o) per head;
 //   the states are merged across the warp by shuffles and across warps through shared memory.
 // Output: normalised o (float32) and lse (natural log; -inf and o = 0 for a row with no keys), one
-// partial state per key split, which the cascade's combine step merges with the prefix states.
+// partial state per key split, which the cascade's combine step merges with the prefix states; or,
+// with the merge epilogue (one split), the row merged with its prefix states, in q's dtype.
 #pragma once
 
 #include "kernels/cuda/cuda_common.cuh"
+#include "kernels/cuda/prefix_states.cuh"
 
 namespace batchllm::kernels::cuda {
 
@@ -74,6 +76,14 @@ struct DecodeRowsArgs {
   float scale_log2;              // softmax scale * log2(e)
   int group;                     // Hq / Hkv
   int chunk_keys;                // keys per split (any value >= the longest row when not split)
+  // Merge epilogue (cascade with BATCHLLM_CASCADE_LAUNCH=merge; one key split only): instead of the
+  // state, merge it with the states of the prefixes covering the row (the prefix tiles ran before
+  // this launch) and write the output row and its lse: no suffix state round trip, no combine launch.
+  bool merge_prefixes = false;
+  DecodeLevelsView levels = {};
+  PrefixStates prefix_states = {};
+  TensorView out = {};           // [B, Hq, D], q's dtype
+  float* lse_out = nullptr;      // [B, Hq] or nullptr
 };
 
 /// Shared memory of one decode_rows CTA: the warps' states, merged at the end.
@@ -82,6 +92,7 @@ struct DecodeSmem {
   float m[kDecodeWarps][kHeads];
   float l[kDecodeWarps][kHeads];
   float o[kDecodeWarps][kHeads][D];
+  CoveringList covering;  // the merge epilogue's prefixes
 };
 
 /// The grid of a decode_rows launch: (row, KV head, head chunk + chunks x key split).
@@ -181,6 +192,8 @@ __device__ __forceinline__ void decode_rows(const DecodeRowsArgs& args, const di
       }
     }
   }
+  // The merge epilogue's covering prefixes (its barriers also order the smem states above).
+  const int listed = args.merge_prefixes ? list_covering_prefixes(args.levels, row, sm.covering) : 0;
   __syncthreads();
   for (int idx = threadIdx.x; idx < heads * D; idx += kDecodeThreads) {
     const int h = idx / D, d = idx % D;
@@ -194,10 +207,18 @@ __device__ __forceinline__ void decode_rows(const DecodeRowsArgs& args, const di
         o += sm.o[w][h][d] * weight;
       }
     }
-    const int64_t out_state =
-        (static_cast<int64_t>(split) * args.q.shape[0] + row) * args.q.shape[1] + first_head + h;
-    args.state_o[out_state * D + d] = l > 0.0f ? o / l : 0.0f;
-    if (d == 0) args.state_lse[out_state] = l > 0.0f ? (m + log2f(l)) * 0.69314718055994531f : -INFINITY;
+    float value = l > 0.0f ? o / l : 0.0f;
+    float lse = l > 0.0f ? (m + log2f(l)) * 0.69314718055994531f : -INFINITY;
+    const int64_t head = first_head + h, num_heads = args.q.shape[1];
+    if (args.merge_prefixes) {
+      merge_prefix_states(value, lse, args.levels, sm.covering, listed, args.prefix_states, row, head, num_heads, d, D);
+      static_cast<T*>(args.out.data)[row * args.out.stride[0] + head * args.out.stride[1] + d] = from_float<T>(value);
+      if (d == 0 && args.lse_out != nullptr) args.lse_out[row * num_heads + head] = lse;
+    } else {
+      const int64_t out_state = (static_cast<int64_t>(split) * args.q.shape[0] + row) * num_heads + head;
+      args.state_o[out_state * D + d] = value;
+      if (d == 0) args.state_lse[out_state] = lse;
+    }
   }
 }
 

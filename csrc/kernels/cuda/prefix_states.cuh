@@ -1,0 +1,75 @@
+// The cascade's prefix states and their merge into a decode row: which prefixes cover a row (one per
+// level, so a handful of a batch's P), and the merge of the row's running state with each covering
+// prefix's states (every key split), in ascending prefix order. Used by the combine kernel and by
+// decode_rows' merge epilogue (BATCHLLM_CASCADE_LAUNCH=merge), so both merge in the same order.
+// Prefix state layout (the prefix tiles write it): o [P, splits, R, Hq, D], lse [P, splits, R, Hq]
+// with R = levels.max_prefix_rows and the reader's row index within its prefix's range.
+#pragma once
+
+#include "batchllm/kernels/merge.h"
+#include "kernels/cuda/cuda_common.cuh"
+
+namespace batchllm::kernels::cuda {
+
+constexpr int kMaxCovering = 32;  // more covering prefixes than this (not a real tree): scan every one
+
+/// Shared memory of a covering list.
+struct CoveringList {
+  int prefixes[kMaxCovering];
+  int count;
+};
+
+/// Lists, by every thread of the CTA, the prefixes whose reader range holds `row`, ascending. Returns
+/// how many, or -1 when there are more than kMaxCovering (merge_prefix_states then scans every prefix).
+/// Contains __syncthreads: every thread of the CTA calls it.
+__device__ __forceinline__ int list_covering_prefixes(const DecodeLevelsView& levels, int row, CoveringList& list) {
+  if (threadIdx.x == 0) list.count = 0;
+  __syncthreads();
+  for (int64_t p = threadIdx.x; p < levels.num_prefixes; p += blockDim.x) {
+    if (row >= levels.prefix_q_range[2 * p] && row < levels.prefix_q_range[2 * p + 1]) {
+      const int slot = atomicAdd(&list.count, 1);
+      if (slot < kMaxCovering) list.prefixes[slot] = static_cast<int>(p);
+    }
+  }
+  __syncthreads();
+  if (threadIdx.x == 0 && list.count <= kMaxCovering) {
+    for (int i = 1; i < list.count; ++i) {  // insertion sort of a few entries
+      const int p = list.prefixes[i];
+      int j = i;
+      for (; j > 0 && list.prefixes[j - 1] > p; --j) list.prefixes[j] = list.prefixes[j - 1];
+      list.prefixes[j] = p;
+    }
+  }
+  __syncthreads();
+  return list.count <= kMaxCovering ? list.count : -1;
+}
+
+/// Where the prefix tiles wrote their states.
+struct PrefixStates {
+  const float* o;    // [P, splits, R, Hq, D]
+  const float* lse;  // [P, splits, R, Hq]
+  int splits;
+};
+
+/// Merges element d of (row, head)'s running state (value, lse; natural log, -inf: empty) with the
+/// states of the prefixes covering the row: the `listed` entries of `list`, or every prefix that
+/// covers it when listed < 0.
+__device__ __forceinline__ void merge_prefix_states(float& value, float& lse, const DecodeLevelsView& levels,
+                                                    const CoveringList& list, int listed, const PrefixStates& states,
+                                                    int row, int64_t head, int64_t num_heads, int64_t d,
+                                                    int64_t head_dim) {
+  const int64_t candidates = listed >= 0 ? listed : levels.num_prefixes;
+  for (int64_t c = 0; c < candidates; ++c) {
+    const int64_t p = listed >= 0 ? list.prefixes[c] : c;
+    const int begin = levels.prefix_q_range[2 * p], end = levels.prefix_q_range[2 * p + 1];
+    if (row < begin || row >= end) continue;
+    for (int64_t split = 0; split < states.splits; ++split) {
+      const int64_t state = ((p * states.splits + split) * levels.max_prefix_rows + (row - begin)) * num_heads + head;
+      const LseMerge w = merge_lse(lse, states.lse[state]);
+      value = merge_value(w, value, states.o[state * head_dim + d]);
+      lse = w.lse;
+    }
+  }
+}
+
+}  // namespace batchllm::kernels::cuda
