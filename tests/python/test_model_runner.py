@@ -337,10 +337,16 @@ def test_bfloat16_runner_matches_float32():
 
 
 @pytest.mark.skipif(cuda_emulation.module() is None, reason="no CUDA emulation module (BATCHLLM_CUDA_EMULATION_DIR)")
-def test_runner_on_the_emulated_cuda_kernels_matches_float32(monkeypatch):
+@pytest.mark.parametrize("kernels", [{}, {"BATCHLLM_ATTENTION_TILES": "mma128", "BATCHLLM_CASCADE_LAUNCH": "merge"},
+                                     {"BATCHLLM_ATTENTION_TILES": "mma", "BATCHLLM_CASCADE_LAUNCH": "fused"}],
+                         ids=["default", "mma128+merge", "mma+fused"])
+def test_runner_on_the_emulated_cuda_kernels_matches_float32(kernels, monkeypatch):
     # The CUDA runner's attention path without a GPU: every op call of the bf16 runner goes to the
     # CUDA kernels (store_kv, paged prefill, cascade decode) compiled for the CPU emulation, fed by
-    # the runner's own plans, levels and hints.
+    # the runner's own plans, levels and hints; the default kernels and the variants a GPU run may
+    # make the default.
+    for name, value in kernels.items():
+        monkeypatch.setenv(name, value)
     config = small_gpu_shape()
     model = build_random_model(config, seed=0, dtype=torch.bfloat16, device="cpu").model
     reference = scenario_logits(ModelRunner(float32_copy(model), config, NUM_BLOCKS, BLOCK_SIZE, "cpu",
