@@ -254,6 +254,16 @@ def bench_decode(shape, bandwidth, reps, device_name):
             "hydragen_over_best": hydragen_ms / variant_ms[best], "rel_err_vs_hydragen": rel_err}
 
 
+def variant_summary(decode_rows: list) -> dict:
+    """Each variant's geometric mean of time / ours over the decode shapes: the default to pick."""
+    names = list(decode_rows[0]["variant_ms"])
+    geomean = {n: math.exp(sum(math.log(r["variant_ms"][n] / r["ours_ms"]) for r in decode_rows) / len(decode_rows))
+               for n in names}
+    return {"bench": "decode_attention_summary", "device": decode_rows[0]["device"], "commit": decode_rows[0]["commit"],
+            "shapes": [[r["B"], r["P"], r["S"]] for r in decode_rows], "geomean_vs_ours": geomean,
+            "fastest": min(geomean, key=geomean.get), "variant_env": DECODE_VARIANTS}
+
+
 def bench_prefill(shape, reps, device_name):
     from batchllm_core import ops
     seqs, tokens = shape
@@ -356,6 +366,13 @@ def main() -> int:
               f"{r['best_over_floor']:>10.2f} {r['hydragen_over_best']:>10.2f} "
               f"{max(r['variant_rel_err_vs_hydragen'].values()):>11.1e}   best {r['best_variant']} "
               f"({time.time() - t0:.0f} s)", flush=True)
+    decode_rows = [r for r in rows if r["bench"] == "decode_attention"]
+    if decode_rows:
+        summary = variant_summary(decode_rows)
+        record(summary)
+        print("variants over the grid (geometric mean of time / ours; < 1 is faster): " +
+              ", ".join(f"{n} {v:.3f}" for n, v in summary["geomean_vs_ours"].items()) +
+              f"; fastest overall: {summary['fastest']}")
     if not args.no_prefill:
         print(f"{'seqs':>5} {'tokens':>6} | {'ours ms':>8} {'mma ms':>8} {'mma128':>8} {'sdpa ms':>8} | {'ours/sdpa':>9} {'ours TF/s':>9} "
               f"{'sdpa TF/s':>9} {'rel err':>8}")

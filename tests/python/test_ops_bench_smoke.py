@@ -56,6 +56,9 @@ def test_bench_attention_decode_variants_on_emulated_kernels(monkeypatch, tmp_pa
     monkeypatch.setattr(sys, "argv", ["bench_attention.py", "--no-prefill", "--json-out", str(json_out)])
     assert bench.main() == 0
     rows = [json.loads(line) for line in json_out.read_text().splitlines()]
+    summary = rows.pop()
+    assert summary["bench"] == "decode_attention_summary" and summary["fastest"] in summary["geomean_vs_ours"]
+    assert summary["geomean_vs_ours"]["ours"] == 1.0
     assert [(r["B"], r["P"], r["S"]) for r in rows] == [(3, 40, 20), (70, 16, 5)]
     for r in rows:
         assert set(r["variant_ms"]) == {"ours", *bench.DECODE_VARIANTS}
