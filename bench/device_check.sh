@@ -119,18 +119,35 @@ section_e2e() {
   rm -f "$json"
   local failed=0
   # e2e_run LABEL ARGS...: one run; a failure is logged and counted, the next run still goes.
-  e2e_run() { local label="$1"; shift; "${e2e[@]}" "$@" || { echo "e2e: $label FAILED"; failed=$((failed + 1)); }; }
+  local run_env=(env)  # what e2e_run prefixes: env, and VAR=VALUE settings for a kernel variant
+  e2e_run() { local label="$1"; shift; "${run_env[@]}" "${e2e[@]}" "$@" || { echo "e2e: $label FAILED"; failed=$((failed + 1)); }; }
   e2e_run "W1" --workload W1 --scale 0.25 --policy batchllm,fcfs-lru
   e2e_run "W1 cuda graphs" --workload W1 --scale 0.25 --policy batchllm --cuda-graphs
   e2e_run "W2" --workload W2 --scale 0.25 --policy batchllm,fcfs-lru
   e2e_run "W5" --workload W5 --scale 0.125 --policy batchllm,fcfs-lru
+  # The attention kernels bench_attention found fastest over its grid, if not the defaults: W1 again
+  # with them (the row records them in kernel_env).
+  local fastest=()
+  [[ -s "$OUT/bench_attention.jsonl" ]] && mapfile -t fastest < <("$PY" -c 'import json, sys
+rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
+summary = [r for r in rows if r.get("bench") == "decode_attention_summary"]
+if summary and summary[-1]["fastest"] != "ours":
+    for name, value in summary[-1]["variant_env"][summary[-1]["fastest"]].items():
+        print(f"{name}={value}")' "$OUT/bench_attention.jsonl")
+  if (( ${#fastest[@]} )); then
+    echo "e2e: W1 with the fastest attention variant: ${fastest[*]}"
+    run_env=(env "${fastest[@]}")
+    e2e_run "W1 graphs, fastest kernels" --workload W1 --scale 0.25 --policy batchllm --cuda-graphs
+    run_env=(env)
+  fi
   e2e_run "W1 graphs + overlap" --workload W1 --scale 0.25 --policy batchllm --cuda-graphs --overlap
   e2e_run "transformers baseline" --workload W1 --scale 0.25 --policy none --hf --hf-batches 1
   echo "e2e summary (workload policy seconds out_tok/s prefill_tokens time/floor):"
   [[ -s "$json" ]] && "$PY" -c 'import json, sys
 for line in open(sys.argv[1]):
     r = json.loads(line)
-    print(r["workload"], r["policy"] + ("+graphs" if r.get("cuda_graphs") else "") + ("+overlap" if r.get("overlap") else ""), r["seconds"],
+    print(r["workload"], r["policy"] + ("+graphs" if r.get("cuda_graphs") else "") + ("+overlap" if r.get("overlap") else "")
+          + "".join("+" + v for _, v in sorted(r.get("kernel_env", {}).items())), r["seconds"],
           r["output_tokens_per_s"], r["prefill_tokens"], r["time_over_floor"])' "$json"
   echo "e2e: $failed run(s) failed"
   return "$failed"

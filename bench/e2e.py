@@ -227,7 +227,17 @@ def _common(workload, args, device, dtype, policy, seconds, cost, ceilings, outp
         "time_over_floor": round(seconds / floor_s, 3) if floor_s > 0 else None,
         "distinct_prompt_tokens": floor["distinct_prompt_tokens"],
         "flops": ceilings.flops, "bytes_per_s": ceilings.bytes_per_s,
+        "kernel_env": kernel_env() if policy != "hf" else {},
     }
+
+
+# The CUDA kernel variants chosen by the environment (bench/NOTES_attention.md): recorded with each
+# run so that a figure says which kernels made it.
+KERNEL_ENV_VARS = ("BATCHLLM_ATTENTION_TILES", "BATCHLLM_CASCADE_SUFFIX", "BATCHLLM_CASCADE_LAUNCH")
+
+
+def kernel_env() -> dict:
+    return {name: os.environ[name] for name in KERNEL_ENV_VARS if os.environ.get(name)}
 
 
 # ---------------------------------------------------------------------------------------------------

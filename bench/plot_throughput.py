@@ -38,8 +38,11 @@ def read_rows(paths) -> list:
 
 
 def label(row: dict) -> str:
-    """The bar a row belongs to: its policy, "+graphs" when decode steps replayed CUDA graphs."""
-    return row["policy"] + ("+graphs" if row.get("cuda_graphs") else "") + ("+overlap" if row.get("overlap") else "")
+    """The bar a row belongs to: its policy, "+graphs" when decode steps replayed CUDA graphs,
+    "+overlap", and the kernel variants the environment chose (e.g. "+merge+mma128")."""
+    variants = "".join(f"+{value}" for _, value in sorted(row.get("kernel_env", {}).items()))
+    return (row["policy"] + ("+graphs" if row.get("cuda_graphs") else "") + ("+overlap" if row.get("overlap") else "")
+            + variants)
 
 
 def latest_by_key(rows) -> dict:

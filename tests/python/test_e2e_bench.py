@@ -6,6 +6,7 @@ tokens each, cut to 8): big enough that prefix sharing shows in the prefill toke
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -32,7 +33,16 @@ def e2e_rows(tmp_path_factory):
     base = ["--workload", "W6", "--model", "tiny", "--device", "cpu", "--scale", str(1 / 40), "--threads", "1",
             "--max-tokens", "8", "--kv-cache-memory", str(64 << 20), "--json-out", str(json_out)]
     rows = e2e.main(base + ["--policy", "batchllm", "--hf"])
-    rows += e2e.main(base + ["--policy", "no-share", "--no-warmup", "--overlap"])  # the overlapped loop too
+    # The overlapped loop too, with a kernel variant chosen by the environment (recorded, not used on a CPU).
+    saved = os.environ.get("BATCHLLM_CASCADE_LAUNCH")
+    os.environ["BATCHLLM_CASCADE_LAUNCH"] = "merge"
+    try:
+        rows += e2e.main(base + ["--policy", "no-share", "--no-warmup", "--overlap"])
+    finally:
+        if saved is None:
+            os.environ.pop("BATCHLLM_CASCADE_LAUNCH")
+        else:
+            os.environ["BATCHLLM_CASCADE_LAUNCH"] = saved
     return rows, json_out
 
 
@@ -42,6 +52,7 @@ def test_rows_have_every_field_and_consistent_rates(e2e_rows):
     assert written == rows
     assert [r["policy"] for r in rows] == ["batchllm", "hf", "no-share"]
     assert [r["overlap"] for r in rows] == [False, False, True]
+    assert [r["kernel_env"] for r in rows] == [{}, {}, {"BATCHLLM_CASCADE_LAUNCH": "merge"}]
     for row in rows:
         assert _ROW_FIELDS <= set(row), _ROW_FIELDS - set(row)
         assert row["workload"] == "W6" and row["device"] == "cpu" and row["requests"] == 16
@@ -74,7 +85,7 @@ def test_plot_throughput_draws_the_rows(e2e_rows, tmp_path):
     rows = plot_throughput.read_rows([log])
     assert [r["policy"] for r in rows] == ["batchllm", "hf", "no-share"]
     assert [r["overlap"] for r in rows] == [False, False, True]
-    assert plot_throughput.bar_order(plot_throughput.latest_by_key(rows)) == ["batchllm", "hf", "no-share+overlap"]
+    assert plot_throughput.bar_order(plot_throughput.latest_by_key(rows)) == ["batchllm", "hf", "no-share+overlap+merge"]
     path = plot_throughput.main([str(log), "-o", str(tmp_path / "throughput.png")])
     assert path.stat().st_size > 1000 and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(ValueError, match="several model/device"):
