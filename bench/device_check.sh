@@ -155,16 +155,21 @@ for line in open(sys.argv[1]):
 
 # ---- 6. sanitizer: out-of-bounds accesses and shared-memory races of the kernels on small cases -----------
 # memcheck on a cascade and a prefill case; racecheck (slow: it tracks every shared-memory access) on
-# the small cascade case only, whose kernels are the decode, tile and combine kernels.
+# the small cascade case only. Default kernels first, then the variants (8-warp mma tiles with the
+# merging suffix kernel; 4-warp mma tiles in the fused launch), as far as the time goes.
 section_sanitizer() {
   cd "$ROOT/tests"
   local cascade="test_cascade_cuda_matches_cpu_reference" prefill="test_prefill_attention_cuda_long_chunk_over_cache"
-  echo "---- compute-sanitizer --tool memcheck"
-  compute-sanitizer --tool memcheck --error-exitcode 99 --target-processes all \
-    "$PY" -m pytest -q -p no:cacheprovider -x python/test_cuda_ops.py -k "$cascade or $prefill" || exit 99
-  echo "---- compute-sanitizer --tool racecheck"
-  compute-sanitizer --tool racecheck --error-exitcode 99 --target-processes all \
-    "$PY" -m pytest -q -p no:cacheprovider -x python/test_cuda_ops.py -k "$cascade" || exit 99
+  local variant
+  for variant in "" "BATCHLLM_ATTENTION_TILES=mma128 BATCHLLM_CASCADE_LAUNCH=merge" \
+                 "BATCHLLM_ATTENTION_TILES=mma BATCHLLM_CASCADE_LAUNCH=fused"; do
+    echo "---- compute-sanitizer --tool memcheck ${variant:-(default kernels)}"
+    env $variant compute-sanitizer --tool memcheck --error-exitcode 99 --target-processes all \
+      "$PY" -m pytest -q -p no:cacheprovider -x python/test_cuda_ops.py -k "$cascade or $prefill" || exit 99
+    echo "---- compute-sanitizer --tool racecheck ${variant:-(default kernels)}"
+    env $variant compute-sanitizer --tool racecheck --error-exitcode 99 --target-processes all \
+      "$PY" -m pytest -q -p no:cacheprovider -x python/test_cuda_ops.py -k "$cascade" || exit 99
+  done
 }
 
 # ---- 7. (append sections above this line and register them below) ------------------------------------------
