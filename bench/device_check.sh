@@ -6,6 +6,7 @@
 #   4. benchmarks    (bench/bench_attention.py: decode kernel grid + paged prefill)
 #   5. end-to-end    (bench/e2e.py: W1, W2, W5 on llama-1b, policies, graphs, overlap, transformers)
 #   6. sanitizer     (compute-sanitizer memcheck + racecheck on small kernel tests, if time is left)
+#   7. e2e_w6        (W6 on the qwen2.5-7b shape, batchllm vs fcfs-lru, if time is left)
 # Logs and JSON go to $OUT (default build/device_check_out): one log per section plus
 # bench_attention.jsonl and e2e.jsonl, 8 files at most (the device tool returns no more; make the
 # plot here from e2e.jsonl: python bench/plot_throughput.py e2e.jsonl). Budget: BUDGET_S (default
@@ -35,11 +36,13 @@ BUDGET_S="${BUDGET_S:-295}"
 SECTIONS="${SECTIONS:-}"
 left_s() { echo $(( BUDGET_S - ($(date +%s) - SCRIPT_START) )); }
 
-# run_section NAME LIMIT_S MIN_S FUNCTION: runs FUNCTION (with pipefail) under a timeout of LIMIT_S or
-# what is left of the budget, whichever is less, output to $OUT/NAME.log; skipped when under MIN_S is
-# left or SECTIONS leaves it out. Records "NAME: ok|FAILED (rc)|TIMEOUT|skipped, seconds".
+# run_section NAME LIMIT_S MIN_S FUNCTION [LOG]: runs FUNCTION (with pipefail) under a timeout of
+# LIMIT_S or what is left of the budget, whichever is less, output to $OUT/NAME.log (appended to
+# $OUT/LOG.log when LOG is given: the device tool returns 8 files at most); skipped when under MIN_S
+# is left or SECTIONS leaves it out. Records "NAME: ok|FAILED (rc)|TIMEOUT|skipped, seconds".
 run_section() {
-  local name="$1" limit="$2" minimum="$3" fn="$4" start rc status left
+  local name="$1" limit="$2" minimum="$3" fn="$4" log_file="$OUT/$1.log" start rc status left
+  [[ -n "${5:-}" ]] && log_file="$OUT/$5.log"
   if [[ -n "$SECTIONS" && "$name" != environment && " $SECTIONS " != *" $name "* ]]; then
     return 0
   fi
@@ -50,16 +53,16 @@ run_section() {
     return 0
   fi
   start=$(date +%s)
-  log "== $name (limit ${limit}s) -> $OUT/$name.log"
+  log "== $name (limit ${limit}s) -> $log_file"
   timeout --kill-after=5 "$limit" bash -c "set -o pipefail; $(declare -f "$fn"); $(declare -p ROOT OUT PY SITE);
-    export PYTHONPATH=\"$SITE\" PYTHONUNBUFFERED=1; $fn" >"$OUT/$name.log" 2>&1
+    export PYTHONPATH=\"$SITE\" PYTHONUNBUFFERED=1; $fn" >>"$log_file" 2>&1
   rc=$?
   case $rc in
     0) status="ok" ;;
     124|137) status="TIMEOUT after ${limit}s" ;;
     *) status="FAILED (rc $rc)" ;;
   esac
-  tail -n 5 "$OUT/$name.log" | sed "s/^/    [$name] /"
+  tail -n 5 "$log_file" | sed "s/^/    [$name] /"
   SUMMARY+=("$(printf '%-16s %-24s %4ss' "$name" "$status" "$(( $(date +%s) - start ))")")
   return 0
 }
@@ -153,6 +156,15 @@ for line in open(sys.argv[1]):
   return "$failed"
 }
 
+# ---- 5b. end-to-end W6 (1/10 scale, qwen2.5-7b shape): batchllm vs fcfs-lru beside BatchLLM's published
+# 1.3x-10.8x over vLLM. Rows append to $OUT/e2e.jsonl, the log to e2e.log. Last in the default order
+# (a 7B model: the longest runs); a second call can ask for it: SECTIONS="e2e_w6".
+section_e2e_w6() {
+  cd "$ROOT"
+  "$PY" bench/e2e.py --model qwen2.5-7b-shape --device cuda --json-out "$OUT/e2e.jsonl" --workload W6 --scale 1 \
+    --policy batchllm,fcfs-lru --cuda-graphs
+}
+
 # ---- 6. sanitizer: out-of-bounds accesses and shared-memory races of the kernels on small cases -----------
 # memcheck on a cascade and a prefill case; racecheck (slow: it tracks every shared-memory access) on
 # the small cascade case only. Default kernels first, then the variants (8-warp mma tiles with the
@@ -185,6 +197,7 @@ if (( BUILD_OK )); then
   run_section bench_attention 100 30 section_bench_attention
   run_section e2e 240 45 section_e2e
   run_section sanitizer 90 40 section_sanitizer
+  run_section e2e_w6 200 90 section_e2e_w6 e2e
 else
   SUMMARY+=("gpu_tests / benchmarks skipped: the build failed (see $OUT/build.log)")
 fi
