@@ -220,6 +220,9 @@ template <typename T, int D, int kHeads, bool kMma>
 cudaError_t launch_cascade_fused(const PrefixProblem<T>& prefix, dim3 prefix_grid, const DecodeRowsArgs& suffix,
                                  dim3 suffix_grid, const TensorView& k_cache, const TensorView& v_cache,
                                  float scale, cudaStream_t stream) {
+  static_assert(sizeof(PrefixProblem<T>) + sizeof(DecodeRowsArgs) + 2 * sizeof(TensorView) + 2 * sizeof(dim3) +
+                        sizeof(float) <= 4096,
+                "kernel parameters must stay within the 4 KB every architecture takes");
   constexpr auto kKernel = cascade_fused_kernel<T, D, kHeads, kMma>;
   constexpr size_t kTileSmem = kMma ? sizeof(MmaSmem<T, D>) : sizeof(TileSmem<T, D>);
   constexpr size_t kSmemBytes = std::max(kTileSmem, sizeof(DecodeSmem<D, kHeads>));
