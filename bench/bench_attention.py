@@ -7,8 +7,8 @@ Decode (one query per sequence, 32 q heads, 8 KV heads, head dim 128, bf16, page
              the A/B the variants of DECODE_VARIANTS: (tile-sfx) the suffix by the tensor-core tile
              kernel, (mma) prefix tiles on mma.sync with O in registers, (mma128) the same in 128-row
              tiles of 8 warps, (fused) suffix and prefix steps in one launch, (merge) the suffix
-             kernel merging the prefix states itself (no combine launch); best/floor: the fastest
-             over the floor
+             kernel merging the prefix states itself (no combine launch), (streams) the suffix on a
+             side stream beside the prefix tiles; best/floor: the fastest over the floor
   sdpa       torch SDPA over per-sequence KV (every sequence reads its own copy of the prefix)
   hydragen   torch composition of Hydragen: all queries of a KV head stacked against the prefix via
              aten._scaled_dot_product_flash_attention (for the LSE), suffix attention, LSE merge
@@ -216,6 +216,7 @@ DECODE_VARIANTS = {
     "fused+mma": {"BATCHLLM_CASCADE_LAUNCH": "fused", "BATCHLLM_ATTENTION_TILES": "mma"},
     "merge": {"BATCHLLM_CASCADE_LAUNCH": "merge"},
     "merge+mma128": {"BATCHLLM_CASCADE_LAUNCH": "merge", "BATCHLLM_ATTENTION_TILES": "mma128"},
+    "streams": {"BATCHLLM_CASCADE_LAUNCH": "streams"},
 }
 
 
@@ -234,10 +235,16 @@ def bench_decode(shape, bandwidth, reps, device_name):
     ours_ms = time_graphs([x.ours for x in inputs], reps=reps)
     variant_ms = {"ours": ours_ms}
     variant_rel_err = {"ours": rel_err}
+    errors = {}
     for name, settings in DECODE_VARIANTS.items():
-        variant_ms[name] = time_with_env(settings, [x.ours for x in inputs], reps)
-        variant_rel_err[name] = rel_err_of(inputs[0], settings)
-    best = min(variant_ms, key=variant_ms.get)
+        try:  # a variant that fails (on its first GPU) is reported, and the others still run
+            variant_ms[name] = time_with_env(settings, [x.ours for x in inputs], reps)
+            variant_rel_err[name] = rel_err_of(inputs[0], settings)
+        except Exception as err:  # noqa: BLE001 (any failure of one variant)
+            errors[name] = f"{type(err).__name__}: {err}"
+            variant_ms[name] = variant_rel_err[name] = math.nan
+            torch.cuda.synchronize()
+    best = min((n for n in variant_ms if not math.isnan(variant_ms[n])), key=variant_ms.get)
     hydragen_ms = time_graphs([x.hydragen for x in inputs], reps=reps)
     check_sdpa_backend(inputs[0].sdpa)
     sdpa_ms = time_graphs([inputs[0].sdpa], reps=reps)  # per-sequence KV is far beyond L2 already
@@ -247,7 +254,8 @@ def bench_decode(shape, bandwidth, reps, device_name):
     return {"bench": "decode_attention", "device": device_name, "commit": commit(), "B": batch, "P": prefix,
             "S": suffix, "q_heads": Q_HEADS, "kv_heads": KV_HEADS, "head_dim": HEAD_DIM, "dtype": "bfloat16",
             "page": PAGE, "input_sets": sets, "ours_ms": ours_ms, "variant_ms": variant_ms,
-            "variant_rel_err_vs_hydragen": variant_rel_err, "variant_env": DECODE_VARIANTS, "best_variant": best,
+            "variant_rel_err_vs_hydragen": variant_rel_err, "variant_errors": errors, "variant_env": DECODE_VARIANTS,
+            "best_variant": best,
             "best_ms": variant_ms[best], "best_over_floor": variant_ms[best] / floor_ms, "sdpa_ms": sdpa_ms,
             "hydragen_ms": hydragen_ms, "floor_ms": floor_ms, "sdpa_backend": SDPA_BACKEND["name"],
             "ours_over_floor": ours_ms / floor_ms, "hydragen_over_ours": hydragen_ms / ours_ms,
@@ -257,11 +265,13 @@ def bench_decode(shape, bandwidth, reps, device_name):
 def variant_summary(decode_rows: list) -> dict:
     """Each variant's geometric mean of time / ours over the decode shapes: the default to pick."""
     names = list(decode_rows[0]["variant_ms"])
+    # A variant that failed on any shape (NaN) gets NaN, and is never the fastest.
     geomean = {n: math.exp(sum(math.log(r["variant_ms"][n] / r["ours_ms"]) for r in decode_rows) / len(decode_rows))
                for n in names}
+    valid = [n for n in names if not math.isnan(geomean[n])]
     return {"bench": "decode_attention_summary", "device": decode_rows[0]["device"], "commit": decode_rows[0]["commit"],
             "shapes": [[r["B"], r["P"], r["S"]] for r in decode_rows], "geomean_vs_ours": geomean,
-            "fastest": min(geomean, key=geomean.get), "variant_env": DECODE_VARIANTS}
+            "fastest": min(valid, key=geomean.get), "variant_env": DECODE_VARIANTS}
 
 
 def bench_prefill(shape, reps, device_name):
@@ -366,6 +376,8 @@ def main() -> int:
               f"{r['best_over_floor']:>10.2f} {r['hydragen_over_best']:>10.2f} "
               f"{max(r['variant_rel_err_vs_hydragen'].values()):>11.1e}   best {r['best_variant']} "
               f"({time.time() - t0:.0f} s)", flush=True)
+        for name, error in r["variant_errors"].items():
+            print(f"      variant {name} FAILED: {error}", flush=True)
     decode_rows = [r for r in rows if r["bench"] == "decode_attention"]
     if decode_rows:
         summary = variant_summary(decode_rows)

@@ -24,6 +24,7 @@ foreach(cuda_source ${BATCHLLM_CUDA_KERNEL_SOURCES})
 endforeach()
 add_library(batchllm_cuda_emulated STATIC ${BATCHLLM_EMULATED_SOURCES} ${BATCHLLM_EMULATION_DIR}/cuda_emulation.cpp
             ${BATCHLLM_EMULATION_DIR}/fiber.cpp ${BATCHLLM_EMULATION_DIR}/warp_instructions.cpp
+            ${BATCHLLM_EMULATION_DIR}/streams.cpp
             ${BATCHLLM_CPU_KERNEL_SOURCES})
 # The stand-in CUDA headers come first: this target never sees the toolkit's.
 target_include_directories(batchllm_cuda_emulated BEFORE PUBLIC ${BATCHLLM_EMULATION_DIR}/include

@@ -47,16 +47,16 @@ def synchronize():
 TILE_KERNELS = ["wmma", "mma", "mma128"]
 # Cascade decode variants, "<suffix level>+<prefix tiles>": the suffix on decode_rows (default), on
 # the old tile kernel (BATCHLLM_CASCADE_SUFFIX=tile), decode_rows and the prefix tiles in one fused
-# launch (BATCHLLM_CASCADE_LAUNCH=fused), or decode_rows merging the prefix states in its epilogue
-# (BATCHLLM_CASCADE_LAUNCH=merge).
+# launch (BATCHLLM_CASCADE_LAUNCH=fused), decode_rows merging the prefix states in its epilogue
+# (=merge), or decode_rows on a side stream beside the prefix tiles (=streams).
 CASCADE_KERNELS = ["decode+wmma", "tile+wmma", "decode+mma", "decode+mma128", "fused+wmma", "fused+mma",
-                   "merge+wmma", "merge+mma128"]
+                   "merge+wmma", "merge+mma128", "streams+wmma"]
 
 
 def use_cascade_kernels(kernels: str, monkeypatch) -> None:
     suffix, tiles = kernels.split("+")
     monkeypatch.setenv("BATCHLLM_CASCADE_SUFFIX", "tile" if suffix == "tile" else "decode")
-    monkeypatch.setenv("BATCHLLM_CASCADE_LAUNCH", suffix if suffix in ("fused", "merge") else "separate")
+    monkeypatch.setenv("BATCHLLM_CASCADE_LAUNCH", suffix if suffix in ("fused", "merge", "streams") else "separate")
     monkeypatch.setenv("BATCHLLM_ATTENTION_TILES", tiles)
 
 
@@ -150,7 +150,7 @@ def test_cascade_cuda_many_readers_one_long_prefix(dtype, tiles, monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("kernels", ["decode+wmma", "decode+mma128", "fused+mma", "merge+mma"])
+@pytest.mark.parametrize("kernels", ["decode+wmma", "decode+mma128", "fused+mma", "merge+mma", "streams+mma"])
 def test_cascade_cuda_split_kv_with_unequal_prefixes(dtype, kernels, monkeypatch):
     use_cascade_kernels(kernels, monkeypatch)
     # Few row tiles -> the prefix keys are split into chunks; the 90-token prefix has empty chunks
@@ -167,7 +167,7 @@ def test_cascade_cuda_split_kv_with_unequal_prefixes(dtype, kernels, monkeypatch
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("kernels", ["decode+wmma", "decode+mma128", "fused+mma", "merge+mma"])
+@pytest.mark.parametrize("kernels", ["decode+wmma", "decode+mma128", "fused+mma", "merge+mma", "streams+mma"])
 def test_cascade_cuda_few_rows_long_suffixes(dtype, kernels, monkeypatch):
     use_cascade_kernels(kernels, monkeypatch)
     # 3 rows x 2 KV heads leave the SMs idle: each row's suffix keys are split too, which needs more

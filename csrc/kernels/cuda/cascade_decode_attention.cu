@@ -1,6 +1,7 @@
 // CUDA cascade_decode_attention: decode attention by shared-prefix levels (Hydragen / FlashInfer
 // cascade). Three steps on one stream (BATCHLLM_CASCADE_LAUNCH=fused: steps 1 and 2 in one launch;
-// =merge: step 2, then step 1 with step 3 as its epilogue; cascade_launch() below):
+// =merge: step 2, then step 1 with step 3 as its epilogue; =streams: step 1 on a side stream beside
+// step 2; cascade_launch() below):
 //   1. suffix: each decode row's GQA heads over its own suffix blocks -> suffix state, by the CUDA-core
 //      decode kernel (decode_rows.cuh; BATCHLLM_CASCADE_SUFFIX=tile selects the tensor-core tile
 //      kernel instead, for A/B measurements);
@@ -276,13 +277,50 @@ bool suffix_by_tiles() { return cuda::env_equals("BATCHLLM_CASCADE_SUFFIX", "til
 ///   fused: suffix and prefix tiles in one launch (cascade_fused_kernel), then combine;
 ///   merge: prefix tiles, then the suffix with decode_rows' merge epilogue, which writes the output:
 ///          no suffix state round trip through memory, no combine launch (one suffix key split only;
-///          with more, separate).
-enum class CascadeLaunch { kSeparate, kFused, kMerge };
+///          with more, separate);
+///   streams: as separate, with the suffix on a side stream forked from and joined back to the
+///          caller's, so suffix and prefix CTAs share the SMs each with its own kernel's resources
+///          (the fused launch's overlap without its occupancy price).
+enum class CascadeLaunch { kSeparate, kFused, kMerge, kStreams };
 
 CascadeLaunch cascade_launch() {
   if (cuda::env_equals("BATCHLLM_CASCADE_LAUNCH", "fused")) return CascadeLaunch::kFused;
   if (cuda::env_equals("BATCHLLM_CASCADE_LAUNCH", "merge")) return CascadeLaunch::kMerge;
+  if (cuda::env_equals("BATCHLLM_CASCADE_LAUNCH", "streams")) return CascadeLaunch::kStreams;
   return CascadeLaunch::kSeparate;
+}
+
+/// The side stream of the streams launch and its fork / join events, one set per device, made at the
+/// first use outside a graph capture (making them while the caller's stream is being captured could
+/// be refused: such a call runs serially instead). One host thread launches per device (the engine's
+/// step loop), so the two events are never in use by two calls at once.
+struct SideStream {
+  cudaStream_t stream = nullptr;
+  cudaEvent_t fork = nullptr, join = nullptr;
+  bool ready = false;
+};
+
+const SideStream* side_stream(cudaStream_t caller) {
+  constexpr int kMaxDevices = 64;
+  static SideStream streams[kMaxDevices];
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess || device < 0 || device >= kMaxDevices) return nullptr;
+  SideStream& side = streams[device];
+  if (!side.ready) {
+    cudaStreamCaptureStatus capturing = cudaStreamCaptureStatusNone;
+    if (cudaStreamIsCapturing(caller, &capturing) != cudaSuccess || capturing != cudaStreamCaptureStatusNone) {
+      cudaGetLastError();
+      return nullptr;
+    }
+    side.ready = cudaStreamCreateWithFlags(&side.stream, cudaStreamNonBlocking) == cudaSuccess &&
+                 cudaEventCreateWithFlags(&side.fork, cudaEventDisableTiming) == cudaSuccess &&
+                 cudaEventCreateWithFlags(&side.join, cudaEventDisableTiming) == cudaSuccess;
+    if (!side.ready) {
+      cudaGetLastError();
+      return nullptr;
+    }
+  }
+  return &side;
 }
 
 }  // namespace
@@ -311,6 +349,7 @@ cudaError_t cascade_decode_attention_cuda(const CascadeDecodeParams& p, cudaStre
   // The fused grid shares one block size: 4-warp prefix tiles only.
   const bool fused = !tiles && launch_mode == CascadeLaunch::kFused && kernel != cuda::TileKernel::kMma128;
   const bool merge = !tiles && launch_mode == CascadeLaunch::kMerge && plan.suffix_splits == 1;
+  const SideStream* side = !tiles && launch_mode == CascadeLaunch::kStreams ? side_stream(stream) : nullptr;
   const int group = plan.group;
   float* ws = p.workspace;
   const dim3 prefix_grid(plan.prefix_row_tiles * plan.splits, static_cast<unsigned>(p.levels.num_prefixes),
@@ -353,12 +392,21 @@ cudaError_t cascade_decode_attention_cuda(const CascadeDecodeParams& p, cudaStre
                                                           group};
           BATCHLLM_CUDA_RETURN_IF_ERROR((cuda::launch_attention_tiles<scalar_t, kHeadDim>(
               tile_suffix, suffix_grid, p.k_cache, p.v_cache, p.scale, stream)));
+        } else if (side != nullptr) {  // fork: the suffix on the side stream, after the caller's work so far
+          BATCHLLM_CUDA_RETURN_IF_ERROR(cudaEventRecord(side->fork, stream));
+          BATCHLLM_CUDA_RETURN_IF_ERROR(cudaStreamWaitEvent(side->stream, side->fork, 0));
+          BATCHLLM_CUDA_RETURN_IF_ERROR((cuda::launch_decode_rows<scalar_t, kHeadDim>(
+              suffix, num_rows, num_kv_heads, plan.suffix_splits, side->stream)));
         } else {
           BATCHLLM_CUDA_RETURN_IF_ERROR((cuda::launch_decode_rows<scalar_t, kHeadDim>(
               suffix, num_rows, num_kv_heads, plan.suffix_splits, stream)));
         }
         BATCHLLM_CUDA_RETURN_IF_ERROR((cuda::launch_tiles<scalar_t, kHeadDim>(kernel, prefix, prefix_grid, p.k_cache,
                                                                               p.v_cache, p.scale, stream)));
+        if (side != nullptr) {  // join: the combine below waits for the suffix
+          BATCHLLM_CUDA_RETURN_IF_ERROR(cudaEventRecord(side->join, side->stream));
+          BATCHLLM_CUDA_RETURN_IF_ERROR(cudaStreamWaitEvent(stream, side->join, 0));
+        }
       }
       BATCHLLM_LAUNCH(static_cast<unsigned>(num_rows), 128, 0, stream, cuda::combine_levels_kernel<scalar_t>)(
           p.o, p.lse, p.levels, prefix_states, plan.suffix_splits, ws + plan.suffix_o, ws + plan.suffix_lse);

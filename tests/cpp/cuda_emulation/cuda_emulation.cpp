@@ -288,9 +288,15 @@ cudaError_t cudaMemset(void* ptr, int value, size_t bytes) {
   return cudaSuccess;
 }
 
-cudaError_t cudaDeviceSynchronize() { return emu().sticky_error; }
+cudaError_t cudaDeviceSynchronize() {
+  batchllm_emulation::flush_streams();
+  return emu().sticky_error;
+}
 
-cudaError_t cudaStreamSynchronize(cudaStream_t) { return emu().sticky_error; }
+cudaError_t cudaStreamSynchronize(cudaStream_t) {
+  batchllm_emulation::flush_streams();  // more than the one stream: harmless, nothing waits less
+  return emu().sticky_error;
+}
 
 cudaError_t cudaGetDevice(int* device) {
   *device = 0;

@@ -25,6 +25,7 @@
 #include <cstdint>
 #include <cstring>
 #include <functional>
+#include <memory>
 #include <tuple>
 #include <type_traits>
 #include <utility>
@@ -89,6 +90,11 @@ enum cudaError_t {
 typedef cudaError_t cudaError;
 struct CUstream_st;
 typedef CUstream_st* cudaStream_t;
+struct CUevent_st;
+typedef CUevent_st* cudaEvent_t;
+constexpr unsigned cudaStreamNonBlocking = 1;
+constexpr unsigned cudaEventDisableTiming = 2;
+enum cudaStreamCaptureStatus { cudaStreamCaptureStatusNone = 0, cudaStreamCaptureStatusActive = 1 };
 enum cudaMemcpyKind {
   cudaMemcpyHostToHost = 0,
   cudaMemcpyHostToDevice = 1,
@@ -112,6 +118,17 @@ cudaError_t cudaGetDevice(int* device);
 cudaError_t cudaSetDevice(int device);
 cudaError_t cudaGetDeviceCount(int* count);
 cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int device);
+// Streams (streams.cpp). Work on the default stream and on streams this API did not create (a torch
+// stream handle) runs at once; work on a created stream is queued and runs only when another stream
+// waits on an event recorded after it, or at a synchronize: so a launcher that forgets to join a side
+// stream reads results that are not there yet, as it could on a device.
+cudaError_t cudaStreamCreateWithFlags(cudaStream_t* stream, unsigned flags);
+cudaError_t cudaStreamDestroy(cudaStream_t stream);
+cudaError_t cudaStreamIsCapturing(cudaStream_t stream, cudaStreamCaptureStatus* status);
+cudaError_t cudaEventCreateWithFlags(cudaEvent_t* event, unsigned flags);
+cudaError_t cudaEventDestroy(cudaEvent_t event);
+cudaError_t cudaEventRecord(cudaEvent_t event, cudaStream_t stream = nullptr);
+cudaError_t cudaStreamWaitEvent(cudaStream_t stream, cudaEvent_t event, unsigned flags = 0);
 
 namespace batchllm_emulation {
 
@@ -149,22 +166,31 @@ void cp_async_16(void* smem_dst, const void* global_src, bool valid);
 void cp_async_commit();
 void cp_async_wait(int pending_groups_allowed);
 
+/// Queues `work` when `stream` is one that cudaStreamCreateWithFlags made (streams.cpp); false: run it now.
+bool defer_to_stream(cudaStream_t stream, std::function<void()> work);
+/// Runs every queued launch of every created stream (a device synchronize).
+void flush_streams();
+
 template <typename... P>
 struct Launch {
   void (*kernel)(P...);
   dim3 grid, block;
   size_t smem;
+  cudaStream_t stream;
 
   template <typename... A>
   void operator()(A&&... args) const {
-    std::tuple<std::decay_t<P>...> params(std::forward<A>(args)...);
-    run_kernel(reinterpret_cast<const void*>(kernel), grid, block, smem, [&] { std::apply(kernel, params); });
+    auto params = std::make_shared<std::tuple<std::decay_t<P>...>>(std::forward<A>(args)...);
+    auto run = [kernel = kernel, grid = grid, block = block, smem = smem, params] {
+      run_kernel(reinterpret_cast<const void*>(kernel), grid, block, smem, [&] { std::apply(kernel, *params); });
+    };
+    if (!defer_to_stream(stream, run)) run();
   }
 };
 
 template <typename... P>
-Launch<P...> launch(void (*kernel)(P...), dim3 grid, dim3 block, size_t smem, cudaStream_t /*stream*/) {
-  return {kernel, grid, block, smem};
+Launch<P...> launch(void (*kernel)(P...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream) {
+  return {kernel, grid, block, smem, stream};
 }
 
 }  // namespace batchllm_emulation

@@ -30,6 +30,33 @@ TEST(CudaEmulation, WarpShuffleReducesWithinEachWarp) {
   for (int i = 32; i < 64; ++i) EXPECT_EQ(out[i], 496.0f + 1024);  // 32 + ... + 63
 }
 
+__global__ void fill_kernel(float* out, float value) { out[threadIdx.x] = value; }
+
+TEST(CudaEmulation, SideStreamWorkRunsOnlyAtItsJoin) {
+  // A created stream's launches wait in its queue until another stream waits on an event recorded
+  // after them (or a synchronize): a launcher that forgets the join reads results not there yet.
+  cudaStream_t side = nullptr;
+  cudaEvent_t first = nullptr, second = nullptr;
+  ASSERT_EQ(cudaStreamCreateWithFlags(&side, cudaStreamNonBlocking), cudaSuccess);
+  ASSERT_EQ(cudaEventCreateWithFlags(&first, cudaEventDisableTiming), cudaSuccess);
+  ASSERT_EQ(cudaEventCreateWithFlags(&second, cudaEventDisableTiming), cudaSuccess);
+  std::vector<float> out(32, 0.0f);
+  BATCHLLM_LAUNCH(1, 32, 0, side, fill_kernel)(out.data(), 1.0f);
+  ASSERT_EQ(cudaEventRecord(first, side), cudaSuccess);
+  BATCHLLM_LAUNCH(1, 32, 0, side, fill_kernel)(out.data(), 2.0f);
+  ASSERT_EQ(cudaEventRecord(second, side), cudaSuccess);
+  EXPECT_EQ(out[0], 0.0f);  // nothing has waited yet
+  ASSERT_EQ(cudaStreamWaitEvent(nullptr, first, 0), cudaSuccess);
+  EXPECT_EQ(out[0], 1.0f);  // the work before `first`, not the work after it
+  BATCHLLM_LAUNCH(1, 32, 0, nullptr, fill_kernel)(out.data(), 3.0f);  // the default stream runs at once
+  EXPECT_EQ(out[31], 3.0f);
+  ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+  EXPECT_EQ(out[0], 2.0f);  // the rest at the synchronize
+  EXPECT_EQ(cudaEventDestroy(first), cudaSuccess);
+  EXPECT_EQ(cudaEventDestroy(second), cudaSuccess);
+  EXPECT_EQ(cudaStreamDestroy(side), cudaSuccess);
+}
+
 /// Thread t writes slot t, then (with or without a barrier) reads the slot of the thread 32 ahead.
 template <bool kBarrier>
 __global__ void neighbour_kernel(float* out) {

@@ -466,15 +466,16 @@ TEST_F(CudaSweep, CascadeDecodeAttention) {
             // the suffix level on decode_rows (default) or the tile kernel, or decode_rows and the
             // prefix tiles fused in one launch; the prefix tiles on WMMA (default) or mma.sync.
             const unsigned variant = (static_cast<unsigned>(index) * 2654435761u) >> 28;
-            // or decode_rows merging the prefix states itself (no combine launch). (mma128 with fused
-            // runs separate launches: the fused grid takes 4-warp tiles only; merge with suffix splits too.)
+            // or decode_rows merging the prefix states itself (no combine launch), or decode_rows on a
+            // side stream (the emulation runs it only at the join). (mma128 with fused runs separate
+            // launches: the fused grid takes 4-warp tiles only; merge with suffix splits too.)
             const char* suffix_names[] = {"suffix tiles", "suffix decode_rows", "suffix decode_rows fused",
-                                          "suffix decode_rows merging"};
+                                          "suffix decode_rows merging", "suffix decode_rows on a side stream"};
+            const char* launches[] = {nullptr, nullptr, "fused", "merge", "streams"};
             const char* tile_names[] = {"wmma", "mma", "mma128"};
-            const unsigned suffix = variant % 4, tiles = variant / 4 % 3;
+            const unsigned suffix = variant % 5, tiles = variant / 5 % 3;
             if (suffix == 0) setenv("BATCHLLM_CASCADE_SUFFIX", "tile", 1);
-            if (suffix == 2) setenv("BATCHLLM_CASCADE_LAUNCH", "fused", 1);
-            if (suffix == 3) setenv("BATCHLLM_CASCADE_LAUNCH", "merge", 1);
+            if (launches[suffix] != nullptr) setenv("BATCHLLM_CASCADE_LAUNCH", launches[suffix], 1);
             setenv("BATCHLLM_ATTENTION_TILES", tile_names[tiles], 1);
             SCOPED_TRACE(std::string(suffix_names[suffix]) + ", prefix " + tile_names[tiles]);
             const cudaError_t launched = bk::cascade_decode_attention_cuda(d, nullptr);
