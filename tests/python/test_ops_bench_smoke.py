@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -48,6 +49,17 @@ def test_bench_attention_decode_variants_on_emulated_kernels(monkeypatch, tmp_pa
     monkeypatch.setattr(bench, "num_input_sets", lambda n: 1)
     monkeypatch.setattr(bench, "copy_bandwidth_bytes_per_s", lambda: 3e12)
     monkeypatch.setattr(bench, "DECODE_SHAPES", [(3, 40, 20), (70, 16, 5)])
+    # A variant that fails (as one might on its first GPU) is reported; the others still run.
+    monkeypatch.setattr(bench, "DECODE_VARIANTS", {**bench.DECODE_VARIANTS, "broken": {"BATCHLLM_TEST_BROKEN": "1"}})
+    time_with_env = bench.time_with_env
+
+    def failing_time_with_env(settings, fns, reps):
+        if "BATCHLLM_TEST_BROKEN" in settings:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        return time_with_env(settings, fns, reps)
+
+    monkeypatch.setattr(bench, "time_with_env", failing_time_with_env)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda i=0: "emulated")
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
@@ -60,8 +72,11 @@ def test_bench_attention_decode_variants_on_emulated_kernels(monkeypatch, tmp_pa
     assert summary["bench"] == "decode_attention_summary" and summary["fastest"] in summary["geomean_vs_ours"]
     assert summary["geomean_vs_ours"]["ours"] == 1.0
     assert [(r["B"], r["P"], r["S"]) for r in rows] == [(3, 40, 20), (70, 16, 5)]
+    assert summary["fastest"] != "broken" and math.isnan(summary["geomean_vs_ours"]["broken"])
     for r in rows:
         assert set(r["variant_ms"]) == {"ours", *bench.DECODE_VARIANTS}
-        worst = max(r["variant_rel_err_vs_hydragen"].items(), key=lambda kv: kv[1])
+        assert list(r["variant_errors"]) == ["broken"] and "illegal memory access" in r["variant_errors"]["broken"]
+        worst = max(((n, e) for n, e in r["variant_rel_err_vs_hydragen"].items() if n != "broken"), key=lambda kv: kv[1])
         assert worst[1] < 1e-2, worst
-    assert "best ours" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "best ours" in out and "variant broken FAILED" in out
