@@ -238,7 +238,12 @@ cudaError_t launch_cascade_fused(const PrefixProblem<T>& prefix, dim3 prefix_gri
   return last_launch_error();
 }
 
-/// One CTA per decode row: merge its suffix state (every key split) with every covering prefix's state.
+/// Elements (head x dim) of one decode row per combine CTA: a row's Hq x D elements are split over
+/// several CTAs, so that a batch of few rows still spreads its merges over the SMs.
+constexpr int kCombineElements = 512;
+
+/// grid (row, element chunk): merge the suffix state (every key split) of kCombineElements elements of
+/// the row with every covering prefix's state.
 template <typename T>
 __global__ void combine_levels_kernel(TensorView o, float* lse_out, DecodeLevelsView levels, PrefixStates prefix,
                                       int suffix_splits, const float* suffix_o, const float* suffix_lse) {
@@ -246,7 +251,8 @@ __global__ void combine_levels_kernel(TensorView o, float* lse_out, DecodeLevels
   const int row = blockIdx.x;
   const int64_t num_heads = o.shape[1], head_dim = o.shape[2];
   const int listed = list_covering_prefixes(levels, row, covering);
-  for (int64_t idx = threadIdx.x; idx < num_heads * head_dim; idx += blockDim.x) {
+  const int64_t end = min(num_heads * head_dim, static_cast<int64_t>(blockIdx.y + 1) * kCombineElements);
+  for (int64_t idx = blockIdx.y * kCombineElements + threadIdx.x; idx < end; idx += blockDim.x) {
     const int64_t head = idx / head_dim, d = idx % head_dim;
     const int64_t suffix_state = row * num_heads + head;
     float value = suffix_o[suffix_state * head_dim + d];
@@ -408,7 +414,9 @@ cudaError_t cascade_decode_attention_cuda(const CascadeDecodeParams& p, cudaStre
           BATCHLLM_CUDA_RETURN_IF_ERROR(cudaStreamWaitEvent(stream, side->join, 0));
         }
       }
-      BATCHLLM_LAUNCH(static_cast<unsigned>(num_rows), 128, 0, stream, cuda::combine_levels_kernel<scalar_t>)(
+      const dim3 combine_grid(static_cast<unsigned>(num_rows), static_cast<unsigned>(
+          (num_heads * head_dim + cuda::kCombineElements - 1) / cuda::kCombineElements));
+      BATCHLLM_LAUNCH(combine_grid, 128, 0, stream, cuda::combine_levels_kernel<scalar_t>)(
           p.o, p.lse, p.levels, prefix_states, plan.suffix_splits, ws + plan.suffix_o, ws + plan.suffix_lse);
       return cuda::last_launch_error();
     });
