@@ -79,14 +79,16 @@ def test_store_kv_cuda(dtype, head_dim):
     assert torch.equal(k_cache, expected_k) and torch.equal(v_cache, expected_v)
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
+def default_and_bf16_variants(variants: list) -> list:
+    """(dtype, variant) pairs: the default kernels (first) in both dtypes, the A/B variants in bf16."""
+    return [(dtype, v) for v in variants for dtype in DTYPES if v == variants[0] or dtype == torch.bfloat16]
+
+
 @pytest.mark.parametrize("heads", HEADS)
 @pytest.mark.parametrize("head_dim", HEAD_DIMS)
 @pytest.mark.parametrize("seqs_name", list(PREFILL_SEQS))
-@pytest.mark.parametrize("tiles", TILE_KERNELS)
+@pytest.mark.parametrize("dtype,tiles", default_and_bf16_variants(TILE_KERNELS))
 def test_prefill_attention_cuda(dtype, heads, head_dim, seqs_name, tiles, monkeypatch):
-    if tiles != "wmma" and dtype != torch.bfloat16:
-        pytest.skip("the A/B tile kernel is swept in bf16 only")
     monkeypatch.setenv("BATCHLLM_ATTENTION_TILES", tiles)
     num_q_heads, num_kv_heads = heads
     seqs = PREFILL_SEQS[seqs_name]
@@ -115,15 +117,12 @@ def test_prefill_attention_cuda_long_chunk_over_cache(dtype, tiles, monkeypatch)
     assert rel_err(out, prefill_reference(kv, case, seqs, 1.0 / math.sqrt(128))) < TOLERANCE[dtype]
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("heads", HEADS)
 @pytest.mark.parametrize("head_dim", HEAD_DIMS)
 @pytest.mark.parametrize("name", list(CASCADE_SHAPES))
-@pytest.mark.parametrize("kernels", CASCADE_KERNELS)
+@pytest.mark.parametrize("dtype,kernels", default_and_bf16_variants(CASCADE_KERNELS))
 def test_cascade_decode_attention_cuda(dtype, heads, head_dim, name, kernels, monkeypatch):
     from test_ops import run_cascade_case
-    if kernels != "decode+wmma" and dtype != torch.bfloat16:
-        pytest.skip("the A/B kernel variants are swept in bf16 only")
     use_cascade_kernels(kernels, monkeypatch)
     o, lse, ref_o, ref_lse = run_cascade_case(name, dtype, heads, head_dim, device=DEVICE, check_indices=True)
     synchronize()
