@@ -274,15 +274,15 @@ def variant_summary(decode_rows: list) -> dict:
             "fastest": min(valid, key=geomean.get), "variant_env": DECODE_VARIANTS}
 
 
-def bench_prefill(shape, reps, device_name):
+def bench_prefill(shape, reps, device_name, device="cuda"):
     from batchllm_core import ops
     seqs, tokens = shape
-    gen = torch.Generator(device="cuda").manual_seed(7)
+    gen = torch.Generator(device=device).manual_seed(7)
     blocks = seqs * math.ceil(tokens / PAGE)
-    k_cache = torch.randn((blocks, PAGE, KV_HEADS, HEAD_DIM), generator=gen, device="cuda", dtype=DTYPE)
+    k_cache = torch.randn((blocks, PAGE, KV_HEADS, HEAD_DIM), generator=gen, device=device, dtype=DTYPE)
     v_cache = torch.randn_like(k_cache)
-    q = torch.randn((seqs * tokens, Q_HEADS, HEAD_DIM), generator=gen, device="cuda", dtype=DTYPE)
-    i32 = dict(dtype=torch.int32, device="cuda")
+    q = torch.randn((seqs * tokens, Q_HEADS, HEAD_DIM), generator=gen, device=device, dtype=DTYPE)
+    i32 = dict(dtype=torch.int32, device=device)
     tables = torch.arange(blocks, **i32).view(seqs, -1)
     query_start = torch.arange(seqs + 1, **i32) * tokens
     context_lens = torch.full((seqs,), tokens, **i32)
@@ -304,20 +304,27 @@ def bench_prefill(shape, reps, device_name):
     reference = sdpa().transpose(1, 2).reshape(seqs * tokens, Q_HEADS, HEAD_DIM).float()
     rel_err = float((out.float() - reference).norm() / reference.norm())
     ours_ms = time_graphs([ours], reps=reps)
-    mma_ms = time_with_env({"BATCHLLM_ATTENTION_TILES": "mma"}, [ours], reps)
-    with kernel_env({"BATCHLLM_ATTENTION_TILES": "mma"}):
-        ours()
-        mma_rel_err = float((out.float() - reference).norm() / reference.norm())
-    mma128_ms = time_with_env({"BATCHLLM_ATTENTION_TILES": "mma128"}, [ours], reps)
-    with kernel_env({"BATCHLLM_ATTENTION_TILES": "mma128"}):
-        ours()
-        mma128_rel_err = float((out.float() - reference).norm() / reference.norm())
+
+    def variant(tiles: str):
+        """(ms, rel err) of the prefill on another tile kernel; NaNs and the error if it fails."""
+        try:
+            ms = time_with_env({"BATCHLLM_ATTENTION_TILES": tiles}, [ours], reps)
+            with kernel_env({"BATCHLLM_ATTENTION_TILES": tiles}):
+                ours()
+                return ms, float((out.float() - reference).norm() / reference.norm()), None
+        except Exception as err:  # noqa: BLE001 (a variant failing on its first GPU is reported)
+            torch.cuda.synchronize()
+            return math.nan, math.nan, f"{type(err).__name__}: {err}"
+
+    mma_ms, mma_rel_err, mma_error = variant("mma")
+    mma128_ms, mma128_rel_err, mma128_error = variant("mma128")
+    errors = {name: e for name, e in (("mma", mma_error), ("mma128", mma128_error)) if e is not None}
     sdpa_ms = time_graphs([sdpa], reps=reps)
     flops = seqs * 4 * (tokens * (tokens + 1) / 2) * Q_HEADS * HEAD_DIM
     return {"bench": "prefill_attention", "device": device_name, "commit": commit(), "seqs": seqs, "tokens": tokens,
             "q_heads": Q_HEADS, "kv_heads": KV_HEADS, "head_dim": HEAD_DIM, "dtype": "bfloat16", "ours_ms": ours_ms,
             "ours_mma_ms": mma_ms, "rel_err_mma_vs_sdpa": mma_rel_err, "ours_mma128_ms": mma128_ms,
-            "rel_err_mma128_vs_sdpa": mma128_rel_err, "sdpa_ms": sdpa_ms, "sdpa_backend": SDPA_BACKEND["name"], "ours_over_sdpa": ours_ms / sdpa_ms, "ours_tflops": flops / (ours_ms * 1e-3) / 1e12,
+            "rel_err_mma128_vs_sdpa": mma128_rel_err, "variant_errors": errors, "sdpa_ms": sdpa_ms, "sdpa_backend": SDPA_BACKEND["name"], "ours_over_sdpa": ours_ms / sdpa_ms, "ours_tflops": flops / (ours_ms * 1e-3) / 1e12,
             "sdpa_tflops": flops / (sdpa_ms * 1e-3) / 1e12, "rel_err_vs_sdpa": rel_err}
 
 
@@ -395,6 +402,8 @@ def main() -> int:
                   f"{r['sdpa_ms']:>8.3f} | "
                   f"{r['ours_over_sdpa']:>9.2f} {r['ours_tflops']:>9.1f} {r['sdpa_tflops']:>9.1f} "
                   f"{r['rel_err_vs_sdpa']:>8.1e}", flush=True)
+            for name, error in r["variant_errors"].items():
+                print(f"      variant {name} FAILED: {error}", flush=True)
     for r in rows:
         print("JSON " + json.dumps(r))
     return 0

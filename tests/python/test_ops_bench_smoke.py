@@ -2,6 +2,7 @@
 per-sequence SDPA) must compute the same attention as our op on CPU, so the GPU run times equal work."""
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import math
@@ -80,3 +81,17 @@ def test_bench_attention_decode_variants_on_emulated_kernels(monkeypatch, tmp_pa
         assert worst[1] < 1e-2, worst
     out = capsys.readouterr().out
     assert "best ours" in out and "variant broken FAILED" in out
+
+
+@pytest.mark.skipif(cuda_emulation.module() is None, reason="no CUDA emulation module in this build")
+def test_bench_attention_prefill_row_on_emulated_kernels(monkeypatch):
+    # The prefill row (WMMA, mma and mma128 tiles against SDPA) on the emulated kernels, timing faked.
+    bench = _load_bench()
+    cuda_emulation.activate(monkeypatch)
+    monkeypatch.setattr(bench, "time_graphs", lambda fns, reps=1: (fns[0](), 1.0)[1])
+    monkeypatch.setattr(bench, "check_sdpa_backend", lambda fn: None)
+    monkeypatch.setattr(bench, "sdpa_backend", contextlib.nullcontext)
+    row = bench.bench_prefill((2, 40), 1, "emulated", device="cpu")
+    assert row["variant_errors"] == {}
+    for key in ("rel_err_vs_sdpa", "rel_err_mma_vs_sdpa", "rel_err_mma128_vs_sdpa"):
+        assert row[key] < 1e-2, (key, row[key])
