@@ -178,6 +178,10 @@ struct Launch {
   size_t smem;
   cudaStream_t stream;
 
+  // The parameter space every architecture takes (Hopper with CUDA 12.1+ takes 32 KB; 4 KB is the rule
+  // that keeps a kernel portable). A kernel over it fails to compile here as it would for sm_80.
+  static_assert((sizeof(std::decay_t<P>) + ... + 0) <= 4096, "kernel parameters over 4 KB");
+
   template <typename... A>
   void operator()(A&&... args) const {
     auto params = std::make_shared<std::tuple<std::decay_t<P>...>>(std::forward<A>(args)...);
