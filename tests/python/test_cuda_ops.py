@@ -148,6 +148,15 @@ def test_cascade_cuda_many_readers_one_long_prefix(dtype, tiles, monkeypatch):
     assert rel_err(o, ref_o) < TOLERANCE[dtype]
 
 
+def assert_cascade_matches_reference(kv, case, levels, dtype):
+    """The case's cascade decode (head dim 128) through ops with `levels`, against float64."""
+    o, lse = ops.cascade_decode_attention(case.q, kv.k, kv.v, levels, return_lse=True,
+                                          out=poisoned(case.q.shape, dtype, DEVICE), check_indices=True)
+    ref_o, ref_lse = cascade_reference(kv, case, 1.0 / math.sqrt(128))
+    assert rel_err(o, ref_o) < TOLERANCE[dtype]
+    assert torch.allclose(lse.double().cpu(), ref_lse, atol=2e-3, rtol=1e-3)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("kernels", ["decode+wmma", "decode+mma128", "fused+mma", "merge+mma", "streams+mma"])
 def test_cascade_cuda_split_kv_with_unequal_prefixes(dtype, kernels, monkeypatch):
@@ -158,11 +167,7 @@ def test_cascade_cuda_split_kv_with_unequal_prefixes(dtype, kernels, monkeypatch
     rows = 64
     case = make_cascade_case(kv, rows, [2], [lambda i: 1000 if i == 0 else 90], [(5 * r) % 33 for r in range(rows)],
                              32, 128, dtype, device=DEVICE)
-    o, lse = ops.cascade_decode_attention(case.q, kv.k, kv.v, case.levels, return_lse=True,
-                                          out=poisoned(case.q.shape, dtype, DEVICE), check_indices=True)
-    ref_o, ref_lse = cascade_reference(kv, case, 1.0 / math.sqrt(128))
-    assert rel_err(o, ref_o) < TOLERANCE[dtype]
-    assert torch.allclose(lse.double().cpu(), ref_lse, atol=2e-3, rtol=1e-3)
+    assert_cascade_matches_reference(kv, case, case.levels, dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -173,11 +178,7 @@ def test_cascade_cuda_few_rows_long_suffixes(dtype, kernels, monkeypatch):
     # workspace (ops.py sizes it from the suffix hint; a short size would be refused by the binding).
     kv = PagedKV(120, 16, 2, 128, dtype, device=DEVICE)
     case = make_cascade_case(kv, 3, [1], [lambda i: 40], [900, 300, 0], 8, 128, dtype, device=DEVICE)
-    o, lse = ops.cascade_decode_attention(case.q, kv.k, kv.v, case.levels, return_lse=True,
-                                          out=poisoned(case.q.shape, dtype, DEVICE), check_indices=True)
-    ref_o, ref_lse = cascade_reference(kv, case, 1.0 / math.sqrt(128))
-    assert rel_err(o, ref_o) < TOLERANCE[dtype]
-    assert torch.allclose(lse.double().cpu(), ref_lse, atol=2e-3, rtol=1e-3)
+    assert_cascade_matches_reference(kv, case, case.levels, dtype)
 
 
 @pytest.mark.parametrize("kernels", CASCADE_KERNELS)
@@ -190,11 +191,7 @@ def test_cascade_cuda_size_hints_above_the_sizes(kernels, monkeypatch):
     case = make_cascade_case(kv, 3, [1], [lambda i: 40], [300, 100, 0], 8, 128, dtype, device=DEVICE)
     levels = dataclasses.replace(case.levels.with_hints(), max_prefix_kv_len=4096, max_prefix_rows=64,
                                  max_suffix_kv_len=2048)
-    o, lse = ops.cascade_decode_attention(case.q, kv.k, kv.v, levels, return_lse=True,
-                                          out=poisoned(case.q.shape, dtype, DEVICE), check_indices=True)
-    ref_o, ref_lse = cascade_reference(kv, case, 1.0 / math.sqrt(128))
-    assert rel_err(o, ref_o) < TOLERANCE[dtype]
-    assert torch.allclose(lse.double().cpu(), ref_lse, atol=2e-3, rtol=1e-3)
+    assert_cascade_matches_reference(kv, case, levels, dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
