@@ -226,6 +226,7 @@ class DecodeGraphs:
                               views["prefix_q_range"], views["suffix_block_tables"], views["suffix_kv_lens"],
                               max_prefix_kv_len=key.prefix_keys, max_prefix_rows=key.prefix_rows,
                               max_suffix_kv_len=key.suffix_width * self.runner.block_size)
+        levels = self.runner.attach_workspace(levels)  # one per step; inside a capture, one per graph
         set_context(AttentionContext(
             slot_mapping=views["slot_mapping"], num_decode_rows=key.rows, query_start=views["paged_query_start"],
             context_lens=views["paged_context_lens"], block_tables=views["paged_block_tables"], max_q_len=0,

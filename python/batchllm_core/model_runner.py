@@ -66,6 +66,12 @@ class ModelRunner:
             attention.k_cache, attention.v_cache = self.kv_cache[layer, 0], self.kv_cache[layer, 1]
         self._staging = _HostToDevice(self.device)
 
+    def attach_workspace(self, levels: Any) -> Any:
+        """``levels`` (ops.DecodeLevels) with one kernel workspace for every layer of the step,
+        sized once, here: no size query and no allocation per layer."""
+        return levels.with_workspace(self.config.num_heads, self.config.num_kv_heads, self.config.head_dim,
+                                     self.device)
+
     @staticmethod
     def unsupported_reason(config: ModelConfig, device: torch.device, dtype: torch.dtype) -> str | None:
         """Why the attention kernels cannot run this model on ``device`` in ``dtype``, or None.
@@ -162,7 +168,7 @@ class ModelRunner:
             slot_mapping=dev["slot_mapping"], num_decode_rows=num_decode,
             query_start=dev["paged_query_start"], context_lens=dev["paged_context_lens"],
             block_tables=dev["paged_block_tables"], max_q_len=host["paged_max_q_len"],
-            decode_levels=_decode_levels(dev, levels_host) if levels_host else None)
+            decode_levels=self.attach_workspace(_decode_levels(dev, levels_host)) if levels_host else None)
         set_context(context)
         try:
             hidden = self.model(dev["input_ids"], dev["positions"])

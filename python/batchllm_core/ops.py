@@ -26,7 +26,8 @@ import torch
 
 from . import _C
 
-__all__ = ["DecodeLevels", "store_kv", "prefill_attention", "cascade_decode_attention", "merge_states"]
+__all__ = ["DecodeLevels", "store_kv", "prefill_attention", "cascade_decode_attention", "cascade_workspace_floats",
+           "merge_states"]
 
 
 # Tests only (tests/python/cuda_emulation.py): CPU tensors go to the CUDA path of the bindings as
@@ -84,6 +85,11 @@ class DecodeLevels:
     max_prefix_kv_len, max_prefix_rows, max_suffix_kv_len : int, optional
         Host-side upper bounds that size the CUDA grid. Left None they are computed from the tensors
         (a synchronisation on CUDA); :meth:`with_hints` fills them once per step.
+    workspace : torch.Tensor, optional
+        float32 scratch of the CUDA kernels (split-KV and level states), at least
+        :func:`cascade_workspace_floats` long. Left None, every call allocates its own;
+        :meth:`with_workspace` makes one that every layer of a step shares (the layers run in
+        stream order, so one buffer serves them all: no allocation and no size query per layer).
 
     Examples
     --------
@@ -106,6 +112,7 @@ class DecodeLevels:
     max_prefix_kv_len: Optional[int] = None
     max_prefix_rows: Optional[int] = None
     max_suffix_kv_len: Optional[int] = None
+    workspace: Optional[torch.Tensor] = None
 
     @property
     def num_prefixes(self) -> int:
@@ -127,13 +134,37 @@ class DecodeLevels:
             else _max_or_zero(self.suffix_kv_lens),
         )
 
+    def with_workspace(self, num_q_heads: int, num_kv_heads: int, head_dim: int,
+                       device: torch.device | str) -> "DecodeLevels":
+        """A copy carrying a workspace for ``len(suffix_kv_lens)`` rows of ``num_q_heads`` x
+        ``head_dim`` queries over ``num_kv_heads`` KV heads on ``device`` (none on a CPU device:
+        the CPU kernels need none). Hints are computed first when missing."""
+        device = torch.device(device)
+        hinted = self.with_hints()
+        if device.type != "cuda" and not _emulated_cuda:
+            return hinted
+        floats = cascade_workspace_floats(int(self.suffix_kv_lens.shape[0]), num_q_heads, num_kv_heads,
+                                          head_dim, hinted, device)
+        return replace(hinted, workspace=torch.empty(max(floats, 1), dtype=torch.float32, device=device))
+
     def to(self, device: torch.device | str, non_blocking: bool = False) -> "DecodeLevels":
         """The same levels on ``device``; hints are computed first (cheap while the arrays are on the host)."""
         hinted = self.with_hints()
         moved = [t.to(device, non_blocking=non_blocking) for t in hinted.arrays()]
-        return replace(hinted, **dict(zip(
+        return replace(hinted, workspace=None, **dict(zip(
             ["prefix_kv_indptr", "prefix_kv_blocks", "prefix_kv_lens", "prefix_q_range",
              "suffix_block_tables", "suffix_kv_lens"], moved)))
+
+
+def cascade_workspace_floats(num_rows: int, num_q_heads: int, num_kv_heads: int, head_dim: int,
+                             levels: DecodeLevels, device: torch.device | str) -> int:
+    """float32 elements of workspace :func:`cascade_decode_attention` needs on ``device`` for
+    ``levels`` (with hints): the split-KV plan follows the device's SM count."""
+    device = torch.device(device)
+    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+        return int(_C.cascade_workspace_floats(num_rows, num_q_heads, num_kv_heads, head_dim, levels.num_prefixes,
+                                               levels.max_prefix_kv_len, levels.max_prefix_rows,
+                                               levels.max_suffix_kv_len))
 
 
 def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -225,12 +256,10 @@ def cascade_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: to
     if _is_cuda(q):
         levels = levels.with_hints() if None in (levels.max_prefix_kv_len, levels.max_prefix_rows,
                                                  levels.max_suffix_kv_len) else levels
-        # The split-KV plan depends on the launch device's SM count.
-        with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
-            floats = _C.cascade_workspace_floats(q.shape[0], q.shape[1], k_cache.shape[2], q.shape[2],
-                                                 levels.num_prefixes, levels.max_prefix_kv_len,
-                                                 levels.max_prefix_rows, levels.max_suffix_kv_len)
-        workspace = torch.empty(max(floats, 1), dtype=torch.float32, device=q.device)
+        workspace = levels.workspace  # the binding refuses one that is too short, naming it
+        if workspace is None:
+            floats = cascade_workspace_floats(q.shape[0], q.shape[1], k_cache.shape[2], q.shape[2], levels, q.device)
+            workspace = torch.empty(max(floats, 1), dtype=torch.float32, device=q.device)
     hints = [levels.max_prefix_kv_len or 0, levels.max_prefix_rows or 0, levels.max_suffix_kv_len or 0]
     _C.cascade_decode_attention(_view(q), _view(k_cache), _view(v_cache), tuple(_view(t) for t in levels.arrays()),
                                 hints, _view(o), None if lse is None else _view(lse),

@@ -194,6 +194,27 @@ def test_cascade_cuda_size_hints_above_the_sizes(kernels, monkeypatch):
     assert_cascade_matches_reference(kv, case, levels, dtype)
 
 
+@pytest.mark.parametrize("kernels", ["decode+wmma", "merge+mma128", "streams+mma"])
+def test_cascade_cuda_one_workspace_for_many_calls(kernels, monkeypatch):
+    # A step's layers share one workspace (DecodeLevels.with_workspace): the calls run in stream
+    # order, so each layer's states overwrite the last layer's before they are read again.
+    use_cascade_kernels(kernels, monkeypatch)
+    dtype = torch.bfloat16
+    kv = PagedKV(120, 16, 2, 128, dtype, device=DEVICE)
+    cases = [make_cascade_case(kv, rows, [1], [lambda i: prefix], suffixes, 8, 128, dtype, device=DEVICE)
+             for rows, prefix, suffixes in [(3, 40, [900, 300, 0]), (3, 200, [17, 0, 64])]]
+    bounds = dict(max_prefix_kv_len=200, max_prefix_rows=3, max_suffix_kv_len=900)  # both cases' sizes
+    shared = dataclasses.replace(cases[0].levels, **bounds).with_workspace(8, 2, 128, DEVICE)
+    assert shared.workspace is not None and shared.workspace.numel() >= ops.cascade_workspace_floats(
+        3, 8, 2, 128, shared, DEVICE)
+    for case in cases + cases:
+        levels = dataclasses.replace(case.levels, **bounds, workspace=shared.workspace)
+        assert_cascade_matches_reference(kv, case, levels, dtype)
+    short = dataclasses.replace(shared, workspace=shared.workspace[:1])
+    with pytest.raises(ValueError, match="workspace"):
+        ops.cascade_decode_attention(cases[0].q, kv.k, kv.v, short)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_cascade_cuda_matches_cpu_reference(dtype):
     kv = PagedKV(64, 16, 2, 64, dtype, device=DEVICE)

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import batchllm_core
+from batchllm_core import ops
 from batchllm_core.loader import build_random_model, load
 from batchllm_core.model_runner import ModelRunner, read_staging, staging_layout, write_staging
 from batchllm_core.models import LlamaModel, ModelConfig
@@ -353,10 +354,16 @@ def test_runner_on_the_emulated_cuda_kernels_matches_float32(kernels, monkeypatc
     reference = scenario_logits(ModelRunner(float32_copy(model), config, NUM_BLOCKS, BLOCK_SIZE, "cpu",
                                             torch.float32))
     cuda_emulation.activate(monkeypatch)
+    # The step sizes one kernel workspace that both layers share: one size query per step with
+    # decode levels (2 of the scenario's 4 steps), not one per layer and step.
+    queries = []
+    monkeypatch.setattr(ops, "cascade_workspace_floats",
+                        lambda *args, real=ops.cascade_workspace_floats: queries.append(1) or real(*args))
     launches = cuda_emulation.module().launch_count()
     ours = scenario_logits(ModelRunner(model, config, NUM_BLOCKS, BLOCK_SIZE, "cpu", torch.bfloat16))
     assert cuda_emulation.module().launch_count() > launches  # the kernels did run
     assert_scenarios_close(ours, reference, rtol=0.05)
+    assert config.num_layers == 2 and len(queries) == 2
 
 
 @gpu
