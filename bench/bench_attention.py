@@ -8,13 +8,15 @@ Decode (one query per sequence, 32 q heads, 8 KV heads, head dim 128, bf16, page
              kernel, (mma) prefix tiles on mma.sync with O in registers, (mma128) the same in 128-row
              tiles of 8 warps, (fused) suffix and prefix steps in one launch, (merge) the suffix
              kernel merging the prefix states itself (no combine launch), (streams) the suffix on a
-             side stream beside the prefix tiles; best/floor: the fastest over the floor
+             side stream beside the prefix tiles, (wgmma) the 128-row prefix tiles on Hopper's
+             warpgroup MMA (mma128 where there is no sm_90a code: `wgmma_runs_as` in the JSON);
+             best/floor: the fastest over the floor
   sdpa       torch SDPA over per-sequence KV (every sequence reads its own copy of the prefix)
   hydragen   torch composition of Hydragen: all queries of a KV head stacked against the prefix via
              aten._scaled_dot_product_flash_attention (for the LSE), suffix attention, LSE merge
   floor      (P + B*S) * KV bytes per token / measured device copy bandwidth
-Prefill (causal, one 4096-token chunk per sequence over paged KV): ours (WMMA tiles, and mma.sync
-tiles of 64 and 128 rows) vs SDPA flash on the same dense shapes.
+Prefill (causal, one 4096-token chunk per sequence over paged KV): ours (WMMA tiles, mma.sync
+tiles of 64 and 128 rows, wgmma tiles of 128 rows) vs SDPA flash on the same dense shapes.
 
 Timing: CUDA graphs of each variant (launch gaps out), CUDA events, median of many replays after
 warm-up, input sets rotated so that the bytes touched exceed 3x L2. Prints a table, then one JSON
@@ -217,7 +219,17 @@ DECODE_VARIANTS = {
     "merge": {"BATCHLLM_CASCADE_LAUNCH": "merge"},
     "merge+mma128": {"BATCHLLM_CASCADE_LAUNCH": "merge", "BATCHLLM_ATTENTION_TILES": "mma128"},
     "streams": {"BATCHLLM_CASCADE_LAUNCH": "streams"},
+    "wgmma": {"BATCHLLM_ATTENTION_TILES": "wgmma"},
+    "merge+wgmma": {"BATCHLLM_CASCADE_LAUNCH": "merge", "BATCHLLM_ATTENTION_TILES": "wgmma"},
 }
+
+
+def tile_kernel_that_runs(tiles: str) -> str:
+    """The tile kernel BATCHLLM_ATTENTION_TILES=tiles runs on this device ("wgmma" without sm_90a
+    code or a compute 9.0 device runs mma128)."""
+    from batchllm_core import ops
+    with kernel_env({"BATCHLLM_ATTENTION_TILES": tiles}):
+        return ops._C.cuda_tile_kernel()
 
 
 def bench_decode(shape, bandwidth, reps, device_name):
@@ -254,6 +266,7 @@ def bench_decode(shape, bandwidth, reps, device_name):
     return {"bench": "decode_attention", "device": device_name, "commit": commit(), "B": batch, "P": prefix,
             "S": suffix, "q_heads": Q_HEADS, "kv_heads": KV_HEADS, "head_dim": HEAD_DIM, "dtype": "bfloat16",
             "page": PAGE, "input_sets": sets, "ours_ms": ours_ms, "variant_ms": variant_ms,
+            "wgmma_runs_as": tile_kernel_that_runs("wgmma"),
             "variant_rel_err_vs_hydragen": variant_rel_err, "variant_errors": errors, "variant_env": DECODE_VARIANTS,
             "best_variant": best,
             "best_ms": variant_ms[best], "best_over_floor": variant_ms[best] / floor_ms, "sdpa_ms": sdpa_ms,
@@ -318,13 +331,16 @@ def bench_prefill(shape, reps, device_name, device="cuda"):
 
     mma_ms, mma_rel_err, mma_error = variant("mma")
     mma128_ms, mma128_rel_err, mma128_error = variant("mma128")
-    errors = {name: e for name, e in (("mma", mma_error), ("mma128", mma128_error)) if e is not None}
+    wgmma_ms, wgmma_rel_err, wgmma_error = variant("wgmma")
+    errors = {name: e for name, e in (("mma", mma_error), ("mma128", mma128_error), ("wgmma", wgmma_error))
+              if e is not None}
     sdpa_ms = time_graphs([sdpa], reps=reps)
     flops = seqs * 4 * (tokens * (tokens + 1) / 2) * Q_HEADS * HEAD_DIM
     return {"bench": "prefill_attention", "device": device_name, "commit": commit(), "seqs": seqs, "tokens": tokens,
             "q_heads": Q_HEADS, "kv_heads": KV_HEADS, "head_dim": HEAD_DIM, "dtype": "bfloat16", "ours_ms": ours_ms,
             "ours_mma_ms": mma_ms, "rel_err_mma_vs_sdpa": mma_rel_err, "ours_mma128_ms": mma128_ms,
-            "rel_err_mma128_vs_sdpa": mma128_rel_err, "variant_errors": errors, "sdpa_ms": sdpa_ms, "sdpa_backend": SDPA_BACKEND["name"], "ours_over_sdpa": ours_ms / sdpa_ms, "ours_tflops": flops / (ours_ms * 1e-3) / 1e12,
+            "rel_err_mma128_vs_sdpa": mma128_rel_err, "ours_wgmma_ms": wgmma_ms, "rel_err_wgmma_vs_sdpa": wgmma_rel_err,
+            "wgmma_runs_as": tile_kernel_that_runs("wgmma"), "variant_errors": errors, "sdpa_ms": sdpa_ms, "sdpa_backend": SDPA_BACKEND["name"], "ours_over_sdpa": ours_ms / sdpa_ms, "ours_tflops": flops / (ours_ms * 1e-3) / 1e12,
             "sdpa_tflops": flops / (sdpa_ms * 1e-3) / 1e12, "rel_err_vs_sdpa": rel_err}
 
 
@@ -360,7 +376,8 @@ def main() -> int:
     reps = 20 if args.quick else 100
     device_name = torch.cuda.get_device_name(0)
     bandwidth = copy_bandwidth_bytes_per_s()
-    print(f"device {device_name}; copy bandwidth {bandwidth / 1e12:.2f} TB/s (read + write); torch {torch.__version__}")
+    print(f"device {device_name}; copy bandwidth {bandwidth / 1e12:.2f} TB/s (read + write); torch {torch.__version__}; "
+          f"BATCHLLM_ATTENTION_TILES=wgmma runs {tile_kernel_that_runs('wgmma')}")
     rows = []
 
     def record(row: dict) -> None:
@@ -393,12 +410,14 @@ def main() -> int:
               ", ".join(f"{n} {v:.3f}" for n, v in summary["geomean_vs_ours"].items()) +
               f"; fastest overall: {summary['fastest']}")
     if not args.no_prefill:
-        print(f"{'seqs':>5} {'tokens':>6} | {'ours ms':>8} {'mma ms':>8} {'mma128':>8} {'sdpa ms':>8} | {'ours/sdpa':>9} {'ours TF/s':>9} "
+        print(f"{'seqs':>5} {'tokens':>6} | {'ours ms':>8} {'mma ms':>8} {'mma128':>8} {'wgmma':>8} {'sdpa ms':>8} | "
+              f"{'ours/sdpa':>9} {'ours TF/s':>9} "
               f"{'sdpa TF/s':>9} {'rel err':>8}")
         for shape in PREFILL_SHAPES:
             r = bench_prefill(shape, reps, device_name)
             record(r)
             print(f"{r['seqs']:>5} {r['tokens']:>6} | {r['ours_ms']:>8.3f} {r['ours_mma_ms']:>8.3f} {r['ours_mma128_ms']:>8.3f} "
+                  f"{r['ours_wgmma_ms']:>8.3f} "
                   f"{r['sdpa_ms']:>8.3f} | "
                   f"{r['ours_over_sdpa']:>9.2f} {r['ours_tflops']:>9.1f} {r['sdpa_tflops']:>9.1f} "
                   f"{r['rel_err_vs_sdpa']:>8.1e}", flush=True)

@@ -340,8 +340,9 @@ def test_bfloat16_runner_matches_float32():
 @pytest.mark.skipif(cuda_emulation.module() is None, reason="no CUDA emulation module (BATCHLLM_CUDA_EMULATION_DIR)")
 @pytest.mark.parametrize("kernels", [{}, {"BATCHLLM_ATTENTION_TILES": "mma128", "BATCHLLM_CASCADE_LAUNCH": "merge"},
                                      {"BATCHLLM_ATTENTION_TILES": "mma", "BATCHLLM_CASCADE_LAUNCH": "fused"},
-                                     {"BATCHLLM_CASCADE_LAUNCH": "streams"}],
-                         ids=["default", "mma128+merge", "mma+fused", "streams"])
+                                     {"BATCHLLM_CASCADE_LAUNCH": "streams"},
+                                     {"BATCHLLM_ATTENTION_TILES": "wgmma"}],
+                         ids=["default", "mma128+merge", "mma+fused", "streams", "wgmma"])
 def test_runner_on_the_emulated_cuda_kernels_matches_float32(kernels, monkeypatch):
     # The CUDA runner's attention path without a GPU: every op call of the bf16 runner goes to the
     # CUDA kernels (store_kv, paged prefill, cascade decode) compiled for the CPU emulation, fed by

@@ -82,7 +82,7 @@ def test_bench_attention_decode_variants_on_emulated_kernels(monkeypatch, tmp_pa
 
 @pytest.mark.skipif(cuda_emulation.module() is None, reason="no CUDA emulation module in this build")
 def test_bench_attention_prefill_row_on_emulated_kernels(monkeypatch):
-    # The prefill row (WMMA, mma and mma128 tiles against SDPA) on the emulated kernels, timing faked.
+    # The prefill row (WMMA, mma, mma128 and wgmma tiles against SDPA) on the emulated kernels, timing faked.
     bench = _load_bench()
     cuda_emulation.activate(monkeypatch)
     monkeypatch.setattr(bench, "time_graphs", lambda fns, reps=1: (fns[0](), 1.0)[1])
@@ -90,5 +90,6 @@ def test_bench_attention_prefill_row_on_emulated_kernels(monkeypatch):
     monkeypatch.setattr(bench, "sdpa_backend", contextlib.nullcontext)
     row = bench.bench_prefill((2, 40), 1, "emulated", device="cpu")
     assert row["variant_errors"] == {}
-    for key in ("rel_err_vs_sdpa", "rel_err_mma_vs_sdpa", "rel_err_mma128_vs_sdpa"):
+    assert row["wgmma_runs_as"] == "wgmma"  # the emulation has every architecture's instructions
+    for key in ("rel_err_vs_sdpa", "rel_err_mma_vs_sdpa", "rel_err_mma128_vs_sdpa", "rel_err_wgmma_vs_sdpa"):
         assert row[key] < 1e-2, (key, row[key])

@@ -9,29 +9,14 @@
 // Shared memory holds only K and V, double-buffered: tile i + 1 arrives by cp.async while tile i is
 // computed (70 KB at d = 128; the WMMA tile kernel needs 105 KB for one); the finished O rows go
 // through the K/V space to Problem::write.
-// Selected by BATCHLLM_ATTENTION_TILES=mma (prefill and cascade prefixes) until a GPU run decides.
+// Selected by BATCHLLM_ATTENTION_TILES=mma or mma128 (prefill and cascade prefixes; tile_kernels.cuh)
+// until a GPU run decides. The softmax and epilogue helpers here serve attention_wgmma.cuh too.
 #pragma once
 
 #include "kernels/cuda/attention_tile.cuh"
 #include "kernels/cuda/mma_sync.cuh"
 
 namespace batchllm::kernels::cuda {
-
-/// The kernel of prefill and cascade-prefix tiles, from BATCHLLM_ATTENTION_TILES, read at every
-/// launch so that a benchmark can compare them in one process: WMMA (default; 64 rows), mma (the
-/// mma.sync kernel, 4 warps, 64 rows) or mma128 (8 warps, 128 rows: each K/V tile brought into
-/// shared memory serves twice the rows, which halves the L2 -> SM traffic of a prefix with many
-/// readers).
-enum class TileKernel { kWmma, kMma, kMma128 };
-
-inline TileKernel tile_kernel() {
-  if (env_equals("BATCHLLM_ATTENTION_TILES", "mma")) return TileKernel::kMma;
-  if (env_equals("BATCHLLM_ATTENTION_TILES", "mma128")) return TileKernel::kMma128;
-  return TileKernel::kWmma;
-}
-
-/// Query rows per tile of a tile kernel: the Problem's tile_rows and the grid follow it.
-inline int tile_rows(TileKernel kernel) { return kernel == TileKernel::kMma128 ? kMaxTileRows : kTileRows; }
 
 template <typename T, int D>
 struct MmaSmem {
@@ -77,6 +62,124 @@ __device__ __forceinline__ void issue_kv_tile(T* k_dst, T* v_dst, const TensorVi
   cp_async_commit();
 }
 
+/// This lane's two rows of a warp's 16 (g and g + 8) through the key tiles: their causal limits and
+/// flash attention's running max (log2 domain) and this lane's part of the running sums.
+struct LaneRows {
+  int limit0, limit1;
+  float m0 = -INFINITY, m1 = -INFINITY;
+  float l0 = 0.0f, l1 = 0.0f;
+};
+
+/// The A fragments of Q for the lane's rows q0, q1 (nullptr: unused row, zeros), D / 16 k-steps.
+template <typename T, int D>
+__device__ __forceinline__ void load_q_fragments(uint32_t (&qa)[D / 16][4], const T* q0, const T* q1, int t) {
+#pragma unroll
+  for (int kk = 0; kk < D / 16; ++kk) {
+    const int c = kk * 16 + 2 * t;
+    qa[kk][0] = q0 ? pack2(q0 + c, q0 + c + 1) : 0u;
+    qa[kk][1] = q1 ? pack2(q1 + c, q1 + c + 1) : 0u;
+    qa[kk][2] = q0 ? pack2(q0 + c + 8, q0 + c + 9) : 0u;
+    qa[kk][3] = q1 ? pack2(q1 + c + 8, q1 + c + 9) : 0u;
+  }
+}
+
+/// One key tile's online softmax on the lane's accumulators (the mma.m16n8k16 C layout: n-block n
+/// holds keys first_key + 8n .. + 7): masks keys at or past each row's limit, scales, turns S into
+/// the unnormalised probabilities P in place, rescales O by the change of the row max and updates
+/// the running max and sums. A row with no valid key so far keeps o = 0, l = 0.
+template <int D>
+__device__ __forceinline__ void softmax_tile(float (&s)[kTileKeys / 8][4], float (&o)[D / 8][4], LaneRows& rows,
+                                             int first_key, int t, float scale_log2) {
+  float tile_max0 = -INFINITY, tile_max1 = -INFINITY;
+#pragma unroll
+  for (int n = 0; n < kTileKeys / 8; ++n) {
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+      const int key = first_key + n * 8 + 2 * t + j;
+      s[n][j] = key < rows.limit0 ? s[n][j] * scale_log2 : -INFINITY;
+      s[n][2 + j] = key < rows.limit1 ? s[n][2 + j] * scale_log2 : -INFINITY;
+      tile_max0 = fmaxf(tile_max0, s[n][j]);
+      tile_max1 = fmaxf(tile_max1, s[n][2 + j]);
+    }
+  }
+#pragma unroll
+  for (int offset = 1; offset < 4; offset *= 2) {  // the row's 4 lanes
+    tile_max0 = fmaxf(tile_max0, __shfl_xor_sync(0xffffffffu, tile_max0, offset));
+    tile_max1 = fmaxf(tile_max1, __shfl_xor_sync(0xffffffffu, tile_max1, offset));
+  }
+  const float new_m0 = fmaxf(rows.m0, tile_max0), new_m1 = fmaxf(rows.m1, tile_max1);
+  // exp2 of -inf - -inf would be NaN: an empty row keeps its zeros.
+  const bool empty0 = new_m0 == -INFINITY, empty1 = new_m1 == -INFINITY;
+  const float alpha0 = empty0 ? 1.0f : exp2f(rows.m0 - new_m0), alpha1 = empty1 ? 1.0f : exp2f(rows.m1 - new_m1);
+  rows.m0 = new_m0;
+  rows.m1 = new_m1;
+  float sum0 = 0.0f, sum1 = 0.0f;
+#pragma unroll
+  for (int n = 0; n < kTileKeys / 8; ++n) {
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+      s[n][j] = empty0 ? 0.0f : exp2f(s[n][j] - new_m0);
+      s[n][2 + j] = empty1 ? 0.0f : exp2f(s[n][2 + j] - new_m1);
+      sum0 += s[n][j];
+      sum1 += s[n][2 + j];
+    }
+  }
+  rows.l0 = rows.l0 * alpha0 + sum0;
+  rows.l1 = rows.l1 * alpha1 + sum1;
+#pragma unroll
+  for (int n = 0; n < D / 8; ++n) {
+    o[n][0] *= alpha0;
+    o[n][1] *= alpha0;
+    o[n][2] *= alpha1;
+    o[n][3] *= alpha1;
+  }
+}
+
+/// The A fragment of P for the 16-key step j: S n-blocks 2j and 2j + 1, element for element.
+template <typename T>
+__device__ __forceinline__ void p_fragment(uint32_t (&pa)[4], const float (&s)[kTileKeys / 8][4], int j) {
+  pa[0] = pack2<T>(s[2 * j][0], s[2 * j][1]);
+  pa[1] = pack2<T>(s[2 * j][2], s[2 * j][3]);
+  pa[2] = pack2<T>(s[2 * j + 1][0], s[2 * j + 1][1]);
+  pa[3] = pack2<T>(s[2 * j + 1][2], s[2 * j + 1][3]);
+}
+
+/// The end of a tile: whole-row sums over the row's 4 lanes, the normalised rows through shared memory
+/// `o_smem` (row stride kLdO floats; space the CTA's K/V stages held: the barrier here waits until
+/// every warp is done with them) to Problem::write with their natural-log lse (-inf: no keys).
+template <typename T, int D, int kLdO, typename Problem>
+__device__ __forceinline__ void write_tile_rows(const Problem& problem, const dim3& item, const float (&o)[D / 8][4],
+                                                LaneRows rows, float* o_smem, const TileRows<T>& tile, int warp,
+                                                int lane) {
+  const int g = lane / 4, t = lane % 4, r0 = warp * 16 + g, r1 = r0 + 8;
+#pragma unroll
+  for (int offset = 1; offset < 4; offset *= 2) {
+    rows.l0 += __shfl_xor_sync(0xffffffffu, rows.l0, offset);
+    rows.l1 += __shfl_xor_sync(0xffffffffu, rows.l1, offset);
+  }
+  const float inv0 = rows.l0 > 0.0f ? 1.0f / rows.l0 : 0.0f, inv1 = rows.l1 > 0.0f ? 1.0f / rows.l1 : 0.0f;
+  __syncthreads();  // every warp is done with K/V: the space holds the finished rows now
+#pragma unroll
+  for (int n = 0; n < D / 8; ++n) {
+    const int c = n * 8 + 2 * t;
+    o_smem[r0 * kLdO + c] = o[n][0] * inv0;
+    o_smem[r0 * kLdO + c + 1] = o[n][1] * inv0;
+    o_smem[r1 * kLdO + c] = o[n][2] * inv1;
+    o_smem[r1 * kLdO + c + 1] = o[n][3] * inv1;
+  }
+  __syncwarp();
+  // lse back to natural log: (max + log2(sum)) * ln 2; -inf when the row saw no keys.
+  const float lse0 = rows.l0 > 0.0f ? (rows.m0 + log2f(rows.l0)) * 0.69314718055994531f : -INFINITY;
+  const float lse1 = rows.l1 > 0.0f ? (rows.m1 + log2f(rows.l1)) * 0.69314718055994531f : -INFINITY;
+  for (int i = 0; i < 16; ++i) {
+    const int r = warp * 16 + i;
+    if (!tile.q[r]) continue;
+    // Row i's lse lives in the lanes of group i % 8 (first or second row of the lane).
+    const float lse = __shfl_sync(0xffffffffu, i < 8 ? lse0 : lse1, (i % 8) * 4);
+    problem.write(item, r, o_smem + r * kLdO, 1.0f, lse, lane);
+  }
+}
+
 /// One work item of the mma tile kernel on a CTA of kWarps warps (16 rows each; the Problem's
 /// tile_rows = 16 * kWarps), in `smem_raw` (MmaSmem, 128-byte aligned): the body of
 /// attention_mma_kernel and of the fused cascade kernel's prefix items.
@@ -99,22 +202,13 @@ __device__ __forceinline__ void attention_mma(const Problem& problem, const dim3
   const int r0 = warp * 16 + g, r1 = r0 + 8;
   const T* q0 = sm.rows.q[r0];
   const T* q1 = sm.rows.q[r1];
-  const int limit0 = q0 ? sm.rows.key_limit[r0] : 0, limit1 = q1 ? sm.rows.key_limit[r1] : 0;
+  LaneRows rows{q0 ? sm.rows.key_limit[r0] : 0, q1 ? sm.rows.key_limit[r1] : 0};
   uint32_t qa[D / 16][4];
-#pragma unroll
-  for (int kk = 0; kk < D / 16; ++kk) {
-    const int c = kk * 16 + 2 * t;
-    qa[kk][0] = q0 ? pack2(q0 + c, q0 + c + 1) : 0u;
-    qa[kk][1] = q1 ? pack2(q1 + c, q1 + c + 1) : 0u;
-    qa[kk][2] = q0 ? pack2(q0 + c + 8, q0 + c + 9) : 0u;
-    qa[kk][3] = q1 ? pack2(q1 + c + 8, q1 + c + 9) : 0u;
-  }
+  load_q_fragments<T, D>(qa, q0, q1, t);
 
   float o[D / 8][4];
 #pragma unroll
   for (int n = 0; n < D / 8; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.0f;
-  float m0 = -INFINITY, m1 = -INFINITY;  // running max of scaled scores (log2 domain)
-  float l0 = 0.0f, l1 = 0.0f;            // this lane's part of the running sums
 
   constexpr int kLd = Smem::kLd;
   const int keys_end = sm.rows.num_keys;
@@ -150,57 +244,14 @@ __device__ __forceinline__ void attention_mma(const Problem& problem, const dim3
         mma_m16n8k16<T>(s[n], qa[kk + 1], b1);
       }
     }
-    // Mask (causal limit, past the keys) and scale; the rows' maxima over the 4 lanes of the row.
-    float tile_max0 = -INFINITY, tile_max1 = -INFINITY;
-#pragma unroll
-    for (int n = 0; n < kTileKeys / 8; ++n) {
-#pragma unroll
-      for (int j = 0; j < 2; ++j) {
-        const int key = first_key + n * 8 + 2 * t + j;
-        s[n][j] = key < limit0 ? s[n][j] * scale_log2 : -INFINITY;
-        s[n][2 + j] = key < limit1 ? s[n][2 + j] * scale_log2 : -INFINITY;
-        tile_max0 = fmaxf(tile_max0, s[n][j]);
-        tile_max1 = fmaxf(tile_max1, s[n][2 + j]);
-      }
-    }
-#pragma unroll
-    for (int offset = 1; offset < 4; offset *= 2) {
-      tile_max0 = fmaxf(tile_max0, __shfl_xor_sync(0xffffffffu, tile_max0, offset));
-      tile_max1 = fmaxf(tile_max1, __shfl_xor_sync(0xffffffffu, tile_max1, offset));
-    }
-    const float new_m0 = fmaxf(m0, tile_max0), new_m1 = fmaxf(m1, tile_max1);
-    // A row with no valid key so far keeps o = 0, l = 0 (exp2 of -inf - -inf would be NaN).
-    const bool empty0 = new_m0 == -INFINITY, empty1 = new_m1 == -INFINITY;
-    const float alpha0 = empty0 ? 1.0f : exp2f(m0 - new_m0), alpha1 = empty1 ? 1.0f : exp2f(m1 - new_m1);
-    m0 = new_m0;
-    m1 = new_m1;
-    float sum0 = 0.0f, sum1 = 0.0f;
-#pragma unroll
-    for (int n = 0; n < kTileKeys / 8; ++n) {
-#pragma unroll
-      for (int j = 0; j < 2; ++j) {
-        s[n][j] = empty0 ? 0.0f : exp2f(s[n][j] - new_m0);
-        s[n][2 + j] = empty1 ? 0.0f : exp2f(s[n][2 + j] - new_m1);
-        sum0 += s[n][j];
-        sum1 += s[n][2 + j];
-      }
-    }
-    l0 = l0 * alpha0 + sum0;
-    l1 = l1 * alpha1 + sum1;
-#pragma unroll
-    for (int n = 0; n < D / 8; ++n) {
-      o[n][0] *= alpha0;
-      o[n][1] *= alpha0;
-      o[n][2] *= alpha1;
-      o[n][3] *= alpha1;
-    }
+    softmax_tile<D>(s, o, rows, first_key, t, scale_log2);
     // O += P V. k-step j covers keys 16j .. 16j+15: its A fragment is S n-blocks 2j and 2j+1;
     // B fragment b0 = V[keys 2t, 2t+1][dim g]: ldmatrix.trans of the 8 x 8 blocks (8 keys, dims of
     // n); one x4 gives b0 and b1 of two dim blocks.
 #pragma unroll
     for (int j = 0; j < kTileKeys / 16; ++j) {
-      const uint32_t pa[4] = {pack2<T>(s[2 * j][0], s[2 * j][1]), pack2<T>(s[2 * j][2], s[2 * j][3]),
-                              pack2<T>(s[2 * j + 1][0], s[2 * j + 1][1]), pack2<T>(s[2 * j + 1][2], s[2 * j + 1][3])};
+      uint32_t pa[4];
+      p_fragment<T>(pa, s, j);
       const T* v_rows = v_tile + (16 * j + (lane / 8) % 2 * 8 + lane % 8) * kLd + (lane / 16) * 8;
 #pragma unroll
       for (int n = 0; n < D / 8; n += 2) {
@@ -213,34 +264,7 @@ __device__ __forceinline__ void attention_mma(const Problem& problem, const dim3
     }
     __syncthreads();  // every warp is done with this stage before the next iteration refills it
   }
-
-  // Whole-row sums over the row's 4 lanes; normalised rows through shared memory to Problem::write.
-#pragma unroll
-  for (int offset = 1; offset < 4; offset *= 2) {
-    l0 += __shfl_xor_sync(0xffffffffu, l0, offset);
-    l1 += __shfl_xor_sync(0xffffffffu, l1, offset);
-  }
-  const float inv0 = l0 > 0.0f ? 1.0f / l0 : 0.0f, inv1 = l1 > 0.0f ? 1.0f / l1 : 0.0f;
-  __syncthreads();  // every warp is done with K/V: the space holds the finished rows now
-#pragma unroll
-  for (int n = 0; n < D / 8; ++n) {
-    const int c = n * 8 + 2 * t;
-    sm.o[r0 * Smem::kLdO + c] = o[n][0] * inv0;
-    sm.o[r0 * Smem::kLdO + c + 1] = o[n][1] * inv0;
-    sm.o[r1 * Smem::kLdO + c] = o[n][2] * inv1;
-    sm.o[r1 * Smem::kLdO + c + 1] = o[n][3] * inv1;
-  }
-  __syncwarp();
-  // lse back to natural log: (max + log2(sum)) * ln 2; -inf when the row saw no keys.
-  const float lse0 = l0 > 0.0f ? (m0 + log2f(l0)) * 0.69314718055994531f : -INFINITY;
-  const float lse1 = l1 > 0.0f ? (m1 + log2f(l1)) * 0.69314718055994531f : -INFINITY;
-  for (int i = 0; i < 16; ++i) {
-    const int r = warp * 16 + i;
-    if (!sm.rows.q[r]) continue;
-    // Row i's lse lives in the lanes of group i % 8 (first or second row of the lane).
-    const float lse = __shfl_sync(0xffffffffu, i < 8 ? lse0 : lse1, (i % 8) * 4);
-    problem.write(item, r, sm.o + r * Smem::kLdO, 1.0f, lse, lane);
-  }
+  write_tile_rows<T, D, Smem::kLdO>(problem, item, o, rows, sm.o, sm.rows, warp, lane);
 }
 
 /// The mma tile kernel: grid and Problem as attention_tile_kernel, 32 * kWarps threads; dynamic smem:
@@ -250,24 +274,6 @@ __global__ void __launch_bounds__(32 * kWarps) attention_mma_kernel(Problem prob
                                                                     TensorView v_cache, float scale_log2) {
   BATCHLLM_DYNAMIC_SHARED_MEMORY(smem_raw);
   attention_mma<T, D, kWarps>(problem, blockIdx, smem_raw, k_cache, v_cache, scale_log2);
-}
-
-/// Launches the Problem's tiles on `kernel` (tile_kernel()); the Problem's tile_rows and the grid
-/// must be tile_rows(kernel)'s.
-template <typename T, int D, typename Problem>
-cudaError_t launch_tiles(TileKernel kernel, const Problem& problem, dim3 grid, const TensorView& k_cache,
-                         const TensorView& v_cache, float scale, cudaStream_t stream) {
-  if (problem.tile_rows != tile_rows(kernel)) return cudaErrorInvalidValue;
-  switch (kernel) {
-    case TileKernel::kMma:
-      return launch_tile_kernel<attention_mma_kernel<T, D, Problem, 4>, sizeof(MmaSmem<T, D>)>(
-          problem, grid, k_cache, v_cache, scale, stream);
-    case TileKernel::kMma128:
-      return launch_tile_kernel<attention_mma_kernel<T, D, Problem, 8>, sizeof(MmaSmem<T, D>), Problem, 256>(
-          problem, grid, k_cache, v_cache, scale, stream);
-    default:
-      return launch_attention_tiles<T, D>(problem, grid, k_cache, v_cache, scale, stream);
-  }
 }
 
 }  // namespace batchllm::kernels::cuda

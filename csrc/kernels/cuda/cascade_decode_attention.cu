@@ -14,7 +14,7 @@
 #include <algorithm>
 
 #include "batchllm/kernels/cuda.h"
-#include "kernels/cuda/attention_mma.cuh"
+#include "kernels/cuda/tile_kernels.cuh"
 #include "kernels/cuda/decode_rows.cuh"
 #include "kernels/cuda/prefix_states.cuh"
 
@@ -353,7 +353,7 @@ cudaError_t cascade_decode_attention_cuda(const CascadeDecodeParams& p, cudaStre
   const CascadeLaunch launch_mode = cascade_launch();
   const CascadePlan plan(num_rows, num_heads, num_kv_heads, head_dim, p.levels, tiles, cuda::tile_rows(kernel));
   // The fused grid shares one block size: 4-warp prefix tiles only.
-  const bool fused = !tiles && launch_mode == CascadeLaunch::kFused && kernel != cuda::TileKernel::kMma128;
+  const bool fused = !tiles && launch_mode == CascadeLaunch::kFused && cuda::tile_rows(kernel) == cuda::kTileRows;
   const bool merge = !tiles && launch_mode == CascadeLaunch::kMerge && plan.suffix_splits == 1;
   const SideStream* side = !tiles && launch_mode == CascadeLaunch::kStreams ? side_stream(stream) : nullptr;
   const int group = plan.group;

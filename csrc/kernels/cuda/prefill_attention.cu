@@ -3,7 +3,7 @@
 // (token, GQA head) pairs of one sequence and KV head, token-major, so the group's heads share
 // every K/V tile they load.
 #include "batchllm/kernels/cuda.h"
-#include "kernels/cuda/attention_mma.cuh"
+#include "kernels/cuda/tile_kernels.cuh"
 
 namespace batchllm::kernels {
 
@@ -58,6 +58,19 @@ struct PrefillProblem {
 
 }  // namespace
 }  // namespace cuda
+
+const char* cuda_tile_kernel_name() {
+  switch (cuda::tile_kernel()) {
+    case cuda::TileKernel::kMma:
+      return "mma";
+    case cuda::TileKernel::kMma128:
+      return "mma128";
+    case cuda::TileKernel::kWgmma:
+      return "wgmma";
+    default:
+      return "wmma";
+  }
+}
 
 cudaError_t prefill_attention_cuda(const PrefillParams& p, cudaStream_t stream) {
   const int num_kv_heads = static_cast<int>(p.k_cache.shape[2]);

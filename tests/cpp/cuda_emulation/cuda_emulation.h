@@ -166,6 +166,17 @@ void cp_async_16(void* smem_dst, const void* global_src, bool valid);
 void cp_async_commit();
 void cp_async_wait(int pending_groups_allowed);
 
+/// wgmma.mma_async.sync.aligned.m64nNk16.f32.{bf16|f16} with A in registers and B in shared memory
+/// (csrc/kernels/cuda/wgmma.cuh), no swizzle: each warp's 16 rows depend only on its own A rows, so
+/// the call is warp-collective here (the device's warpgroup only adds that all four warps issue it).
+/// Asynchronous as on the device: the product is added to `d` (n / 2 floats, the accumulator layout)
+/// only at wgmma_wait, from the shared memory as it is then: an accumulator read before the wait, or
+/// a B tile overwritten before it, shows. A descriptor with a swizzle mode or pointing past the
+/// dynamic shared memory faults.
+void wgmma_m64k16(float* d, int n, const uint32_t (&a)[4], uint64_t desc_b, bool trans_b, bool bf16);
+void wgmma_commit();
+void wgmma_wait(int pending_groups_allowed);
+
 /// Queues `work` when `stream` is one that cudaStreamCreateWithFlags made (streams.cpp); false: run it now.
 bool defer_to_stream(cudaStream_t stream, std::function<void()> work);
 /// Runs every queued launch of every created stream (a device synchronize).

@@ -10,6 +10,7 @@
 #include "cuda_emulation.h"
 #include "kernels/cuda/cuda_common.cuh"  // BATCHLLM_LAUNCH, BATCHLLM_DYNAMIC_SHARED_MEMORY
 #include "kernels/cuda/mma_sync.cuh"
+#include "kernels/cuda/wgmma.cuh"
 
 namespace {
 
@@ -199,6 +200,67 @@ TEST(CudaEmulation, MmaFragmentsFollowThePtxLayout) {
       float want = 0;
       for (int k = 0; k < 16; ++k) want += __half2float(a[i * 16 + k]) * __half2float(b[k * 8 + j]);
       EXPECT_FLOAT_EQ(c[i * 8 + j], want) << i << "," << j;
+    }
+  }
+}
+
+/// C = A B (64 x 16 times 16 x 64) by one warpgroup through wgmma_m64k16, B placed in shared memory
+/// straight from the PTX ISA's canonical no-swizzle layouts, with gaps between the core matrices so
+/// that LBO and SBO both matter: K-major, core matrix (n / 8, k / 8) at (n / 8) SBO + (k / 8) LBO
+/// holding row n % 8 at 16 (n % 8) bytes; N-major, core matrix (k / 8, n / 8) at (k / 8) LBO +
+/// (n / 8) SBO holding row k % 8 at 16 (k % 8) bytes. `before`: an accumulator read before the wait.
+template <bool kTransB>
+__global__ void wgmma_layout_kernel(const __half* a, const __half* b, float* c, float* before) {
+  using namespace batchllm::kernels::cuda;
+  BATCHLLM_DYNAMIC_SHARED_MEMORY(smem);
+  const uint32_t lbo = kTransB ? 8 * 128 + 64 : 128, sbo = kTransB ? 128 : 2 * 128 + 64;
+  for (int i = threadIdx.x; i < 16 * 64; i += blockDim.x) {
+    const int k = i / 64, n = i % 64;
+    const size_t offset = kTransB ? (k / 8) * lbo + (n / 8) * sbo + (k % 8) * 16 + (n % 8) * 2
+                                  : (n / 8) * sbo + (k / 8) * lbo + (n % 8) * 16 + (k % 8) * 2;
+    std::memcpy(smem + offset, &b[i], 2);
+  }
+  __syncthreads();
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+  const int r0 = 16 * warp + g, r1 = r0 + 8;
+  const uint32_t frag_a[4] = {pack2(a + r0 * 16 + 2 * t, a + r0 * 16 + 2 * t + 1),
+                              pack2(a + r1 * 16 + 2 * t, a + r1 * 16 + 2 * t + 1),
+                              pack2(a + r0 * 16 + 2 * t + 8, a + r0 * 16 + 2 * t + 9),
+                              pack2(a + r1 * 16 + 2 * t + 8, a + r1 * 16 + 2 * t + 9)};
+  float d[8][4] = {};
+  wgmma_fence();
+  wgmma_m64k16<__half, 64, kTransB>(d, frag_a, wgmma_descriptor(smem, lbo, sbo));
+  wgmma_commit();
+  before[threadIdx.x] = d[0][0];
+  wgmma_wait<0>();
+  for (int i = 0; i < 8; ++i) {
+    c[r0 * 64 + 8 * i + 2 * t] = d[i][0];
+    c[r0 * 64 + 8 * i + 2 * t + 1] = d[i][1];
+    c[r1 * 64 + 8 * i + 2 * t] = d[i][2];
+    c[r1 * 64 + 8 * i + 2 * t + 1] = d[i][3];
+  }
+}
+
+TEST(CudaEmulation, WgmmaReadsTheCanonicalLayoutsAndLandsAtTheWait) {
+  std::vector<__half> a(64 * 16), b(16 * 64);
+  for (int i = 0; i < 64 * 16; ++i) a[i] = __float2half_rn(static_cast<float>((i * 7) % 13 - 6) / 4);
+  for (int i = 0; i < 16 * 64; ++i) b[i] = __float2half_rn(static_cast<float>((i * 5) % 11 - 5) / 4);
+  for (bool trans : {false, true}) {
+    SCOPED_TRACE(trans ? "N-major B" : "K-major B");
+    std::vector<float> c(64 * 64, NAN), before(128, NAN);
+    if (trans) {
+      BATCHLLM_LAUNCH(1, 128, 4096, nullptr, wgmma_layout_kernel<true>)(a.data(), b.data(), c.data(), before.data());
+    } else {
+      BATCHLLM_LAUNCH(1, 128, 4096, nullptr, wgmma_layout_kernel<false>)(a.data(), b.data(), c.data(), before.data());
+    }
+    ASSERT_EQ(cudaGetLastError(), cudaSuccess);
+    for (int i = 0; i < 128; ++i) EXPECT_EQ(before[i], 0.0f);
+    for (int i = 0; i < 64; ++i) {
+      for (int j = 0; j < 64; ++j) {
+        float want = 0;
+        for (int k = 0; k < 16; ++k) want += __half2float(a[i * 16 + k]) * __half2float(b[k * 64 + j]);
+        EXPECT_FLOAT_EQ(c[i * 64 + j], want) << i << "," << j;
+      }
     }
   }
 }

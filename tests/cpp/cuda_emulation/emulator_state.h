@@ -24,6 +24,17 @@ struct AsyncCopy {
   unsigned char bytes[16];
 };
 
+/// One lane's part of an issued wgmma.mma_async (A from registers): the warp's 16 rows of A, read at
+/// the issue, and where the lane's accumulators live. B is read from shared memory at the wait.
+struct WgmmaOp {
+  float a[16][16];
+  uint64_t desc_b;
+  int n;
+  bool trans_b;
+  bool bf16;
+  float* d;  // n / 2 floats
+};
+
 struct Fiber {
   std::vector<std::vector<AsyncCopy>> async_groups;  // committed, oldest first
   std::vector<AsyncCopy> async_open;                 // issued, not committed yet
@@ -31,6 +42,8 @@ struct Fiber {
   State state = State::kRunnable;
   unsigned shuffle_round = 0;
   unsigned mma_round = 0;
+  std::vector<WgmmaOp> wgmma_open;                  // issued, not committed yet
+  std::vector<std::vector<WgmmaOp>> wgmma_groups;   // committed, oldest first
 };
 
 /// Memory with a PROT_NONE page right after its last byte (and the mapping's bookkeeping).

@@ -315,8 +315,9 @@ TEST_F(CudaSweep, PrefillAttention) {
             d.block_tables = d_tables.device;
             d.query_start = d_start.device;
             d.context_lens = d_context.device;
-            // Every tile kernel: WMMA (attention_tile.cuh), mma.sync with 4 and 8 warps (attention_mma.cuh).
-            for (const char* tiles : {"wmma", "mma", "mma128"}) {
+            // Every tile kernel: WMMA (attention_tile.cuh), mma.sync with 4 and 8 warps (attention_mma.cuh),
+            // wgmma with 8 warps (attention_wgmma.cuh; mma128 on a device or build without it).
+            for (const char* tiles : {"wmma", "mma", "mma128", "wgmma"}) {
               SCOPED_TRACE(std::string("tiles ") + tiles);
               o.upload();  // poisoned again
               setenv("BATCHLLM_ATTENTION_TILES", tiles, 1);
@@ -464,7 +465,7 @@ TEST_F(CudaSweep, CascadeDecodeAttention) {
             d.workspace = workspace.device;
             // Kernel variants by a hash of the case (a plain index % n would tie them to shapes):
             // the suffix level on decode_rows (default) or the tile kernel, or decode_rows and the
-            // prefix tiles fused in one launch; the prefix tiles on WMMA (default) or mma.sync.
+            // prefix tiles fused in one launch; the prefix tiles on WMMA (default), mma.sync or wgmma.
             const unsigned variant = (static_cast<unsigned>(index) * 2654435761u) >> 28;
             // or decode_rows merging the prefix states itself (no combine launch), or decode_rows on a
             // side stream (the emulation runs it only at the join). (mma128 with fused runs separate
@@ -472,8 +473,9 @@ TEST_F(CudaSweep, CascadeDecodeAttention) {
             const char* suffix_names[] = {"suffix tiles", "suffix decode_rows", "suffix decode_rows fused",
                                           "suffix decode_rows merging", "suffix decode_rows on a side stream"};
             const char* launches[] = {nullptr, nullptr, "fused", "merge", "streams"};
-            const char* tile_names[] = {"wmma", "mma", "mma128"};
-            const unsigned suffix = variant % 5, tiles = variant / 5 % 3;
+            const char* tile_names[] = {"wmma", "mma", "mma128", "wgmma"};
+            const unsigned suffix = variant % 5;
+            const unsigned tiles = ((static_cast<unsigned>(index) * 2246822519u) >> 28) % 4;
             if (suffix == 0) setenv("BATCHLLM_CASCADE_SUFFIX", "tile", 1);
             if (launches[suffix] != nullptr) setenv("BATCHLLM_CASCADE_LAUNCH", launches[suffix], 1);
             setenv("BATCHLLM_ATTENTION_TILES", tile_names[tiles], 1);

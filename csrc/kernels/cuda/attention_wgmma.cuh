@@ -1,0 +1,165 @@
+// One tile of paged attention on Hopper's warpgroup MMA (wgmma.mma_async, sm_90a): the mma kernel's
+// tile (attention_mma.cuh: same Problem, TileRows, grid, register layouts and online softmax), with
+// its two matrix products on wgmma instead of ldmatrix + mma.sync:
+//   - S (64 rows x 64 keys per warpgroup) = Q K^T: D / 16 wgmma m64n64k16, A = the Q fragments in
+//     registers, B = the K tile in shared memory (K-major);
+//   - O (64 rows x D) += P V: 4 wgmma m64nDk16, A = P from the S accumulators in registers, B = the
+//     V tile in shared memory (N-major: V's head dims are the product's N).
+// The tensor cores read K and V straight from shared memory (no ldmatrix through registers, no
+// per-warp re-read of the tile's fragments), at the issue rate the H100's figures assume.
+// 8 warps = 2 warpgroups = 128 rows per tile (mma128's tile; each K/V tile in shared memory serves 128
+// rows). K/V tiles are double-buffered by cp.async in the core-matrix layout of wgmma.cuh, each thread
+// copying 16 contiguous bytes (no bank conflicts); the finished rows leave through that space as in
+// the mma kernel.
+// Selected by BATCHLLM_ATTENTION_TILES=wgmma where wgmma_available() (sm_90a build on a compute 9.0
+// device; otherwise mma128 runs) until a GPU run decides.
+#pragma once
+
+#include "kernels/cuda/attention_mma.cuh"
+#include "kernels/cuda/wgmma.cuh"
+
+namespace batchllm::kernels::cuda {
+
+template <typename T, int D>
+struct WgmmaSmem {
+  static constexpr int kLdO = D + 4;  // floats, for the finished rows
+  static constexpr int kStages = 2;
+  union {
+    struct {
+      T k[kTileKeys * D];  // core matrix (key / 8, dim / 8) at ((key / 8) * (D / 8) + dim / 8) * 64 elements
+      T v[kTileKeys * D];
+    } kv[kStages];
+    float o[kMaxTileRows * kLdO];
+  };
+  TileRows<T> rows;
+};
+
+/// Issues the cp.async copies of 64 keys (from `first_key`) into a stage in the core-matrix layout and
+/// commits them as one group; keys past num_keys are zero-filled. Copy idx (16 bytes) lands at byte
+/// 16 idx: key (idx % 8) + 8 (idx / (8 D / 8)), dims 8 ((idx / 8) % (D / 8)) .. + 7, so the 8
+/// threads of a quarter warp fill one 128-byte core matrix.
+template <typename T, int D, int kThreads>
+__device__ __forceinline__ void issue_kv_tile_core_matrices(T* k_dst, T* v_dst, const TensorView& k_cache,
+                                                            const TensorView& v_cache, const TileRows<T>& rows,
+                                                            int first_key) {
+  constexpr int kChunks = D / 8;  // 16-byte chunks of a key
+  constexpr int kVecPerThread = kTileKeys * kChunks / kThreads;
+  static_assert(kTileKeys * kChunks % kThreads == 0, "tile loads must divide evenly");
+  const T* k_base = static_cast<const T*>(k_cache.data);
+  const T* v_base = static_cast<const T*>(v_cache.data);
+#pragma unroll
+  for (int i = 0; i < kVecPerThread; ++i) {
+    const int idx = threadIdx.x + i * kThreads;
+    const int key = idx % 8 + 8 * (idx / (8 * kChunks)), chunk = (idx / 8) % kChunks;
+    const int pos = first_key + key;
+    const bool valid = pos < rows.num_keys;
+    const T* k_src = k_base;
+    const T* v_src = v_base;
+    if (valid) {
+      k_src += paged_kv_offset(k_cache, rows.blocks, rows.block_size, rows.kv_head, pos) + chunk * 8;
+      v_src += paged_kv_offset(v_cache, rows.blocks, rows.block_size, rows.kv_head, pos) + chunk * 8;
+    }
+    cp_async_16(k_dst + idx * 8, k_src, valid);
+    cp_async_16(v_dst + idx * 8, v_src, valid);
+  }
+  cp_async_commit();
+}
+
+/// One work item of the wgmma tile kernel on a CTA of kWarps warps (a multiple of 4: whole
+/// warpgroups; 16 rows per warp, the Problem's tile_rows = 16 * kWarps), in `smem_raw` (WgmmaSmem,
+/// 128-byte aligned).
+template <typename T, int D, int kWarps, typename Problem>
+__device__ __forceinline__ void attention_wgmma(const Problem& problem, const dim3& item, unsigned char* smem_raw,
+                                                const TensorView& k_cache, const TensorView& v_cache,
+                                                float scale_log2) {
+  static_assert(kWarps % 4 == 0 && 16 * kWarps <= kMaxTileRows, "whole warpgroups of 64 rows");
+  constexpr int kThreads = 32 * kWarps;
+  // Byte steps between core matrices (wgmma.cuh): K-major K tile: along dims 128, along keys 16 D;
+  // N-major V tile: along keys (the product's K) 16 D, along dims (its N) 128.
+  constexpr uint32_t kCoreBytes = 128, kKeyGroupBytes = 16 * D;
+  using Smem = WgmmaSmem<T, D>;
+  Smem& sm = *reinterpret_cast<Smem*>(smem_raw);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int g = lane / 4, t = lane % 4;
+
+  if (!setup_rows(problem, sm.rows, k_cache, item)) return;
+
+  // Warp w of warpgroup w / 4 holds rows 16 w + g and 16 w + g + 8 of the tile: the mma kernel's rows.
+  const int r0 = warp * 16 + g, r1 = r0 + 8;
+  const T* q0 = sm.rows.q[r0];
+  const T* q1 = sm.rows.q[r1];
+  LaneRows rows{q0 ? sm.rows.key_limit[r0] : 0, q1 ? sm.rows.key_limit[r1] : 0};
+  uint32_t qa[D / 16][4];
+  load_q_fragments<T, D>(qa, q0, q1, t);
+
+  float o[D / 8][4];
+#pragma unroll
+  for (int n = 0; n < D / 8; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.0f;
+
+  const int keys_end = sm.rows.num_keys;
+  if (sm.rows.key_begin < keys_end) {
+    issue_kv_tile_core_matrices<T, D, kThreads>(sm.kv[0].k, sm.kv[0].v, k_cache, v_cache, sm.rows,
+                                                sm.rows.key_begin);
+  }
+  int stage = 0;
+  for (int first_key = sm.rows.key_begin; first_key < keys_end; first_key += kTileKeys, stage ^= 1) {
+    if (first_key + kTileKeys < keys_end) {  // the next tile into the other stage, then wait for this one
+      issue_kv_tile_core_matrices<T, D, kThreads>(sm.kv[stage ^ 1].k, sm.kv[stage ^ 1].v, k_cache, v_cache,
+                                                  sm.rows, first_key + kTileKeys);
+      cp_async_wait<1>();
+    } else {
+      cp_async_wait<0>();
+    }
+    fence_proxy_async_shared();  // this thread's copies, before the async proxy (wgmma) reads them
+    __syncthreads();             // every thread's copies of this stage are in
+    const T* k_tile = sm.kv[stage].k;
+    const T* v_tile = sm.kv[stage].v;
+
+    // S = Q K^T: k-step kk takes dims 16 kk .. 16 kk + 15, i.e. core-matrix columns 2 kk and 2 kk + 1.
+    float s[kTileKeys / 8][4];
+#pragma unroll
+    for (int n = 0; n < kTileKeys / 8; ++n) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.0f;
+    wgmma_fence_operands(s);
+    wgmma_fence();  // the accumulators were just written by the threads
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+      wgmma_m64k16<T, kTileKeys, false>(s, qa[kk], wgmma_descriptor(k_tile + kk * 16 * 8, kCoreBytes,
+                                                                      kKeyGroupBytes));
+    }
+    wgmma_commit();
+    wgmma_wait<0>();
+    wgmma_fence_operands(s);
+
+    softmax_tile<D>(s, o, rows, first_key, t, scale_log2);
+
+    // O += P V: k-step j takes keys 16 j .. 16 j + 15, i.e. core-matrix rows 2 j and 2 j + 1 of V. Every
+    // P fragment is packed before the first issue (registers written between the issues of one
+    // group make ptxas wait for the earlier ones).
+    uint32_t pa[kTileKeys / 16][4];
+#pragma unroll
+    for (int j = 0; j < kTileKeys / 16; ++j) p_fragment<T>(pa[j], s, j);
+    wgmma_fence_operands(o);
+    wgmma_fence();  // O was rescaled and P packed by the threads
+#pragma unroll
+    for (int j = 0; j < kTileKeys / 16; ++j) {
+      wgmma_m64k16<T, D, true>(o, pa[j], wgmma_descriptor(v_tile + j * 2 * kKeyGroupBytes / sizeof(T),
+                                                          kKeyGroupBytes, kCoreBytes));
+    }
+    wgmma_commit();
+    wgmma_wait<0>();
+    wgmma_fence_operands(o);
+    __syncthreads();  // every warpgroup is done with this stage before the next iteration refills it
+  }
+  write_tile_rows<T, D, Smem::kLdO>(problem, item, o, rows, sm.o, sm.rows, warp, lane);
+}
+
+/// The wgmma tile kernel: grid and Problem as attention_tile_kernel, 32 * kWarps threads; dynamic
+/// smem: WgmmaSmem.
+template <typename T, int D, typename Problem, int kWarps>
+__global__ void __launch_bounds__(32 * kWarps) attention_wgmma_kernel(Problem problem, TensorView k_cache,
+                                                                      TensorView v_cache, float scale_log2) {
+  BATCHLLM_DYNAMIC_SHARED_MEMORY(smem_raw);
+  attention_wgmma<T, D, kWarps>(problem, blockIdx, smem_raw, k_cache, v_cache, scale_log2);
+}
+
+}  // namespace batchllm::kernels::cuda

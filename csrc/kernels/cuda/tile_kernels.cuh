@@ -1,0 +1,52 @@
+// The choice of tile kernel for prefill and cascade-prefix tiles, and its launcher: WMMA
+// (attention_tile.cuh), mma.sync (attention_mma.cuh) or wgmma (attention_wgmma.cuh).
+#pragma once
+
+#include "kernels/cuda/attention_wgmma.cuh"
+
+namespace batchllm::kernels::cuda {
+
+/// The kernel of prefill and cascade-prefix tiles, from BATCHLLM_ATTENTION_TILES, read at every
+/// launch so that a benchmark can compare them in one process: WMMA (default; 64 rows), mma (the
+/// mma.sync kernel, 4 warps, 64 rows), mma128 (8 warps, 128 rows: each K/V tile brought into
+/// shared memory serves twice the rows, which halves the L2 -> SM traffic of a prefix with many
+/// readers) or wgmma (mma128's tile on Hopper's warpgroup MMA; where wgmma_available() is false,
+/// mma128 runs instead).
+enum class TileKernel { kWmma, kMma, kMma128, kWgmma };
+
+inline TileKernel tile_kernel() {
+  if (env_equals("BATCHLLM_ATTENTION_TILES", "mma")) return TileKernel::kMma;
+  if (env_equals("BATCHLLM_ATTENTION_TILES", "mma128")) return TileKernel::kMma128;
+  if (env_equals("BATCHLLM_ATTENTION_TILES", "wgmma")) {
+    return wgmma_available() ? TileKernel::kWgmma : TileKernel::kMma128;
+  }
+  return TileKernel::kWmma;
+}
+
+/// Query rows per tile of a tile kernel: the Problem's tile_rows and the grid follow it.
+inline int tile_rows(TileKernel kernel) {
+  return kernel == TileKernel::kMma128 || kernel == TileKernel::kWgmma ? kMaxTileRows : kTileRows;
+}
+
+/// Launches the Problem's tiles on `kernel` (tile_kernel()); the Problem's tile_rows and the grid
+/// must be tile_rows(kernel)'s.
+template <typename T, int D, typename Problem>
+cudaError_t launch_tiles(TileKernel kernel, const Problem& problem, dim3 grid, const TensorView& k_cache,
+                         const TensorView& v_cache, float scale, cudaStream_t stream) {
+  if (problem.tile_rows != tile_rows(kernel)) return cudaErrorInvalidValue;
+  switch (kernel) {
+    case TileKernel::kMma:
+      return launch_tile_kernel<attention_mma_kernel<T, D, Problem, 4>, sizeof(MmaSmem<T, D>)>(
+          problem, grid, k_cache, v_cache, scale, stream);
+    case TileKernel::kMma128:
+      return launch_tile_kernel<attention_mma_kernel<T, D, Problem, 8>, sizeof(MmaSmem<T, D>), Problem, 256>(
+          problem, grid, k_cache, v_cache, scale, stream);
+    case TileKernel::kWgmma:
+      return launch_tile_kernel<attention_wgmma_kernel<T, D, Problem, 8>, sizeof(WgmmaSmem<T, D>), Problem, 256>(
+          problem, grid, k_cache, v_cache, scale, stream);
+    default:
+      return launch_attention_tiles<T, D>(problem, grid, k_cache, v_cache, scale, stream);
+  }
+}
+
+}  // namespace batchllm::kernels::cuda
