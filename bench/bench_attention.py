@@ -232,6 +232,32 @@ def tile_kernel_that_runs(tiles: str) -> str:
         return ops._C.cuda_tile_kernel()
 
 
+class ContextLost(RuntimeError):
+    """A variant's failure left the CUDA context unusable (a fault is sticky): nothing more can run in
+    this process. main() records it and exits with 3; rerun with --resume --skip-variants NAME."""
+
+    def __init__(self, variant: str, error: str):
+        super().__init__(f"CUDA context lost in variant {variant}: {error}")
+        self.variant, self.error = variant, error
+
+
+def cuda_context_alive() -> bool:
+    """Whether the device still runs work after a failure (an illegal address or a trap kills it)."""
+    try:
+        torch.cuda.synchronize()
+        return torch.ones(1, device="cuda").add_(1).item() == 2.0
+    except RuntimeError:
+        return False
+
+
+def variant_failed(name: str, err: Exception) -> str:
+    """The failure's text; raises ContextLost when the device cannot go on."""
+    error = f"{type(err).__name__}: {err}"
+    if not cuda_context_alive():
+        raise ContextLost(name, error) from err
+    return error
+
+
 def bench_decode(shape, bandwidth, reps, device_name):
     batch, prefix, suffix = shape
     kv_bytes = (prefix + batch * suffix) * KV_BYTES_PER_TOKEN
@@ -253,9 +279,8 @@ def bench_decode(shape, bandwidth, reps, device_name):
             variant_ms[name] = time_with_env(settings, [x.ours for x in inputs], reps)
             variant_rel_err[name] = rel_err_of(inputs[0], settings)
         except Exception as err:  # noqa: BLE001 (any failure of one variant)
-            errors[name] = f"{type(err).__name__}: {err}"
+            errors[name] = variant_failed(name, err)
             variant_ms[name] = variant_rel_err[name] = math.nan
-            torch.cuda.synchronize()
     best = min((n for n in variant_ms if not math.isnan(variant_ms[n])), key=variant_ms.get)
     hydragen_ms = time_graphs([x.hydragen for x in inputs], reps=reps)
     check_sdpa_backend(inputs[0].sdpa)
@@ -277,17 +302,18 @@ def bench_decode(shape, bandwidth, reps, device_name):
 
 def variant_summary(decode_rows: list) -> dict:
     """Each variant's geometric mean of time / ours over the decode shapes: the default to pick."""
-    names = list(decode_rows[0]["variant_ms"])
-    # A variant that failed on any shape (NaN) gets NaN, and is never the fastest.
-    geomean = {n: math.exp(sum(math.log(r["variant_ms"][n] / r["ours_ms"]) for r in decode_rows) / len(decode_rows))
-               for n in names}
+    names = list(dict.fromkeys(n for r in decode_rows for n in r["variant_ms"]))
+    # A variant that failed on any shape (NaN), or was skipped on some (rows of a resumed run), gets
+    # NaN, and is never the fastest.
+    geomean = {n: math.exp(sum(math.log(r["variant_ms"].get(n, math.nan) / r["ours_ms"]) for r in decode_rows)
+                           / len(decode_rows)) for n in names}
     valid = [n for n in names if not math.isnan(geomean[n])]
     return {"bench": "decode_attention_summary", "device": decode_rows[0]["device"], "commit": decode_rows[0]["commit"],
             "shapes": [[r["B"], r["P"], r["S"]] for r in decode_rows], "geomean_vs_ours": geomean,
             "fastest": min(valid, key=geomean.get), "variant_env": DECODE_VARIANTS}
 
 
-def bench_prefill(shape, reps, device_name, device="cuda"):
+def bench_prefill(shape, reps, device_name, device="cuda", skip=()):
     from batchllm_core import ops
     seqs, tokens = shape
     gen = torch.Generator(device=device).manual_seed(7)
@@ -326,12 +352,16 @@ def bench_prefill(shape, reps, device_name, device="cuda"):
                 ours()
                 return ms, float((out.float() - reference).norm() / reference.norm()), None
         except Exception as err:  # noqa: BLE001 (a variant failing on its first GPU is reported)
-            torch.cuda.synchronize()
-            return math.nan, math.nan, f"{type(err).__name__}: {err}"
+            return math.nan, math.nan, variant_failed("prefill:" + tiles, err)
 
-    mma_ms, mma_rel_err, mma_error = variant("mma")
-    mma128_ms, mma128_rel_err, mma128_error = variant("mma128")
-    wgmma_ms, wgmma_rel_err, wgmma_error = variant("wgmma")
+    def unless_skipped(tiles: str):
+        if "prefill:" + tiles in skip:
+            return math.nan, math.nan, "skipped (--skip-variants)"
+        return variant(tiles)
+
+    mma_ms, mma_rel_err, mma_error = unless_skipped("mma")
+    mma128_ms, mma128_rel_err, mma128_error = unless_skipped("mma128")
+    wgmma_ms, wgmma_rel_err, wgmma_error = unless_skipped("wgmma")
     errors = {name: e for name, e in (("mma", mma_error), ("mma128", mma128_error), ("wgmma", wgmma_error))
               if e is not None}
     sdpa_ms = time_graphs([sdpa], reps=reps)
@@ -364,6 +394,11 @@ def main() -> int:
     parser.add_argument("--no-prefill", action="store_true")
     parser.add_argument("--cpu-smoke", action="store_true",
                         help="check the baselines' layouts against our CPU op on a tiny shape (no timing)")
+    parser.add_argument("--skip-variants", default="",
+                        help="comma-separated variants not to run: decode names of DECODE_VARIANTS, "
+                             "prefill ones as prefill:mma|mma128|wgmma (after one lost the CUDA context)")
+    parser.add_argument("--resume", action="store_true",
+                        help="with --json-out: keep the shapes already in the file and run only the others")
     args = parser.parse_args()
     if args.cpu_smoke:
         return cpu_smoke()
@@ -378,7 +413,17 @@ def main() -> int:
     bandwidth = copy_bandwidth_bytes_per_s()
     print(f"device {device_name}; copy bandwidth {bandwidth / 1e12:.2f} TB/s (read + write); torch {torch.__version__}; "
           f"BATCHLLM_ATTENTION_TILES=wgmma runs {tile_kernel_that_runs('wgmma')}")
+    skip = {name for name in args.skip_variants.split(",") if name}
+    global DECODE_VARIANTS
+    DECODE_VARIANTS = {name: env for name, env in DECODE_VARIANTS.items() if name not in skip}
     rows = []
+    if args.resume and args.json_out and os.path.exists(args.json_out):
+        with open(args.json_out) as f:
+            rows = [r for r in map(json.loads, filter(str.strip, f))
+                    if r.get("bench") in ("decode_attention", "prefill_attention")]
+    done = {(r["B"], r["P"], r["S"]) if r["bench"] == "decode_attention" else (r["seqs"], r["tokens"]) for r in rows}
+    if done:
+        print(f"resumed: {len(done)} shape(s) already in {args.json_out}; skipped variants: {sorted(skip)}")
 
     def record(row: dict) -> None:
         """Keeps a finished row; with --json-out it is on disk at once (a time limit keeps what ran)."""
@@ -387,10 +432,27 @@ def main() -> int:
             with open(args.json_out, "a") as f:
                 f.write(json.dumps(row) + "\n")
 
+    try:
+        run_tables(args, reps, device_name, bandwidth, rows, record, done, skip)
+    except ContextLost as lost:
+        record({"bench": "context_lost", "device": device_name, "commit": commit(), "variant": lost.variant,
+                "error": lost.error})
+        print(f"bench_attention: {lost}; nothing more can run in this process. Rerun with --resume "
+              f"--skip-variants {','.join(sorted(skip | {lost.variant}))}", flush=True)
+        return 3
+    for r in rows:
+        print("JSON " + json.dumps(r))
+    return 0
+
+
+def run_tables(args, reps, device_name, bandwidth, rows, record, done, skip) -> None:
+    """The decode table with its summary, then the prefill table (shapes in `done` are not run again)."""
     names = ["ours", *DECODE_VARIANTS]
     print(f"{'B':>5} {'P':>6} {'S':>5} | " + " ".join(f"{n:>12}" for n in names) + f" {'sdpa':>8} {'hydragen':>8} "
           f"{'floor':>8} | {'ours/floor':>10} {'best/floor':>10} {'hydra/best':>10} {'max rel err':>11}   (ms)")
     for shape in DECODE_SHAPES:
+        if tuple(shape) in done:
+            continue
         t0 = time.time()
         r = bench_decode(shape, bandwidth, reps, device_name)
         r["copy_tb_s"] = bandwidth / 1e12
@@ -414,7 +476,9 @@ def main() -> int:
               f"{'ours/sdpa':>9} {'ours TF/s':>9} "
               f"{'sdpa TF/s':>9} {'rel err':>8}")
         for shape in PREFILL_SHAPES:
-            r = bench_prefill(shape, reps, device_name)
+            if tuple(shape) in done:
+                continue
+            r = bench_prefill(shape, reps, device_name, skip=skip)
             record(r)
             print(f"{r['seqs']:>5} {r['tokens']:>6} | {r['ours_ms']:>8.3f} {r['ours_mma_ms']:>8.3f} {r['ours_mma128_ms']:>8.3f} "
                   f"{r['ours_wgmma_ms']:>8.3f} "
@@ -423,9 +487,6 @@ def main() -> int:
                   f"{r['rel_err_vs_sdpa']:>8.1e}", flush=True)
             for name, error in r["variant_errors"].items():
                 print(f"      variant {name} FAILED: {error}", flush=True)
-    for r in rows:
-        print("JSON " + json.dumps(r))
-    return 0
 
 
 if __name__ == "__main__":

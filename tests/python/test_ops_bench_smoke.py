@@ -34,34 +34,9 @@ def test_bench_attention_decode_variants_on_emulated_kernels(monkeypatch, tmp_pa
     # The GPU run's decode table, on the CUDA kernels compiled for the CPU emulation: every variant's
     # environment selects kernels that compute the baselines' attention, the table prints, and each
     # shape's JSON line is on disk. Only the timing is faked (one call, 1 ms).
-    bench = _load_bench()
-    cuda_emulation.activate(monkeypatch)
-    init = bench.DecodeInputs.__init__
-
-    def cpu_inputs(self, batch, prefix, suffix, with_dense, seed, device="cpu", dtype=torch.bfloat16):
-        init(self, batch, prefix, suffix, with_dense, seed, device="cpu", dtype=dtype)
-
-    monkeypatch.setattr(bench.DecodeInputs, "__init__", cpu_inputs)
-    monkeypatch.setattr(bench, "time_graphs", lambda fns, reps=1: (fns[0](), 1.0)[1])
-    monkeypatch.setattr(bench, "check_sdpa_backend", lambda fn: None)
-    monkeypatch.setattr(bench, "num_input_sets", lambda n: 1)
-    monkeypatch.setattr(bench, "copy_bandwidth_bytes_per_s", lambda: 3e12)
-    monkeypatch.setattr(bench, "DECODE_SHAPES", [(3, 40, 20), (70, 16, 5)])
+    bench = _emulated_bench(monkeypatch)
     # A variant that fails (as one might on its first GPU) is reported; the others still run.
     monkeypatch.setattr(bench, "DECODE_VARIANTS", {**bench.DECODE_VARIANTS, "broken": {"BATCHLLM_TEST_BROKEN": "1"}})
-    time_with_env = bench.time_with_env
-
-    def failing_time_with_env(settings, fns, reps):
-        if "BATCHLLM_TEST_BROKEN" in settings:
-            raise RuntimeError("CUDA error: an illegal memory access was encountered")
-        return time_with_env(settings, fns, reps)
-
-    monkeypatch.setattr(bench, "time_with_env", failing_time_with_env)
-    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i=0: "emulated")
-    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
-    monkeypatch.setattr(batchllm_core, "cuda_available", lambda: True)
     json_out = tmp_path / "bench.jsonl"
     monkeypatch.setattr(sys, "argv", ["bench_attention.py", "--no-prefill", "--json-out", str(json_out)])
     assert bench.main() == 0
@@ -78,6 +53,68 @@ def test_bench_attention_decode_variants_on_emulated_kernels(monkeypatch, tmp_pa
         assert worst[1] < 1e-2, worst
     out = capsys.readouterr().out
     assert "best ours" in out and "variant broken FAILED" in out
+
+
+@pytest.mark.skipif(cuda_emulation.module() is None, reason="no CUDA emulation module in this build")
+def test_bench_attention_resumes_without_a_variant_that_lost_the_context(monkeypatch, tmp_path, capsys):
+    # A fault is sticky on a GPU: after it nothing runs in the process. The bench records what it had,
+    # names the variant and exits with 3; rerun with --resume --skip-variants, it measures only the
+    # shapes still missing, without that variant (bench/device_check.sh does this).
+    bench = _emulated_bench(monkeypatch)
+    variants = {**bench.DECODE_VARIANTS, "broken": {"BATCHLLM_TEST_BROKEN": "1"}}
+    monkeypatch.setattr(bench, "DECODE_VARIANTS", variants)
+    alive = iter([True, False])  # the first shape's failure leaves the device usable, the second's not
+    monkeypatch.setattr(bench, "cuda_context_alive", lambda: next(alive))
+    json_out = tmp_path / "bench.jsonl"
+    monkeypatch.setattr(sys, "argv", ["bench_attention.py", "--no-prefill", "--json-out", str(json_out), "--resume"])
+    assert bench.main() == 3
+    rows = [json.loads(line) for line in json_out.read_text().splitlines()]
+    assert [r["bench"] for r in rows] == ["decode_attention", "context_lost"] and rows[1]["variant"] == "broken"
+    assert "--skip-variants broken" in capsys.readouterr().out
+    monkeypatch.setattr(bench, "DECODE_VARIANTS", variants)  # a new process starts from the full list
+    monkeypatch.setattr(sys, "argv", ["bench_attention.py", "--no-prefill", "--json-out", str(json_out), "--resume",
+                                      "--skip-variants", "broken"])
+    assert bench.main() == 0
+    rows = [json.loads(line) for line in json_out.read_text().splitlines()]
+    decode = [r for r in rows if r["bench"] == "decode_attention"]
+    assert [(r["B"], r["P"], r["S"]) for r in decode] == [(3, 40, 20), (70, 16, 5)]  # each shape once
+    assert "broken" not in decode[1]["variant_ms"]
+    summary = rows[-1]
+    assert summary["bench"] == "decode_attention_summary" and summary["shapes"] == [[3, 40, 20], [70, 16, 5]]
+    assert summary["fastest"] != "broken" and "broken" not in summary["variant_env"]
+
+
+def _emulated_bench(monkeypatch):
+    """bench_attention on the emulated kernels: CPU inputs, one input set, timing faked (one call,
+    1 ms), the device faked; a variant whose environment has BATCHLLM_TEST_BROKEN fails as a GPU fault."""
+    bench = _load_bench()
+    cuda_emulation.activate(monkeypatch)
+    init = bench.DecodeInputs.__init__
+
+    def cpu_inputs(self, batch, prefix, suffix, with_dense, seed, device="cpu", dtype=torch.bfloat16):
+        init(self, batch, prefix, suffix, with_dense, seed, device="cpu", dtype=dtype)
+
+    monkeypatch.setattr(bench.DecodeInputs, "__init__", cpu_inputs)
+    monkeypatch.setattr(bench, "time_graphs", lambda fns, reps=1: (fns[0](), 1.0)[1])
+    monkeypatch.setattr(bench, "check_sdpa_backend", lambda fn: None)
+    monkeypatch.setattr(bench, "num_input_sets", lambda n: 1)
+    monkeypatch.setattr(bench, "copy_bandwidth_bytes_per_s", lambda: 3e12)
+    monkeypatch.setattr(bench, "DECODE_SHAPES", [(3, 40, 20), (70, 16, 5)])
+    time_with_env = bench.time_with_env
+
+    def failing_time_with_env(settings, fns, reps):
+        if "BATCHLLM_TEST_BROKEN" in settings:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        return time_with_env(settings, fns, reps)
+
+    monkeypatch.setattr(bench, "time_with_env", failing_time_with_env)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i=0: "emulated")
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    monkeypatch.setattr(batchllm_core, "cuda_available", lambda: True)
+    monkeypatch.setattr(bench, "cuda_context_alive", lambda: True)
+    return bench
 
 
 @pytest.mark.skipif(cuda_emulation.module() is None, reason="no CUDA emulation module in this build")
