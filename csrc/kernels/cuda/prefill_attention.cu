@@ -19,6 +19,12 @@ struct PrefillProblem {
   const int32_t* context_lens;
   int group;
   int tile_rows;  // rows per tile: the kernel's (tile_rows(kernel))
+  int row_tiles;  // the grid's x: row tiles of the longest sequence
+
+  /// The row tile of work item x: the last rows first. A sequence's later rows attend to more keys
+  /// (causal), so the CTAs dispatched first are the longest and the grid ends on short tiles instead
+  /// of a tail of long ones.
+  __device__ int row_tile(const dim3& item) const { return row_tiles - 1 - static_cast<int>(item.x); }
 
   __device__ bool setup(TileRows<T>& rows, const dim3& item) const {
     const int seq = item.y;
@@ -26,7 +32,7 @@ struct PrefillProblem {
     const int q_begin = query_start[seq];
     const int q_len = query_start[seq + 1] - q_begin;
     const int context = context_lens[seq];
-    const int first = item.x * tile_rows;
+    const int first = row_tile(item) * tile_rows;
     if (first >= q_len * group) return false;
     rows.num_keys = 0;
     for (int r = 0; r < tile_rows; ++r) {
@@ -48,7 +54,7 @@ struct PrefillProblem {
   }
 
   __device__ void write(const dim3& item, int r, const float* o_row, float inv_sum, float /*lse*/, int lane) const {
-    const int idx = item.x * tile_rows + r;
+    const int idx = row_tile(item) * tile_rows + r;
     const int64_t row = query_start[item.y] + idx / group;
     const int head = item.z * group + idx % group;
     T* dst = static_cast<T*>(o.data) + row * o.stride[0] + head * o.stride[1];
@@ -81,7 +87,7 @@ cudaError_t prefill_attention_cuda(const PrefillParams& p, cudaStream_t stream) 
   return BATCHLLM_DISPATCH_HALF_TYPES(p.q.dtype, [&] {
     return BATCHLLM_DISPATCH_HEAD_DIM(p.q.shape[2], [&] {
       cuda::PrefillProblem<scalar_t> problem{p.q, p.o, p.block_tables, p.max_blocks_per_seq, p.query_start,
-                                             p.context_lens, group, rows};
+                                             p.context_lens, group, rows, static_cast<int>(grid.x)};
       return cuda::launch_tiles<scalar_t, kHeadDim>(kernel, problem, grid, p.k_cache, p.v_cache, p.scale, stream);
     });
   });
