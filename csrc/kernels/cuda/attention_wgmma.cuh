@@ -8,9 +8,9 @@
 // The tensor cores read K and V straight from shared memory (no ldmatrix through registers, no
 // per-warp re-read of the tile's fragments), at the issue rate the H100's figures assume.
 // 8 warps = 2 warpgroups = 128 rows per tile (mma128's tile; each K/V tile in shared memory serves 128
-// rows). K/V tiles are double-buffered by cp.async in the core-matrix layout of wgmma.cuh, each thread
-// copying 16 contiguous bytes (no bank conflicts); the finished rows leave through that space as in
-// the mma kernel.
+// rows). K/V tiles come by cp.async, two tiles ahead into three stages (one barrier per tile), in the
+// core-matrix layout of wgmma.cuh, each thread copying 16 contiguous bytes (no bank conflicts); the
+// finished rows leave through that space as in the mma kernel.
 // Selected by BATCHLLM_ATTENTION_TILES=wgmma where wgmma_available() (sm_90a build on a compute 9.0
 // device; otherwise mma128 runs) until a GPU run decides.
 #pragma once
@@ -23,7 +23,10 @@ namespace batchllm::kernels::cuda {
 template <typename T, int D>
 struct WgmmaSmem {
   static constexpr int kLdO = D + 4;  // floats, for the finished rows
-  static constexpr int kStages = 2;
+  // Three stages: tile i + 2 is issued while tile i is computed (two tiles of loads in flight), and
+  // the stage it refills was last read in iteration i - 1, which every warp finished before the
+  // barrier of iteration i: one barrier per key tile.
+  static constexpr int kStages = 3;
   union {
     struct {
       T k[kTileKeys * D];  // core matrix (key / 8, dim / 8) at ((key / 8) * (D / 8) + dim / 8) * 64 elements
@@ -97,21 +100,29 @@ __device__ __forceinline__ void attention_wgmma(const Problem& problem, const di
   for (int n = 0; n < D / 8; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.0f;
 
   const int keys_end = sm.rows.num_keys;
-  if (sm.rows.key_begin < keys_end) {
-    issue_kv_tile_core_matrices<T, D, kThreads>(sm.kv[0].k, sm.kv[0].v, k_cache, v_cache, sm.rows,
-                                                sm.rows.key_begin);
+  // Prologue: tiles 0 and 1 in flight, one cp.async group each.
+  for (int i = 0; i < 2; ++i) {
+    const int key = sm.rows.key_begin + i * kTileKeys;
+    if (key < keys_end) {
+      issue_kv_tile_core_matrices<T, D, kThreads>(sm.kv[i].k, sm.kv[i].v, k_cache, v_cache, sm.rows, key);
+    }
   }
   int stage = 0;
-  for (int first_key = sm.rows.key_begin; first_key < keys_end; first_key += kTileKeys, stage ^= 1) {
-    if (first_key + kTileKeys < keys_end) {  // the next tile into the other stage, then wait for this one
-      issue_kv_tile_core_matrices<T, D, kThreads>(sm.kv[stage ^ 1].k, sm.kv[stage ^ 1].v, k_cache, v_cache,
-                                                  sm.rows, first_key + kTileKeys);
+  for (int first_key = sm.rows.key_begin; first_key < keys_end;
+       first_key += kTileKeys, stage = stage == Smem::kStages - 1 ? 0 : stage + 1) {
+    if (first_key + kTileKeys < keys_end) {  // this tile's group done; the next one may still be in flight
       cp_async_wait<1>();
     } else {
       cp_async_wait<0>();
     }
     fence_proxy_async_shared();  // this thread's copies, before the async proxy (wgmma) reads them
-    __syncthreads();             // every thread's copies of this stage are in
+    __syncthreads();             // every thread's copies of this tile are in, and every warp is done with
+                                 // the previous tile's stage, which the next issue refills
+    if (first_key + 2 * kTileKeys < keys_end) {
+      const int refill = stage == 0 ? Smem::kStages - 1 : stage - 1;
+      issue_kv_tile_core_matrices<T, D, kThreads>(sm.kv[refill].k, sm.kv[refill].v, k_cache, v_cache, sm.rows,
+                                                  first_key + 2 * kTileKeys);
+    }
     const T* k_tile = sm.kv[stage].k;
     const T* v_tile = sm.kv[stage].v;
 
@@ -148,7 +159,6 @@ __device__ __forceinline__ void attention_wgmma(const Problem& problem, const di
     wgmma_commit();
     wgmma_wait<0>();
     wgmma_fence_operands(o);
-    __syncthreads();  // every warpgroup is done with this stage before the next iteration refills it
   }
   write_tile_rows<T, D, Smem::kLdO>(problem, item, o, rows, sm.o, sm.rows, warp, lane);
 }
