@@ -180,15 +180,15 @@ section_e2e_w6() {
 
 # ---- 6. sanitizer: out-of-bounds accesses and shared-memory races of the kernels on small cases -----------
 # memcheck on a cascade and a prefill case; racecheck (slow: it tracks every shared-memory access) on
-# the small cascade case only. Default kernels first, then the variants (wgmma tiles with the merging
-# suffix kernel; 4-warp mma tiles in the fused launch; 8-warp mma tiles with the merging suffix
-# kernel), as far as the time goes.
+# the small cascade case only. Default kernels first, then the variants (pipelined wgmma tiles with
+# the merging suffix kernel; plain wgmma tiles; 4-warp mma tiles in the fused launch; 8-warp mma
+# tiles with the merging suffix kernel), as far as the time goes.
 section_sanitizer() {
   cd "$ROOT/tests"
   local cascade="test_cascade_cuda_matches_cpu_reference" prefill="test_prefill_attention_cuda_long_chunk_over_cache"
   local variant
-  for variant in "" "BATCHLLM_ATTENTION_TILES=wgmma BATCHLLM_CASCADE_LAUNCH=merge" \
-                 "BATCHLLM_ATTENTION_TILES=mma BATCHLLM_CASCADE_LAUNCH=fused" \
+  for variant in "" "BATCHLLM_ATTENTION_TILES=wgmma-pipe BATCHLLM_CASCADE_LAUNCH=merge" \
+                 "BATCHLLM_ATTENTION_TILES=wgmma" "BATCHLLM_ATTENTION_TILES=mma BATCHLLM_CASCADE_LAUNCH=fused" \
                  "BATCHLLM_ATTENTION_TILES=mma128 BATCHLLM_CASCADE_LAUNCH=merge"; do
     echo "---- compute-sanitizer --tool memcheck ${variant:-(default kernels)}"
     env $variant compute-sanitizer --tool memcheck --error-exitcode 99 --target-processes all \

@@ -44,14 +44,16 @@ def synchronize():
 # The tile kernels of prefill and cascade prefixes (BATCHLLM_ATTENTION_TILES), all until a GPU run
 # picks one: WMMA with O in shared memory (attention_tile.cuh), mma.sync with O in registers
 # (attention_mma.cuh) in 64-row (4 warps) and 128-row (8 warps) tiles, and the 128-row tiles on
-# Hopper's wgmma (attention_wgmma.cuh; mma128 runs where the device or build has no wgmma).
-TILE_KERNELS = ["wmma", "mma", "mma128", "wgmma"]
+# Hopper's wgmma, plain and pipelined (attention_wgmma.cuh; mma128 runs where the device or build has
+# no wgmma).
+TILE_KERNELS = ["wmma", "mma", "mma128", "wgmma", "wgmma-pipe"]
 # Cascade decode variants, "<suffix level>+<prefix tiles>": the suffix on decode_rows (default), on
 # the old tile kernel (BATCHLLM_CASCADE_SUFFIX=tile), decode_rows and the prefix tiles in one fused
 # launch (BATCHLLM_CASCADE_LAUNCH=fused), decode_rows merging the prefix states in its epilogue
 # (=merge), or decode_rows on a side stream beside the prefix tiles (=streams).
 CASCADE_KERNELS = ["decode+wmma", "tile+wmma", "decode+mma", "decode+mma128", "decode+wgmma", "fused+wmma",
-                   "fused+mma", "merge+wmma", "merge+mma128", "merge+wgmma", "streams+wmma"]
+                   "fused+mma", "merge+wmma", "merge+mma128", "merge+wgmma", "merge+wgmma-pipe", "streams+wmma",
+                   "decode+wgmma-pipe"]
 
 
 def use_cascade_kernels(kernels: str, monkeypatch) -> None:
@@ -159,8 +161,8 @@ def assert_cascade_matches_reference(kv, case, levels, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("kernels", ["decode+wmma", "decode+mma128", "decode+wgmma", "fused+mma", "merge+mma",
-                                     "streams+mma"])
+@pytest.mark.parametrize("kernels", ["decode+wmma", "decode+mma128", "decode+wgmma", "decode+wgmma-pipe",
+                                     "fused+mma", "merge+mma", "streams+mma"])
 def test_cascade_cuda_split_kv_with_unequal_prefixes(dtype, kernels, monkeypatch):
     use_cascade_kernels(kernels, monkeypatch)
     # Few row tiles -> the prefix keys are split into chunks; the 90-token prefix has empty chunks
@@ -174,7 +176,7 @@ def test_cascade_cuda_split_kv_with_unequal_prefixes(dtype, kernels, monkeypatch
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("kernels", ["decode+wmma", "decode+mma128", "fused+mma", "merge+mma", "merge+wgmma",
-                                     "streams+mma"])
+                                     "merge+wgmma-pipe", "streams+mma"])
 def test_cascade_cuda_few_rows_long_suffixes(dtype, kernels, monkeypatch):
     use_cascade_kernels(kernels, monkeypatch)
     # 3 rows x 2 KV heads leave the SMs idle: each row's suffix keys are split too, which needs more

@@ -128,5 +128,6 @@ def test_bench_attention_prefill_row_on_emulated_kernels(monkeypatch):
     row = bench.bench_prefill((2, 40), 1, "emulated", device="cpu")
     assert row["variant_errors"] == {}
     assert row["wgmma_runs_as"] == "wgmma"  # the emulation has every architecture's instructions
-    for key in ("rel_err_vs_sdpa", "rel_err_mma_vs_sdpa", "rel_err_mma128_vs_sdpa", "rel_err_wgmma_vs_sdpa"):
+    for key in ("rel_err_vs_sdpa", "rel_err_mma_vs_sdpa", "rel_err_mma128_vs_sdpa", "rel_err_wgmma_vs_sdpa",
+                "rel_err_wgmma_pipe_vs_sdpa"):
         assert row[key] < 1e-2, (key, row[key])

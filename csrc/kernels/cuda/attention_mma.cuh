@@ -83,13 +83,18 @@ __device__ __forceinline__ void load_q_fragments(uint32_t (&qa)[D / 16][4], cons
   }
 }
 
-/// One key tile's online softmax on the lane's accumulators (the mma.m16n8k16 C layout: n-block n
-/// holds keys first_key + 8n .. + 7): masks keys at or past each row's limit, scales, turns S into
-/// the unnormalised probabilities P in place, rescales O by the change of the row max and updates
-/// the running max and sums. A row with no valid key so far keeps o = 0, l = 0.
-template <int D>
-__device__ __forceinline__ void softmax_tile(float (&s)[kTileKeys / 8][4], float (&o)[D / 8][4], LaneRows& rows,
-                                             int first_key, int t, float scale_log2) {
+/// The factors by which a tile's softmax rescales the lane's two output rows.
+struct RowScale {
+  float alpha0, alpha1;
+};
+
+/// One key tile's online softmax on the lane's score accumulators (the mma.m16n8k16 C layout: n-block
+/// n holds keys first_key + 8n .. + 7): masks keys at or past each row's limit, scales, turns S into
+/// the unnormalised probabilities P in place and updates the running max and sums; returns the
+/// factors the output rows must be rescaled by (rescale_rows) before this tile's P V is added. A row
+/// with no valid key so far keeps l = 0 (and factor 1 on its zero output).
+__device__ __forceinline__ RowScale softmax_scores(float (&s)[kTileKeys / 8][4], LaneRows& rows, int first_key,
+                                                   int t, float scale_log2) {
   float tile_max0 = -INFINITY, tile_max1 = -INFINITY;
 #pragma unroll
   for (int n = 0; n < kTileKeys / 8; ++n) {
@@ -110,7 +115,7 @@ __device__ __forceinline__ void softmax_tile(float (&s)[kTileKeys / 8][4], float
   const float new_m0 = fmaxf(rows.m0, tile_max0), new_m1 = fmaxf(rows.m1, tile_max1);
   // exp2 of -inf - -inf would be NaN: an empty row keeps its zeros.
   const bool empty0 = new_m0 == -INFINITY, empty1 = new_m1 == -INFINITY;
-  const float alpha0 = empty0 ? 1.0f : exp2f(rows.m0 - new_m0), alpha1 = empty1 ? 1.0f : exp2f(rows.m1 - new_m1);
+  const RowScale scale{empty0 ? 1.0f : exp2f(rows.m0 - new_m0), empty1 ? 1.0f : exp2f(rows.m1 - new_m1)};
   rows.m0 = new_m0;
   rows.m1 = new_m1;
   float sum0 = 0.0f, sum1 = 0.0f;
@@ -124,15 +129,27 @@ __device__ __forceinline__ void softmax_tile(float (&s)[kTileKeys / 8][4], float
       sum1 += s[n][2 + j];
     }
   }
-  rows.l0 = rows.l0 * alpha0 + sum0;
-  rows.l1 = rows.l1 * alpha1 + sum1;
+  rows.l0 = rows.l0 * scale.alpha0 + sum0;
+  rows.l1 = rows.l1 * scale.alpha1 + sum1;
+  return scale;
+}
+
+template <int D>
+__device__ __forceinline__ void rescale_rows(float (&o)[D / 8][4], const RowScale& scale) {
 #pragma unroll
   for (int n = 0; n < D / 8; ++n) {
-    o[n][0] *= alpha0;
-    o[n][1] *= alpha0;
-    o[n][2] *= alpha1;
-    o[n][3] *= alpha1;
+    o[n][0] *= scale.alpha0;
+    o[n][1] *= scale.alpha0;
+    o[n][2] *= scale.alpha1;
+    o[n][3] *= scale.alpha1;
   }
+}
+
+/// softmax_scores, then the output rows rescaled at once.
+template <int D>
+__device__ __forceinline__ void softmax_tile(float (&s)[kTileKeys / 8][4], float (&o)[D / 8][4], LaneRows& rows,
+                                             int first_key, int t, float scale_log2) {
+  rescale_rows<D>(o, softmax_scores(s, rows, first_key, t, scale_log2));
 }
 
 /// The A fragment of P for the 16-key step j: S n-blocks 2j and 2j + 1, element for element.

@@ -11,8 +11,9 @@
 // rows). K/V tiles come by cp.async, two tiles ahead into three stages (one barrier per tile), in the
 // core-matrix layout of wgmma.cuh, each thread copying 16 contiguous bytes (no bank conflicts); the
 // finished rows leave through that space as in the mma kernel.
-// Selected by BATCHLLM_ATTENTION_TILES=wgmma where wgmma_available() (sm_90a build on a compute 9.0
-// device; otherwise mma128 runs) until a GPU run decides.
+// Selected by BATCHLLM_ATTENTION_TILES=wgmma, or =wgmma-pipe for the pipelined form (the products of one
+// key tile overlap the next tile's softmax; attention_wgmma below), where wgmma_available() (sm_90a
+// build on a compute 9.0 device; otherwise mma128 runs) until a GPU run decides.
 #pragma once
 
 #include "kernels/cuda/attention_mma.cuh"
@@ -20,13 +21,15 @@
 
 namespace batchllm::kernels::cuda {
 
-template <typename T, int D>
+/// Shared memory of a wgmma tile: kStages K/V tiles in flight and computed (the finished rows reuse
+/// the space), and the rows. Tile i + 2 is issued at iteration i into the stage of tile i + 2 -
+/// kStages, which every warp finished with before iteration i's barrier: tile i - 1 with three
+/// stages (the plain kernel); tile i - 2 with four (the pipelined one, whose products of tile i - 1
+/// still read its V during iteration i). One barrier per key tile either way.
+template <typename T, int D, int kStageCount>
 struct WgmmaSmem {
   static constexpr int kLdO = D + 4;  // floats, for the finished rows
-  // Three stages: tile i + 2 is issued while tile i is computed (two tiles of loads in flight), and
-  // the stage it refills was last read in iteration i - 1, which every warp finished before the
-  // barrier of iteration i: one barrier per key tile.
-  static constexpr int kStages = 3;
+  static constexpr int kStages = kStageCount;
   union {
     struct {
       T k[kTileKeys * D];  // core matrix (key / 8, dim / 8) at ((key / 8) * (D / 8) + dim / 8) * 64 elements
@@ -36,6 +39,9 @@ struct WgmmaSmem {
   };
   TileRows<T> rows;
 };
+
+template <typename T, int D, bool kPipelined>
+using WgmmaSmemFor = WgmmaSmem<T, D, kPipelined ? 4 : 3>;
 
 /// Issues the cp.async copies of 64 keys (from `first_key`) into a stage in the core-matrix layout and
 /// commits them as one group; keys past num_keys are zero-filled. Copy idx (16 bytes) lands at byte
@@ -69,9 +75,16 @@ __device__ __forceinline__ void issue_kv_tile_core_matrices(T* k_dst, T* v_dst, 
 }
 
 /// One work item of the wgmma tile kernel on a CTA of kWarps warps (a multiple of 4: whole
-/// warpgroups; 16 rows per warp, the Problem's tile_rows = 16 * kWarps), in `smem_raw` (WgmmaSmem,
-/// 128-byte aligned).
-template <typename T, int D, int kWarps, typename Problem>
+/// warpgroups; 16 rows per warp, the Problem's tile_rows = 16 * kWarps), in `smem_raw`
+/// (WgmmaSmemFor<T, D, kPipelined>, 128-byte aligned).
+///
+/// Plain (kPipelined = false), per key tile i: S(i) = Q K(i)^T, wait; softmax; O += P(i) V(i), wait.
+/// The tensor cores idle while the warpgroup computes its softmax.
+/// Pipelined (flash-attention 3's intra-warpgroup overlap): S(i) and then O += P(i-1) V(i-1) are
+/// issued together; the warpgroup waits for S(i) only, computes the softmax scores of tile i while
+/// the tensor cores still run P(i-1) V(i-1), then waits for that, rescales O and packs P(i); the
+/// last tile's P V follows the loop.
+template <typename T, int D, int kWarps, bool kPipelined, typename Problem>
 __device__ __forceinline__ void attention_wgmma(const Problem& problem, const dim3& item, unsigned char* smem_raw,
                                                 const TensorView& k_cache, const TensorView& v_cache,
                                                 float scale_log2) {
@@ -80,7 +93,7 @@ __device__ __forceinline__ void attention_wgmma(const Problem& problem, const di
   // Byte steps between core matrices (wgmma.cuh): K-major K tile: along dims 128, along keys 16 D;
   // N-major V tile: along keys (the product's K) 16 D, along dims (its N) 128.
   constexpr uint32_t kCoreBytes = 128, kKeyGroupBytes = 16 * D;
-  using Smem = WgmmaSmem<T, D>;
+  using Smem = WgmmaSmemFor<T, D, kPipelined>;
   Smem& sm = *reinterpret_cast<Smem*>(smem_raw);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int g = lane / 4, t = lane % 4;
@@ -98,6 +111,20 @@ __device__ __forceinline__ void attention_wgmma(const Problem& problem, const di
   float o[D / 8][4];
 #pragma unroll
   for (int n = 0; n < D / 8; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.0f;
+  // P of a tile as the A fragments of its 4 16-key steps. All are packed before the first issue
+  // (registers written between the issues of one group make ptxas wait for the earlier ones).
+  uint32_t pa[kTileKeys / 16][4];
+  const T* v_prev = nullptr;  // pipelined: the V tile whose P V is still to be issued
+
+  // O += P V over the V tile `v_tile`: k-step j takes keys 16 j .. 16 j + 15, i.e. core-matrix rows
+  // 2 j and 2 j + 1 of V. Issued, not waited for.
+  auto issue_pv = [&](const T* v_tile) {
+#pragma unroll
+    for (int j = 0; j < kTileKeys / 16; ++j) {
+      wgmma_m64k16<T, D, true>(o, pa[j], wgmma_descriptor(v_tile + j * 2 * kKeyGroupBytes / sizeof(T),
+                                                          kKeyGroupBytes, kCoreBytes));
+    }
+  };
 
   const int keys_end = sm.rows.num_keys;
   // Prologue: tiles 0 and 1 in flight, one cp.async group each.
@@ -117,9 +144,9 @@ __device__ __forceinline__ void attention_wgmma(const Problem& problem, const di
     }
     fence_proxy_async_shared();  // this thread's copies, before the async proxy (wgmma) reads them
     __syncthreads();             // every thread's copies of this tile are in, and every warp is done with
-                                 // the previous tile's stage, which the next issue refills
+                                 // the stage the next issue refills (WgmmaSmem)
     if (first_key + 2 * kTileKeys < keys_end) {
-      const int refill = stage == 0 ? Smem::kStages - 1 : stage - 1;
+      const int refill = (stage + 2) % Smem::kStages;
       issue_kv_tile_core_matrices<T, D, kThreads>(sm.kv[refill].k, sm.kv[refill].v, k_cache, v_cache, sm.rows,
                                                   first_key + 2 * kTileKeys);
     }
@@ -131,31 +158,48 @@ __device__ __forceinline__ void attention_wgmma(const Problem& problem, const di
 #pragma unroll
     for (int n = 0; n < kTileKeys / 8; ++n) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.0f;
     wgmma_fence_operands(s);
-    wgmma_fence();  // the accumulators were just written by the threads
+    wgmma_fence_operands(o);
+    wgmma_fence();  // S zeroed, and (pipelined) O rescaled and P packed by the threads since the last issue
 #pragma unroll
     for (int kk = 0; kk < D / 16; ++kk) {
       wgmma_m64k16<T, kTileKeys, false>(s, qa[kk], wgmma_descriptor(k_tile + kk * 16 * 8, kCoreBytes,
                                                                       kKeyGroupBytes));
     }
     wgmma_commit();
-    wgmma_wait<0>();
-    wgmma_fence_operands(s);
-
-    softmax_tile<D>(s, o, rows, first_key, t, scale_log2);
-
-    // O += P V: k-step j takes keys 16 j .. 16 j + 15, i.e. core-matrix rows 2 j and 2 j + 1 of V. Every
-    // P fragment is packed before the first issue (registers written between the issues of one
-    // group make ptxas wait for the earlier ones).
-    uint32_t pa[kTileKeys / 16][4];
+    if constexpr (kPipelined) {
+      if (v_prev != nullptr) {
+        issue_pv(v_prev);
+        wgmma_commit();
+        wgmma_wait<1>();  // S of this tile; the previous tile's P V may still run
+      } else {
+        wgmma_wait<0>();
+      }
+      wgmma_fence_operands(s);
+      const RowScale scale = softmax_scores(s, rows, first_key, t, scale_log2);
+      wgmma_wait<0>();  // the previous P V: O and P are the threads' again
+      wgmma_fence_operands(o);
+      rescale_rows<D>(o, scale);
 #pragma unroll
-    for (int j = 0; j < kTileKeys / 16; ++j) p_fragment<T>(pa[j], s, j);
-    wgmma_fence_operands(o);
-    wgmma_fence();  // O was rescaled and P packed by the threads
+      for (int j = 0; j < kTileKeys / 16; ++j) p_fragment<T>(pa[j], s, j);
+      v_prev = v_tile;
+    } else {
+      wgmma_wait<0>();
+      wgmma_fence_operands(s);
+      softmax_tile<D>(s, o, rows, first_key, t, scale_log2);
 #pragma unroll
-    for (int j = 0; j < kTileKeys / 16; ++j) {
-      wgmma_m64k16<T, D, true>(o, pa[j], wgmma_descriptor(v_tile + j * 2 * kKeyGroupBytes / sizeof(T),
-                                                          kKeyGroupBytes, kCoreBytes));
+      for (int j = 0; j < kTileKeys / 16; ++j) p_fragment<T>(pa[j], s, j);
+      wgmma_fence_operands(o);
+      wgmma_fence();  // O rescaled and P packed by the threads
+      issue_pv(v_tile);
+      wgmma_commit();
+      wgmma_wait<0>();
+      wgmma_fence_operands(o);
     }
+  }
+  if (kPipelined && v_prev != nullptr) {  // the last tile's P V
+    wgmma_fence_operands(o);
+    wgmma_fence();
+    issue_pv(v_prev);
     wgmma_commit();
     wgmma_wait<0>();
     wgmma_fence_operands(o);
@@ -165,11 +209,11 @@ __device__ __forceinline__ void attention_wgmma(const Problem& problem, const di
 
 /// The wgmma tile kernel: grid and Problem as attention_tile_kernel, 32 * kWarps threads; dynamic
 /// smem: WgmmaSmem.
-template <typename T, int D, typename Problem, int kWarps>
+template <typename T, int D, typename Problem, int kWarps, bool kPipelined>
 __global__ void __launch_bounds__(32 * kWarps) attention_wgmma_kernel(Problem problem, TensorView k_cache,
                                                                       TensorView v_cache, float scale_log2) {
   BATCHLLM_DYNAMIC_SHARED_MEMORY(smem_raw);
-  attention_wgmma<T, D, kWarps>(problem, blockIdx, smem_raw, k_cache, v_cache, scale_log2);
+  attention_wgmma<T, D, kWarps, kPipelined>(problem, blockIdx, smem_raw, k_cache, v_cache, scale_log2);
 }
 
 }  // namespace batchllm::kernels::cuda

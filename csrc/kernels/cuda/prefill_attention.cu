@@ -73,6 +73,8 @@ const char* cuda_tile_kernel_name() {
       return "mma128";
     case cuda::TileKernel::kWgmma:
       return "wgmma";
+    case cuda::TileKernel::kWgmmaPipelined:
+      return "wgmma-pipe";
     default:
       return "wmma";
   }

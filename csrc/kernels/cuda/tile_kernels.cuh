@@ -10,9 +10,10 @@ namespace batchllm::kernels::cuda {
 /// launch so that a benchmark can compare them in one process: WMMA (default; 64 rows), mma (the
 /// mma.sync kernel, 4 warps, 64 rows), mma128 (8 warps, 128 rows: each K/V tile brought into
 /// shared memory serves twice the rows, which halves the L2 -> SM traffic of a prefix with many
-/// readers) or wgmma (mma128's tile on Hopper's warpgroup MMA; where wgmma_available() is false,
-/// mma128 runs instead).
-enum class TileKernel { kWmma, kMma, kMma128, kWgmma };
+/// readers), wgmma (mma128's tile on Hopper's warpgroup MMA) or wgmma-pipe (the same with one key
+/// tile's products overlapping the next one's softmax); where wgmma_available() is false, mma128
+/// runs instead of either.
+enum class TileKernel { kWmma, kMma, kMma128, kWgmma, kWgmmaPipelined };
 
 inline TileKernel tile_kernel() {
   if (env_equals("BATCHLLM_ATTENTION_TILES", "mma")) return TileKernel::kMma;
@@ -20,12 +21,15 @@ inline TileKernel tile_kernel() {
   if (env_equals("BATCHLLM_ATTENTION_TILES", "wgmma")) {
     return wgmma_available() ? TileKernel::kWgmma : TileKernel::kMma128;
   }
+  if (env_equals("BATCHLLM_ATTENTION_TILES", "wgmma-pipe")) {
+    return wgmma_available() ? TileKernel::kWgmmaPipelined : TileKernel::kMma128;
+  }
   return TileKernel::kWmma;
 }
 
 /// Query rows per tile of a tile kernel: the Problem's tile_rows and the grid follow it.
 inline int tile_rows(TileKernel kernel) {
-  return kernel == TileKernel::kMma128 || kernel == TileKernel::kWgmma ? kMaxTileRows : kTileRows;
+  return kernel == TileKernel::kWmma || kernel == TileKernel::kMma ? kTileRows : kMaxTileRows;
 }
 
 /// Launches the Problem's tiles on `kernel` (tile_kernel()); the Problem's tile_rows and the grid
@@ -42,8 +46,11 @@ cudaError_t launch_tiles(TileKernel kernel, const Problem& problem, dim3 grid, c
       return launch_tile_kernel<attention_mma_kernel<T, D, Problem, 8>, sizeof(MmaSmem<T, D>), Problem, 256>(
           problem, grid, k_cache, v_cache, scale, stream);
     case TileKernel::kWgmma:
-      return launch_tile_kernel<attention_wgmma_kernel<T, D, Problem, 8>, sizeof(WgmmaSmem<T, D>), Problem, 256>(
-          problem, grid, k_cache, v_cache, scale, stream);
+      return launch_tile_kernel<attention_wgmma_kernel<T, D, Problem, 8, false>, sizeof(WgmmaSmemFor<T, D, false>),
+                                Problem, 256>(problem, grid, k_cache, v_cache, scale, stream);
+    case TileKernel::kWgmmaPipelined:
+      return launch_tile_kernel<attention_wgmma_kernel<T, D, Problem, 8, true>, sizeof(WgmmaSmemFor<T, D, true>),
+                                Problem, 256>(problem, grid, k_cache, v_cache, scale, stream);
     default:
       return launch_attention_tiles<T, D>(problem, grid, k_cache, v_cache, scale, stream);
   }
