@@ -3,7 +3,7 @@
 #   1. environment   (nvidia-smi, nvcc, cmake, python, torch)
 #   2. build         (pip install --no-build-isolation --no-deps --no-index . for this card's architecture)
 #   3. gpu tests     (pytest -m gpu)
-#   4. benchmarks    (bench/bench_attention.py: decode kernel grid + paged prefill)
+#   4. benchmarks    (bench/bench_attention.py: decode kernel grid + paged prefill; bench/bench_sampling.py)
 #   5. end-to-end    (bench/e2e.py: W1, W2, W5 on llama-1b, policies, graphs, overlap, transformers)
 #   6. sanitizer     (compute-sanitizer memcheck + racecheck on small kernel tests, if time is left)
 #   7. e2e_w6        (W6 on the qwen2.5-7b shape, batchllm vs fcfs-lru, if time is left)
@@ -125,6 +125,13 @@ print([r for r in rows if r.get("bench") == "context_lost"][-1]["variant"])' "$j
   return 3
 }
 
+# ---- 4b. the sampler's fused pass against its torch path on decode-step logits (W1, W4, W6 shapes);
+# log and JSON lines appended to bench_attention's (the device tool returns 8 files at most).
+section_bench_sampling() {
+  cd "$ROOT"
+  "$PY" bench/bench_sampling.py --json-out "$OUT/bench_attention.jsonl"
+}
+
 # ---- 5. end-to-end: whole workloads through LLM, llama-1b random weights (bench/e2e.py) --------------------
 # Runs in priority order, each its own process so that what finished survives the section's timeout;
 # JSON lines in $OUT/e2e.jsonl (plot it here: bench/plot_throughput.py). Reduced scales fit the budget:
@@ -210,6 +217,7 @@ fi
 if (( BUILD_OK )); then
   run_section gpu_tests 110 30 section_gpu_tests
   run_section bench_attention 100 30 section_bench_attention
+  run_section bench_sampling 40 15 section_bench_sampling bench_attention
   run_section e2e 240 45 section_e2e
   run_section sanitizer 90 40 section_sanitizer
   run_section e2e_w6 200 90 section_e2e_w6 e2e
@@ -224,7 +232,7 @@ printf '%s\n' "${SUMMARY[@]}"
 grep -E "passed|failed|error" "$OUT/gpu_tests.log" 2>/dev/null | tail -n 1 | sed 's/^/gpu tests: /'
 if [[ -s "$OUT/bench_attention.log" ]]; then
   echo "bench_attention:"
-  grep -vE "^JSON " "$OUT/bench_attention.log" | tail -n 10
+  grep -vE "^JSON " "$OUT/bench_attention.log" | tail -n 20
 fi
 if [[ -s "$OUT/e2e.log" ]]; then
   echo "e2e:"

@@ -357,6 +357,32 @@ void merge_states(py::handle o_a_obj, py::handle lse_a_obj, py::handle o_b_obj, 
                     kernels::merge_states_cuda(p, reinterpret_cast<cudaStream_t>(stream)));
 }
 
+void sample_rows(py::handle logits_obj, py::handle temperature_obj, py::handle keys_obj, py::handle token_ids_obj,
+                 py::handle lse_obj, py::handle logprobs_obj, uintptr_t stream) {
+  const ArgChecker c("sample_rows");
+  const ViewArg logits_arg = c.parse(logits_obj, "logits"), temperature_arg = c.parse(temperature_obj, "temperature");
+  const ViewArg keys_arg = c.parse(keys_obj, "keys"), ids_arg = c.parse(token_ids_obj, "token_ids");
+  const ViewArg lse_arg = c.parse(lse_obj, "lse"), logprobs_arg = c.parse(logprobs_obj, "logprobs");
+  c.same_device({&logits_arg, &temperature_arg, &keys_arg, &ids_arg, &lse_arg, &logprobs_arg});
+  kernels::SampleRowsParams p;
+  p.logits = c.tensor(logits_arg, 2);
+  const int64_t rows = p.logits.shape[0];
+  c.require(rows == 0 || p.logits.shape[1] > 0, "logits", "must have at least one column");
+  c.require(p.logits.shape[1] <= (int64_t{1} << 31), "logits", "must have at most 2^31 columns");
+  c.index_array(temperature_arg, "float32", {rows});
+  c.index_array(keys_arg, "int64", {rows});
+  c.index_array(ids_arg, "int64", {rows});
+  c.index_array(lse_arg, "float32", {rows});
+  c.index_array(logprobs_arg, "float32", {rows});
+  p.temperature = reinterpret_cast<const float*>(temperature_arg.data);
+  p.keys = reinterpret_cast<const int64_t*>(keys_arg.data);
+  p.token_ids = reinterpret_cast<int64_t*>(ids_arg.data);
+  p.lse = reinterpret_cast<float*>(lse_arg.data);
+  p.logprobs = reinterpret_cast<float*>(logprobs_arg.data);
+  BATCHLLM_DISPATCH(c, logits_arg.device, kernels::sample_rows_cpu(p),
+                    kernels::sample_rows_cuda(p, reinterpret_cast<cudaStream_t>(stream)));
+}
+
 }  // namespace
 
 void register_kernels(py::module_& m) {
@@ -375,6 +401,10 @@ void register_kernels(py::module_& m) {
   m.def("merge_states", &merge_states, py::arg("o_a"), py::arg("lse_a"), py::arg("o_b"), py::arg("lse_b"),
         py::arg("o"), py::arg("lse"), py::arg("stream"),
         "Merge two partial attention states by log-sum-exp; use batchllm_core.ops.merge_states.");
+  m.def("sample_rows", &sample_rows, py::arg("logits"), py::arg("temperature"), py::arg("keys"),
+        py::arg("token_ids"), py::arg("lse"), py::arg("logprobs"), py::arg("stream"),
+        "One token per row of logits (greedy or Gumbel-max, no filters) with each row's logsumexp and the "
+        "token's logprob; use batchllm_core.ops.sample_rows.");
   m.def("cuda_kernel_head_dims", [] {
     std::vector<int> dims;
     for (int d : {64, 128}) {

@@ -88,10 +88,25 @@ struct MergeStatesParams {
   float* lse = nullptr;          ///< [N, H] contiguous, optional (nullptr: not written)
 };
 
+/// sample_rows: one token per row of logits, for rows with no top-k / top-p / min-p filter and no
+/// masked tokens (the sampler's common case; python/batchllm_core/sampling.py keeps the others):
+/// greedy rows (temperature 0) take the argmax, others the Gumbel-max draw of
+/// batchllm/kernels/sampling.h; plus each row's logsumexp and the drawn token's log-probability
+/// under the raw logits. One read of the logits, in their own dtype.
+struct SampleRowsParams {
+  TensorView logits;                 ///< [R, V], last dim contiguous; fp32, fp16 or bf16
+  const float* temperature = nullptr;  ///< [R]: 0 greedy, > 0 Gumbel-max
+  const int64_t* keys = nullptr;     ///< [R]: the draw's 32-bit key (low 32 bits; read where temperature > 0)
+  int64_t* token_ids = nullptr;      ///< [R] out
+  float* lse = nullptr;              ///< [R] out: log(sum(exp(logits))) of the row
+  float* logprobs = nullptr;         ///< [R] out: logits[row, token] - lse
+};
+
 // ---- CPU references: plain loops, float accumulation, any head dim, fp32/fp16/bf16 views.
 Status store_kv_cpu(const StoreKvParams& params);
 Status prefill_attention_cpu(const PrefillParams& params);
 Status cascade_decode_attention_cpu(const CascadeDecodeParams& params);
 Status merge_states_cpu(const MergeStatesParams& params);
+Status sample_rows_cpu(const SampleRowsParams& params);
 
 }  // namespace batchllm::kernels

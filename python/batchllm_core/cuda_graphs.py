@@ -183,7 +183,8 @@ class DecodeGraphs:
 
     @torch.inference_mode()
     def execute(self, plan: Any, token_feed=None) -> torch.Tensor:
-        """Run a plan :meth:`can_run` accepted (cow copies already done); float32 logits ``[B, vocab]``.
+        """Run a plan :meth:`can_run` accepted (cow copies already done); logits ``[B, vocab]`` in the
+        model's dtype.
         ``token_feed``: a model_runner.TokenFeed for overlapped steps."""
         from .model_runner import _host_arrays, _levels
 
@@ -204,7 +205,7 @@ class DecodeGraphs:
             entry.graph.replay()
             self.replays += 1
             hidden = entry.hidden
-        return self.runner.model.compute_logits(hidden[:rows]).float()
+        return self.runner.model.compute_logits(hidden[:rows])
 
     def _entry(self, key: GraphKey) -> _Entry:
         entry = self._entries.pop(key, None)

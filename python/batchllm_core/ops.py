@@ -27,7 +27,7 @@ import torch
 from . import _C
 
 __all__ = ["DecodeLevels", "store_kv", "prefill_attention", "cascade_decode_attention", "cascade_workspace_floats",
-           "merge_states"]
+           "merge_states", "sample_rows"]
 
 
 # Tests only (tests/python/cuda_emulation.py): CPU tensors go to the CUDA path of the bindings as
@@ -299,3 +299,41 @@ def merge_states(o_a: torch.Tensor, lse_a: torch.Tensor, o_b: torch.Tensor, lse_
     lse = torch.empty(o_a.shape[:2], dtype=torch.float32, device=o_a.device) if lse_out is None else lse_out
     _C.merge_states(_view(o_a), _view(lse_a), _view(o_b), _view(lse_b), _view(o), _view(lse), _stream(o_a))
     return o, lse
+
+
+def sample_rows(logits: torch.Tensor, temperature: torch.Tensor,
+                keys: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One token per row of ``logits``, read once in their own dtype: the argmax where the row's
+    temperature is 0 (ties to the lowest id), else the Gumbel-max draw of the row's key
+    (``batchllm/kernels/sampling.h``; the sampler's counter-based noise). No top-k / top-p / min-p
+    and no masks: :class:`batchllm_core.sampling.Sampler` sends rows that need them its torch way.
+
+    Parameters
+    ----------
+    logits : torch.Tensor
+        ``[R, V]`` float32, float16 or bfloat16, last dim contiguous.
+    temperature : torch.Tensor
+        float32 ``[R]``.
+    keys : torch.Tensor
+        int64 ``[R]``: each draw's 32-bit key (``sampling._row_keys``); ignored where temperature is 0.
+
+    Returns
+    -------
+    (torch.Tensor, torch.Tensor, torch.Tensor)
+        int64 token ids ``[R]``, float32 logsumexp of each row ``[R]`` and float32 log-probability of
+        each drawn token under the raw logits ``[R]``.
+
+    Examples
+    --------
+    >>> import torch
+    >>> ids, lse, logprobs = sample_rows(torch.tensor([[0.0, 2.0, 2.0]]), torch.zeros(1), torch.zeros(1, dtype=torch.int64))
+    >>> ids.tolist(), round(lse.item(), 4), round(logprobs.item(), 4)
+    ([1], 2.7586, -0.7586)
+    """
+    rows = logits.shape[0]
+    token_ids = torch.empty(rows, dtype=torch.int64, device=logits.device)
+    lse = torch.empty(rows, dtype=torch.float32, device=logits.device)
+    logprobs = torch.empty(rows, dtype=torch.float32, device=logits.device)
+    _C.sample_rows(_view(logits), _view(temperature), _view(keys), _view(token_ids), _view(lse), _view(logprobs),
+                   _stream(logits))
+    return token_ids, lse, logprobs

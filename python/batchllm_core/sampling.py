@@ -17,6 +17,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
+from . import ops
 from .sampling_params import SamplingParams
 from .step_upload import to_device_async
 
@@ -152,7 +153,11 @@ class SamplerOutput:
 
 
 class Sampler:
-    """Draws one token per sample row from float32 logits ``[R, vocab]``, vectorized over rows.
+    """Draws one token per sample row from logits ``[R, vocab]``, vectorized over rows.
+
+    Rows with neither a top-k / top-p / min-p filter nor masked tokens (the common case) are drawn in
+    one pass over the logits by ``ops.sample_rows`` (a CUDA kernel on the GPU, its C++ reference on
+    the CPU), with the same noise and arithmetic as the torch path that draws the other rows.
 
     Order of the filters (as vLLM): stop/EOS ids masked before min_tokens, temperature, top-k, top-p, min-p; then a Gumbel-max draw, which
     samples exactly from the softmax of the filtered, tempered logits. Greedy rows (temperature 0)
@@ -196,7 +201,8 @@ class Sampler:
         Parameters
         ----------
         logits : torch.Tensor
-            float32 [R, vocab] on the sampler's device; not modified.
+            [R, vocab] on the sampler's device, float32 or the model's 16-bit dtype (read once as
+            they are: no float32 copy of the whole step); not modified.
         table : RequestSamplingTable
             The job's per-request parameters.
         requests, sample_indices, output_positions : np.ndarray
@@ -217,26 +223,51 @@ class Sampler:
                              f"{len(sample_indices)} sample indices, {len(output_positions)} positions")
         if num_rows == 0:
             return PendingSample.ready(SamplerOutput(np.zeros(0, np.int32), np.zeros(0, np.float32)), self.device)
-        raw_logits = logits.float()
         requests = np.asarray(requests, dtype=np.int64)
         positions = np.asarray(output_positions, dtype=np.int64)
-        logits = self._mask_before_min_tokens(raw_logits, table, requests, positions)
-        token_ids = torch.argmax(logits, dim=-1)  # greedy rows; the others are overwritten below
-        # Only rows with a temperature need filters and noise (the host copy avoids a device sync).
-        random_rows = np.nonzero(table.temperature_host[requests] > 0)[0]
+        # One upload of each row's request, sample index and output position; every row's key.
+        columns = to_device_async(np.stack([requests, np.asarray(sample_indices, np.int64), positions]), self.device)
+        keys = _row_keys(table.seeds[columns[0]], columns[1], columns[2])
+        # Every row in one pass over the logits, in their own dtype (ops.sample_rows: greedy argmax or
+        # Gumbel-max with this noise, and each row's logsumexp); then the rows it does not cover again.
+        token_ids, log_norm, sampled_logprobs = ops.sample_rows(logits, table.temperature[columns[0]], keys)
+        special = self._rows_with_filters_or_masks(table, requests, positions)
+        if len(special):
+            self._redraw(logits, token_ids, log_norm, sampled_logprobs, keys, special, table, requests, positions)
+        return self._with_logprobs(logits, token_ids, sampled_logprobs, log_norm, table.num_logprobs[requests])
+
+    def _rows_with_filters_or_masks(self, table, requests: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        """Rows ops.sample_rows does not draw right (host arrays only: no device sync): random rows
+        with top-k / top-p / min-p, and rows with stop ids masked before their min_tokens."""
+        random = table.temperature_host[requests] > 0
+        filtered = random & (table.filters_kp_host[requests] | table.filters_min_p_host[requests]) \
+            if len(table.filters_kp_host) else np.zeros(len(requests), bool)
+        mask = table.min_tokens_mask(requests, positions, self.vocab_size)
+        if mask is not None:
+            filtered[mask[0]] = True
+        return np.nonzero(filtered)[0]
+
+    def _redraw(self, logits, token_ids, log_norm, sampled_logprobs, keys, rows: np.ndarray, table,
+                requests: np.ndarray, positions: np.ndarray) -> None:
+        """Draws `rows` again in torch with their masks and filters, in place in the step's outputs."""
+        rows_dev = to_device_async(rows.astype(np.int64), self.device)
+        raw = logits[rows_dev].float()
+        sub_requests, sub_positions = requests[rows], positions[rows]
+        masked = self._mask_before_min_tokens(raw, table, sub_requests, sub_positions)
+        drawn = torch.argmax(masked, dim=-1)  # greedy rows; the others are overwritten below
+        random = np.nonzero(table.temperature_host[sub_requests] > 0)[0]
         chunk = max(1, self.max_noise_elements // self.vocab_size)
-        for start in range(0, len(random_rows), chunk):
-            rows = random_rows[start:start + chunk]
-            # One upload for the chunk's row, request, sample index and position columns.
-            columns = to_device_async(np.stack([rows, requests[rows], np.asarray(sample_indices, np.int64)[rows],
-                                                positions[rows]]).astype(np.int64), self.device)
-            row_index, req = columns[0], columns[1]
-            keys = _row_keys(table.seeds[req], columns[2], columns[3])
-            token_ids[row_index] = self._draw(logits[row_index], table.temperature[req], table.top_k[req],
-                                              table.top_p[req], table.min_p[req], keys,
-                                              _any(table.filters_kp_host, requests[rows]),
-                                              _any(table.filters_min_p_host, requests[rows]))
-        return self._with_logprobs(raw_logits, token_ids, table.num_logprobs[requests])
+        req_dev = to_device_async(sub_requests, self.device)
+        for start in range(0, len(random), chunk):
+            part = random[start:start + chunk]
+            part_dev = to_device_async(part.astype(np.int64), self.device)
+            req = req_dev[part_dev]
+            drawn[part_dev] = self._draw(masked[part_dev], table.temperature[req], table.top_k[req],
+                                         table.top_p[req], table.min_p[req], keys[rows_dev[part_dev]],
+                                         _any(table.filters_kp_host, sub_requests[part]),
+                                         _any(table.filters_min_p_host, sub_requests[part]))
+        token_ids[rows_dev] = drawn
+        sampled_logprobs[rows_dev] = raw.gather(1, drawn[:, None])[:, 0] - log_norm[rows_dev]
 
     def _mask_before_min_tokens(self, logits, table, requests, output_positions) -> torch.Tensor:
         mask = table.min_tokens_mask(requests, output_positions, self.vocab_size)
@@ -258,15 +289,14 @@ class Sampler:
             scaled = _apply_min_p(scaled, min_p, needed=filter_min_p)
         return torch.argmax(scaled + _gumbel_noise(keys, self._token_hashes), dim=-1)
 
-    def _with_logprobs(self, logits, token_ids, num_logprobs: np.ndarray) -> "PendingSample":
-        log_norm = torch.logsumexp(logits, dim=-1)
-        sampled_logprobs = logits.gather(1, token_ids[:, None])[:, 0] - log_norm
+    def _with_logprobs(self, logits, token_ids, sampled_logprobs, log_norm,
+                       num_logprobs: np.ndarray) -> "PendingSample":
         # One device-to-host copy for both: ids and the logprobs' float32 bits side by side.
         packed = torch.stack([token_ids.to(torch.int32), sampled_logprobs.float().view(torch.int32)])
         top = None
         max_k = int(min(num_logprobs.max(), self.vocab_size))
         if max_k > 0:
-            top_values, top_ids = torch.topk(logits, max_k, dim=-1)
+            top_values, top_ids = torch.topk(logits.float(), max_k, dim=-1)
             top = (top_ids, (top_values - log_norm[:, None]).float())
         return PendingSample(token_ids, packed, top)
 

@@ -178,3 +178,17 @@ def cascade_reference(kv: PagedKV, case: CascadeCase, scale):
         outs.append(o)
         lses.append(lse)
     return torch.cat(outs), torch.cat(lses)
+
+
+def sample_rows_reference(logits: torch.Tensor, temperature: torch.Tensor, keys: torch.Tensor):
+    """ops.sample_rows by the sampler's torch formulas (sampling.py): (ids, lse float64, logprobs float64)."""
+    from batchllm_core.sampling import _gumbel_noise, _hash32
+
+    raw = logits.float().cpu()
+    temperature, keys = temperature.cpu(), keys.cpu()
+    token_hashes = _hash32(torch.arange(raw.shape[1], dtype=torch.int64) ^ 0x2545F491)
+    noisy = raw / temperature.clamp(min=1e-30)[:, None] + _gumbel_noise(keys, token_hashes)
+    scores = torch.where(temperature[:, None] > 0, noisy, raw)
+    ids = torch.argmax(scores, dim=-1)
+    lse = torch.logsumexp(raw.double(), dim=-1)
+    return ids, lse, raw.double().gather(1, ids[:, None])[:, 0] - lse

@@ -19,9 +19,9 @@ import torch
 import cuda_emulation
 from batchllm_core import ops
 from conftest import GPU_AVAILABLE, requires_gpu
-from ops_reference import (TOLERANCE, PagedKV, attention64, cascade_reference, make_cascade_case,
+from ops_reference import (sample_rows_reference, TOLERANCE, PagedKV, attention64, cascade_reference, make_cascade_case,
                            make_prefill_case, poisoned, prefill_reference, rel_err)
-from test_ops import CASCADE_SHAPES, PREFILL_SEQS
+from test_ops import CASCADE_SHAPES, PREFILL_SEQS, sample_rows_case
 
 EMULATED = not GPU_AVAILABLE and cuda_emulation.module() is not None
 pytestmark = [pytest.mark.gpu] if EMULATED else requires_gpu
@@ -250,6 +250,19 @@ def test_merge_states_cuda(dtype):
     o[0, 0] = ref_o[0, 0].to(dtype).to(DEVICE)
     assert rel_err(o[1:], ref_o[1:]) < TOLERANCE[dtype] + 4e-3 * (dtype != torch.float32)
     assert torch.allclose(lse[1:].double().cpu(), ref_lse[1:], atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("vocab", [7, 1000, 4104])
+def test_sample_rows_cuda(dtype, vocab):
+    # 16-byte loads where the rows allow (vocab 1000, 4104 in 16-bit types), element loads otherwise.
+    logits, temperature, keys = sample_rows_case(12, vocab, dtype, device=DEVICE)
+    ids, lse, logprobs = ops.sample_rows(logits, temperature, keys)
+    synchronize()
+    ref_ids, ref_lse, ref_logprobs = sample_rows_reference(logits, temperature, keys)
+    assert torch.equal(ids.cpu(), ref_ids) and ids[0].item() == 1
+    assert torch.allclose(lse.double().cpu(), ref_lse, atol=1e-5, rtol=1e-5)
+    assert torch.allclose(logprobs.double().cpu(), ref_logprobs, atol=1e-4, rtol=1e-5)
 
 
 def test_cuda_rejects_unbuilt_head_dim_and_float32():

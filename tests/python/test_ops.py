@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from batchllm_core import ops
-from ops_reference import (TOLERANCE, PagedKV, attention64, cascade_reference, make_cascade_case,
+from ops_reference import (sample_rows_reference, TOLERANCE, PagedKV, attention64, cascade_reference, make_cascade_case,
                            make_prefill_case, poisoned, prefill_reference, rel_err)
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -315,3 +315,44 @@ def test_empty_index_arrays_with_zero_strides_are_accepted():
     levels = ops.DecodeLevels(**{**levels.__dict__, "prefix_q_range": empty_range})
     expected = ops.cascade_decode_attention(case.q, kv.k, kv.v, case.levels)
     assert torch.equal(ops.cascade_decode_attention(case.q, kv.k, kv.v, levels), expected)
+
+
+def sample_rows_case(rows: int, vocab: int, dtype: torch.dtype, device="cpu", seed: int = 0):
+    """Logits with a repeated maximum in row 0 (greedy ties go to the lowest id) and -inf entries in
+    row 1, a temperature of 0 on every third row, keys from the sampler's hash."""
+    from batchllm_core.sampling import _hash32
+    gen = torch.Generator().manual_seed(seed)
+    logits = (torch.randn(rows, vocab, generator=gen) * 3).to(dtype)
+    if vocab > 3:
+        logits[0, 1] = logits[0, 3] = logits[0].float().max() + 1
+        logits[1, ::2] = -math.inf
+    temperature = torch.where(torch.arange(rows) % 3 == 0, 0.0, 0.5 + torch.arange(rows) / rows).float()
+    keys = _hash32(torch.arange(rows, dtype=torch.int64) * 7919 + seed)
+    return logits.to(device), temperature.to(device), keys.to(device)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("vocab", [1, 7, 1000, 4104])
+def test_sample_rows_matches_the_sampler_formulas(dtype, vocab):
+    logits, temperature, keys = sample_rows_case(12, vocab, dtype)
+    ids, lse, logprobs = ops.sample_rows(logits, temperature, keys)
+    ref_ids, ref_lse, ref_logprobs = sample_rows_reference(logits, temperature, keys)
+    assert torch.equal(ids, ref_ids)
+    if vocab > 3:
+        assert ids[0].item() == 1  # greedy tie: the lowest id
+    assert torch.allclose(lse.double(), ref_lse, atol=1e-5, rtol=1e-5)
+    assert torch.allclose(logprobs.double(), ref_logprobs, atol=1e-4, rtol=1e-5)
+
+
+def test_sample_rows_strided_rows_and_errors():
+    wide, temperature, keys = sample_rows_case(5, 40, torch.float32)
+    logits = wide[:, 3:36]  # rows of 33 columns, 40 apart
+    ids, lse, _ = ops.sample_rows(logits, temperature, keys)
+    ref_ids, ref_lse, _ = sample_rows_reference(logits, temperature, keys)
+    assert torch.equal(ids, ref_ids) and torch.allclose(lse.double(), ref_lse, atol=1e-5)
+    with pytest.raises(ValueError, match="sample_rows: argument 'keys' must be int64"):
+        ops.sample_rows(logits, temperature, keys.int())
+    with pytest.raises(ValueError, match="sample_rows: argument 'temperature' has size 4"):
+        ops.sample_rows(logits, temperature[:4], keys)
+    with pytest.raises(ValueError, match="sample_rows: argument 'logits' must have a contiguous last dimension"):
+        ops.sample_rows(wide.t(), temperature[:1].expand(40).contiguous(), keys[:1].expand(40).contiguous())

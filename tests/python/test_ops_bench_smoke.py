@@ -131,3 +131,17 @@ def test_bench_attention_prefill_row_on_emulated_kernels(monkeypatch):
     for key in ("rel_err_vs_sdpa", "rel_err_mma_vs_sdpa", "rel_err_mma128_vs_sdpa", "rel_err_wgmma_vs_sdpa",
                 "rel_err_wgmma_pipe_vs_sdpa"):
         assert row[key] < 1e-2, (key, row[key])
+
+
+def test_bench_sampling_paths_agree_on_cpu():
+    # bench/bench_sampling.py times the fused pass against the sampler's torch formulas: both must
+    # draw the same tokens (greedy and Gumbel-max) with the same logsumexp, or the comparison is moot.
+    path = Path(__file__).resolve().parents[2] / "bench" / "bench_sampling.py"
+    spec = importlib.util.spec_from_file_location("bench_sampling", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    for temperature in (0.0, 1.0):
+        row = bench.bench_shape("tiny", 6, 3000, temperature, 1e11, 3, "cpu", device="cpu",
+                                timer=lambda fns, reps=1: (fns[0](), 1.0)[1])
+        assert row["draws_equal_fraction"] == 1.0 and row["lse_max_abs_err"] < 1e-3, row
+        assert row["floor_ms"] > 0 and row["sampler_wall_ms"] > 0

@@ -87,6 +87,25 @@ def test_seeded_draw_does_not_depend_on_the_rest_of_the_batch():
     assert len(set(alone)) > 5  # the draws do vary with the output position
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_one_pass_and_torch_draws_agree(dtype):
+    # Rows without filters go through ops.sample_rows, rows with one through the torch path: a filter
+    # that keeps every token (top_k = vocab) must leave the same draw, logprob and logsumexp, so that
+    # a request draws the same tokens whichever way its batch sends it. Model-dtype logits too.
+    vocab, rows = 300, 24
+    logits = _random_logits(rows, vocab, seed=4, scale=2.0).to(dtype)
+    plain = [SamplingParams(temperature=0.5 + i / rows, logprobs=2) if i % 4 else SamplingParams(logprobs=2)
+             for i in range(rows)]
+    filtered = [SamplingParams(temperature=p.temperature, top_k=vocab, logprobs=2) for p in plain]
+    positions = list(range(rows))
+    a = _sample(logits, plain, positions=positions)
+    b = _sample(logits, filtered, positions=positions)
+    np.testing.assert_array_equal(a.token_ids, b.token_ids)
+    np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-5)
+    np.testing.assert_allclose(a.top_logprobs, b.top_logprobs, atol=1e-5)
+    assert len(set(a.token_ids.tolist())) > 10
+
+
 def test_samples_of_one_request_differ_by_sample_index():
     logits = _random_logits(1, 200, scale=0.1).repeat(16, 1)
     out = _sample(logits, [SamplingParams(seed=5)] * 16, seeds=[5] * 16, sample_indices=range(16))

@@ -32,5 +32,6 @@ cudaError_t store_kv_cuda(const StoreKvParams& params, cudaStream_t stream);
 cudaError_t prefill_attention_cuda(const PrefillParams& params, cudaStream_t stream);
 cudaError_t cascade_decode_attention_cuda(const CascadeDecodeParams& params, cudaStream_t stream);
 cudaError_t merge_states_cuda(const MergeStatesParams& params, cudaStream_t stream);
+cudaError_t sample_rows_cuda(const SampleRowsParams& params, cudaStream_t stream);
 
 }  // namespace batchllm::kernels
