@@ -225,12 +225,18 @@ class Sampler:
             return PendingSample.ready(SamplerOutput(np.zeros(0, np.int32), np.zeros(0, np.float32)), self.device)
         requests = np.asarray(requests, dtype=np.int64)
         positions = np.asarray(output_positions, dtype=np.int64)
-        # One upload of each row's request, sample index and output position; every row's key.
-        columns = to_device_async(np.stack([requests, np.asarray(sample_indices, np.int64), positions]), self.device)
-        keys = _row_keys(table.seeds[columns[0]], columns[1], columns[2])
+        if (table.temperature_host[requests] > 0).any():
+            # One upload of each row's request, sample index and output position; every row's key.
+            columns = to_device_async(np.stack([requests, np.asarray(sample_indices, np.int64), positions]),
+                                      self.device)
+            keys = _row_keys(table.seeds[columns[0]], columns[1], columns[2])
+            temperature = table.temperature[columns[0]]
+        else:  # an all-greedy step (the common case) needs neither keys nor temperatures
+            keys = torch.zeros(num_rows, dtype=torch.int64, device=self.device)
+            temperature = torch.zeros(num_rows, dtype=torch.float32, device=self.device)
         # Every row in one pass over the logits, in their own dtype (ops.sample_rows: greedy argmax or
         # Gumbel-max with this noise, and each row's logsumexp); then the rows it does not cover again.
-        token_ids, log_norm, sampled_logprobs = ops.sample_rows(logits, table.temperature[columns[0]], keys)
+        token_ids, log_norm, sampled_logprobs = ops.sample_rows(logits, temperature, keys)
         special = self._rows_with_filters_or_masks(table, requests, positions)
         if len(special):
             self._redraw(logits, token_ids, log_norm, sampled_logprobs, keys, special, table, requests, positions)
