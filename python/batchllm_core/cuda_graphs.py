@@ -151,10 +151,13 @@ class DecodeGraphs:
         Capture and replay CUDA graphs; None: when the runner's device is CUDA and kernel index
         checks (``BATCHLLM_CHECK_INDICES=1``, which synchronise) are off. False runs the same
         padded static path eagerly (for tests, and for A/B timing on a GPU).
+    min_uses : int
+        With capture, a key's steps run eagerly (the runner's own path) until its min_uses-th,
+        which captures it: keys seen once are not worth a capture.
     """
 
     def __init__(self, runner: ModelRunner, max_rows: int = 1024, max_graphs: int = 32,
-                 capture: Optional[bool] = None):
+                 capture: Optional[bool] = None, min_uses: int = 2):
         self.runner = runner
         self.max_rows = int(max_rows)
         self.max_graphs = int(max_graphs)
@@ -165,6 +168,11 @@ class DecodeGraphs:
             raise ValueError("DecodeGraphs: capture needs a CUDA runner")
         self._entries: "OrderedDict[GraphKey, _Entry]" = OrderedDict()
         self._pool = torch.cuda.graph_pool_handle() if self.capture else None
+        # A capture costs a warm-up forward, the capture and the instantiation (tens of ms for a 1B
+        # model): a key is captured only at its min_uses-th step; before, the step runs eagerly.
+        # The end of a job has keys seen once (W1: 8 of its 10, as its last groups finish one by one).
+        self.min_uses = max(1, int(min_uses))
+        self._uses: Dict[GraphKey, int] = {}
         self.steps = 0      # steps run through the padded static path
         self.captures = 0
         self.replays = 0
@@ -181,17 +189,34 @@ class DecodeGraphs:
         sample_rows = np.asarray(plan.sample_rows)
         return len(sample_rows) == rows and bool((sample_rows == np.arange(rows)).all())
 
+    def key_of(self, plan: Any) -> GraphKey:
+        """The shape key of a plan :meth:`can_run` accepted."""
+        from .model_runner import _host_arrays, _levels
+
+        rows = len(plan.input_ids)
+        return GraphKey.of(_levels(plan, rows), rows, self.runner.block_size)
+
+    def worth_it(self, key: GraphKey) -> bool:
+        """Whether a step of `key` takes the graph path now: always without capture (the padded path
+        is what is tested then); with capture, once the key has a graph or at its min_uses-th step."""
+        if not self.capture or key in self._entries:
+            return True
+        if len(self._uses) > 4096:  # a long job's one-off keys: forget them
+            self._uses.clear()
+        self._uses[key] = self._uses.get(key, 0) + 1
+        return self._uses[key] >= self.min_uses
+
     @torch.inference_mode()
-    def execute(self, plan: Any, token_feed=None) -> torch.Tensor:
+    def execute(self, plan: Any, token_feed=None, key: Optional[GraphKey] = None) -> torch.Tensor:
         """Run a plan :meth:`can_run` accepted (cow copies already done); logits ``[B, vocab]`` in the
-        model's dtype.
-        ``token_feed``: a model_runner.TokenFeed for overlapped steps."""
+        model's dtype. ``token_feed``: a model_runner.TokenFeed for overlapped steps; ``key``: the
+        plan's :meth:`key_of`, when the caller has it."""
         from .model_runner import _host_arrays, _levels
 
         host = _host_arrays(plan)
         rows = len(host["input_ids"])
         levels = _levels(plan, rows)
-        key = GraphKey.of(levels, rows, self.runner.block_size)
+        key = key or GraphKey.of(levels, rows, self.runner.block_size)
         entry = self._entry(key)
         views = entry.upload.upload(pad_decode_step(host, levels, key))
         if token_feed is not None:  # before capture or replay: both read the static input ids
@@ -268,19 +293,21 @@ class DecodeGraphs:
 class GraphModelRunner(ModelRunner):
     """A ModelRunner that replays CUDA graphs for decode-only steps (eager for everything else).
 
-    Same constructor as :class:`ModelRunner` plus ``graph_max_rows``, ``max_graphs`` and ``capture``
-    (see :class:`DecodeGraphs`).
+    Same constructor as :class:`ModelRunner` plus ``graph_max_rows``, ``max_graphs``, ``capture`` and
+    ``min_uses`` (see :class:`DecodeGraphs`).
     """
 
     def __init__(self, *args, graph_max_rows: int = 1024, max_graphs: int = 32, capture: Optional[bool] = None,
-                 **kwargs):
+                 min_uses: int = 2, **kwargs):
         super().__init__(*args, **kwargs)
-        self.decode_graphs = DecodeGraphs(self, graph_max_rows, max_graphs, capture)
+        self.decode_graphs = DecodeGraphs(self, graph_max_rows, max_graphs, capture, min_uses)
 
     def execute(self, plan: Any, token_feed=None) -> torch.Tensor:
-        if not self.decode_graphs.can_run(plan):
+        graphs = self.decode_graphs
+        key = graphs.key_of(plan) if graphs.can_run(plan) else None
+        if key is None or not graphs.worth_it(key):
             return super().execute(plan, token_feed)
         cow_src, cow_dst = getattr(plan, "cow_src", None), getattr(plan, "cow_dst", None)
         if cow_src is not None and len(cow_src):
             self.copy_blocks(cow_src, cow_dst)
-        return self.decode_graphs.execute(plan, token_feed)
+        return graphs.execute(plan, token_feed, key)
