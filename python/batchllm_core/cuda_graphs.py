@@ -191,7 +191,7 @@ class DecodeGraphs:
 
     def key_of(self, plan: Any) -> GraphKey:
         """The shape key of a plan :meth:`can_run` accepted."""
-        from .model_runner import _host_arrays, _levels
+        from .model_runner import _levels
 
         rows = len(plan.input_ids)
         return GraphKey.of(_levels(plan, rows), rows, self.runner.block_size)

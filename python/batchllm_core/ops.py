@@ -326,7 +326,8 @@ def sample_rows(logits: torch.Tensor, temperature: torch.Tensor,
     Examples
     --------
     >>> import torch
-    >>> ids, lse, logprobs = sample_rows(torch.tensor([[0.0, 2.0, 2.0]]), torch.zeros(1), torch.zeros(1, dtype=torch.int64))
+    >>> logits, greedy, keys = torch.tensor([[0.0, 2.0, 2.0]]), torch.zeros(1), torch.zeros(1, dtype=torch.int64)
+    >>> ids, lse, logprobs = sample_rows(logits, greedy, keys)
     >>> ids.tolist(), round(lse.item(), 4), round(logprobs.item(), 4)
     ([1], 2.7586, -0.7586)
     """
