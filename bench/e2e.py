@@ -140,6 +140,7 @@ def run_engine(workload_id: str, policy: str, args, ceilings: Ceilings) -> dict:
         kv_capacity_blocks=int(llm.num_kv_blocks), step_floor_s=_sig(step_floor.seconds),
         graph_steps=getattr(getattr(llm.runner, "decode_graphs", None), "steps", None),
         graph_replays=getattr(getattr(llm.runner, "decode_graphs", None), "replays", None),
+        graph_captures=getattr(getattr(llm.runner, "decode_graphs", None), "captures", None),
         time_over_step_floor=round(seconds / step_floor.seconds, 3) if step_floor.seconds > 0 else None)
     del llm, outputs
     _release_memory()
