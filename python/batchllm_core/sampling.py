@@ -78,6 +78,7 @@ class RequestSamplingTable:
     # per step without reading the device tensors (no device-to-host sync before the draw).
     filters_kp_host: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))  # bool [N]
     filters_min_p_host: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))  # bool [N]
+    top_k_host: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # int64 [N]: top_k on the host
     # min_tokens (host side): before it, the request's stop token ids and EOS ids are masked out
     # (as vLLM), so a completion cannot end early. Stopper ids of request i are
     # stopper_ids[stopper_offsets[i]:stopper_offsets[i+1]].
@@ -108,6 +109,7 @@ class RequestSamplingTable:
             num_logprobs=np.array([-1 if p.logprobs is None else p.logprobs for p in params], dtype=np.int64),
             filters_kp_host=np.array([p.top_k > 0 or p.top_p < 1.0 for p in params], dtype=bool),
             filters_min_p_host=np.array([p.min_p > 0 for p in params], dtype=bool),
+            top_k_host=np.array([max(p.top_k, 0) for p in params], dtype=np.int64),
             min_tokens=np.array([p.min_tokens for p in params], dtype=np.int64),
             stopper_ids=np.array([t for ids in stoppers for t in ids], dtype=np.int64),
             stopper_offsets=np.concatenate([[0], np.cumsum([len(ids) for ids in stoppers])]).astype(np.int64),
@@ -268,10 +270,11 @@ class Sampler:
             part = random[start:start + chunk]
             part_dev = to_device_async(part.astype(np.int64), self.device)
             req = req_dev[part_dev]
+            bound = int(table.top_k_host[sub_requests[part]].max()) if len(table.top_k_host) else None
             drawn[part_dev] = self._draw(masked[part_dev], table.temperature[req], table.top_k[req],
                                          table.top_p[req], table.min_p[req], keys[rows_dev[part_dev]],
                                          _any(table.filters_kp_host, sub_requests[part]),
-                                         _any(table.filters_min_p_host, sub_requests[part]))
+                                         _any(table.filters_min_p_host, sub_requests[part]), bound)
         token_ids[rows_dev] = drawn
         sampled_logprobs[rows_dev] = raw.gather(1, drawn[:, None])[:, 0] - log_norm[rows_dev]
 
@@ -285,12 +288,13 @@ class Sampler:
         return masked
 
     def _draw(self, logits, temperature, top_k, top_p, min_p, keys, filter_kp: Optional[bool] = None,
-              filter_min_p: Optional[bool] = None) -> torch.Tensor:
+              filter_min_p: Optional[bool] = None, top_k_bound: Optional[int] = None) -> torch.Tensor:
         """Gumbel-max draw for rows with temperature > 0; [rows, V] -> int64 [rows]. ``filter_*``:
-        whether any row needs that filter, known on the host (None: look on the device, a sync)."""
+        whether any row needs that filter, known on the host (None: look on the device, a sync);
+        ``top_k_bound``: the rows' largest top_k (0: none), known on the host."""
         scaled = logits / temperature[:, None]
         if filter_kp is not False:
-            scaled = _apply_top_k_top_p(scaled, top_k, top_p, needed=filter_kp)
+            scaled = _apply_top_k_top_p(scaled, top_k, top_p, needed=filter_kp, top_k_bound=top_k_bound)
         if filter_min_p is not False:
             scaled = _apply_min_p(scaled, min_p, needed=filter_min_p)
         return torch.argmax(scaled + _gumbel_noise(keys, self._token_hashes), dim=-1)
@@ -354,27 +358,69 @@ def _any(flags: np.ndarray, requests: np.ndarray) -> Optional[bool]:
     return bool(flags[requests].any()) if len(flags) else None
 
 
+# Top-k / top-p look at a row's most likely tokens first: its NUCLEUS_CANDIDATES largest logits
+# (torch.topk, a partial selection) rather than a sort of the whole vocabulary (1,024 rows of 128k
+# tokens: milliseconds per step); rows whose nucleus reaches past them are sorted in full.
+NUCLEUS_CANDIDATES = 1024
+
+
 def _apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
-                       needed: Optional[bool] = None) -> torch.Tensor:
+                       needed: Optional[bool] = None, top_k_bound: Optional[int] = None) -> torch.Tensor:
     """Mask (to -inf) tokens outside each row's top_k (0 = all) and top_p nucleus; [R, V] -> [R, V].
-    ``needed``: whether some row filters, when the caller knows (None: look, a device sync)."""
+    ``needed``: whether some row filters, when the caller knows (None: look, a device sync);
+    ``top_k_bound``: the rows' largest top_k, when the caller knows (None: every row sorted in full).
+
+    Semantics (those of a full descending sort): keep the first top_k tokens, then, with the
+    probabilities of the softmax over what top_k kept, keep a token while the mass strictly before
+    it is below top_p; the top token always stays. Rows with neither filter are returned as they are.
+    """
     vocab = logits.shape[1]
     needs_k = (top_k > 0) & (top_k < vocab)
     needs_p = top_p < 1.0
     if needed is None:
         needed = bool((needs_k | needs_p).any())
     if not needed:
-        return logits  # no full-vocab sort in the common case
-    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-    ranks = torch.arange(vocab, device=logits.device)[None, :]
+        return logits  # no selection at all in the common case
+    cap = vocab if top_k_bound is None else min(vocab, max(NUCLEUS_CANDIDATES, int(top_k_bound)))
+    if cap >= vocab:
+        return torch.where((needs_k | needs_p)[:, None], _top_k_top_p_sorted(logits, needs_k, top_k, top_p), logits)
+    values, order = torch.topk(logits, cap, dim=-1)  # the candidates, descending
+    kept, mass = _top_k_top_p_kept(values, needs_k, top_k, top_p, vocab,
+                                   row_lse=torch.logsumexp(logits, dim=-1))
+    out = torch.full_like(logits, float("-inf")).scatter_(1, order, kept)
+    # Rows top-k does not cut whose candidates hold less than top_p of the mass: the nucleus may
+    # reach past them (a flat distribution). Those are sorted in full (a sync to find them).
+    spill = torch.nonzero(needs_p & ~needs_k & (mass < top_p))[:, 0]
+    if len(spill):
+        out[spill] = _top_k_top_p_sorted(logits[spill], needs_k[spill], top_k[spill], top_p[spill])
+    return torch.where((needs_k | needs_p)[:, None], out, logits)
+
+
+def _top_k_top_p_kept(values: torch.Tensor, needs_k: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
+                      vocab: int, row_lse: Optional[torch.Tensor] = None):
+    """The filters on a row's largest logits in descending order ([R, C], C <= V): (the values with
+    dropped ones at -inf, the kept-by-top-k probability mass of the C). Probabilities are those of the
+    softmax over what top_k keeps: over the C values where top_k cuts (top_k <= C), else over the row,
+    whose logsumexp is ``row_lse`` (None: the C values are the whole row)."""
+    ranks = torch.arange(values.shape[1], device=values.device)[None, :]
     k = torch.where(needs_k, top_k, torch.full_like(top_k, vocab))
-    sorted_logits = sorted_logits.masked_fill(ranks >= k[:, None], float("-inf"))
-    probs = torch.softmax(sorted_logits, dim=-1)
+    values = values.masked_fill(ranks >= k[:, None], float("-inf"))
+    norm = torch.logsumexp(values, dim=-1)
+    if row_lse is not None:
+        norm = torch.where(needs_k, norm, row_lse)
+    probs = torch.exp(values - norm[:, None])
     # Keep a token while the mass strictly before it is below top_p; the top token always stays.
     mass_before = torch.cumsum(probs, dim=-1) - probs
     drop = (mass_before >= top_p[:, None]) & (ranks > 0)
-    sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-    return torch.empty_like(logits).scatter_(1, order, sorted_logits)
+    return values.masked_fill(drop, float("-inf")), probs.sum(dim=-1)
+
+
+def _top_k_top_p_sorted(logits: torch.Tensor, needs_k: torch.Tensor, top_k: torch.Tensor,
+                        top_p: torch.Tensor) -> torch.Tensor:
+    """The filters by a full sort of each row."""
+    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+    kept, _ = _top_k_top_p_kept(sorted_logits, needs_k, top_k, top_p, logits.shape[1])
+    return torch.empty_like(logits).scatter_(1, order, kept)
 
 
 def _apply_min_p(logits: torch.Tensor, min_p: torch.Tensor, needed: Optional[bool] = None) -> torch.Tensor:

@@ -157,6 +157,30 @@ def test_top_p_always_keeps_the_most_likely_token():
     assert set(out.token_ids.tolist()) == {0}
 
 
+def test_nucleus_from_candidates_equals_the_full_sort(monkeypatch):
+    # Top-k / top-p look at each row's largest logits (sampling.NUCLEUS_CANDIDATES, 64 here) instead of
+    # sorting the vocabulary; rows whose nucleus reaches past them (flat rows) fall back to the sort.
+    # Either way the kept tokens must be those of the full sort.
+    from batchllm_core import sampling
+    vocab, rows = 3000, 24
+    gen = torch.Generator().manual_seed(11)
+    scales = torch.tensor([0.05 if r % 3 == 0 else 6.0 for r in range(rows)])  # flat rows spill
+    logits = torch.randn(rows, vocab, generator=gen) * scales[:, None]
+    top_k = torch.tensor([[0, 5, 50, 0][r % 4] for r in range(rows)])
+    top_p = torch.tensor([[0.9, 1.0, 0.5, 0.99, 1.0, 0.7][r % 6] for r in range(rows)])
+    full = sampling._apply_top_k_top_p(logits, top_k, top_p, needed=True)  # no bound: the sort
+    monkeypatch.setattr(sampling, "NUCLEUS_CANDIDATES", 64)
+    fast = sampling._apply_top_k_top_p(logits, top_k, top_p, needed=True, top_k_bound=50)
+    assert torch.equal(torch.isinf(fast), torch.isinf(full))
+    assert torch.equal(fast[torch.isfinite(fast)], full[torch.isfinite(full)])
+    kept = torch.isfinite(fast).sum(dim=-1)
+    filtered = (top_k > 0) | (top_p < 1.0)
+    assert (filtered & (scales < 1) & (kept > 64)).any()  # a flat row spilled past the candidates
+    assert (filtered & (scales > 1) & (kept <= 64)).any()  # a peaked row kept to them
+    unfiltered = (top_k == 0) & (top_p == 1.0)
+    assert torch.equal(fast[unfiltered], logits[unfiltered])
+
+
 def test_min_p_drops_unlikely_tokens():
     draws = 3000
     probs = torch.tensor([0.4, 0.3, 0.2, 0.05, 0.05])
