@@ -88,6 +88,21 @@ struct RowScale {
   float alpha0, alpha1;
 };
 
+/// A lane's start of a tile: its two rows of the warp's 16 (g and g + 8: warp * 16 + lane / 4 and
+/// 8 more), their Q fragments in `qa` (zero for an unused row), a zero output `o`, and the rows'
+/// causal limits and empty softmax state (returned).
+template <typename T, int D>
+__device__ __forceinline__ LaneRows start_lane_rows(const TileRows<T>& tile, int warp, int lane,
+                                                    uint32_t (&qa)[D / 16][4], float (&o)[D / 8][4]) {
+  const int r0 = warp * 16 + lane / 4, r1 = r0 + 8;
+  const T* q0 = tile.q[r0];
+  const T* q1 = tile.q[r1];
+  load_q_fragments<T, D>(qa, q0, q1, lane % 4);
+#pragma unroll
+  for (int n = 0; n < D / 8; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.0f;
+  return LaneRows{q0 ? tile.key_limit[r0] : 0, q1 ? tile.key_limit[r1] : 0};
+}
+
 /// One key tile's online softmax on the lane's score accumulators (the mma.m16n8k16 C layout: n-block
 /// n holds keys first_key + 8n .. + 7): masks keys at or past each row's limit, scales, turns S into
 /// the unnormalised probabilities P in place and updates the running max and sums; returns the
@@ -211,21 +226,13 @@ __device__ __forceinline__ void attention_mma(const Problem& problem, const dim3
   using Smem = MmaSmem<T, D>;
   Smem& sm = *reinterpret_cast<Smem*>(smem_raw);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int g = lane / 4, t = lane % 4;
+  const int t = lane % 4;
 
   if (!setup_rows(problem, sm.rows, k_cache, item)) return;
 
-  // This lane's two rows (g and g + 8 of the warp's 16) and their Q fragments (zero when unused).
-  const int r0 = warp * 16 + g, r1 = r0 + 8;
-  const T* q0 = sm.rows.q[r0];
-  const T* q1 = sm.rows.q[r1];
-  LaneRows rows{q0 ? sm.rows.key_limit[r0] : 0, q1 ? sm.rows.key_limit[r1] : 0};
   uint32_t qa[D / 16][4];
-  load_q_fragments<T, D>(qa, q0, q1, t);
-
   float o[D / 8][4];
-#pragma unroll
-  for (int n = 0; n < D / 8; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.0f;
+  LaneRows rows = start_lane_rows<T, D>(sm.rows, warp, lane, qa, o);
 
   constexpr int kLd = Smem::kLd;
   const int keys_end = sm.rows.num_keys;

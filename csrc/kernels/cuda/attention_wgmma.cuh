@@ -96,21 +96,14 @@ __device__ __forceinline__ void attention_wgmma(const Problem& problem, const di
   using Smem = WgmmaSmemFor<T, D, kPipelined>;
   Smem& sm = *reinterpret_cast<Smem*>(smem_raw);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int g = lane / 4, t = lane % 4;
+  const int t = lane % 4;
 
   if (!setup_rows(problem, sm.rows, k_cache, item)) return;
 
   // Warp w of warpgroup w / 4 holds rows 16 w + g and 16 w + g + 8 of the tile: the mma kernel's rows.
-  const int r0 = warp * 16 + g, r1 = r0 + 8;
-  const T* q0 = sm.rows.q[r0];
-  const T* q1 = sm.rows.q[r1];
-  LaneRows rows{q0 ? sm.rows.key_limit[r0] : 0, q1 ? sm.rows.key_limit[r1] : 0};
   uint32_t qa[D / 16][4];
-  load_q_fragments<T, D>(qa, q0, q1, t);
-
   float o[D / 8][4];
-#pragma unroll
-  for (int n = 0; n < D / 8; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.0f;
+  LaneRows rows = start_lane_rows<T, D>(sm.rows, warp, lane, qa, o);
   // P of a tile as the A fragments of its 4 16-key steps. All are packed before the first issue
   // (registers written between the issues of one group make ptxas wait for the earlier ones).
   uint32_t pa[kTileKeys / 16][4];
