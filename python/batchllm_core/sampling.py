@@ -11,6 +11,7 @@ are added, which makes a whole job reproducible from ``LLM(seed=...)``.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
@@ -236,10 +237,16 @@ class Sampler:
         else:  # an all-greedy step (the common case) needs neither keys nor temperatures
             keys = torch.zeros(num_rows, dtype=torch.int64, device=self.device)
             temperature = torch.zeros(num_rows, dtype=torch.float32, device=self.device)
-        # Every row in one pass over the logits, in their own dtype (ops.sample_rows: greedy argmax or
-        # Gumbel-max with this noise, and each row's logsumexp); then the rows it does not cover again.
-        token_ids, log_norm, sampled_logprobs = ops.sample_rows(logits, temperature, keys)
-        special = self._rows_with_filters_or_masks(table, requests, positions)
+        if os.environ.get("BATCHLLM_SAMPLER", "") != "torch":
+            # Every row in one pass over the logits, in their own dtype (ops.sample_rows: greedy argmax
+            # or Gumbel-max with this noise, and each row's logsumexp); then the rows it does not cover.
+            token_ids, log_norm, sampled_logprobs = ops.sample_rows(logits, temperature, keys)
+            special = self._rows_with_filters_or_masks(table, requests, positions)
+        else:  # BATCHLLM_SAMPLER=torch: every row by the torch formulas (an A/B, and a way around the kernel)
+            log_norm = torch.logsumexp(logits.float(), dim=-1)
+            token_ids = torch.empty(num_rows, dtype=torch.int64, device=self.device)
+            sampled_logprobs = torch.empty(num_rows, dtype=torch.float32, device=self.device)
+            special = np.arange(num_rows)
         if len(special):
             self._redraw(logits, token_ids, log_norm, sampled_logprobs, keys, special, table, requests, positions)
         return self._with_logprobs(logits, token_ids, sampled_logprobs, log_norm, table.num_logprobs[requests])

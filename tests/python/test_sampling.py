@@ -88,16 +88,19 @@ def test_seeded_draw_does_not_depend_on_the_rest_of_the_batch():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_one_pass_and_torch_draws_agree(dtype):
+@pytest.mark.parametrize("sampler", ["", "torch"])
+def test_one_pass_and_torch_draws_agree(dtype, sampler, monkeypatch):
     # Rows without filters go through ops.sample_rows, rows with one through the torch path: a filter
     # that keeps every token (top_k = vocab) must leave the same draw, logprob and logsumexp, so that
-    # a request draws the same tokens whichever way its batch sends it. Model-dtype logits too.
+    # a request draws the same tokens whichever way its batch sends it. Model-dtype logits too; and
+    # the same with BATCHLLM_SAMPLER=torch (every row by the torch formulas).
     vocab, rows = 300, 24
     logits = _random_logits(rows, vocab, seed=4, scale=2.0).to(dtype)
     plain = [SamplingParams(temperature=0.5 + i / rows, logprobs=2) if i % 4 else SamplingParams(logprobs=2)
              for i in range(rows)]
     filtered = [SamplingParams(temperature=p.temperature, top_k=vocab, logprobs=2) for p in plain]
     positions = list(range(rows))
+    monkeypatch.setenv("BATCHLLM_SAMPLER", sampler)  # "torch": every row by the torch formulas
     a = _sample(logits, plain, positions=positions)
     b = _sample(logits, filtered, positions=positions)
     np.testing.assert_array_equal(a.token_ids, b.token_ids)
