@@ -254,9 +254,10 @@ class Sampler:
     def _rows_with_filters_or_masks(self, table, requests: np.ndarray, positions: np.ndarray) -> np.ndarray:
         """Rows ops.sample_rows does not draw right (host arrays only: no device sync): random rows
         with top-k / top-p / min-p, and rows with stop ids masked before their min_tokens."""
-        random = table.temperature_host[requests] > 0
-        filtered = random & (table.filters_kp_host[requests] | table.filters_min_p_host[requests]) \
-            if len(table.filters_kp_host) else np.zeros(len(requests), bool)
+        filtered = np.zeros(len(requests), bool)
+        if len(table.filters_kp_host):
+            filters = table.filters_kp_host[requests] | table.filters_min_p_host[requests]
+            filtered = filters & (table.temperature_host[requests] > 0)  # greedy rows ignore filters
         mask = table.min_tokens_mask(requests, positions, self.vocab_size)
         if mask is not None:
             filtered[mask[0]] = True
