@@ -34,20 +34,33 @@ struct MmaSmem {
 };
 
 /// Issues the cp.async copies of 64 keys (from `first_key`) of one KV head into a stage, by a CTA of
-/// kThreads threads, and commits them as one group; keys past num_keys are zero-filled.
-template <typename T, int D, int kThreads>
+/// kThreads threads, and commits them as one group; keys past num_keys are zero-filled. Layouts:
+///   rows (kCoreMatrices = false): key k's dims at k * MmaSmem::kLd (padded rows, for ldmatrix);
+///   core matrices (true, wgmma.cuh's no-swizzle layout): copy idx (16 bytes) lands at byte 16 idx,
+///   holding key idx % 8 + 8 (idx / (8 D / 8)), dims 8 ((idx / 8) % (D / 8)) .. + 7, so the 8
+///   threads of a quarter warp fill one 128-byte core matrix.
+template <typename T, int D, int kThreads, bool kCoreMatrices = false>
 __device__ __forceinline__ void issue_kv_tile(T* k_dst, T* v_dst, const TensorView& k_cache,
                                               const TensorView& v_cache, const TileRows<T>& rows, int first_key) {
   constexpr int kLd = MmaSmem<T, D>::kLd;
-  constexpr int kVecPerKey = D * sizeof(T) / 16;
-  constexpr int kVecPerThread = kTileKeys * kVecPerKey / kThreads;
-  static_assert(kTileKeys * kVecPerKey % kThreads == 0, "tile loads must divide evenly");
+  constexpr int kChunks = D * sizeof(T) / 16;  // 16-byte chunks of a key
+  constexpr int kVecPerThread = kTileKeys * kChunks / kThreads;
+  static_assert(kTileKeys * kChunks % kThreads == 0, "tile loads must divide evenly");
   const T* k_base = static_cast<const T*>(k_cache.data);
   const T* v_base = static_cast<const T*>(v_cache.data);
 #pragma unroll
   for (int i = 0; i < kVecPerThread; ++i) {
     const int idx = threadIdx.x + i * kThreads;
-    const int key = idx / kVecPerKey, chunk = idx % kVecPerKey;
+    int key, chunk, dst;
+    if constexpr (kCoreMatrices) {
+      key = idx % 8 + 8 * (idx / (8 * kChunks));
+      chunk = (idx / 8) % kChunks;
+      dst = idx * 8;
+    } else {
+      key = idx / kChunks;
+      chunk = idx % kChunks;
+      dst = key * kLd + chunk * 8;
+    }
     const int pos = first_key + key;
     const bool valid = pos < rows.num_keys;
     const T* k_src = k_base;
@@ -56,8 +69,8 @@ __device__ __forceinline__ void issue_kv_tile(T* k_dst, T* v_dst, const TensorVi
       k_src += paged_kv_offset(k_cache, rows.blocks, rows.block_size, rows.kv_head, pos) + chunk * 8;
       v_src += paged_kv_offset(v_cache, rows.blocks, rows.block_size, rows.kv_head, pos) + chunk * 8;
     }
-    cp_async_16(k_dst + key * kLd + chunk * 8, k_src, valid);
-    cp_async_16(v_dst + key * kLd + chunk * 8, v_src, valid);
+    cp_async_16(k_dst + dst, k_src, valid);
+    cp_async_16(v_dst + dst, v_src, valid);
   }
   cp_async_commit();
 }

@@ -43,37 +43,6 @@ struct WgmmaSmem {
 template <typename T, int D, bool kPipelined>
 using WgmmaSmemFor = WgmmaSmem<T, D, kPipelined ? 4 : 3>;
 
-/// Issues the cp.async copies of 64 keys (from `first_key`) into a stage in the core-matrix layout and
-/// commits them as one group; keys past num_keys are zero-filled. Copy idx (16 bytes) lands at byte
-/// 16 idx: key (idx % 8) + 8 (idx / (8 D / 8)), dims 8 ((idx / 8) % (D / 8)) .. + 7, so the 8
-/// threads of a quarter warp fill one 128-byte core matrix.
-template <typename T, int D, int kThreads>
-__device__ __forceinline__ void issue_kv_tile_core_matrices(T* k_dst, T* v_dst, const TensorView& k_cache,
-                                                            const TensorView& v_cache, const TileRows<T>& rows,
-                                                            int first_key) {
-  constexpr int kChunks = D / 8;  // 16-byte chunks of a key
-  constexpr int kVecPerThread = kTileKeys * kChunks / kThreads;
-  static_assert(kTileKeys * kChunks % kThreads == 0, "tile loads must divide evenly");
-  const T* k_base = static_cast<const T*>(k_cache.data);
-  const T* v_base = static_cast<const T*>(v_cache.data);
-#pragma unroll
-  for (int i = 0; i < kVecPerThread; ++i) {
-    const int idx = threadIdx.x + i * kThreads;
-    const int key = idx % 8 + 8 * (idx / (8 * kChunks)), chunk = (idx / 8) % kChunks;
-    const int pos = first_key + key;
-    const bool valid = pos < rows.num_keys;
-    const T* k_src = k_base;
-    const T* v_src = v_base;
-    if (valid) {
-      k_src += paged_kv_offset(k_cache, rows.blocks, rows.block_size, rows.kv_head, pos) + chunk * 8;
-      v_src += paged_kv_offset(v_cache, rows.blocks, rows.block_size, rows.kv_head, pos) + chunk * 8;
-    }
-    cp_async_16(k_dst + idx * 8, k_src, valid);
-    cp_async_16(v_dst + idx * 8, v_src, valid);
-  }
-  cp_async_commit();
-}
-
 /// One work item of the wgmma tile kernel on a CTA of kWarps warps (a multiple of 4: whole
 /// warpgroups; 16 rows per warp, the Problem's tile_rows = 16 * kWarps), in `smem_raw`
 /// (WgmmaSmemFor<T, D, kPipelined>, 128-byte aligned).
@@ -124,7 +93,7 @@ __device__ __forceinline__ void attention_wgmma(const Problem& problem, const di
   for (int i = 0; i < 2; ++i) {
     const int key = sm.rows.key_begin + i * kTileKeys;
     if (key < keys_end) {
-      issue_kv_tile_core_matrices<T, D, kThreads>(sm.kv[i].k, sm.kv[i].v, k_cache, v_cache, sm.rows, key);
+      issue_kv_tile<T, D, kThreads, true>(sm.kv[i].k, sm.kv[i].v, k_cache, v_cache, sm.rows, key);
     }
   }
   int stage = 0;
@@ -140,7 +109,7 @@ __device__ __forceinline__ void attention_wgmma(const Problem& problem, const di
                                  // the stage the next issue refills (WgmmaSmem)
     if (first_key + 2 * kTileKeys < keys_end) {
       const int refill = (stage + 2) % Smem::kStages;
-      issue_kv_tile_core_matrices<T, D, kThreads>(sm.kv[refill].k, sm.kv[refill].v, k_cache, v_cache, sm.rows,
+      issue_kv_tile<T, D, kThreads, true>(sm.kv[refill].k, sm.kv[refill].v, k_cache, v_cache, sm.rows,
                                                   first_key + 2 * kTileKeys);
     }
     const T* k_tile = sm.kv[stage].k;
