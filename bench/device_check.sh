@@ -187,16 +187,16 @@ section_e2e_w6() {
 
 # ---- 6. sanitizer: out-of-bounds accesses and shared-memory races of the kernels on small cases -----------
 # memcheck on a cascade and a prefill case; racecheck (slow: it tracks every shared-memory access) on
-# the small cascade case only. Default kernels first, then the variants (pipelined wgmma tiles with
-# the merging suffix kernel; plain wgmma tiles; 4-warp mma tiles in the fused launch; 8-warp mma
-# tiles with the merging suffix kernel), as far as the time goes.
+# the small cascade case only. Default kernels first (pipelined wgmma tiles on Hopper), then the
+# variants (the merging suffix kernel; plain wgmma tiles; 4-warp mma tiles in the fused launch; 8-warp
+# mma tiles with the merging suffix kernel; WMMA tiles), as far as the time goes.
 section_sanitizer() {
   cd "$ROOT/tests"
   local cascade="test_cascade_cuda_matches_cpu_reference" prefill="test_prefill_attention_cuda_long_chunk_over_cache"
   local variant
-  for variant in "" "BATCHLLM_ATTENTION_TILES=wgmma-pipe BATCHLLM_CASCADE_LAUNCH=merge" \
+  for variant in "" "BATCHLLM_CASCADE_LAUNCH=merge" \
                  "BATCHLLM_ATTENTION_TILES=wgmma" "BATCHLLM_ATTENTION_TILES=mma BATCHLLM_CASCADE_LAUNCH=fused" \
-                 "BATCHLLM_ATTENTION_TILES=mma128 BATCHLLM_CASCADE_LAUNCH=merge"; do
+                 "BATCHLLM_ATTENTION_TILES=mma128 BATCHLLM_CASCADE_LAUNCH=merge" "BATCHLLM_ATTENTION_TILES=wmma"; do
     echo "---- compute-sanitizer --tool memcheck ${variant:-(default kernels)}"
     env $variant compute-sanitizer --tool memcheck --error-exitcode 99 --target-processes all \
       "$PY" -m pytest -q -p no:cacheprovider -x python/test_cuda_ops.py -k "$cascade or $prefill" || exit 99
@@ -206,7 +206,20 @@ section_sanitizer() {
   done
 }
 
-# ---- 7. (append sections above this line and register them below) ------------------------------------------
+# ---- 7. profile: where an e2e job's time goes (bench/profile_e2e.py): per-step host and device time
+# by step kind, the top device kernels and host ops (torch.profiler), the top Python functions.
+# Log in profile.log, JSON lines in profile.jsonl. Not in the default list: SECTIONS="build profile".
+section_profile() {
+  cd "$ROOT"
+  local p=("$PY" bench/profile_e2e.py --model llama-1b --device cuda --json-out "$OUT/profile.jsonl")
+  rm -f "$OUT/profile.jsonl"
+  "${p[@]}" --workload W1 --scale 0.25 --cuda-graphs --rows 30 || echo "profile W1 graphs FAILED"
+  "${p[@]}" --workload W2 --scale 0.25 --cuda-graphs --parts steps,kernels --rows 20 || echo "profile W2 FAILED"
+  "${p[@]}" --workload W5 --scale 0.0625 --cuda-graphs --parts steps,kernels --rows 20 || echo "profile W5 FAILED"
+  "${p[@]}" --workload W5 --scale 0.0625 --cuda-graphs --policy fcfs-lru --parts steps || echo "profile W5 fcfs FAILED"
+}
+
+# ---- 8. (append sections above this line and register them below) ------------------------------------------
 
 run_section environment 30 5 section_environment
 BUILD_OK=1   # a SECTIONS list without build runs on an earlier build (REUSE_BUILD's)
@@ -221,6 +234,7 @@ if (( BUILD_OK )); then
   run_section e2e 240 45 section_e2e
   run_section sanitizer 90 40 section_sanitizer
   run_section e2e_w6 200 90 section_e2e_w6 e2e
+  [[ " $SECTIONS " == *" profile "* ]] && run_section profile 200 30 section_profile
 else
   SUMMARY+=("gpu_tests / benchmarks skipped: the build failed (see $OUT/build.log)")
 fi

@@ -7,24 +7,27 @@
 namespace batchllm::kernels::cuda {
 
 /// The kernel of prefill and cascade-prefix tiles, from BATCHLLM_ATTENTION_TILES, read at every
-/// launch so that a benchmark can compare them in one process: WMMA (default; 64 rows), mma (the
-/// mma.sync kernel, 4 warps, 64 rows), mma128 (8 warps, 128 rows: each K/V tile brought into
-/// shared memory serves twice the rows, which halves the L2 -> SM traffic of a prefix with many
+/// launch so that a benchmark can compare them in one process: wmma (64 rows on WMMA fragments),
+/// mma (the mma.sync kernel, 4 warps, 64 rows), mma128 (8 warps, 128 rows: each K/V tile brought
+/// into shared memory serves twice the rows, which halves the L2 -> SM traffic of a prefix with many
 /// readers), wgmma (mma128's tile on Hopper's warpgroup MMA) or wgmma-pipe (the same with one key
 /// tile's products overlapping the next one's softmax); where wgmma_available() is false, mma128
 /// runs instead of either.
+///
+/// Unset, the default is what the first H100 run measured fastest (2026-11-27, bench_attention,
+/// docs/BENCHMARKS.md): wgmma-pipe where wgmma runs (decode grid: 0.59x WMMA's time, geometric
+/// mean; paged prefill 4096 tokens: 0.97 ms against WMMA's 3.34 ms), else mma (0.59x, the fastest
+/// tile on mma.sync).
 enum class TileKernel { kWmma, kMma, kMma128, kWgmma, kWgmmaPipelined };
 
 inline TileKernel tile_kernel() {
+  if (env_equals("BATCHLLM_ATTENTION_TILES", "wmma")) return TileKernel::kWmma;
   if (env_equals("BATCHLLM_ATTENTION_TILES", "mma")) return TileKernel::kMma;
   if (env_equals("BATCHLLM_ATTENTION_TILES", "mma128")) return TileKernel::kMma128;
   if (env_equals("BATCHLLM_ATTENTION_TILES", "wgmma")) {
     return wgmma_available() ? TileKernel::kWgmma : TileKernel::kMma128;
   }
-  if (env_equals("BATCHLLM_ATTENTION_TILES", "wgmma-pipe")) {
-    return wgmma_available() ? TileKernel::kWgmmaPipelined : TileKernel::kMma128;
-  }
-  return TileKernel::kWmma;
+  return wgmma_available() ? TileKernel::kWgmmaPipelined : TileKernel::kMma;
 }
 
 /// Query rows per tile of a tile kernel: the Problem's tile_rows and the grid follow it.
