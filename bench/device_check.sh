@@ -144,10 +144,14 @@ section_e2e() {
   # e2e_run LABEL ARGS...: one run; a failure is logged and counted, the next run still goes.
   local run_env=(env)  # what e2e_run prefixes: env, and VAR=VALUE settings for a kernel variant
   e2e_run() { local label="$1"; shift; "${run_env[@]}" "${e2e[@]}" "$@" || { echo "e2e: $label FAILED"; failed=$((failed + 1)); }; }
+  # The defaults on CUDA: CUDA graphs for decode steps, overlapped scheduling, the layer-op kernels.
   e2e_run "W1" --workload W1 --scale 0.25 --policy batchllm,fcfs-lru
-  e2e_run "W1 cuda graphs" --workload W1 --scale 0.25 --policy batchllm --cuda-graphs
   e2e_run "W2" --workload W2 --scale 0.25 --policy batchllm,fcfs-lru
   e2e_run "W5" --workload W5 --scale 0.125 --policy batchllm,fcfs-lru
+  e2e_run "W1 eager" --workload W1 --scale 0.25 --policy batchllm --no-cuda-graphs --no-overlap
+  run_env=(env BATCHLLM_LAYER_OPS=torch)
+  e2e_run "W1 torch layer ops" --workload W1 --scale 0.25 --policy batchllm
+  run_env=(env)
   # The attention kernels bench_attention found fastest over its grid, if not the defaults: W1 again
   # with them (the row records them in kernel_env).
   local fastest=()
@@ -160,10 +164,9 @@ if summary and summary[-1]["fastest"] != "ours":
   if (( ${#fastest[@]} )); then
     echo "e2e: W1 with the fastest attention variant: ${fastest[*]}"
     run_env=(env "${fastest[@]}")
-    e2e_run "W1 graphs, fastest kernels" --workload W1 --scale 0.25 --policy batchllm --cuda-graphs
+    e2e_run "W1, fastest kernels" --workload W1 --scale 0.25 --policy batchllm
     run_env=(env)
   fi
-  e2e_run "W1 graphs + overlap" --workload W1 --scale 0.25 --policy batchllm --cuda-graphs --overlap
   e2e_run "transformers baseline" --workload W1 --scale 0.25 --policy none --hf --hf-batches 1
   echo "e2e summary (workload policy seconds out_tok/s prefill_tokens time/floor):"
   [[ -s "$json" ]] && "$PY" -c 'import json, sys
@@ -182,7 +185,7 @@ for line in open(sys.argv[1]):
 section_e2e_w6() {
   cd "$ROOT"
   "$PY" bench/e2e.py --model qwen2.5-7b-shape --device cuda --json-out "$OUT/e2e.jsonl" --workload W6 --scale 1 \
-    --policy batchllm,fcfs-lru --cuda-graphs
+    --policy batchllm,fcfs-lru
 }
 
 # ---- 6. sanitizer: out-of-bounds accesses and shared-memory races of the kernels on small cases -----------
@@ -213,10 +216,10 @@ section_profile() {
   cd "$ROOT"
   local p=("$PY" bench/profile_e2e.py --model llama-1b --device cuda --json-out "$OUT/profile.jsonl")
   rm -f "$OUT/profile.jsonl"
-  "${p[@]}" --workload W1 --scale 0.25 --cuda-graphs --rows 30 || echo "profile W1 graphs FAILED"
-  "${p[@]}" --workload W2 --scale 0.25 --cuda-graphs --parts steps,kernels --rows 20 || echo "profile W2 FAILED"
-  "${p[@]}" --workload W5 --scale 0.0625 --cuda-graphs --parts steps,kernels --rows 20 || echo "profile W5 FAILED"
-  "${p[@]}" --workload W5 --scale 0.0625 --cuda-graphs --policy fcfs-lru --parts steps || echo "profile W5 fcfs FAILED"
+  "${p[@]}" --workload W1 --scale 0.25 --rows 30 || echo "profile W1 graphs FAILED"
+  "${p[@]}" --workload W2 --scale 0.25 --parts steps,kernels --rows 20 || echo "profile W2 FAILED"
+  "${p[@]}" --workload W5 --scale 0.0625 --parts steps,kernels --rows 20 || echo "profile W5 FAILED"
+  "${p[@]}" --workload W5 --scale 0.0625 --policy fcfs-lru --parts steps || echo "profile W5 fcfs FAILED"
 }
 
 # ---- 8. (append sections above this line and register them below) ------------------------------------------

@@ -79,10 +79,12 @@ def _parse(argv):
     parser.add_argument("--max-num-seqs", type=int, default=1024)
     parser.add_argument("--attention", choices=["cascade", "paged"], default="cascade",
                         help="decode attention: shared-prefix levels (cascade) or paged per sequence (A/B)")
-    parser.add_argument("--cuda-graphs", action="store_true",
-                        help="replay CUDA graphs for decode-only steps (batchllm_core.cuda_graphs)")
-    parser.add_argument("--overlap", action="store_true",
-                        help="plan and queue step i+1 before step i's samples reach the host (LLM(overlap=True))")
+    parser.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
+                        help="replay CUDA graphs for decode-only steps (batchllm_core.cuda_graphs; default: the "
+                             "engine's, on for a CUDA device)")
+    parser.add_argument("--overlap", action=argparse.BooleanOptionalAction, default=None,
+                        help="plan and queue step i+1 before step i's samples reach the host (default: the "
+                             "engine's, on for a CUDA device)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 is fastest on a busy host)")
     parser.add_argument("--flops", type=float, default=H100_FLOPS, help="matmul ceiling, FLOP/s (H100 measured)")
     parser.add_argument("--bytes-per-s", type=float, default=H100_BYTES_PER_S,
@@ -107,7 +109,8 @@ def run_engine(workload_id: str, policy: str, args, ceilings: Ceilings) -> dict:
     llm = LLM(model=args.model, dtype=args.dtype, device=args.device, block_size=args.block_size,
               kv_cache_memory=args.kv_cache_memory, policy=policy, seed=args.seed,
               max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
-              cuda_graphs=bool(args.cuda_graphs) and args.device != "cpu", overlap=bool(args.overlap))
+              cuda_graphs=None if args.cuda_graphs is None else bool(args.cuda_graphs) and args.device != "cpu",
+              overlap=args.overlap)
     workload = _workload(workload_id, llm.config.vocab_size, args)
     prompts = [{"prompt_token_ids": r.prompt_token_ids.tolist()} for r in workload.requests]
     params = [SamplingParams(n=r.n, temperature=r.temperature, max_tokens=r.max_tokens, ignore_eos=True)
@@ -133,6 +136,7 @@ def run_engine(workload_id: str, policy: str, args, ceilings: Ceilings) -> dict:
     stats = dict(llm.last_stats)
     bytes_per_block = llm.runner.kv_bytes_per_block(llm.config, llm.block_size, llm.dtype)
     result = _common(workload, args, llm.device, llm.dtype, policy, seconds, cost, ceilings)
+    result.update(cuda_graphs=hasattr(llm.runner, "decode_graphs"), overlap=bool(llm.overlap))
     result.update(
         prefill_tokens=int(stats["prefill_tokens"]), decode_tokens=int(stats["decode_tokens"]),
         steps=int(stats["steps"]), preemptions=int(stats["preemptions"]),
@@ -234,7 +238,8 @@ def _common(workload, args, device, dtype, policy, seconds, cost, ceilings, outp
 
 # The CUDA kernel variants chosen by the environment (bench/NOTES_attention.md): recorded with each
 # run so that a figure says which kernels made it.
-KERNEL_ENV_VARS = ("BATCHLLM_ATTENTION_TILES", "BATCHLLM_CASCADE_SUFFIX", "BATCHLLM_CASCADE_LAUNCH", "BATCHLLM_SAMPLER")
+KERNEL_ENV_VARS = ("BATCHLLM_ATTENTION_TILES", "BATCHLLM_CASCADE_SUFFIX", "BATCHLLM_CASCADE_LAUNCH", "BATCHLLM_SAMPLER",
+                   "BATCHLLM_LAYER_OPS")
 
 
 def kernel_env() -> dict:

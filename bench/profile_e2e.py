@@ -14,7 +14,7 @@ three times on one LLM after a warm-up:
 
 Prints tables and one JSON line per run (``--json-out`` appends it).
 
-    PYTHONPATH=python python bench/profile_e2e.py --workload W1 --scale 0.25 --model llama-1b --cuda-graphs
+    PYTHONPATH=python python bench/profile_e2e.py --workload W1 --scale 0.25 --model llama-1b
     PYTHONPATH=python .venv/bin/python bench/profile_e2e.py --model tiny --device cpu --parts steps,python
 """
 from __future__ import annotations
@@ -211,8 +211,10 @@ def main(argv=None) -> dict:
     parser.add_argument("--scale", type=float, default=0.25)
     parser.add_argument("--max-tokens", type=int, default=None)
     parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
-    parser.add_argument("--cuda-graphs", action="store_true")
-    parser.add_argument("--overlap", action="store_true")
+    parser.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
+                        help="default: the engine's (on for a CUDA device)")
+    parser.add_argument("--overlap", action=argparse.BooleanOptionalAction, default=None,
+                        help="default: the engine's (on for a CUDA device)")
     parser.add_argument("--parts", default="steps,kernels,python", help="comma list of steps, kernels, python")
     parser.add_argument("--rows", type=int, default=25, help="rows of each profiler table")
     parser.add_argument("--json-out", default=None)
@@ -222,19 +224,19 @@ def main(argv=None) -> dict:
 
     llm = LLM(model=args.model, dtype=args.dtype, device=args.device, policy=args.policy,
               max_num_batched_tokens=args.max_num_batched_tokens,
-              cuda_graphs=bool(args.cuda_graphs) and args.device != "cpu", overlap=bool(args.overlap))
+              cuda_graphs=args.cuda_graphs, overlap=args.overlap)
     workload = make_workload(args.workload, vocab=llm.config.vocab_size, seed=0, scale=args.scale)
     prompts = [{"prompt_token_ids": r.prompt_token_ids.tolist()} for r in workload.requests]
     params = [SamplingParams(n=r.n, temperature=r.temperature, max_tokens=args.max_tokens or r.max_tokens,
                              ignore_eos=True) for r in workload.requests]
     llm.generate(prompts[:2], SamplingParams(max_tokens=2, ignore_eos=True), use_tqdm=False)  # warm-up
     result = {"bench": "profile_e2e", "workload": args.workload, "model": args.model, "policy": args.policy,
-              "scale": args.scale, "cuda_graphs": bool(args.cuda_graphs), "overlap": bool(args.overlap),
+              "scale": args.scale, "cuda_graphs": hasattr(llm.runner, "decode_graphs"), "overlap": bool(llm.overlap),
               "device_name": device_name(llm.device), "commit": commit(),
               "kernel_env": {k: v for k, v in os.environ.items() if k.startswith("BATCHLLM_")}}
     parts = args.parts.split(",")
-    print(f"== {args.workload} x{args.scale} {args.model} {args.policy} graphs={args.cuda_graphs} "
-          f"overlap={args.overlap} on {result['device_name']}", flush=True)
+    print(f"== {args.workload} x{args.scale} {args.model} {args.policy} graphs={result['cuda_graphs']} "
+          f"overlap={result['overlap']} on {result['device_name']}", flush=True)
     if "steps" in parts:
         result["steps"] = profile_steps(llm, prompts, params)
         print_steps(result["steps"])

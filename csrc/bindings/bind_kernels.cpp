@@ -383,6 +383,75 @@ void sample_rows(py::handle logits_obj, py::handle temperature_obj, py::handle k
                     kernels::sample_rows_cuda(p, reinterpret_cast<cudaStream_t>(stream)));
 }
 
+/// Requires `view` to have `like`'s dtype and shape in every dim but `skip_dim` (-1: none).
+void same_layout(const ArgChecker& c, const std::string& name, const TensorView& view, const std::string& like_name,
+                 const TensorView& like, int skip_dim = -1) {
+  c.require(view.dtype == like.dtype, name, std::string("must have ") + like_name + "'s dtype " +
+                                                kernels::dtype_name(like.dtype));
+  for (int d = 0; d < like.ndim; ++d) {
+    if (d != skip_dim) c.require(view.shape[d] == like.shape[d], name, "must have " + like_name + "'s shape");
+  }
+}
+
+void rms_norm(py::handle x_obj, py::handle residual_obj, py::handle weight_obj, py::handle out_obj, float eps,
+              uintptr_t stream) {
+  const ArgChecker c("rms_norm");
+  const ViewArg x_arg = c.parse(x_obj, "x"), weight_arg = c.parse(weight_obj, "weight");
+  const ViewArg out_arg = c.parse(out_obj, "out");
+  c.same_device({&x_arg, &weight_arg, &out_arg});
+  kernels::RmsNormParams p;
+  p.x = c.tensor(x_arg, 2);
+  p.weight = c.tensor(weight_arg, 1);
+  p.out = c.tensor(out_arg, 2);
+  p.eps = eps;
+  same_layout(c, "out", p.out, "x", p.x);
+  c.require(p.weight.dtype == p.x.dtype && p.weight.shape[0] == p.x.shape[1], "weight",
+            "must be [" + std::to_string(p.x.shape[1]) + "] in x's dtype");
+  c.require(eps >= 0.0f, "eps", "must be >= 0");
+  if (!residual_obj.is_none()) {
+    const ViewArg residual_arg = c.parse(residual_obj, "residual");
+    c.same_device({&x_arg, &residual_arg});
+    p.residual = c.tensor(residual_arg, 2);
+    same_layout(c, "residual", p.residual, "x", p.x);
+  }
+  BATCHLLM_DISPATCH(c, x_arg.device, kernels::rms_norm_cpu(p),
+                    kernels::rms_norm_cuda(p, reinterpret_cast<cudaStream_t>(stream)));
+}
+
+void silu_and_mul(py::handle gate_up_obj, py::handle out_obj, uintptr_t stream) {
+  const ArgChecker c("silu_and_mul");
+  const ViewArg gate_up_arg = c.parse(gate_up_obj, "gate_up"), out_arg = c.parse(out_obj, "out");
+  c.same_device({&gate_up_arg, &out_arg});
+  kernels::SiluAndMulParams p;
+  p.gate_up = c.tensor(gate_up_arg, 2);
+  p.out = c.tensor(out_arg, 2);
+  c.require(p.gate_up.shape[1] % 2 == 0, "gate_up", "must have an even last dim (gate then up)");
+  same_layout(c, "out", p.out, "gate_up", p.gate_up, 1);
+  c.require(p.out.shape[1] * 2 == p.gate_up.shape[1], "out", "must be half as wide as gate_up");
+  BATCHLLM_DISPATCH(c, gate_up_arg.device, kernels::silu_and_mul_cpu(p),
+                    kernels::silu_and_mul_cuda(p, reinterpret_cast<cudaStream_t>(stream)));
+}
+
+void rotary_embedding(py::handle q_obj, py::handle k_obj, py::handle positions_obj, py::handle inv_freq_obj,
+                      uintptr_t stream) {
+  const ArgChecker c("rotary_embedding");
+  const ViewArg q_arg = c.parse(q_obj, "q"), k_arg = c.parse(k_obj, "k");
+  const ViewArg positions_arg = c.parse(positions_obj, "positions"), inv_freq_arg = c.parse(inv_freq_obj, "inv_freq");
+  c.same_device({&q_arg, &k_arg, &positions_arg, &inv_freq_arg});
+  kernels::RotaryParams p;
+  p.q = c.tensor(q_arg, 3);
+  p.k = c.tensor(k_arg, 3);
+  c.require(p.k.dtype == p.q.dtype, "k", std::string("must have q's dtype ") + kernels::dtype_name(p.q.dtype));
+  c.require(p.k.shape[0] == p.q.shape[0] && p.k.shape[2] == p.q.shape[2], "k", "must have q's tokens and head dim");
+  c.require(p.q.shape[2] % 2 == 0, "q", "must have an even head dim");
+  c.index_array(positions_arg, "int32", {p.q.shape[0]});
+  c.index_array(inv_freq_arg, "float32", {p.q.shape[2] / 2});
+  p.positions = reinterpret_cast<const int32_t*>(positions_arg.data);
+  p.inv_freq = reinterpret_cast<const float*>(inv_freq_arg.data);
+  BATCHLLM_DISPATCH(c, q_arg.device, kernels::rotary_embedding_cpu(p),
+                    kernels::rotary_embedding_cuda(p, reinterpret_cast<cudaStream_t>(stream)));
+}
+
 }  // namespace
 
 void register_kernels(py::module_& m) {
@@ -405,6 +474,14 @@ void register_kernels(py::module_& m) {
         py::arg("token_ids"), py::arg("lse"), py::arg("logprobs"), py::arg("stream"),
         "One token per row of logits (greedy or Gumbel-max, no filters) with each row's logsumexp and the "
         "token's logprob; use batchllm_core.ops.sample_rows.");
+  m.def("rms_norm", &rms_norm, py::arg("x"), py::arg("residual"), py::arg("weight"), py::arg("out"), py::arg("eps"),
+        py::arg("stream"),
+        "RMSNorm of x's rows (residual, if not None, first gets x added in place and is normalised instead); "
+        "use batchllm_core.ops.rms_norm.");
+  m.def("silu_and_mul", &silu_and_mul, py::arg("gate_up"), py::arg("out"), py::arg("stream"),
+        "silu(gate) * up of gate_up = [gate | up]; use batchllm_core.ops.silu_and_mul.");
+  m.def("rotary_embedding", &rotary_embedding, py::arg("q"), py::arg("k"), py::arg("positions"), py::arg("inv_freq"),
+        py::arg("stream"), "Rotate-half rope of q and k in place; use batchllm_core.ops.rotary_embedding.");
   m.def("cuda_kernel_head_dims", [] {
     std::vector<int> dims;
     for (int d : {64, 128}) {

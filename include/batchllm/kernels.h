@@ -102,11 +102,50 @@ struct SampleRowsParams {
   float* logprobs = nullptr;         ///< [R] out: logits[row, token] - lse
 };
 
+/// Layer ops of a decoder step (the element-wise work between the GEMMs, one launch each instead of
+/// torch's chain of small kernels). Each rounds to the tensors' dtype exactly where the torch model
+/// (python/batchllm_core/models/llama.py) does, so either path gives the same values up to the order
+/// of one float32 sum.
+///
+/// rms_norm, row by row over the last dim H (float32 math):
+///   without residual: out = round(weight * round(x * rsqrt(mean(x^2) + eps)))   (Hugging Face Llama)
+///   with residual:    residual = round(x + residual), then out = rms_norm(residual)  (the pre-norm
+///                     layer's skip connection fused in; vLLM's fused_add_rms_norm)
+/// `out` may be `x` itself.
+struct RmsNormParams {
+  TensorView x;         ///< [T, H], last dim contiguous
+  TensorView residual;  ///< [T, H] updated in place, or data == nullptr: no residual
+  TensorView weight;    ///< [H], x's dtype, contiguous
+  TensorView out;       ///< [T, H], x's dtype
+  float eps = 1e-6f;
+};
+
+/// silu_and_mul: out = round(round(silu(gate)) * up) with gate = gate_up[:, :I], up = gate_up[:, I:]
+/// (the SwiGLU MLP's activation).
+struct SiluAndMulParams {
+  TensorView gate_up;  ///< [T, 2I], last dim contiguous
+  TensorView out;      ///< [T, I], gate_up's dtype
+};
+
+/// rotary_embedding: rotate-half ("neox") rope of q and k in place, at each token's position:
+///   angle_i = float(position) * inv_freq[i], c = round(cos(angle_i)), s = round(sin(angle_i)),
+///   x[i] <- round(round(x[i] * c) - round(x[i + D/2] * s)),
+///   x[i + D/2] <- round(round(x[i + D/2] * c) + round(x[i] * s))      for i < D/2.
+struct RotaryParams {
+  TensorView q;                      ///< [T, Hq, D], last dim contiguous, modified in place
+  TensorView k;                      ///< [T, Hk, D], q's dtype, modified in place
+  const int32_t* positions = nullptr;  ///< [T]
+  const float* inv_freq = nullptr;   ///< [D / 2] (rope scaling already applied)
+};
+
 // ---- CPU references: plain loops, float accumulation, any head dim, fp32/fp16/bf16 views.
 Status store_kv_cpu(const StoreKvParams& params);
 Status prefill_attention_cpu(const PrefillParams& params);
 Status cascade_decode_attention_cpu(const CascadeDecodeParams& params);
 Status merge_states_cpu(const MergeStatesParams& params);
 Status sample_rows_cpu(const SampleRowsParams& params);
+Status rms_norm_cpu(const RmsNormParams& params);
+Status silu_and_mul_cpu(const SiluAndMulParams& params);
+Status rotary_embedding_cpu(const RotaryParams& params);
 
 }  // namespace batchllm::kernels

@@ -86,10 +86,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="token rows per step (default: 2048)")
     run.add_argument("--max-num-seqs", type=_positive_int, default=1024, metavar="N",
                      help="sequences running at once at most (default: 1024)")
-    run.add_argument("--cuda-graphs", action="store_true",
-                     help="CUDA: replay CUDA graphs for decode-only steps")
-    run.add_argument("--overlap", action="store_true",
-                     help="plan step i+1 while the device runs step i (same answers)")
+    run.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
+                     help="replay CUDA graphs for decode-only steps (default: on for a CUDA device)")
+    run.add_argument("--overlap", action=argparse.BooleanOptionalAction, default=None,
+                     help="plan step i+1 while the device runs step i, same answers (default: on for a CUDA device)")
     run.add_argument("--progress-interval", type=float, default=5.0, metavar="SECONDS",
                      help="seconds between progress lines when not on a terminal (default: 5)")
 

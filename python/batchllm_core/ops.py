@@ -27,7 +27,7 @@ import torch
 from . import _C
 
 __all__ = ["DecodeLevels", "store_kv", "prefill_attention", "cascade_decode_attention", "cascade_workspace_floats",
-           "merge_states", "sample_rows"]
+           "merge_states", "sample_rows", "rms_norm", "silu_and_mul", "rotary_embedding"]
 
 
 # Tests only (tests/python/cuda_emulation.py): CPU tensors go to the CUDA path of the bindings as
@@ -338,3 +338,60 @@ def sample_rows(logits: torch.Tensor, temperature: torch.Tensor,
     _C.sample_rows(_view(logits), _view(temperature), _view(keys), _view(token_ids), _view(lse), _view(logprobs),
                    _stream(logits))
     return token_ids, lse, logprobs
+
+
+# ---------------------------------------------------------------------------------------------------
+# Layer ops: the element-wise work between a decoder layer's GEMMs, one kernel each (the model uses
+# them on CUDA; models/llama.py keeps the torch formulas, which these equal, for the CPU).
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: Optional[torch.Tensor] = None,
+             out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """RMSNorm of the rows of ``x`` as Hugging Face Llama computes it (float32 math, the normalised
+    row rounded to x's dtype, then times ``weight``). With ``residual``, first ``residual += x``
+    (rounded, in place) and the sum is what gets normalised: a pre-norm layer's skip connection.
+
+    Parameters
+    ----------
+    x : torch.Tensor
+        ``[T, H]``, last dim contiguous.
+    weight : torch.Tensor
+        ``[H]``, x's dtype.
+    eps : float
+    residual : torch.Tensor, optional
+        ``[T, H]``, x's dtype; updated in place.
+    out : torch.Tensor, optional
+        ``[T, H]``; may be ``x`` itself.
+
+    Examples
+    --------
+    >>> import torch
+    >>> rms_norm(torch.tensor([[3.0, 4.0]]), torch.ones(2), 0.0)
+    tensor([[0.8485, 1.1314]])
+    """
+    out = torch.empty_like(x) if out is None else out
+    _C.rms_norm(_view(x), None if residual is None else _view(residual), _view(weight), _view(out), float(eps),
+                _stream(x))
+    return out
+
+
+def silu_and_mul(gate_up: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``silu(gate) * up`` for ``gate_up = [gate | up]`` ``[T, 2I]`` -> ``[T, I]`` (SwiGLU), each
+    product rounded to the dtype as torch's two ops round it.
+
+    Examples
+    --------
+    >>> import torch
+    >>> silu_and_mul(torch.tensor([[0.0, 2.0, 5.0, 3.0]]))
+    tensor([[0.0000, 5.2848]])
+    """
+    if out is None:
+        out = torch.empty(gate_up.shape[0], gate_up.shape[1] // 2, dtype=gate_up.dtype, device=gate_up.device)
+    _C.silu_and_mul(_view(gate_up), _view(out), _stream(gate_up))
+    return out
+
+
+def rotary_embedding(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor) -> None:
+    """Rotate-half rope of ``q`` ``[T, Hq, D]`` and ``k`` ``[T, Hk, D]`` in place (they may be views
+    of one fused qkv row), at ``positions`` (int32 ``[T]``) with ``inv_freq`` (float32 ``[D/2]``,
+    rope scaling applied): the values of models.llama.apply_rope with cos and sin in x's dtype."""
+    _C.rotary_embedding(_view(q), _view(k), _view(positions), _view(inv_freq), _stream(q))

@@ -56,8 +56,8 @@ class RunOptions:
     seed: int = 0
     max_num_batched_tokens: int = 2048
     max_num_seqs: int = 1024
-    cuda_graphs: bool = False
-    overlap: bool = False
+    cuda_graphs: Optional[bool] = None  # None: the engine's default (on for a CUDA device)
+    overlap: Optional[bool] = None
     progress_interval_s: float = 5.0
     fsync_interval_s: float = 0.1
 

@@ -485,3 +485,9 @@ def test_engine_flags_reach_the_llm(tmp_path, monkeypatch):
     options.cuda_graphs = True
     with pytest.warns(UserWarning, match="cuda_graphs"):  # no CUDA here: warned, eager
         run_batch_module._load_llm(options)
+    # Unset, both are the engine's default (on for a CUDA device); --no-overlap turns it off.
+    cli.main(["run-batch", "-i", str(tmp_path / "in.jsonl"), "-o", str(tmp_path / "out.jsonl")])
+    assert (seen["options"].cuda_graphs, seen["options"].overlap) == (None, None)
+    cli.main(["run-batch", "-i", str(tmp_path / "in.jsonl"), "-o", str(tmp_path / "out.jsonl"), "--no-overlap",
+              "--no-cuda-graphs"])
+    assert (seen["options"].cuda_graphs, seen["options"].overlap) == (False, False)

@@ -265,6 +265,13 @@ def test_sample_rows_cuda(dtype, vocab):
     assert torch.allclose(logprobs.double().cpu(), ref_logprobs, atol=1e-4, rtol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_layer_ops_cuda(dtype):
+    from test_ops import check_layer_ops
+    check_layer_ops(dtype, device=DEVICE)
+    synchronize()
+
+
 def test_cuda_rejects_unbuilt_head_dim_and_float32():
     kv = PagedKV(8, 16, 2, 16, torch.float16, device=DEVICE)
     case = make_prefill_case(kv, [(2, 2)], 4, 16, torch.float16, device=DEVICE)

@@ -338,7 +338,8 @@ def test_bfloat16_runner_matches_float32():
 
 
 @pytest.mark.skipif(cuda_emulation.module() is None, reason="no CUDA emulation module (BATCHLLM_CUDA_EMULATION_DIR)")
-@pytest.mark.parametrize("kernels", [{}, {"BATCHLLM_ATTENTION_TILES": "mma128", "BATCHLLM_CASCADE_LAUNCH": "merge"},
+@pytest.mark.parametrize("kernels", [{"BATCHLLM_LAYER_OPS": "kernels"},
+                                     {"BATCHLLM_ATTENTION_TILES": "mma128", "BATCHLLM_CASCADE_LAUNCH": "merge"},
                                      {"BATCHLLM_ATTENTION_TILES": "mma", "BATCHLLM_CASCADE_LAUNCH": "fused"},
                                      {"BATCHLLM_CASCADE_LAUNCH": "streams"},
                                      {"BATCHLLM_ATTENTION_TILES": "wgmma"},
@@ -347,8 +348,9 @@ def test_bfloat16_runner_matches_float32():
 def test_runner_on_the_emulated_cuda_kernels_matches_float32(kernels, monkeypatch):
     # The CUDA runner's attention path without a GPU: every op call of the bf16 runner goes to the
     # CUDA kernels (store_kv, paged prefill, cascade decode) compiled for the CPU emulation, fed by
-    # the runner's own plans, levels and hints; the default kernels and the variants a GPU run may
-    # make the default.
+    # the runner's own plans, levels and hints; the default kernels (with the layer-op kernels, as a
+    # CUDA model runs them: their tensors are CPU tensors here, so BATCHLLM_LAYER_OPS asks for them)
+    # and the variants a GPU run may make the default.
     for name, value in kernels.items():
         monkeypatch.setenv(name, value)
     config = small_gpu_shape()

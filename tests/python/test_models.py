@@ -19,14 +19,39 @@ def assert_close_relative(ours: torch.Tensor, ref: torch.Tensor, rtol: float = 1
     assert err <= rtol * ref.abs().max().item(), f"max abs error {err} vs scale {ref.abs().max().item()}"
 
 
+@pytest.mark.parametrize("layer_ops", ["torch", "kernels"])
 @pytest.mark.parametrize("name", list(CHECKPOINTS))
-def test_prompt_logits_match_transformers(name):
+def test_prompt_logits_match_transformers(name, layer_ops):
+    # "kernels": the layer-op kernels' CPU references (rms_norm with the residual add, rotary_embedding,
+    # silu_and_mul), which the model runs on CUDA.
     loaded = load(hf_checkpoint(name), device="cpu")
+    loaded.model.layer_ops = layer_ops
     with torch.no_grad():
         ref = hf_model(name)(TOKENS[None]).logits[0]
         ours = loaded.model.compute_logits(loaded.model(TOKENS, torch.arange(len(TOKENS))))
     assert ours.dtype == torch.float32
     assert_close_relative(ours, ref)
+
+
+@pytest.mark.parametrize("name", list(CHECKPOINTS))
+def test_layer_op_kernels_equal_the_torch_formulas_in_bfloat16(name):
+    # Same roundings as the torch path; what differs is the order of rms_norm's float32 sums, and
+    # torch's CPU attention may pick another kernel for the strided q/k views the in-place rope leaves
+    # (bf16 ulps that the layers carry on).
+    model = load(hf_checkpoint(name), device="cpu").model.to(torch.bfloat16)
+    with torch.no_grad():
+        model.layer_ops = "torch"
+        ref = model(TOKENS, torch.arange(len(TOKENS)))
+        model.layer_ops = "kernels"
+        ours = model(TOKENS, torch.arange(len(TOKENS)))
+    assert (ours.float() - ref.float()).abs().max().item() <= 3e-2 * ref.float().abs().max().item()
+
+
+def test_layer_ops_choice_is_checked(monkeypatch):
+    model, _ = build_tiny_model(seed=0)
+    monkeypatch.setenv("BATCHLLM_LAYER_OPS", "fused")
+    with pytest.raises(ValueError, match="layer ops must be 'auto', 'kernels' or 'torch', got 'fused'"):
+        model(TOKENS[:4], torch.arange(4))
 
 
 def test_checkpoint_set_covers_every_variant():

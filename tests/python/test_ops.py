@@ -4,12 +4,14 @@ Outputs are NaN-poisoned before every run so that an unwritten row fails.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
 import torch
 
 from batchllm_core import ops
+from batchllm_core.models.config import ModelConfig
 from ops_reference import (sample_rows_reference, TOLERANCE, PagedKV, attention64, cascade_reference, make_cascade_case,
                            make_prefill_case, poisoned, prefill_reference, rel_err)
 
@@ -356,3 +358,81 @@ def test_sample_rows_strided_rows_and_errors():
         ops.sample_rows(logits, temperature[:4], keys)
     with pytest.raises(ValueError, match="sample_rows: argument 'logits' must have a contiguous last dimension"):
         ops.sample_rows(wide.t(), temperature[:1].expand(40).contiguous(), keys[:1].expand(40).contiguous())
+
+
+# ---- layer ops (rms_norm, silu_and_mul, rotary_embedding) against the model's torch formulas ----------
+
+def check_layer_ops(dtype: torch.dtype, device="cpu", seed: int = 0) -> None:
+    """The three layer ops on ``device`` equal models.llama's torch formulas (computed on the CPU).
+
+    Shapes of a real step: rows of 2 x 96 hidden, qkv views of one fused row (strided q and k, 4:1
+    GQA, head dim 32), positions up to 40,000, llama3-scaled inverse frequencies.
+    """
+    import torch.nn.functional as F
+
+    from batchllm_core.models.llama import Rope, RMSNorm
+
+    gen = torch.Generator().manual_seed(seed)
+    rows, hidden = 37, 192
+    x = (torch.randn(rows, hidden, generator=gen) * 3).to(dtype)
+    residual = torch.randn(rows, hidden, generator=gen).to(dtype)
+    weight = (torch.rand(hidden, generator=gen) + 0.5).to(dtype)
+    norm = RMSNorm(hidden, 1e-5).to(dtype)
+    norm.weight.data = weight.clone()
+    tol = {torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 1e-2}[dtype]
+
+    def close(ours, ref):
+        ours = ours.cpu().float()
+        assert not torch.isnan(ours).any()
+        assert (ours - ref.float()).abs().max().item() <= tol * ref.float().abs().max().item()
+
+    with torch.no_grad():
+        close(ops.rms_norm(x.to(device), weight.to(device), 1e-5), norm(x))
+        res = residual.to(device, copy=True)
+        summed = ops.rms_norm(x.to(device), weight.to(device), 1e-5, residual=res)
+        close(res, x + residual)
+        close(summed, norm(x + residual))
+        in_place = x.to(device, copy=True)
+        assert ops.rms_norm(in_place, weight.to(device), 1e-5, out=in_place).data_ptr() == in_place.data_ptr()
+        close(in_place, norm(x))
+
+        gate_up = (torch.randn(rows, 2 * 80, generator=gen) * 2).to(dtype)
+        gate, up = gate_up.chunk(2, dim=-1)
+        close(ops.silu_and_mul(gate_up.to(device)), F.silu(gate) * up)
+
+        heads, kv_heads, head_dim = 8, 2, 32
+        qkv = torch.randn(rows, (heads + 2 * kv_heads) * head_dim, generator=gen).to(dtype)
+        positions = torch.randint(0, 40_000, (rows,), generator=gen, dtype=torch.int32)
+        config = dataclasses.replace(ModelConfig.from_name("tiny"), head_dim=head_dim, rope_type="llama3",
+                                     rope_factor=8.0)
+        inv_freq = config.rope_inv_freq()
+        q = qkv[:, :heads * head_dim].view(rows, heads, head_dim)
+        k = qkv[:, heads * head_dim:(heads + kv_heads) * head_dim].view(rows, kv_heads, head_dim)
+        ref_q, ref_k = Rope(positions, inv_freq, dtype, kernels=False).apply(q, k)
+        on_device = qkv.to(device, copy=True)
+        dq = on_device[:, :heads * head_dim].view(rows, heads, head_dim)
+        dk = on_device[:, heads * head_dim:(heads + kv_heads) * head_dim].view(rows, kv_heads, head_dim)
+        ops.rotary_embedding(dq, dk, positions.to(device), inv_freq.to(device))
+        close(dq, ref_q)
+        close(dk, ref_k)
+        close(on_device[:, (heads + kv_heads) * head_dim:], qkv[:, (heads + kv_heads) * head_dim:])  # v untouched
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_layer_ops_match_the_model_formulas(dtype):
+    check_layer_ops(dtype)
+
+
+def test_layer_ops_bad_arguments_are_named():
+    x = torch.randn(4, 8)
+    with pytest.raises(ValueError, match=r"rms_norm: argument 'weight' must be \[8\] in x's dtype"):
+        ops.rms_norm(x, torch.ones(7), 1e-5)
+    with pytest.raises(ValueError, match="rms_norm: argument 'residual' must have x's shape"):
+        ops.rms_norm(x, torch.ones(8), 1e-5, residual=torch.zeros(3, 8))
+    with pytest.raises(ValueError, match="silu_and_mul: argument 'gate_up' must have an even last dim"):
+        ops.silu_and_mul(torch.randn(4, 7))
+    q, k = torch.randn(4, 2, 8), torch.randn(4, 1, 8)
+    with pytest.raises(ValueError, match="rotary_embedding: argument 'positions' must be int32, got int64"):
+        ops.rotary_embedding(q, k, torch.arange(4), torch.ones(4))
+    with pytest.raises(ValueError, match="rotary_embedding: argument 'inv_freq' has size 3"):
+        ops.rotary_embedding(q, k, torch.arange(4, dtype=torch.int32), torch.ones(3))

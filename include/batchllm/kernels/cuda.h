@@ -33,5 +33,8 @@ cudaError_t prefill_attention_cuda(const PrefillParams& params, cudaStream_t str
 cudaError_t cascade_decode_attention_cuda(const CascadeDecodeParams& params, cudaStream_t stream);
 cudaError_t merge_states_cuda(const MergeStatesParams& params, cudaStream_t stream);
 cudaError_t sample_rows_cuda(const SampleRowsParams& params, cudaStream_t stream);
+cudaError_t rms_norm_cuda(const RmsNormParams& params, cudaStream_t stream);
+cudaError_t silu_and_mul_cuda(const SiluAndMulParams& params, cudaStream_t stream);
+cudaError_t rotary_embedding_cuda(const RotaryParams& params, cudaStream_t stream);
 
 }  // namespace batchllm::kernels

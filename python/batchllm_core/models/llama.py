@@ -11,6 +11,9 @@ step computes them only for the rows it samples.
 """
 from __future__ import annotations
 
+import os
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -57,7 +60,7 @@ class Attention(nn.Module):
         self.k_cache: torch.Tensor | None = None
         self.v_cache: torch.Tensor | None = None
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: "Rope") -> torch.Tensor:
         num_tokens = x.shape[0]
         q, k, v = self.wqkv(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(num_tokens, self.num_heads, self.head_dim)
@@ -65,7 +68,7 @@ class Attention(nn.Module):
         v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k = rope.apply(q, k)
         out = attend(q, k, v, self.k_cache, self.v_cache, self.scale)
         return self.wo(out.reshape(num_tokens, self.q_size))
 
@@ -78,8 +81,12 @@ class FeedForward(nn.Module):
         self.w13 = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=config.mlp_bias)
         self.w2 = nn.Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.w13(x).chunk(2, dim=-1)
+    def forward(self, x: torch.Tensor, kernels: bool = False) -> torch.Tensor:
+        gate_up = self.w13(x)
+        if kernels:
+            from .. import ops
+            return self.w2(ops.silu_and_mul(gate_up))
+        gate, up = gate_up.chunk(2, dim=-1)
         return self.w2(F.silu(gate) * up)
 
 
@@ -93,9 +100,42 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.feed_forward = FeedForward(config)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), cos, sin)
+    def forward(self, x: torch.Tensor, rope: "Rope") -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), rope)
         return h + self.feed_forward(self.ffn_norm(h))
+
+    def forward_fused(self, h: torch.Tensor, residual: torch.Tensor, rope: "Rope",
+                      next_norm: RMSNorm) -> torch.Tensor:
+        """The layer on the layer-op kernels. ``h``: this layer's attention_norm of ``residual`` (the
+        running sum of the skip connections, updated in place); returns next_norm of the new sum."""
+        from .. import ops
+
+        a = self.attention(h, rope)
+        h = ops.rms_norm(a, self.ffn_norm.weight, self.ffn_norm.eps, residual=residual, out=a)
+        f = self.feed_forward(h, kernels=True)
+        return ops.rms_norm(f, next_norm.weight, next_norm.eps, residual=residual, out=f)
+
+
+class Rope:
+    """The rope of one forward pass: cos/sin tables for the torch formulas, or the positions and
+    inverse frequencies for the rotary_embedding kernel (in place on q and k)."""
+
+    def __init__(self, positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype, kernels: bool):
+        self.kernels = kernels
+        if kernels:
+            self.positions = positions if positions.dtype == torch.int32 else positions.int()
+            self.inv_freq = inv_freq
+        else:
+            freqs = positions.float()[:, None] * inv_freq[None, :]
+            angles = torch.cat((freqs, freqs), dim=-1)
+            self.cos, self.sin = angles.cos().to(dtype), angles.sin().to(dtype)
+
+    def apply(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.kernels:
+            from .. import ops
+            ops.rotary_embedding(q, k, self.positions, self.inv_freq)
+            return q, k
+        return apply_rope(q, self.cos, self.sin), apply_rope(k, self.cos, self.sin)
 
 
 class LlamaModel(nn.Module):
@@ -119,6 +159,9 @@ class LlamaModel(nn.Module):
         self.tie_weights()
         # Not a buffer: recomputed exactly on any device, unaffected by meta-device construction.
         self._inv_freq = config.rope_inv_freq()
+        # "auto": the layer-op kernels on CUDA, the torch formulas elsewhere; "kernels" or "torch"
+        # forces one (the CPU kernels are the CUDA kernels' references). BATCHLLM_LAYER_OPS overrides.
+        self.layer_ops = "auto"
 
     def tie_weights(self) -> None:
         """Share the output projection with the embedding when the config ties them (again after
@@ -131,13 +174,18 @@ class LlamaModel(nn.Module):
         """The attention module of each layer, in order (the ModelRunner gives each its cache)."""
         return [layer.attention for layer in self.layers]
 
-    def rope(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin ``[T, head_dim]`` for int positions ``[T]``, computed in float32 then cast."""
+    def rope(self, positions: torch.Tensor, dtype: torch.dtype, kernels: bool = False) -> Rope:
+        """The pass's rope at int ``positions`` ``[T]`` (tables computed in float32, then cast)."""
         if self._inv_freq.device != positions.device:
             self._inv_freq = self._inv_freq.to(positions.device)
-        freqs = positions.float()[:, None] * self._inv_freq[None, :]
-        angles = torch.cat((freqs, freqs), dim=-1)
-        return angles.cos().to(dtype), angles.sin().to(dtype)
+        return Rope(positions, self._inv_freq, dtype, kernels)
+
+    def uses_layer_kernels(self, device: torch.device) -> bool:
+        """Whether a forward pass on ``device`` runs the layer-op kernels."""
+        choice = os.environ.get("BATCHLLM_LAYER_OPS") or self.layer_ops
+        if choice not in ("auto", "kernels", "torch"):
+            raise ValueError(f"layer ops must be 'auto', 'kernels' or 'torch', got {choice!r}")
+        return choice == "kernels" or (choice == "auto" and device.type == "cuda")
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Final-norm hidden states.
@@ -155,10 +203,25 @@ class LlamaModel(nn.Module):
             ``[T, hidden_size]`` in the model dtype.
         """
         x = self.tok_embeddings(input_ids)
-        cos, sin = self.rope(positions, x.dtype)
+        kernels = self.uses_layer_kernels(x.device) and len(self.layers) > 0
+        rope = self.rope(positions, x.dtype, kernels)
+        if kernels:
+            return self._forward_fused(x, rope)
         for layer in self.layers:
-            x = layer(x, cos, sin)
+            x = layer(x, rope)
         return self.norm(x)
+
+    def _forward_fused(self, residual: torch.Tensor, rope: Rope) -> torch.Tensor:
+        """The layers on the layer-op kernels: each residual add is fused into the next norm."""
+        from .. import ops
+
+        first = self.layers[0].attention_norm
+        h = ops.rms_norm(residual, first.weight, first.eps)
+        for i, layer in enumerate(self.layers):
+            next_norm: Optional[RMSNorm] = (self.layers[i + 1].attention_norm if i + 1 < len(self.layers)
+                                            else self.norm)
+            h = layer.forward_fused(h, residual, rope, next_norm)
+        return h
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """``[R, hidden_size]`` -> ``[R, vocab_size]`` logits in the model dtype."""
