@@ -72,7 +72,7 @@ def plot(rows, output: Path) -> Path:
     workloads = sorted({w for w, _ in table})
     policies = bar_order(table)
     width = 0.8 / max(len(policies), 1)
-    fig, ax = plt.subplots(figsize=(1.6 + 1.5 * len(workloads), 4.2))
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.6 + 1.5 * len(workloads)), 4.2))
     for i, policy in enumerate(policies):
         xs, ys = [], []
         for j, workload in enumerate(workloads):
@@ -93,7 +93,8 @@ def plot(rows, output: Path) -> Path:
     ax.set_ylabel("output tokens / s")
     ax.set_title(f"{any_row['model']} on {any_row.get('device_name', any_row['device'])} "
                  f"(commit {any_row.get('commit', '?')})", fontsize=9)
-    ax.legend(fontsize=8, ncols=min(len(policies) + 1, 5), loc="upper center", bbox_to_anchor=(0.5, -0.08))
+    # Beside the axes, one label a line: run labels name graphs, overlap and kernel choices and get long.
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
     fig.tight_layout()
     output.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(output, dpi=120)

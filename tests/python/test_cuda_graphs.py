@@ -93,7 +93,10 @@ def _shared_prefix_prompts(vocab: int, seed: int = 0):
 def _run_compared(model, device: str, capture, rtol: float):
     from batchllm_core import LLM, SamplingParams
 
-    llm = LLM(model=model, device=device, kv_cache_memory=64 << 20, max_num_batched_tokens=64)
+    # The engine's own runner is the eager reference, and steps are not overlapped (the comparing
+    # runner takes plans alone): both are on by default on a CUDA device.
+    llm = LLM(model=model, device=device, kv_cache_memory=64 << 20, max_num_batched_tokens=64, cuda_graphs=False,
+              overlap=False)
     model = copy.deepcopy(llm.model)
     graphs = GraphModelRunner(model, llm.config, llm.num_kv_blocks, llm.block_size, llm.device, llm.dtype,
                               max_graphs=4, capture=capture)
