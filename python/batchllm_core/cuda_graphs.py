@@ -23,6 +23,7 @@ when :meth:`DecodeGraphs.can_run` accepts the plan and the eager path otherwise.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import warnings
 from collections import OrderedDict
@@ -176,6 +177,7 @@ class DecodeGraphs:
         self.steps = 0      # steps run through the padded static path
         self.captures = 0
         self.replays = 0
+        self.dominated = 0  # steps run padded to a larger key than their own (run_key)
 
     def can_run(self, plan: Any) -> bool:
         """Whether ``plan`` is a decode-only step with levels that every row samples once, in order."""
@@ -196,27 +198,58 @@ class DecodeGraphs:
         rows = len(plan.input_ids)
         return GraphKey.of(_levels(plan, rows), rows, self.runner.block_size)
 
-    def worth_it(self, key: GraphKey) -> bool:
-        """Whether a step of `key` takes the graph path now: always without capture (the padded path
-        is what is tested then); with capture, once the key has a graph or at its min_uses-th step."""
-        if not self.capture or key in self._entries:
-            return True
+    def run_key(self, key: GraphKey) -> Optional[GraphKey]:
+        """The key whose static path runs a step of ``key``, or None for the runner's eager path.
+
+        - ``key`` itself once it has a graph (without capture: once it has buffers);
+        - else a *dominating* key that has one (every dimension at least ``key``'s, the fewest rows):
+          the step runs padded to it. A decode step's GEMMs cost the weights' bytes whatever the
+          rows, and padded rows attend one key each, so this costs about the larger step while an
+          eager step costs the host tens of ms (H100, llama-1b: 31 ms eager against 5.7 ms replayed,
+          2026-11-27). The tail of W1, where groups finish 32 rows a step, is 8 such one-off keys.
+          ``key`` is captured itself only when it has at most half the dominating rows (a smaller
+          GEMM and grid then pay) and is seen for the ``min_uses``-th time;
+        - else ``key`` at its ``min_uses``-th step, which captures it (always, without capture: the
+          padded path is what the CPU tests check); before that None.
+        """
+        entry = self._entries.get(key)
+        if entry is not None and (entry.graph is not None or not self.capture):
+            return key
         if len(self._uses) > 4096:  # a long job's one-off keys: forget them
             self._uses.clear()
-        self._uses[key] = self._uses.get(key, 0) + 1
-        return self._uses[key] >= self.min_uses
+        self._uses[key] = uses = self._uses.get(key, 0) + 1
+        dominating = self._dominating(key)
+        if dominating is not None and (2 * key.rows > dominating.rows or uses < self.min_uses):
+            return dominating
+        if not self.capture or uses >= self.min_uses:
+            return key
+        return None
+
+    def _dominating(self, key: GraphKey) -> Optional[GraphKey]:
+        """The runnable key (with a graph; without capture, with buffers) whose every dimension is at
+        least ``key``'s, with the fewest rows (then the least of the other sizes); None if none."""
+        best = None
+        for other, entry in self._entries.items():
+            if other == key or (self.capture and entry.graph is None):
+                continue
+            if all(a >= b for a, b in zip(dataclasses.astuple(other), dataclasses.astuple(key))):
+                if best is None or dataclasses.astuple(other) < dataclasses.astuple(best):
+                    best = other
+        return best
 
     @torch.inference_mode()
     def execute(self, plan: Any, token_feed=None, key: Optional[GraphKey] = None) -> torch.Tensor:
         """Run a plan :meth:`can_run` accepted (cow copies already done); logits ``[B, vocab]`` in the
-        model's dtype. ``token_feed``: a model_runner.TokenFeed for overlapped steps; ``key``: the
-        plan's :meth:`key_of`, when the caller has it."""
+        model's dtype. ``token_feed``: a model_runner.TokenFeed for overlapped steps; ``key``: the key
+        to run it padded to (:meth:`run_key`; default: the plan's own :meth:`key_of`)."""
         from .model_runner import _host_arrays, _levels
 
         host = _host_arrays(plan)
         rows = len(host["input_ids"])
         levels = _levels(plan, rows)
-        key = key or GraphKey.of(levels, rows, self.runner.block_size)
+        own = GraphKey.of(levels, rows, self.runner.block_size)
+        key = key or own
+        self.dominated += key != own
         entry = self._entry(key)
         views = entry.upload.upload(pad_decode_step(host, levels, key))
         if token_feed is not None:  # before capture or replay: both read the static input ids
@@ -304,8 +337,8 @@ class GraphModelRunner(ModelRunner):
 
     def execute(self, plan: Any, token_feed=None) -> torch.Tensor:
         graphs = self.decode_graphs
-        key = graphs.key_of(plan) if graphs.can_run(plan) else None
-        if key is None or not graphs.worth_it(key):
+        key = graphs.run_key(graphs.key_of(plan)) if graphs.can_run(plan) else None
+        if key is None:
             return super().execute(plan, token_feed)
         cow_src, cow_dst = getattr(plan, "cow_src", None), getattr(plan, "cow_dst", None)
         if cow_src is not None and len(cow_src):

@@ -7,6 +7,7 @@ test does the same with graphs captured and replayed.
 from __future__ import annotations
 
 import copy
+import types
 
 import numpy as np
 import pytest
@@ -113,6 +114,7 @@ def _run_compared(model, device: str, capture, rtol: float):
 def test_padded_static_decode_path_matches_eager_runner_on_cpu():
     compare, graphs = _run_compared(None, "cpu", capture=False, rtol=1e-5)
     assert compare.graph_steps >= 5 and graphs.decode_graphs.steps == compare.graph_steps
+    assert graphs.decode_graphs.dominated >= 1  # steps padded to a larger key's buffers agree too
     assert len(graphs.decode_graphs._entries) <= 4  # LRU bound held
 
 
@@ -138,24 +140,37 @@ def test_can_run_rejects_mixed_and_levelless_steps():
     assert not graphs.can_run(Plan())
 
 
-def test_a_key_is_captured_at_its_second_step_only():
+def test_a_key_is_captured_at_its_second_step_or_runs_padded_to_a_larger_graph():
     # A capture costs a warm-up forward, the capture and the instantiation; the end of a job has
-    # shape keys that occur once (W1: 8 of its 10 keys), so a key's first step runs eagerly.
+    # shape keys that occur once (W1: 8 of its 10 keys), so a key's first step runs eagerly, unless a
+    # captured key dominates it (every dimension at least as large): then it replays that graph padded.
     class FakeRunner:
         device = torch.device("cpu")
         use_cascade = True
 
+    def key(rows, prefixes=1, suffix_width=16):
+        return GraphKey(rows=rows, prefixes=prefixes, prefix_rows=min(rows, 64), prefix_keys=1024,
+                        prefix_blocks=64, suffix_width=suffix_width)
+
     graphs = DecodeGraphs(FakeRunner(), capture=False)
-    key = GraphKey(rows=16, prefixes=1, prefix_rows=16, prefix_keys=1024, prefix_blocks=64, suffix_width=16)
-    assert graphs.worth_it(key)  # no capture: every decode step takes the padded path (what CPU tests check)
+    assert graphs.run_key(key(16)) == key(16)  # no capture: the padded path at once (what CPU tests check)
     graphs.capture = True
-    other = GraphKey(rows=32, prefixes=1, prefix_rows=32, prefix_keys=1024, prefix_blocks=64, suffix_width=16)
-    assert [graphs.worth_it(other) for _ in range(3)] == [False, True, True]
-    graphs._entries[key] = None  # a key with a graph already replays at once
-    assert graphs.worth_it(key)
+    assert [graphs.run_key(key(32)) for _ in range(3)] == [None, key(32), key(32)]
+    graphs._entries[key(32)] = types.SimpleNamespace(graph=object())  # captured
+    assert graphs.run_key(key(32)) == key(32)
+    # Dominated by the 32-row graph: replayed padded to it, never captured (more than half its rows).
+    assert [graphs.run_key(key(24)) for _ in range(3)] == [key(32)] * 3
+    # Half its rows or fewer: padded until the min_uses-th step, which captures it.
+    assert [graphs.run_key(key(12)) for _ in range(2)] == [key(32), key(12)]
+    # Not dominated: a wider suffix table, or more prefixes.
+    assert graphs.run_key(key(16, suffix_width=32)) is None
+    assert graphs.run_key(key(16, prefixes=2)) is None
+    # The smallest dominating graph wins.
+    graphs._entries[key(64)] = types.SimpleNamespace(graph=object())
+    assert graphs.run_key(key(30)) == key(32)
     once = DecodeGraphs(FakeRunner(), capture=False, min_uses=1)
     once.capture = True
-    assert once.worth_it(other)
+    assert once.run_key(key(32)) == key(32)
 
 
 @gpu
