@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -149,16 +150,16 @@ def flash_with_lse(q, k, v, scale):
 class DecodeInputs:
     """One input set of a decode shape: paged cache + levels for ours, dense tensors for the baselines."""
 
-    def __init__(self, batch, prefix, suffix, with_dense, seed, device="cuda", dtype=DTYPE):
+    def __init__(self, batch, prefix, suffix, with_dense, seed, device="cuda", dtype=DTYPE, head_dim=HEAD_DIM):
         from batchllm_core import ops
         gen = torch.Generator(device=device).manual_seed(seed)
         g = Q_HEADS // KV_HEADS
         prefix_blocks, suffix_blocks = math.ceil(prefix / PAGE), math.ceil(suffix / PAGE)
         num_blocks = prefix_blocks + batch * suffix_blocks
-        shape = (num_blocks, PAGE, KV_HEADS, HEAD_DIM)
+        shape = (num_blocks, PAGE, KV_HEADS, head_dim)
         self.k_cache = torch.randn(shape, generator=gen, device=device, dtype=dtype)
         self.v_cache = torch.randn(shape, generator=gen, device=device, dtype=dtype)
-        self.q = torch.randn((batch, Q_HEADS, HEAD_DIM), generator=gen, device=device, dtype=dtype)
+        self.q = torch.randn((batch, Q_HEADS, head_dim), generator=gen, device=device, dtype=dtype)
         self.out = torch.empty_like(self.q)
         i32 = dict(dtype=torch.int32, device=device)
         suffix_tables = (prefix_blocks + torch.arange(batch * suffix_blocks, **i32)).view(batch, max(suffix_blocks, 0))
@@ -172,6 +173,8 @@ class DecodeInputs:
             suffix_block_tables=suffix_tables,
             suffix_kv_lens=torch.full((batch,), suffix, **i32),
             max_prefix_kv_len=prefix, max_prefix_rows=batch, max_suffix_kv_len=suffix)
+        if head_dim != HEAD_DIM:  # the parts and prefix scans only: no baselines of other head dims
+            return
         # Dense views for the torch baselines: [Hkv, tokens, D] prefix, [B, Hkv, S, D] suffixes.
         flat_k = self.k_cache.flatten(0, 1)
         flat_v = self.v_cache.flatten(0, 1)
@@ -193,6 +196,27 @@ class DecodeInputs:
     def ours(self):
         from batchllm_core import ops
         return ops.cascade_decode_attention(self.q, self.k_cache, self.v_cache, self.levels, out=self.out)
+
+    def prefix_part(self, return_lse: bool = False):
+        """Ours with every suffix empty: the prefix tiles (+ the suffix launch on no keys, the combine)."""
+        from batchllm_core import ops
+        if not hasattr(self, "_prefix_levels"):
+            self._prefix_levels = dataclasses.replace(self.levels, suffix_kv_lens=torch.zeros_like(
+                self.levels.suffix_kv_lens), max_suffix_kv_len=0)
+        return ops.cascade_decode_attention(self.q, self.k_cache, self.v_cache, self._prefix_levels, out=self.out,
+                                            return_lse=return_lse)
+
+    def suffix_part(self, return_lse: bool = False):
+        """Ours with no prefix level: the suffix kernel (+ the combine)."""
+        from batchllm_core import ops
+        if not hasattr(self, "_suffix_levels"):
+            i32 = dict(dtype=torch.int32, device=self.q.device)
+            self._suffix_levels = dataclasses.replace(
+                self.levels, prefix_kv_indptr=torch.zeros(1, **i32), prefix_kv_blocks=torch.zeros(0, **i32),
+                prefix_kv_lens=torch.zeros(0, **i32), prefix_q_range=torch.zeros((0, 2), **i32),
+                max_prefix_kv_len=0, max_prefix_rows=0)
+        return ops.cascade_decode_attention(self.q, self.k_cache, self.v_cache, self._suffix_levels, out=self.out,
+                                            return_lse=return_lse)
 
     def sdpa(self):
         q = self.q.unsqueeze(2)  # [B, Hq, 1, D]
@@ -287,6 +311,9 @@ def bench_decode(shape, bandwidth, reps, device_name):
             errors[name] = variant_failed(name, err)
             variant_ms[name] = variant_rel_err[name] = math.nan
     best = min((n for n in variant_ms if not math.isnan(variant_ms[n])), key=variant_ms.get)
+    # Where ours spends it: the same call with every suffix empty, and with no prefix level.
+    parts_ms = {"prefix": time_graphs([x.prefix_part for x in inputs], reps=reps),
+                "suffix": time_graphs([x.suffix_part for x in inputs], reps=reps)}
     hydragen_ms = time_graphs([x.hydragen for x in inputs], reps=reps)
     check_sdpa_backend(inputs[0].sdpa)
     sdpa_ms = time_graphs([inputs[0].sdpa], reps=reps)  # per-sequence KV is far beyond L2 already
@@ -295,7 +322,7 @@ def bench_decode(shape, bandwidth, reps, device_name):
     torch.cuda.empty_cache()
     return {"bench": "decode_attention", "device": device_name, "commit": commit(), "B": batch, "P": prefix,
             "S": suffix, "q_heads": Q_HEADS, "kv_heads": KV_HEADS, "head_dim": HEAD_DIM, "dtype": "bfloat16",
-            "page": PAGE, "input_sets": sets, "ours_ms": ours_ms, "variant_ms": variant_ms,
+            "page": PAGE, "input_sets": sets, "ours_ms": ours_ms, "variant_ms": variant_ms, "parts_ms": parts_ms,
             "wgmma_runs_as": tile_kernel_that_runs("wgmma"),
             "variant_rel_err_vs_hydragen": variant_rel_err, "variant_errors": errors, "variant_env": DECODE_VARIANTS,
             "best_variant": best,
@@ -303,6 +330,30 @@ def bench_decode(shape, bandwidth, reps, device_name):
             "hydragen_ms": hydragen_ms, "floor_ms": floor_ms, "sdpa_backend": SDPA_BACKEND["name"],
             "ours_over_floor": ours_ms / floor_ms, "hydragen_over_ours": hydragen_ms / ours_ms,
             "hydragen_over_best": hydragen_ms / variant_ms[best], "rel_err_vs_hydragen": rel_err}
+
+
+PREFIX_SCAN = [(64, 1024), (64, 4096), (256, 1024), (256, 4096)]  # (readers, prefix keys)
+
+
+def bench_prefix_scan(reps, device_name) -> dict:
+    """The prefix tiles alone (ours with empty suffixes) over readers x prefix keys at head dims 64
+    (llama-1b, as e2e runs them) and 128: how their time grows with keys (per 1,024 keys) and with
+    rows tells a latency-bound key loop from a throughput-bound one."""
+    times = {}
+    for head_dim in (64, 128):
+        for batch, prefix in PREFIX_SCAN:
+            inputs = [DecodeInputs(batch, prefix, 16, with_dense=False, seed=i, head_dim=head_dim) for i in range(2)]
+            times[f"d{head_dim} B{batch} P{prefix}"] = time_graphs([x.prefix_part for x in inputs], reps=reps)
+            del inputs
+    slopes = {}
+    for head_dim in (64, 128):
+        for batch in sorted({b for b, _ in PREFIX_SCAN}):
+            short, long = (times[f"d{head_dim} B{batch} P{p}"] for p in (1024, 4096))
+            slopes[f"d{head_dim} B{batch}"] = (long - short) / 3.0  # ms per 1,024 more keys
+    torch.cuda.empty_cache()
+    return {"bench": "prefix_scan", "device": device_name, "commit": commit(), "q_heads": Q_HEADS,
+            "kv_heads": KV_HEADS, "tiles": tile_kernel_that_runs(os.environ.get("BATCHLLM_ATTENTION_TILES", "")),
+            "ms": times, "ms_per_1024_keys": slopes}
 
 
 def variant_summary(decode_rows: list) -> dict:
@@ -386,11 +437,17 @@ def cpu_smoke() -> int:
     worst = 0.0
     for batch, prefix, suffix in [(3, 40, 20), (5, 16, 16)]:
         x = DecodeInputs(batch, prefix, suffix, with_dense=True, seed=0, device="cpu", dtype=torch.float32)
-        ours = x.ours().float()
+        ours = x.ours().float().clone()  # x.out is reused by the parts below
         for name, other in [("hydragen", x.hydragen()), ("sdpa", x.sdpa().squeeze(2))]:
             err = float((ours - other.float()).norm() / other.float().norm())
             print(f"cpu smoke B={batch} P={prefix} S={suffix}: ours vs {name} rel err {err:.1e}")
             worst = max(worst, err)
+        # The parts the GPU run times apart: prefix-only and suffix-only states merge back into ours.
+        o_p, lse_p = (t.clone() for t in x.prefix_part(return_lse=True))
+        o_s, lse_s = x.suffix_part(return_lse=True)
+        err = float((merge_torch(o_p, lse_p, o_s.float(), lse_s) - ours).norm() / ours.norm())
+        print(f"cpu smoke B={batch} P={prefix} S={suffix}: prefix part + suffix part vs ours rel err {err:.1e}")
+        worst = max(worst, err)
     return 0 if worst < 1e-4 else 1
 
 
@@ -428,8 +485,9 @@ def main() -> int:
     if args.resume and args.json_out and os.path.exists(args.json_out):
         with open(args.json_out) as f:
             rows = [r for r in map(json.loads, filter(str.strip, f))
-                    if r.get("bench") in ("decode_attention", "prefill_attention")]
-    done = {(r["B"], r["P"], r["S"]) if r["bench"] == "decode_attention" else (r["seqs"], r["tokens"]) for r in rows}
+                    if r.get("bench") in ("decode_attention", "prefill_attention", "prefix_scan")]
+    done = {(r["B"], r["P"], r["S"]) if r["bench"] == "decode_attention" else (r["seqs"], r["tokens"])
+            for r in rows if r["bench"] != "prefix_scan"}
     if done:
         print(f"resumed: {len(done)} shape(s) already in {args.json_out}; skipped variants: {sorted(skip)}")
 
@@ -470,6 +528,8 @@ def run_tables(args, reps, device_name, bandwidth, rows, record, done, skip) -> 
               f"{r['best_over_floor']:>10.2f} {r['hydragen_over_best']:>10.2f} "
               f"{max(r['variant_rel_err_vs_hydragen'].values()):>11.1e}   best {r['best_variant']} "
               f"({time.time() - t0:.0f} s)", flush=True)
+        print(f"      parts of ours: prefix only {r['parts_ms']['prefix']:.4f} ms, suffix only "
+              f"{r['parts_ms']['suffix']:.4f} ms", flush=True)
         for name, error in r["variant_errors"].items():
             print(f"      variant {name} FAILED: {error}", flush=True)
     decode_rows = [r for r in rows if r["bench"] == "decode_attention"]
@@ -479,6 +539,13 @@ def run_tables(args, reps, device_name, bandwidth, rows, record, done, skip) -> 
         print("variants over the grid (geometric mean of time / ours; < 1 is faster): " +
               ", ".join(f"{n} {v:.3f}" for n, v in summary["geomean_vs_ours"].items()) +
               f"; fastest overall: {summary['fastest']}")
+    if not any(r["bench"] == "prefix_scan" for r in rows):
+        scan = bench_prefix_scan(reps, device_name)
+        record(scan)
+        print(f"prefix tiles alone ({scan['tiles']}), ms: " +
+              ", ".join(f"{k} {v:.4f}" for k, v in scan["ms"].items()), flush=True)
+        print("  ms per 1,024 more prefix keys: " +
+              ", ".join(f"{k} {v:.4f}" for k, v in scan["ms_per_1024_keys"].items()), flush=True)
     if not args.no_prefill:
         print(f"{'seqs':>5} {'tokens':>6} | {'ours ms':>8} {'mma ms':>8} {'mma128':>8} {'wgmma':>8} {'wmma':>8} "
               f"{'sdpa ms':>8} | "
