@@ -5,7 +5,9 @@ present) launches a few hundred small kernels; replaying them as one graph remov
 A graph fixes its tensors' addresses and every launch's grid, so each step is padded to a *shape
 key*: batch rows, prefixes, rows per prefix, prefix keys, suffix block-table width and prefix block
 count, each rounded up to a bucket. The step's metadata goes into the key's static device buffers
-(step_upload.StaticUpload: one pinned copy), then the key's graph replays.
+(step_upload.StaticUpload: one pinned copy), then the key's graph replays. A key is captured at its
+second step; until then, or for a key no larger than a captured one in any dimension, the step
+replays the smallest captured key that dominates it, padded (:meth:`DecodeGraphs.run_key`).
 
 Padding keeps real rows exact and padded rows harmless:
 
