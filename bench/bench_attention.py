@@ -348,8 +348,10 @@ def bench_prefix_scan(reps, device_name) -> dict:
     slopes = {}
     for head_dim in (64, 128):
         for batch in sorted({b for b, _ in PREFIX_SCAN}):
-            short, long = (times[f"d{head_dim} B{batch} P{p}"] for p in (1024, 4096))
-            slopes[f"d{head_dim} B{batch}"] = (long - short) / 3.0  # ms per 1,024 more keys
+            lengths = sorted(p for b, p in PREFIX_SCAN if b == batch)
+            short, long = (times[f"d{head_dim} B{batch} P{p}"] for p in (lengths[0], lengths[-1]))
+            if lengths[-1] > lengths[0]:  # ms per 1,024 more keys
+                slopes[f"d{head_dim} B{batch}"] = (long - short) * 1024 / (lengths[-1] - lengths[0])
     torch.cuda.empty_cache()
     return {"bench": "prefix_scan", "device": device_name, "commit": commit(), "q_heads": Q_HEADS,
             "kv_heads": KV_HEADS, "tiles": tile_kernel_that_runs(os.environ.get("BATCHLLM_ATTENTION_TILES", "")),

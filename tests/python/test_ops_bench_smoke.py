@@ -41,6 +41,8 @@ def test_bench_attention_decode_variants_on_emulated_kernels(monkeypatch, tmp_pa
     monkeypatch.setattr(sys, "argv", ["bench_attention.py", "--no-prefill", "--json-out", str(json_out)])
     assert bench.main() == 0
     rows = [json.loads(line) for line in json_out.read_text().splitlines()]
+    scan = rows.pop()
+    assert scan["bench"] == "prefix_scan" and set(scan["ms_per_1024_keys"]) == {"d64 B3", "d128 B3"}
     summary = rows.pop()
     assert summary["bench"] == "decode_attention_summary" and summary["fastest"] in summary["geomean_vs_ours"]
     assert summary["geomean_vs_ours"]["ours"] == 1.0
@@ -48,6 +50,7 @@ def test_bench_attention_decode_variants_on_emulated_kernels(monkeypatch, tmp_pa
     assert summary["fastest"] != "broken" and math.isnan(summary["geomean_vs_ours"]["broken"])
     for r in rows:
         assert set(r["variant_ms"]) == {"ours", *bench.DECODE_VARIANTS}
+        assert set(r["parts_ms"]) == {"prefix", "suffix"}
         assert list(r["variant_errors"]) == ["broken"] and "illegal memory access" in r["variant_errors"]["broken"]
         worst = max(((n, e) for n, e in r["variant_rel_err_vs_hydragen"].items() if n != "broken"), key=lambda kv: kv[1])
         assert worst[1] < 1e-2, worst
@@ -79,7 +82,8 @@ def test_bench_attention_resumes_without_a_variant_that_lost_the_context(monkeyp
     decode = [r for r in rows if r["bench"] == "decode_attention"]
     assert [(r["B"], r["P"], r["S"]) for r in decode] == [(3, 40, 20), (70, 16, 5)]  # each shape once
     assert "broken" not in decode[1]["variant_ms"]
-    summary = rows[-1]
+    summary = rows[-2]  # then the prefix scan
+    assert rows[-1]["bench"] == "prefix_scan"
     assert summary["bench"] == "decode_attention_summary" and summary["shapes"] == [[3, 40, 20], [70, 16, 5]]
     assert summary["fastest"] != "broken" and "broken" not in summary["variant_env"]
 
@@ -91,8 +95,8 @@ def _emulated_bench(monkeypatch):
     cuda_emulation.activate(monkeypatch)
     init = bench.DecodeInputs.__init__
 
-    def cpu_inputs(self, batch, prefix, suffix, with_dense, seed, device="cpu", dtype=torch.bfloat16):
-        init(self, batch, prefix, suffix, with_dense, seed, device="cpu", dtype=dtype)
+    def cpu_inputs(self, batch, prefix, suffix, with_dense, seed, device="cpu", dtype=torch.bfloat16, head_dim=128):
+        init(self, batch, prefix, suffix, with_dense, seed, device="cpu", dtype=dtype, head_dim=head_dim)
 
     monkeypatch.setattr(bench.DecodeInputs, "__init__", cpu_inputs)
     monkeypatch.setattr(bench, "time_graphs", lambda fns, reps=1: (fns[0](), 1.0)[1])
@@ -100,6 +104,7 @@ def _emulated_bench(monkeypatch):
     monkeypatch.setattr(bench, "num_input_sets", lambda n: 1)
     monkeypatch.setattr(bench, "copy_bandwidth_bytes_per_s", lambda: 3e12)
     monkeypatch.setattr(bench, "DECODE_SHAPES", [(3, 40, 20), (70, 16, 5)])
+    monkeypatch.setattr(bench, "PREFIX_SCAN", [(3, 16), (3, 48)])
     time_with_env = bench.time_with_env
 
     def failing_time_with_env(settings, fns, reps):
@@ -119,7 +124,8 @@ def _emulated_bench(monkeypatch):
 
 @pytest.mark.skipif(cuda_emulation.module() is None, reason="no CUDA emulation module in this build")
 def test_bench_attention_prefill_row_on_emulated_kernels(monkeypatch):
-    # The prefill row (WMMA, mma, mma128 and wgmma tiles against SDPA) on the emulated kernels, timing faked.
+    # The prefill row (the default wgmma-pipe tiles, mma, mma128, wgmma and WMMA against SDPA) on the
+    # emulated kernels, timing faked.
     bench = _load_bench()
     cuda_emulation.activate(monkeypatch)
     monkeypatch.setattr(bench, "time_graphs", lambda fns, reps=1: (fns[0](), 1.0)[1])
@@ -129,7 +135,7 @@ def test_bench_attention_prefill_row_on_emulated_kernels(monkeypatch):
     assert row["variant_errors"] == {}
     assert row["wgmma_runs_as"] == "wgmma"  # the emulation has every architecture's instructions
     for key in ("rel_err_vs_sdpa", "rel_err_mma_vs_sdpa", "rel_err_mma128_vs_sdpa", "rel_err_wgmma_vs_sdpa",
-                "rel_err_wgmma_pipe_vs_sdpa"):
+                "rel_err_wmma_vs_sdpa"):
         assert row[key] < 1e-2, (key, row[key])
 
 
