@@ -11,6 +11,7 @@ step computes them only for the rows it samples.
 """
 from __future__ import annotations
 
+import functools
 import os
 from typing import Optional
 
@@ -116,6 +117,13 @@ class TransformerBlock(nn.Module):
         return ops.rms_norm(f, next_norm.weight, next_norm.eps, residual=residual, out=f)
 
 
+@functools.lru_cache(maxsize=None)
+def _native_cuda() -> bool:
+    """Whether the native core was built with CUDA kernels."""
+    from .. import build_info
+    return bool(build_info()["cuda"])
+
+
 class Rope:
     """The rope of one forward pass: cos/sin tables for the torch formulas, or the positions and
     inverse frequencies for the rotary_embedding kernel (in place on q and k)."""
@@ -181,11 +189,14 @@ class LlamaModel(nn.Module):
         return Rope(positions, self._inv_freq, dtype, kernels)
 
     def uses_layer_kernels(self, device: torch.device) -> bool:
-        """Whether a forward pass on ``device`` runs the layer-op kernels."""
+        """Whether a forward pass on ``device`` runs the layer-op kernels ("auto": on a CUDA device
+        when batchllm_core was built with CUDA; a CPU-only build runs the torch formulas there)."""
         choice = os.environ.get("BATCHLLM_LAYER_OPS") or self.layer_ops
         if choice not in ("auto", "kernels", "torch"):
             raise ValueError(f"layer ops must be 'auto', 'kernels' or 'torch', got {choice!r}")
-        return choice == "kernels" or (choice == "auto" and device.type == "cuda")
+        if choice == "auto":
+            return device.type == "cuda" and _native_cuda()
+        return choice == "kernels"
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Final-norm hidden states.
