@@ -134,6 +134,32 @@ def test_cascade_decode_attention_cuda(dtype, heads, head_dim, name, kernels, mo
     assert torch.allclose(lse.double().cpu(), ref_lse, atol=2e-3, rtol=1e-3)
 
 
+@pytest.mark.parametrize("kernels", ["decode+wgmma-pipe", "decode+mma", "merge+wgmma-pipe", "decode+wmma"])
+@pytest.mark.parametrize("name", ["two_levels", "one_level_odd_lengths"])
+def test_cascade_cuda_qwen_gqa_of_7(name, kernels, monkeypatch):
+    # Qwen2.5-7B's heads (W6): 28 q heads over 4 KV heads, a GQA ratio of 7 that no power-of-two
+    # tiling divides (decode_rows' head chunks of 4, tile rows = readers x 7).
+    use_cascade_kernels(kernels, monkeypatch)
+    from test_ops import run_cascade_case
+    o, lse, ref_o, ref_lse = run_cascade_case(name, torch.bfloat16, (28, 4), 128, device=DEVICE, check_indices=True)
+    synchronize()
+    assert not torch.isnan(o).any()
+    assert rel_err(o, ref_o) < TOLERANCE[torch.bfloat16]
+    assert torch.allclose(lse.double().cpu(), ref_lse, atol=2e-3, rtol=1e-3)
+
+
+@pytest.mark.parametrize("tiles", ["wgmma-pipe", "mma", "wmma"])
+def test_prefill_attention_cuda_qwen_gqa_of_7(tiles, monkeypatch):
+    monkeypatch.setenv("BATCHLLM_ATTENTION_TILES", tiles)
+    kv = PagedKV(64, 16, 4, 128, torch.bfloat16, device=DEVICE)
+    seqs = PREFILL_SEQS["chunks_over_cache"]
+    case = make_prefill_case(kv, seqs, 28, 128, torch.bfloat16, device=DEVICE)
+    out = ops.prefill_attention(case.q, kv.k, kv.v, case.block_tables, case.query_start, case.context_lens,
+                                out=poisoned(case.q.shape, torch.bfloat16, DEVICE), check_indices=True)
+    synchronize()
+    assert rel_err(out, prefill_reference(kv, case, seqs, 1.0 / math.sqrt(128))) < TOLERANCE[torch.bfloat16]
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("tiles", TILE_KERNELS)
 def test_cascade_cuda_many_readers_one_long_prefix(dtype, tiles, monkeypatch):
