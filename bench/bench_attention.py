@@ -48,6 +48,10 @@ KV_BYTES_PER_TOKEN = KV_HEADS * HEAD_DIM * 2 * 2  # K and V, 2 bytes each (one l
 
 
 def commit() -> str:
+    """The checkout's commit (``BATCHLLM_COMMIT`` overrides: device_check marks a tree that differs
+    from its git metadata as ``-dirty``)."""
+    if os.environ.get("BATCHLLM_COMMIT"):
+        return os.environ["BATCHLLM_COMMIT"]
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                               cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or "unknown"

@@ -5,13 +5,15 @@
 #   3. gpu tests     (pytest -m gpu)
 #   4. benchmarks    (bench/bench_attention.py: decode kernel grid + paged prefill; bench/bench_sampling.py)
 #   5. end-to-end    (bench/e2e.py: W1, W2, W5 on llama-1b, policies, graphs, overlap, transformers)
-#   6. sanitizer     (compute-sanitizer memcheck + racecheck on small kernel tests, if time is left)
-#   7. e2e_w6        (W6 on the qwen2.5-7b shape, batchllm vs fcfs-lru, if time is left)
+#   6. e2e_w6        (W6 on the qwen2.5-7b shape, batchllm vs fcfs-lru, if time is left)
+#   7. sanitizer     (compute-sanitizer memcheck + racecheck on small kernel tests, if time is left)
 # Logs and JSON go to $OUT (default build/device_check_out): one log per section plus
 # bench_attention.jsonl and e2e.jsonl, 8 files at most (the device tool returns no more; make the
 # plot here from e2e.jsonl: python bench/plot_throughput.py e2e.jsonl). Budget: BUDGET_S (default
 # 295 s) in all; every section gets what is left of it, up to its own limit, so the summary is
-# always printed. The summary is printed last.
+# always printed. The summary is printed last. A session with a whole fresh 15-minute lease can run
+# every section in one call: BUDGET_S=540 with the device tool's timeout_s at 570 (the machine's
+# start takes about 30 s more); a warm machine goes back 30 s after a call, too soon for a fix.
 #
 # Usage: OUT=/some/dir bash bench/device_check.sh      (PYTHON=... to pick the interpreter)
 #   SECTIONS="e2e sanitizer" runs only those (after environment), REUSE_BUILD=1 keeps an earlier
@@ -28,6 +30,13 @@ SITE="$ROOT/build/device_check_site"   # the built package lives here (PYTHONPAT
 export PYTHONPATH="$SITE"
 export PYTHONDONTWRITEBYTECODE=1
 SCRIPT_START=$(date +%s)
+# The commit every JSON line names; "-dirty" where the tree differs from its git metadata (the device
+# tool's copy once carried a stale .git: three runs of 2026-11-27 named the session's first commit).
+if [[ -z "${BATCHLLM_COMMIT:-}" ]]; then
+  BATCHLLM_COMMIT="$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)"
+  git -C "$ROOT" diff --quiet HEAD 2>/dev/null || BATCHLLM_COMMIT="$BATCHLLM_COMMIT-dirty"
+fi
+export BATCHLLM_COMMIT
 SUMMARY=()
 
 log() { echo "[device_check $(date +%H:%M:%S)] $*"; }
@@ -74,7 +83,8 @@ section_environment() {
   cmake --version | head -n 1
   "$PY" -c 'import sys, torch; print("python", sys.version.split()[0], "torch", torch.__version__,
 "cuda", torch.version.cuda, "device", torch.cuda.get_device_name(0) if torch.cuda.is_available() else None)'
-  git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo "commit unknown (no git metadata)"
+  echo "commit $BATCHLLM_COMMIT"
+  git -C "$ROOT" status --short 2>/dev/null | head -n 5
 }
 
 # ---- 2. build -----------------------------------------------------------------------------------------
@@ -235,8 +245,8 @@ if (( BUILD_OK )); then
   run_section bench_attention 100 30 section_bench_attention
   run_section bench_sampling 40 15 section_bench_sampling bench_attention
   run_section e2e 240 45 section_e2e
-  run_section sanitizer 90 40 section_sanitizer
   run_section e2e_w6 200 90 section_e2e_w6 e2e
+  run_section sanitizer 90 40 section_sanitizer
   [[ " $SECTIONS " == *" profile "* ]] && run_section profile 200 30 section_profile
 else
   SUMMARY+=("gpu_tests / benchmarks skipped: the build failed (see $OUT/build.log)")
