@@ -6,7 +6,8 @@
 #   4. benchmarks    (bench/bench_attention.py: decode kernel grid + paged prefill; bench/bench_sampling.py)
 #   5. end-to-end    (bench/e2e.py: W1, W2, W5 on llama-1b, policies, graphs, overlap, transformers)
 #   6. e2e_w6        (W6 on the qwen2.5-7b shape, batchllm vs fcfs-lru, if time is left)
-#   7. sanitizer     (compute-sanitizer memcheck + racecheck on small kernel tests, if time is left)
+#   7. ncu           (Nsight Compute counters and stall reasons of the default kernels, if time is left)
+#   8. sanitizer     (compute-sanitizer memcheck + racecheck on small kernel tests, if time is left)
 # Logs and JSON go to $OUT (default build/device_check_out): one log per section plus
 # bench_attention.jsonl and e2e.jsonl, 8 files at most (the device tool returns no more; make the
 # plot here from e2e.jsonl: python bench/plot_throughput.py e2e.jsonl). Budget: BUDGET_S (default
@@ -219,6 +220,17 @@ section_sanitizer() {
   done
 }
 
+# ---- 6b. ncu: Nsight Compute's counters of the default kernels (bench/ncu_kernels.py: a W1 decode group
+# at d = 64, the grid's (256, 8192, 128) decode, a 4,096-token prefill): throughput against the
+# ceilings, occupancy and warp stall reasons, which say why a kernel takes its time (the first runs
+# found every tile variant at the same ~3.5-4 us per key tile). Logged to tools.log with the sanitizer
+# (the device tool returns 8 files at most).
+section_ncu() {
+  cd "$ROOT"
+  ncu --clock-control none --profile-from-start off --target-processes all --set detailed \
+    --kernel-name-base demangled "$PY" bench/ncu_kernels.py
+}
+
 # ---- 7. profile: where an e2e job's time goes (bench/profile_e2e.py): per-step host and device time
 # by step kind, the top device kernels and host ops (torch.profiler), the top Python functions.
 # Log in profile.log, JSON lines in profile.jsonl. Not in the default list: SECTIONS="build profile".
@@ -246,7 +258,8 @@ if (( BUILD_OK )); then
   run_section bench_sampling 40 15 section_bench_sampling bench_attention
   run_section e2e 240 45 section_e2e
   run_section e2e_w6 200 90 section_e2e_w6 e2e
-  run_section sanitizer 90 40 section_sanitizer
+  run_section ncu 90 30 section_ncu tools
+  run_section sanitizer 90 40 section_sanitizer tools
   [[ " $SECTIONS " == *" profile "* ]] && run_section profile 200 30 section_profile
 else
   SUMMARY+=("gpu_tests / benchmarks skipped: the build failed (see $OUT/build.log)")
