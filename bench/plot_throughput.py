@@ -15,9 +15,14 @@ import argparse
 import json
 from pathlib import Path
 
-POLICY_ORDER = ["batchllm+graphs+overlap", "batchllm+graphs", "batchllm", "fcfs-lru", "no-share", "hf"]
-POLICY_COLORS = {"batchllm+graphs+overlap": "#2ca02c", "batchllm+graphs": "#17becf", "batchllm": "#1f77b4", "fcfs-lru": "#ff7f0e", "no-share": "#7f7f7f",
+# The engine's defaults on CUDA are graphs + overlap (since 2026-11-27): those bars first.
+POLICY_ORDER = ["batchllm+graphs+overlap", "fcfs-lru+graphs+overlap", "batchllm+graphs", "batchllm", "fcfs-lru",
+                "no-share", "hf"]
+POLICY_COLORS = {"batchllm+graphs+overlap": "#2ca02c", "fcfs-lru+graphs+overlap": "#ff7f0e",
+                 "batchllm+graphs": "#17becf", "batchllm": "#1f77b4", "fcfs-lru": "#ffbb78", "no-share": "#7f7f7f",
                  "hf": "#d62728"}
+# Bars of other labels (kernel variants, A/B runs) take these in order: never a known bar's color.
+OTHER_COLORS = ["#9467bd", "#8c564b", "#e377c2", "#bcbd22", "#c5b0d5", "#c49c94", "#f7b6d2", "#dbdb8d"]
 
 
 def read_rows(paths) -> list:
@@ -45,12 +50,18 @@ def label(row: dict) -> str:
             + variants)
 
 
+def group(row: dict) -> str:
+    """The bar group of a row: its workload, with its scale when not the full workload ("W1 x0.25")."""
+    scale = row.get("scale", 1) or 1
+    return row["workload"] if scale == 1 else f"{row['workload']} x{scale:g}"
+
+
 def latest_by_key(rows) -> dict:
-    """(workload, label) -> the last row of each; raises if the rows mix models or devices."""
+    """(workload group, label) -> the last row of each; raises if the rows mix models or devices."""
     setups = {(r["model"], r.get("device_name", r["device"])) for r in rows}
     if len(setups) > 1:
         raise ValueError(f"rows from several model/device setups {sorted(setups)}: plot one at a time")
-    return {(r["workload"], label(r)): r for r in rows}
+    return {(group(r), label(r)): r for r in rows}
 
 
 def bar_order(table: dict) -> list:
@@ -73,6 +84,7 @@ def plot(rows, output: Path) -> Path:
     policies = bar_order(table)
     width = 0.8 / max(len(policies), 1)
     fig, ax = plt.subplots(figsize=(max(6.0, 1.6 + 1.5 * len(workloads)), 4.2))
+    others = iter(OTHER_COLORS * (1 + len(policies) // len(OTHER_COLORS)))
     for i, policy in enumerate(policies):
         xs, ys = [], []
         for j, workload in enumerate(workloads):
@@ -80,7 +92,7 @@ def plot(rows, output: Path) -> Path:
             if row is not None:
                 xs.append(j - 0.4 + width * (i + 0.5))
                 ys.append(row["output_tokens_per_s"])
-        ax.bar(xs, ys, width, label=policy, color=POLICY_COLORS.get(policy))
+        ax.bar(xs, ys, width, label=policy, color=POLICY_COLORS.get(policy) or next(others))
     for j, workload in enumerate(workloads):
         floors = [r["floor_output_tokens_per_s"] for (w, _), r in table.items()
                   if w == workload and r.get("floor_output_tokens_per_s") and r["policy"] != "hf"]
