@@ -249,9 +249,7 @@ class DecodeGraphs:
         host = _host_arrays(plan)
         rows = len(host["input_ids"])
         levels = _levels(plan, rows)
-        own = GraphKey.of(levels, rows, self.runner.block_size)
-        key = key or own
-        self.dominated += key != own
+        key = key or GraphKey.of(levels, rows, self.runner.block_size)
         entry = self._entry(key)
         views = entry.upload.upload(pad_decode_step(host, levels, key))
         if token_feed is not None:  # before capture or replay: both read the static input ids
@@ -339,9 +337,11 @@ class GraphModelRunner(ModelRunner):
 
     def execute(self, plan: Any, token_feed=None) -> torch.Tensor:
         graphs = self.decode_graphs
-        key = graphs.run_key(graphs.key_of(plan)) if graphs.can_run(plan) else None
+        own = graphs.key_of(plan) if graphs.can_run(plan) else None
+        key = graphs.run_key(own) if own is not None else None
         if key is None:
             return super().execute(plan, token_feed)
+        graphs.dominated += key != own
         cow_src, cow_dst = getattr(plan, "cow_src", None), getattr(plan, "cow_dst", None)
         if cow_src is not None and len(cow_src):
             self.copy_blocks(cow_src, cow_dst)
