@@ -1,7 +1,9 @@
 // Bindings of the attention kernels: validate every argument (kernel_args.h), then dispatch to the
 // CPU reference or the CUDA launcher by the tensors' device. Called by batchllm_core.ops only.
 #include <algorithm>
+#include <cmath>
 #include <string>
+#include <utility>
 
 #include "batchllm/kernels.h"
 #include "bindings/kernel_args.h"
@@ -33,7 +35,11 @@ struct CacheShape {
 };
 
 CacheShape check_attention_views(const ArgChecker& c, const ViewArg& q_arg, const TensorView& q,
-                                 const TensorView& k_cache, const TensorView& v_cache, const TensorView& o) {
+                                 const TensorView& k_cache, const TensorView& v_cache, const TensorView& o,
+                                 float scale) {
+  // The kernels fold the scale into the exponent after taking the row max of the raw scores, which
+  // is the max of the scaled scores only for a positive scale.
+  c.require(scale > 0.0f && std::isfinite(scale), "scale", "must be positive and finite, got " + std::to_string(scale));
   for (int d = 0; d < 4; ++d) {
     c.require(v_cache.shape[d] == k_cache.shape[d], "v_cache", "must have k_cache's shape");
   }
@@ -54,6 +60,15 @@ CacheShape check_attention_views(const ArgChecker& c, const ViewArg& q_arg, cons
     c.rows_aligned_16(ViewArg{"v_cache", reinterpret_cast<uintptr_t>(v_cache.data)}, v_cache);
     c.require(cuda_head_dim_ok(q.shape[2]), "q",
               "head dim " + std::to_string(q.shape[2]) + " is not built for CUDA (built: 64, 128)");
+    // The key loops address a block and a slot with 32-bit byte strides (PagedKvHead).
+    const int64_t elem = static_cast<int64_t>(kernels::dtype_size(q.dtype));
+    for (const auto& [name, cache] : {std::pair{"k_cache", &k_cache}, std::pair{"v_cache", &v_cache}}) {
+      for (int d = 0; d < 2; ++d) {
+        c.require(cache->stride[d] >= 0 && cache->stride[d] * elem < (int64_t{1} << 32), name,
+                  "stride " + std::to_string(cache->stride[d]) + " of dim " + std::to_string(d) +
+                      " is too large for CUDA (a block's or a slot's bytes must fit 32 bits)");
+      }
+    }
   }
   return {k_cache.shape[0], k_cache.shape[1], k_cache.shape[2]};
 }
@@ -181,7 +196,7 @@ void prefill_attention(py::handle q_obj, py::handle k_cache_obj, py::handle v_ca
   p.k_cache = c.tensor(kc_arg, 4);
   p.v_cache = c.tensor(vc_arg, 4);
   p.o = c.tensor(o_arg, 3);
-  const CacheShape cache = check_attention_views(c, q_arg, p.q, p.k_cache, p.v_cache, p.o);
+  const CacheShape cache = check_attention_views(c, q_arg, p.q, p.k_cache, p.v_cache, p.o, scale);
   c.require(tables_arg.shape.size() == 2, "block_tables", "must have 2 dimensions [S, max_blocks]");
   const int64_t num_seqs = tables_arg.shape[0];
   c.index_array(tables_arg, "int32", {num_seqs, -1});
@@ -295,7 +310,7 @@ void cascade_decode_attention(py::handle q_obj, py::handle k_cache_obj, py::hand
   p.v_cache = c.tensor(vc_arg, 4);
   p.o = c.tensor(o_arg, 3);
   p.scale = scale;
-  const CacheShape cache = check_attention_views(c, q_arg, p.q, p.k_cache, p.v_cache, p.o);
+  const CacheShape cache = check_attention_views(c, q_arg, p.q, p.k_cache, p.v_cache, p.o, scale);
   p.levels.max_prefix_kv_len = hints[0];
   p.levels.max_prefix_rows = hints[1];
   p.levels.max_suffix_kv_len = hints[2];

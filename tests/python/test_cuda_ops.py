@@ -309,6 +309,17 @@ def test_cuda_rejects_unbuilt_head_dim_and_float32():
         ops.prefill_attention(case32.q, kv32.k, kv32.v, case32.block_tables, case32.query_start, case32.context_lens)
 
 
+def test_cuda_rejects_cache_strides_past_32_bit_bytes():
+    # The key loops address blocks and slots with 32-bit byte strides: a cache view whose block stride
+    # does not fit is refused by name before any launch. (One block, so the view needs no more storage.)
+    kv = PagedKV(1, 16, 2, 64, torch.float16, device=DEVICE)
+    case = make_prefill_case(kv, [(2, 2)], 4, 64, torch.float16, device=DEVICE)
+    wide = torch.as_strided(kv.k, (1, 16, 2, 64), (2**31, 128, 64, 1))
+    with pytest.raises(ValueError, match=r"prefill_attention: argument 'k_cache' stride 2147483648 of dim 0 is too "
+                                         r"large for CUDA"):
+        ops.prefill_attention(case.q, wide, kv.v, case.block_tables, case.query_start, case.context_lens)
+
+
 def test_cuda_block_table_out_of_range_is_caught_before_launch():
     kv = PagedKV(8, 16, 2, 64, torch.float16, device=DEVICE)
     case = make_prefill_case(kv, [(3, 20)], 4, 64, torch.float16, device=DEVICE)

@@ -274,6 +274,19 @@ def test_gqa_ratio_must_divide():
         ops.prefill_attention(case.q, kv.k, kv.v, case.block_tables, case.query_start, case.context_lens)
 
 
+@pytest.mark.parametrize("scale", [0.0, -0.125, float("nan"), float("inf")])
+def test_attention_scale_must_be_positive(scale):
+    # The kernels take the row max of the raw scores and fold the scale into the exponent: a
+    # non-positive scale would pick the wrong max, so both attention ops refuse it by name.
+    args = _prefill_args()
+    with pytest.raises(ValueError, match=r"prefill_attention: argument 'scale' must be positive and finite"):
+        ops.prefill_attention(**args, scale=scale)
+    kv = PagedKV(32, 16, 2, 16, torch.float32)
+    case = make_cascade_case(kv, 4, [2], [lambda i: 20], [1, 2, 3, 4], 4, 16, torch.float32)
+    with pytest.raises(ValueError, match=r"cascade_decode_attention: argument 'scale' must be positive and finite"):
+        ops.cascade_decode_attention(case.q, kv.k, kv.v, case.levels, scale=scale)
+
+
 def test_store_kv_slot_out_of_range():
     k = torch.randn(2, 1, 8)
     cache = torch.zeros(2, 4, 1, 8)

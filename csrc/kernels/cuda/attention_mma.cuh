@@ -13,6 +13,8 @@
 // until a GPU run decides. The softmax and epilogue helpers here serve attention_wgmma.cuh too.
 #pragma once
 
+#include <type_traits>
+
 #include "kernels/cuda/attention_tile.cuh"
 #include "kernels/cuda/mma_sync.cuh"
 
@@ -33,44 +35,72 @@ struct MmaSmem {
   TileRows<T> rows;
 };
 
-/// Issues the cp.async copies of 64 keys (from `first_key`) of one KV head into a stage, by a CTA of
-/// kThreads threads, and commits them as one group; keys past num_keys are zero-filled. Layouts:
+/// A thread's share of copying one 64-key K/V tile into shared memory, by a CTA of kThreads threads:
+/// kVecPerThread 16-byte chunks, the i-th of key key(i) (its keys are key(0) + i kKeyStep), dims
+/// 8 chunk() .. + 7, landing at element dst(i) of the stage. Layouts:
 ///   rows (kCoreMatrices = false): key k's dims at k * MmaSmem::kLd (padded rows, for ldmatrix);
 ///   core matrices (true, wgmma.cuh's no-swizzle layout): copy idx (16 bytes) lands at byte 16 idx,
 ///   holding key idx % 8 + 8 (idx / (8 D / 8)), dims 8 ((idx / 8) % (D / 8)) .. + 7, so the 8
 ///   threads of a quarter warp fill one 128-byte core matrix.
-template <typename T, int D, int kThreads, bool kCoreMatrices = false>
-__device__ __forceinline__ void issue_kv_tile(T* k_dst, T* v_dst, const TensorView& k_cache,
-                                              const TensorView& v_cache, const TileRows<T>& rows, int first_key) {
-  constexpr int kLd = MmaSmem<T, D>::kLd;
-  constexpr int kChunks = D * sizeof(T) / 16;  // 16-byte chunks of a key
-  constexpr int kVecPerThread = kTileKeys * kChunks / kThreads;
+template <typename T, int D, int kThreads, bool kCoreMatrices>
+struct KvTileCopy {
+  static constexpr int kChunks = D * sizeof(T) / 16;  // 16-byte chunks of a key
+  static constexpr int kVecPerThread = kTileKeys * kChunks / kThreads;
   static_assert(kTileKeys * kChunks % kThreads == 0, "tile loads must divide evenly");
-  const T* k_base = static_cast<const T*>(k_cache.data);
-  const T* v_base = static_cast<const T*>(v_cache.data);
-#pragma unroll
-  for (int i = 0; i < kVecPerThread; ++i) {
+  static_assert(kThreads % (kCoreMatrices ? 8 * kChunks : kChunks) == 0, "a thread keeps one chunk column");
+
+  __device__ __forceinline__ static int key(int i) {
     const int idx = threadIdx.x + i * kThreads;
-    int key, chunk, dst;
-    if constexpr (kCoreMatrices) {
-      key = idx % 8 + 8 * (idx / (8 * kChunks));
-      chunk = (idx / 8) % kChunks;
-      dst = idx * 8;
-    } else {
-      key = idx / kChunks;
-      chunk = idx % kChunks;
-      dst = key * kLd + chunk * 8;
-    }
-    const int pos = first_key + key;
-    const bool valid = pos < rows.num_keys;
-    const T* k_src = k_base;
-    const T* v_src = v_base;
-    if (valid) {
-      k_src += paged_kv_offset(k_cache, rows.blocks, rows.block_size, rows.kv_head, pos) + chunk * 8;
-      v_src += paged_kv_offset(v_cache, rows.blocks, rows.block_size, rows.kv_head, pos) + chunk * 8;
-    }
-    cp_async_16(k_dst + dst, k_src, valid);
-    cp_async_16(v_dst + dst, v_src, valid);
+    return kCoreMatrices ? idx % 8 + 8 * (idx / (8 * kChunks)) : idx / kChunks;
+  }
+  __device__ __forceinline__ static int chunk() {
+    return kCoreMatrices ? (threadIdx.x / 8) % kChunks : threadIdx.x % kChunks;
+  }
+  __device__ __forceinline__ static int dst(int i) {
+    const int idx = threadIdx.x + i * kThreads;
+    return kCoreMatrices ? idx * 8 : key(i) * MmaSmem<T, D>::kLd + chunk() * 8;
+  }
+};
+
+/// The block table entries of a thread's keys of one K/V tile. The key loops load them a tile before
+/// the tile's copies are issued (prefetch_kv_blocks), so that issuing a copy never waits for a load.
+template <int kVec>
+struct KvTileBlocks {
+  uint32_t block[kVec];
+};
+
+template <typename T, int D, int kThreads, bool kCoreMatrices = false>
+using KvTileBlocksFor = KvTileBlocks<KvTileCopy<T, D, kThreads, kCoreMatrices>::kVecPerThread>;
+
+/// Loads the block table entries of this thread's keys of the tile starting at `first_key` (keys at or
+/// past num_keys: none, 0, an address issue_kv_tile computes but does not read).
+template <typename T, int D, int kThreads, bool kCoreMatrices = false>
+__device__ __forceinline__ void prefetch_kv_blocks(KvTileBlocksFor<T, D, kThreads, kCoreMatrices>& blocks,
+                                                   const PagedKvHead<T>& kv, int num_keys, int first_key) {
+  using Copy = KvTileCopy<T, D, kThreads, kCoreMatrices>;
+#pragma unroll
+  for (int i = 0; i < Copy::kVecPerThread; ++i) {
+    const int pos = first_key + Copy::key(i);
+    blocks.block[i] = pos < num_keys ? kv.block_of(pos) : 0;
+  }
+}
+
+/// Issues the cp.async copies of 64 keys (from `first_key`) of one KV head into a stage, by a CTA of
+/// kThreads threads (KvTileCopy's layout), with the block table entries `blocks` that
+/// prefetch_kv_blocks loaded for that tile, and commits them as one group; keys past num_keys are
+/// zero-filled.
+template <typename T, int D, int kThreads, bool kCoreMatrices = false>
+__device__ __forceinline__ void issue_kv_tile(T* k_dst, T* v_dst, const PagedKvHead<T>& kv, int num_keys,
+                                              int first_key,
+                                              const KvTileBlocksFor<T, D, kThreads, kCoreMatrices>& blocks) {
+  using Copy = KvTileCopy<T, D, kThreads, kCoreMatrices>;
+  const uint32_t byte = Copy::chunk() * 16;
+#pragma unroll
+  for (int i = 0; i < Copy::kVecPerThread; ++i) {
+    const int pos = first_key + Copy::key(i);
+    const bool valid = pos < num_keys;
+    cp_async_16(k_dst + Copy::dst(i), kv.k_at(blocks.block[i], pos, byte), valid);
+    cp_async_16(v_dst + Copy::dst(i), kv.v_at(blocks.block[i], pos, byte), valid);
   }
   cp_async_commit();
 }
@@ -83,16 +113,19 @@ struct LaneRows {
   float l0 = 0.0f, l1 = 0.0f;
 };
 
-/// The A fragments of Q for the lane's rows q0, q1 (nullptr: unused row, zeros), D / 16 k-steps.
+/// The A fragments of Q for the lane's rows q0, q1 (nullptr: unused row, zeros), D / 16 k-steps. Each
+/// register is two neighbouring elements (an even column first: 4-byte aligned, as q rows are 16-byte
+/// aligned), loaded as one 32-bit word (lower address in the low half, as pack2).
 template <typename T, int D>
 __device__ __forceinline__ void load_q_fragments(uint32_t (&qa)[D / 16][4], const T* q0, const T* q1, int t) {
+  const auto pair = [](const T* row, int c) { return row ? *reinterpret_cast<const uint32_t*>(row + c) : 0u; };
 #pragma unroll
   for (int kk = 0; kk < D / 16; ++kk) {
     const int c = kk * 16 + 2 * t;
-    qa[kk][0] = q0 ? pack2(q0 + c, q0 + c + 1) : 0u;
-    qa[kk][1] = q1 ? pack2(q1 + c, q1 + c + 1) : 0u;
-    qa[kk][2] = q0 ? pack2(q0 + c + 8, q0 + c + 9) : 0u;
-    qa[kk][3] = q1 ? pack2(q1 + c + 8, q1 + c + 9) : 0u;
+    qa[kk][0] = pair(q0, c);
+    qa[kk][1] = pair(q1, c);
+    qa[kk][2] = pair(q0, c + 8);
+    qa[kk][3] = pair(q1, c + 8);
   }
 }
 
@@ -117,20 +150,25 @@ __device__ __forceinline__ LaneRows start_lane_rows(const TileRows<T>& tile, int
 }
 
 /// One key tile's online softmax on the lane's score accumulators (the mma.m16n8k16 C layout: n-block
-/// n holds keys first_key + 8n .. + 7): masks keys at or past each row's limit, scales, turns S into
-/// the unnormalised probabilities P in place and updates the running max and sums; returns the
+/// n holds keys first_key + 8n .. + 7): with kMasked, masks keys at or past each row's limit (a tile
+/// below the tile's unmasked_end, TileRows, needs no mask); scales (scale_log2 > 0, checked by the bindings, so
+/// the max of the scaled scores is the scaled max and the scale folds into the exponent's FMA), turns S
+/// into the unnormalised probabilities P in place and updates the running max and sums; returns the
 /// factors the output rows must be rescaled by (rescale_rows) before this tile's P V is added. A row
-/// with no valid key so far keeps l = 0 (and factor 1 on its zero output).
+/// with no valid key so far keeps l = 0 and its zero output.
+template <bool kMasked>
 __device__ __forceinline__ RowScale softmax_scores(float (&s)[kTileKeys / 8][4], LaneRows& rows, int first_key,
                                                    int t, float scale_log2) {
-  float tile_max0 = -INFINITY, tile_max1 = -INFINITY;
+  float tile_max0 = -INFINITY, tile_max1 = -INFINITY;  // of the raw scores
 #pragma unroll
   for (int n = 0; n < kTileKeys / 8; ++n) {
 #pragma unroll
     for (int j = 0; j < 2; ++j) {
-      const int key = first_key + n * 8 + 2 * t + j;
-      s[n][j] = key < rows.limit0 ? s[n][j] * scale_log2 : -INFINITY;
-      s[n][2 + j] = key < rows.limit1 ? s[n][2 + j] * scale_log2 : -INFINITY;
+      if constexpr (kMasked) {
+        const int key = first_key + n * 8 + 2 * t + j;
+        s[n][j] = key < rows.limit0 ? s[n][j] : -INFINITY;
+        s[n][2 + j] = key < rows.limit1 ? s[n][2 + j] : -INFINITY;
+      }
       tile_max0 = fmaxf(tile_max0, s[n][j]);
       tile_max1 = fmaxf(tile_max1, s[n][2 + j]);
     }
@@ -140,10 +178,12 @@ __device__ __forceinline__ RowScale softmax_scores(float (&s)[kTileKeys / 8][4],
     tile_max0 = fmaxf(tile_max0, __shfl_xor_sync(0xffffffffu, tile_max0, offset));
     tile_max1 = fmaxf(tile_max1, __shfl_xor_sync(0xffffffffu, tile_max1, offset));
   }
-  const float new_m0 = fmaxf(rows.m0, tile_max0), new_m1 = fmaxf(rows.m1, tile_max1);
-  // exp2 of -inf - -inf would be NaN: an empty row keeps its zeros.
-  const bool empty0 = new_m0 == -INFINITY, empty1 = new_m1 == -INFINITY;
-  const RowScale scale{empty0 ? 1.0f : exp2f(rows.m0 - new_m0), empty1 ? 1.0f : exp2f(rows.m1 - new_m1)};
+  const float new_m0 = fmaxf(rows.m0, tile_max0 * scale_log2), new_m1 = fmaxf(rows.m1, tile_max1 * scale_log2);
+  // A row with no valid key yet (max -inf; masked tiles only) subtracts 0 instead: exp2 of
+  // -inf - -inf would be NaN, and exp2(-inf - 0) = 0 keeps it empty. An empty old max gives factor 0.
+  const float base0 = kMasked && new_m0 == -INFINITY ? 0.0f : new_m0;
+  const float base1 = kMasked && new_m1 == -INFINITY ? 0.0f : new_m1;
+  const RowScale scale{fast_exp2(rows.m0 - base0), fast_exp2(rows.m1 - base1)};
   rows.m0 = new_m0;
   rows.m1 = new_m1;
   float sum0 = 0.0f, sum1 = 0.0f;
@@ -151,8 +191,8 @@ __device__ __forceinline__ RowScale softmax_scores(float (&s)[kTileKeys / 8][4],
   for (int n = 0; n < kTileKeys / 8; ++n) {
 #pragma unroll
     for (int j = 0; j < 2; ++j) {
-      s[n][j] = empty0 ? 0.0f : exp2f(s[n][j] - new_m0);
-      s[n][2 + j] = empty1 ? 0.0f : exp2f(s[n][2 + j] - new_m1);
+      s[n][j] = fast_exp2(fmaf(s[n][j], scale_log2, -base0));
+      s[n][2 + j] = fast_exp2(fmaf(s[n][2 + j], scale_log2, -base1));
       sum0 += s[n][j];
       sum1 += s[n][2 + j];
     }
@@ -174,10 +214,23 @@ __device__ __forceinline__ void rescale_rows(float (&o)[D / 8][4], const RowScal
 }
 
 /// softmax_scores, then the output rows rescaled at once.
-template <int D>
+template <int D, bool kMasked>
 __device__ __forceinline__ void softmax_tile(float (&s)[kTileKeys / 8][4], float (&o)[D / 8][4], LaneRows& rows,
                                              int first_key, int t, float scale_log2) {
-  rescale_rows<D>(o, softmax_scores(s, rows, first_key, t, scale_log2));
+  rescale_rows<D>(o, softmax_scores<kMasked>(s, rows, first_key, t, scale_log2));
+}
+
+/// Runs `key_tile(first_key, masked)` over the tile's key range in 64-key steps: first the tiles below
+/// its unmasked_end with masked = std::false_type, then the rest with std::true_type. Two loops, not a
+/// branch per tile: the choice stays uniform over the CTA as the compiler sees it (a branch between
+/// wgmma instructions that ptxas cannot prove warpgroup-uniform makes it serialize them, C7520).
+template <typename T, typename KeyTile>
+__device__ __forceinline__ void for_each_key_tile(const TileRows<T>& tile, KeyTile&& key_tile) {
+  const int keys_end = tile.num_keys;
+  const int unmasked_end = min(tile.unmasked_end, keys_end);
+  int first_key = tile.key_begin;
+  for (; first_key + kTileKeys <= unmasked_end; first_key += kTileKeys) key_tile(first_key, std::false_type{});
+  for (; first_key < keys_end; first_key += kTileKeys) key_tile(first_key, std::true_type{});
 }
 
 /// The A fragment of P for the 16-key step j: S n-blocks 2j and 2j + 1, element for element.
@@ -249,14 +302,19 @@ __device__ __forceinline__ void attention_mma(const Problem& problem, const dim3
 
   constexpr int kLd = Smem::kLd;
   const int keys_end = sm.rows.num_keys;
+  const PagedKvHead<T> kv(k_cache, v_cache, sm.rows.blocks, sm.rows.kv_head, sm.rows.block_div);
+  KvTileBlocksFor<T, D, kThreads> next;  // block table entries of the next tile to issue
+  prefetch_kv_blocks<T, D, kThreads>(next, kv, keys_end, sm.rows.key_begin);
   if (sm.rows.key_begin < keys_end) {
-    issue_kv_tile<T, D, kThreads>(sm.kv[0].k, sm.kv[0].v, k_cache, v_cache, sm.rows, sm.rows.key_begin);
+    issue_kv_tile<T, D, kThreads>(sm.kv[0].k, sm.kv[0].v, kv, keys_end, sm.rows.key_begin, next);
   }
+  prefetch_kv_blocks<T, D, kThreads>(next, kv, keys_end, sm.rows.key_begin + kTileKeys);
   int stage = 0;
-  for (int first_key = sm.rows.key_begin; first_key < keys_end; first_key += kTileKeys, stage ^= 1) {
+  for_each_key_tile(sm.rows, [&](int first_key, auto masked) {
     if (first_key + kTileKeys < keys_end) {  // the next tile into the other stage, then wait for this one
-      issue_kv_tile<T, D, kThreads>(sm.kv[stage ^ 1].k, sm.kv[stage ^ 1].v, k_cache, v_cache, sm.rows,
-                                    first_key + kTileKeys);
+      issue_kv_tile<T, D, kThreads>(sm.kv[stage ^ 1].k, sm.kv[stage ^ 1].v, kv, keys_end, first_key + kTileKeys,
+                                    next);
+      prefetch_kv_blocks<T, D, kThreads>(next, kv, keys_end, first_key + 2 * kTileKeys);
       cp_async_wait<1>();
     } else {
       cp_async_wait<0>();
@@ -281,7 +339,7 @@ __device__ __forceinline__ void attention_mma(const Problem& problem, const dim3
         mma_m16n8k16<T>(s[n], qa[kk + 1], b1);
       }
     }
-    softmax_tile<D>(s, o, rows, first_key, t, scale_log2);
+    softmax_tile<D, decltype(masked)::value>(s, o, rows, first_key, t, scale_log2);
     // O += P V. k-step j covers keys 16j .. 16j+15: its A fragment is S n-blocks 2j and 2j+1;
     // B fragment b0 = V[keys 2t, 2t+1][dim g]: ldmatrix.trans of the 8 x 8 blocks (8 keys, dims of
     // n); one x4 gives b0 and b1 of two dim blocks.
@@ -300,7 +358,8 @@ __device__ __forceinline__ void attention_mma(const Problem& problem, const dim3
       }
     }
     __syncthreads();  // every warp is done with this stage before the next iteration refills it
-  }
+    stage ^= 1;
+  });
   write_tile_rows<T, D, Smem::kLdO>(problem, item, o, rows, sm.o, sm.rows, warp, lane);
 }
 

@@ -6,8 +6,11 @@
 //             are read once for all 64 rows, so its readers' matvecs become one matmul (Hydragen);
 //   cascade suffix: the group's heads of one decode row over its own suffix blocks.
 // Problem interface (device), for the work item `item` (the CTA's blockIdx, or its item in a fused grid):
-//   bool setup(TileRows&, item)        fills rows (validity, q pointer, key limit) and the KV source;
+//   bool setup(TileRows&, item)        fills the KV source and key range (key_begin; num_keys and
+//                                      unmasked_end: the largest and least key limit of the used rows);
 //                                      false: this item has no work
+//   void setup_row(TileRows&, item, r) fills row r's q pointer (nullptr: unused) and key limit; called
+//                                      for every r < kMaxTileRows, by all the threads at once
 //   void write(item, row, o[D], lse)   stores a finished row (o normalised; o = 0, lse = -inf when no keys)
 #pragma once
 
@@ -30,8 +33,10 @@ struct TileRows {
   int key_limit[kMaxTileRows];    // row attends to keys [0, key_limit) of the source
   int key_begin;               // first key to stream (split-KV chunks start past 0)
   int num_keys;                // stream keys [key_begin, num_keys): max key_limit over used rows
+  int unmasked_end;            // min key_limit over used rows: keys below it are masked for no row
   const int32_t* blocks;       // KV block list of the source
   int block_size;              // set by the kernel from the cache shape
+  FastDivisor block_div;       // block_size, for the key loops' divisions (PagedKvHead)
   int kv_head;
 };
 
@@ -94,8 +99,10 @@ __device__ __forceinline__ void load_kv_tile(T* k_dst, T* v_dst, const TensorVie
   }
 }
 
-/// Thread 0 asks the Problem for the rows and KV source of work item `item`; false, for every thread,
-/// when the item has no work.
+/// Thread 0 asks the Problem for the KV source of work item `item`, then every thread fills rows
+/// (threadIdx.x, + blockDim.x, ...): a row's q pointer and limit cost a division by the GQA group and
+/// a few loads, ~40 instructions, which one thread doing all 128 rows of a tile would spend serially
+/// (~4 us, as long as a key tile step). False, for every thread, when the item has no work.
 template <typename T, typename Problem>
 __device__ __forceinline__ bool setup_rows(const Problem& problem, TileRows<T>& rows, const TensorView& k_cache,
                                            const dim3& item) {
@@ -103,12 +110,16 @@ __device__ __forceinline__ bool setup_rows(const Problem& problem, TileRows<T>& 
     rows.key_begin = 0;
     if (problem.setup(rows, item)) {
       rows.block_size = static_cast<int>(k_cache.shape[1]);
+      rows.block_div = FastDivisor::make(static_cast<uint32_t>(rows.block_size));
     } else {
       rows.num_keys = -1;
     }
   }
   __syncthreads();
-  return rows.num_keys >= 0;
+  if (rows.num_keys < 0) return false;
+  for (int r = threadIdx.x; r < kMaxTileRows; r += blockDim.x) problem.setup_row(rows, item, r);
+  __syncthreads();
+  return true;
 }
 
 /// One work item of the tile kernel on a CTA of kTileThreads threads, in `smem_raw` (TileSmem, 128-byte

@@ -75,8 +75,14 @@ __device__ __forceinline__ void attention_wgmma(const Problem& problem, const di
   LaneRows rows = start_lane_rows<T, D>(sm.rows, warp, lane, qa, o);
   // P of a tile as the A fragments of its 4 16-key steps. All are packed before the first issue
   // (registers written between the issues of one group make ptxas wait for the earlier ones).
+  // Pipelined: the P V of tile i - 1 is issued with the S of tile i. Tile 0 has no predecessor: its
+  // iteration issues P = 0 over its own V (copied or zero-filled, so finite), an exact no-op, rather
+  // than branch between wgmma instructions (ptxas serializes every wgmma of a kernel with a branch
+  // there that it cannot prove warpgroup-uniform, warning C7520).
   uint32_t pa[kTileKeys / 16][4];
-  const T* v_prev = nullptr;  // pipelined: the V tile whose P V is still to be issued
+#pragma unroll
+  for (int j = 0; j < kTileKeys / 16; ++j) pa[j][0] = pa[j][1] = pa[j][2] = pa[j][3] = 0u;
+  const T* v_prev = sm.kv[0].v;
 
   // O += P V over the V tile `v_tile`: k-step j takes keys 16 j .. 16 j + 15, i.e. core-matrix rows
   // 2 j and 2 j + 1 of V. Issued, not waited for.
@@ -89,31 +95,34 @@ __device__ __forceinline__ void attention_wgmma(const Problem& problem, const di
   };
 
   const int keys_end = sm.rows.num_keys;
-  // Prologue: tiles 0 and 1 in flight, one cp.async group each.
+  const PagedKvHead<T> kv(k_cache, v_cache, sm.rows.blocks, sm.rows.kv_head, sm.rows.block_div);
+  KvTileBlocksFor<T, D, kThreads, true> next;  // block table entries of the next tile to issue
+  // Prologue: tiles 0 and 1 in flight, one cp.async group each (past the end, a group of zero-fills:
+  // every iteration commits one group and waits for all but the newest, with no branch); tile 2's
+  // entries loaded.
   for (int i = 0; i < 2; ++i) {
     const int key = sm.rows.key_begin + i * kTileKeys;
-    if (key < keys_end) {
-      issue_kv_tile<T, D, kThreads, true>(sm.kv[i].k, sm.kv[i].v, k_cache, v_cache, sm.rows, key);
-    }
+    prefetch_kv_blocks<T, D, kThreads, true>(next, kv, keys_end, key);
+    issue_kv_tile<T, D, kThreads, true>(sm.kv[i].k, sm.kv[i].v, kv, keys_end, key, next);
   }
+  prefetch_kv_blocks<T, D, kThreads, true>(next, kv, keys_end, sm.rows.key_begin + 2 * kTileKeys);
   int stage = 0;
-  for (int first_key = sm.rows.key_begin; first_key < keys_end;
-       first_key += kTileKeys, stage = stage == Smem::kStages - 1 ? 0 : stage + 1) {
-    if (first_key + kTileKeys < keys_end) {  // this tile's group done; the next one may still be in flight
-      cp_async_wait<1>();
-    } else {
-      cp_async_wait<0>();
-    }
+  for_each_key_tile(sm.rows, [&](int first_key, auto masked) {
+    constexpr bool kMasked = decltype(masked)::value;
+    cp_async_wait<1>();          // this tile's group; the next tile's may still be in flight
     fence_proxy_async_shared();  // this thread's copies, before the async proxy (wgmma) reads them
     __syncthreads();             // every thread's copies of this tile are in, and every warp is done with
-                                 // the stage the next issue refills (WgmmaSmem)
-    if (first_key + 2 * kTileKeys < keys_end) {
-      const int refill = (stage + 2) % Smem::kStages;
-      issue_kv_tile<T, D, kThreads, true>(sm.kv[refill].k, sm.kv[refill].v, k_cache, v_cache, sm.rows,
-                                                  first_key + 2 * kTileKeys);
-    }
+                                 // the stage the refill below overwrites (WgmmaSmem)
     const T* k_tile = sm.kv[stage].k;
     const T* v_tile = sm.kv[stage].v;
+    // Tile i + 2's copies (zero-fills past the end), issued once this iteration's products are: the
+    // tensor cores work while the threads issue them; the next tile's entries are loaded meanwhile.
+    auto refill = [&] {
+      const int refill_stage = (stage + 2) % Smem::kStages;
+      issue_kv_tile<T, D, kThreads, true>(sm.kv[refill_stage].k, sm.kv[refill_stage].v, kv, keys_end,
+                                          first_key + 2 * kTileKeys, next);
+      prefetch_kv_blocks<T, D, kThreads, true>(next, kv, keys_end, first_key + 3 * kTileKeys);
+    };
 
     // S = Q K^T: k-step kk takes dims 16 kk .. 16 kk + 15, i.e. core-matrix columns 2 kk and 2 kk + 1.
     float s[kTileKeys / 8][4];
@@ -129,15 +138,13 @@ __device__ __forceinline__ void attention_wgmma(const Problem& problem, const di
     }
     wgmma_commit();
     if constexpr (kPipelined) {
-      if (v_prev != nullptr) {
-        issue_pv(v_prev);
-        wgmma_commit();
-        wgmma_wait<1>();  // S of this tile; the previous tile's P V may still run
-      } else {
-        wgmma_wait<0>();
-      }
+      issue_pv(v_prev);
+      wgmma_commit();
+      refill();
+      wgmma_wait<1>();  // S of this tile; the previous tile's P V may still run
       wgmma_fence_operands(s);
-      const RowScale scale = softmax_scores(s, rows, first_key, t, scale_log2);
+      const RowScale scale = softmax_scores<kMasked>(s, rows, first_key, t, scale_log2);
+      wgmma_fence_operands(s);  // the probabilities are computed before the wait below, not after it
       wgmma_wait<0>();  // the previous P V: O and P are the threads' again
       wgmma_fence_operands(o);
       rescale_rows<D>(o, scale);
@@ -145,9 +152,10 @@ __device__ __forceinline__ void attention_wgmma(const Problem& problem, const di
       for (int j = 0; j < kTileKeys / 16; ++j) p_fragment<T>(pa[j], s, j);
       v_prev = v_tile;
     } else {
+      refill();
       wgmma_wait<0>();
       wgmma_fence_operands(s);
-      softmax_tile<D>(s, o, rows, first_key, t, scale_log2);
+      softmax_tile<D, kMasked>(s, o, rows, first_key, t, scale_log2);
 #pragma unroll
       for (int j = 0; j < kTileKeys / 16; ++j) p_fragment<T>(pa[j], s, j);
       wgmma_fence_operands(o);
@@ -157,8 +165,9 @@ __device__ __forceinline__ void attention_wgmma(const Problem& problem, const di
       wgmma_wait<0>();
       wgmma_fence_operands(o);
     }
-  }
-  if (kPipelined && v_prev != nullptr) {  // the last tile's P V
+    stage = stage == Smem::kStages - 1 ? 0 : stage + 1;
+  });
+  if (kPipelined && sm.rows.key_begin < keys_end) {  // the last tile's P V
     wgmma_fence_operands(o);
     wgmma_fence();
     issue_pv(v_prev);
@@ -166,6 +175,7 @@ __device__ __forceinline__ void attention_wgmma(const Problem& problem, const di
     wgmma_wait<0>();
     wgmma_fence_operands(o);
   }
+  cp_async_wait<0>();  // the zero-fills past the end land before the finished rows reuse their space
   write_tile_rows<T, D, Smem::kLdO>(problem, item, o, rows, sm.o, sm.rows, warp, lane);
 }
 

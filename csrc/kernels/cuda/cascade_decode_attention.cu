@@ -121,16 +121,18 @@ struct SuffixProblem {
   __device__ bool setup(TileRows<T>& rows, const dim3& item) const {
     const int row = item.y, kv_head = item.z, first = item.x * kTileRows;
     if (first >= group) return false;
-    rows.num_keys = levels.suffix_kv_lens[row];
-    for (int r = 0; r < kTileRows; ++r) {
-      const int head = kv_head * group + first + r;
-      const bool used = first + r < group;
-      rows.q[r] = used ? static_cast<const T*>(q.data) + row * q.stride[0] + head * q.stride[1] : nullptr;
-      rows.key_limit[r] = used ? rows.num_keys : 0;
-    }
+    rows.num_keys = rows.unmasked_end = levels.suffix_kv_lens[row];
     rows.blocks = levels.suffix_block_tables + row * levels.max_suffix_blocks;
     rows.kv_head = kv_head;
     return true;
+  }
+
+  __device__ void setup_row(TileRows<T>& rows, const dim3& item, int r) const {
+    const int row = item.y, first = item.x * kTileRows;
+    const int head = static_cast<int>(item.z) * group + first + r;
+    const bool used = r < kTileRows && first + r < group;
+    rows.q[r] = used ? static_cast<const T*>(q.data) + row * q.stride[0] + head * q.stride[1] : nullptr;
+    rows.key_limit[r] = used ? levels.suffix_kv_lens[row] : 0;
   }
 
   __device__ void write(const dim3& item, int r, const float* o_row, float inv_sum, float lse, int lane) const {
@@ -160,18 +162,20 @@ struct PrefixProblem {
     // An empty chunk (prefix shorter than this split's start) still writes lse -inf, o 0: a no-op merge.
     rows.key_begin = split * chunk_keys;
     rows.num_keys = min(levels.prefix_kv_lens[prefix], rows.key_begin + chunk_keys);
-    rows.num_keys = max(rows.num_keys, rows.key_begin);
-    for (int r = 0; r < tile_rows; ++r) {
-      const int idx = first + r;
-      const int row = begin + idx / group;
-      const bool used = row < end;
-      const int head = kv_head * group + idx % group;
-      rows.q[r] = used ? static_cast<const T*>(q.data) + row * q.stride[0] + head * q.stride[1] : nullptr;
-      rows.key_limit[r] = used ? rows.num_keys : 0;
-    }
+    rows.num_keys = rows.unmasked_end = max(rows.num_keys, rows.key_begin);
     rows.blocks = levels.prefix_kv_blocks + levels.prefix_kv_indptr[prefix];
     rows.kv_head = kv_head;
     return true;
+  }
+
+  __device__ void setup_row(TileRows<T>& rows, const dim3& item, int r) const {
+    const int prefix = item.y;
+    const int idx = (item.x % row_tiles) * tile_rows + r;
+    const int row = levels.prefix_q_range[2 * prefix] + idx / group;
+    const bool used = r < tile_rows && row < levels.prefix_q_range[2 * prefix + 1];
+    const int head = static_cast<int>(item.z) * group + idx % group;
+    rows.q[r] = used ? static_cast<const T*>(q.data) + row * q.stride[0] + head * q.stride[1] : nullptr;
+    rows.key_limit[r] = used ? rows.num_keys : 0;  // rows.num_keys: set by setup, before the barrier
   }
 
   __device__ void write(const dim3& item, int r, const float* o_row, float inv_sum, float lse, int lane) const {
@@ -346,6 +350,7 @@ size_t cascade_workspace_floats(int64_t num_rows, int64_t num_q_heads, int64_t n
 
 cudaError_t cascade_decode_attention_cuda(const CascadeDecodeParams& p, cudaStream_t stream) {
   const int64_t num_rows = p.q.shape[0], num_heads = p.q.shape[1], head_dim = p.q.shape[2];
+  if (!cuda::attention_args_fit(p.k_cache, p.v_cache, p.scale)) return cudaErrorInvalidValue;
   if (num_rows == 0) return cudaSuccess;
   const int num_kv_heads = static_cast<int>(p.k_cache.shape[2]);
   const bool tiles = suffix_by_tiles();
@@ -368,7 +373,8 @@ cudaError_t cascade_decode_attention_cuda(const CascadeDecodeParams& p, cudaStre
       constexpr float kLog2e = 1.4426950408889634f;
       cuda::DecodeRowsArgs suffix{p.q, p.k_cache, p.v_cache, p.levels.suffix_block_tables,
                                   p.levels.max_suffix_blocks, p.levels.suffix_kv_lens, ws + plan.suffix_o,
-                                  ws + plan.suffix_lse, p.scale * kLog2e, group, plan.suffix_chunk_keys};
+                                  ws + plan.suffix_lse, p.scale * kLog2e, group, plan.suffix_chunk_keys,
+                                  cuda::FastDivisor::make(static_cast<uint32_t>(p.k_cache.shape[1]))};
       const cuda::PrefixStates prefix_states{ws + plan.prefix_o, ws + plan.prefix_lse, plan.splits};
       if (merge) {
         BATCHLLM_CUDA_RETURN_IF_ERROR((cuda::launch_tiles<scalar_t, kHeadDim>(kernel, prefix, prefix_grid, p.k_cache,

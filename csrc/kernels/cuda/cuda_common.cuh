@@ -1,6 +1,8 @@
 // Helpers shared by the CUDA kernels: element conversion, launch-error checks, dtype dispatch.
 #pragma once
 
+#include <cmath>
+#include <cstdint>
 #include <cstdlib>
 #include <cstring>
 
@@ -39,6 +41,92 @@ __device__ __forceinline__ int64_t paged_kv_offset(const TensorView& cache, cons
                                                    int kv_head, int pos) {
   const int64_t block = blocks[pos / block_size], slot = pos % block_size;
   return block * cache.stride[0] + slot * cache.stride[1] + kv_head * cache.stride[2];
+}
+
+/// Division of n in [0, 2^31) by a divisor d >= 1 fixed at run time, as a multiply-high, an add and a
+/// shift (Granlund & Montgomery's round-up method, as PyTorch's IntDivider): the key loops divide
+/// every key position by the block size, and a 32-bit division is ~25 instructions on the GPU.
+struct FastDivisor {
+  uint32_t divisor = 1, magic = 1, shift = 0;
+
+  __host__ __device__ static FastDivisor make(uint32_t d) {
+    FastDivisor f;
+    f.divisor = d;
+    while (f.shift < 32 && (uint64_t{1} << f.shift) < d) ++f.shift;
+    f.magic = static_cast<uint32_t>(((uint64_t{1} << 32) * ((uint64_t{1} << f.shift) - d)) / d + 1);
+    return f;
+  }
+  __device__ __forceinline__ uint32_t div(uint32_t n) const { return (__umulhi(n, magic) + n) >> shift; }
+};
+
+/// The paged K and V of one KV head of a cache [blocks, block_size, Hkv, D], for the key loops: base
+/// addresses at the head, strides in bytes as 32-bit unsigned values (the bindings check that they
+/// fit) and the block size as a FastDivisor, so that a key's address is a multiply-high, a shift and
+/// one wide multiply-add on the base. Built once per CTA, held in registers.
+template <typename T>
+struct PagedKvHead {
+  const char* k;
+  const char* v;
+  const int32_t* blocks;  // the sequence's (or prefix's) block list
+  uint32_t k_block_bytes, k_slot_bytes, v_block_bytes, v_slot_bytes;
+  FastDivisor block_size;
+
+  __device__ __forceinline__ PagedKvHead(const TensorView& k_cache, const TensorView& v_cache,
+                                         const int32_t* block_list, int kv_head, const FastDivisor& divisor)
+      : k(static_cast<const char*>(k_cache.data) + kv_head * k_cache.stride[2] * sizeof(T)),
+        v(static_cast<const char*>(v_cache.data) + kv_head * v_cache.stride[2] * sizeof(T)),
+        blocks(block_list),
+        k_block_bytes(static_cast<uint32_t>(k_cache.stride[0] * sizeof(T))),
+        k_slot_bytes(static_cast<uint32_t>(k_cache.stride[1] * sizeof(T))),
+        v_block_bytes(static_cast<uint32_t>(v_cache.stride[0] * sizeof(T))),
+        v_slot_bytes(static_cast<uint32_t>(v_cache.stride[1] * sizeof(T))),
+        block_size(divisor) {}
+
+  /// The block table entry holding position pos (the one global load of a key's address).
+  __device__ __forceinline__ uint32_t block_of(int pos) const {
+    return static_cast<uint32_t>(blocks[block_size.div(static_cast<uint32_t>(pos))]);
+  }
+  __device__ __forceinline__ uint32_t slot_of(int pos) const {
+    const uint32_t p = static_cast<uint32_t>(pos);
+    return p - block_size.div(p) * block_size.divisor;
+  }
+  /// The addresses of byte `byte` of position pos's K and V rows, pos lying in block `block`
+  /// (block_of(pos)).
+  __device__ __forceinline__ const T* k_at(uint32_t block, int pos, uint32_t byte) const {
+    return reinterpret_cast<const T*>(k + static_cast<uint64_t>(block) * k_block_bytes +
+                                      (slot_of(pos) * k_slot_bytes + byte));
+  }
+  __device__ __forceinline__ const T* v_at(uint32_t block, int pos, uint32_t byte) const {
+    return reinterpret_cast<const T*>(v + static_cast<uint64_t>(block) * v_block_bytes +
+                                      (slot_of(pos) * v_slot_bytes + byte));
+  }
+};
+
+/// Whether the attention launchers can take these caches and scale: PagedKvHead's 32-bit byte strides
+/// of a block and a slot, and a positive scale (the softmax folds it in after the raw row max).
+inline bool attention_args_fit(const TensorView& k_cache, const TensorView& v_cache, float scale) {
+  const int64_t elem = dtype_size(k_cache.dtype);
+  for (const TensorView* cache : {&k_cache, &v_cache}) {
+    for (int d = 0; d < 2; ++d) {
+      if (cache->stride[d] < 0 || cache->stride[d] * elem >= (int64_t{1} << 32)) return false;
+    }
+  }
+  return scale > 0.0f && scale < INFINITY;
+}
+
+/// 2^x on the special-function unit with denormal results flushed to zero (ex2.approx.ftz.f32): one
+/// instruction, where exp2f's denormal-safe form adds a compare and two multiplies around it. The
+/// softmax loops only take it of arguments <= 0, whose denormal results are below any probability
+/// that matters.
+__device__ __forceinline__ float fast_exp2(float x) {
+#if defined(BATCHLLM_CUDA_EMULATION_ACTIVE)
+  const float y = exp2f(x);
+  return std::fpclassify(y) == FP_SUBNORMAL ? 0.0f : y;
+#else
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+#endif
 }
 
 /// Whether the environment variable `name` equals `value`: the kernel variants kept for A/B

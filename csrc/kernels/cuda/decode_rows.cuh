@@ -33,15 +33,30 @@ struct RunningState {
   float l = 0.0f;
   float o[8] = {0, 0, 0, 0, 0, 0, 0, 0};
 
-  /// Adds one key with scaled score s (log2 domain; -inf: masked) and value v.
-  __device__ __forceinline__ void add(float s, const float (&v)[8]) {
-    if (s == -INFINITY) return;
-    const float m_new = fmaxf(m, s);
-    const float alpha = exp2f(m - m_new);  // m = -inf -> 0: the empty state contributes nothing
-    const float p = exp2f(s - m_new);
-    l = l * alpha + p;
+  /// Adds kKeys keys with scaled scores s (log2 domain; -inf: masked) and values v, with one rescale
+  /// of the state for all of them (flash decoding's online softmax, per group of keys instead of per
+  /// key: one exp2 and 8 multiplies of the running output less per key).
+  template <int kKeys>
+  __device__ __forceinline__ void add(const float (&s)[kKeys], const float (&v)[kKeys][8]) {
+    float m_new = m;
 #pragma unroll
-    for (int i = 0; i < 8; ++i) o[i] = o[i] * alpha + p * v[i];
+    for (int u = 0; u < kKeys; ++u) m_new = fmaxf(m_new, s[u]);
+    if (m_new == -INFINITY) return;  // every key masked and the state empty
+    const float alpha = fast_exp2(m - m_new);  // m = -inf -> 0: the empty state contributes nothing
+    float p[kKeys];
+#pragma unroll
+    for (int u = 0; u < kKeys; ++u) p[u] = fast_exp2(s[u] - m_new);  // masked: exp2(-inf) = 0
+    float sum = 0.0f;
+#pragma unroll
+    for (int u = 0; u < kKeys; ++u) sum += p[u];
+    l = l * alpha + sum;
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      float acc = o[i] * alpha;
+#pragma unroll
+      for (int u = 0; u < kKeys; ++u) acc = fmaf(p[u], v[u][i], acc);
+      o[i] = acc;
+    }
     m = m_new;
   }
 
@@ -76,6 +91,7 @@ struct DecodeRowsArgs {
   float scale_log2;              // softmax scale * log2(e)
   int group;                     // Hq / Hkv
   int chunk_keys;                // keys per split (any value >= the longest row when not split)
+  FastDivisor block_size;        // the caches' block size (shape[1])
   // Merge epilogue (cascade with BATCHLLM_CASCADE_LAUNCH=merge; one key split only): instead of the
   // state, merge it with the states of the prefixes covering the row (the prefix tiles ran before
   // this launch) and write the output row and its lse: no suffix state round trip, no combine launch.
@@ -122,8 +138,9 @@ __device__ __forceinline__ void decode_rows(const DecodeRowsArgs& args, const di
   // This split's keys [key_begin, len); an empty range writes the empty state (lse -inf, o 0).
   const int key_begin = split * args.chunk_keys;
   const int len = min(args.kv_lens[row], key_begin + args.chunk_keys);
-  const int block_size = static_cast<int>(args.k_cache.shape[1]);
-  const int32_t* blocks = args.block_tables + row * args.max_blocks;
+  const PagedKvHead<T> kv(args.k_cache, args.v_cache, args.block_tables + row * args.max_blocks, kv_head,
+                          args.block_size);
+  const uint32_t byte = chunk * 16;
 
   float q[kHeads][8];
   RunningState state[kHeads];
@@ -136,39 +153,53 @@ __device__ __forceinline__ void decode_rows(const DecodeRowsArgs& args, const di
     for (int i = 0; i < 8; ++i) q[h][i] *= args.scale_log2;
   }
 
-  const char* k_base = static_cast<const char*>(args.k_cache.data);
-  const char* v_base = static_cast<const char*>(args.v_cache.data);
-  for (int base = key_begin; base < len; base += kGroups * kDecodeUnroll) {
+  // The block table entries of the lane group's keys of the next step, loaded a step ahead so that
+  // the K/V loads never wait for them (keys at or past len: 0, an address computed, never read).
+  constexpr int kStep = kGroups * kDecodeUnroll;
+  uint32_t blocks[kDecodeUnroll];
+  auto load_blocks = [&](int base) {
+#pragma unroll
+    for (int u = 0; u < kDecodeUnroll; ++u) {
+      const int pos = base + u * kGroups + group_id;
+      blocks[u] = pos < len ? kv.block_of(pos) : 0u;
+    }
+  };
+  load_blocks(key_begin);
+  for (int base = key_begin; base < len; base += kStep) {
     uint4 k_raw[kDecodeUnroll], v_raw[kDecodeUnroll];
 #pragma unroll
     for (int u = 0; u < kDecodeUnroll; ++u) {
       const int pos = base + u * kGroups + group_id;
       k_raw[u] = v_raw[u] = make_uint4(0, 0, 0, 0);
       if (pos < len) {
-        const int64_t k_elem = paged_kv_offset(args.k_cache, blocks, block_size, kv_head, pos);
-        const int64_t v_elem = paged_kv_offset(args.v_cache, blocks, block_size, kv_head, pos);
-        k_raw[u] = reinterpret_cast<const uint4*>(k_base + k_elem * sizeof(T))[chunk];
-        v_raw[u] = reinterpret_cast<const uint4*>(v_base + v_elem * sizeof(T))[chunk];
+        k_raw[u] = *reinterpret_cast<const uint4*>(kv.k_at(blocks[u], pos, byte));
+        v_raw[u] = *reinterpret_cast<const uint4*>(kv.v_at(blocks[u], pos, byte));
       }
     }
+    load_blocks(base + kStep);
+    float s[kHeads][kDecodeUnroll];
 #pragma unroll
     for (int u = 0; u < kDecodeUnroll; ++u) {
       const bool valid = base + u * kGroups + group_id < len;  // uniform within a lane group
-      float k[8], v[8];
+      float k[8];
       unpack8<T>(k_raw[u], k);
-      unpack8<T>(v_raw[u], v);
 #pragma unroll
       for (int h = 0; h < kHeads; ++h) {
-        float s = 0.0f;
+        float dot = 0.0f;
 #pragma unroll
-        for (int i = 0; i < 8; ++i) s += q[h][i] * k[i];
+        for (int i = 0; i < 8; ++i) dot = fmaf(q[h][i], k[i], dot);
         // Sum over the key's lanes (xor offsets below kLanesPerKey stay inside the lane group); every
         // lane of the warp takes part, valid key or not.
 #pragma unroll
-        for (int offset = kLanesPerKey / 2; offset > 0; offset /= 2) s += __shfl_xor_sync(0xffffffffu, s, offset);
-        state[h].add(valid ? s : -INFINITY, v);
+        for (int offset = kLanesPerKey / 2; offset > 0; offset /= 2) dot += __shfl_xor_sync(0xffffffffu, dot, offset);
+        s[h][u] = valid ? dot : -INFINITY;
       }
     }
+    float v[kDecodeUnroll][8];
+#pragma unroll
+    for (int u = 0; u < kDecodeUnroll; ++u) unpack8<T>(v_raw[u], v[u]);
+#pragma unroll
+    for (int h = 0; h < kHeads; ++h) state[h].add(s[h], v);
   }
 
   // Merge the warp's lane groups (same chunk, other sub), then the warps through shared memory.
@@ -223,7 +254,7 @@ __device__ __forceinline__ void decode_rows(const DecodeRowsArgs& args, const di
 }
 
 template <typename T, int D, int kHeads>
-__global__ void __launch_bounds__(kDecodeThreads) decode_rows_kernel(DecodeRowsArgs args) {
+__global__ void __launch_bounds__(kDecodeThreads, kHeads == 4 ? 4 : 2) decode_rows_kernel(DecodeRowsArgs args) {
   __shared__ DecodeSmem<D, kHeads> sm;
   decode_rows<T, D, kHeads>(args, blockIdx, sm);
 }

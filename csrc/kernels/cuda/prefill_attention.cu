@@ -28,29 +28,32 @@ struct PrefillProblem {
 
   __device__ bool setup(TileRows<T>& rows, const dim3& item) const {
     const int seq = item.y;
-    const int kv_head = item.z;
-    const int q_begin = query_start[seq];
-    const int q_len = query_start[seq + 1] - q_begin;
-    const int context = context_lens[seq];
+    const int q_len = query_start[seq + 1] - query_start[seq];
     const int first = row_tile(item) * tile_rows;
     if (first >= q_len * group) return false;
-    rows.num_keys = 0;
-    for (int r = 0; r < tile_rows; ++r) {
-      const int idx = first + r;
-      const int j = idx / group;
-      if (j < q_len) {
-        const int head = kv_head * group + idx % group;
-        rows.q[r] = static_cast<const T*>(q.data) + (q_begin + j) * q.stride[0] + head * q.stride[1];
-        rows.key_limit[r] = context - q_len + j + 1;  // causal: keys 0..position
-        rows.num_keys = max(rows.num_keys, rows.key_limit[r]);
-      } else {
-        rows.q[r] = nullptr;
-        rows.key_limit[r] = 0;
-      }
-    }
+    // The last used row's token attends to the most keys, the first one's to the fewest (causal).
+    const int last_token = (min(first + tile_rows, q_len * group) - 1) / group;
+    rows.num_keys = context_lens[seq] - q_len + last_token + 1;
+    rows.unmasked_end = context_lens[seq] - q_len + first / group + 1;
     rows.blocks = block_tables + seq * max_blocks_per_seq;
-    rows.kv_head = kv_head;
+    rows.kv_head = item.z;
     return true;
+  }
+
+  __device__ void setup_row(TileRows<T>& rows, const dim3& item, int r) const {
+    const int seq = item.y;
+    const int q_begin = query_start[seq];
+    const int q_len = query_start[seq + 1] - q_begin;
+    const int idx = row_tile(item) * tile_rows + r;
+    const int j = idx / group;
+    if (r < tile_rows && j < q_len) {
+      const int head = static_cast<int>(item.z) * group + idx % group;
+      rows.q[r] = static_cast<const T*>(q.data) + (q_begin + j) * q.stride[0] + head * q.stride[1];
+      rows.key_limit[r] = context_lens[seq] - q_len + j + 1;  // causal: keys 0..position
+    } else {
+      rows.q[r] = nullptr;
+      rows.key_limit[r] = 0;
+    }
   }
 
   __device__ void write(const dim3& item, int r, const float* o_row, float inv_sum, float /*lse*/, int lane) const {
@@ -81,6 +84,7 @@ const char* cuda_tile_kernel_name() {
 }
 
 cudaError_t prefill_attention_cuda(const PrefillParams& p, cudaStream_t stream) {
+  if (!cuda::attention_args_fit(p.k_cache, p.v_cache, p.scale)) return cudaErrorInvalidValue;
   const int num_kv_heads = static_cast<int>(p.k_cache.shape[2]);
   const int group = static_cast<int>(p.q.shape[1]) / num_kv_heads;
   const cuda::TileKernel kernel = cuda::tile_kernel();

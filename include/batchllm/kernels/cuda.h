@@ -2,7 +2,9 @@
 // Same parameter structs as the CPU references (batchllm/kernels.h); every pointer is device memory
 // except the host-side sizes and hints inside the structs. Each launcher checks its launches and
 // returns the first error (cudaSuccess when all went well). Supported: fp16 and bf16 views, head dim
-// 64 and 128 (cuda_head_dim_supported), any GQA ratio that divides.
+// 64 and 128 (cuda_head_dim_supported), any GQA ratio that divides; the attention launchers also
+// need a positive, finite scale and cache strides of dims 0 and 1 below 2^32 bytes (else
+// cudaErrorInvalidValue, before any launch).
 #pragma once
 
 #include <cstddef>

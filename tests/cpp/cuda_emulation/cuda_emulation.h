@@ -246,6 +246,11 @@ T __shfl_sync(unsigned /*mask*/, T value, int source_lane, int width = 32) {
   return batchllm_emulation::shuffle(value, [=](int lane) { return (lane / width) * width + source_lane % width; });
 }
 
+/// The high 32 bits of the 64-bit product of two unsigned 32-bit values.
+inline unsigned __umulhi(unsigned a, unsigned b) {
+  return static_cast<unsigned>((static_cast<uint64_t>(a) * b) >> 32);
+}
+
 /// Threads of a CTA run one at a time, so an atomic is a plain read-modify-write.
 inline int atomicAdd(int* address, int value) {
   const int old = *address;

@@ -27,6 +27,7 @@
 
 #ifdef BATCHLLM_CUDA_EMULATION_ACTIVE
 #include "cuda_emulation.h"
+#include "kernels/cuda/cuda_common.cuh"
 #endif
 
 namespace bk = batchllm::kernels;
@@ -331,7 +332,7 @@ TEST_F(CudaSweep, PrefillAttention) {
   for (DType dtype : {DType::kFloat16, DType::kBFloat16}) {
     for (int64_t head_dim : {64, 128}) {
       for (auto heads : {std::pair<int64_t, int64_t>{4, 4}, {8, 2}, {12, 4}, {7, 1}}) {
-        for (int64_t block_size : {16, 8}) {
+        for (int64_t block_size : {16, 8, 12}) {  // 12: FastDivisor off powers of two
           for (size_t s = 0; s < kPrefillSeqs.size(); ++s) {
             // Keep the sweep's cost down on the emulation: the big shapes once per dtype/head dim.
             if (s >= 2 && (heads.first != 8 || block_size != 16)) continue;
@@ -459,7 +460,7 @@ TEST_F(CudaSweep, CascadeDecodeAttention) {
             if (shape.multiprocessors != 132) continue;  // the real device decides its own splits
 #endif
             std::mt19937 gen(static_cast<uint32_t>(5000 + index));
-            const int64_t block_size = 16;
+            const int64_t block_size = index % 2 == 0 ? 12 : 16;  // 12: FastDivisor off powers of two
             int64_t blocks_needed = 0;
             for (auto [tokens, begin, end] : shape.prefixes) blocks_needed += (tokens + block_size - 1) / block_size;
             for (int len : shape.suffix_lens) blocks_needed += (len + block_size - 1) / block_size;
@@ -575,6 +576,43 @@ TEST_F(CudaSweep, CascadeDecodeAttention) {
 }
 
 }  // namespace
+
+#ifdef BATCHLLM_CUDA_EMULATION_ACTIVE
+// The key loops' division by the block size (FastDivisor: multiply-high, add, shift), against `/` for
+// every divisor up to 300 and dividends near 0, near multiples of the divisor and near 2^31.
+TEST(CudaSweepHost, FastDivisorMatchesDivision) {
+  std::mt19937 gen(7);
+  for (uint32_t d = 1; d <= 300; ++d) {
+    const auto f = batchllm::kernels::cuda::FastDivisor::make(d);
+    std::vector<uint32_t> values = {0, 1, d - 1, d, d + 1, 2 * d - 1, 2 * d, 0x7fffffffu, 0x7fffffffu - d};
+    for (int i = 0; i < 200; ++i) values.push_back(std::uniform_int_distribution<uint32_t>(0, 0x7fffffffu)(gen));
+    for (uint32_t n : values) ASSERT_EQ(f.div(n), n / d) << n << " / " << d;
+  }
+}
+
+// The attention launchers refuse, before any launch, what their key loops cannot address or their
+// softmax cannot scale: a non-positive scale, a block stride of 2^32 bytes or more.
+TEST(CudaSweepHost, AttentionLaunchersRejectUnaddressableArgs) {
+  std::vector<uint16_t> q(4 * 64), o(4 * 64), cache(16 * 64);
+  std::vector<int32_t> tables = {0}, query_start = {0, 1}, context_lens = {1};
+  bk::PrefillParams p;
+  p.q = view(q.data(), DType::kBFloat16, {1, 4, 64});
+  p.o = view(o.data(), DType::kBFloat16, {1, 4, 64});
+  p.k_cache = view(cache.data(), DType::kBFloat16, {1, 16, 1, 64});
+  p.v_cache = p.k_cache;
+  p.block_tables = tables.data();
+  p.max_blocks_per_seq = 1;
+  p.query_start = query_start.data();
+  p.context_lens = context_lens.data();
+  p.num_seqs = 1;
+  p.max_q_len = 1;
+  p.scale = 0.0f;
+  EXPECT_EQ(bk::prefill_attention_cuda(p, nullptr), cudaErrorInvalidValue);
+  p.scale = 0.125f;
+  p.k_cache.stride[0] = int64_t{1} << 31;  // x 2 bytes: 2^32
+  EXPECT_EQ(bk::prefill_attention_cuda(p, nullptr), cudaErrorInvalidValue);
+}
+#endif
 
 #else
 
