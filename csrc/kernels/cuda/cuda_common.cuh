@@ -90,15 +90,20 @@ struct PagedKvHead {
     const uint32_t p = static_cast<uint32_t>(pos);
     return p - block_size.div(p) * block_size.divisor;
   }
-  /// The addresses of byte `byte` of position pos's K and V rows, pos lying in block `block`
+  /// Byte offsets from the head's base of position pos's K and V rows, pos lying in block `block`
   /// (block_of(pos)).
+  __device__ __forceinline__ uint64_t k_offset(uint32_t block, int pos) const {
+    return static_cast<uint64_t>(block) * k_block_bytes + slot_of(pos) * k_slot_bytes;
+  }
+  __device__ __forceinline__ uint64_t v_offset(uint32_t block, int pos) const {
+    return static_cast<uint64_t>(block) * v_block_bytes + slot_of(pos) * v_slot_bytes;
+  }
+  /// The addresses of byte `byte` of position pos's K and V rows.
   __device__ __forceinline__ const T* k_at(uint32_t block, int pos, uint32_t byte) const {
-    return reinterpret_cast<const T*>(k + static_cast<uint64_t>(block) * k_block_bytes +
-                                      (slot_of(pos) * k_slot_bytes + byte));
+    return reinterpret_cast<const T*>(k + k_offset(block, pos) + byte);
   }
   __device__ __forceinline__ const T* v_at(uint32_t block, int pos, uint32_t byte) const {
-    return reinterpret_cast<const T*>(v + static_cast<uint64_t>(block) * v_block_bytes +
-                                      (slot_of(pos) * v_slot_bytes + byte));
+    return reinterpret_cast<const T*>(v + v_offset(block, pos) + byte);
   }
 };
 

@@ -33,31 +33,34 @@ struct RunningState {
   float l = 0.0f;
   float o[8] = {0, 0, 0, 0, 0, 0, 0, 0};
 
-  /// Adds kKeys keys with scaled scores s (log2 domain; -inf: masked) and values v, with one rescale
-  /// of the state for all of them (flash decoding's online softmax, per group of keys instead of per
-  /// key: one exp2 and 8 multiplies of the running output less per key).
+  /// Starts adding kKeys keys with scaled scores s (log2 domain; -inf: masked), with one rescale of
+  /// the state for all of them (flash decoding's online softmax, per group of keys instead of per key:
+  /// one exp2 and 8 multiplies of the running output less per key): the max, the sum and the output
+  /// rescaled; s becomes the keys' weights p, which accumulate() then adds with the values.
   template <int kKeys>
-  __device__ __forceinline__ void add(const float (&s)[kKeys], const float (&v)[kKeys][8]) {
+  __device__ __forceinline__ void rescale(float (&s)[kKeys]) {
     float m_new = m;
 #pragma unroll
     for (int u = 0; u < kKeys; ++u) m_new = fmaxf(m_new, s[u]);
-    if (m_new == -INFINITY) return;  // every key masked and the state empty
-    const float alpha = fast_exp2(m - m_new);  // m = -inf -> 0: the empty state contributes nothing
-    float p[kKeys];
-#pragma unroll
-    for (int u = 0; u < kKeys; ++u) p[u] = fast_exp2(s[u] - m_new);  // masked: exp2(-inf) = 0
+    // Every key masked and the state empty: weights 0 (exp2(-inf)), nothing rescaled.
+    const float base = m_new == -INFINITY ? 0.0f : m_new;
+    const float alpha = fast_exp2(m - base);  // m = -inf -> 0: the empty state contributes nothing
     float sum = 0.0f;
 #pragma unroll
-    for (int u = 0; u < kKeys; ++u) sum += p[u];
+    for (int u = 0; u < kKeys; ++u) {
+      s[u] = fast_exp2(s[u] - base);  // masked: exp2(-inf) = 0
+      sum += s[u];
+    }
     l = l * alpha + sum;
 #pragma unroll
-    for (int i = 0; i < 8; ++i) {
-      float acc = o[i] * alpha;
-#pragma unroll
-      for (int u = 0; u < kKeys; ++u) acc = fmaf(p[u], v[u][i], acc);
-      o[i] = acc;
-    }
+    for (int i = 0; i < 8; ++i) o[i] *= alpha;
     m = m_new;
+  }
+
+  /// Adds a key's value with its weight p (from rescale).
+  __device__ __forceinline__ void accumulate(float p, const float (&v)[8]) {
+#pragma unroll
+    for (int i = 0; i < 8; ++i) o[i] = fmaf(p, v[i], o[i]);
   }
 
   /// Merges another state over disjoint keys into this one; either may be empty.
@@ -72,9 +75,13 @@ struct RunningState {
   }
 };
 
+/// The 8 elements of a 16-byte load as floats. Copied out with memcpy, not read through a T pointer
+/// into the uint4: that read breaks strict aliasing, and a compiler that assumes it may not observe
+/// the uint4's stores reorders it before them (the CPU emulation at -O3 read a zeroed V that way).
 template <typename T>
 __device__ __forceinline__ void unpack8(const uint4& raw, float (&out)[8]) {
-  const T* values = reinterpret_cast<const T*>(&raw);
+  T values[8];
+  memcpy(values, &raw, sizeof(values));
 #pragma unroll
   for (int i = 0; i < 8; ++i) out[i] = to_float(values[i]);
 }
@@ -140,7 +147,10 @@ __device__ __forceinline__ void decode_rows(const DecodeRowsArgs& args, const di
   const int len = min(args.kv_lens[row], key_begin + args.chunk_keys);
   const PagedKvHead<T> kv(args.k_cache, args.v_cache, args.block_tables + row * args.max_blocks, kv_head,
                           args.block_size);
-  const uint32_t byte = chunk * 16;
+  // This lane's 16 bytes of the head's K and V rows in block 0, slot 0: a key's address adds its
+  // block and slot offsets (computed here once, not again for every key of the loop).
+  const char* k_lane = reinterpret_cast<const char*>(kv.k) + chunk * 16;
+  const char* v_lane = reinterpret_cast<const char*>(kv.v) + chunk * 16;
 
   float q[kHeads][8];
   RunningState state[kHeads];
@@ -166,15 +176,16 @@ __device__ __forceinline__ void decode_rows(const DecodeRowsArgs& args, const di
   };
   load_blocks(key_begin);
   for (int base = key_begin; base < len; base += kStep) {
+    // Every lane loads, a key past len from block 0, slot of pos (cache memory, never past it), so
+    // that there is no branch for the compiler to sink the address arithmetic into. Such a key's
+    // score is -inf whatever its K; its V is zeroed (weight 0 times garbage could be NaN).
     uint4 k_raw[kDecodeUnroll], v_raw[kDecodeUnroll];
 #pragma unroll
     for (int u = 0; u < kDecodeUnroll; ++u) {
       const int pos = base + u * kGroups + group_id;
-      k_raw[u] = v_raw[u] = make_uint4(0, 0, 0, 0);
-      if (pos < len) {
-        k_raw[u] = *reinterpret_cast<const uint4*>(kv.k_at(blocks[u], pos, byte));
-        v_raw[u] = *reinterpret_cast<const uint4*>(kv.v_at(blocks[u], pos, byte));
-      }
+      k_raw[u] = *reinterpret_cast<const uint4*>(k_lane + kv.k_offset(blocks[u], pos));
+      v_raw[u] = *reinterpret_cast<const uint4*>(v_lane + kv.v_offset(blocks[u], pos));
+      if (pos >= len) v_raw[u] = make_uint4(0, 0, 0, 0);
     }
     load_blocks(base + kStep);
     float s[kHeads][kDecodeUnroll];
@@ -195,11 +206,15 @@ __device__ __forceinline__ void decode_rows(const DecodeRowsArgs& args, const di
         s[h][u] = valid ? dot : -INFINITY;
       }
     }
-    float v[kDecodeUnroll][8];
 #pragma unroll
-    for (int u = 0; u < kDecodeUnroll; ++u) unpack8<T>(v_raw[u], v[u]);
+    for (int h = 0; h < kHeads; ++h) state[h].rescale(s[h]);
 #pragma unroll
-    for (int h = 0; h < kHeads; ++h) state[h].add(s[h], v);
+    for (int u = 0; u < kDecodeUnroll; ++u) {
+      float v[8];
+      unpack8<T>(v_raw[u], v);
+#pragma unroll
+      for (int h = 0; h < kHeads; ++h) state[h].accumulate(s[h][u], v);
+    }
   }
 
   // Merge the warp's lane groups (same chunk, other sub), then the warps through shared memory.
@@ -254,7 +269,7 @@ __device__ __forceinline__ void decode_rows(const DecodeRowsArgs& args, const di
 }
 
 template <typename T, int D, int kHeads>
-__global__ void __launch_bounds__(kDecodeThreads, kHeads == 4 ? 4 : 2) decode_rows_kernel(DecodeRowsArgs args) {
+__global__ void __launch_bounds__(kDecodeThreads) decode_rows_kernel(DecodeRowsArgs args) {
   __shared__ DecodeSmem<D, kHeads> sm;
   decode_rows<T, D, kHeads>(args, blockIdx, sm);
 }
