@@ -61,13 +61,10 @@ CacheShape check_attention_views(const ArgChecker& c, const ViewArg& q_arg, cons
     c.require(cuda_head_dim_ok(q.shape[2]), "q",
               "head dim " + std::to_string(q.shape[2]) + " is not built for CUDA (built: 64, 128)");
     // The key loops address a block and a slot with 32-bit byte strides (PagedKvHead).
-    const int64_t elem = static_cast<int64_t>(kernels::dtype_size(q.dtype));
     for (const auto& [name, cache] : {std::pair{"k_cache", &k_cache}, std::pair{"v_cache", &v_cache}}) {
-      for (int d = 0; d < 2; ++d) {
-        c.require(cache->stride[d] >= 0 && cache->stride[d] * elem < (int64_t{1} << 32), name,
-                  "stride " + std::to_string(cache->stride[d]) + " of dim " + std::to_string(d) +
-                      " is too large for CUDA (a block's or a slot's bytes must fit 32 bits)");
-      }
+      const int d = kernels::cache_stride_past_32_bits(*cache);
+      c.require(d < 0, name, "stride " + std::to_string(cache->stride[d < 0 ? 0 : d]) + " of dim " + std::to_string(d) +
+                                 " is too large for CUDA (a block's or a slot's bytes must fit 32 bits)");
     }
   }
   return {k_cache.shape[0], k_cache.shape[1], k_cache.shape[2]};

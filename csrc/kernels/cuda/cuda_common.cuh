@@ -110,13 +110,8 @@ struct PagedKvHead {
 /// Whether the attention launchers can take these caches and scale: PagedKvHead's 32-bit byte strides
 /// of a block and a slot, and a positive scale (the softmax folds it in after the raw row max).
 inline bool attention_args_fit(const TensorView& k_cache, const TensorView& v_cache, float scale) {
-  const int64_t elem = dtype_size(k_cache.dtype);
-  for (const TensorView* cache : {&k_cache, &v_cache}) {
-    for (int d = 0; d < 2; ++d) {
-      if (cache->stride[d] < 0 || cache->stride[d] * elem >= (int64_t{1} << 32)) return false;
-    }
-  }
-  return scale > 0.0f && scale < INFINITY;
+  return cache_stride_past_32_bits(k_cache) < 0 && cache_stride_past_32_bits(v_cache) < 0 && scale > 0.0f &&
+         scale < INFINITY;
 }
 
 /// 2^x on the special-function unit with denormal results flushed to zero (ex2.approx.ftz.f32): one

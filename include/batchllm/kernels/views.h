@@ -38,4 +38,15 @@ struct TensorView {
   int64_t size(int dim) const { return shape[dim]; }
 };
 
+/// The first of a paged cache view's block and slot dims ([blocks, block_size, Hkv, D]: 0, 1) whose
+/// stride in bytes does not fit 32 bits, or -1: the CUDA key loops address keys with them
+/// (PagedKvHead).
+inline int cache_stride_past_32_bits(const TensorView& cache) {
+  const int64_t elem = dtype_size(cache.dtype);
+  for (int d = 0; d < 2; ++d) {
+    if (cache.stride[d] < 0 || cache.stride[d] * elem >= (int64_t{1} << 32)) return d;
+  }
+  return -1;
+}
+
 }  // namespace batchllm::kernels
