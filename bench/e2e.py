@@ -145,6 +145,7 @@ def run_engine(workload_id: str, policy: str, args, ceilings: Ceilings) -> dict:
         graph_steps=getattr(getattr(llm.runner, "decode_graphs", None), "steps", None),
         graph_replays=getattr(getattr(llm.runner, "decode_graphs", None), "replays", None),
         graph_captures=getattr(getattr(llm.runner, "decode_graphs", None), "captures", None),
+        graph_capture_s=_sig(getattr(getattr(llm.runner, "decode_graphs", None), "capture_s", 0.0)),
         graph_steps_padded_to_larger=getattr(getattr(llm.runner, "decode_graphs", None), "dominated", None),
         time_over_step_floor=round(seconds / step_floor.seconds, 3) if step_floor.seconds > 0 else None)
     del llm, outputs

@@ -7,7 +7,8 @@ key*: batch rows, prefixes, rows per prefix, prefix keys, suffix block-table wid
 count, each rounded up to a bucket. The step's metadata goes into the key's static device buffers
 (step_upload.StaticUpload: one pinned copy), then the key's graph replays. A key is captured at its
 second step; until then, or for a key no larger than a captured one in any dimension, the step
-replays the smallest captured key that dominates it, padded (:meth:`DecodeGraphs.run_key`).
+replays the smallest captured key that dominates it, padded, for as long as the padding has cost less
+than a capture would (:meth:`DecodeGraphs.run_key`).
 
 Padding keeps real rows exact and padded rows harmless:
 
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import time
 import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -157,10 +159,18 @@ class DecodeGraphs:
     min_uses : int
         With capture, a key's steps run eagerly (the runner's own path) until its min_uses-th,
         which captures it: keys seen once are not worth a capture.
+    ridge_rows : int
+        Decode rows up to which a step's GEMMs cost one read of the weights whatever the rows (the
+        roofline's ridge for 2-byte weights: peak FLOP/s over bytes/s; H100 bf16 746 TFLOP/s over
+        2.9 TB/s, about 257). Padding a step to a graph of at most this many rows costs ~nothing.
+    capture_cost_steps : float
+        What a capture costs (a warm-up forward, the recording, the instantiation), in steps of the
+        captured key: a dominated key is captured once its padding has lost this much (run_key).
     """
 
     def __init__(self, runner: ModelRunner, max_rows: int = 1024, max_graphs: int = 32,
-                 capture: Optional[bool] = None, min_uses: int = 2):
+                 capture: Optional[bool] = None, min_uses: int = 2, ridge_rows: int = 256,
+                 capture_cost_steps: float = 4.0):
         self.runner = runner
         self.max_rows = int(max_rows)
         self.max_graphs = int(max_graphs)
@@ -175,9 +185,14 @@ class DecodeGraphs:
         # model): a key is captured only at its min_uses-th step; before, the step runs eagerly.
         # The end of a job has keys seen once (W1: 8 of its 10, as its last groups finish one by one).
         self.min_uses = max(1, int(min_uses))
+        self.ridge_rows = max(1, int(ridge_rows))
+        self.capture_cost_steps = float(capture_cost_steps)
         self._uses: Dict[GraphKey, int] = {}
+        self._padding_lost: Dict[GraphKey, float] = {}  # per dominated key: step cost lost to padding
+        self._stream: Optional[torch.cuda.Stream] = None  # warm-ups and captures (one, for the pool)
         self.steps = 0      # steps run through the padded static path
-        self.captures = 0
+        self.captures = 0   # a capture step returns its warm-up forward's result: it is not a replay
+        self.capture_s = 0.0  # host seconds in captures (warm-up forward, recording, instantiation)
         self.replays = 0
         self.dominated = 0  # steps run padded to a larger key than their own (run_key)
 
@@ -205,12 +220,16 @@ class DecodeGraphs:
 
         - ``key`` itself once it has a graph (without capture: once it has buffers);
         - else a *dominating* key that has one (every dimension at least ``key``'s, the fewest rows):
-          the step runs padded to it. A decode step's GEMMs cost the weights' bytes whatever the
-          rows, and padded rows attend one key each, so this costs about the larger step while an
-          eager step costs the host tens of ms (H100, llama-1b: 31 ms eager against 5.7 ms replayed,
-          2026-11-27). The tail of W1, where groups finish 32 rows a step, is 8 such one-off keys.
-          ``key`` is captured itself only when it has at most half the dominating rows (a smaller
-          GEMM and grid then pay) and is seen for the ``min_uses``-th time;
+          the step runs padded to it, which costs what the larger step costs. Below
+          ``ridge_rows`` that is about nothing: a decode step's GEMMs read the weights once whatever
+          the rows, and padded rows attend one key each, while an eager step costs the host tens of
+          ms (H100, llama-1b: 31 ms eager against 5.7 ms replayed, 2026-11-27) and a capture more.
+          Above it, each padded step loses ``cost(dominating) - cost(key)`` (cost: rows, at least
+          ``ridge_rows``); ``key`` is captured itself once those losses reach the price of a
+          capture, ``capture_cost_steps * cost(key)``, and not before its ``min_uses``-th step (the
+          rent-or-buy rule: never more than twice the better of the two choices in hindsight). So
+          a job whose batch shrinks below the ridge (the tail of W5: 128 rows down to 1) keeps one
+          graph instead of one per halving;
         - else ``key`` at its ``min_uses``-th step, which captures it (always, without capture: the
           padded path is what the CPU tests check); before that None.
         """
@@ -219,13 +238,23 @@ class DecodeGraphs:
             return key
         if len(self._uses) > 4096:  # a long job's one-off keys: forget them
             self._uses.clear()
+            self._padding_lost.clear()
         self._uses[key] = uses = self._uses.get(key, 0) + 1
         dominating = self._dominating(key)
-        if dominating is not None and (2 * key.rows > dominating.rows or uses < self.min_uses):
-            return dominating
+        if dominating is not None:
+            lost = self._padding_lost.get(key, 0.0) + self._step_cost(dominating) - self._step_cost(key)
+            self._padding_lost[key] = lost
+            if uses < self.min_uses or lost < self.capture_cost_steps * self._step_cost(key):
+                return dominating
+            return key
         if not self.capture or uses >= self.min_uses:
             return key
         return None
+
+    def _step_cost(self, key: GraphKey) -> float:
+        """A decode step's relative device time: its GEMM rows, at least ``ridge_rows`` (below the
+        ridge the weights' bytes set the time)."""
+        return float(max(key.rows, self.ridge_rows))
 
     def _dominating(self, key: GraphKey) -> Optional[GraphKey]:
         """The runnable key (with a graph; without capture, with buffers) whose every dimension is at
@@ -256,8 +285,8 @@ class DecodeGraphs:
             token_feed.apply(views["input_ids"])
         self.steps += 1
         if self.capture and entry.graph is None:
-            self._try_capture(entry, views)
-        if entry.graph is None:
+            hidden = self._try_capture(entry, views)
+        elif entry.graph is None:
             hidden = self._forward(entry, views)
         else:
             entry.graph.replay()
@@ -295,45 +324,70 @@ class DecodeGraphs:
         finally:
             reset_context()
 
-    def _try_capture(self, entry: _Entry, views: Dict[str, torch.Tensor]) -> None:
-        """Capture ``entry``'s graph; if capture fails, warn once and stop capturing (every later
-        step runs the padded path eagerly: same results, launch gaps back)."""
+    def _try_capture(self, entry: _Entry, views: Dict[str, torch.Tensor]) -> torch.Tensor:
+        """Capture ``entry``'s graph; the step's hidden states (the warm-up forward's). If capture
+        fails, warn once and stop capturing (every later step runs the padded path eagerly: same
+        results, launch gaps back)."""
+        start = time.perf_counter()
         try:
-            self._capture(entry, views)
+            return self._capture(entry, views)
         except RuntimeError as err:
             entry.graph, entry.hidden = None, None
             self.capture = False
             torch.cuda.synchronize(self.runner.device)
             warnings.warn(f"CUDA graph capture failed, decode steps run eagerly from now on: {err}",
                           RuntimeWarning, stacklevel=3)
+            return self._forward(entry, views)
+        finally:
+            self.capture_s += time.perf_counter() - start
 
-    def _capture(self, entry: _Entry, views: Dict[str, torch.Tensor]) -> None:
-        # Warm-up on a side stream, as torch requires before capture. It runs this step for real:
-        # the K/V it stores are the ones the replay stores again (same values, same slots).
-        side = torch.cuda.Stream(self.runner.device)
-        side.wait_stream(torch.cuda.current_stream(self.runner.device))
-        with torch.cuda.stream(side):
-            self._forward(entry, views)
-        torch.cuda.current_stream(self.runner.device).wait_stream(side)
+    def _capture(self, entry: _Entry, views: Dict[str, torch.Tensor]) -> torch.Tensor:
+        device = self.runner.device
+        current = torch.cuda.current_stream(device)
+        if self._stream is None:
+            self._stream = torch.cuda.Stream(device)
+        # Warm-up on a side stream, as torch requires before capture. It runs this step for real, so
+        # its hidden states are the step's result (the capture records work, it runs none): the
+        # step replays nothing. The K/V it stores are the ones every replay stores (same slots).
+        self._stream.wait_stream(current)
+        with torch.cuda.stream(self._stream):
+            hidden = self._forward(entry, views)
+        current.wait_stream(self._stream)
+        hidden.record_stream(current)
         graph = torch.cuda.CUDAGraph()
+        # capture_begin / capture_end rather than torch.cuda.graph, whose entry empties the caching
+        # allocators (device and pinned host) for every capture: every later eager step would pay
+        # cudaMalloc / cudaHostAlloc again for its activations. Captures share one stream and pool.
         # thread_local: a progress-bar thread touching CUDA must not invalidate the capture.
-        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
-            entry.hidden = self._forward(entry, views)
+        torch.cuda.synchronize(device)
+        with torch.cuda.stream(self._stream):
+            graph.capture_begin(pool=self._pool, capture_error_mode="thread_local")
+            try:
+                entry.hidden = self._forward(entry, views)
+            except BaseException:
+                try:
+                    graph.capture_end()
+                except RuntimeError:
+                    pass  # the capture is invalid already; the forward's error is the one to report
+                raise
+            graph.capture_end()
         entry.graph = graph
         self.captures += 1
+        return hidden
 
 
 class GraphModelRunner(ModelRunner):
     """A ModelRunner that replays CUDA graphs for decode-only steps (eager for everything else).
 
-    Same constructor as :class:`ModelRunner` plus ``graph_max_rows``, ``max_graphs``, ``capture`` and
-    ``min_uses`` (see :class:`DecodeGraphs`).
+    Same constructor as :class:`ModelRunner` plus ``graph_max_rows``, ``max_graphs``, ``capture``,
+    ``min_uses``, ``ridge_rows`` and ``capture_cost_steps`` (see :class:`DecodeGraphs`).
     """
 
     def __init__(self, *args, graph_max_rows: int = 1024, max_graphs: int = 32, capture: Optional[bool] = None,
-                 min_uses: int = 2, **kwargs):
+                 min_uses: int = 2, ridge_rows: int = 256, capture_cost_steps: float = 4.0, **kwargs):
         super().__init__(*args, **kwargs)
-        self.decode_graphs = DecodeGraphs(self, graph_max_rows, max_graphs, capture, min_uses)
+        self.decode_graphs = DecodeGraphs(self, graph_max_rows, max_graphs, capture, min_uses, ridge_rows,
+                                          capture_cost_steps)
 
     def execute(self, plan: Any, token_feed=None) -> torch.Tensor:
         graphs = self.decode_graphs

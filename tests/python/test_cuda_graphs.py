@@ -140,37 +140,61 @@ def test_can_run_rejects_mixed_and_levelless_steps():
     assert not graphs.can_run(Plan())
 
 
+class _FakeRunner:
+    device = torch.device("cpu")
+    use_cascade = True
+
+
+def _key(rows, prefixes=1, suffix_width=16):
+    return GraphKey(rows=rows, prefixes=prefixes, prefix_rows=min(rows, 64), prefix_keys=1024,
+                    prefix_blocks=64, suffix_width=suffix_width)
+
+
 def test_a_key_is_captured_at_its_second_step_or_runs_padded_to_a_larger_graph():
     # A capture costs a warm-up forward, the capture and the instantiation; the end of a job has
     # shape keys that occur once (W1: 8 of its 10 keys), so a key's first step runs eagerly, unless a
-    # captured key dominates it (every dimension at least as large): then it replays that graph padded.
-    class FakeRunner:
-        device = torch.device("cpu")
-        use_cascade = True
-
-    def key(rows, prefixes=1, suffix_width=16):
-        return GraphKey(rows=rows, prefixes=prefixes, prefix_rows=min(rows, 64), prefix_keys=1024,
-                        prefix_blocks=64, suffix_width=suffix_width)
-
-    graphs = DecodeGraphs(FakeRunner(), capture=False)
+    # captured key dominates it (every dimension at least as large): then it replays that graph padded
+    # until the padding has lost what a capture costs. A small ridge here, so that padding costs.
+    key = _key
+    graphs = DecodeGraphs(_FakeRunner(), capture=False, ridge_rows=8, capture_cost_steps=4)
     assert graphs.run_key(key(16)) == key(16)  # no capture: the padded path at once (what CPU tests check)
     graphs.capture = True
     assert [graphs.run_key(key(32)) for _ in range(3)] == [None, key(32), key(32)]
     graphs._entries[key(32)] = types.SimpleNamespace(graph=object())  # captured
     assert graphs.run_key(key(32)) == key(32)
-    # Dominated by the 32-row graph: replayed padded to it, never captured (more than half its rows).
-    assert [graphs.run_key(key(24)) for _ in range(3)] == [key(32)] * 3
-    # Half its rows or fewer: padded until the min_uses-th step, which captures it.
-    assert [graphs.run_key(key(12)) for _ in range(2)] == [key(32), key(12)]
+    # 24 rows padded to 32 lose 8 a step; a capture costs 4 x 24 = 96: the 12th step captures it.
+    assert [graphs.run_key(key(24)) for _ in range(12)] == [key(32)] * 11 + [key(24)]
+    # 6 rows cost as much as the ridge's 8: they lose 24 a step against a capture of 32 (2nd step).
+    assert [graphs.run_key(key(6)) for _ in range(2)] == [key(32), key(6)]
+    # ...but never before the min_uses-th step, whatever the loss.
+    patient = DecodeGraphs(_FakeRunner(), capture=False, ridge_rows=1, capture_cost_steps=0, min_uses=3)
+    patient.capture = True
+    patient._entries[key(64)] = types.SimpleNamespace(graph=object())
+    assert [patient.run_key(key(2)) for _ in range(3)] == [key(64), key(64), key(2)]
     # Not dominated: a wider suffix table, or more prefixes.
     assert graphs.run_key(key(16, suffix_width=32)) is None
     assert graphs.run_key(key(16, prefixes=2)) is None
     # The smallest dominating graph wins.
     graphs._entries[key(64)] = types.SimpleNamespace(graph=object())
     assert graphs.run_key(key(30)) == key(32)
-    once = DecodeGraphs(FakeRunner(), capture=False, min_uses=1)
+    once = DecodeGraphs(_FakeRunner(), capture=False, min_uses=1)
     once.capture = True
     assert once.run_key(key(32)) == key(32)
+
+
+def test_steps_below_the_ridge_replay_one_graph_padded_for_good():
+    # W5's decode batch shrinks from 128 rows to 1 as sequences finish: below the ridge (the rows at
+    # which the step's GEMMs stop being bound by reading the weights) padding to the 128-row graph
+    # costs nothing, so no smaller key is ever captured (a halving rule captured 8 keys there).
+    graphs = DecodeGraphs(_FakeRunner(), capture=False)  # the default ridge: 256 rows
+    graphs.capture = True
+    graphs._entries[_key(128)] = types.SimpleNamespace(graph=object())
+    for rows in (96, 64, 32, 8, 1):
+        assert [graphs.run_key(_key(rows)) for _ in range(100)] == [_key(128)] * 100, rows
+    # Above the ridge the loss counts: 1,024 rows for a 384-row step lose 640 a step, a capture
+    # of the 384-row key costs 4 x 384: the 3rd step captures it.
+    graphs._entries[_key(1024)] = types.SimpleNamespace(graph=object())
+    assert [graphs.run_key(_key(384)) for _ in range(3)] == [_key(1024)] * 2 + [_key(384)]
 
 
 @gpu
@@ -180,8 +204,9 @@ def test_captured_graphs_match_eager_runner_on_gpu():
     compare, graphs = _run_compared("llama-1b", "cuda", capture=None, rtol=0.05)
     decode = graphs.decode_graphs
     assert compare.graph_steps >= 5 and decode.captures >= 1
-    # Every step of a captured key replays; a key's first step ran eagerly (not worth a capture yet).
-    assert decode.replays == decode.steps
+    # Every step of a captured key replays, but the capture's own (it returns its warm-up's result);
+    # a key's first step ran eagerly (not worth a capture yet).
+    assert decode.replays + decode.captures == decode.steps and decode.capture_s > 0
     assert compare.graph_steps - len(decode._uses) <= decode.steps < compare.graph_steps
 
 
