@@ -95,9 +95,10 @@ def profile_steps(llm, prompts, params) -> dict:
     execute_timed = _Timed(runner.execute, cuda, logs["execute"], step_kind(llm))
 
     def execute(plan, *rest):
-        before = graphs.replays if graphs else 0
+        replays, captures = (graphs.replays, graphs.captures) if graphs else (0, 0)
         out = execute_timed(plan, *rest)
-        replay_steps.append(bool(graphs and graphs.replays > before))
+        replay_steps.append("+graph" if graphs and graphs.replays > replays else
+                            "+capture" if graphs and graphs.captures > captures else "")
         return out
 
     runner.execute = execute
@@ -134,7 +135,7 @@ def profile_steps(llm, prompts, params) -> dict:
     by_kind = defaultdict(lambda: {"steps": 0, "execute_host_s": 0.0, "execute_device_s": 0.0,
                                    "sample_host_s": 0.0, "sample_device_s": 0.0})
     for entry, sample, replayed in zip(logs["execute"], logs["sample"], replay_steps):
-        key = entry["kind"] + ("+graph" if replayed else "")
+        key = entry["kind"] + replayed
         row = by_kind[key]
         row["steps"] += 1
         row["execute_host_s"] += entry["host_s"]
