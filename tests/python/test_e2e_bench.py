@@ -161,3 +161,16 @@ def test_hf_batches_hold_64_sequences_of_one_sample_count():
     requests = [HFRequest(np.arange(4), 2) for _ in range(70)] + [HFRequest(np.arange(4), 2, n=8) for _ in range(9)]
     sizes = [(len(b), sum(r.n for r in b)) for b in batches(requests)]
     assert sizes == [(64, 64), (6, 6), (8, 64), (1, 8)]
+
+
+def test_bench_host_runs_a_workload_through_the_graph_path_with_a_stub_model(tmp_path):
+    # bench/bench_host.py: the host's share of a step, the model stubbed and the sampler's pass
+    # (a kernel on a GPU) timed apart; its numbers are the bench's business, not this test's.
+    import bench_host
+
+    log = tmp_path / "host.jsonl"
+    result = bench_host.main(["--workload", "W1", "--scale", "0.02", "--json-out", str(log)])
+    assert result["steps"] > 100 and result["graph_steps"] > 100  # decode steps took the graph path
+    assert 0 < result["host_s"] <= result["wall_s"]
+    assert result["per_kind"]["sample_rows (GPU kernel)"]["count"] == result["steps"]
+    assert json.loads(log.read_text())["host_ms_per_step"] == result["host_ms_per_step"]
