@@ -246,6 +246,35 @@ def test_cascade_cuda_one_workspace_for_many_calls(kernels, monkeypatch):
         ops.cascade_decode_attention(cases[0].q, kv.k, kv.v, short)
 
 
+@pytest.mark.parametrize("case_name", ["tree", "many_splits", "deep_chain"])
+def test_cascade_cuda_combine_merges_in_the_merge_epilogues_order(case_name, monkeypatch):
+    # The combine kernel computes each (row, head)'s merge weights once and applies them to every
+    # element; past 48 merge steps (many key splits) or 32 covering prefixes (a deep chain) it merges
+    # element by element. Either way the order is decode_rows' merge epilogue's, so the separate and
+    # the merge launches give the same bits (one suffix split: the merge launch's own case).
+    dtype = torch.bfloat16
+    kv = PagedKV(400, 16, 2, 128, dtype, device=DEVICE)
+    if case_name == "deep_chain":  # 34 nested prefixes over every row: more than 32 cover each row
+        case = make_cascade_case(kv, 4, [1] * 34, [lambda i: 3] * 34, [5, 0, 9, 2], 8, 128, dtype, device=DEVICE)
+    else:
+        case = make_cascade_case(kv, 9, [1, 2], [lambda i: 300, lambda i: 40 + 7 * i], [r % 6 for r in range(9)],
+                                 8, 128, dtype, device=DEVICE)
+    levels = case.levels
+    if case_name == "many_splits":  # a key bound far above the prefixes: 44 key splits, 88 merge steps a row
+        levels = dataclasses.replace(levels.with_hints(), max_prefix_kv_len=16384)
+    outputs = []
+    for launch in ("separate", "merge"):
+        use_cascade_kernels(f"{'decode' if launch == 'separate' else 'merge'}+mma", monkeypatch)
+        o, lse = ops.cascade_decode_attention(case.q, kv.k, kv.v, levels, return_lse=True,
+                                              out=poisoned(case.q.shape, dtype, DEVICE), check_indices=True)
+        synchronize()
+        outputs.append((o.cpu(), lse.cpu()))
+    ref_o, ref_lse = cascade_reference(kv, case, 1.0 / math.sqrt(128))
+    assert rel_err(outputs[0][0], ref_o) < TOLERANCE[dtype]
+    assert torch.allclose(outputs[0][1].double(), ref_lse, atol=2e-3, rtol=1e-3)
+    assert torch.equal(outputs[0][0], outputs[1][0]) and torch.equal(outputs[0][1], outputs[1][1])
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_cascade_cuda_matches_cpu_reference(dtype):
     kv = PagedKV(64, 16, 2, 64, dtype, device=DEVICE)

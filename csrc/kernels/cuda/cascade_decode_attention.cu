@@ -245,34 +245,104 @@ cudaError_t launch_cascade_fused(const PrefixProblem<T>& prefix, dim3 prefix_gri
 /// Elements (head x dim) of one decode row per combine CTA: a row's Hq x D elements are split over
 /// several CTAs, so that a batch of few rows still spreads its merges over the SMs.
 constexpr int kCombineElements = 512;
+/// Merge steps per (row, head) whose weights a combine CTA keeps in shared memory: the suffix's key
+/// splits after the first, then every split of every covering prefix. More (a deep tree of long,
+/// split prefixes) takes the per-element path.
+constexpr int kCombineSteps = 48;
+
+/// The merge steps of one combine CTA: where each step's state is for head 0 of the row (add the
+/// head), and each head's weights, computed once per (row, head) instead of once per element.
+template <int kHeads>
+struct CombineSteps {
+  int64_t state[kCombineSteps];
+  float weight_a[kHeads][kCombineSteps];
+  float weight_b[kHeads][kCombineSteps];
+  int count;  // -1: more than kCombineSteps, or more covering prefixes than listed
+};
 
 /// grid (row, element chunk): merge the suffix state (every key split) of kCombineElements elements of
-/// the row with every covering prefix's state.
-/// D: the head dim, a compile-time constant so that an element's head and dim are a shift and a mask
-/// (a 64-bit division by a run-time head dim was ~70 instructions per element).
+/// the row with every covering prefix's state, in the order of merge_prefix_states (decode_rows' merge
+/// epilogue shares it): suffix splits, then the covering prefixes ascending, each split by split.
+/// A merge step's weights depend on the (row, head) alone, so they are computed once per head, by one
+/// thread each, and every element applies them: the same float operations as merging element by
+/// element (merge_lse per element), so the same bits, at a multiply-add per element and step
+/// instead of two expf, a logf and a division.
+/// D: the head dim, a compile-time constant so that an element's head and dim are a shift and a mask.
 template <typename T, int D>
 __global__ void combine_levels_kernel(TensorView o, float* lse_out, DecodeLevelsView levels, PrefixStates prefix,
                                       int suffix_splits, const float* suffix_o, const float* suffix_lse) {
+  constexpr int kHeads = kCombineElements / D;  // heads of a full chunk
+  static_assert(kCombineElements % D == 0, "a combine chunk holds whole heads");
   __shared__ CoveringList covering;
+  __shared__ CombineSteps<kHeads> steps;
   const int row = blockIdx.x;
-  const int64_t num_heads = o.shape[1];
+  const int64_t num_rows = o.shape[0], num_heads = o.shape[1];
   constexpr int64_t head_dim = D;
   const int listed = list_covering_prefixes(levels, row, covering);
-  const int end = static_cast<int>(min(num_heads * head_dim, static_cast<int64_t>(blockIdx.y + 1) * kCombineElements));
-  for (int idx = blockIdx.y * kCombineElements + threadIdx.x; idx < end; idx += blockDim.x) {
-    const int64_t head = idx / D, d = idx % D;
-    const int64_t suffix_state = row * num_heads + head;
-    float value = suffix_o[suffix_state * head_dim + d];
-    float lse = suffix_lse[suffix_state];
-    for (int64_t split = 1; split < suffix_splits; ++split) {
-      const int64_t state = split * o.shape[0] * num_heads + suffix_state;
-      const LseMerge w = merge_lse(lse, suffix_lse[state]);
-      value = merge_value(w, value, suffix_o[state * head_dim + d]);
+  const int begin = blockIdx.y * kCombineElements;
+  const int end = static_cast<int>(min(num_heads * head_dim, static_cast<int64_t>(begin + kCombineElements)));
+  const int first_head = begin / D;
+  const int heads = (end - begin) / D;
+  const int suffix_steps = suffix_splits - 1;
+  if (threadIdx.x == 0) {  // the steps' states, for head 0: suffix splits, then covering prefixes
+    int count = listed < 0 ? -1 : 0;
+    for (int split = 1; count >= 0 && split < suffix_splits; ++split) {
+      if (count == kCombineSteps) count = -1;
+      else steps.state[count++] = static_cast<int64_t>(split) * num_rows * num_heads + row * num_heads;
+    }
+    for (int c = 0; count >= 0 && c < listed; ++c) {
+      const int64_t p = covering.prefixes[c];
+      const int range_begin = levels.prefix_q_range[2 * p];
+      for (int64_t split = 0; count >= 0 && split < prefix.splits; ++split) {
+        if (count == kCombineSteps) count = -1;
+        else steps.state[count++] = ((p * prefix.splits + split) * levels.max_prefix_rows + (row - range_begin)) * num_heads;
+      }
+    }
+    steps.count = count;
+  }
+  __syncthreads();
+  const int count = steps.count;
+  if (count < 0) {  // too many steps to keep: merge element by element (same order, same bits)
+    for (int idx = begin + threadIdx.x; idx < end; idx += blockDim.x) {
+      const int64_t head = idx / D, d = idx % D;
+      const int64_t suffix_state = row * num_heads + head;
+      float value = suffix_o[suffix_state * head_dim + d];
+      float lse = suffix_lse[suffix_state];
+      for (int64_t split = 1; split < suffix_splits; ++split) {
+        const int64_t state = split * num_rows * num_heads + suffix_state;
+        const LseMerge w = merge_lse(lse, suffix_lse[state]);
+        value = merge_value(w, value, suffix_o[state * head_dim + d]);
+        lse = w.lse;
+      }
+      merge_prefix_states(value, lse, levels, covering, listed, prefix, row, head, num_heads, d, head_dim);
+      static_cast<T*>(o.data)[row * o.stride[0] + head * o.stride[1] + d] = from_float<T>(value);
+      if (d == 0 && lse_out != nullptr) lse_out[suffix_state] = lse;
+    }
+    return;
+  }
+  if (threadIdx.x < heads) {  // one thread per head: the chain of merge weights, and the row's lse
+    const int64_t head = first_head + threadIdx.x;
+    float lse = suffix_lse[row * num_heads + head];
+    for (int k = 0; k < count; ++k) {
+      const float* lse_src = k < suffix_steps ? suffix_lse : prefix.lse;
+      const LseMerge w = merge_lse(lse, lse_src[steps.state[k] + head]);
+      steps.weight_a[threadIdx.x][k] = w.weight_a;
+      steps.weight_b[threadIdx.x][k] = w.weight_b;
       lse = w.lse;
     }
-    merge_prefix_states(value, lse, levels, covering, listed, prefix, row, head, num_heads, d, head_dim);
+    if (lse_out != nullptr) lse_out[row * num_heads + head] = lse;
+  }
+  __syncthreads();
+  for (int idx = begin + threadIdx.x; idx < end; idx += blockDim.x) {
+    const int h = idx / D - first_head, d = idx % D;
+    const int64_t head = first_head + h;
+    float value = suffix_o[(row * num_heads + head) * head_dim + d];
+    for (int k = 0; k < count; ++k) {
+      const float* o_src = k < suffix_steps ? suffix_o : prefix.o;
+      const LseMerge w{steps.weight_a[h][k], steps.weight_b[h][k], 0.0f};
+      value = merge_value(w, value, o_src[(steps.state[k] + head) * head_dim + d]);
+    }
     static_cast<T*>(o.data)[row * o.stride[0] + head * o.stride[1] + d] = from_float<T>(value);
-    if (d == 0 && lse_out != nullptr) lse_out[suffix_state] = lse;
   }
 }
 
