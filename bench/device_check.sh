@@ -6,7 +6,8 @@
 #   4. benchmarks    (bench/bench_attention.py: decode kernel grid + paged prefill; bench/bench_sampling.py)
 #   5. end-to-end    (bench/e2e.py: W1, W2, W5 on llama-1b, policies, graphs, overlap, transformers)
 #   6. e2e_w6        (W6 on the qwen2.5-7b shape, batchllm vs fcfs-lru, if time is left)
-#   6b. profile_w1   (bench/profile_e2e.py on W1 1/4: device time per step kind, top kernels; log in e2e.log)
+#   6b. profile_quick (bench/profile_e2e.py: W1 1/4 step kinds and top kernels, W5 1/8 step kinds under
+#                    both policies; log in e2e.log)
 #   7. ncu           (Nsight Compute counters and stall reasons of the default kernels, if time is left)
 #   8. sanitizer     (compute-sanitizer memcheck + racecheck on small kernel tests, if time is left)
 # Logs and JSON go to $OUT (default build/device_check_out): one log per section plus
@@ -248,12 +249,16 @@ section_profile() {
   "${p[@]}" --workload W5 --scale 0.0625 --policy fcfs-lru --parts steps || echo "profile W5 fcfs FAILED"
 }
 
-# ---- 7b. profile_w1: the profile's W1 part alone (steps and kernels), in the default list: after the
-# layer-op kernels and the graph changes nobody has seen where a W1 step's device time goes.
-section_profile_w1() {
+# ---- 7b. profile_quick: where e2e time goes, in the default list: W1 1/4 (step kinds incl. captures, top
+# kernels: nobody has seen a W1 step's device time since the layer-op kernels and the graph changes), then
+# W5 1/8's step kinds under both policies (run 3 had batchllm 0.89x fcfs-lru there, unexplained).
+# Logged to e2e.log, no JSON (a ninth file under $OUT would not come back).
+section_profile_quick() {
   cd "$ROOT"
-  # no --json-out: a ninth file under $OUT would not come back; the tables are in e2e.log
-  "$PY" bench/profile_e2e.py --model llama-1b --device cuda --workload W1 --scale 0.25 --parts steps,kernels --rows 25
+  local p=("$PY" bench/profile_e2e.py --model llama-1b --device cuda)
+  "${p[@]}" --workload W1 --scale 0.25 --parts steps,kernels --rows 25 || echo "profile W1 FAILED"
+  "${p[@]}" --workload W5 --scale 0.125 --parts steps || echo "profile W5 batchllm FAILED"
+  "${p[@]}" --workload W5 --scale 0.125 --parts steps --policy fcfs-lru || echo "profile W5 fcfs-lru FAILED"
 }
 
 # ---- 8. (append sections above this line and register them below) ------------------------------------------
@@ -269,7 +274,7 @@ if (( BUILD_OK )); then
   run_section bench_attention 100 30 section_bench_attention
   run_section bench_sampling 40 15 section_bench_sampling bench_attention
   run_section e2e 240 45 section_e2e
-  run_section profile_w1 60 25 section_profile_w1 e2e
+  run_section profile_quick 90 25 section_profile_quick e2e
   run_section e2e_w6 200 90 section_e2e_w6 e2e
   run_section ncu 90 30 section_ncu tools
   run_section sanitizer 90 40 section_sanitizer tools
