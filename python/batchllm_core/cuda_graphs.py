@@ -190,6 +190,10 @@ class DecodeGraphs:
         self._uses: Dict[GraphKey, int] = {}
         self._padding_lost: Dict[GraphKey, float] = {}  # per dominated key: step cost lost to padding
         self._stream: Optional[torch.cuda.Stream] = None  # warm-ups and captures (one, for the pool)
+        # Blocks a decode row's own KV may still grow by in this job (LLM sets it per job from the
+        # largest max_tokens): a captured key's suffix table is that much wider (at most twice its
+        # bucket), so the rows' growth replays it instead of capturing each wider bucket.
+        self.suffix_headroom_blocks = 0
         self.steps = 0      # steps run through the padded static path
         self.captures = 0   # a capture step returns its warm-up forward's result: it is not a replay
         self.capture_s = 0.0  # host seconds in captures (warm-up forward, recording, instantiation)
@@ -215,8 +219,10 @@ class DecodeGraphs:
         rows = len(plan.input_ids)
         return GraphKey.of(_levels(plan, rows), rows, self.runner.block_size)
 
-    def run_key(self, key: GraphKey) -> Optional[GraphKey]:
+    def run_key(self, key: GraphKey, width: Optional[int] = None) -> Optional[GraphKey]:
         """The key whose static path runs a step of ``key``, or None for the runner's eager path.
+        ``width``: the step's suffix table width in blocks; given, a key about to be captured (or,
+        without capture, given buffers) is widened by ``suffix_headroom_blocks`` (:meth:`grown`).
 
         - ``key`` itself once it has a graph (without capture: once it has buffers);
         - else a *dominating* key that has one (every dimension at least ``key``'s, the fewest rows):
@@ -246,10 +252,20 @@ class DecodeGraphs:
             self._padding_lost[key] = lost
             if uses < self.min_uses or lost < self.capture_cost_steps * self._step_cost(key):
                 return dominating
-            return key
+            return self.grown(key, width)
         if not self.capture or uses >= self.min_uses:
-            return key
+            return self.grown(key, width)
         return None
+
+    def grown(self, key: GraphKey, width: Optional[int]) -> GraphKey:
+        """``key`` with a suffix table wide enough for ``width`` blocks plus ``suffix_headroom_blocks``,
+        at most twice ``key``'s own (W1: its rows start at 5 blocks, bucket 8, and end at 12: one
+        graph of 16 instead of a capture at 8 and another at 16). A wider table costs its upload
+        (rows x width x 4 bytes) and nothing in the kernels, which read the real lengths."""
+        if width is None or self.suffix_headroom_blocks <= 0:
+            return key
+        wide = min(_pow2(int(width) + self.suffix_headroom_blocks), 2 * key.suffix_width)
+        return dataclasses.replace(key, suffix_width=max(wide, key.suffix_width))
 
     def _step_cost(self, key: GraphKey) -> float:
         """A decode step's relative device time: its GEMM rows, at least ``ridge_rows`` (below the
@@ -392,7 +408,8 @@ class GraphModelRunner(ModelRunner):
     def execute(self, plan: Any, token_feed=None) -> torch.Tensor:
         graphs = self.decode_graphs
         own = graphs.key_of(plan) if graphs.can_run(plan) else None
-        key = graphs.run_key(own) if own is not None else None
+        width = getattr(plan, "max_suffix_blocks", None)
+        key = graphs.run_key(own, None if width is None else int(width)) if own is not None else None
         if key is None:
             return super().execute(plan, token_feed)
         graphs.dominated += key != own

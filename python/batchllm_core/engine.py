@@ -177,6 +177,9 @@ class LLM:
                 return
             scheduler = self._new_scheduler()
             scheduler.add_requests(**job.scheduler_arrays())
+            graphs = getattr(self.runner, "decode_graphs", None)
+            if graphs is not None:  # decode rows grow by up to this many blocks of output in this job
+                graphs.suffix_headroom_blocks = -(-job.max_output_tokens // self.block_size)
             try:
                 yield from self._collect(scheduler, job, progress)
                 yield from self._run_steps(scheduler, job, progress)

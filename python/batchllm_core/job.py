@@ -98,6 +98,11 @@ class Job:
         self._first_prefill_position: Dict[int, int] = {}
         self.num_output_tokens = 0
 
+    @property
+    def max_output_tokens(self) -> int:
+        """The largest max_tokens of the runnable requests (0 if none)."""
+        return int(self._max_tokens.max()) if len(self._max_tokens) else 0
+
     # ------------------------------------------------------------------ scheduler input
     def scheduler_arrays(self) -> dict:
         """Keyword arguments of ``Scheduler.add_requests`` for the runnable requests."""

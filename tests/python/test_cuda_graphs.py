@@ -101,6 +101,7 @@ def _run_compared(model, device: str, capture, rtol: float):
     model = copy.deepcopy(llm.model)
     graphs = GraphModelRunner(model, llm.config, llm.num_kv_blocks, llm.block_size, llm.device, llm.dtype,
                               max_graphs=4, capture=capture)
+    graphs.decode_graphs.suffix_headroom_blocks = 1  # widened keys (as LLM sets per job): 12 tokens, block 16
     compare = _Compare(llm.runner, graphs, rtol)
     llm.runner = compare
     prompts = _shared_prefix_prompts(llm.config.vocab_size)
@@ -226,3 +227,36 @@ def test_llm_cuda_graphs_option_replays_decode_steps_on_gpu():
     outputs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=16, ignore_eos=True), use_tqdm=False)
     assert all(len(o.outputs[0].token_ids) == 16 for o in outputs)
     assert llm.runner.decode_graphs.replays >= 10
+
+
+def test_a_captured_key_is_widened_for_the_rows_growth():
+    # W1's decode rows own 5 blocks at their first decode step (table width 8) and 12 at their last:
+    # with 8 blocks of headroom (max_tokens 128), the key captured at width 8 is 16 wide, and the
+    # steps past 8 blocks replay it instead of capturing a second graph.
+    graphs = DecodeGraphs(_FakeRunner(), capture=False)
+    graphs.capture = True
+    graphs.suffix_headroom_blocks = 8
+    narrow = _key(256, suffix_width=8)
+    assert [graphs.run_key(narrow, width=8) for _ in range(2)] == [None, _key(256, suffix_width=16)]
+    graphs._entries[_key(256, suffix_width=16)] = types.SimpleNamespace(graph=object())
+    assert graphs.run_key(_key(256, suffix_width=16), width=12) == _key(256, suffix_width=16)
+    assert graphs.run_key(narrow, width=8) == _key(256, suffix_width=16)  # dominated: padded
+    # At most twice the key's own bucket, whatever the headroom; none without a width or headroom.
+    graphs.suffix_headroom_blocks = 1000
+    assert graphs.grown(_key(64, suffix_width=32), 20) == _key(64, suffix_width=64)
+    assert graphs.grown(_key(64, suffix_width=32), None) == _key(64, suffix_width=32)
+    graphs.suffix_headroom_blocks = 0
+    assert graphs.grown(_key(64, suffix_width=32), 20) == _key(64, suffix_width=32)
+
+
+def test_llm_gives_the_graphs_each_jobs_output_headroom():
+    llm = LLM(device="cpu", kv_cache_memory=1 << 22, max_num_batched_tokens=64, cuda_graphs=False, overlap=False)
+    graphs = GraphModelRunner(llm.model, llm.config, llm.num_kv_blocks, llm.block_size, llm.device, llm.dtype,
+                              capture=False)
+    llm.runner = graphs
+    prompts = [{"prompt_token_ids": [5 + i] * (20 + i)} for i in range(4)]
+    params = [SamplingParams(temperature=0, max_tokens=m, ignore_eos=True) for m in (3, 40, 7, 33)]
+    outputs = llm.generate(prompts, params, use_tqdm=False)
+    assert [len(o.outputs[0].token_ids) for o in outputs] == [3, 40, 7, 33]
+    assert graphs.decode_graphs.suffix_headroom_blocks == -(-40 // llm.block_size)
+    assert graphs.decode_graphs.steps > 0
