@@ -115,6 +115,9 @@ struct DecodeSmem {
   float m[kDecodeWarps][kHeads];
   float l[kDecodeWarps][kHeads];
   float o[kDecodeWarps][kHeads][D];
+  float weight[kDecodeWarps][kHeads];  // the epilogue's per-head merge of the warps: each warp's weight,
+  float row_l[kHeads];                 // the row's sum and lse (computed once per head, not per element)
+  float row_lse[kHeads];
   CoveringList covering;  // the merge epilogue's prefixes
 };
 
@@ -241,20 +244,29 @@ __device__ __forceinline__ void decode_rows(const DecodeRowsArgs& args, const di
   // The merge epilogue's covering prefixes (its barriers also order the smem states above).
   const int listed = args.merge_prefixes ? list_covering_prefixes(args.levels, row, sm.covering) : 0;
   __syncthreads();
-  for (int idx = threadIdx.x; idx < heads * D; idx += kDecodeThreads) {
-    const int h = idx / D, d = idx % D;
+  // The warps' states merge with weights that depend on the head alone: one thread per head computes
+  // them, the row's sum and its lse once (they were recomputed for each of the head's D elements).
+  if (threadIdx.x < heads) {
+    const int h = threadIdx.x;
     float m = -INFINITY;
     for (int w = 0; w < kDecodeWarps; ++w) m = fmaxf(m, sm.m[w][h]);
-    float l = 0.0f, o = 0.0f;
-    if (m != -INFINITY) {
-      for (int w = 0; w < kDecodeWarps; ++w) {
-        const float weight = exp2f(sm.m[w][h] - m);  // an empty warp: exp2(-inf) = 0
-        l += sm.l[w][h] * weight;
-        o += sm.o[w][h][d] * weight;
-      }
+    float l = 0.0f;
+    for (int w = 0; w < kDecodeWarps; ++w) {
+      const float weight = m != -INFINITY ? exp2f(sm.m[w][h] - m) : 0.0f;  // an empty warp: exp2(-inf) = 0
+      sm.weight[w][h] = weight;
+      l += sm.l[w][h] * weight;
     }
-    float value = l > 0.0f ? o / l : 0.0f;
-    float lse = l > 0.0f ? (m + log2f(l)) * 0.69314718055994531f : -INFINITY;
+    sm.row_l[h] = l;
+    sm.row_lse[h] = l > 0.0f ? (m + log2f(l)) * 0.69314718055994531f : -INFINITY;
+  }
+  __syncthreads();
+  for (int idx = threadIdx.x; idx < heads * D; idx += kDecodeThreads) {
+    const int h = idx / D, d = idx % D;
+    const float l = sm.row_l[h];
+    float o = 0.0f;
+    for (int w = 0; w < kDecodeWarps; ++w) o += sm.o[w][h][d] * sm.weight[w][h];
+    float value = l > 0.0f ? o / l : 0.0f;  // no keys at all (l = 0): 0, whatever o holds
+    float lse = sm.row_lse[h];
     const int64_t head = first_head + h, num_heads = args.q.shape[1];
     if (args.merge_prefixes) {
       merge_prefix_states(value, lse, args.levels, sm.covering, listed, args.prefix_states, row, head, num_heads, d, D);
