@@ -245,28 +245,13 @@ cudaError_t launch_cascade_fused(const PrefixProblem<T>& prefix, dim3 prefix_gri
 /// Elements (head x dim) of one decode row per combine CTA: a row's Hq x D elements are split over
 /// several CTAs, so that a batch of few rows still spreads its merges over the SMs.
 constexpr int kCombineElements = 512;
-/// Merge steps per (row, head) whose weights a combine CTA keeps in shared memory: the suffix's key
-/// splits after the first, then every split of every covering prefix. More (a deep tree of long,
-/// split prefixes) takes the per-element path.
-constexpr int kCombineSteps = 48;
-
-/// The merge steps of one combine CTA: where each step's state is for head 0 of the row (add the
-/// head), and each head's weights, computed once per (row, head) instead of once per element.
-template <int kHeads>
-struct CombineSteps {
-  int64_t state[kCombineSteps];
-  float weight_a[kHeads][kCombineSteps];
-  float weight_b[kHeads][kCombineSteps];
-  int count;  // -1: more than kCombineSteps, or more covering prefixes than listed
-};
-
 /// grid (row, element chunk): merge the suffix state (every key split) of kCombineElements elements of
 /// the row with every covering prefix's state, in the order of merge_prefix_states (decode_rows' merge
 /// epilogue shares it): suffix splits, then the covering prefixes ascending, each split by split.
 /// A merge step's weights depend on the (row, head) alone, so they are computed once per head, by one
-/// thread each, and every element applies them: the same float operations as merging element by
-/// element (merge_lse per element), so the same bits, at a multiply-add per element and step
-/// instead of two expf, a logf and a division.
+/// thread each, and every element applies them (MergeSteps, prefix_states.cuh): the same bits as
+/// merging element by element, at a multiply-add per element and step instead of two expf, a logf
+/// and a division. Past kMergeSteps steps or kMaxCovering prefixes, element by element.
 /// D: the head dim, a compile-time constant so that an element's head and dim are a shift and a mask.
 template <typename T, int D>
 __global__ void combine_levels_kernel(TensorView o, float* lse_out, DecodeLevelsView levels, PrefixStates prefix,
@@ -274,7 +259,7 @@ __global__ void combine_levels_kernel(TensorView o, float* lse_out, DecodeLevels
   constexpr int kHeads = kCombineElements / D;  // heads of a full chunk
   static_assert(kCombineElements % D == 0, "a combine chunk holds whole heads");
   __shared__ CoveringList covering;
-  __shared__ CombineSteps<kHeads> steps;
+  __shared__ MergeSteps<kHeads> steps;
   const int row = blockIdx.x;
   const int64_t num_rows = o.shape[0], num_heads = o.shape[1];
   constexpr int64_t head_dim = D;
@@ -285,20 +270,11 @@ __global__ void combine_levels_kernel(TensorView o, float* lse_out, DecodeLevels
   const int heads = (end - begin) / D;
   const int suffix_steps = suffix_splits - 1;
   if (threadIdx.x == 0) {  // the steps' states, for head 0: suffix splits, then covering prefixes
-    int count = listed < 0 ? -1 : 0;
+    int count = suffix_steps <= kMergeSteps ? suffix_steps : -1;
     for (int split = 1; count >= 0 && split < suffix_splits; ++split) {
-      if (count == kCombineSteps) count = -1;
-      else steps.state[count++] = static_cast<int64_t>(split) * num_rows * num_heads + row * num_heads;
+      steps.state[split - 1] = static_cast<int64_t>(split) * num_rows * num_heads + row * num_heads;
     }
-    for (int c = 0; count >= 0 && c < listed; ++c) {
-      const int64_t p = covering.prefixes[c];
-      const int range_begin = levels.prefix_q_range[2 * p];
-      for (int64_t split = 0; count >= 0 && split < prefix.splits; ++split) {
-        if (count == kCombineSteps) count = -1;
-        else steps.state[count++] = ((p * prefix.splits + split) * levels.max_prefix_rows + (row - range_begin)) * num_heads;
-      }
-    }
-    steps.count = count;
+    steps.count = append_prefix_steps(steps.state, count, levels, covering, listed, prefix, row, num_heads);
   }
   __syncthreads();
   const int count = steps.count;
@@ -320,28 +296,20 @@ __global__ void combine_levels_kernel(TensorView o, float* lse_out, DecodeLevels
     }
     return;
   }
-  if (threadIdx.x < heads) {  // one thread per head: the chain of merge weights, and the row's lse
+  // Steps below suffix_steps read the suffix's split states, the rest the prefixes'.
+  const auto lse_src = [&](int k) { return k < suffix_steps ? suffix_lse : prefix.lse; };
+  const auto o_src = [&](int k) { return k < suffix_steps ? suffix_o : prefix.o; };
+  if (static_cast<int>(threadIdx.x) < heads) {  // a thread per head: its merge weights and the row's lse
     const int64_t head = first_head + threadIdx.x;
-    float lse = suffix_lse[row * num_heads + head];
-    for (int k = 0; k < count; ++k) {
-      const float* lse_src = k < suffix_steps ? suffix_lse : prefix.lse;
-      const LseMerge w = merge_lse(lse, lse_src[steps.state[k] + head]);
-      steps.weight_a[threadIdx.x][k] = w.weight_a;
-      steps.weight_b[threadIdx.x][k] = w.weight_b;
-      lse = w.lse;
-    }
+    const float lse = chain_merge_weights(steps, count, threadIdx.x, head, suffix_lse[row * num_heads + head], lse_src);
     if (lse_out != nullptr) lse_out[row * num_heads + head] = lse;
   }
   __syncthreads();
   for (int idx = begin + threadIdx.x; idx < end; idx += blockDim.x) {
     const int h = idx / D - first_head, d = idx % D;
     const int64_t head = first_head + h;
-    float value = suffix_o[(row * num_heads + head) * head_dim + d];
-    for (int k = 0; k < count; ++k) {
-      const float* o_src = k < suffix_steps ? suffix_o : prefix.o;
-      const LseMerge w{steps.weight_a[h][k], steps.weight_b[h][k], 0.0f};
-      value = merge_value(w, value, o_src[(steps.state[k] + head) * head_dim + d]);
-    }
+    const float value = apply_merge_steps(steps, count, h, head, d, head_dim,
+                                          suffix_o[(row * num_heads + head) * head_dim + d], o_src);
     static_cast<T*>(o.data)[row * o.stride[0] + head * o.stride[1] + d] = from_float<T>(value);
   }
 }

@@ -118,7 +118,8 @@ struct DecodeSmem {
   float weight[kDecodeWarps][kHeads];  // the epilogue's per-head merge of the warps: each warp's weight,
   float row_l[kHeads];                 // the row's sum and lse (computed once per head, not per element)
   float row_lse[kHeads];
-  CoveringList covering;  // the merge epilogue's prefixes
+  CoveringList covering;       // the merge epilogue's prefixes
+  MergeSteps<kHeads> merges;   // and its merge steps with their states
 };
 
 /// The grid of a decode_rows launch: (row, KV head, head chunk + chunks x key split).
@@ -243,10 +244,16 @@ __device__ __forceinline__ void decode_rows(const DecodeRowsArgs& args, const di
   }
   // The merge epilogue's covering prefixes (its barriers also order the smem states above).
   const int listed = args.merge_prefixes ? list_covering_prefixes(args.levels, row, sm.covering) : 0;
+  const int64_t num_heads = args.q.shape[1];
+  if (args.merge_prefixes && threadIdx.x == 0) {
+    sm.merges.count = append_prefix_steps(sm.merges.state, 0, args.levels, sm.covering, listed, args.prefix_states,
+                                          row, num_heads);
+  }
   __syncthreads();
+  const int merge_steps = args.merge_prefixes ? sm.merges.count : 0;  // -1: merged element by element
   // The warps' states merge with weights that depend on the head alone: one thread per head computes
   // them, the row's sum and its lse once (they were recomputed for each of the head's D elements).
-  if (threadIdx.x < heads) {
+  if (static_cast<int>(threadIdx.x) < heads) {
     const int h = threadIdx.x;
     float m = -INFINITY;
     for (int w = 0; w < kDecodeWarps; ++w) m = fmaxf(m, sm.m[w][h]);
@@ -257,7 +264,12 @@ __device__ __forceinline__ void decode_rows(const DecodeRowsArgs& args, const di
       l += sm.l[w][h] * weight;
     }
     sm.row_l[h] = l;
-    sm.row_lse[h] = l > 0.0f ? (m + log2f(l)) * 0.69314718055994531f : -INFINITY;
+    float lse = l > 0.0f ? (m + log2f(l)) * 0.69314718055994531f : -INFINITY;
+    if (merge_steps > 0) {  // the merge epilogue's chain over the covering prefixes' states
+      lse = chain_merge_weights(sm.merges, merge_steps, h, first_head + h, lse,
+                                [&](int) { return args.prefix_states.lse; });
+    }
+    sm.row_lse[h] = lse;
   }
   __syncthreads();
   for (int idx = threadIdx.x; idx < heads * D; idx += kDecodeThreads) {
@@ -267,9 +279,15 @@ __device__ __forceinline__ void decode_rows(const DecodeRowsArgs& args, const di
     for (int w = 0; w < kDecodeWarps; ++w) o += sm.o[w][h][d] * sm.weight[w][h];
     float value = l > 0.0f ? o / l : 0.0f;  // no keys at all (l = 0): 0, whatever o holds
     float lse = sm.row_lse[h];
-    const int64_t head = first_head + h, num_heads = args.q.shape[1];
+    const int64_t head = first_head + h;
     if (args.merge_prefixes) {
-      merge_prefix_states(value, lse, args.levels, sm.covering, listed, args.prefix_states, row, head, num_heads, d, D);
+      if (merge_steps >= 0) {
+        value = apply_merge_steps(sm.merges, merge_steps, h, head, d, D, value,
+                                  [&](int) { return args.prefix_states.o; });
+      } else {  // too many steps to keep (row_lse is the row's own): merged element by element
+        merge_prefix_states(value, lse, args.levels, sm.covering, listed, args.prefix_states, row, head, num_heads, d,
+                            D);
+      }
       static_cast<T*>(args.out.data)[row * args.out.stride[0] + head * args.out.stride[1] + d] = from_float<T>(value);
       if (d == 0 && args.lse_out != nullptr) args.lse_out[row * num_heads + head] = lse;
     } else {

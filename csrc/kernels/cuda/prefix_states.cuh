@@ -72,4 +72,65 @@ __device__ __forceinline__ void merge_prefix_states(float& value, float& lse, co
   }
 }
 
+/// Merge steps per (row, head) whose weights a CTA keeps in shared memory (the suffix's key splits
+/// after the first, then every split of every covering prefix). More (a deep tree of long, split
+/// prefixes) merge element by element, in the same order.
+constexpr int kMergeSteps = 48;
+
+/// A CTA's merge steps for the heads of one row: where each step's state is for head 0 (add the
+/// head), and each head's weights, computed once per (row, head) instead of once per element. A
+/// step's weights depend on the (row, head) alone (the lse chain), so applying them to every element
+/// is the same float operations, in the same order, as merging element by element: the same bits.
+template <int kHeads>
+struct MergeSteps {
+  int64_t state[kMergeSteps];
+  float weight_a[kHeads][kMergeSteps];
+  float weight_b[kHeads][kMergeSteps];
+  int count;  // -1: more than kMergeSteps, or more covering prefixes than listed
+};
+
+/// By one thread: appends the states of the prefixes covering `row` (the `listed` entries of `list`,
+/// ascending, each split by split; merge_prefix_states' order) to `count` steps already in `steps`.
+/// Returns the new count, or -1 when they do not fit or listed < 0.
+__device__ __forceinline__ int append_prefix_steps(int64_t* steps, int count, const DecodeLevelsView& levels,
+                                                   const CoveringList& list, int listed, const PrefixStates& states,
+                                                   int row, int64_t num_heads) {
+  if (count < 0 || listed < 0) return -1;
+  for (int c = 0; c < listed; ++c) {
+    const int64_t p = list.prefixes[c];
+    const int begin = levels.prefix_q_range[2 * p];
+    for (int64_t split = 0; split < states.splits; ++split) {
+      if (count == kMergeSteps) return -1;
+      steps[count++] = ((p * states.splits + split) * levels.max_prefix_rows + (row - begin)) * num_heads;
+    }
+  }
+  return count;
+}
+
+/// By the thread of head slot `h` (head `head`): the chain of merges of its running lse with the
+/// steps' states (lse read from `lse_src(k)`), weights into `steps`; returns the merged lse.
+template <int kHeads, typename LseSource>
+__device__ __forceinline__ float chain_merge_weights(MergeSteps<kHeads>& steps, int count, int h, int64_t head,
+                                                     float lse, LseSource lse_src) {
+  for (int k = 0; k < count; ++k) {
+    const LseMerge w = merge_lse(lse, lse_src(k)[steps.state[k] + head]);
+    steps.weight_a[h][k] = w.weight_a;
+    steps.weight_b[h][k] = w.weight_b;
+    lse = w.lse;
+  }
+  return lse;
+}
+
+/// Element d of head slot `h` (head `head`): `value` merged with every step's state (o read from
+/// `o_src(k)`, D floats a state), by the weights chain_merge_weights left.
+template <int kHeads, typename OSource>
+__device__ __forceinline__ float apply_merge_steps(const MergeSteps<kHeads>& steps, int count, int h, int64_t head,
+                                                   int64_t d, int64_t head_dim, float value, OSource o_src) {
+  for (int k = 0; k < count; ++k) {
+    const LseMerge w{steps.weight_a[h][k], steps.weight_b[h][k], 0.0f};
+    value = merge_value(w, value, o_src(k)[(steps.state[k] + head) * head_dim + d]);
+  }
+  return value;
+}
+
 }  // namespace batchllm::kernels::cuda
