@@ -6,9 +6,9 @@ A graph fixes its tensors' addresses and every launch's grid, so each step is pa
 key*: batch rows, prefixes, rows per prefix, prefix keys, suffix block-table width and prefix block
 count, each rounded up to a bucket. The step's metadata goes into the key's static device buffers
 (step_upload.StaticUpload: one pinned copy), then the key's graph replays. A key is captured at its
-second step; until then, or for a key no larger than a captured one in any dimension, the step
-replays the smallest captured key that dominates it, padded, for as long as the padding has cost less
-than a capture would (:meth:`DecodeGraphs.run_key`).
+first step (its ``min_uses``-th), unless a captured key dominates it (no smaller in any dimension):
+then the step replays that graph, padded, for as long as the padding has cost less than a capture
+would (:meth:`DecodeGraphs.run_key`).
 
 Padding keeps real rows exact and padded rows harmless:
 
@@ -158,7 +158,9 @@ class DecodeGraphs:
         padded static path eagerly (for tests, and for A/B timing on a GPU).
     min_uses : int
         With capture, a key's steps run eagerly (the runner's own path) until its min_uses-th,
-        which captures it: keys seen once are not worth a capture.
+        which captures it. 1 (default): the capture step returns its warm-up forward's result, so
+        capturing at once costs the recording more than an eager step, and the one-off keys (the
+        tail of a job, as groups finish) replay a dominating graph instead.
     ridge_rows : int
         Decode rows up to which a step's GEMMs cost one read of the weights whatever the rows (the
         roofline's ridge for 2-byte weights: peak FLOP/s over bytes/s; H100 bf16 746 TFLOP/s over
@@ -169,7 +171,7 @@ class DecodeGraphs:
     """
 
     def __init__(self, runner: ModelRunner, max_rows: int = 1024, max_graphs: int = 32,
-                 capture: Optional[bool] = None, min_uses: int = 2, ridge_rows: int = 256,
+                 capture: Optional[bool] = None, min_uses: int = 1, ridge_rows: int = 256,
                  capture_cost_steps: float = 4.0):
         self.runner = runner
         self.max_rows = int(max_rows)
@@ -181,9 +183,8 @@ class DecodeGraphs:
             raise ValueError("DecodeGraphs: capture needs a CUDA runner")
         self._entries: "OrderedDict[GraphKey, _Entry]" = OrderedDict()
         self._pool = torch.cuda.graph_pool_handle() if self.capture else None
-        # A capture costs a warm-up forward, the capture and the instantiation (tens of ms for a 1B
-        # model): a key is captured only at its min_uses-th step; before, the step runs eagerly.
-        # The end of a job has keys seen once (W1: 8 of its 10, as its last groups finish one by one).
+        # A capture costs a warm-up forward (the step's own result), the recording and the
+        # instantiation: a key is captured at its min_uses-th step; before, the step runs eagerly.
         self.min_uses = max(1, int(min_uses))
         self.ridge_rows = max(1, int(ridge_rows))
         self.capture_cost_steps = float(capture_cost_steps)
@@ -400,7 +401,7 @@ class GraphModelRunner(ModelRunner):
     """
 
     def __init__(self, *args, graph_max_rows: int = 1024, max_graphs: int = 32, capture: Optional[bool] = None,
-                 min_uses: int = 2, ridge_rows: int = 256, capture_cost_steps: float = 4.0, **kwargs):
+                 min_uses: int = 1, ridge_rows: int = 256, capture_cost_steps: float = 4.0, **kwargs):
         super().__init__(*args, **kwargs)
         self.decode_graphs = DecodeGraphs(self, graph_max_rows, max_graphs, capture, min_uses, ridge_rows,
                                           capture_cost_steps)

@@ -151,13 +151,13 @@ def _key(rows, prefixes=1, suffix_width=16):
                     prefix_blocks=64, suffix_width=suffix_width)
 
 
-def test_a_key_is_captured_at_its_second_step_or_runs_padded_to_a_larger_graph():
-    # A capture costs a warm-up forward, the capture and the instantiation; the end of a job has
-    # shape keys that occur once (W1: 8 of its 10 keys), so a key's first step runs eagerly, unless a
-    # captured key dominates it (every dimension at least as large): then it replays that graph padded
-    # until the padding has lost what a capture costs. A small ridge here, so that padding costs.
+def test_a_key_is_captured_at_its_min_uses_th_step_or_runs_padded_to_a_larger_graph():
+    # A capture costs a warm-up forward (the step's result), the recording and the instantiation. A
+    # key is captured at its min_uses-th step (2 here: the first runs eagerly), unless a captured key
+    # dominates it (every dimension at least as large): then it replays that graph padded until the
+    # padding has lost what a capture costs. A small ridge here, so that padding costs.
     key = _key
-    graphs = DecodeGraphs(_FakeRunner(), capture=False, ridge_rows=8, capture_cost_steps=4)
+    graphs = DecodeGraphs(_FakeRunner(), capture=False, ridge_rows=8, capture_cost_steps=4, min_uses=2)
     assert graphs.run_key(key(16)) == key(16)  # no capture: the padded path at once (what CPU tests check)
     graphs.capture = True
     assert [graphs.run_key(key(32)) for _ in range(3)] == [None, key(32), key(32)]
@@ -178,7 +178,7 @@ def test_a_key_is_captured_at_its_second_step_or_runs_padded_to_a_larger_graph()
     # The smallest dominating graph wins.
     graphs._entries[key(64)] = types.SimpleNamespace(graph=object())
     assert graphs.run_key(key(30)) == key(32)
-    once = DecodeGraphs(_FakeRunner(), capture=False, min_uses=1)
+    once = DecodeGraphs(_FakeRunner(), capture=False)  # the default: captured at the first step
     once.capture = True
     assert once.run_key(key(32)) == key(32)
 
@@ -205,10 +205,9 @@ def test_captured_graphs_match_eager_runner_on_gpu():
     compare, graphs = _run_compared("llama-1b", "cuda", capture=None, rtol=0.05)
     decode = graphs.decode_graphs
     assert compare.graph_steps >= 5 and decode.captures >= 1
-    # Every step of a captured key replays, but the capture's own (it returns its warm-up's result);
-    # a key's first step ran eagerly (not worth a capture yet).
-    assert decode.replays + decode.captures == decode.steps and decode.capture_s > 0
-    assert compare.graph_steps - len(decode._uses) <= decode.steps < compare.graph_steps
+    # Every decode step took the graph path (a key is captured at its first step): each replays, but
+    # the capture's own (it returns its warm-up's result).
+    assert decode.replays + decode.captures == decode.steps == compare.graph_steps and decode.capture_s > 0
 
 
 def test_llm_cuda_graphs_option_warns_and_runs_eagerly_on_cpu():
@@ -237,7 +236,7 @@ def test_a_captured_key_is_widened_for_the_rows_growth():
     graphs.capture = True
     graphs.suffix_headroom_blocks = 8
     narrow = _key(256, suffix_width=8)
-    assert [graphs.run_key(narrow, width=8) for _ in range(2)] == [None, _key(256, suffix_width=16)]
+    assert graphs.run_key(narrow, width=8) == _key(256, suffix_width=16)
     graphs._entries[_key(256, suffix_width=16)] = types.SimpleNamespace(graph=object())
     assert graphs.run_key(_key(256, suffix_width=16), width=12) == _key(256, suffix_width=16)
     assert graphs.run_key(narrow, width=8) == _key(256, suffix_width=16)  # dominated: padded
