@@ -12,13 +12,16 @@ Decode (one query per sequence, 32 q heads, 8 KV heads, head dim 128, bf16, page
              without the overlap (mma128 where there is no sm_90a code: `wgmma_runs_as` in the
              JSON), (fused) suffix and prefix steps in one launch, (merge) the suffix kernel merging
              the prefix states itself (no combine launch), (streams) the suffix on a side stream
-             beside the prefix tiles; best/floor: the fastest over the floor
+             beside the prefix tiles, (wgmma64) the pipelined wgmma tiles in 64 rows of one
+             warpgroup; best/floor: the fastest over the floor
   sdpa       torch SDPA over per-sequence KV (every sequence reads its own copy of the prefix)
   hydragen   torch composition of Hydragen: all queries of a KV head stacked against the prefix via
              aten._scaled_dot_product_flash_attention (for the LSE), suffix attention, LSE merge
   floor      (P + B*S) * KV bytes per token / measured device copy bandwidth
 Prefill (causal, one 4096-token chunk per sequence over paged KV): ours (the default tiles), mma.sync
-tiles of 64 and 128 rows, plain wgmma tiles and WMMA tiles, vs SDPA flash on the same dense shapes.
+tiles of 64 and 128 rows, plain wgmma tiles, 64-row pipelined wgmma tiles and WMMA tiles, vs SDPA
+flash on the same dense shapes. Prefix scan: the prefix tiles alone at d = 64 and 128, default and
+wgmma64.
 
 Timing: CUDA graphs of each variant (launch gaps out), CUDA events, median of many replays after
 warm-up, input sets rotated so that the bytes touched exceed 3x L2. Prints a table, then one JSON
@@ -254,6 +257,7 @@ DECODE_VARIANTS = {
     "merge+mma128": {"BATCHLLM_CASCADE_LAUNCH": "merge", "BATCHLLM_ATTENTION_TILES": "mma128"},
     "merge+wgmma": {"BATCHLLM_CASCADE_LAUNCH": "merge", "BATCHLLM_ATTENTION_TILES": "wgmma"},
     "streams": {"BATCHLLM_CASCADE_LAUNCH": "streams"},
+    "wgmma64": {"BATCHLLM_ATTENTION_TILES": "wgmma64"},
 }
 
 
@@ -343,11 +347,17 @@ def bench_prefix_scan(reps, device_name) -> dict:
     """The prefix tiles alone (ours with empty suffixes) over readers x prefix keys at head dims 64
     (llama-1b, as e2e runs them) and 128: how their time grows with keys (per 1,024 keys) and with
     rows tells a latency-bound key loop from a throughput-bound one."""
-    times = {}
+    times, times_wgmma64 = {}, {}
     for head_dim in (64, 128):
         for batch, prefix in PREFIX_SCAN:
             inputs = [DecodeInputs(batch, prefix, 16, with_dense=False, seed=i, head_dim=head_dim) for i in range(2)]
             times[f"d{head_dim} B{batch} P{prefix}"] = time_graphs([x.prefix_part for x in inputs], reps=reps)
+            try:  # the 64-row wgmma tiles beside the default: several CTAs an SM at d = 64
+                times_wgmma64[f"d{head_dim} B{batch} P{prefix}"] = time_with_env(
+                    {"BATCHLLM_ATTENTION_TILES": "wgmma64"}, [x.prefix_part for x in inputs], reps)
+            except Exception as err:  # noqa: BLE001 (a variant failing on its first GPU is reported)
+                times_wgmma64[f"d{head_dim} B{batch} P{prefix}"] = math.nan
+                variant_failed("wgmma64", err)
             del inputs
     slopes = {}
     for head_dim in (64, 128):
@@ -359,7 +369,8 @@ def bench_prefix_scan(reps, device_name) -> dict:
     torch.cuda.empty_cache()
     return {"bench": "prefix_scan", "device": device_name, "commit": commit(), "q_heads": Q_HEADS,
             "kv_heads": KV_HEADS, "tiles": tile_kernel_that_runs(os.environ.get("BATCHLLM_ATTENTION_TILES", "")),
-            "ms": times, "ms_per_1024_keys": slopes}
+            "ms": times, "ms_per_1024_keys": slopes, "wgmma64_runs_as": tile_kernel_that_runs("wgmma64"),
+            "ms_wgmma64": times_wgmma64}
 
 
 def variant_summary(decode_rows: list) -> dict:
@@ -424,16 +435,18 @@ def bench_prefill(shape, reps, device_name, device="cuda", skip=()):
     mma_ms, mma_rel_err, mma_error = unless_skipped("mma")
     mma128_ms, mma128_rel_err, mma128_error = unless_skipped("mma128")
     wgmma_ms, wgmma_rel_err, wgmma_error = unless_skipped("wgmma")
+    wgmma64_ms, wgmma64_rel_err, wgmma64_error = unless_skipped("wgmma64")
     wmma_ms, wmma_rel_err, wmma_error = unless_skipped("wmma")
     errors = {name: e for name, e in (("mma", mma_error), ("mma128", mma128_error), ("wgmma", wgmma_error),
-                                      ("wmma", wmma_error)) if e is not None}
+                                      ("wgmma64", wgmma64_error), ("wmma", wmma_error)) if e is not None}
     sdpa_ms = time_graphs([sdpa], reps=reps)
     flops = seqs * 4 * (tokens * (tokens + 1) / 2) * Q_HEADS * HEAD_DIM
     return {"bench": "prefill_attention", "device": device_name, "commit": commit(), "seqs": seqs, "tokens": tokens,
             "q_heads": Q_HEADS, "kv_heads": KV_HEADS, "head_dim": HEAD_DIM, "dtype": "bfloat16", "ours_ms": ours_ms,
             "ours_mma_ms": mma_ms, "rel_err_mma_vs_sdpa": mma_rel_err, "ours_mma128_ms": mma128_ms,
             "rel_err_mma128_vs_sdpa": mma128_rel_err, "ours_wgmma_ms": wgmma_ms, "rel_err_wgmma_vs_sdpa": wgmma_rel_err,
-            "ours_wmma_ms": wmma_ms, "rel_err_wmma_vs_sdpa": wmma_rel_err,
+            "ours_wmma_ms": wmma_ms, "rel_err_wmma_vs_sdpa": wmma_rel_err, "ours_wgmma64_ms": wgmma64_ms,
+            "rel_err_wgmma64_vs_sdpa": wgmma64_rel_err,
             "wgmma_runs_as": tile_kernel_that_runs("wgmma"), "variant_errors": errors, "sdpa_ms": sdpa_ms, "sdpa_backend": SDPA_BACKEND["name"], "ours_over_sdpa": ours_ms / sdpa_ms, "ours_tflops": flops / (ours_ms * 1e-3) / 1e12,
             "sdpa_tflops": flops / (sdpa_ms * 1e-3) / 1e12, "rel_err_vs_sdpa": rel_err}
 
@@ -552,8 +565,11 @@ def run_tables(args, reps, device_name, bandwidth, rows, record, done, skip) -> 
               ", ".join(f"{k} {v:.4f}" for k, v in scan["ms"].items()), flush=True)
         print("  ms per 1,024 more prefix keys: " +
               ", ".join(f"{k} {v:.4f}" for k, v in scan["ms_per_1024_keys"].items()), flush=True)
+        print(f"  the same on {scan['wgmma64_runs_as']} (BATCHLLM_ATTENTION_TILES=wgmma64), ms: " +
+              ", ".join(f"{k} {v:.4f}" for k, v in scan["ms_wgmma64"].items()), flush=True)
     if not args.no_prefill:
-        print(f"{'seqs':>5} {'tokens':>6} | {'ours ms':>8} {'mma ms':>8} {'mma128':>8} {'wgmma':>8} {'wmma':>8} "
+        print(f"{'seqs':>5} {'tokens':>6} | {'ours ms':>8} {'mma ms':>8} {'mma128':>8} {'wgmma':>8} {'wgmma64':>8} "
+              f"{'wmma':>8} "
               f"{'sdpa ms':>8} | "
               f"{'ours/sdpa':>9} {'ours TF/s':>9} "
               f"{'sdpa TF/s':>9} {'rel err':>8}")
@@ -563,7 +579,7 @@ def run_tables(args, reps, device_name, bandwidth, rows, record, done, skip) -> 
             r = bench_prefill(shape, reps, device_name, skip=skip)
             record(r)
             print(f"{r['seqs']:>5} {r['tokens']:>6} | {r['ours_ms']:>8.3f} {r['ours_mma_ms']:>8.3f} {r['ours_mma128_ms']:>8.3f} "
-                  f"{r['ours_wgmma_ms']:>8.3f} {r['ours_wmma_ms']:>8.3f} "
+                  f"{r['ours_wgmma_ms']:>8.3f} {r['ours_wgmma64_ms']:>8.3f} {r['ours_wmma_ms']:>8.3f} "
                   f"{r['sdpa_ms']:>8.3f} | "
                   f"{r['ours_over_sdpa']:>9.2f} {r['ours_tflops']:>9.1f} {r['sdpa_tflops']:>9.1f} "
                   f"{r['rel_err_vs_sdpa']:>8.1e}", flush=True)

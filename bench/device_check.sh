@@ -167,6 +167,9 @@ section_e2e() {
   e2e_run "W1 eager" --workload W1 --scale 0.25 --policy batchllm --no-cuda-graphs --no-overlap
   run_env=(env BATCHLLM_LAYER_OPS=torch)
   e2e_run "W1 torch layer ops" --workload W1 --scale 0.25 --policy batchllm
+  # The 64-row pipelined wgmma tiles (3 CTAs an SM at llama-1b's d = 64; the kernel grid is d = 128).
+  run_env=(env BATCHLLM_ATTENTION_TILES=wgmma64)
+  e2e_run "W1 wgmma64 tiles" --workload W1 --scale 0.25 --policy batchllm
   run_env=(env)
   # The attention kernels bench_attention found fastest over its grid, if not the defaults: W1 again
   # with them (the row records them in kernel_env).
@@ -208,14 +211,15 @@ section_e2e_w6() {
 # memcheck on a cascade and a prefill case; racecheck (slow: it tracks every shared-memory access) on
 # the small cascade case only. Default kernels first (pipelined wgmma tiles on Hopper), then the
 # variants (the merging suffix kernel; plain wgmma tiles; 4-warp mma tiles in the fused launch; 8-warp
-# mma tiles with the merging suffix kernel; WMMA tiles), as far as the time goes.
+# mma tiles with the merging suffix kernel; WMMA tiles; 64-row wgmma tiles), as far as the time goes.
 section_sanitizer() {
   cd "$ROOT/tests"
   local cascade="test_cascade_cuda_matches_cpu_reference" prefill="test_prefill_attention_cuda_long_chunk_over_cache"
   local variant
   for variant in "" "BATCHLLM_CASCADE_LAUNCH=merge" \
                  "BATCHLLM_ATTENTION_TILES=wgmma" "BATCHLLM_ATTENTION_TILES=mma BATCHLLM_CASCADE_LAUNCH=fused" \
-                 "BATCHLLM_ATTENTION_TILES=mma128 BATCHLLM_CASCADE_LAUNCH=merge" "BATCHLLM_ATTENTION_TILES=wmma"; do
+                 "BATCHLLM_ATTENTION_TILES=mma128 BATCHLLM_CASCADE_LAUNCH=merge" "BATCHLLM_ATTENTION_TILES=wmma" \
+                 "BATCHLLM_ATTENTION_TILES=wgmma64"; do
     echo "---- compute-sanitizer --tool memcheck ${variant:-(default kernels)}"
     env $variant compute-sanitizer --tool memcheck --error-exitcode 99 --target-processes all \
       "$PY" -m pytest -q -p no:cacheprovider -x python/test_cuda_ops.py -k "$cascade or $prefill" || exit 99

@@ -43,6 +43,7 @@ def test_bench_attention_decode_variants_on_emulated_kernels(monkeypatch, tmp_pa
     rows = [json.loads(line) for line in json_out.read_text().splitlines()]
     scan = rows.pop()
     assert scan["bench"] == "prefix_scan" and set(scan["ms_per_1024_keys"]) == {"d64 B3", "d128 B3"}
+    assert scan["wgmma64_runs_as"] == "wgmma64" and set(scan["ms_wgmma64"]) == set(scan["ms"])
     summary = rows.pop()
     assert summary["bench"] == "decode_attention_summary" and summary["fastest"] in summary["geomean_vs_ours"]
     assert summary["geomean_vs_ours"]["ours"] == 1.0
@@ -124,7 +125,7 @@ def _emulated_bench(monkeypatch):
 
 @pytest.mark.skipif(cuda_emulation.module() is None, reason="no CUDA emulation module in this build")
 def test_bench_attention_prefill_row_on_emulated_kernels(monkeypatch):
-    # The prefill row (the default wgmma-pipe tiles, mma, mma128, wgmma and WMMA against SDPA) on the
+    # The prefill row (the default wgmma-pipe tiles, mma, mma128, wgmma, wgmma64 and WMMA against SDPA) on the
     # emulated kernels, timing faked.
     bench = _load_bench()
     cuda_emulation.activate(monkeypatch)
@@ -135,7 +136,7 @@ def test_bench_attention_prefill_row_on_emulated_kernels(monkeypatch):
     assert row["variant_errors"] == {}
     assert row["wgmma_runs_as"] == "wgmma"  # the emulation has every architecture's instructions
     for key in ("rel_err_vs_sdpa", "rel_err_mma_vs_sdpa", "rel_err_mma128_vs_sdpa", "rel_err_wgmma_vs_sdpa",
-                "rel_err_wmma_vs_sdpa"):
+                "rel_err_wgmma64_vs_sdpa", "rel_err_wmma_vs_sdpa"):
         assert row[key] < 1e-2, (key, row[key])
 
 

@@ -398,8 +398,9 @@ cudaError_t cascade_decode_attention_cuda(const CascadeDecodeParams& p, cudaStre
   const cuda::TileKernel kernel = cuda::tile_kernel();
   const CascadeLaunch launch_mode = cascade_launch();
   const CascadePlan plan(num_rows, num_heads, num_kv_heads, head_dim, p.levels, tiles, cuda::tile_rows(kernel));
-  // The fused grid shares one block size: 4-warp prefix tiles only.
-  const bool fused = !tiles && launch_mode == CascadeLaunch::kFused && cuda::tile_rows(kernel) == cuda::kTileRows;
+  // The fused grid shares one block size: 4-warp WMMA or mma prefix tiles only (others: separate).
+  const bool fused = !tiles && launch_mode == CascadeLaunch::kFused &&
+                     (kernel == cuda::TileKernel::kWmma || kernel == cuda::TileKernel::kMma);
   const bool merge = !tiles && launch_mode == CascadeLaunch::kMerge && plan.suffix_splits == 1;
   const SideStream* side = !tiles && launch_mode == CascadeLaunch::kStreams ? side_stream(stream) : nullptr;
   const int group = plan.group;

@@ -78,6 +78,8 @@ const char* cuda_tile_kernel_name() {
       return "wgmma";
     case cuda::TileKernel::kWgmmaPipelined:
       return "wgmma-pipe";
+    case cuda::TileKernel::kWgmma64:
+      return "wgmma64";
     default:
       return "wmma";
   }

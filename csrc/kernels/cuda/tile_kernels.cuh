@@ -10,15 +10,17 @@ namespace batchllm::kernels::cuda {
 /// launch so that a benchmark can compare them in one process: wmma (64 rows on WMMA fragments),
 /// mma (the mma.sync kernel, 4 warps, 64 rows), mma128 (8 warps, 128 rows: each K/V tile brought
 /// into shared memory serves twice the rows, which halves the L2 -> SM traffic of a prefix with many
-/// readers), wgmma (mma128's tile on Hopper's warpgroup MMA) or wgmma-pipe (the same with one key
-/// tile's products overlapping the next one's softmax); where wgmma_available() is false, mma128
-/// runs instead of either.
+/// readers), wgmma (mma128's tile on Hopper's warpgroup MMA), wgmma-pipe (the same with one key
+/// tile's products overlapping the next one's softmax) or wgmma64 (wgmma-pipe on one warpgroup: 64
+/// rows, several CTAs an SM where registers and shared memory allow: at d = 64, 3 against one
+/// 128-row CTA, so more warps hide the key loop's latency, at twice the L2 -> SM traffic per row);
+/// where wgmma_available() is false, mma128 runs instead of wgmma and wgmma-pipe, mma of wgmma64.
 ///
 /// Unset, the default is what the first H100 run measured fastest (2026-11-27, bench_attention,
 /// docs/BENCHMARKS.md): wgmma-pipe where wgmma runs (decode grid: 0.59x WMMA's time, geometric
 /// mean; paged prefill 4096 tokens: 0.97 ms against WMMA's 3.34 ms), else mma (0.59x, the fastest
 /// tile on mma.sync).
-enum class TileKernel { kWmma, kMma, kMma128, kWgmma, kWgmmaPipelined };
+enum class TileKernel { kWmma, kMma, kMma128, kWgmma, kWgmmaPipelined, kWgmma64 };
 
 inline TileKernel tile_kernel() {
   if (env_equals("BATCHLLM_ATTENTION_TILES", "wmma")) return TileKernel::kWmma;
@@ -27,12 +29,16 @@ inline TileKernel tile_kernel() {
   if (env_equals("BATCHLLM_ATTENTION_TILES", "wgmma")) {
     return wgmma_available() ? TileKernel::kWgmma : TileKernel::kMma128;
   }
+  if (env_equals("BATCHLLM_ATTENTION_TILES", "wgmma64")) {
+    return wgmma_available() ? TileKernel::kWgmma64 : TileKernel::kMma;
+  }
   return wgmma_available() ? TileKernel::kWgmmaPipelined : TileKernel::kMma;
 }
 
 /// Query rows per tile of a tile kernel: the Problem's tile_rows and the grid follow it.
 inline int tile_rows(TileKernel kernel) {
-  return kernel == TileKernel::kWmma || kernel == TileKernel::kMma ? kTileRows : kMaxTileRows;
+  return kernel == TileKernel::kWmma || kernel == TileKernel::kMma || kernel == TileKernel::kWgmma64 ? kTileRows
+                                                                                                   : kMaxTileRows;
 }
 
 /// Launches the Problem's tiles on `kernel` (tile_kernel()); the Problem's tile_rows and the grid
@@ -54,6 +60,9 @@ cudaError_t launch_tiles(TileKernel kernel, const Problem& problem, dim3 grid, c
     case TileKernel::kWgmmaPipelined:
       return launch_tile_kernel<attention_wgmma_kernel<T, D, Problem, 8, true>, sizeof(WgmmaSmemFor<T, D, true>),
                                 Problem, 256>(problem, grid, k_cache, v_cache, scale, stream);
+    case TileKernel::kWgmma64:
+      return launch_tile_kernel<attention_wgmma_kernel<T, D, Problem, 4, true>, sizeof(WgmmaSmemFor<T, D, true>)>(
+          problem, grid, k_cache, v_cache, scale, stream);
     default:
       return launch_attention_tiles<T, D>(problem, grid, k_cache, v_cache, scale, stream);
   }

@@ -383,9 +383,9 @@ TEST_F(CudaSweep, PrefillAttention) {
             d.query_start = d_start.device;
             d.context_lens = d_context.device;
             // Every tile kernel: WMMA (attention_tile.cuh), mma.sync with 4 and 8 warps (attention_mma.cuh),
-            // wgmma with 8 warps, plain and pipelined (attention_wgmma.cuh; mma128 on a device or
-            // build without it).
-            for (const char* tiles : {"wmma", "mma", "mma128", "wgmma", "wgmma-pipe"}) {
+            // wgmma with 8 warps, plain and pipelined, and pipelined with 4 (attention_wgmma.cuh; mma128
+            // or mma on a device or build without it).
+            for (const char* tiles : {"wmma", "mma", "mma128", "wgmma", "wgmma-pipe", "wgmma64"}) {
               SCOPED_TRACE(std::string("tiles ") + tiles);
               o.upload();  // poisoned again
               setenv("BATCHLLM_ATTENTION_TILES", tiles, 1);
@@ -541,9 +541,9 @@ TEST_F(CudaSweep, CascadeDecodeAttention) {
             const char* suffix_names[] = {"suffix tiles", "suffix decode_rows", "suffix decode_rows fused",
                                           "suffix decode_rows merging", "suffix decode_rows on a side stream"};
             const char* launches[] = {nullptr, nullptr, "fused", "merge", "streams"};
-            const char* tile_names[] = {"wmma", "mma", "mma128", "wgmma", "wgmma-pipe"};
+            const char* tile_names[] = {"wmma", "mma", "mma128", "wgmma", "wgmma-pipe", "wgmma64"};
             const unsigned suffix = variant % 5;
-            const unsigned tiles = ((static_cast<unsigned>(index) * 2246822519u) >> 27) % 5;
+            const unsigned tiles = ((static_cast<unsigned>(index) * 2246822519u) >> 27) % 6;
             if (suffix == 0) setenv("BATCHLLM_CASCADE_SUFFIX", "tile", 1);
             if (launches[suffix] != nullptr) setenv("BATCHLLM_CASCADE_LAUNCH", launches[suffix], 1);
             setenv("BATCHLLM_ATTENTION_TILES", tile_names[tiles], 1);
