@@ -256,7 +256,8 @@ section_profile() {
 
 # ---- 7b. profile_quick: where e2e time goes, in the default list: W1 1/4 (step kinds incl. captures, top
 # kernels: nobody has seen a W1 step's device time since the layer-op kernels and the graph changes), then
-# W5 1/8's step kinds under both policies (run 3 had batchllm 0.89x fcfs-lru there, unexplained).
+# W5 1/8's step kinds under both policies (run 3 had batchllm 0.89x fcfs-lru there, unexplained), and
+# bench_host's W1 (the host's share of a step, on this machine's CPU).
 # Logged to e2e.log, no JSON (a ninth file under $OUT would not come back).
 section_profile_quick() {
   cd "$ROOT"
@@ -264,6 +265,8 @@ section_profile_quick() {
   "${p[@]}" --workload W1 --scale 0.25 --parts steps,kernels --rows 25 || echo "profile W1 FAILED"
   "${p[@]}" --workload W5 --scale 0.125 --parts steps || echo "profile W5 batchllm FAILED"
   "${p[@]}" --workload W5 --scale 0.125 --parts steps --policy fcfs-lru || echo "profile W5 fcfs-lru FAILED"
+  # The host's share of a W1 step on this machine's CPU (the dev CPU: ~2 ms against the 3.5 ms floor).
+  "$PY" bench/bench_host.py --workload W1 --scale 1 || echo "bench_host FAILED"
 }
 
 # ---- 8. (append sections above this line and register them below) ------------------------------------------
@@ -279,7 +282,7 @@ if (( BUILD_OK )); then
   run_section bench_attention 100 30 section_bench_attention
   run_section bench_sampling 40 15 section_bench_sampling bench_attention
   run_section e2e 240 45 section_e2e
-  run_section profile_quick 90 25 section_profile_quick e2e
+  run_section profile_quick 120 25 section_profile_quick e2e
   run_section e2e_w6 200 90 section_e2e_w6 e2e
   run_section ncu 90 30 section_ncu tools
   run_section sanitizer 90 40 section_sanitizer tools
