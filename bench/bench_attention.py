@@ -21,7 +21,8 @@ Decode (one query per sequence, 32 q heads, 8 KV heads, head dim 128, bf16, page
 Prefill (causal, one 4096-token chunk per sequence over paged KV): ours (the default tiles), mma.sync
 tiles of 64 and 128 rows, plain wgmma tiles, 64-row pipelined wgmma tiles and WMMA tiles, vs SDPA
 flash on the same dense shapes. Prefix scan: the prefix tiles alone at d = 64 and 128, default and
-wgmma64.
+wgmma64. Graph tail: a job's last few rows of long suffixes replayed in a graph of a larger batch
+bucket, with the bucket's key split and with the step's own split read on the device.
 
 Timing: CUDA graphs of each variant (launch gaps out), CUDA events, median of many replays after
 warm-up, input sets rotated so that the bytes touched exceed 3x L2. Prints a table, then one JSON
@@ -373,6 +374,74 @@ def bench_prefix_scan(reps, device_name) -> dict:
             "ms_wgmma64": times_wgmma64}
 
 
+GRAPH_TAIL = [1, 4, 16]  # real rows of a job's tail step, each with GRAPH_TAIL_KEYS suffix keys
+GRAPH_TAIL_ROWS, GRAPH_TAIL_KEYS = 128, 2048  # the captured graph's batch bucket and suffix bound
+GRAPH_TAIL_DEVICE = "cuda"
+
+
+def graph_tail_inputs(real_rows: int, padded_rows: int, keys: int, head_dim: int, device_split: bool, seed: int):
+    """(q, k_cache, v_cache, levels) of a decode step of `real_rows` rows of `keys` suffix keys (a
+    16-key prefix over them) padded to `padded_rows` as a CUDA graph replays it (cuda_graphs.py: the
+    padded rows read one key, the hints are the bucket's), with or without the step's own suffix
+    split on the device (DecodeLevels.suffix_split). The real rows' K, V and q depend on the seed
+    alone, not on the padding."""
+    from batchllm_core import ops
+    device = GRAPH_TAIL_DEVICE
+    gen = torch.Generator().manual_seed(seed)
+    per_row = math.ceil(keys / PAGE)
+    num_blocks = 1 + real_rows * per_row + 1
+    shape = (num_blocks, PAGE, KV_HEADS, head_dim)
+    k_cache = torch.randn(shape, generator=gen, dtype=DTYPE).to(device)
+    v_cache = torch.randn(shape, generator=gen, dtype=DTYPE).to(device)
+    q = torch.randn((padded_rows, Q_HEADS, head_dim), generator=gen, dtype=DTYPE)
+    q[real_rows:] = 0
+    q[:real_rows] = torch.randn((real_rows, Q_HEADS, head_dim), generator=torch.Generator().manual_seed(seed + 99),
+                                dtype=DTYPE)
+    i32 = dict(dtype=torch.int32)
+    tables = torch.full((padded_rows, per_row), -1, **i32)
+    tables[:real_rows] = 1 + torch.arange(real_rows * per_row, **i32).view(real_rows, per_row)
+    tables[real_rows:, 0] = num_blocks - 1
+    lens = torch.ones(padded_rows, **i32)
+    lens[:real_rows] = keys
+    split = ops.cascade_suffix_split(real_rows, padded_rows, Q_HEADS, KV_HEADS, keys, device) if device_split else None
+    levels = ops.DecodeLevels(
+        prefix_kv_indptr=torch.tensor([0, 1], **i32), prefix_kv_blocks=torch.zeros(1, **i32),
+        prefix_kv_lens=torch.tensor([16], **i32), prefix_q_range=torch.tensor([[0, real_rows]], **i32),
+        suffix_block_tables=tables, suffix_kv_lens=lens, max_prefix_kv_len=16, max_prefix_rows=padded_rows,
+        max_suffix_kv_len=keys, suffix_split=None if split is None else torch.tensor(split, **i32)).to(device)
+    return q.to(device), k_cache, v_cache, levels.with_workspace(Q_HEADS, KV_HEADS, head_dim, device)
+
+
+def bench_graph_tail(bandwidth, reps, device_name) -> dict:
+    """A job's tail in a CUDA graph: few rows of long suffixes replayed in a graph captured for a
+    GRAPH_TAIL_ROWS-row bucket. 'own' launches the rows at their own size (their key split planned
+    on the host), 'padded' replays them padded with the bucket's plan (no split: what graphs ran
+    before the split moved to the device), 'device split' padded with the step's own split read on
+    the device. floor: the real rows' KV bytes at the copy bandwidth. rel_err: the padded runs' real
+    rows against 'own'."""
+    from batchllm_core import ops
+    times, errors = {}, {}
+    for head_dim in (64, 128):
+        for rows in GRAPH_TAIL:
+            out, results = {}, {}
+            for name, padded, device_split in (("own", rows, False), ("padded", GRAPH_TAIL_ROWS, False),
+                                               ("device split", GRAPH_TAIL_ROWS, True)):
+                sets = [graph_tail_inputs(rows, padded, GRAPH_TAIL_KEYS, head_dim, device_split, seed=i)
+                        for i in range(2)]
+                fns = [lambda s=s: ops.cascade_decode_attention(s[0], s[1], s[2], s[3]) for s in sets]
+                results[name] = fns[0]()[:rows].float().cpu()
+                out[name] = time_graphs(fns, reps=reps)
+                del sets, fns
+            case = f"d{head_dim} rows{rows}"
+            floor = rows * GRAPH_TAIL_KEYS * KV_HEADS * head_dim * 2 * 2 / bandwidth * 1e3
+            times[case] = {**out, "floor": floor}
+            own = results["own"]
+            errors[case] = max(float((results[n] - own).norm() / own.norm()) for n in ("padded", "device split"))
+    torch.cuda.empty_cache()
+    return {"bench": "graph_tail", "device": device_name, "commit": commit(), "padded_rows": GRAPH_TAIL_ROWS,
+            "keys": GRAPH_TAIL_KEYS, "q_heads": Q_HEADS, "kv_heads": KV_HEADS, "ms": times, "rel_err_vs_own": errors}
+
+
 def variant_summary(decode_rows: list) -> dict:
     """Each variant's geometric mean of time / ours over the decode shapes: the default to pick."""
     names = list(dict.fromkeys(n for r in decode_rows for n in r["variant_ms"]))
@@ -504,9 +573,9 @@ def main() -> int:
     if args.resume and args.json_out and os.path.exists(args.json_out):
         with open(args.json_out) as f:
             rows = [r for r in map(json.loads, filter(str.strip, f))
-                    if r.get("bench") in ("decode_attention", "prefill_attention", "prefix_scan")]
+                    if r.get("bench") in ("decode_attention", "prefill_attention", "prefix_scan", "graph_tail")]
     done = {(r["B"], r["P"], r["S"]) if r["bench"] == "decode_attention" else (r["seqs"], r["tokens"])
-            for r in rows if r["bench"] != "prefix_scan"}
+            for r in rows if r["bench"] in ("decode_attention", "prefill_attention")}
     if done:
         print(f"resumed: {len(done)} shape(s) already in {args.json_out}; skipped variants: {sorted(skip)}")
 
@@ -567,6 +636,14 @@ def run_tables(args, reps, device_name, bandwidth, rows, record, done, skip) -> 
               ", ".join(f"{k} {v:.4f}" for k, v in scan["ms_per_1024_keys"].items()), flush=True)
         print(f"  the same on {scan['wgmma64_runs_as']} (BATCHLLM_ATTENTION_TILES=wgmma64), ms: " +
               ", ".join(f"{k} {v:.4f}" for k, v in scan["ms_wgmma64"].items()), flush=True)
+    if not any(r["bench"] == "graph_tail" for r in rows):
+        tail = bench_graph_tail(bandwidth, reps, device_name)
+        record(tail)
+        print(f"graph tail: rows of {tail['keys']} suffix keys replayed in a {tail['padded_rows']}-row graph, ms "
+              "(own size / padded, bucket's plan / padded, step's own split on the device / floor):", flush=True)
+        for case, ms in tail["ms"].items():
+            print(f"  {case:>12}: {ms['own']:.4f} / {ms['padded']:.4f} / {ms['device split']:.4f} / "
+                  f"{ms['floor']:.4f}", flush=True)
     if not args.no_prefill:
         print(f"{'seqs':>5} {'tokens':>6} | {'ours ms':>8} {'mma ms':>8} {'mma128':>8} {'wgmma':>8} {'wgmma64':>8} "
               f"{'wmma':>8} "

@@ -1,6 +1,7 @@
 // Bindings of the attention kernels: validate every argument (kernel_args.h), then dispatch to the
 // CPU reference or the CUDA launcher by the tensors' device. Called by batchllm_core.ops only.
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <string>
 #include <utility>
@@ -287,6 +288,28 @@ void check_levels(const ArgChecker& c, const LevelArgs& a, int64_t num_rows, con
   }
 }
 
+/// The suffix split array (DecodeLevelsView::suffix_split): int32 [3] {splits, chunk_keys, rows}.
+/// With its contents readable: at least one split of at least one key, the rows within the batch, and
+/// every covered row's suffix within its splits' keys (a shorter split would drop keys silently).
+void check_suffix_split(const ArgChecker& c, const ViewArg& arg, const LevelArgs& levels, int64_t num_rows,
+                        bool check_contents) {
+  c.index_array(arg, "int32", {3});
+  if (!check_contents) return;
+  const auto split = c.read<int32_t>(arg);
+  const auto suffix_lens = c.read<int32_t>(levels.suffix_lens);
+  c.require(split[0] >= 1 && split[1] >= 1, "suffix_split", "needs splits >= 1 and chunk_keys >= 1");
+  c.require(0 <= split[2] && split[2] <= num_rows, "suffix_split",
+            "rows " + std::to_string(split[2]) + " is not within [0, " + std::to_string(num_rows) + "]");
+  for (int64_t b = 0; b < split[2]; ++b) {
+    c.require(static_cast<int64_t>(split[0]) * split[1] >= suffix_lens[b], "suffix_split",
+              "splits x chunk_keys is below row " + std::to_string(b) + "'s suffix length");
+  }
+  for (int64_t b = split[2]; b < num_rows; ++b) {
+    c.require(suffix_lens[b] <= 1, "suffix_split",
+              "leaves out row " + std::to_string(b) + ", which has more than one suffix key (only padded rows may)");
+  }
+}
+
 void cascade_decode_attention(py::handle q_obj, py::handle k_cache_obj, py::handle v_cache_obj,
                               py::tuple level_objs, std::vector<int32_t> hints, py::handle o_obj,
                               py::object lse_obj, py::object workspace_obj, float scale, uintptr_t stream,
@@ -294,7 +317,8 @@ void cascade_decode_attention(py::handle q_obj, py::handle k_cache_obj, py::hand
   const ArgChecker c("cascade_decode_attention");
   const ViewArg q_arg = c.parse(q_obj, "q"), kc_arg = c.parse(k_cache_obj, "k_cache");
   const ViewArg vc_arg = c.parse(v_cache_obj, "v_cache"), o_arg = c.parse(o_obj, "o");
-  c.require(level_objs.size() == 6, "levels", "must carry 6 arrays");
+  c.require(level_objs.size() == 6 || level_objs.size() == 7, "levels",
+            "must carry 6 arrays, or 7 with the suffix split (or None)");
   c.require(hints.size() == 3, "levels", "must carry 3 hints (max_prefix_kv_len, max_prefix_rows, max_suffix_kv_len)");
   const LevelArgs levels_arg{c.parse(level_objs[0], "prefix_kv_indptr"), c.parse(level_objs[1], "prefix_kv_blocks"),
                              c.parse(level_objs[2], "prefix_kv_lens"),   c.parse(level_objs[3], "prefix_q_range"),
@@ -311,7 +335,14 @@ void cascade_decode_attention(py::handle q_obj, py::handle k_cache_obj, py::hand
   p.levels.max_prefix_kv_len = hints[0];
   p.levels.max_prefix_rows = hints[1];
   p.levels.max_suffix_kv_len = hints[2];
-  check_levels(c, levels_arg, p.q.shape[0], cache, check_indices || !q_arg.is_cuda(), q_arg.is_cuda(), p.levels);
+  const bool check_contents = check_indices || !q_arg.is_cuda();
+  check_levels(c, levels_arg, p.q.shape[0], cache, check_contents, q_arg.is_cuda(), p.levels);
+  if (level_objs.size() == 7 && !level_objs[6].is_none()) {
+    const ViewArg split_arg = c.parse(level_objs[6], "suffix_split");
+    c.same_device({&q_arg, &split_arg});
+    check_suffix_split(c, split_arg, levels_arg, p.q.shape[0], check_contents);
+    p.levels.suffix_split = reinterpret_cast<const int32_t*>(split_arg.data);
+  }
   c.require(!q_arg.is_cuda() || (p.q.shape[0] <= 65535 && p.levels.num_prefixes <= 65535), "q",
             "has more than 65535 rows or prefixes (CUDA grid limit)");
   if (!lse_obj.is_none()) {
@@ -328,7 +359,7 @@ void cascade_decode_attention(py::handle q_obj, py::handle k_cache_obj, py::hand
     c.index_array(ws_arg, "float32", {-1});
     const CudaDeviceGuard guard(q_arg.device);  // the plan depends on this device's SM count
     const size_t needed = kernels::cascade_workspace_floats(p.q.shape[0], p.q.shape[1], cache.num_kv_heads,
-                                                               p.q.shape[2], p.levels);
+                                                               p.q.shape[2], p.levels, p.levels.suffix_split != nullptr);
     c.require(static_cast<size_t>(ws_arg.numel()) >= needed, "workspace",
               "holds " + std::to_string(ws_arg.numel()) + " floats, needs " + std::to_string(needed));
     p.workspace = reinterpret_cast<float*>(ws_arg.data);
@@ -512,7 +543,7 @@ void register_kernels(py::module_& m) {
      "device reads 'mma128', the kernel that runs instead.");
   m.def("cascade_workspace_floats", [](int64_t num_rows, int64_t num_q_heads, int64_t num_kv_heads, int64_t head_dim,
                                        int64_t num_prefixes, int32_t max_prefix_kv_len, int32_t max_prefix_rows,
-                                       int32_t max_suffix_kv_len) -> int64_t {
+                                       int32_t max_suffix_kv_len, bool device_suffix_split) -> int64_t {
 #ifdef BATCHLLM_WITH_CUDA
     kernels::DecodeLevelsView levels;
     levels.num_prefixes = num_prefixes;
@@ -522,14 +553,33 @@ void register_kernels(py::module_& m) {
     if (num_kv_heads <= 0 || num_q_heads % num_kv_heads != 0) {
       throw py::value_error("cascade_workspace_floats: argument 'num_kv_heads' must divide num_q_heads");
     }
-    return static_cast<int64_t>(
-        kernels::cascade_workspace_floats(num_rows, num_q_heads, num_kv_heads, head_dim, levels));
+    return static_cast<int64_t>(kernels::cascade_workspace_floats(num_rows, num_q_heads, num_kv_heads, head_dim,
+                                                                  levels, device_suffix_split));
 #else
     return 0;
 #endif
   }, py::arg("num_rows"), py::arg("num_q_heads"), py::arg("num_kv_heads"), py::arg("head_dim"), py::arg("num_prefixes"),
      py::arg("max_prefix_kv_len"), py::arg("max_prefix_rows"), py::arg("max_suffix_kv_len"),
-     "float32 scratch elements the CUDA cascade kernel needs (0 without CUDA).");
+     py::arg("device_suffix_split") = false,
+     "float32 scratch elements the CUDA cascade kernel needs (0 without CUDA); device_suffix_split: the "
+     "levels will carry a suffix_split array.");
+  m.def("cascade_suffix_split", [](int64_t rows, int64_t padded_rows, int64_t num_q_heads, int64_t num_kv_heads,
+                                   int64_t max_suffix_kv_len) -> std::array<int32_t, 3> {
+    if (num_kv_heads <= 0 || num_q_heads % num_kv_heads != 0) {
+      throw py::value_error("cascade_suffix_split: argument 'num_kv_heads' must divide num_q_heads");
+    }
+    if (rows < 0 || padded_rows < rows || max_suffix_kv_len < 0) {
+      throw py::value_error("cascade_suffix_split: needs 0 <= rows <= padded_rows and max_suffix_kv_len >= 0");
+    }
+#ifdef BATCHLLM_WITH_CUDA
+    return kernels::cascade_suffix_split(rows, padded_rows, num_q_heads, num_kv_heads, max_suffix_kv_len);
+#else
+    return {1, 1 << 30, static_cast<int32_t>(padded_rows)};
+#endif
+  }, py::arg("rows"), py::arg("padded_rows"), py::arg("num_q_heads"), py::arg("num_kv_heads"),
+     py::arg("max_suffix_kv_len"),
+     "The suffix key split {splits, chunk_keys, rows covered} of a decode step of `rows` rows launched "
+     "as `padded_rows` (the levels' suffix_split array; on the current device). Without CUDA: unsplit.");
 }
 
 }  // namespace batchllm::bindings

@@ -60,6 +60,12 @@ struct DecodeLevelsView {
   int32_t max_prefix_kv_len = 0;                 ///< >= every prefix_kv_lens[p]
   int32_t max_prefix_rows = 0;                   ///< >= every end - begin
   int32_t max_suffix_kv_len = 0;                 ///< >= every suffix_kv_lens[b]
+  /// Optional, CUDA only: int32 [3] {splits, chunk_keys, rows covered} (cascade_suffix_split, in
+  /// batchllm/kernels/cuda.h), the suffix level's key split decided per step and read by the kernels
+  /// instead of the host plan's: a CUDA graph captured for a batch bucket then still splits the long
+  /// rows of a step that has few. nullptr: the host plan's split. The CPU reference ignores it (how
+  /// the keys are split does not change the result).
+  const int32_t* suffix_split = nullptr;
 };
 
 /// cascade_decode_attention: one query row per sequence; exact attention of each row over the

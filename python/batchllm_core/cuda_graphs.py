@@ -16,7 +16,11 @@ Padding keeps real rows exact and padded rows harmless:
   read), no prefix; their logits are dropped;
 - padded prefixes: 0 keys, query range [0, 0) (no reader, no tile, nothing merged);
 - the CUDA grid hints are the key's buckets, which bound the real sizes (the kernel reads the real
-  lengths from the device arrays; chunks past a prefix's end are empty no-op merges).
+  lengths from the device arrays; chunks past a prefix's end are empty no-op merges);
+- the suffix level's key split is the step's own (``suffix_split``, ops.cascade_suffix_split: the
+  split its real rows would get launched eagerly), read on the device: a step of a few long rows
+  replayed in a graph of many keeps splitting their keys over the SMs. Split, only the real rows
+  attend (the padded rows' outputs are zeros, dropped).
 
 On a CPU device (``capture=False``) the same padded static path runs eagerly: that is how the
 padding is tested without a GPU.
@@ -92,12 +96,14 @@ class GraphKey:
             ("prefix_kv_lens", np.int32, (p,)), ("prefix_q_range", np.int32, (p, 2)),
             ("suffix_block_tables", np.int32, (b, self.suffix_width)), ("suffix_kv_lens", np.int32, (b,)),
             ("paged_query_start", np.int32, (1,)), ("paged_context_lens", np.int32, (0,)),
-            ("paged_block_tables", np.int32, (0, 1)),
+            ("paged_block_tables", np.int32, (0, 1)), ("suffix_split", np.int32, (3,)),
         ])
 
 
-def pad_decode_step(host: Dict[str, np.ndarray], levels: Dict[str, np.ndarray], key: GraphKey) -> Dict[str, np.ndarray]:
-    """The step's arrays padded to ``key`` (see the module docstring for what padding holds)."""
+def pad_decode_step(host: Dict[str, np.ndarray], levels: Dict[str, np.ndarray], key: GraphKey,
+                    suffix_split: Any = (1, 1 << 30, None)) -> Dict[str, np.ndarray]:
+    """The step's arrays padded to ``key`` (see the module docstring for what padding holds);
+    ``suffix_split``: the step's (splits, chunk_keys, rows covered), rows None for all of key's."""
     rows, b, p = len(host["input_ids"]), key.rows, key.prefixes
     num_prefixes = len(levels["prefix_kv_lens"])
 
@@ -126,6 +132,8 @@ def pad_decode_step(host: Dict[str, np.ndarray], levels: Dict[str, np.ndarray], 
         "paged_query_start": np.zeros(1, np.int32),
         "paged_context_lens": np.zeros(0, np.int32),
         "paged_block_tables": np.zeros((0, 1), np.int32),
+        "suffix_split": np.array([suffix_split[0], suffix_split[1],
+                                  b if suffix_split[2] is None else suffix_split[2]], np.int32),
     }
 
 
@@ -297,7 +305,7 @@ class DecodeGraphs:
         levels = _levels(plan, rows)
         key = key or GraphKey.of(levels, rows, self.runner.block_size)
         entry = self._entry(key)
-        views = entry.upload.upload(pad_decode_step(host, levels, key))
+        views = entry.upload.upload(pad_decode_step(host, levels, key, self._suffix_split(levels, rows, key)))
         if token_feed is not None:  # before capture or replay: both read the static input ids
             token_feed.apply(views["input_ids"])
         self.steps += 1
@@ -310,6 +318,15 @@ class DecodeGraphs:
             self.replays += 1
             hidden = entry.hidden
         return self.runner.model.compute_logits(hidden[:rows])
+
+    def _suffix_split(self, levels: Dict[str, np.ndarray], rows: int, key: GraphKey) -> tuple:
+        """The suffix key split of the step's own ``rows`` rows, launched as ``key.rows``."""
+        from .ops import cascade_suffix_split
+
+        lens = levels["suffix_kv_lens"]
+        config = self.runner.config
+        return cascade_suffix_split(rows, key.rows, config.num_heads, config.num_kv_heads,
+                                    int(lens.max()) if len(lens) else 0, self.runner.device)
 
     def _entry(self, key: GraphKey) -> _Entry:
         entry = self._entries.pop(key, None)
@@ -330,7 +347,8 @@ class DecodeGraphs:
         levels = DecodeLevels(views["prefix_kv_indptr"], views["prefix_kv_blocks"], views["prefix_kv_lens"],
                               views["prefix_q_range"], views["suffix_block_tables"], views["suffix_kv_lens"],
                               max_prefix_kv_len=key.prefix_keys, max_prefix_rows=key.prefix_rows,
-                              max_suffix_kv_len=key.suffix_width * self.runner.block_size)
+                              max_suffix_kv_len=key.suffix_width * self.runner.block_size,
+                              suffix_split=views["suffix_split"])
         levels = self.runner.attach_workspace(levels)  # one per step; inside a capture, one per graph
         set_context(AttentionContext(
             slot_mapping=views["slot_mapping"], num_decode_rows=key.rows, query_start=views["paged_query_start"],

@@ -27,7 +27,7 @@ import torch
 from . import _C
 
 __all__ = ["DecodeLevels", "store_kv", "prefill_attention", "cascade_decode_attention", "cascade_workspace_floats",
-           "merge_states", "sample_rows", "rms_norm", "silu_and_mul", "rotary_embedding"]
+           "cascade_suffix_split", "merge_states", "sample_rows", "rms_norm", "silu_and_mul", "rotary_embedding"]
 
 
 # Tests only (tests/python/cuda_emulation.py): CPU tensors go to the CUDA path of the bindings as
@@ -85,6 +85,11 @@ class DecodeLevels:
     max_prefix_kv_len, max_prefix_rows, max_suffix_kv_len : int, optional
         Host-side upper bounds that size the CUDA grid. Left None they are computed from the tensors
         (a synchronisation on CUDA); :meth:`with_hints` fills them once per step.
+    suffix_split : torch.Tensor, optional
+        CUDA only: int32 ``[3]`` ``{splits, chunk_keys, rows}``, the suffix level's key split for this
+        step (:func:`cascade_suffix_split`), read by the kernels on the device instead of planned on the
+        host from the hints: a CUDA graph captured for a batch bucket then still splits the long
+        suffixes of a step of few rows. The CPU reference ignores it.
     workspace : torch.Tensor, optional
         float32 scratch of the CUDA kernels (split-KV and level states), at least
         :func:`cascade_workspace_floats` long. Left None, every call allocates its own;
@@ -112,6 +117,7 @@ class DecodeLevels:
     max_prefix_kv_len: Optional[int] = None
     max_prefix_rows: Optional[int] = None
     max_suffix_kv_len: Optional[int] = None
+    suffix_split: Optional[torch.Tensor] = None
     workspace: Optional[torch.Tensor] = None
 
     @property
@@ -144,27 +150,52 @@ class DecodeLevels:
         if device.type != "cuda" and not _emulated_cuda:
             return hinted
         floats = cascade_workspace_floats(int(self.suffix_kv_lens.shape[0]), num_q_heads, num_kv_heads,
-                                          head_dim, hinted, device)
+                                          head_dim, hinted, device, device_suffix_split=self.suffix_split is not None)
         return replace(hinted, workspace=torch.empty(max(floats, 1), dtype=torch.float32, device=device))
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> "DecodeLevels":
         """The same levels on ``device``; hints are computed first (cheap while the arrays are on the host)."""
         hinted = self.with_hints()
         moved = [t.to(device, non_blocking=non_blocking) for t in hinted.arrays()]
-        return replace(hinted, workspace=None, **dict(zip(
+        split = None if self.suffix_split is None else self.suffix_split.to(device, non_blocking=non_blocking)
+        return replace(hinted, workspace=None, suffix_split=split, **dict(zip(
             ["prefix_kv_indptr", "prefix_kv_blocks", "prefix_kv_lens", "prefix_q_range",
              "suffix_block_tables", "suffix_kv_lens"], moved)))
 
 
 def cascade_workspace_floats(num_rows: int, num_q_heads: int, num_kv_heads: int, head_dim: int,
-                             levels: DecodeLevels, device: torch.device | str) -> int:
+                             levels: DecodeLevels, device: torch.device | str,
+                             device_suffix_split: Optional[bool] = None) -> int:
     """float32 elements of workspace :func:`cascade_decode_attention` needs on ``device`` for
-    ``levels`` (with hints): the split-KV plan follows the device's SM count."""
+    ``levels`` (with hints): the split-KV plan follows the device's SM count. ``device_suffix_split``
+    (default: whether ``levels`` carries ``suffix_split``): room for any split such an array asks for."""
     device = torch.device(device)
+    if device_suffix_split is None:
+        device_suffix_split = levels.suffix_split is not None
     with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
         return int(_C.cascade_workspace_floats(num_rows, num_q_heads, num_kv_heads, head_dim, levels.num_prefixes,
                                                levels.max_prefix_kv_len, levels.max_prefix_rows,
-                                               levels.max_suffix_kv_len))
+                                               levels.max_suffix_kv_len, bool(device_suffix_split)))
+
+
+def cascade_suffix_split(rows: int, padded_rows: int, num_q_heads: int, num_kv_heads: int,
+                         max_suffix_kv_len: int, device: torch.device | str) -> Tuple[int, int, int]:
+    """The suffix key split ``(splits, chunk_keys, rows covered)`` of a decode step of ``rows`` rows
+    (the longest suffix ``max_suffix_kv_len`` keys) launched as ``padded_rows`` rows: the contents
+    of :attr:`DecodeLevels.suffix_split`. It is the split the step would get launched at its own
+    size, on ``device`` (the split follows the SM count); unsplit on a CPU device.
+
+    >>> cascade_suffix_split(4, 8, 32, 8, 100, "cpu")
+    (1, 1073741824, 8)
+    """
+    device = torch.device(device)
+    if device.type != "cuda" and not _emulated_cuda:
+        if not 0 <= rows <= padded_rows:
+            raise ValueError("cascade_suffix_split: needs 0 <= rows <= padded_rows")
+        return (1, 1 << 30, int(padded_rows))
+    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+        return tuple(int(v) for v in _C.cascade_suffix_split(rows, padded_rows, num_q_heads, num_kv_heads,
+                                                             max_suffix_kv_len))
 
 
 def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -261,7 +292,10 @@ def cascade_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: to
             floats = cascade_workspace_floats(q.shape[0], q.shape[1], k_cache.shape[2], q.shape[2], levels, q.device)
             workspace = torch.empty(max(floats, 1), dtype=torch.float32, device=q.device)
     hints = [levels.max_prefix_kv_len or 0, levels.max_prefix_rows or 0, levels.max_suffix_kv_len or 0]
-    _C.cascade_decode_attention(_view(q), _view(k_cache), _view(v_cache), tuple(_view(t) for t in levels.arrays()),
+    arrays = tuple(_view(t) for t in levels.arrays())
+    if levels.suffix_split is not None:
+        arrays += (_view(levels.suffix_split),)
+    _C.cascade_decode_attention(_view(q), _view(k_cache), _view(v_cache), arrays,
                                 hints, _view(o), None if lse is None else _view(lse),
                                 None if workspace is None else _view(workspace), _scale(q, scale), _stream(q),
                                 _check_indices(q, check_indices))

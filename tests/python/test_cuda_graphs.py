@@ -56,8 +56,11 @@ def test_padding_keeps_real_rows_and_neutralizes_the_rest():
     assert padded["suffix_kv_lens"].tolist() == [1, 2, 3, 1]
     assert padded["suffix_block_tables"][:, 0].tolist() == [1, 2, 5, 0]
     assert padded["prefix_q_range"].tolist() == [[0, 3]]
+    assert padded["suffix_split"].tolist() == [1, 1 << 30, 4]  # unsplit: every row, padded ones too
     for name, spec in key.layout().fields.items():
         assert padded[name].shape == spec.shape, name
+    # The step's own split (ops.cascade_suffix_split), split: the real rows only.
+    assert pad_decode_step(host, levels, key, (4, 256, 3))["suffix_split"].tolist() == [4, 256, 3]
 
 
 class _Compare:

@@ -212,6 +212,113 @@ def test_cascade_cuda_few_rows_long_suffixes(dtype, kernels, monkeypatch):
     assert_cascade_matches_reference(kv, case, case.levels, dtype)
 
 
+@pytest.mark.skipif(not EMULATED, reason="pins the split on the emulation's 132 SMs (a GPU has its own count)")
+def test_cascade_suffix_split_is_the_steps_own_eager_split():
+    # decode_rows runs 4 CTAs an SM (528 on 132 SMs): a step's suffix keys are split while its CTAs
+    # (rows x KV heads) fill under half of them, into at most 16 chunks of at least 256 keys.
+    assert ops.cascade_suffix_split(2, 16, 32, 8, 2000, DEVICE) == (8, 256, 2)  # 16 CTAs: split 8 ways
+    assert ops.cascade_suffix_split(2, 16, 32, 8, 300, DEVICE) == (2, 192, 2)  # 300 keys: 2 chunks
+    assert ops.cascade_suffix_split(128, 128, 32, 8, 2000, DEVICE) == (1, 1 << 30, 128)  # 1,024 CTAs
+    assert ops.cascade_suffix_split(64, 128, 32, 8, 300, DEVICE) == (1, 1 << 30, 128)  # 512: unsplit, all rows
+    assert ops.cascade_suffix_split(1, 1, 28, 4, 5000, DEVICE) == (16, 320, 1)  # GQA 7: two CTAs an item
+    with pytest.raises(ValueError, match="padded_rows"):
+        ops.cascade_suffix_split(5, 4, 32, 8, 100, DEVICE)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kernels", ["decode+wgmma-pipe", "decode+mma", "fused+mma", "merge+mma", "streams+mma",
+                                     "tile+mma"])
+def test_cascade_cuda_device_split_of_a_graph_padded_step(dtype, kernels, monkeypatch):
+    # A CUDA graph step (cuda_graphs.pad_decode_step): 3 real rows, two of long suffixes, replayed in
+    # the graph of a 16-row key whose hints are its buckets. The step's own suffix split
+    # (ops.cascade_suffix_split, what the 3 rows get launched eagerly) reaches the kernels on the
+    # device: the real rows match the reference; the padded rows, left out once the keys are split,
+    # give zeros and lse -inf (the tile suffix takes no splits: it attends them, one key each).
+    from batchllm_core.cuda_graphs import GraphKey, pad_decode_step
+
+    use_cascade_kernels(kernels, monkeypatch)
+    kv = PagedKV(200, 16, 2, 128, dtype, device=DEVICE)
+    case = make_cascade_case(kv, 3, [1], [lambda i: 40], [900, 300, 0], 8, 128, dtype, device=DEVICE)
+    levels = {name: getattr(case.levels, name).cpu().numpy() for name in (
+        "prefix_kv_indptr", "prefix_kv_blocks", "prefix_kv_lens", "prefix_q_range", "suffix_block_tables",
+        "suffix_kv_lens")}
+    key = dataclasses.replace(GraphKey.of(levels, 3, 16), rows=16, prefix_keys=2048, suffix_width=128)
+    split = ops.cascade_suffix_split(3, key.rows, 8, 2, 900, DEVICE)
+    assert split[0] > 1 and split[0] * split[1] >= 900 and split[2] == 3  # split, the real rows only
+    host = {"input_ids": [0] * 3, "positions": [0] * 3, "slot_mapping": [0] * 3}
+    padded = {name: torch.from_numpy(a).to(DEVICE)
+              for name, a in pad_decode_step(host, levels, key, split).items()}
+    padded_levels = ops.DecodeLevels(
+        padded["prefix_kv_indptr"], padded["prefix_kv_blocks"], padded["prefix_kv_lens"], padded["prefix_q_range"],
+        padded["suffix_block_tables"], padded["suffix_kv_lens"], max_prefix_kv_len=key.prefix_keys,
+        max_prefix_rows=key.prefix_rows, max_suffix_kv_len=key.suffix_width * 16, suffix_split=padded["suffix_split"])
+    q = torch.cat([case.q, torch.randn((13, 8, 128)).to(dtype).to(DEVICE)])
+    o, lse = ops.cascade_decode_attention(q, kv.k, kv.v, padded_levels, return_lse=True,
+                                          out=poisoned(q.shape, dtype, DEVICE), check_indices=True)
+    synchronize()
+    ref_o, ref_lse = cascade_reference(kv, case, 1.0 / math.sqrt(128))
+    assert rel_err(o[:3], ref_o) < TOLERANCE[dtype]
+    assert torch.allclose(lse[:3].double().cpu(), ref_lse, atol=2e-3, rtol=1e-3)
+    if kernels.startswith("tile"):
+        assert torch.isfinite(o[3:]).all() and torch.isfinite(lse[3:]).all()
+    else:
+        assert torch.equal(o[3:].cpu(), torch.zeros_like(o[3:].cpu())) and (lse[3:] == -math.inf).all()
+    # An array that would drop keys, or leave out a row with keys, is refused (index checks on).
+    for bad, words in [((split[0], 64, 3), "below row 0"), ((1, 1 << 30, 1), "leaves out row 1"),
+                       ((0, 64, 3), "splits >= 1")]:
+        wrong = dataclasses.replace(padded_levels, suffix_split=torch.tensor(bad, dtype=torch.int32).to(DEVICE))
+        with pytest.raises(ValueError, match=f"suffix_split.*{words}"):
+            ops.cascade_decode_attention(q, kv.k, kv.v, wrong, check_indices=True)
+
+
+@pytest.mark.parametrize("kernels", ["decode+wgmma-pipe", "streams+mma"])
+def test_cascade_cuda_one_graph_replays_every_suffix_split(kernels, monkeypatch):
+    # What a captured decode graph relies on: one launch configuration (the bucket's hints, one
+    # workspace) runs whatever split the step's suffix_split array holds, unsplit over every row or
+    # split over the real rows only. On a GPU the launch is captured once and replayed per split; on
+    # the emulation (no graphs) the same levels object is called again per split.
+    from batchllm_core.cuda_graphs import GraphKey, pad_decode_step
+
+    use_cascade_kernels(kernels, monkeypatch)
+    dtype = torch.bfloat16
+    kv = PagedKV(200, 16, 2, 128, dtype, device=DEVICE)
+    case = make_cascade_case(kv, 3, [1], [lambda i: 40], [700, 300, 20], 8, 128, dtype, device=DEVICE)
+    levels = {name: getattr(case.levels, name).cpu().numpy() for name in (
+        "prefix_kv_indptr", "prefix_kv_blocks", "prefix_kv_lens", "prefix_q_range", "suffix_block_tables",
+        "suffix_kv_lens")}
+    key = dataclasses.replace(GraphKey.of(levels, 3, 16), rows=16, suffix_width=64)
+    host = {"input_ids": [0] * 3, "positions": [0] * 3, "slot_mapping": [0] * 3}
+    padded = {name: torch.from_numpy(a).to(DEVICE) for name, a in pad_decode_step(host, levels, key).items()}
+    step = ops.DecodeLevels(
+        padded["prefix_kv_indptr"], padded["prefix_kv_blocks"], padded["prefix_kv_lens"], padded["prefix_q_range"],
+        padded["suffix_block_tables"], padded["suffix_kv_lens"], max_prefix_kv_len=key.prefix_keys,
+        max_prefix_rows=key.prefix_rows, max_suffix_kv_len=key.suffix_width * 16,
+        suffix_split=padded["suffix_split"]).with_workspace(8, 2, 128, DEVICE)
+    q = torch.cat([case.q, torch.randn((13, 8, 128)).to(dtype).to(DEVICE)])
+    out, lse = poisoned(q.shape, dtype, DEVICE), torch.empty(q.shape[:2], dtype=torch.float32, device=DEVICE)
+
+    def launch():
+        ops.cascade_decode_attention(q, kv.k, kv.v, step, out=out, lse_out=lse)
+
+    graph = None
+    if DEVICE == "cuda":
+        launch()
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            launch()
+    ref_o, ref_lse = cascade_reference(kv, case, 1.0 / math.sqrt(128))
+    own = ops.cascade_suffix_split(3, 16, 8, 2, 700, DEVICE)
+    for split in [(1, 1 << 30, 16), (3, 256, 3), (2, 384, 3), own, (1, 1 << 30, 16)]:
+        step.suffix_split.copy_(torch.tensor(split, dtype=torch.int32))
+        out.fill_(math.nan)
+        graph.replay() if graph is not None else launch()
+        synchronize()
+        assert rel_err(out[:3], ref_o) < TOLERANCE[dtype], split
+        assert torch.allclose(lse[:3].double().cpu(), ref_lse, atol=2e-3, rtol=1e-3), split
+        assert torch.isfinite(out[3:]).all(), split  # padded rows: zeros when split, else their one key
+
+
 @pytest.mark.parametrize("kernels", CASCADE_KERNELS)
 def test_cascade_cuda_size_hints_above_the_sizes(kernels, monkeypatch):
     # CUDA graph replays pass their bucket's bounds as the size hints (cuda_graphs.py), above the

@@ -362,7 +362,7 @@ def test_runner_on_the_emulated_cuda_kernels_matches_float32(kernels, monkeypatc
     # decode levels (2 of the scenario's 4 steps), not one per layer and step.
     queries = []
     monkeypatch.setattr(ops, "cascade_workspace_floats",
-                        lambda *args, real=ops.cascade_workspace_floats: queries.append(1) or real(*args))
+                        lambda *args, real=ops.cascade_workspace_floats, **kwargs: queries.append(1) or real(*args, **kwargs))
     launches = cuda_emulation.module().launch_count()
     ours = scenario_logits(ModelRunner(model, config, NUM_BLOCKS, BLOCK_SIZE, "cpu", torch.bfloat16))
     assert cuda_emulation.module().launch_count() > launches  # the kernels did run

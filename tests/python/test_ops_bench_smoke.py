@@ -41,6 +41,10 @@ def test_bench_attention_decode_variants_on_emulated_kernels(monkeypatch, tmp_pa
     monkeypatch.setattr(sys, "argv", ["bench_attention.py", "--no-prefill", "--json-out", str(json_out)])
     assert bench.main() == 0
     rows = [json.loads(line) for line in json_out.read_text().splitlines()]
+    tail = rows.pop()  # a job's tail replayed in a larger graph: the padded runs' real rows are the own run's
+    assert tail["bench"] == "graph_tail" and set(tail["ms"]) == {"d64 rows1", "d64 rows2", "d128 rows1", "d128 rows2"}
+    assert all(set(ms) == {"own", "padded", "device split", "floor"} for ms in tail["ms"].values())
+    assert max(tail["rel_err_vs_own"].values()) < 1e-2, tail["rel_err_vs_own"]
     scan = rows.pop()
     assert scan["bench"] == "prefix_scan" and set(scan["ms_per_1024_keys"]) == {"d64 B3", "d128 B3"}
     assert scan["wgmma64_runs_as"] == "wgmma64" and set(scan["ms_wgmma64"]) == set(scan["ms"])
@@ -83,8 +87,8 @@ def test_bench_attention_resumes_without_a_variant_that_lost_the_context(monkeyp
     decode = [r for r in rows if r["bench"] == "decode_attention"]
     assert [(r["B"], r["P"], r["S"]) for r in decode] == [(3, 40, 20), (70, 16, 5)]  # each shape once
     assert "broken" not in decode[1]["variant_ms"]
-    summary = rows[-2]  # then the prefix scan
-    assert rows[-1]["bench"] == "prefix_scan"
+    summary = rows[-3]  # then the prefix scan and the graph tail
+    assert [r["bench"] for r in rows[-2:]] == ["prefix_scan", "graph_tail"]
     assert summary["bench"] == "decode_attention_summary" and summary["shapes"] == [[3, 40, 20], [70, 16, 5]]
     assert summary["fastest"] != "broken" and "broken" not in summary["variant_env"]
 
@@ -106,6 +110,10 @@ def _emulated_bench(monkeypatch):
     monkeypatch.setattr(bench, "copy_bandwidth_bytes_per_s", lambda: 3e12)
     monkeypatch.setattr(bench, "DECODE_SHAPES", [(3, 40, 20), (70, 16, 5)])
     monkeypatch.setattr(bench, "PREFIX_SCAN", [(3, 16), (3, 48)])
+    monkeypatch.setattr(bench, "GRAPH_TAIL", [1, 2])
+    monkeypatch.setattr(bench, "GRAPH_TAIL_ROWS", 6)
+    monkeypatch.setattr(bench, "GRAPH_TAIL_KEYS", 300)  # 2 splits of 192 keys on the emulation's 132 SMs
+    monkeypatch.setattr(bench, "GRAPH_TAIL_DEVICE", "cpu")
     time_with_env = bench.time_with_env
 
     def failing_time_with_env(settings, fns, reps):

@@ -263,6 +263,29 @@ cudaError_t launch_tile_kernel(const Problem& problem, dim3 grid, const TensorVi
   return last_launch_error();
 }
 
+/// CTAs of a tile kernel (kThreads threads, kSmemBytes of dynamic shared memory) that fit one SM by
+/// the occupancy calculator (registers, shared memory, threads): what a split plan counts as a wave.
+/// At least 1. Queried once a process (under the CPU emulation, at every call: tests vary it).
+template <auto kKernel, size_t kSmemBytes, int kThreads = kTileThreads>
+int tile_kernel_ctas_per_sm() {
+  const auto query = [] {
+    int ctas = 0;
+    if (cudaFuncSetAttribute(kKernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(kSmemBytes)) !=
+            cudaSuccess ||
+        cudaOccupancyMaxActiveBlocksPerMultiprocessor(&ctas, kKernel, kThreads, kSmemBytes) != cudaSuccess) {
+      cudaGetLastError();  // not a launch error: the plan falls back to one CTA an SM
+      ctas = 1;
+    }
+    return ctas < 1 ? 1 : ctas;
+  };
+#ifdef BATCHLLM_CUDA_EMULATION_ACTIVE
+  return query();
+#else
+  static const int ctas = query();
+  return ctas;
+#endif
+}
+
 template <typename T, int D, typename Problem>
 cudaError_t launch_attention_tiles(const Problem& problem, dim3 grid, const TensorView& k_cache,
                                    const TensorView& v_cache, float scale, cudaStream_t stream) {

@@ -12,6 +12,7 @@
 // Long prefixes with few readers are split along their keys (split-KV) so that every SM has work;
 // each chunk is one more partial state for step 3. Workspace layout: CascadePlan below.
 #include <algorithm>
+#include <array>
 
 #include "batchllm/kernels/cuda.h"
 #include "kernels/cuda/tile_kernels.cuh"
@@ -22,6 +23,52 @@ namespace batchllm::kernels {
 
 namespace {
 
+int64_t multiprocessor_count() {
+  int device = 0, count = 0;
+  if (cudaGetDevice(&device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device) != cudaSuccess || count <= 0) {
+    cudaGetLastError();
+    return 132;  // an H100 SXM; only the split heuristics depend on it
+  }
+  return count;
+}
+
+/// decode_rows' CTAs per (row, key split): KV heads x head chunks.
+int64_t decode_rows_ctas_per_item(int64_t kv_heads, int group) {
+  const int heads_per_cta = cuda::decode_heads_per_cta(group);
+  return kv_heads * ((group + heads_per_cta - 1) / heads_per_cta);
+}
+
+/// decode_rows' key split for `rows` rows whose longest suffix has `max_suffix_len` keys (splits and
+/// chunk_keys): decode_rows runs 4 CTAs an SM, so the keys are split while a wave would be under half
+/// full, into at most 16 chunks of at least 256 keys (a multiple of the 64 keys a CTA loads a step).
+cuda::SuffixSplit plan_suffix_split(int64_t rows, int64_t kv_heads, int group, int64_t max_suffix_len,
+                                    int64_t sms) {
+  constexpr int64_t kMinChunkKeys = 256;
+  cuda::SuffixSplit split;
+  const int64_t slots = 4 * sms;
+  const int64_t ctas = rows * decode_rows_ctas_per_item(kv_heads, group);
+  const int64_t by_keys = (max_suffix_len + kMinChunkKeys - 1) / kMinChunkKeys;
+  if (rows > 0 && 2 * ctas < slots && by_keys > 1) {
+    split.splits = static_cast<int>(std::min<int64_t>({slots / ctas, by_keys, 16}));
+    const int64_t per_split = (max_suffix_len + split.splits - 1) / split.splits;
+    split.chunk_keys = static_cast<int>((per_split + 63) / 64 * 64);
+  }
+  return split;
+}
+
+/// The items (rows x key splits) a launch of `rows` rows holds when the split is decided per step on
+/// the device (DecodeLevelsView::suffix_split): the rows unsplit, or a wave of split items, whichever
+/// is more. plan_suffix_split never asks for more: its splits x rows stay within a wave (4 CTAs an SM
+/// over the CTAs of an item).
+int64_t device_split_items(int64_t rows, int64_t kv_heads, int group, int64_t sms) {
+  return std::max<int64_t>(rows, 4 * sms / decode_rows_ctas_per_item(kv_heads, group));
+}
+
+/// The most prefix tile CTAs an SM a split plan counts (the occupancy query may report more for small
+/// tiles); the workspace is sized for any count up to it.
+constexpr int kMaxPrefixCtasPerSm = 4;
+
 /// Host-side sizes of one cascade call: tiles, split-KV chunks of the prefixes, workspace offsets.
 /// A prefix whose tiles alone would leave most SMs idle (few readers x KV heads) is split along its
 /// keys into chunks; each chunk's partial state is one more state for the combine step to merge.
@@ -31,31 +78,28 @@ struct CascadePlan {
   int splits = 1;
   int chunk_keys = 0;
   // The suffix level (decode_rows) is split along its keys too when rows x KV heads leave SMs idle
-  // (the tail of a job: few sequences, long outputs).
-  int suffix_splits = 1;
-  int suffix_chunk_keys = 1 << 30;  // unsplit: one chunk holds any row
-  // Workspace offsets in floats: suffix o [suffix_splits, B, Hq, D], suffix lse [suffix_splits, B, Hq],
+  // (the tail of a job: few sequences, long outputs): by this plan, or per step on the device.
+  cuda::SuffixSplit suffix;
+  // Workspace offsets in floats: suffix o [suffix items, Hq, D], suffix lse [suffix items, Hq],
   // prefix o [P, splits, R, Hq, D], prefix lse [P, splits, R, Hq] (R = max_prefix_rows).
   int64_t suffix_o = 0, suffix_lse = 0, prefix_o = 0, prefix_lse = 0, total = 0;
 
   /// `suffix_by_tiles`: the tile suffix kernel, which takes no suffix splits; `tile_rows`: rows per
-  /// prefix tile (64, or 128 for the 8-warp mma kernel, of which one CTA fits an SM instead of two).
+  /// prefix tile (64, or 128 for the 8-warp kernels); `prefix_ctas_per_sm`: the prefix tile kernel's
+  /// CTAs an SM (cuda::tile_ctas_per_sm; at most kMaxPrefixCtasPerSm count); `device_split`: the
+  /// suffix split comes from levels.suffix_split (room for device_split_items).
   CascadePlan(int64_t rows, int64_t q_heads, int64_t kv_heads, int64_t head_dim, const DecodeLevelsView& levels,
-              bool suffix_by_tiles, int tile_rows) {
+              bool suffix_by_tiles, int tile_rows, int prefix_ctas_per_sm, bool device_split) {
     group = static_cast<int>(q_heads / kv_heads);
-    if (!suffix_by_tiles && rows > 0 && levels.max_suffix_kv_len > 0) {
-      // decode_rows runs 4 CTAs per SM; split while a wave would be under half full, chunks of at
-      // least 256 keys (a multiple of the 32 keys a CTA loads per step).
-      constexpr int64_t kMinChunkKeys = 256;
-      const int64_t slots = 4 * multiprocessor_count();
-      const int heads_per_cta = cuda::decode_heads_per_cta(group);
-      const int64_t ctas = rows * kv_heads * ((group + heads_per_cta - 1) / heads_per_cta);
-      const int64_t by_keys = (levels.max_suffix_kv_len + kMinChunkKeys - 1) / kMinChunkKeys;
-      if (2 * ctas < slots && by_keys > 1) {
-        suffix_splits = static_cast<int>(std::min<int64_t>({slots / ctas, by_keys, 16}));
-        const int64_t per_split = (levels.max_suffix_kv_len + suffix_splits - 1) / suffix_splits;
-        suffix_chunk_keys = static_cast<int>((per_split + 63) / 64 * 64);
-      }
+    const int64_t sms = multiprocessor_count();
+    if (!suffix_by_tiles && levels.max_suffix_kv_len > 0) {
+      suffix = plan_suffix_split(rows, kv_heads, group, levels.max_suffix_kv_len, sms);
+    }
+    suffix.rows = static_cast<int>(rows);
+    suffix.items = static_cast<int>(rows * suffix.splits);
+    if (!suffix_by_tiles && device_split) {
+      suffix.items = static_cast<int>(device_split_items(rows, kv_heads, group, sms));
+      suffix.plan = levels.suffix_split;
     }
     prefix_row_tiles = static_cast<int>((levels.max_prefix_rows * static_cast<int64_t>(group) + tile_rows - 1) /
                                         tile_rows);
@@ -63,10 +107,11 @@ struct CascadePlan {
     const int64_t base_ctas = static_cast<int64_t>(prefix_row_tiles) * levels.num_prefixes * kv_heads;
     if (base_ctas > 0 && max_len > 0) {
       // Pick the split count with the least time per key chunk: waves(splits) / splits, where a wave
-      // is one CTA per slot (two 64-row tile CTAs fit an SM at d = 128, one of 128 rows). A longer
-      // split list must win by 5%, so ties keep fewer, larger chunks (less combine work).
+      // is one CTA per slot (the tile kernel's CTAs an SM: one of the 128-row tiles, 3 of wgmma64's
+      // 64-row tiles at d = 64). A longer split list must win by 5%, so ties keep fewer, larger
+      // chunks (less combine work).
       constexpr int64_t kMinChunkKeys = 256;  // below this a chunk's fixed costs dominate
-      const int64_t slots = (tile_rows > cuda::kTileRows ? 1 : 2) * multiprocessor_count();
+      const int64_t slots = std::clamp(prefix_ctas_per_sm, 1, kMaxPrefixCtasPerSm) * sms;
       const int64_t most = std::min<int64_t>(64, (max_len + kMinChunkKeys - 1) / kMinChunkKeys);
       double best_cost = 1.0 * ((base_ctas + slots - 1) / slots);
       for (int64_t s = 2; s <= most; ++s) {
@@ -81,20 +126,10 @@ struct CascadePlan {
     chunk_keys = static_cast<int>((per_split + 63) / 64 * 64);
     const int64_t prefix_states = levels.num_prefixes * splits * static_cast<int64_t>(levels.max_prefix_rows) * q_heads;
     suffix_o = 0;
-    suffix_lse = suffix_splits * rows * q_heads * head_dim;
-    prefix_o = suffix_lse + suffix_splits * rows * q_heads;
+    suffix_lse = static_cast<int64_t>(suffix.items) * q_heads * head_dim;
+    prefix_o = suffix_lse + static_cast<int64_t>(suffix.items) * q_heads;
     prefix_lse = prefix_o + prefix_states * head_dim;
     total = prefix_lse + prefix_states;
-  }
-
-  static int64_t multiprocessor_count() {
-    int device = 0, count = 0;
-    if (cudaGetDevice(&device) != cudaSuccess ||
-        cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device) != cudaSuccess || count <= 0) {
-      cudaGetLastError();
-      return 132;  // an H100 SXM; only the split heuristic depends on it
-    }
-    return count;
   }
 };
 
@@ -255,25 +290,32 @@ constexpr int kCombineElements = 512;
 /// D: the head dim, a compile-time constant so that an element's head and dim are a shift and a mask.
 template <typename T, int D>
 __global__ void combine_levels_kernel(TensorView o, float* lse_out, DecodeLevelsView levels, PrefixStates prefix,
-                                      int suffix_splits, const float* suffix_o, const float* suffix_lse) {
+                                      SuffixSplit suffix_split, const float* suffix_o, const float* suffix_lse) {
   constexpr int kHeads = kCombineElements / D;  // heads of a full chunk
   static_assert(kCombineElements % D == 0, "a combine chunk holds whole heads");
   __shared__ CoveringList covering;
   __shared__ MergeSteps<kHeads> steps;
   const int row = blockIdx.x;
-  const int64_t num_rows = o.shape[0], num_heads = o.shape[1];
+  const int64_t num_heads = o.shape[1];
   constexpr int64_t head_dim = D;
   const int listed = list_covering_prefixes(levels, row, covering);
   const int begin = blockIdx.y * kCombineElements;
   const int end = static_cast<int>(min(num_heads * head_dim, static_cast<int64_t>(begin + kCombineElements)));
   const int first_head = begin / D;
   const int heads = (end - begin) / D;
-  const int suffix_steps = suffix_splits - 1;
+  // The row's suffix states (row, split 0..splits-1) are adjacent; a row past a device plan's rows
+  // (a graph's padded row, when the step's own rows are split) has none: its suffix is empty.
+  const SuffixSplit split = suffix_split.resolved();
+  const bool has_suffix = row < split.rows;
+  const int suffix_steps = has_suffix ? split.splits - 1 : 0;
+  const int64_t suffix_base = static_cast<int64_t>(row) * split.splits * num_heads;  // (row, split 0), head 0
+  const auto own_lse = [&](int64_t head) { return has_suffix ? suffix_lse[suffix_base + head] : -INFINITY; };
+  const auto own_o = [&](int64_t head, int64_t d) {
+    return has_suffix ? suffix_o[(suffix_base + head) * head_dim + d] : 0.0f;
+  };
   if (threadIdx.x == 0) {  // the steps' states, for head 0: suffix splits, then covering prefixes
     int count = suffix_steps <= kMergeSteps ? suffix_steps : -1;
-    for (int split = 1; count >= 0 && split < suffix_splits; ++split) {
-      steps.state[split - 1] = static_cast<int64_t>(split) * num_rows * num_heads + row * num_heads;
-    }
+    for (int s = 1; count >= 0 && s <= suffix_steps; ++s) steps.state[s - 1] = suffix_base + s * num_heads;
     steps.count = append_prefix_steps(steps.state, count, levels, covering, listed, prefix, row, num_heads);
   }
   __syncthreads();
@@ -281,18 +323,17 @@ __global__ void combine_levels_kernel(TensorView o, float* lse_out, DecodeLevels
   if (count < 0) {  // too many steps to keep: merge element by element (same order, same bits)
     for (int idx = begin + threadIdx.x; idx < end; idx += blockDim.x) {
       const int64_t head = idx / D, d = idx % D;
-      const int64_t suffix_state = row * num_heads + head;
-      float value = suffix_o[suffix_state * head_dim + d];
-      float lse = suffix_lse[suffix_state];
-      for (int64_t split = 1; split < suffix_splits; ++split) {
-        const int64_t state = split * num_rows * num_heads + suffix_state;
+      float value = own_o(head, d);
+      float lse = own_lse(head);
+      for (int64_t s = 1; s <= suffix_steps; ++s) {
+        const int64_t state = suffix_base + s * num_heads + head;
         const LseMerge w = merge_lse(lse, suffix_lse[state]);
         value = merge_value(w, value, suffix_o[state * head_dim + d]);
         lse = w.lse;
       }
       merge_prefix_states(value, lse, levels, covering, listed, prefix, row, head, num_heads, d, head_dim);
       static_cast<T*>(o.data)[row * o.stride[0] + head * o.stride[1] + d] = from_float<T>(value);
-      if (d == 0 && lse_out != nullptr) lse_out[suffix_state] = lse;
+      if (d == 0 && lse_out != nullptr) lse_out[row * num_heads + head] = lse;
     }
     return;
   }
@@ -301,15 +342,14 @@ __global__ void combine_levels_kernel(TensorView o, float* lse_out, DecodeLevels
   const auto o_src = [&](int k) { return k < suffix_steps ? suffix_o : prefix.o; };
   if (static_cast<int>(threadIdx.x) < heads) {  // a thread per head: its merge weights and the row's lse
     const int64_t head = first_head + threadIdx.x;
-    const float lse = chain_merge_weights(steps, count, threadIdx.x, head, suffix_lse[row * num_heads + head], lse_src);
+    const float lse = chain_merge_weights(steps, count, threadIdx.x, head, own_lse(head), lse_src);
     if (lse_out != nullptr) lse_out[row * num_heads + head] = lse;
   }
   __syncthreads();
   for (int idx = begin + threadIdx.x; idx < end; idx += blockDim.x) {
     const int h = idx / D - first_head, d = idx % D;
     const int64_t head = first_head + h;
-    const float value = apply_merge_steps(steps, count, h, head, d, head_dim,
-                                          suffix_o[(row * num_heads + head) * head_dim + d], o_src);
+    const float value = apply_merge_steps(steps, count, h, head, d, head_dim, own_o(head, d), o_src);
     static_cast<T*>(o.data)[row * o.stride[0] + head * o.stride[1] + d] = from_float<T>(value);
   }
 }
@@ -379,14 +419,30 @@ const SideStream* side_stream(cudaStream_t caller) {
 bool cuda_head_dim_supported(int64_t head_dim) { return head_dim == 64 || head_dim == 128; }
 
 size_t cascade_workspace_floats(int64_t num_rows, int64_t num_q_heads, int64_t num_kv_heads, int64_t head_dim,
-                                const DecodeLevelsView& levels) {
+                                const DecodeLevelsView& levels, bool device_suffix_split) {
   // Enough for every kernel variant (the launch picks one from the environment): the split counts,
   // and so the states, differ between 64- and 128-row prefix tiles; the tile suffix takes no splits.
+  // The prefix split follows the tile kernel's CTAs an SM (its occupancy, known with the dtype at
+  // launch): every count the plan takes is sized for.
   int64_t most = 0;
   for (int rows : {cuda::kTileRows, cuda::kMaxTileRows}) {
-    most = std::max(most, CascadePlan(num_rows, num_q_heads, num_kv_heads, head_dim, levels, false, rows).total);
+    for (int ctas = 1; ctas <= kMaxPrefixCtasPerSm; ++ctas) {
+      most = std::max(most, CascadePlan(num_rows, num_q_heads, num_kv_heads, head_dim, levels, false, rows, ctas,
+                                        device_suffix_split)
+                                .total);
+    }
   }
   return static_cast<size_t>(most);
+}
+
+std::array<int32_t, 3> cascade_suffix_split(int64_t rows, int64_t padded_rows, int64_t num_q_heads,
+                                            int64_t num_kv_heads, int64_t max_suffix_kv_len) {
+  const int group = static_cast<int>(num_q_heads / num_kv_heads);
+  const cuda::SuffixSplit split =
+      plan_suffix_split(rows, num_kv_heads, group, max_suffix_kv_len, multiprocessor_count());
+  // Unsplit, every row of the launch (padded ones too: they read one key) has its state, as without a
+  // device plan; split, only the step's own rows, whose splits fill at most device_split_items.
+  return {split.splits, split.chunk_keys, static_cast<int32_t>(split.splits == 1 ? padded_rows : rows)};
 }
 
 cudaError_t cascade_decode_attention_cuda(const CascadeDecodeParams& p, cudaStream_t stream) {
@@ -397,11 +453,24 @@ cudaError_t cascade_decode_attention_cuda(const CascadeDecodeParams& p, cudaStre
   const bool tiles = suffix_by_tiles();
   const cuda::TileKernel kernel = cuda::tile_kernel();
   const CascadeLaunch launch_mode = cascade_launch();
-  const CascadePlan plan(num_rows, num_heads, num_kv_heads, head_dim, p.levels, tiles, cuda::tile_rows(kernel));
+  int prefix_ctas_per_sm = 1;
+  if (p.levels.num_prefixes > 0) {
+    const cudaError_t dispatched = BATCHLLM_DISPATCH_HALF_TYPES(p.q.dtype, [&] {
+      return BATCHLLM_DISPATCH_HEAD_DIM(head_dim, [&] {
+        prefix_ctas_per_sm = cuda::tile_ctas_per_sm<scalar_t, kHeadDim, cuda::PrefixProblem<scalar_t>>(kernel);
+        return cudaSuccess;
+      });
+    });
+    if (dispatched != cudaSuccess) return dispatched;
+  }
+  const CascadePlan plan(num_rows, num_heads, num_kv_heads, head_dim, p.levels, tiles, cuda::tile_rows(kernel),
+                         prefix_ctas_per_sm, p.levels.suffix_split != nullptr);
   // The fused grid shares one block size: 4-warp WMMA or mma prefix tiles only (others: separate).
   const bool fused = !tiles && launch_mode == CascadeLaunch::kFused &&
                      (kernel == cuda::TileKernel::kWmma || kernel == cuda::TileKernel::kMma);
-  const bool merge = !tiles && launch_mode == CascadeLaunch::kMerge && plan.suffix_splits == 1;
+  // The merge epilogue takes one key split: not a device-decided one, which may split.
+  const bool merge = !tiles && launch_mode == CascadeLaunch::kMerge && plan.suffix.splits == 1 &&
+                     plan.suffix.plan == nullptr;
   const SideStream* side = !tiles && launch_mode == CascadeLaunch::kStreams ? side_stream(stream) : nullptr;
   const int group = plan.group;
   float* ws = p.workspace;
@@ -415,7 +484,7 @@ cudaError_t cascade_decode_attention_cuda(const CascadeDecodeParams& p, cudaStre
       constexpr float kLog2e = 1.4426950408889634f;
       cuda::DecodeRowsArgs suffix{p.q, p.k_cache, p.v_cache, p.levels.suffix_block_tables,
                                   p.levels.max_suffix_blocks, p.levels.suffix_kv_lens, ws + plan.suffix_o,
-                                  ws + plan.suffix_lse, p.scale * kLog2e, group, plan.suffix_chunk_keys,
+                                  ws + plan.suffix_lse, p.scale * kLog2e, group, plan.suffix,
                                   cuda::FastDivisor::make(static_cast<uint32_t>(p.k_cache.shape[1]))};
       const cuda::PrefixStates prefix_states{ws + plan.prefix_o, ws + plan.prefix_lse, plan.splits};
       if (merge) {
@@ -426,10 +495,10 @@ cudaError_t cascade_decode_attention_cuda(const CascadeDecodeParams& p, cudaStre
         suffix.prefix_states = prefix_states;
         suffix.out = p.o;
         suffix.lse_out = p.lse;
-        return cuda::launch_decode_rows<scalar_t, kHeadDim>(suffix, num_rows, num_kv_heads, 1, stream);
+        return cuda::launch_decode_rows<scalar_t, kHeadDim>(suffix, num_kv_heads, stream);
       }
       if (fused) {
-        const dim3 suffix_grid = cuda::decode_rows_grid(num_rows, num_kv_heads, group, plan.suffix_splits);
+        const dim3 suffix_grid = cuda::decode_rows_grid(plan.suffix, num_kv_heads, group);
         const bool mma = kernel == cuda::TileKernel::kMma;
         const bool four = cuda::decode_heads_per_cta(group) == 4;
         const auto launch = mma ? (four ? cuda::launch_cascade_fused<scalar_t, kHeadDim, 4, true>
@@ -449,11 +518,10 @@ cudaError_t cascade_decode_attention_cuda(const CascadeDecodeParams& p, cudaStre
         } else if (side != nullptr) {  // fork: the suffix on the side stream, after the caller's work so far
           BATCHLLM_CUDA_RETURN_IF_ERROR(cudaEventRecord(side->fork, stream));
           BATCHLLM_CUDA_RETURN_IF_ERROR(cudaStreamWaitEvent(side->stream, side->fork, 0));
-          BATCHLLM_CUDA_RETURN_IF_ERROR((cuda::launch_decode_rows<scalar_t, kHeadDim>(
-              suffix, num_rows, num_kv_heads, plan.suffix_splits, side->stream)));
+          BATCHLLM_CUDA_RETURN_IF_ERROR(
+              (cuda::launch_decode_rows<scalar_t, kHeadDim>(suffix, num_kv_heads, side->stream)));
         } else {
-          BATCHLLM_CUDA_RETURN_IF_ERROR((cuda::launch_decode_rows<scalar_t, kHeadDim>(
-              suffix, num_rows, num_kv_heads, plan.suffix_splits, stream)));
+          BATCHLLM_CUDA_RETURN_IF_ERROR((cuda::launch_decode_rows<scalar_t, kHeadDim>(suffix, num_kv_heads, stream)));
         }
         BATCHLLM_CUDA_RETURN_IF_ERROR((cuda::launch_tiles<scalar_t, kHeadDim>(kernel, prefix, prefix_grid, p.k_cache,
                                                                               p.v_cache, p.scale, stream)));
@@ -465,7 +533,7 @@ cudaError_t cascade_decode_attention_cuda(const CascadeDecodeParams& p, cudaStre
       const dim3 combine_grid(static_cast<unsigned>(num_rows), static_cast<unsigned>(
           (num_heads * head_dim + cuda::kCombineElements - 1) / cuda::kCombineElements));
       BATCHLLM_LAUNCH(combine_grid, 128, 0, stream, cuda::combine_levels_kernel<scalar_t, kHeadDim>)(
-          p.o, p.lse, p.levels, prefix_states, plan.suffix_splits, ws + plan.suffix_o, ws + plan.suffix_lse);
+          p.o, p.lse, p.levels, prefix_states, plan.suffix, ws + plan.suffix_o, ws + plan.suffix_lse);
       return cuda::last_launch_error();
     });
   });

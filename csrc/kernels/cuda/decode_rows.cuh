@@ -2,9 +2,9 @@
 // cascade decode. Each decode row reads keys no other row reads, so there is nothing to share and a
 // tensor-core tile would leave 60 of its 64 rows empty (GQA group 4); what matters is keeping many
 // 16-byte loads in flight. Layout (FlashInfer's batch decode, simplified):
-//   grid (row, KV head, head chunk x key split): a CTA takes up to kHeads (4 or 8, by the GQA group:
+//   grid (row x key split, KV head, head chunk): a CTA takes up to kHeads (4 or 8, by the GQA group:
 //   every head of a group up to 8 reads the row's keys in one CTA, so they are loaded once) query heads
-//   and one chunk of the row's keys (all of them unless the launch splits them), 128 threads;
+//   and one chunk of the row's keys (all of them unless the launch splits them; SuffixSplit), 128 threads;
 //   a key's D elements are spread over D / 8 lanes (16 bytes each), so a warp takes 32 / (D / 8) keys
 //   at a time and the CTA 4x that, kDecodeUnroll times per iteration: loads for all of them are issued
 //   before any is used. Every lane group keeps its own online-softmax state (max, sum, o) per head;
@@ -86,6 +86,33 @@ __device__ __forceinline__ void unpack8(const uint4& raw, float (&out)[8]) {
   for (int i = 0; i < 8; ++i) out[i] = to_float(values[i]);
 }
 
+/// How a decode_rows launch splits its rows' keys, and where each (row, split) state goes: work item
+/// x of the grid (its x dimension) is row x / splits, key chunk x % splits (keys [split * chunk_keys,
+/// (split + 1) * chunk_keys)); its state is state x, so a row's splits are adjacent ([row, split]).
+/// Either the host plan's split (plan == nullptr: items = rows x splits), or one decided per step on
+/// the host and read from device memory (`plan`, DecodeLevelsView::suffix_split: {splits, chunk_keys,
+/// rows covered}), which a CUDA graph captured for a batch bucket replays with whatever split the
+/// step's own rows call for: its grid has room for `items` (cascade_suffix_split keeps every plan
+/// within it) and the items past the plan's exit at once.
+struct SuffixSplit {
+  int splits = 1;
+  int chunk_keys = 1 << 30;   // keys per split (any value >= the longest row when not split)
+  int rows = 0;               // rows with states: the launch's (host plan), or the plan's rows covered
+  int items = 0;              // the grid's items (x): rows x splits, or the capacity for a device plan
+  const int32_t* plan = nullptr;
+
+  /// The split in effect: the device plan's, clamped to the launch (at least one split, at most the
+  /// launch's rows, every covered row's states within the items), or the host plan's.
+  __device__ __forceinline__ SuffixSplit resolved() const {
+    if (plan == nullptr) return *this;
+    SuffixSplit split = *this;
+    split.splits = max(1, plan[0]);
+    split.chunk_keys = max(1, plan[1]);
+    split.rows = max(0, min(min(plan[2], rows), items / split.splits));
+    return split;
+  }
+};
+
 /// Rows, keys and outputs of one decode_rows launch.
 struct DecodeRowsArgs {
   TensorView q;                  // [B, Hq, D]
@@ -93,11 +120,11 @@ struct DecodeRowsArgs {
   const int32_t* block_tables;   // [B, max_blocks]
   int64_t max_blocks;
   const int32_t* kv_lens;        // [B]
-  float* state_o;                // [splits, B, Hq, D] normalised
-  float* state_lse;              // [splits, B, Hq] natural log
+  float* state_o;                // [items, Hq, D] normalised (item = row * splits + split)
+  float* state_lse;              // [items, Hq] natural log
   float scale_log2;              // softmax scale * log2(e)
   int group;                     // Hq / Hkv
-  int chunk_keys;                // keys per split (any value >= the longest row when not split)
+  SuffixSplit split;             // the key split and the grid's items
   FastDivisor block_size;        // the caches' block size (shape[1])
   // Merge epilogue (cascade with BATCHLLM_CASCADE_LAUNCH=merge; one key split only): instead of the
   // state, merge it with the states of the prefixes covering the row (the prefix tiles ran before
@@ -122,14 +149,14 @@ struct DecodeSmem {
   MergeSteps<kHeads> merges;   // and its merge steps with their states
 };
 
-/// The grid of a decode_rows launch: (row, KV head, head chunk + chunks x key split).
-inline dim3 decode_rows_grid(int64_t num_rows, int num_kv_heads, int group, int splits) {
+/// The grid of a decode_rows launch: (item = row x key split, KV head, head chunk).
+inline dim3 decode_rows_grid(const SuffixSplit& split, int num_kv_heads, int group) {
   const int heads = decode_heads_per_cta(group);
-  return dim3(static_cast<unsigned>(num_rows), static_cast<unsigned>(num_kv_heads),
-              static_cast<unsigned>((group + heads - 1) / heads * splits));
+  return dim3(static_cast<unsigned>(split.items), static_cast<unsigned>(num_kv_heads),
+              static_cast<unsigned>((group + heads - 1) / heads));
 }
 
-/// One work item (row, KV head, head chunk x key split) of decode_rows on a CTA of kDecodeThreads:
+/// One work item (row x key split, KV head, head chunk) of decode_rows on a CTA of kDecodeThreads:
 /// the body of decode_rows_kernel and of the fused cascade kernel's suffix items.
 template <typename T, int D, int kHeads>
 __device__ __forceinline__ void decode_rows(const DecodeRowsArgs& args, const dim3& item,
@@ -138,17 +165,19 @@ __device__ __forceinline__ void decode_rows(const DecodeRowsArgs& args, const di
   constexpr int kKeysPerWarp = 32 / kLanesPerKey;
   constexpr int kGroups = kDecodeWarps * kKeysPerWarp;  // keys in flight per unrolled step
 
-  const int row = item.x, kv_head = item.y;
-  const int head_chunks = (args.group + kHeads - 1) / kHeads;
-  const int head_chunk = item.z % head_chunks, split = item.z / head_chunks;
+  const SuffixSplit split_in_effect = args.split.resolved();
+  const int row = item.x / split_in_effect.splits, split = item.x % split_in_effect.splits;
+  if (row >= split_in_effect.rows) return;  // past a device plan's items: the whole CTA, before any barrier
+  const int kv_head = item.y, head_chunk = item.z;
   const int first_head = kv_head * args.group + head_chunk * kHeads;
   const int heads = min(kHeads, args.group - head_chunk * kHeads);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int sub = lane / kLanesPerKey, chunk = lane % kLanesPerKey;  // chunk: which 8 elements
   const int group_id = warp * kKeysPerWarp + sub;
   // This split's keys [key_begin, len); an empty range writes the empty state (lse -inf, o 0).
-  const int key_begin = split * args.chunk_keys;
-  const int len = min(args.kv_lens[row], key_begin + args.chunk_keys);
+  const int chunk_keys = split_in_effect.chunk_keys;
+  const int key_begin = split * chunk_keys;
+  const int len = min(args.kv_lens[row], key_begin + chunk_keys);
   const PagedKvHead<T> kv(args.k_cache, args.v_cache, args.block_tables + row * args.max_blocks, kv_head,
                           args.block_size);
   // This lane's 16 bytes of the head's K and V rows in block 0, slot 0: a key's address adds its
@@ -291,7 +320,7 @@ __device__ __forceinline__ void decode_rows(const DecodeRowsArgs& args, const di
       static_cast<T*>(args.out.data)[row * args.out.stride[0] + head * args.out.stride[1] + d] = from_float<T>(value);
       if (d == 0 && args.lse_out != nullptr) args.lse_out[row * num_heads + head] = lse;
     } else {
-      const int64_t out_state = (static_cast<int64_t>(split) * args.q.shape[0] + row) * num_heads + head;
+      const int64_t out_state = static_cast<int64_t>(item.x) * num_heads + head;  // item = row * splits + split
       args.state_o[out_state * D + d] = value;
       if (d == 0) args.state_lse[out_state] = lse;
     }
@@ -299,17 +328,16 @@ __device__ __forceinline__ void decode_rows(const DecodeRowsArgs& args, const di
 }
 
 template <typename T, int D, int kHeads>
-__global__ void __launch_bounds__(kDecodeThreads) decode_rows_kernel(DecodeRowsArgs args) {
+__global__ void __launch_bounds__(kDecodeThreads, kHeads == 4 ? 4 : 1) decode_rows_kernel(DecodeRowsArgs args) {
   __shared__ DecodeSmem<D, kHeads> sm;
   decode_rows<T, D, kHeads>(args, blockIdx, sm);
 }
 
-/// Launches decode_rows_kernel for B rows, their keys in `splits` chunks of args.chunk_keys.
+/// Launches decode_rows_kernel over args.split's items.
 template <typename T, int D>
-cudaError_t launch_decode_rows(const DecodeRowsArgs& args, int64_t num_rows, int num_kv_heads, int splits,
-                               cudaStream_t stream) {
-  if (num_rows == 0) return cudaSuccess;
-  const dim3 grid = decode_rows_grid(num_rows, num_kv_heads, args.group, splits);
+cudaError_t launch_decode_rows(const DecodeRowsArgs& args, int num_kv_heads, cudaStream_t stream) {
+  if (args.split.items == 0) return cudaSuccess;
+  const dim3 grid = decode_rows_grid(args.split, num_kv_heads, args.group);
   if (decode_heads_per_cta(args.group) == 4) {
     BATCHLLM_LAUNCH(grid, kDecodeThreads, 0, stream, decode_rows_kernel<T, D, 4>)(args);
   } else {

@@ -68,4 +68,26 @@ cudaError_t launch_tiles(TileKernel kernel, const Problem& problem, dim3 grid, c
   }
 }
 
+/// CTAs of `kernel`'s tiles (for the Problem) that fit one SM: tile_kernel_ctas_per_sm of the kernel
+/// launch_tiles launches.
+template <typename T, int D, typename Problem>
+int tile_ctas_per_sm(TileKernel kernel) {
+  switch (kernel) {
+    case TileKernel::kMma:
+      return tile_kernel_ctas_per_sm<attention_mma_kernel<T, D, Problem, 4>, sizeof(MmaSmem<T, D>)>();
+    case TileKernel::kMma128:
+      return tile_kernel_ctas_per_sm<attention_mma_kernel<T, D, Problem, 8>, sizeof(MmaSmem<T, D>), 256>();
+    case TileKernel::kWgmma:
+      return tile_kernel_ctas_per_sm<attention_wgmma_kernel<T, D, Problem, 8, false>,
+                                     sizeof(WgmmaSmemFor<T, D, false>), 256>();
+    case TileKernel::kWgmmaPipelined:
+      return tile_kernel_ctas_per_sm<attention_wgmma_kernel<T, D, Problem, 8, true>,
+                                     sizeof(WgmmaSmemFor<T, D, true>), 256>();
+    case TileKernel::kWgmma64:
+      return tile_kernel_ctas_per_sm<attention_wgmma_kernel<T, D, Problem, 4, true>, sizeof(WgmmaSmemFor<T, D, true>)>();
+    default:
+      return tile_kernel_ctas_per_sm<attention_tile_kernel<T, D, Problem>, sizeof(TileSmem<T, D>)>();
+  }
+}
+
 }  // namespace batchllm::kernels::cuda

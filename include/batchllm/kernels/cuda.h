@@ -7,6 +7,7 @@
 // cudaErrorInvalidValue, before any launch).
 #pragma once
 
+#include <array>
 #include <cstddef>
 #include <cstdint>
 
@@ -27,8 +28,17 @@ const char* cuda_tile_kernel_name();
 /// float32 elements of scratch that cascade_decode_attention_cuda needs in params.workspace.
 /// Depends on the current device's multiprocessor count (split-KV), so size it on the launch device.
 /// \param num_rows B   \param num_q_heads Hq   \param num_kv_heads Hkv   \param levels sizes and host hints
+/// \param device_suffix_split levels.suffix_split will be set (room for any split it may ask for).
 size_t cascade_workspace_floats(int64_t num_rows, int64_t num_q_heads, int64_t num_kv_heads, int64_t head_dim,
-                                const DecodeLevelsView& levels);
+                                const DecodeLevelsView& levels, bool device_suffix_split = false);
+
+/// DecodeLevelsView::suffix_split for a step of `rows` decode rows (their longest suffix
+/// `max_suffix_kv_len` keys) launched as `padded_rows` rows (a CUDA graph's batch bucket): {splits,
+/// chunk_keys, rows covered}, the split the same step would get launched at its own size (on the
+/// current device: the split follows its multiprocessor count). A launch with this array and a
+/// workspace of cascade_workspace_floats(padded_rows, ..., true) holds it whatever the rows.
+std::array<int32_t, 3> cascade_suffix_split(int64_t rows, int64_t padded_rows, int64_t num_q_heads,
+                                            int64_t num_kv_heads, int64_t max_suffix_kv_len);
 
 cudaError_t store_kv_cuda(const StoreKvParams& params, cudaStream_t stream);
 cudaError_t prefill_attention_cuda(const PrefillParams& params, cudaStream_t stream);

@@ -156,6 +156,29 @@ void reset_device() {
 
 void set_multiprocessor_count(int count) { emu().multiprocessors = count; }
 
+void set_occupancy(int ctas) { emu().occupancy = ctas; }
+
+cudaError_t occupancy(const void* kernel, int block_size, size_t dynamic_smem, int* ctas) {
+  Emulator& e = emu();
+  if (ctas == nullptr || block_size <= 0 || block_size > 1024) return cudaErrorInvalidValue;
+  size_t smem_limit = kDefaultSmemLimit;
+  const auto attribute = e.max_dynamic_smem.find(kernel);
+  if (attribute != e.max_dynamic_smem.end()) smem_limit = std::max<size_t>(smem_limit, attribute->second);
+  if (dynamic_smem > smem_limit) {
+    *ctas = 0;  // as the device: a launch of this size would fail
+    return cudaSuccess;
+  }
+  if (e.occupancy > 0) {
+    *ctas = e.occupancy;
+    return cudaSuccess;
+  }
+  // An H100's SM: 2,048 threads, 32 CTAs, 228 KB of shared memory (1 KB of it reserved per CTA).
+  constexpr size_t kSmemPerSm = 228 * 1024, kReservedPerCta = 1024;
+  *ctas = static_cast<int>(std::min<size_t>({2048 / static_cast<size_t>(block_size), 32,
+                                              kSmemPerSm / (dynamic_smem + kReservedPerCta)}));
+  return cudaSuccess;
+}
+
 int64_t launch_count() { return emu().launches; }
 
 cudaError_t set_function_attribute(const void* kernel, cudaFuncAttribute attr, int value) {

@@ -137,12 +137,16 @@ enum class Order { kForward, kReverse, kShuffled };
 void set_order(Order order, unsigned seed = 0);
 /// The multiprocessor count cudaDeviceGetAttribute reports (132, an H100 SXM, unless set).
 void set_multiprocessor_count(int count);
+/// The CTAs an SM that cudaOccupancyMaxActiveBlocksPerMultiprocessor reports for every kernel (the
+/// emulation knows no register counts); 0 (default): from the threads and dynamic shared memory alone.
+void set_occupancy(int ctas);
 /// Clears a launch failure (sticky on the device until the context is reset, and so here).
 void reset_device();
 /// Launches run so far (a test can check that a launcher launched what it should).
 int64_t launch_count();
 
 cudaError_t set_function_attribute(const void* kernel, cudaFuncAttribute attr, int value);
+cudaError_t occupancy(const void* kernel, int block_size, size_t dynamic_smem, int* ctas);
 /// Runs `body` as every thread of every CTA of the grid; returns the launch's error.
 cudaError_t run_kernel(const void* kernel, dim3 grid, dim3 block, size_t dynamic_smem,
                        const std::function<void()>& body);
@@ -213,6 +217,12 @@ Launch<P...> launch(void (*kernel)(P...), dim3 grid, dim3 block, size_t smem, cu
 template <typename Kernel>
 cudaError_t cudaFuncSetAttribute(Kernel* kernel, cudaFuncAttribute attr, int value) {
   return batchllm_emulation::set_function_attribute(reinterpret_cast<const void*>(kernel), attr, value);
+}
+
+template <typename Kernel>
+cudaError_t cudaOccupancyMaxActiveBlocksPerMultiprocessor(int* ctas, Kernel* kernel, int block_size,
+                                                          size_t dynamic_smem) {
+  return batchllm_emulation::occupancy(reinterpret_cast<const void*>(kernel), block_size, dynamic_smem, ctas);
 }
 
 // ---- synchronisation and warp primitives ----------------------------------------------------------------

@@ -120,6 +120,24 @@ TEST(CudaEmulation, RejectsWhatTheDeviceRejects) {
   EXPECT_EQ(out[0], 1);
 }
 
+TEST(CudaEmulation, OccupancyQueryCountsThreadsAndSharedMemoryOrWhatATestSets) {
+  int ctas = -1;
+  // 2,048 threads and 228 KB an SM (1 KB of it reserved a CTA): 256 threads and 64 KB -> 3 CTAs.
+  ASSERT_EQ(cudaFuncSetAttribute(noop_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, 100 * 1024), cudaSuccess);
+  ASSERT_EQ(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&ctas, noop_kernel, 256, 64 * 1024), cudaSuccess);
+  EXPECT_EQ(ctas, 3);
+  ASSERT_EQ(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&ctas, noop_kernel, 1024, 0), cudaSuccess);
+  EXPECT_EQ(ctas, 2);
+  // Above the kernel's shared memory attribute: no CTA fits (the launch would fail).
+  ASSERT_EQ(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&ctas, noop_kernel, 128, 120 * 1024), cudaSuccess);
+  EXPECT_EQ(ctas, 0);
+  batchllm_emulation::set_occupancy(1);  // what a kernel's registers would allow on a device
+  ASSERT_EQ(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&ctas, noop_kernel, 256, 64 * 1024), cudaSuccess);
+  EXPECT_EQ(ctas, 1);
+  batchllm_emulation::set_occupancy(0);
+  EXPECT_EQ(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&ctas, noop_kernel, 0, 0), cudaErrorInvalidValue);
+}
+
 /// One warp: C = A B for 16x16 tiles through WMMA, A row-major, B column-major.
 __global__ void wmma_kernel(const __half* a, const __half* b, float* c, bool misaligned) {
   using namespace nvcuda;

@@ -62,6 +62,7 @@ struct Emulator {
   Order order = Order::kForward;
   std::mt19937 rng{0};
   int multiprocessors = 132;
+  int occupancy = 0;  // CTAs an SM the occupancy query reports; 0: from threads and shared memory
   int64_t launches = 0;
   std::map<const void*, int> max_dynamic_smem;
   std::map<void*, Guarded> allocations;

@@ -12,6 +12,7 @@
 #include <cuda_runtime_api.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstdlib>
 #include <numeric>
@@ -411,6 +412,8 @@ struct CascadeShape {
   std::vector<int> suffix_lens;
   int multiprocessors = 132;  // fewer: the split-KV heuristic splits long prefixes
   bool once = false;          // costly on the emulation: one dtype, head dim and GQA ratio only
+  int padded = 0;             // the last rows are a CUDA graph's padding (one suffix key, no prefix):
+                              // the suffix split is decided per step on the device for the rest
 };
 
 std::vector<CascadeShape> cascade_shapes() {
@@ -433,6 +436,11 @@ std::vector<CascadeShape> cascade_shapes() {
   // Rows covered by more prefixes than the combine step lists: its fallback scans them all.
   shapes.push_back({"34 prefixes over the same rows", std::vector<std::tuple<int, int, int>>(34, {1, 0, 2}), {2, 3},
                     132, true});
+  // A graph step of two long rows padded to eight: the device split splits the two (the padded rows
+  // get no suffix state: zeros), as their own launch would, in a grid sized for eight.
+  shapes.push_back({"graph-padded rows, split suffix", {{40, 0, 2}}, {700, 300, 1, 1, 1, 1, 1, 1}, 8, false, 6});
+  // Short suffixes: unsplit, and the padded rows attend their one key as every row does.
+  shapes.push_back({"graph-padded rows, unsplit suffix", {{40, 0, 3}}, {5, 100, 16, 1, 1, 1, 1, 1}, 132, false, 5});
   return shapes;
 }
 
@@ -456,6 +464,9 @@ TEST_F(CudaSweep, CascadeDecodeAttention) {
             begin_case(index++);
 #ifdef BATCHLLM_CUDA_EMULATION_ACTIVE
             batchllm_emulation::set_multiprocessor_count(shape.multiprocessors);
+            // The prefix split plan counts the tile kernel's CTAs an SM (its occupancy): vary what the
+            // occupancy query reports (0: from threads and shared memory) so that plans of 1-4 run.
+            batchllm_emulation::set_occupancy(index % 4);
 #else
             if (shape.multiprocessors != 132) continue;  // the real device decides its own splits
 #endif
@@ -528,8 +539,21 @@ TEST_F(CudaSweep, CascadeDecodeAttention) {
             d.levels.suffix_kv_lens = d_suffix_lens.device;
             Mirror<float> lse(std::vector<float>(rows * hq, NAN));
             d.lse = with_lse ? lse.device : nullptr;
-            Mirror<float> workspace(
-                std::vector<float>(bk::cascade_workspace_floats(rows, hq, hkv, head_dim, p.levels), NAN));
+            // The suffix split decided per step on the device (DecodeLevelsView::suffix_split) for the
+            // graph-padded shapes and, by a hash of the case, for a third of the others.
+            const bool device_split = shape.padded > 0 || ((static_cast<unsigned>(index) * 3266489917u) >> 29) % 3 == 0;
+            const int64_t real_rows = rows - shape.padded;
+            int32_t real_max_suffix = 0;
+            for (int64_t r = 0; r < real_rows; ++r) real_max_suffix = std::max(real_max_suffix, suffix_lens[r]);
+            const std::array<int32_t, 3> split =
+                bk::cascade_suffix_split(real_rows, rows, hq, hkv, device_split ? real_max_suffix : 0);
+            Mirror<int32_t> d_split(std::vector<int32_t>(split.begin(), split.end()));
+            SCOPED_TRACE(device_split ? "device split " + std::to_string(split[0]) + " x " + std::to_string(split[1]) +
+                                            " keys, " + std::to_string(split[2]) + " rows"
+                                      : std::string("host split"));
+            if (device_split) d.levels.suffix_split = d_split.device;
+            Mirror<float> workspace(std::vector<float>(
+                bk::cascade_workspace_floats(rows, hq, hkv, head_dim, p.levels, device_split), NAN));
             d.workspace = workspace.device;
             // Kernel variants by a hash of the case (a plain index % n would tie them to shapes):
             // the suffix level on decode_rows (default) or the tile kernel, or decode_rows and the
@@ -543,6 +567,12 @@ TEST_F(CudaSweep, CascadeDecodeAttention) {
             const char* launches[] = {nullptr, nullptr, "fused", "merge", "streams"};
             const char* tile_names[] = {"wmma", "mma", "mma128", "wgmma", "wgmma-pipe", "wgmma64"};
             const unsigned suffix = variant % 5;
+            // Rows past a device split's have no suffix state: the padded rows of a split step give
+            // zeros (the tile suffix, which takes no splits, attends every row).
+            for (int64_t r = split[2]; device_split && suffix != 0 && r < rows; ++r) {
+              std::fill(want.begin() + r * hq * head_dim, want.begin() + (r + 1) * hq * head_dim, to_bits(0.0f, dtype));
+              std::fill(want_lse.begin() + r * hq, want_lse.begin() + (r + 1) * hq, -INFINITY);
+            }
             const unsigned tiles = ((static_cast<unsigned>(index) * 2246822519u) >> 27) % 6;
             if (suffix == 0) setenv("BATCHLLM_CASCADE_SUFFIX", "tile", 1);
             if (launches[suffix] != nullptr) setenv("BATCHLLM_CASCADE_LAUNCH", launches[suffix], 1);
@@ -572,6 +602,7 @@ TEST_F(CudaSweep, CascadeDecodeAttention) {
   }
 #ifdef BATCHLLM_CUDA_EMULATION_ACTIVE
   batchllm_emulation::set_multiprocessor_count(132);
+  batchllm_emulation::set_occupancy(0);
 #endif
 }
 
