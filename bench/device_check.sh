@@ -5,9 +5,9 @@
 #   3. gpu tests     (pytest -m gpu)
 #   4. benchmarks    (bench/bench_attention.py: decode kernel grid + paged prefill; bench/bench_sampling.py)
 #   5. end-to-end    (bench/e2e.py: W1, W2, W5 on llama-1b, policies, graphs, overlap, transformers)
-#   6. e2e_w6        (W6 on the qwen2.5-7b shape, batchllm vs fcfs-lru, if time is left)
+#   6. e2e_w6        (W6 on the qwen2.5-7b shape, batchllm vs fcfs-lru, if 90 s are left)
 #   6b. profile_quick (bench/profile_e2e.py: W1 1/4 step kinds and top kernels, W5 1/8 step kinds under
-#                    both policies; log in e2e.log)
+#                    both policies; log in e2e.log; what time is left)
 #   7. ncu           (Nsight Compute counters and stall reasons of the default kernels, if time is left)
 #   8. sanitizer     (compute-sanitizer memcheck + racecheck on small kernel tests, if time is left)
 # Logs and JSON go to $OUT (default build/device_check_out): one log per section plus
@@ -200,8 +200,8 @@ for line in open(sys.argv[1]):
 }
 
 # ---- 5b. end-to-end W6 (1/10 scale, qwen2.5-7b shape): batchllm vs fcfs-lru beside BatchLLM's published
-# 1.3x-10.8x over vLLM. Rows append to $OUT/e2e.jsonl, the log to e2e.log. Last in the default order
-# (a 7B model: the longest runs); a second call can ask for it: SECTIONS="e2e_w6".
+# 1.3x-10.8x over vLLM. Rows append to $OUT/e2e.jsonl, the log to e2e.log. After the llama-1b runs,
+# before profile_quick (a 7B model: the longest runs); a second call can ask for it: SECTIONS="e2e_w6".
 section_e2e_w6() {
   cd "$ROOT"
   "$PY" bench/e2e.py --model qwen2.5-7b-shape --device cuda --json-out "$OUT/e2e.jsonl" --workload W6 --scale 1 \
@@ -282,8 +282,10 @@ if (( BUILD_OK )); then
   run_section bench_attention 100 30 section_bench_attention
   run_section bench_sampling 40 15 section_bench_sampling bench_attention
   run_section e2e 240 45 section_e2e
-  run_section profile_quick 120 25 section_profile_quick e2e
+  # W6 before profile_quick: it needs 90 s at least and has never had them (runs 1-3); the profile
+  # takes what is left (25 s will do for its W1 part).
   run_section e2e_w6 200 90 section_e2e_w6 e2e
+  run_section profile_quick 120 25 section_profile_quick e2e
   run_section ncu 90 30 section_ncu tools
   run_section sanitizer 90 40 section_sanitizer tools
   [[ " $SECTIONS " == *" profile "* ]] && run_section profile 200 30 section_profile
