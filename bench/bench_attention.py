@@ -20,8 +20,8 @@ Decode (one query per sequence, 32 q heads, 8 KV heads, head dim 128, bf16, page
   floor      (P + B*S) * KV bytes per token / measured device copy bandwidth
 Prefill (causal, one 4096-token chunk per sequence over paged KV): ours (the default tiles), mma.sync
 tiles of 64 and 128 rows, plain wgmma tiles, 64-row pipelined wgmma tiles and WMMA tiles, vs SDPA
-flash on the same dense shapes. Prefix scan: the prefix tiles alone at d = 64 and 128, default and
-wgmma64. Graph tail: a job's last few rows of long suffixes replayed in a graph of a larger batch
+flash on the same dense shapes. Prefix scan: the prefix tiles alone at d = 64 and 128, default,
+wgmma64 and plain wgmma (2 CTAs an SM at d = 64). Graph tail: a job's last few rows of long suffixes replayed in a graph of a larger batch
 bucket, with the bucket's key split and with the step's own split read on the device.
 
 Timing: CUDA graphs of each variant (launch gaps out), CUDA events, median of many replays after
@@ -344,21 +344,28 @@ def bench_decode(shape, bandwidth, reps, device_name):
 PREFIX_SCAN = [(64, 1024), (64, 4096), (256, 1024), (256, 4096)]  # (readers, prefix keys)
 
 
+SCAN_VARIANTS = ["wgmma64", "wgmma"]  # prefix tiles timed beside the default in the prefix scan
+
+
 def bench_prefix_scan(reps, device_name) -> dict:
     """The prefix tiles alone (ours with empty suffixes) over readers x prefix keys at head dims 64
     (llama-1b, as e2e runs them) and 128: how their time grows with keys (per 1,024 keys) and with
-    rows tells a latency-bound key loop from a throughput-bound one."""
-    times, times_wgmma64 = {}, {}
+    rows tells a latency-bound key loop from a throughput-bound one. Beside the default, the tiles
+    that fit more CTAs an SM at d = 64: wgmma64 (64 rows, 3 CTAs) and plain wgmma (128 rows at 128
+    registers, 2 CTAs: one's softmax beside the other's products)."""
+    times = {}
+    variant_times = {name: {} for name in SCAN_VARIANTS}
     for head_dim in (64, 128):
         for batch, prefix in PREFIX_SCAN:
             inputs = [DecodeInputs(batch, prefix, 16, with_dense=False, seed=i, head_dim=head_dim) for i in range(2)]
             times[f"d{head_dim} B{batch} P{prefix}"] = time_graphs([x.prefix_part for x in inputs], reps=reps)
-            try:  # the 64-row wgmma tiles beside the default: several CTAs an SM at d = 64
-                times_wgmma64[f"d{head_dim} B{batch} P{prefix}"] = time_with_env(
-                    {"BATCHLLM_ATTENTION_TILES": "wgmma64"}, [x.prefix_part for x in inputs], reps)
-            except Exception as err:  # noqa: BLE001 (a variant failing on its first GPU is reported)
-                times_wgmma64[f"d{head_dim} B{batch} P{prefix}"] = math.nan
-                variant_failed("wgmma64", err)
+            for name in SCAN_VARIANTS:
+                try:  # a variant failing on its first GPU is reported
+                    variant_times[name][f"d{head_dim} B{batch} P{prefix}"] = time_with_env(
+                        {"BATCHLLM_ATTENTION_TILES": name}, [x.prefix_part for x in inputs], reps)
+                except Exception as err:  # noqa: BLE001
+                    variant_times[name][f"d{head_dim} B{batch} P{prefix}"] = math.nan
+                    variant_failed(name, err)
             del inputs
     slopes = {}
     for head_dim in (64, 128):
@@ -371,7 +378,8 @@ def bench_prefix_scan(reps, device_name) -> dict:
     return {"bench": "prefix_scan", "device": device_name, "commit": commit(), "q_heads": Q_HEADS,
             "kv_heads": KV_HEADS, "tiles": tile_kernel_that_runs(os.environ.get("BATCHLLM_ATTENTION_TILES", "")),
             "ms": times, "ms_per_1024_keys": slopes, "wgmma64_runs_as": tile_kernel_that_runs("wgmma64"),
-            "ms_wgmma64": times_wgmma64}
+            **{f"ms_{name}": variant_times[name] for name in SCAN_VARIANTS},
+            "wgmma_runs_as": tile_kernel_that_runs("wgmma")}
 
 
 GRAPH_TAIL = [1, 4, 16]  # real rows of a job's tail step, each with GRAPH_TAIL_KEYS suffix keys
@@ -634,8 +642,9 @@ def run_tables(args, reps, device_name, bandwidth, rows, record, done, skip) -> 
               ", ".join(f"{k} {v:.4f}" for k, v in scan["ms"].items()), flush=True)
         print("  ms per 1,024 more prefix keys: " +
               ", ".join(f"{k} {v:.4f}" for k, v in scan["ms_per_1024_keys"].items()), flush=True)
-        print(f"  the same on {scan['wgmma64_runs_as']} (BATCHLLM_ATTENTION_TILES=wgmma64), ms: " +
-              ", ".join(f"{k} {v:.4f}" for k, v in scan["ms_wgmma64"].items()), flush=True)
+        for name in SCAN_VARIANTS:
+            print(f"  the same on {scan[name + '_runs_as']} (BATCHLLM_ATTENTION_TILES={name}), ms: " +
+                  ", ".join(f"{k} {v:.4f}" for k, v in scan["ms_" + name].items()), flush=True)
     if not any(r["bench"] == "graph_tail" for r in rows):
         tail = bench_graph_tail(bandwidth, reps, device_name)
         record(tail)

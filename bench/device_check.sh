@@ -170,6 +170,10 @@ section_e2e() {
   # The 64-row pipelined wgmma tiles (3 CTAs an SM at llama-1b's d = 64; the kernel grid is d = 128).
   run_env=(env BATCHLLM_ATTENTION_TILES=wgmma64)
   e2e_run "W1 wgmma64 tiles" --workload W1 --scale 0.25 --policy batchllm
+  # Plain wgmma tiles: 128 rows at 128 registers at d = 64, 2 CTAs an SM (one's softmax beside the
+  # other's products) where the pipelined default fits 1.
+  run_env=(env BATCHLLM_ATTENTION_TILES=wgmma)
+  e2e_run "W1 wgmma tiles" --workload W1 --scale 0.25 --policy batchllm
   run_env=(env)
   # The attention kernels bench_attention found fastest over its grid, if not the defaults: W1 again
   # with them (the row records them in kernel_env).

@@ -48,6 +48,7 @@ def test_bench_attention_decode_variants_on_emulated_kernels(monkeypatch, tmp_pa
     scan = rows.pop()
     assert scan["bench"] == "prefix_scan" and set(scan["ms_per_1024_keys"]) == {"d64 B3", "d128 B3"}
     assert scan["wgmma64_runs_as"] == "wgmma64" and set(scan["ms_wgmma64"]) == set(scan["ms"])
+    assert scan["wgmma_runs_as"] == "wgmma" and set(scan["ms_wgmma"]) == set(scan["ms"])
     summary = rows.pop()
     assert summary["bench"] == "decode_attention_summary" and summary["fastest"] in summary["geomean_vs_ours"]
     assert summary["geomean_vs_ours"]["ours"] == 1.0

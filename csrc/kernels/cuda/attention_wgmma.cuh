@@ -179,11 +179,18 @@ __device__ __forceinline__ void attention_wgmma(const Problem& problem, const di
   write_tile_rows<T, D, Smem::kLdO>(problem, item, o, rows, sm.o, sm.rows, warp, lane);
 }
 
+/// CTAs an SM the wgmma tile kernel is held to by registers: 2 for the plain (not pipelined) 128-row
+/// tile at d = 64, which fits 128 registers without spills (ptxas, nvcc 13), so that one CTA's
+/// softmax runs while the other's products do (the pipelined tile overlaps them within a CTA, at
+/// 148-162 registers: one CTA an SM); 1 elsewhere.
+template <int D, int kWarps, bool kPipelined>
+constexpr int kWgmmaMinCtas = D == 64 && kWarps == 8 && !kPipelined ? 2 : 1;
+
 /// The wgmma tile kernel: grid and Problem as attention_tile_kernel, 32 * kWarps threads; dynamic
 /// smem: WgmmaSmem.
 template <typename T, int D, typename Problem, int kWarps, bool kPipelined>
-__global__ void __launch_bounds__(32 * kWarps) attention_wgmma_kernel(Problem problem, TensorView k_cache,
-                                                                      TensorView v_cache, float scale_log2) {
+__global__ void __launch_bounds__(32 * kWarps, (kWgmmaMinCtas<D, kWarps, kPipelined>))
+    attention_wgmma_kernel(Problem problem, TensorView k_cache, TensorView v_cache, float scale_log2) {
   BATCHLLM_DYNAMIC_SHARED_MEMORY(smem_raw);
   attention_wgmma<T, D, kWarps, kPipelined>(problem, blockIdx, smem_raw, k_cache, v_cache, scale_log2);
 }
