@@ -384,70 +384,82 @@ def bench_prefix_scan(reps, device_name) -> dict:
 
 GRAPH_TAIL = [1, 4, 16]  # real rows of a job's tail step, each with GRAPH_TAIL_KEYS suffix keys
 GRAPH_TAIL_ROWS, GRAPH_TAIL_KEYS = 128, 2048  # the captured graph's batch bucket and suffix bound
+GRAPH_TAIL_PREFIXES = 16  # the captured graph's prefix bucket (the prefix-tail case)
 GRAPH_TAIL_DEVICE = "cuda"
 
 
-def graph_tail_inputs(real_rows: int, padded_rows: int, keys: int, head_dim: int, device_split: bool, seed: int):
-    """(q, k_cache, v_cache, levels) of a decode step of `real_rows` rows of `keys` suffix keys (a
-    16-key prefix over them) padded to `padded_rows` as a CUDA graph replays it (cuda_graphs.py: the
-    padded rows read one key, the hints are the bucket's), with or without the step's own suffix
-    split on the device (DecodeLevels.suffix_split). The real rows' K, V and q depend on the seed
-    alone, not on the padding."""
+def graph_tail_inputs(real_rows: int, padded_rows: int, keys: int, head_dim: int, device_split: bool, seed: int,
+                      prefix_keys: int = 16, padded_prefixes: int = 1):
+    """(q, k_cache, v_cache, levels) of a decode step of `real_rows` rows of `keys` suffix keys under
+    one prefix of `prefix_keys`, padded to `padded_rows` rows and `padded_prefixes` prefixes as a
+    CUDA graph replays it (cuda_graphs.py: padded rows read one key, padded prefixes none, the hints
+    are the bucket's), with or without the step's own suffix split on the device
+    (DecodeLevels.suffix_split). The real rows' K, V and q depend on the seed alone."""
     from batchllm_core import ops
     device = GRAPH_TAIL_DEVICE
     gen = torch.Generator().manual_seed(seed)
-    per_row = math.ceil(keys / PAGE)
-    num_blocks = 1 + real_rows * per_row + 1
+    per_row, prefix_blocks = math.ceil(keys / PAGE), math.ceil(prefix_keys / PAGE)
+    num_blocks = prefix_blocks + real_rows * per_row + 1
     shape = (num_blocks, PAGE, KV_HEADS, head_dim)
     k_cache = torch.randn(shape, generator=gen, dtype=DTYPE).to(device)
     v_cache = torch.randn(shape, generator=gen, dtype=DTYPE).to(device)
-    q = torch.randn((padded_rows, Q_HEADS, head_dim), generator=gen, dtype=DTYPE)
-    q[real_rows:] = 0
+    q = torch.zeros((padded_rows, Q_HEADS, head_dim), dtype=DTYPE)
     q[:real_rows] = torch.randn((real_rows, Q_HEADS, head_dim), generator=torch.Generator().manual_seed(seed + 99),
                                 dtype=DTYPE)
     i32 = dict(dtype=torch.int32)
     tables = torch.full((padded_rows, per_row), -1, **i32)
-    tables[:real_rows] = 1 + torch.arange(real_rows * per_row, **i32).view(real_rows, per_row)
+    tables[:real_rows] = prefix_blocks + torch.arange(real_rows * per_row, **i32).view(real_rows, per_row)
     tables[real_rows:, 0] = num_blocks - 1
     lens = torch.ones(padded_rows, **i32)
     lens[:real_rows] = keys
+    indptr = torch.full((padded_prefixes + 1,), prefix_blocks, **i32)
+    indptr[0] = 0
+    prefix_lens = torch.zeros(padded_prefixes, **i32)
+    prefix_lens[0] = prefix_keys
+    q_range = torch.zeros((padded_prefixes, 2), **i32)
+    q_range[0, 1] = real_rows
     split = ops.cascade_suffix_split(real_rows, padded_rows, Q_HEADS, KV_HEADS, keys, device) if device_split else None
     levels = ops.DecodeLevels(
-        prefix_kv_indptr=torch.tensor([0, 1], **i32), prefix_kv_blocks=torch.zeros(1, **i32),
-        prefix_kv_lens=torch.tensor([16], **i32), prefix_q_range=torch.tensor([[0, real_rows]], **i32),
-        suffix_block_tables=tables, suffix_kv_lens=lens, max_prefix_kv_len=16, max_prefix_rows=padded_rows,
-        max_suffix_kv_len=keys, suffix_split=None if split is None else torch.tensor(split, **i32)).to(device)
+        prefix_kv_indptr=indptr, prefix_kv_blocks=torch.arange(prefix_blocks, **i32), prefix_kv_lens=prefix_lens,
+        prefix_q_range=q_range, suffix_block_tables=tables, suffix_kv_lens=lens, max_prefix_kv_len=prefix_keys,
+        max_prefix_rows=padded_rows, max_suffix_kv_len=keys,
+        suffix_split=None if split is None else torch.tensor(split, **i32)).to(device)
     return q.to(device), k_cache, v_cache, levels.with_workspace(Q_HEADS, KV_HEADS, head_dim, device)
 
 
 def bench_graph_tail(bandwidth, reps, device_name) -> dict:
-    """A job's tail in a CUDA graph: few rows of long suffixes replayed in a graph captured for a
-    GRAPH_TAIL_ROWS-row bucket. 'own' launches the rows at their own size (their key split planned
-    on the host), 'padded' replays them padded with the bucket's plan (no split: what graphs ran
-    before the split moved to the device), 'device split' padded with the step's own split read on
-    the device. floor: the real rows' KV bytes at the copy bandwidth. rel_err: the padded runs' real
-    rows against 'own'."""
+    """A job's tail in a CUDA graph: few rows replayed in a graph captured for a GRAPH_TAIL_ROWS-row
+    bucket. Cases "rows<r>": r rows of GRAPH_TAIL_KEYS suffix keys; "prefix rows2": 2 rows reading a
+    prefix of GRAPH_TAIL_KEYS keys (16 suffix keys each) in a graph of GRAPH_TAIL_PREFIXES prefixes.
+    'own' launches the rows at their own size (splits planned on the host), 'padded' replays them
+    padded with the bucket's plan (no suffix split: what graphs ran before the suffix split moved to
+    the device), 'device split' padded with the step's own suffix split read on the device (the
+    prefix split is still the bucket's: the prefix case measures what that leaves). floor: the real
+    rows' KV bytes at the copy bandwidth. rel_err: the padded runs' real rows against 'own'."""
     from batchllm_core import ops
+    cases = [(f"rows{rows}", rows, GRAPH_TAIL_KEYS, 16, 1) for rows in GRAPH_TAIL]
+    cases.append(("prefix rows2", 2, 16, GRAPH_TAIL_KEYS, GRAPH_TAIL_PREFIXES))
     times, errors = {}, {}
     for head_dim in (64, 128):
-        for rows in GRAPH_TAIL:
+        for label, rows, keys, prefix_keys, prefixes in cases:
             out, results = {}, {}
             for name, padded, device_split in (("own", rows, False), ("padded", GRAPH_TAIL_ROWS, False),
                                                ("device split", GRAPH_TAIL_ROWS, True)):
-                sets = [graph_tail_inputs(rows, padded, GRAPH_TAIL_KEYS, head_dim, device_split, seed=i)
-                        for i in range(2)]
+                sets = [graph_tail_inputs(rows, padded, keys, head_dim, device_split, seed=i, prefix_keys=prefix_keys,
+                                          padded_prefixes=1 if name == "own" else prefixes) for i in range(2)]
                 fns = [lambda s=s: ops.cascade_decode_attention(s[0], s[1], s[2], s[3]) for s in sets]
                 results[name] = fns[0]()[:rows].float().cpu()
                 out[name] = time_graphs(fns, reps=reps)
                 del sets, fns
-            case = f"d{head_dim} rows{rows}"
-            floor = rows * GRAPH_TAIL_KEYS * KV_HEADS * head_dim * 2 * 2 / bandwidth * 1e3
+            case = f"d{head_dim} {label}"
+            floor = (rows * keys + prefix_keys) * KV_HEADS * head_dim * 2 * 2 / bandwidth * 1e3
             times[case] = {**out, "floor": floor}
             own = results["own"]
             errors[case] = max(float((results[n] - own).norm() / own.norm()) for n in ("padded", "device split"))
     torch.cuda.empty_cache()
     return {"bench": "graph_tail", "device": device_name, "commit": commit(), "padded_rows": GRAPH_TAIL_ROWS,
-            "keys": GRAPH_TAIL_KEYS, "q_heads": Q_HEADS, "kv_heads": KV_HEADS, "ms": times, "rel_err_vs_own": errors}
+            "padded_prefixes": GRAPH_TAIL_PREFIXES, "keys": GRAPH_TAIL_KEYS, "q_heads": Q_HEADS,
+            "kv_heads": KV_HEADS, "ms": times, "rel_err_vs_own": errors}
 
 
 def variant_summary(decode_rows: list) -> dict:
@@ -648,8 +660,9 @@ def run_tables(args, reps, device_name, bandwidth, rows, record, done, skip) -> 
     if not any(r["bench"] == "graph_tail" for r in rows):
         tail = bench_graph_tail(bandwidth, reps, device_name)
         record(tail)
-        print(f"graph tail: rows of {tail['keys']} suffix keys replayed in a {tail['padded_rows']}-row graph, ms "
-              "(own size / padded, bucket's plan / padded, step's own split on the device / floor):", flush=True)
+        print(f"graph tail: rows of {tail['keys']} suffix keys (or 2 rows under a prefix of as many) replayed in a "
+              f"{tail['padded_rows']}-row graph, ms (own size / padded, bucket's plan / padded, step's own suffix "
+              "split on the device / floor):", flush=True)
         for case, ms in tail["ms"].items():
             print(f"  {case:>12}: {ms['own']:.4f} / {ms['padded']:.4f} / {ms['device split']:.4f} / "
                   f"{ms['floor']:.4f}", flush=True)

@@ -42,7 +42,8 @@ def test_bench_attention_decode_variants_on_emulated_kernels(monkeypatch, tmp_pa
     assert bench.main() == 0
     rows = [json.loads(line) for line in json_out.read_text().splitlines()]
     tail = rows.pop()  # a job's tail replayed in a larger graph: the padded runs' real rows are the own run's
-    assert tail["bench"] == "graph_tail" and set(tail["ms"]) == {"d64 rows1", "d64 rows2", "d128 rows1", "d128 rows2"}
+    assert tail["bench"] == "graph_tail" and set(tail["ms"]) == {
+        f"d{d} {case}" for d in (64, 128) for case in ("rows1", "rows2", "prefix rows2")}
     assert all(set(ms) == {"own", "padded", "device split", "floor"} for ms in tail["ms"].values())
     assert max(tail["rel_err_vs_own"].values()) < 1e-2, tail["rel_err_vs_own"]
     scan = rows.pop()
@@ -114,6 +115,7 @@ def _emulated_bench(monkeypatch):
     monkeypatch.setattr(bench, "GRAPH_TAIL", [1, 2])
     monkeypatch.setattr(bench, "GRAPH_TAIL_ROWS", 6)
     monkeypatch.setattr(bench, "GRAPH_TAIL_KEYS", 300)  # 2 splits of 192 keys on the emulation's 132 SMs
+    monkeypatch.setattr(bench, "GRAPH_TAIL_PREFIXES", 3)
     monkeypatch.setattr(bench, "GRAPH_TAIL_DEVICE", "cpu")
     time_with_env = bench.time_with_env
 
