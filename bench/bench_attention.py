@@ -394,7 +394,7 @@ def graph_tail_inputs(real_rows: int, padded_rows: int, keys: int, head_dim: int
     one prefix of `prefix_keys`, padded to `padded_rows` rows and `padded_prefixes` prefixes as a
     CUDA graph replays it (cuda_graphs.py: padded rows read one key, padded prefixes none, the hints
     are the bucket's), with or without the step's own suffix split on the device
-    (DecodeLevels.suffix_split). The real rows' K, V and q depend on the seed alone."""
+    (DecodeLevels.suffix_split, prefix_split). The real rows' K, V and q depend on the seed alone."""
     from batchllm_core import ops
     device = GRAPH_TAIL_DEVICE
     gen = torch.Generator().manual_seed(seed)
@@ -418,12 +418,16 @@ def graph_tail_inputs(real_rows: int, padded_rows: int, keys: int, head_dim: int
     prefix_lens[0] = prefix_keys
     q_range = torch.zeros((padded_prefixes, 2), **i32)
     q_range[0, 1] = real_rows
-    split = ops.cascade_suffix_split(real_rows, padded_rows, Q_HEADS, KV_HEADS, keys, device) if device_split else None
+    split = prefix_split = None
+    if device_split:
+        split = torch.tensor(ops.cascade_suffix_split(real_rows, padded_rows, Q_HEADS, KV_HEADS, keys, device), **i32)
+        prefix_split = torch.tensor(ops.cascade_prefix_split(
+            1, real_rows, prefix_keys, padded_prefixes, padded_rows, prefix_keys, Q_HEADS, KV_HEADS, head_dim, DTYPE,
+            device), **i32)
     levels = ops.DecodeLevels(
         prefix_kv_indptr=indptr, prefix_kv_blocks=torch.arange(prefix_blocks, **i32), prefix_kv_lens=prefix_lens,
         prefix_q_range=q_range, suffix_block_tables=tables, suffix_kv_lens=lens, max_prefix_kv_len=prefix_keys,
-        max_prefix_rows=padded_rows, max_suffix_kv_len=keys,
-        suffix_split=None if split is None else torch.tensor(split, **i32)).to(device)
+        max_prefix_rows=padded_rows, max_suffix_kv_len=keys, suffix_split=split, prefix_split=prefix_split).to(device)
     return q.to(device), k_cache, v_cache, levels.with_workspace(Q_HEADS, KV_HEADS, head_dim, device)
 
 
@@ -432,10 +436,11 @@ def bench_graph_tail(bandwidth, reps, device_name) -> dict:
     bucket. Cases "rows<r>": r rows of GRAPH_TAIL_KEYS suffix keys; "prefix rows2": 2 rows reading a
     prefix of GRAPH_TAIL_KEYS keys (16 suffix keys each) in a graph of GRAPH_TAIL_PREFIXES prefixes.
     'own' launches the rows at their own size (splits planned on the host), 'padded' replays them
-    padded with the bucket's plan (no suffix split: what graphs ran before the suffix split moved to
-    the device), 'device split' padded with the step's own suffix split read on the device (the
-    prefix split is still the bucket's: the prefix case measures what that leaves). floor: the real
-    rows' KV bytes at the copy bandwidth. rel_err: the padded runs' real rows against 'own'."""
+    padded with the bucket's plan (what graphs ran before the splits moved to the device), 'device
+    split' padded with the step's own suffix and prefix splits read on the device (the prefix split
+    at most what the bucket plan's grid holds: 4 chunks in the prefix case, 8 in its own launch).
+    floor: the real rows' KV bytes at the copy bandwidth. rel_err: the padded runs' real rows against
+    'own'."""
     from batchllm_core import ops
     cases = [(f"rows{rows}", rows, GRAPH_TAIL_KEYS, 16, 1) for rows in GRAPH_TAIL]
     cases.append(("prefix rows2", 2, 16, GRAPH_TAIL_KEYS, GRAPH_TAIL_PREFIXES))
@@ -662,7 +667,7 @@ def run_tables(args, reps, device_name, bandwidth, rows, record, done, skip) -> 
         record(tail)
         print(f"graph tail: rows of {tail['keys']} suffix keys (or 2 rows under a prefix of as many) replayed in a "
               f"{tail['padded_rows']}-row graph, ms (own size / padded, bucket's plan / padded, step's own suffix "
-              "split on the device / floor):", flush=True)
+              "and prefix splits on the device / floor):", flush=True)
         for case, ms in tail["ms"].items():
             print(f"  {case:>12}: {ms['own']:.4f} / {ms['padded']:.4f} / {ms['device split']:.4f} / "
                   f"{ms['floor']:.4f}", flush=True)

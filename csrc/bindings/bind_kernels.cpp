@@ -310,6 +310,25 @@ void check_suffix_split(const ArgChecker& c, const ViewArg& arg, const LevelArgs
   }
 }
 
+/// The prefix split array (DecodeLevelsView::prefix_split): int32 [3] {splits, chunk_keys, state_rows}.
+/// With its contents readable: at least one split of at least one key, state rows for every prefix's
+/// readers, and every prefix's keys within its splits' (a shorter split would drop keys silently).
+void check_prefix_split(const ArgChecker& c, const ViewArg& arg, const LevelArgs& levels, bool check_contents) {
+  c.index_array(arg, "int32", {3});
+  if (!check_contents) return;
+  const auto split = c.read<int32_t>(arg);
+  const auto lens = c.read<int32_t>(levels.kv_lens);
+  const auto ranges = c.read<int32_t>(levels.q_range);
+  c.require(split[0] >= 1 && split[1] >= 1 && split[2] >= 0, "prefix_split",
+            "needs splits >= 1, chunk_keys >= 1 and state_rows >= 0");
+  for (size_t p = 0; p < lens.size(); ++p) {
+    c.require(static_cast<int64_t>(split[0]) * split[1] >= lens[p], "prefix_split",
+              "splits x chunk_keys is below prefix " + std::to_string(p) + "'s length");
+    c.require(ranges[2 * p + 1] - ranges[2 * p] <= split[2], "prefix_split",
+              "state_rows is below prefix " + std::to_string(p) + "'s readers");
+  }
+}
+
 void cascade_decode_attention(py::handle q_obj, py::handle k_cache_obj, py::handle v_cache_obj,
                               py::tuple level_objs, std::vector<int32_t> hints, py::handle o_obj,
                               py::object lse_obj, py::object workspace_obj, float scale, uintptr_t stream,
@@ -317,8 +336,8 @@ void cascade_decode_attention(py::handle q_obj, py::handle k_cache_obj, py::hand
   const ArgChecker c("cascade_decode_attention");
   const ViewArg q_arg = c.parse(q_obj, "q"), kc_arg = c.parse(k_cache_obj, "k_cache");
   const ViewArg vc_arg = c.parse(v_cache_obj, "v_cache"), o_arg = c.parse(o_obj, "o");
-  c.require(level_objs.size() == 6 || level_objs.size() == 7, "levels",
-            "must carry 6 arrays, or 7 with the suffix split (or None)");
+  c.require(level_objs.size() >= 6 && level_objs.size() <= 8, "levels",
+            "must carry 6 arrays, then optionally the suffix split and the prefix split (each or None)");
   c.require(hints.size() == 3, "levels", "must carry 3 hints (max_prefix_kv_len, max_prefix_rows, max_suffix_kv_len)");
   const LevelArgs levels_arg{c.parse(level_objs[0], "prefix_kv_indptr"), c.parse(level_objs[1], "prefix_kv_blocks"),
                              c.parse(level_objs[2], "prefix_kv_lens"),   c.parse(level_objs[3], "prefix_q_range"),
@@ -337,11 +356,17 @@ void cascade_decode_attention(py::handle q_obj, py::handle k_cache_obj, py::hand
   p.levels.max_suffix_kv_len = hints[2];
   const bool check_contents = check_indices || !q_arg.is_cuda();
   check_levels(c, levels_arg, p.q.shape[0], cache, check_contents, q_arg.is_cuda(), p.levels);
-  if (level_objs.size() == 7 && !level_objs[6].is_none()) {
+  if (level_objs.size() >= 7 && !level_objs[6].is_none()) {
     const ViewArg split_arg = c.parse(level_objs[6], "suffix_split");
     c.same_device({&q_arg, &split_arg});
     check_suffix_split(c, split_arg, levels_arg, p.q.shape[0], check_contents);
     p.levels.suffix_split = reinterpret_cast<const int32_t*>(split_arg.data);
+  }
+  if (level_objs.size() == 8 && !level_objs[7].is_none()) {
+    const ViewArg split_arg = c.parse(level_objs[7], "prefix_split");
+    c.same_device({&q_arg, &split_arg});
+    check_prefix_split(c, split_arg, levels_arg, check_contents);
+    p.levels.prefix_split = reinterpret_cast<const int32_t*>(split_arg.data);
   }
   c.require(!q_arg.is_cuda() || (p.q.shape[0] <= 65535 && p.levels.num_prefixes <= 65535), "q",
             "has more than 65535 rows or prefixes (CUDA grid limit)");
@@ -359,7 +384,8 @@ void cascade_decode_attention(py::handle q_obj, py::handle k_cache_obj, py::hand
     c.index_array(ws_arg, "float32", {-1});
     const CudaDeviceGuard guard(q_arg.device);  // the plan depends on this device's SM count
     const size_t needed = kernels::cascade_workspace_floats(p.q.shape[0], p.q.shape[1], cache.num_kv_heads,
-                                                               p.q.shape[2], p.levels, p.levels.suffix_split != nullptr);
+                                                               p.q.shape[2], p.levels, p.levels.suffix_split != nullptr,
+                                                               p.levels.prefix_split != nullptr);
     c.require(static_cast<size_t>(ws_arg.numel()) >= needed, "workspace",
               "holds " + std::to_string(ws_arg.numel()) + " floats, needs " + std::to_string(needed));
     p.workspace = reinterpret_cast<float*>(ws_arg.data);
@@ -543,7 +569,8 @@ void register_kernels(py::module_& m) {
      "device reads 'mma128', the kernel that runs instead.");
   m.def("cascade_workspace_floats", [](int64_t num_rows, int64_t num_q_heads, int64_t num_kv_heads, int64_t head_dim,
                                        int64_t num_prefixes, int32_t max_prefix_kv_len, int32_t max_prefix_rows,
-                                       int32_t max_suffix_kv_len, bool device_suffix_split) -> int64_t {
+                                       int32_t max_suffix_kv_len, bool device_suffix_split,
+                                       bool device_prefix_split) -> int64_t {
 #ifdef BATCHLLM_WITH_CUDA
     kernels::DecodeLevelsView levels;
     levels.num_prefixes = num_prefixes;
@@ -554,15 +581,46 @@ void register_kernels(py::module_& m) {
       throw py::value_error("cascade_workspace_floats: argument 'num_kv_heads' must divide num_q_heads");
     }
     return static_cast<int64_t>(kernels::cascade_workspace_floats(num_rows, num_q_heads, num_kv_heads, head_dim,
-                                                                  levels, device_suffix_split));
+                                                                  levels, device_suffix_split, device_prefix_split));
 #else
     return 0;
 #endif
   }, py::arg("num_rows"), py::arg("num_q_heads"), py::arg("num_kv_heads"), py::arg("head_dim"), py::arg("num_prefixes"),
      py::arg("max_prefix_kv_len"), py::arg("max_prefix_rows"), py::arg("max_suffix_kv_len"),
-     py::arg("device_suffix_split") = false,
-     "float32 scratch elements the CUDA cascade kernel needs (0 without CUDA); device_suffix_split: the "
-     "levels will carry a suffix_split array.");
+     py::arg("device_suffix_split") = false, py::arg("device_prefix_split") = false,
+     "float32 scratch elements the CUDA cascade kernel needs (0 without CUDA); device_suffix_split, "
+     "device_prefix_split: the levels will carry a suffix_split / prefix_split array.");
+  m.def("cascade_prefix_split", [](int64_t num_prefixes, int64_t max_rows, int64_t max_len, int64_t bucket_prefixes,
+                                   int64_t bucket_rows, int64_t bucket_len, int64_t num_q_heads, int64_t num_kv_heads,
+                                   int64_t head_dim, const std::string& dtype) -> std::array<int32_t, 3> {
+    if (num_kv_heads <= 0 || num_q_heads % num_kv_heads != 0) {
+      throw py::value_error("cascade_prefix_split: argument 'num_kv_heads' must divide num_q_heads");
+    }
+    if (num_prefixes < 0 || max_rows < 0 || max_len < 0 || bucket_prefixes < num_prefixes ||
+        bucket_rows < max_rows || bucket_len < max_len) {
+      throw py::value_error("cascade_prefix_split: the step's sizes must be >= 0 and within the bucket's");
+    }
+    if (dtype != "float16" && dtype != "bfloat16") {
+      throw py::value_error("cascade_prefix_split: argument 'dtype' must be 'float16' or 'bfloat16', got '" +
+                            dtype + "'");
+    }
+#ifdef BATCHLLM_WITH_CUDA
+    if (!kernels::cuda_head_dim_supported(head_dim)) {
+      throw py::value_error("cascade_prefix_split: argument 'head_dim' " + std::to_string(head_dim) +
+                            " has no CUDA kernels");
+    }
+    return kernels::cascade_prefix_split(num_prefixes, max_rows, max_len, bucket_prefixes, bucket_rows, bucket_len,
+                                         num_q_heads, num_kv_heads, head_dim,
+                                         dtype == "float16" ? DType::kFloat16 : DType::kBFloat16);
+#else
+    const int64_t chunk = std::max<int64_t>(64, (max_len + 63) / 64 * 64);
+    return {1, static_cast<int32_t>(std::min<int64_t>(chunk, 1 << 30)), static_cast<int32_t>(max_rows)};
+#endif
+  }, py::arg("num_prefixes"), py::arg("max_rows"), py::arg("max_len"), py::arg("bucket_prefixes"),
+     py::arg("bucket_rows"), py::arg("bucket_len"), py::arg("num_q_heads"), py::arg("num_kv_heads"),
+     py::arg("head_dim"), py::arg("dtype"),
+     "The prefix key split {splits, chunk_keys, state_rows} of a decode step launched with a graph "
+     "bucket's hints (the levels' prefix_split array; on the current device). Without CUDA: unsplit.");
   m.def("cascade_suffix_split", [](int64_t rows, int64_t padded_rows, int64_t num_q_heads, int64_t num_kv_heads,
                                    int64_t max_suffix_kv_len) -> std::array<int32_t, 3> {
     if (num_kv_heads <= 0 || num_q_heads % num_kv_heads != 0) {

@@ -66,6 +66,10 @@ struct DecodeLevelsView {
   /// rows of a step that has few. nullptr: the host plan's split. The CPU reference ignores it (how
   /// the keys are split does not change the result).
   const int32_t* suffix_split = nullptr;
+  /// Optional, CUDA only: int32 [3] {splits, chunk_keys, state_rows} (cascade_prefix_split),
+  /// the prefix level's key split decided per step, read by the kernels instead of the host plan's
+  /// (which the hints still size: the grid and the workspace); the CPU reference ignores it.
+  const int32_t* prefix_split = nullptr;
 };
 
 /// cascade_decode_attention: one query row per sequence; exact attention of each row over the

@@ -20,7 +20,9 @@ Padding keeps real rows exact and padded rows harmless:
 - the suffix level's key split is the step's own (``suffix_split``, ops.cascade_suffix_split: the
   split its real rows would get launched eagerly), read on the device: a step of a few long rows
   replayed in a graph of many keeps splitting their keys over the SMs. Split, only the real rows
-  attend (the padded rows' outputs are zeros, dropped).
+  attend (the padded rows' outputs are zeros, dropped). So is the prefix level's (``prefix_split``,
+  ops.cascade_prefix_split), within what the key's grid holds: a few readers of a long prefix split
+  its keys as an eager launch would.
 
 On a CPU device (``capture=False``) the same padded static path runs eagerly: that is how the
 padding is tested without a GPU.
@@ -97,13 +99,15 @@ class GraphKey:
             ("suffix_block_tables", np.int32, (b, self.suffix_width)), ("suffix_kv_lens", np.int32, (b,)),
             ("paged_query_start", np.int32, (1,)), ("paged_context_lens", np.int32, (0,)),
             ("paged_block_tables", np.int32, (0, 1)), ("suffix_split", np.int32, (3,)),
+            ("prefix_split", np.int32, (3,)),
         ])
 
 
 def pad_decode_step(host: Dict[str, np.ndarray], levels: Dict[str, np.ndarray], key: GraphKey,
-                    suffix_split: Any = (1, 1 << 30, None)) -> Dict[str, np.ndarray]:
+                    suffix_split: Any = (1, 1 << 30, None), prefix_split: Any = None) -> Dict[str, np.ndarray]:
     """The step's arrays padded to ``key`` (see the module docstring for what padding holds);
-    ``suffix_split``: the step's (splits, chunk_keys, rows covered), rows None for all of key's."""
+    ``suffix_split``: the step's (splits, chunk_keys, rows covered), rows None for all of key's;
+    ``prefix_split``: its (splits, chunk_keys, state_rows), None for one split over the key's bounds."""
     rows, b, p = len(host["input_ids"]), key.rows, key.prefixes
     num_prefixes = len(levels["prefix_kv_lens"])
 
@@ -134,6 +138,8 @@ def pad_decode_step(host: Dict[str, np.ndarray], levels: Dict[str, np.ndarray], 
         "paged_block_tables": np.zeros((0, 1), np.int32),
         "suffix_split": np.array([suffix_split[0], suffix_split[1],
                                   b if suffix_split[2] is None else suffix_split[2]], np.int32),
+        "prefix_split": np.array(prefix_split if prefix_split is not None else
+                                 (1, max(key.prefix_keys, 1), key.prefix_rows), np.int32),
     }
 
 
@@ -305,7 +311,8 @@ class DecodeGraphs:
         levels = _levels(plan, rows)
         key = key or GraphKey.of(levels, rows, self.runner.block_size)
         entry = self._entry(key)
-        views = entry.upload.upload(pad_decode_step(host, levels, key, self._suffix_split(levels, rows, key)))
+        views = entry.upload.upload(pad_decode_step(host, levels, key, self._suffix_split(levels, rows, key),
+                                                    self._prefix_split(levels, key)))
         if token_feed is not None:  # before capture or replay: both read the static input ids
             token_feed.apply(views["input_ids"])
         self.steps += 1
@@ -328,6 +335,18 @@ class DecodeGraphs:
         return cascade_suffix_split(rows, key.rows, config.num_heads, config.num_kv_heads,
                                     int(lens.max()) if len(lens) else 0, self.runner.device)
 
+    def _prefix_split(self, levels: Dict[str, np.ndarray], key: GraphKey) -> tuple:
+        """The prefix key split of the step's own prefixes, within what ``key``'s grid holds."""
+        from .ops import cascade_prefix_split
+
+        lens = levels["prefix_kv_lens"]
+        q_range = levels["prefix_q_range"].reshape(-1, 2)
+        readers = int((q_range[:, 1] - q_range[:, 0]).max()) if len(lens) else 0
+        config = self.runner.config
+        return cascade_prefix_split(len(lens), readers, int(lens.max()) if len(lens) else 0, key.prefixes,
+                                    key.prefix_rows, key.prefix_keys, config.num_heads, config.num_kv_heads,
+                                    config.head_dim, self.runner.dtype, self.runner.device)
+
     def _entry(self, key: GraphKey) -> _Entry:
         entry = self._entries.pop(key, None)
         if entry is None:
@@ -348,7 +367,7 @@ class DecodeGraphs:
                               views["prefix_q_range"], views["suffix_block_tables"], views["suffix_kv_lens"],
                               max_prefix_kv_len=key.prefix_keys, max_prefix_rows=key.prefix_rows,
                               max_suffix_kv_len=key.suffix_width * self.runner.block_size,
-                              suffix_split=views["suffix_split"])
+                              suffix_split=views["suffix_split"], prefix_split=views["prefix_split"])
         levels = self.runner.attach_workspace(levels)  # one per step; inside a capture, one per graph
         set_context(AttentionContext(
             slot_mapping=views["slot_mapping"], num_decode_rows=key.rows, query_start=views["paged_query_start"],

@@ -27,7 +27,7 @@ import torch
 from . import _C
 
 __all__ = ["DecodeLevels", "store_kv", "prefill_attention", "cascade_decode_attention", "cascade_workspace_floats",
-           "cascade_suffix_split", "merge_states", "sample_rows", "rms_norm", "silu_and_mul", "rotary_embedding"]
+           "cascade_suffix_split", "cascade_prefix_split", "merge_states", "sample_rows", "rms_norm", "silu_and_mul", "rotary_embedding"]
 
 
 # Tests only (tests/python/cuda_emulation.py): CPU tensors go to the CUDA path of the bindings as
@@ -90,6 +90,10 @@ class DecodeLevels:
         step (:func:`cascade_suffix_split`), read by the kernels on the device instead of planned on the
         host from the hints: a CUDA graph captured for a batch bucket then still splits the long
         suffixes of a step of few rows. The CPU reference ignores it.
+    prefix_split : torch.Tensor, optional
+        CUDA only: int32 ``[3]`` ``{splits, chunk_keys, state_rows}``, the prefix level's key split for
+        this step (:func:`cascade_prefix_split`), read on the device instead of planned from the hints
+        (which still size the grid and the workspace); the CPU reference ignores it.
     workspace : torch.Tensor, optional
         float32 scratch of the CUDA kernels (split-KV and level states), at least
         :func:`cascade_workspace_floats` long. Left None, every call allocates its own;
@@ -118,6 +122,7 @@ class DecodeLevels:
     max_prefix_rows: Optional[int] = None
     max_suffix_kv_len: Optional[int] = None
     suffix_split: Optional[torch.Tensor] = None
+    prefix_split: Optional[torch.Tensor] = None
     workspace: Optional[torch.Tensor] = None
 
     @property
@@ -150,32 +155,38 @@ class DecodeLevels:
         if device.type != "cuda" and not _emulated_cuda:
             return hinted
         floats = cascade_workspace_floats(int(self.suffix_kv_lens.shape[0]), num_q_heads, num_kv_heads,
-                                          head_dim, hinted, device, device_suffix_split=self.suffix_split is not None)
+                                          head_dim, hinted, device)
         return replace(hinted, workspace=torch.empty(max(floats, 1), dtype=torch.float32, device=device))
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> "DecodeLevels":
         """The same levels on ``device``; hints are computed first (cheap while the arrays are on the host)."""
         hinted = self.with_hints()
         moved = [t.to(device, non_blocking=non_blocking) for t in hinted.arrays()]
-        split = None if self.suffix_split is None else self.suffix_split.to(device, non_blocking=non_blocking)
-        return replace(hinted, workspace=None, suffix_split=split, **dict(zip(
+        splits = {name: None if t is None else t.to(device, non_blocking=non_blocking)
+                  for name, t in (("suffix_split", self.suffix_split), ("prefix_split", self.prefix_split))}
+        return replace(hinted, workspace=None, **splits, **dict(zip(
             ["prefix_kv_indptr", "prefix_kv_blocks", "prefix_kv_lens", "prefix_q_range",
              "suffix_block_tables", "suffix_kv_lens"], moved)))
 
 
 def cascade_workspace_floats(num_rows: int, num_q_heads: int, num_kv_heads: int, head_dim: int,
                              levels: DecodeLevels, device: torch.device | str,
-                             device_suffix_split: Optional[bool] = None) -> int:
+                             device_suffix_split: Optional[bool] = None,
+                             device_prefix_split: Optional[bool] = None) -> int:
     """float32 elements of workspace :func:`cascade_decode_attention` needs on ``device`` for
-    ``levels`` (with hints): the split-KV plan follows the device's SM count. ``device_suffix_split``
-    (default: whether ``levels`` carries ``suffix_split``): room for any split such an array asks for."""
+    ``levels`` (with hints): the split-KV plan follows the device's SM count. ``device_suffix_split``,
+    ``device_prefix_split`` (default: whether ``levels`` carries ``suffix_split`` / ``prefix_split``):
+    room for any split such an array asks for."""
     device = torch.device(device)
     if device_suffix_split is None:
         device_suffix_split = levels.suffix_split is not None
+    if device_prefix_split is None:
+        device_prefix_split = levels.prefix_split is not None
     with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
         return int(_C.cascade_workspace_floats(num_rows, num_q_heads, num_kv_heads, head_dim, levels.num_prefixes,
                                                levels.max_prefix_kv_len, levels.max_prefix_rows,
-                                               levels.max_suffix_kv_len, bool(device_suffix_split)))
+                                               levels.max_suffix_kv_len, bool(device_suffix_split),
+                                               bool(device_prefix_split)))
 
 
 def cascade_suffix_split(rows: int, padded_rows: int, num_q_heads: int, num_kv_heads: int,
@@ -196,6 +207,30 @@ def cascade_suffix_split(rows: int, padded_rows: int, num_q_heads: int, num_kv_h
     with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
         return tuple(int(v) for v in _C.cascade_suffix_split(rows, padded_rows, num_q_heads, num_kv_heads,
                                                              max_suffix_kv_len))
+
+
+def cascade_prefix_split(num_prefixes: int, max_rows: int, max_len: int, bucket_prefixes: int, bucket_rows: int,
+                         bucket_len: int, num_q_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
+                         device: torch.device | str) -> Tuple[int, int, int]:
+    """The prefix key split ``(splits, chunk_keys, state_rows)`` of a decode step whose prefixes
+    (``num_prefixes``, at most ``max_rows`` readers and ``max_len`` keys each) run with the hints of a
+    CUDA graph's bucket (``bucket_*``): the contents of :attr:`DecodeLevels.prefix_split`. It is the
+    split the step would get launched at its own size (on ``device``, by its SM count and the tile
+    kernel's occupancy), at most what the bucket's grid holds; unsplit on a CPU device.
+
+    >>> cascade_prefix_split(1, 2, 1000, 16, 128, 1024, 32, 8, 128, torch.bfloat16, "cpu")
+    (1, 1024, 2)
+    """
+    device = torch.device(device)
+    dtype_name = str(dtype).replace("torch.", "")
+    if device.type != "cuda" and not _emulated_cuda:
+        if not (0 <= num_prefixes <= bucket_prefixes and 0 <= max_rows <= bucket_rows and 0 <= max_len <= bucket_len):
+            raise ValueError("cascade_prefix_split: the step's sizes must be >= 0 and within the bucket's")
+        return (1, max(64, -(-max_len // 64) * 64), int(max_rows))
+    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+        return tuple(int(v) for v in _C.cascade_prefix_split(num_prefixes, max_rows, max_len, bucket_prefixes,
+                                                             bucket_rows, bucket_len, num_q_heads, num_kv_heads,
+                                                             head_dim, dtype_name))
 
 
 def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -293,8 +328,8 @@ def cascade_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: to
             workspace = torch.empty(max(floats, 1), dtype=torch.float32, device=q.device)
     hints = [levels.max_prefix_kv_len or 0, levels.max_prefix_rows or 0, levels.max_suffix_kv_len or 0]
     arrays = tuple(_view(t) for t in levels.arrays())
-    if levels.suffix_split is not None:
-        arrays += (_view(levels.suffix_split),)
+    if levels.suffix_split is not None or levels.prefix_split is not None:
+        arrays += tuple(None if t is None else _view(t) for t in (levels.suffix_split, levels.prefix_split))
     _C.cascade_decode_attention(_view(q), _view(k_cache), _view(v_cache), arrays,
                                 hints, _view(o), None if lse is None else _view(lse),
                                 None if workspace is None else _view(workspace), _scale(q, scale), _stream(q),

@@ -37,7 +37,8 @@ def activate(monkeypatch) -> None:
     """For one test: ops' kernel calls go to the emulation, CPU tensors count as CUDA tensors."""
     emulated = module()
     for name in ("store_kv", "prefill_attention", "cascade_decode_attention", "merge_states",
-                 "cascade_workspace_floats", "cascade_suffix_split", "cuda_kernel_head_dims", "cuda_tile_kernel", "sample_rows",
+                 "cascade_workspace_floats", "cascade_suffix_split", "cascade_prefix_split",
+                 "cuda_kernel_head_dims", "cuda_tile_kernel", "sample_rows",
                  "rms_norm", "silu_and_mul", "rotary_embedding"):
         monkeypatch.setattr(ops._C, name, getattr(emulated, name))
     monkeypatch.setattr(ops, "_emulated_cuda", True)

@@ -59,8 +59,11 @@ def test_padding_keeps_real_rows_and_neutralizes_the_rest():
     assert padded["suffix_split"].tolist() == [1, 1 << 30, 4]  # unsplit: every row, padded ones too
     for name, spec in key.layout().fields.items():
         assert padded[name].shape == spec.shape, name
-    # The step's own split (ops.cascade_suffix_split), split: the real rows only.
-    assert pad_decode_step(host, levels, key, (4, 256, 3))["suffix_split"].tolist() == [4, 256, 3]
+    assert padded["prefix_split"].tolist() == [1, 64, 4]  # one chunk of the key's keys, its rows
+    # The step's own splits (ops.cascade_suffix_split, cascade_prefix_split); the suffix split, the
+    # real rows only.
+    own = pad_decode_step(host, levels, key, (4, 256, 3), (2, 64, 3))
+    assert own["suffix_split"].tolist() == [4, 256, 3] and own["prefix_split"].tolist() == [2, 64, 3]
 
 
 class _Compare:

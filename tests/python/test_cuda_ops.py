@@ -271,6 +271,56 @@ def test_cascade_cuda_device_split_of_a_graph_padded_step(dtype, kernels, monkey
             ops.cascade_decode_attention(q, kv.k, kv.v, wrong, check_indices=True)
 
 
+@pytest.mark.parametrize("kernels", ["decode+wgmma-pipe", "decode+mma", "fused+mma", "merge+mma", "tile+wgmma64"])
+def test_cascade_cuda_device_prefix_split_of_a_graph_padded_step(kernels, monkeypatch):
+    # A job's tail under a shared prefix: 2 real rows read a 700-key prefix, replayed in the graph
+    # of a 16-row key of 4 prefixes, then of 1, whose hints (2,048 keys) plan 8 chunks of 256 keys.
+    # The step's own split (ops.cascade_prefix_split: 3 chunks of 256 on 132 SMs) runs instead, on
+    # the device, in the grid the key's plan sized; the real rows match the reference.
+    from batchllm_core.cuda_graphs import GraphKey, pad_decode_step
+
+    use_cascade_kernels(kernels, monkeypatch)
+    dtype = torch.bfloat16
+    kv = PagedKV(200, 16, 2, 128, dtype, device=DEVICE)
+    case = make_cascade_case(kv, 2, [1], [lambda i: 700], [30, 5], 8, 128, dtype, device=DEVICE)
+    levels = {name: getattr(case.levels, name).cpu().numpy() for name in (
+        "prefix_kv_indptr", "prefix_kv_blocks", "prefix_kv_lens", "prefix_q_range", "suffix_block_tables",
+        "suffix_kv_lens")}
+    ref_o, ref_lse = cascade_reference(kv, case, 1.0 / math.sqrt(128))
+    splits = []
+    for prefixes in (4, 1):
+        key = dataclasses.replace(GraphKey.of(levels, 2, 16), rows=16, prefixes=prefixes, prefix_rows=16,
+                                  prefix_keys=2048)
+        prefix_split = ops.cascade_prefix_split(1, 2, 700, key.prefixes, key.prefix_rows, key.prefix_keys, 8, 2, 128,
+                                                dtype, DEVICE)
+        assert prefix_split[0] * prefix_split[1] >= 700 and prefix_split[2] == 2
+        splits.append(prefix_split[0])
+        suffix_split = ops.cascade_suffix_split(2, key.rows, 8, 2, 30, DEVICE)
+        host = {"input_ids": [0] * 2, "positions": [0] * 2, "slot_mapping": [0] * 2}
+        padded = {name: torch.from_numpy(a).to(DEVICE)
+                  for name, a in pad_decode_step(host, levels, key, suffix_split, prefix_split).items()}
+        step = ops.DecodeLevels(
+            padded["prefix_kv_indptr"], padded["prefix_kv_blocks"], padded["prefix_kv_lens"],
+            padded["prefix_q_range"], padded["suffix_block_tables"], padded["suffix_kv_lens"],
+            max_prefix_kv_len=key.prefix_keys, max_prefix_rows=key.prefix_rows,
+            max_suffix_kv_len=key.suffix_width * 16, suffix_split=padded["suffix_split"],
+            prefix_split=padded["prefix_split"])
+        q = torch.cat([case.q, torch.randn((14, 8, 128)).to(dtype).to(DEVICE)])
+        o, lse = ops.cascade_decode_attention(q, kv.k, kv.v, step, return_lse=True,
+                                              out=poisoned(q.shape, dtype, DEVICE), check_indices=True)
+        synchronize()
+        assert rel_err(o[:2], ref_o) < TOLERANCE[dtype], prefixes
+        assert torch.allclose(lse[:2].double().cpu(), ref_lse, atol=2e-3, rtol=1e-3), prefixes
+    if EMULATED:  # 132 SMs: the 2 rows' 2 KV-head tiles split 3 ways (at most one chunk a 256 keys)
+        assert splits == [3, 3]
+    # Arrays that would drop keys or readers are refused (index checks on).
+    for bad, words in [((1, 64, 2), "below prefix 0's length"), ((3, 256, 1), "below prefix 0's readers"),
+                       ((0, 256, 2), "splits >= 1")]:
+        wrong = dataclasses.replace(step, prefix_split=torch.tensor(bad, dtype=torch.int32).to(DEVICE))
+        with pytest.raises(ValueError, match=f"prefix_split.*{words}"):
+            ops.cascade_decode_attention(q, kv.k, kv.v, wrong, check_indices=True)
+
+
 @pytest.mark.parametrize("kernels", ["decode+wgmma-pipe", "streams+mma"])
 def test_cascade_cuda_one_graph_replays_every_suffix_split(kernels, monkeypatch):
     # What a captured decode graph relies on: one launch configuration (the bucket's hints, one

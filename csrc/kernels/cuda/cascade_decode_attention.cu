@@ -69,27 +69,61 @@ int64_t device_split_items(int64_t rows, int64_t kv_heads, int group, int64_t sm
 /// tiles); the workspace is sized for any count up to it.
 constexpr int kMaxPrefixCtasPerSm = 4;
 
+/// The prefix tiles' key split for `num_prefixes` prefixes of at most `max_rows` readers and
+/// `max_len` keys (host fields of a PrefixSplit: row tiles, splits, chunk keys, state rows, items).
+/// The split count with the least time per key chunk: waves(splits) / splits, where a wave is one
+/// CTA per slot (the tile kernel's CTAs an SM: one of the 128-row tiles, 3 of wgmma64's 64-row tiles
+/// at d = 64). A longer split list must win by 5%, so ties keep fewer, larger chunks (less combine work).
+cuda::PrefixSplit plan_prefix_split(int64_t num_prefixes, int64_t max_rows, int64_t max_len, int64_t kv_heads,
+                                    int group, int tile_rows, int ctas_per_sm, int64_t sms) {
+  cuda::PrefixSplit split;
+  split.row_tiles = static_cast<int>((max_rows * group + tile_rows - 1) / tile_rows);
+  split.state_rows = static_cast<int>(max_rows);
+  split.tile_rows = tile_rows;
+  split.group = group;
+  const int64_t base_ctas = static_cast<int64_t>(split.row_tiles) * num_prefixes * kv_heads;
+  if (base_ctas > 0 && max_len > 0) {
+    constexpr int64_t kMinChunkKeys = 256;  // below this a chunk's fixed costs dominate
+    const int64_t slots = std::clamp(ctas_per_sm, 1, kMaxPrefixCtasPerSm) * sms;
+    const int64_t most = std::min<int64_t>(64, (max_len + kMinChunkKeys - 1) / kMinChunkKeys);
+    double best_cost = 1.0 * ((base_ctas + slots - 1) / slots);
+    for (int64_t s = 2; s <= most; ++s) {
+      const double cost = static_cast<double>((base_ctas * s + slots - 1) / slots) / static_cast<double>(s);
+      if (cost < 0.95 * best_cost) {
+        best_cost = cost;
+        split.splits = static_cast<int>(s);
+      }
+    }
+  }
+  const int64_t per_split = (max_len + split.splits - 1) / split.splits;
+  split.chunk_keys = static_cast<int>((per_split + 63) / 64 * 64);
+  split.items = split.row_tiles * split.splits;
+  return split;
+}
+
 /// Host-side sizes of one cascade call: tiles, split-KV chunks of the prefixes, workspace offsets.
 /// A prefix whose tiles alone would leave most SMs idle (few readers x KV heads) is split along its
 /// keys into chunks; each chunk's partial state is one more state for the combine step to merge.
 struct CascadePlan {
   int group = 1;
-  int prefix_row_tiles = 0;
-  int splits = 1;
-  int chunk_keys = 0;
+  // The prefix level's split: by this plan (the hints), or per step on the device.
+  cuda::PrefixSplit prefix;
   // The suffix level (decode_rows) is split along its keys too when rows x KV heads leave SMs idle
   // (the tail of a job: few sequences, long outputs): by this plan, or per step on the device.
   cuda::SuffixSplit suffix;
   // Workspace offsets in floats: suffix o [suffix items, Hq, D], suffix lse [suffix items, Hq],
-  // prefix o [P, splits, R, Hq, D], prefix lse [P, splits, R, Hq] (R = max_prefix_rows).
+  // prefix o [P, splits, R, Hq, D], prefix lse [P, splits, R, Hq] (R = state rows: max_prefix_rows,
+  // or with a device-decided split room for items x rows_per_tile).
   int64_t suffix_o = 0, suffix_lse = 0, prefix_o = 0, prefix_lse = 0, total = 0;
 
   /// `suffix_by_tiles`: the tile suffix kernel, which takes no suffix splits; `tile_rows`: rows per
   /// prefix tile (64, or 128 for the 8-warp kernels); `prefix_ctas_per_sm`: the prefix tile kernel's
-  /// CTAs an SM (cuda::tile_ctas_per_sm; at most kMaxPrefixCtasPerSm count); `device_split`: the
-  /// suffix split comes from levels.suffix_split (room for device_split_items).
+  /// CTAs an SM (cuda::tile_ctas_per_sm; at most kMaxPrefixCtasPerSm count); `device_suffix_split`,
+  /// `device_prefix_split`: the splits come from levels.suffix_split / prefix_split (room for any
+  /// split those may ask for: device_split_items; the host plan's prefix items).
   CascadePlan(int64_t rows, int64_t q_heads, int64_t kv_heads, int64_t head_dim, const DecodeLevelsView& levels,
-              bool suffix_by_tiles, int tile_rows, int prefix_ctas_per_sm, bool device_split) {
+              bool suffix_by_tiles, int tile_rows, int prefix_ctas_per_sm, bool device_suffix_split,
+              bool device_prefix_split) {
     group = static_cast<int>(q_heads / kv_heads);
     const int64_t sms = multiprocessor_count();
     if (!suffix_by_tiles && levels.max_suffix_kv_len > 0) {
@@ -97,34 +131,19 @@ struct CascadePlan {
     }
     suffix.rows = static_cast<int>(rows);
     suffix.items = static_cast<int>(rows * suffix.splits);
-    if (!suffix_by_tiles && device_split) {
+    if (!suffix_by_tiles && device_suffix_split) {
       suffix.items = static_cast<int>(device_split_items(rows, kv_heads, group, sms));
       suffix.plan = levels.suffix_split;
     }
-    prefix_row_tiles = static_cast<int>((levels.max_prefix_rows * static_cast<int64_t>(group) + tile_rows - 1) /
-                                        tile_rows);
-    const int64_t max_len = levels.max_prefix_kv_len;
-    const int64_t base_ctas = static_cast<int64_t>(prefix_row_tiles) * levels.num_prefixes * kv_heads;
-    if (base_ctas > 0 && max_len > 0) {
-      // Pick the split count with the least time per key chunk: waves(splits) / splits, where a wave
-      // is one CTA per slot (the tile kernel's CTAs an SM: one of the 128-row tiles, 3 of wgmma64's
-      // 64-row tiles at d = 64). A longer split list must win by 5%, so ties keep fewer, larger
-      // chunks (less combine work).
-      constexpr int64_t kMinChunkKeys = 256;  // below this a chunk's fixed costs dominate
-      const int64_t slots = std::clamp(prefix_ctas_per_sm, 1, kMaxPrefixCtasPerSm) * sms;
-      const int64_t most = std::min<int64_t>(64, (max_len + kMinChunkKeys - 1) / kMinChunkKeys);
-      double best_cost = 1.0 * ((base_ctas + slots - 1) / slots);
-      for (int64_t s = 2; s <= most; ++s) {
-        const double cost = static_cast<double>((base_ctas * s + slots - 1) / slots) / static_cast<double>(s);
-        if (cost < 0.95 * best_cost) {
-          best_cost = cost;
-          splits = static_cast<int>(s);
-        }
-      }
+    prefix = plan_prefix_split(levels.num_prefixes, levels.max_prefix_rows, levels.max_prefix_kv_len, kv_heads,
+                               group, tile_rows, prefix_ctas_per_sm, sms);
+    int64_t prefix_rows_per_split = static_cast<int64_t>(prefix.splits) * levels.max_prefix_rows;
+    if (device_prefix_split) {
+      prefix.plan = levels.prefix_split;
+      const int64_t rows_per_tile = (tile_rows + group - 1) / group;  // a device plan's states: at most
+      prefix_rows_per_split = std::max(prefix_rows_per_split, static_cast<int64_t>(prefix.items) * rows_per_tile);
     }
-    const int64_t per_split = (max_len + splits - 1) / splits;
-    chunk_keys = static_cast<int>((per_split + 63) / 64 * 64);
-    const int64_t prefix_states = levels.num_prefixes * splits * static_cast<int64_t>(levels.max_prefix_rows) * q_heads;
+    const int64_t prefix_states = levels.num_prefixes * prefix_rows_per_split * q_heads;
     suffix_o = 0;
     suffix_lse = static_cast<int64_t>(suffix.items) * q_heads * head_dim;
     prefix_o = suffix_lse + static_cast<int64_t>(suffix.items) * q_heads;
@@ -181,22 +200,22 @@ template <typename T>
 struct PrefixProblem {
   TensorView q;
   DecodeLevelsView levels;
-  float* state_o;    // [P, splits, R, Hq, D]
+  float* state_o;    // [P, splits, R, Hq, D] (R: split.state_rows)
   float* state_lse;  // [P, splits, R, Hq]
   int group;
   int tile_rows;  // rows per tile: the kernel's (tile_rows(kernel))
-  int row_tiles;
-  int splits;
-  int chunk_keys;
+  PrefixSplit split;  // the host plan's, or a device plan within its items (resolved per CTA)
 
   __device__ bool setup(TileRows<T>& rows, const dim3& item) const {
+    const PrefixSplit s = split.resolved();
+    if (static_cast<int>(item.x) >= s.row_tiles * s.splits) return false;  // past a device plan's items
     const int prefix = item.y, kv_head = item.z;
-    const int first = (item.x % row_tiles) * tile_rows, split = item.x / row_tiles;
+    const int first = (item.x % s.row_tiles) * tile_rows, chunk = item.x / s.row_tiles;
     const int begin = levels.prefix_q_range[2 * prefix], end = levels.prefix_q_range[2 * prefix + 1];
     if (first >= (end - begin) * group) return false;
     // An empty chunk (prefix shorter than this split's start) still writes lse -inf, o 0: a no-op merge.
-    rows.key_begin = split * chunk_keys;
-    rows.num_keys = min(levels.prefix_kv_lens[prefix], rows.key_begin + chunk_keys);
+    rows.key_begin = chunk * s.chunk_keys;
+    rows.num_keys = min(levels.prefix_kv_lens[prefix], rows.key_begin + s.chunk_keys);
     rows.num_keys = rows.unmasked_end = max(rows.num_keys, rows.key_begin);
     rows.blocks = levels.prefix_kv_blocks + levels.prefix_kv_indptr[prefix];
     rows.kv_head = kv_head;
@@ -205,7 +224,7 @@ struct PrefixProblem {
 
   __device__ void setup_row(TileRows<T>& rows, const dim3& item, int r) const {
     const int prefix = item.y;
-    const int idx = (item.x % row_tiles) * tile_rows + r;
+    const int idx = (item.x % split.resolved().row_tiles) * tile_rows + r;
     const int row = levels.prefix_q_range[2 * prefix] + idx / group;
     const bool used = r < tile_rows && row < levels.prefix_q_range[2 * prefix + 1];
     const int head = static_cast<int>(item.z) * group + idx % group;
@@ -214,12 +233,13 @@ struct PrefixProblem {
   }
 
   __device__ void write(const dim3& item, int r, const float* o_row, float inv_sum, float lse, int lane) const {
-    const int idx = (item.x % row_tiles) * tile_rows + r;
-    const int64_t split = item.x / row_tiles;
+    const PrefixSplit s = split.resolved();
+    const int idx = (item.x % s.row_tiles) * tile_rows + r;
+    const int64_t chunk = item.x / s.row_tiles;
     const int64_t local_row = idx / group;
     const int64_t head = item.z * group + idx % group;
     const int64_t state =
-        ((static_cast<int64_t>(item.y) * splits + split) * levels.max_prefix_rows + local_row) * q.shape[1] + head;
+        ((static_cast<int64_t>(item.y) * s.splits + chunk) * s.state_rows + local_row) * q.shape[1] + head;
     write_state(state_o + state * q.shape[2], state_lse + state, o_row, inv_sum, lse, q.shape[2], lane);
   }
 };
@@ -289,8 +309,9 @@ constexpr int kCombineElements = 512;
 /// and a division. Past kMergeSteps steps or kMaxCovering prefixes, element by element.
 /// D: the head dim, a compile-time constant so that an element's head and dim are a shift and a mask.
 template <typename T, int D>
-__global__ void combine_levels_kernel(TensorView o, float* lse_out, DecodeLevelsView levels, PrefixStates prefix,
+__global__ void combine_levels_kernel(TensorView o, float* lse_out, DecodeLevelsView levels, PrefixStates prefix_plan,
                                       SuffixSplit suffix_split, const float* suffix_o, const float* suffix_lse) {
+  const PrefixStates prefix{prefix_plan.o, prefix_plan.lse, prefix_plan.split.resolved()};
   constexpr int kHeads = kCombineElements / D;  // heads of a full chunk
   static_assert(kCombineElements % D == 0, "a combine chunk holds whole heads");
   __shared__ CoveringList covering;
@@ -418,8 +439,25 @@ const SideStream* side_stream(cudaStream_t caller) {
 
 bool cuda_head_dim_supported(int64_t head_dim) { return head_dim == 64 || head_dim == 128; }
 
+namespace {
+
+/// The prefix tile kernel's CTAs an SM (its occupancy) for q's dtype and head dim; 0 for a dtype or
+/// head dim without kernels.
+int prefix_tile_ctas_per_sm(cuda::TileKernel kernel, DType dtype, int64_t head_dim) {
+  int ctas = 0;
+  const cudaError_t dispatched = BATCHLLM_DISPATCH_HALF_TYPES(dtype, [&] {
+    return BATCHLLM_DISPATCH_HEAD_DIM(head_dim, [&] {
+      ctas = cuda::tile_ctas_per_sm<scalar_t, kHeadDim, cuda::PrefixProblem<scalar_t>>(kernel);
+      return cudaSuccess;
+    });
+  });
+  return dispatched == cudaSuccess ? ctas : 0;
+}
+
+}  // namespace
+
 size_t cascade_workspace_floats(int64_t num_rows, int64_t num_q_heads, int64_t num_kv_heads, int64_t head_dim,
-                                const DecodeLevelsView& levels, bool device_suffix_split) {
+                                const DecodeLevelsView& levels, bool device_suffix_split, bool device_prefix_split) {
   // Enough for every kernel variant (the launch picks one from the environment): the split counts,
   // and so the states, differ between 64- and 128-row prefix tiles; the tile suffix takes no splits.
   // The prefix split follows the tile kernel's CTAs an SM (its occupancy, known with the dtype at
@@ -428,11 +466,32 @@ size_t cascade_workspace_floats(int64_t num_rows, int64_t num_q_heads, int64_t n
   for (int rows : {cuda::kTileRows, cuda::kMaxTileRows}) {
     for (int ctas = 1; ctas <= kMaxPrefixCtasPerSm; ++ctas) {
       most = std::max(most, CascadePlan(num_rows, num_q_heads, num_kv_heads, head_dim, levels, false, rows, ctas,
-                                        device_suffix_split)
+                                        device_suffix_split, device_prefix_split)
                                 .total);
     }
   }
   return static_cast<size_t>(most);
+}
+
+std::array<int32_t, 3> cascade_prefix_split(int64_t num_prefixes, int64_t max_rows, int64_t max_len,
+                                            int64_t bucket_prefixes, int64_t bucket_rows, int64_t bucket_len,
+                                            int64_t num_q_heads, int64_t num_kv_heads, int64_t head_dim, DType dtype) {
+  const int group = static_cast<int>(num_q_heads / num_kv_heads);
+  const cuda::TileKernel kernel = cuda::tile_kernel();
+  const int tile_rows = cuda::tile_rows(kernel);
+  const int ctas = std::max(1, prefix_tile_ctas_per_sm(kernel, dtype, head_dim));
+  const int64_t sms = multiprocessor_count();
+  // The launch's items: the bucket's plan (the graph's grid); the step's own split within them.
+  const cuda::PrefixSplit bucket =
+      plan_prefix_split(bucket_prefixes, bucket_rows, bucket_len, num_kv_heads, group, tile_rows, ctas, sms);
+  const cuda::PrefixSplit own =
+      plan_prefix_split(num_prefixes, max_rows, max_len, num_kv_heads, group, tile_rows, ctas, sms);
+  const int tiles = std::max(1, own.row_tiles);
+  int splits = std::max(1, std::min(own.splits, bucket.items / tiles));
+  if (tiles > bucket.items) splits = own.splits;  // cannot be held: the kernels run the bucket's plan
+  const int64_t per_split = (max_len + splits - 1) / splits;
+  const int chunk_keys = static_cast<int>(std::max<int64_t>(64, (per_split + 63) / 64 * 64));
+  return {splits, chunk_keys, static_cast<int32_t>(max_rows)};
 }
 
 std::array<int32_t, 3> cascade_suffix_split(int64_t rows, int64_t padded_rows, int64_t num_q_heads,
@@ -453,18 +512,10 @@ cudaError_t cascade_decode_attention_cuda(const CascadeDecodeParams& p, cudaStre
   const bool tiles = suffix_by_tiles();
   const cuda::TileKernel kernel = cuda::tile_kernel();
   const CascadeLaunch launch_mode = cascade_launch();
-  int prefix_ctas_per_sm = 1;
-  if (p.levels.num_prefixes > 0) {
-    const cudaError_t dispatched = BATCHLLM_DISPATCH_HALF_TYPES(p.q.dtype, [&] {
-      return BATCHLLM_DISPATCH_HEAD_DIM(head_dim, [&] {
-        prefix_ctas_per_sm = cuda::tile_ctas_per_sm<scalar_t, kHeadDim, cuda::PrefixProblem<scalar_t>>(kernel);
-        return cudaSuccess;
-      });
-    });
-    if (dispatched != cudaSuccess) return dispatched;
-  }
+  const int prefix_ctas_per_sm = p.levels.num_prefixes > 0 ? prefix_tile_ctas_per_sm(kernel, p.q.dtype, head_dim) : 1;
+  if (prefix_ctas_per_sm < 1) return cudaErrorInvalidValue;  // a dtype or head dim without kernels
   const CascadePlan plan(num_rows, num_heads, num_kv_heads, head_dim, p.levels, tiles, cuda::tile_rows(kernel),
-                         prefix_ctas_per_sm, p.levels.suffix_split != nullptr);
+                         prefix_ctas_per_sm, p.levels.suffix_split != nullptr, p.levels.prefix_split != nullptr);
   // The fused grid shares one block size: 4-warp WMMA or mma prefix tiles only (others: separate).
   const bool fused = !tiles && launch_mode == CascadeLaunch::kFused &&
                      (kernel == cuda::TileKernel::kWmma || kernel == cuda::TileKernel::kMma);
@@ -474,19 +525,17 @@ cudaError_t cascade_decode_attention_cuda(const CascadeDecodeParams& p, cudaStre
   const SideStream* side = !tiles && launch_mode == CascadeLaunch::kStreams ? side_stream(stream) : nullptr;
   const int group = plan.group;
   float* ws = p.workspace;
-  const dim3 prefix_grid(plan.prefix_row_tiles * plan.splits, static_cast<unsigned>(p.levels.num_prefixes),
-                         num_kv_heads);
+  const dim3 prefix_grid(plan.prefix.items, static_cast<unsigned>(p.levels.num_prefixes), num_kv_heads);
   return BATCHLLM_DISPATCH_HALF_TYPES(p.q.dtype, [&] {
     return BATCHLLM_DISPATCH_HEAD_DIM(head_dim, [&] {
-      const cuda::PrefixProblem<scalar_t> prefix{p.q, p.levels, ws + plan.prefix_o, ws + plan.prefix_lse, group,
-                                                 cuda::tile_rows(kernel), plan.prefix_row_tiles, plan.splits,
-                                                 plan.chunk_keys};
+      const cuda::PrefixProblem<scalar_t> prefix{p.q,     p.levels, ws + plan.prefix_o, ws + plan.prefix_lse,
+                                                 group,   cuda::tile_rows(kernel), plan.prefix};
       constexpr float kLog2e = 1.4426950408889634f;
       cuda::DecodeRowsArgs suffix{p.q, p.k_cache, p.v_cache, p.levels.suffix_block_tables,
                                   p.levels.max_suffix_blocks, p.levels.suffix_kv_lens, ws + plan.suffix_o,
                                   ws + plan.suffix_lse, p.scale * kLog2e, group, plan.suffix,
                                   cuda::FastDivisor::make(static_cast<uint32_t>(p.k_cache.shape[1]))};
-      const cuda::PrefixStates prefix_states{ws + plan.prefix_o, ws + plan.prefix_lse, plan.splits};
+      const cuda::PrefixStates prefix_states{ws + plan.prefix_o, ws + plan.prefix_lse, plan.prefix};
       if (merge) {
         BATCHLLM_CUDA_RETURN_IF_ERROR((cuda::launch_tiles<scalar_t, kHeadDim>(kernel, prefix, prefix_grid, p.k_cache,
                                                                               p.v_cache, p.scale, stream)));

@@ -273,9 +273,11 @@ __device__ __forceinline__ void decode_rows(const DecodeRowsArgs& args, const di
   }
   // The merge epilogue's covering prefixes (its barriers also order the smem states above).
   const int listed = args.merge_prefixes ? list_covering_prefixes(args.levels, row, sm.covering) : 0;
+  const PrefixStates prefix_states{args.prefix_states.o, args.prefix_states.lse,
+                                   args.merge_prefixes ? args.prefix_states.split.resolved() : PrefixSplit{}};
   const int64_t num_heads = args.q.shape[1];
   if (args.merge_prefixes && threadIdx.x == 0) {
-    sm.merges.count = append_prefix_steps(sm.merges.state, 0, args.levels, sm.covering, listed, args.prefix_states,
+    sm.merges.count = append_prefix_steps(sm.merges.state, 0, args.levels, sm.covering, listed, prefix_states,
                                           row, num_heads);
   }
   __syncthreads();
@@ -314,7 +316,7 @@ __device__ __forceinline__ void decode_rows(const DecodeRowsArgs& args, const di
         value = apply_merge_steps(sm.merges, merge_steps, h, head, d, D, value,
                                   [&](int) { return args.prefix_states.o; });
       } else {  // too many steps to keep (row_lse is the row's own): merged element by element
-        merge_prefix_states(value, lse, args.levels, sm.covering, listed, args.prefix_states, row, head, num_heads, d,
+        merge_prefix_states(value, lse, args.levels, sm.covering, listed, prefix_states, row, head, num_heads, d,
                             D);
       }
       static_cast<T*>(args.out.data)[row * args.out.stride[0] + head * args.out.stride[1] + d] = from_float<T>(value);

@@ -3,7 +3,7 @@
 // prefix's states (every key split), in ascending prefix order. Used by the combine kernel and by
 // decode_rows' merge epilogue (BATCHLLM_CASCADE_LAUNCH=merge), so both merge in the same order.
 // Prefix state layout (the prefix tiles write it): o [P, splits, R, Hq, D], lse [P, splits, R, Hq]
-// with R = levels.max_prefix_rows and the reader's row index within its prefix's range.
+// with R = PrefixSplit::state_rows and the reader's row index within its prefix's range.
 #pragma once
 
 #include "batchllm/kernels/merge.h"
@@ -44,11 +44,45 @@ __device__ __forceinline__ int list_covering_prefixes(const DecodeLevelsView& le
   return list.count <= kMaxCovering ? list.count : -1;
 }
 
-/// Where the prefix tiles wrote their states.
+/// How the prefix tiles split their prefixes' keys and lay out their states: the launch's x items are
+/// (row tile x % row_tiles, key chunk x / row_tiles), chunk `split` holding keys [split * chunk_keys,
+/// (split + 1) * chunk_keys); the state of (prefix p, split, reader row r, head h) is at
+/// ((p * splits + split) * state_rows + r) * Hq + h. Either the host plan's (plan == nullptr) or a
+/// step's own, decided on the host and read from device memory (DecodeLevelsView::prefix_split:
+/// {splits, chunk_keys, state_rows}; its row tiles follow from the state rows), which a CUDA graph
+/// captured for a larger bucket replays within its grid's `items`; the states of any split that fits
+/// take no more than items x ceil(tile_rows / group) rows a prefix, which the workspace holds.
+struct PrefixSplit {
+  int splits = 1;
+  int chunk_keys = 0;
+  int row_tiles = 0;
+  int state_rows = 0;  // reader rows per (prefix, split) in the states: max_prefix_rows (host plan)
+  int items = 0;       // the launch's x items: row tiles x splits of the host plan
+  int tile_rows = 64;  // the tile kernel's rows
+  int group = 1;       // GQA group: a reader row is `group` tile rows
+  const int32_t* plan = nullptr;
+
+  /// The split in effect: the device plan's, or the host plan's where there is none or the launch's
+  /// items cannot hold it (every kernel of the call resolves it alike, so they agree).
+  __device__ __forceinline__ PrefixSplit resolved() const {
+    if (plan == nullptr) return *this;
+    const int rows = plan[2], wanted = plan[0];
+    const int tiles = max(1, (max(rows, 0) * group + tile_rows - 1) / tile_rows);
+    if (rows < 0 || wanted < 1 || plan[1] < 1 || static_cast<int64_t>(wanted) * tiles > items) return *this;
+    PrefixSplit split = *this;
+    split.row_tiles = tiles;
+    split.splits = wanted;
+    split.chunk_keys = plan[1];
+    split.state_rows = rows;
+    return split;
+  }
+};
+
+/// Where the prefix tiles wrote their states, and their layout.
 struct PrefixStates {
-  const float* o;    // [P, splits, R, Hq, D]
-  const float* lse;  // [P, splits, R, Hq]
-  int splits;
+  const float* o;    // [P, splits, state_rows, Hq, D]
+  const float* lse;  // [P, splits, state_rows, Hq]
+  PrefixSplit split;
 };
 
 /// Merges element d of (row, head)'s running state (value, lse; natural log, -inf: empty) with the
@@ -63,8 +97,9 @@ __device__ __forceinline__ void merge_prefix_states(float& value, float& lse, co
     const int64_t p = listed >= 0 ? list.prefixes[c] : c;
     const int begin = levels.prefix_q_range[2 * p], end = levels.prefix_q_range[2 * p + 1];
     if (row < begin || row >= end) continue;
-    for (int64_t split = 0; split < states.splits; ++split) {
-      const int64_t state = ((p * states.splits + split) * levels.max_prefix_rows + (row - begin)) * num_heads + head;
+    for (int64_t split = 0; split < states.split.splits; ++split) {
+      const int64_t state =
+          ((p * states.split.splits + split) * states.split.state_rows + (row - begin)) * num_heads + head;
       const LseMerge w = merge_lse(lse, states.lse[state]);
       value = merge_value(w, value, states.o[state * head_dim + d]);
       lse = w.lse;
@@ -99,9 +134,9 @@ __device__ __forceinline__ int append_prefix_steps(int64_t* steps, int count, co
   for (int c = 0; c < listed; ++c) {
     const int64_t p = list.prefixes[c];
     const int begin = levels.prefix_q_range[2 * p];
-    for (int64_t split = 0; split < states.splits; ++split) {
+    for (int64_t split = 0; split < states.split.splits; ++split) {
       if (count == kMergeSteps) return -1;
-      steps[count++] = ((p * states.splits + split) * levels.max_prefix_rows + (row - begin)) * num_heads;
+      steps[count++] = ((p * states.split.splits + split) * states.split.state_rows + (row - begin)) * num_heads;
     }
   }
   return count;

@@ -29,8 +29,19 @@ const char* cuda_tile_kernel_name();
 /// Depends on the current device's multiprocessor count (split-KV), so size it on the launch device.
 /// \param num_rows B   \param num_q_heads Hq   \param num_kv_heads Hkv   \param levels sizes and host hints
 /// \param device_suffix_split levels.suffix_split will be set (room for any split it may ask for).
+/// \param device_prefix_split levels.prefix_split will be set (room for any split within the hints' plan).
 size_t cascade_workspace_floats(int64_t num_rows, int64_t num_q_heads, int64_t num_kv_heads, int64_t head_dim,
-                                const DecodeLevelsView& levels, bool device_suffix_split = false);
+                                const DecodeLevelsView& levels, bool device_suffix_split = false,
+                                bool device_prefix_split = false);
+
+/// DecodeLevelsView::prefix_split for a step whose prefixes (`num_prefixes`, at most `max_rows`
+/// readers and `max_len` keys each) are launched with the hints of a CUDA graph's bucket
+/// (`bucket_prefixes`, `bucket_rows`, `bucket_len`): {splits, chunk_keys, state_rows}, the split the
+/// step would get launched at its own size, at most what the bucket plan's items hold (on the current
+/// device and tile kernel: the split follows its occupancy and the SM count).
+std::array<int32_t, 3> cascade_prefix_split(int64_t num_prefixes, int64_t max_rows, int64_t max_len,
+                                            int64_t bucket_prefixes, int64_t bucket_rows, int64_t bucket_len,
+                                            int64_t num_q_heads, int64_t num_kv_heads, int64_t head_dim, DType dtype);
 
 /// DecodeLevelsView::suffix_split for a step of `rows` decode rows (their longest suffix
 /// `max_suffix_kv_len` keys) launched as `padded_rows` rows (a CUDA graph's batch bucket): {splits,

@@ -441,6 +441,9 @@ std::vector<CascadeShape> cascade_shapes() {
   shapes.push_back({"graph-padded rows, split suffix", {{40, 0, 2}}, {700, 300, 1, 1, 1, 1, 1, 1}, 8, false, 6});
   // Short suffixes: unsplit, and the padded rows attend their one key as every row does.
   shapes.push_back({"graph-padded rows, unsplit suffix", {{40, 0, 3}}, {5, 100, 16, 1, 1, 1, 1, 1}, 132, false, 5});
+  // A tail under a long prefix in a graph of more prefixes (padded: no keys, no readers): the prefix
+  // split is the step's own, within the bucket plan's grid.
+  shapes.push_back({"graph-padded prefix tail", {{600, 0, 2}, {0, 0, 0}, {0, 0, 0}}, {5, 9, 1, 1, 1, 1}, 8, false, 4});
   return shapes;
 }
 
@@ -552,9 +555,13 @@ TEST_F(CudaSweep, CascadeDecodeAttention) {
                                             " keys, " + std::to_string(split[2]) + " rows"
                                       : std::string("host split"));
             if (device_split) d.levels.suffix_split = d_split.device;
-            Mirror<float> workspace(std::vector<float>(
-                bk::cascade_workspace_floats(rows, hq, hkv, head_dim, p.levels, device_split), NAN));
-            d.workspace = workspace.device;
+            // With a device split, the prefix level's too, under a graph bucket's hints (every row a
+            // reader, twice the keys): the launch is sized by the hints, the split is the step's.
+            const bool prefix_split = device_split && !shape.prefixes.empty();
+            if (prefix_split) {
+              d.levels.max_prefix_rows = static_cast<int32_t>(rows);
+              d.levels.max_prefix_kv_len = 2 * max_prefix_len + 16;
+            }
             // Kernel variants by a hash of the case (a plain index % n would tie them to shapes):
             // the suffix level on decode_rows (default) or the tile kernel, or decode_rows and the
             // prefix tiles fused in one launch; the prefix tiles on WMMA (default), mma.sync or wgmma.
@@ -577,6 +584,22 @@ TEST_F(CudaSweep, CascadeDecodeAttention) {
             if (suffix == 0) setenv("BATCHLLM_CASCADE_SUFFIX", "tile", 1);
             if (launches[suffix] != nullptr) setenv("BATCHLLM_CASCADE_LAUNCH", launches[suffix], 1);
             setenv("BATCHLLM_ATTENTION_TILES", tile_names[tiles], 1);
+            // The prefix split follows the tile kernel (its rows and occupancy): after the choice.
+            std::array<int32_t, 3> prefix_plan{};
+            if (prefix_split) {
+              prefix_plan = bk::cascade_prefix_split(p.levels.num_prefixes, max_prefix_rows, max_prefix_len,
+                                                     d.levels.num_prefixes, d.levels.max_prefix_rows,
+                                                     d.levels.max_prefix_kv_len, hq, hkv, head_dim, dtype);
+            }
+            Mirror<int32_t> d_prefix_split(std::vector<int32_t>(prefix_plan.begin(), prefix_plan.end()));
+            if (prefix_split) d.levels.prefix_split = d_prefix_split.device;
+            SCOPED_TRACE(prefix_split ? "device prefix split " + std::to_string(prefix_plan[0]) + " x " +
+                                            std::to_string(prefix_plan[1]) + " keys, " +
+                                            std::to_string(prefix_plan[2]) + " state rows"
+                                      : std::string("host prefix split"));
+            Mirror<float> workspace(std::vector<float>(
+                bk::cascade_workspace_floats(rows, hq, hkv, head_dim, d.levels, device_split, prefix_split), NAN));
+            d.workspace = workspace.device;
             SCOPED_TRACE(std::string(suffix_names[suffix]) + ", prefix " + tile_names[tiles]);
             const cudaError_t launched = bk::cascade_decode_attention_cuda(d, nullptr);
             unsetenv("BATCHLLM_CASCADE_SUFFIX");
