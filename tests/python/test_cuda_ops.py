@@ -325,7 +325,8 @@ def test_cascade_cuda_device_prefix_split_of_a_graph_padded_step(kernels, monkey
 def test_cascade_cuda_one_graph_replays_every_suffix_split(kernels, monkeypatch):
     # What a captured decode graph relies on: one launch configuration (the bucket's hints, one
     # workspace) runs whatever split the step's suffix_split array holds, unsplit over every row or
-    # split over the real rows only. On a GPU the launch is captured once and replayed per split; on
+    # split over the real rows only, and whatever prefix split its prefix_split array holds (state
+    # rows the readers' or the bucket's). On a GPU the launch is captured once and replayed per split; on
     # the emulation (no graphs) the same levels object is called again per split.
     from batchllm_core.cuda_graphs import GraphKey, pad_decode_step
 
@@ -343,7 +344,7 @@ def test_cascade_cuda_one_graph_replays_every_suffix_split(kernels, monkeypatch)
         padded["prefix_kv_indptr"], padded["prefix_kv_blocks"], padded["prefix_kv_lens"], padded["prefix_q_range"],
         padded["suffix_block_tables"], padded["suffix_kv_lens"], max_prefix_kv_len=key.prefix_keys,
         max_prefix_rows=key.prefix_rows, max_suffix_kv_len=key.suffix_width * 16,
-        suffix_split=padded["suffix_split"]).with_workspace(8, 2, 128, DEVICE)
+        suffix_split=padded["suffix_split"], prefix_split=padded["prefix_split"]).with_workspace(8, 2, 128, DEVICE)
     q = torch.cat([case.q, torch.randn((13, 8, 128)).to(dtype).to(DEVICE)])
     out, lse = poisoned(q.shape, dtype, DEVICE), torch.empty(q.shape[:2], dtype=torch.float32, device=DEVICE)
 
@@ -359,8 +360,12 @@ def test_cascade_cuda_one_graph_replays_every_suffix_split(kernels, monkeypatch)
             launch()
     ref_o, ref_lse = cascade_reference(kv, case, 1.0 / math.sqrt(128))
     own = ops.cascade_suffix_split(3, 16, 8, 2, 700, DEVICE)
-    for split in [(1, 1 << 30, 16), (3, 256, 3), (2, 384, 3), own, (1, 1 << 30, 16)]:
+    prefix_own = ops.cascade_prefix_split(1, 3, 40, key.prefixes, key.prefix_rows, key.prefix_keys, 8, 2, 128, dtype,
+                                          DEVICE)
+    for split, prefix_split in [((1, 1 << 30, 16), (1, 64, 3)), ((3, 256, 3), prefix_own), ((2, 384, 3), (1, 64, 16)),
+                                (own, prefix_own), ((1, 1 << 30, 16), (1, 64, 3))]:
         step.suffix_split.copy_(torch.tensor(split, dtype=torch.int32))
+        step.prefix_split.copy_(torch.tensor(prefix_split, dtype=torch.int32))
         out.fill_(math.nan)
         graph.replay() if graph is not None else launch()
         synchronize()

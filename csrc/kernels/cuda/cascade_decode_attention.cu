@@ -39,14 +39,18 @@ int64_t decode_rows_ctas_per_item(int64_t kv_heads, int group) {
   return kv_heads * ((group + heads_per_cta - 1) / heads_per_cta);
 }
 
+/// decode_rows CTAs an SM: 4 at 4 heads a CTA (128 registers, held there by its launch bounds), 2 at
+/// 8 (239-249 registers: GQA groups above 4, Qwen2.5-7B's 7).
+int64_t decode_rows_slots(int group, int64_t sms) { return (cuda::decode_heads_per_cta(group) == 4 ? 4 : 2) * sms; }
+
 /// decode_rows' key split for `rows` rows whose longest suffix has `max_suffix_len` keys (splits and
-/// chunk_keys): decode_rows runs 4 CTAs an SM, so the keys are split while a wave would be under half
-/// full, into at most 16 chunks of at least 256 keys (a multiple of the 64 keys a CTA loads a step).
+/// chunk_keys): the keys are split while a wave of decode_rows CTAs would be under half full, into at
+/// most 16 chunks of at least 256 keys (a multiple of the 64 keys a CTA loads a step).
 cuda::SuffixSplit plan_suffix_split(int64_t rows, int64_t kv_heads, int group, int64_t max_suffix_len,
                                     int64_t sms) {
   constexpr int64_t kMinChunkKeys = 256;
   cuda::SuffixSplit split;
-  const int64_t slots = 4 * sms;
+  const int64_t slots = decode_rows_slots(group, sms);
   const int64_t ctas = rows * decode_rows_ctas_per_item(kv_heads, group);
   const int64_t by_keys = (max_suffix_len + kMinChunkKeys - 1) / kMinChunkKeys;
   if (rows > 0 && 2 * ctas < slots && by_keys > 1) {
@@ -59,10 +63,10 @@ cuda::SuffixSplit plan_suffix_split(int64_t rows, int64_t kv_heads, int group, i
 
 /// The items (rows x key splits) a launch of `rows` rows holds when the split is decided per step on
 /// the device (DecodeLevelsView::suffix_split): the rows unsplit, or a wave of split items, whichever
-/// is more. plan_suffix_split never asks for more: its splits x rows stay within a wave (4 CTAs an SM
+/// is more. plan_suffix_split never asks for more: its splits x rows stay within a wave (the slots
 /// over the CTAs of an item).
 int64_t device_split_items(int64_t rows, int64_t kv_heads, int group, int64_t sms) {
-  return std::max<int64_t>(rows, 4 * sms / decode_rows_ctas_per_item(kv_heads, group));
+  return std::max<int64_t>(rows, decode_rows_slots(group, sms) / decode_rows_ctas_per_item(kv_heads, group));
 }
 
 /// The most prefix tile CTAs an SM a split plan counts (the occupancy query may report more for small
