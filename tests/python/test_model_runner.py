@@ -378,3 +378,45 @@ def test_cuda_runner_matches_cpu_float32():
     reference = scenario_logits(ModelRunner(float32_copy(model), config, NUM_BLOCKS, BLOCK_SIZE, "cpu",
                                             torch.float32))
     assert_scenarios_close(ours, reference, rtol=0.05)
+
+
+@pytest.mark.skipif(cuda_emulation.module() is None, reason="no CUDA emulation module (BATCHLLM_CUDA_EMULATION_DIR)")
+def test_graph_runner_tail_on_the_emulated_kernels_keeps_its_own_splits(monkeypatch):
+    # A job's tail through the graph runner's padded path (capture off) on the CUDA kernels compiled
+    # for the CPU emulation: after a 6-row decode step, two rows with 536 and 300 suffix tokens under
+    # a shared 64-token prefix decode in that step's 8-row buffers, with their own suffix key split
+    # (3 chunks on 132 SMs; the 8-row bucket's plan would not split) and prefix split, read on the
+    # device. Their logits match the float32 eager runner's.
+    from batchllm_core.cuda_graphs import DecodeGraphs, GraphModelRunner
+
+    config = small_gpu_shape()
+    model = build_random_model(config, seed=0, dtype=torch.bfloat16, device="cpu").model
+    blocks = 256
+    reference = ModelRunner(float32_copy(model), config, blocks, BLOCK_SIZE, "cpu", torch.float32)
+    cuda_emulation.activate(monkeypatch)
+    graphs = GraphModelRunner(model, config, blocks, BLOCK_SIZE, "cpu", torch.bfloat16, capture=False)
+    splits = []
+    own_split = DecodeGraphs._suffix_split
+    monkeypatch.setattr(DecodeGraphs, "_suffix_split",
+                        lambda self, *args: splits.append(own_split(self, *args)) or splits[-1])
+    rng = np.random.default_rng(3)
+    tokens = lambda n: rng.integers(4, config.vocab_size, size=n).tolist()  # noqa: E731
+    h = Harness(None, runner=reference)
+    a = h.sequence(tokens(602))
+    b = h.sequence(a.tokens[:64] + tokens(302), shared=a, shared_blocks=8)
+    shorts = [h.sequence(tokens(22)) for _ in range(4)]
+    plans = [h.step([(a, 600)], 0, sample=[]), h.step([(b, 300)], 0, sample=[])]
+    plans += [h.step([(s, 20)], 0, sample=[]) for s in shorts]
+    rows = [a, b] + shorts
+    plans.append(h.step([(s, 1) for s in rows], len(rows),
+                        levels=suffix_levels(rows, [(a.blocks[:8], 0, 2)], [8, 8, 0, 0, 0, 0])))
+    plans.append(h.step([(a, 1), (b, 1)], 2, levels=suffix_levels([a, b], [(a.blocks[:8], 0, 2)], [8, 8])))
+    for plan in plans:
+        with cuda_emulation.suspended():  # the float32 reference on the CPU kernels
+            expected = reference.execute(plan)
+        got = graphs.execute(plan)
+        if expected.numel():
+            err = (got.float() - expected).abs().max().item()
+            assert err <= 0.05 * expected.abs().max().item(), f"error {err}"
+    assert graphs.decode_graphs.steps == 2 and graphs.decode_graphs.dominated == 1  # the tail ran padded
+    assert splits[-1][0] > 1 and splits[-1][2] == 2  # its suffix keys split, over its own 2 rows
