@@ -101,14 +101,20 @@ struct SuffixSplit {
   int items = 0;              // the grid's items (x): rows x splits, or the capacity for a device plan
   const int32_t* plan = nullptr;
 
-  /// The split in effect: the device plan's, clamped to the launch (at least one split, at most the
-  /// launch's rows, every covered row's states within the items), or the host plan's.
+  /// The split in effect: the device plan's, or the host plan's where there is none or the launch
+  /// cannot hold it (its rows past the launch's, or its rows x splits past the items; every kernel of
+  /// the call resolves it alike, so they agree).
   __device__ __forceinline__ SuffixSplit resolved() const {
     if (plan == nullptr) return *this;
+    const int wanted = plan[0], covered = plan[2];
+    if (wanted < 1 || plan[1] < 1 || covered < 0 || covered > rows ||
+        static_cast<int64_t>(wanted) * covered > items) {
+      return *this;
+    }
     SuffixSplit split = *this;
-    split.splits = max(1, plan[0]);
-    split.chunk_keys = max(1, plan[1]);
-    split.rows = max(0, min(min(plan[2], rows), items / split.splits));
+    split.splits = wanted;
+    split.chunk_keys = plan[1];
+    split.rows = covered;
     return split;
   }
 };
