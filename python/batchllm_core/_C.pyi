@@ -58,15 +58,25 @@ def cascade_decode_attention(q: View, k_cache: View, v_cache: View, levels: tupl
                              hints: list[int], o: View, lse: Optional[View], workspace: Optional[View],
                              scale: float, stream: int, check_indices: bool) -> None:
     """levels: (prefix_kv_indptr, prefix_kv_blocks, prefix_kv_lens, prefix_q_range,
-    suffix_block_tables, suffix_kv_lens); hints: [max_prefix_kv_len, max_prefix_rows, max_suffix_kv_len]."""
+    suffix_block_tables, suffix_kv_lens[, suffix_split or None[, prefix_split or None]]);
+    hints: [max_prefix_kv_len, max_prefix_rows, max_suffix_kv_len]."""
 def merge_states(o_a: View, lse_a: View, o_b: View, lse_b: View, o: View, lse: Optional[View],
                  stream: int) -> None: ...
 def cuda_kernel_head_dims() -> list[int]:
     """Head dims the CUDA attention kernels are built for (empty without CUDA)."""
 def cascade_workspace_floats(num_rows: int, num_q_heads: int, num_kv_heads: int, head_dim: int,
                              num_prefixes: int, max_prefix_kv_len: int, max_prefix_rows: int,
-                             max_suffix_kv_len: int) -> int:
-    """float32 scratch elements the CUDA cascade kernel needs on the current device (0 without CUDA)."""
+                             max_suffix_kv_len: int, device_suffix_split: bool = False,
+                             device_prefix_split: bool = False) -> int:
+    """float32 scratch elements the CUDA cascade kernel needs on the current device (0 without CUDA);
+    device_*_split: the levels will carry that split array."""
+def cascade_suffix_split(rows: int, padded_rows: int, num_q_heads: int, num_kv_heads: int,
+                         max_suffix_kv_len: int) -> tuple[int, int, int]:
+    """(splits, chunk_keys, rows covered) of a decode step launched as padded_rows rows; unsplit without CUDA."""
+def cascade_prefix_split(num_prefixes: int, max_rows: int, max_len: int, bucket_prefixes: int, bucket_rows: int,
+                         bucket_len: int, num_q_heads: int, num_kv_heads: int, head_dim: int,
+                         dtype: str) -> tuple[int, int, int]:
+    """(splits, chunk_keys, state_rows) of a step's prefixes under a graph bucket's hints; unsplit without CUDA."""
 
 # ---- end kernels ----------------------------------------------------------------------------------
 
