@@ -143,6 +143,18 @@ def pad_decode_step(host: Dict[str, np.ndarray], levels: Dict[str, np.ndarray], 
     }
 
 
+def static_levels(views: Dict[str, torch.Tensor], key: GraphKey, block_size: int):
+    """The ops.DecodeLevels of a step padded to ``key`` (its static views, on the device): hinted with
+    the key's bounds, which size the kernels' grids, and carrying the step's own split arrays."""
+    from .ops import DecodeLevels
+
+    return DecodeLevels(views["prefix_kv_indptr"], views["prefix_kv_blocks"], views["prefix_kv_lens"],
+                        views["prefix_q_range"], views["suffix_block_tables"], views["suffix_kv_lens"],
+                        max_prefix_kv_len=key.prefix_keys, max_prefix_rows=key.prefix_rows,
+                        max_suffix_kv_len=key.suffix_width * block_size, suffix_split=views["suffix_split"],
+                        prefix_split=views["prefix_split"])
+
+
 class _Entry:
     """One key's static buffers, its graph (None before capture or without capture) and output:
     the final hidden states (a few MB; logits, up to vocab x rows x 4 bytes, stay out of the graph
@@ -360,15 +372,8 @@ class DecodeGraphs:
 
     def _forward(self, entry: _Entry, views: Dict[str, torch.Tensor]) -> torch.Tensor:
         """The model over the static views: final hidden states of every padded row."""
-        from .ops import DecodeLevels
-
         key = entry.key
-        levels = DecodeLevels(views["prefix_kv_indptr"], views["prefix_kv_blocks"], views["prefix_kv_lens"],
-                              views["prefix_q_range"], views["suffix_block_tables"], views["suffix_kv_lens"],
-                              max_prefix_kv_len=key.prefix_keys, max_prefix_rows=key.prefix_rows,
-                              max_suffix_kv_len=key.suffix_width * self.runner.block_size,
-                              suffix_split=views["suffix_split"], prefix_split=views["prefix_split"])
-        levels = self.runner.attach_workspace(levels)  # one per step; inside a capture, one per graph
+        levels = self.runner.attach_workspace(static_levels(views, key, self.runner.block_size))  # one per step; inside a capture, one per graph
         set_context(AttentionContext(
             slot_mapping=views["slot_mapping"], num_decode_rows=key.rows, query_start=views["paged_query_start"],
             context_lens=views["paged_context_lens"], block_tables=views["paged_block_tables"], max_q_len=0,

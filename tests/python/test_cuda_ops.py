@@ -212,6 +212,23 @@ def test_cascade_cuda_few_rows_long_suffixes(dtype, kernels, monkeypatch):
     assert_cascade_matches_reference(kv, case, case.levels, dtype)
 
 
+def case_levels_on_host(case) -> dict:
+    """A cascade case's level arrays as the numpy dict cuda_graphs pads."""
+    return {name: getattr(case.levels, name).cpu().numpy() for name in (
+        "prefix_kv_indptr", "prefix_kv_blocks", "prefix_kv_lens", "prefix_q_range", "suffix_block_tables",
+        "suffix_kv_lens")}
+
+
+def graph_step_levels(levels: dict, rows: int, key, *splits):
+    """The levels a CUDA graph of `key` runs for a step of `rows` rows (cuda_graphs.pad_decode_step,
+    then static_levels): the key's hints, the step's own split arrays (`splits`, else unsplit)."""
+    from batchllm_core.cuda_graphs import pad_decode_step, static_levels
+
+    host = {"input_ids": [0] * rows, "positions": [0] * rows, "slot_mapping": [0] * rows}
+    views = {name: torch.from_numpy(a).to(DEVICE) for name, a in pad_decode_step(host, levels, key, *splits).items()}
+    return static_levels(views, key, 16)
+
+
 @pytest.mark.skipif(not EMULATED, reason="pins the split on the emulation's 132 SMs (a GPU has its own count)")
 def test_cascade_suffix_split_is_the_steps_own_eager_split():
     # decode_rows runs 4 CTAs an SM (528 on 132 SMs): a step's suffix keys are split while its CTAs
@@ -234,24 +251,16 @@ def test_cascade_cuda_device_split_of_a_graph_padded_step(dtype, kernels, monkey
     # (ops.cascade_suffix_split, what the 3 rows get launched eagerly) reaches the kernels on the
     # device: the real rows match the reference; the padded rows, left out once the keys are split,
     # give zeros and lse -inf (the tile suffix takes no splits: it attends them, one key each).
-    from batchllm_core.cuda_graphs import GraphKey, pad_decode_step
+    from batchllm_core.cuda_graphs import GraphKey
 
     use_cascade_kernels(kernels, monkeypatch)
     kv = PagedKV(200, 16, 2, 128, dtype, device=DEVICE)
     case = make_cascade_case(kv, 3, [1], [lambda i: 40], [900, 300, 0], 8, 128, dtype, device=DEVICE)
-    levels = {name: getattr(case.levels, name).cpu().numpy() for name in (
-        "prefix_kv_indptr", "prefix_kv_blocks", "prefix_kv_lens", "prefix_q_range", "suffix_block_tables",
-        "suffix_kv_lens")}
+    levels = case_levels_on_host(case)
     key = dataclasses.replace(GraphKey.of(levels, 3, 16), rows=16, prefix_keys=2048, suffix_width=128)
     split = ops.cascade_suffix_split(3, key.rows, 8, 2, 900, DEVICE)
     assert split[0] > 1 and split[0] * split[1] >= 900 and split[2] == 3  # split, the real rows only
-    host = {"input_ids": [0] * 3, "positions": [0] * 3, "slot_mapping": [0] * 3}
-    padded = {name: torch.from_numpy(a).to(DEVICE)
-              for name, a in pad_decode_step(host, levels, key, split).items()}
-    padded_levels = ops.DecodeLevels(
-        padded["prefix_kv_indptr"], padded["prefix_kv_blocks"], padded["prefix_kv_lens"], padded["prefix_q_range"],
-        padded["suffix_block_tables"], padded["suffix_kv_lens"], max_prefix_kv_len=key.prefix_keys,
-        max_prefix_rows=key.prefix_rows, max_suffix_kv_len=key.suffix_width * 16, suffix_split=padded["suffix_split"])
+    padded_levels = graph_step_levels(levels, 3, key, split)
     q = torch.cat([case.q, torch.randn((13, 8, 128)).to(dtype).to(DEVICE)])
     o, lse = ops.cascade_decode_attention(q, kv.k, kv.v, padded_levels, return_lse=True,
                                           out=poisoned(q.shape, dtype, DEVICE), check_indices=True)
@@ -277,15 +286,13 @@ def test_cascade_cuda_device_prefix_split_of_a_graph_padded_step(kernels, monkey
     # of a 16-row key of 4 prefixes, then of 1, whose hints (2,048 keys) plan 8 chunks of 256 keys.
     # The step's own split (ops.cascade_prefix_split: 3 chunks of 256 on 132 SMs) runs instead, on
     # the device, in the grid the key's plan sized; the real rows match the reference.
-    from batchllm_core.cuda_graphs import GraphKey, pad_decode_step
+    from batchllm_core.cuda_graphs import GraphKey
 
     use_cascade_kernels(kernels, monkeypatch)
     dtype = torch.bfloat16
     kv = PagedKV(200, 16, 2, 128, dtype, device=DEVICE)
     case = make_cascade_case(kv, 2, [1], [lambda i: 700], [30, 5], 8, 128, dtype, device=DEVICE)
-    levels = {name: getattr(case.levels, name).cpu().numpy() for name in (
-        "prefix_kv_indptr", "prefix_kv_blocks", "prefix_kv_lens", "prefix_q_range", "suffix_block_tables",
-        "suffix_kv_lens")}
+    levels = case_levels_on_host(case)
     ref_o, ref_lse = cascade_reference(kv, case, 1.0 / math.sqrt(128))
     splits = []
     for prefixes in (4, 1):
@@ -296,15 +303,7 @@ def test_cascade_cuda_device_prefix_split_of_a_graph_padded_step(kernels, monkey
         assert prefix_split[0] * prefix_split[1] >= 700 and prefix_split[2] == 2
         splits.append(prefix_split[0])
         suffix_split = ops.cascade_suffix_split(2, key.rows, 8, 2, 30, DEVICE)
-        host = {"input_ids": [0] * 2, "positions": [0] * 2, "slot_mapping": [0] * 2}
-        padded = {name: torch.from_numpy(a).to(DEVICE)
-                  for name, a in pad_decode_step(host, levels, key, suffix_split, prefix_split).items()}
-        step = ops.DecodeLevels(
-            padded["prefix_kv_indptr"], padded["prefix_kv_blocks"], padded["prefix_kv_lens"],
-            padded["prefix_q_range"], padded["suffix_block_tables"], padded["suffix_kv_lens"],
-            max_prefix_kv_len=key.prefix_keys, max_prefix_rows=key.prefix_rows,
-            max_suffix_kv_len=key.suffix_width * 16, suffix_split=padded["suffix_split"],
-            prefix_split=padded["prefix_split"])
+        step = graph_step_levels(levels, 2, key, suffix_split, prefix_split)
         q = torch.cat([case.q, torch.randn((14, 8, 128)).to(dtype).to(DEVICE)])
         o, lse = ops.cascade_decode_attention(q, kv.k, kv.v, step, return_lse=True,
                                               out=poisoned(q.shape, dtype, DEVICE), check_indices=True)
@@ -328,23 +327,15 @@ def test_cascade_cuda_one_graph_replays_every_suffix_split(kernels, monkeypatch)
     # split over the real rows only, and whatever prefix split its prefix_split array holds (state
     # rows the readers' or the bucket's). On a GPU the launch is captured once and replayed per split; on
     # the emulation (no graphs) the same levels object is called again per split.
-    from batchllm_core.cuda_graphs import GraphKey, pad_decode_step
+    from batchllm_core.cuda_graphs import GraphKey
 
     use_cascade_kernels(kernels, monkeypatch)
     dtype = torch.bfloat16
     kv = PagedKV(200, 16, 2, 128, dtype, device=DEVICE)
     case = make_cascade_case(kv, 3, [1], [lambda i: 40], [700, 300, 20], 8, 128, dtype, device=DEVICE)
-    levels = {name: getattr(case.levels, name).cpu().numpy() for name in (
-        "prefix_kv_indptr", "prefix_kv_blocks", "prefix_kv_lens", "prefix_q_range", "suffix_block_tables",
-        "suffix_kv_lens")}
+    levels = case_levels_on_host(case)
     key = dataclasses.replace(GraphKey.of(levels, 3, 16), rows=16, suffix_width=64)
-    host = {"input_ids": [0] * 3, "positions": [0] * 3, "slot_mapping": [0] * 3}
-    padded = {name: torch.from_numpy(a).to(DEVICE) for name, a in pad_decode_step(host, levels, key).items()}
-    step = ops.DecodeLevels(
-        padded["prefix_kv_indptr"], padded["prefix_kv_blocks"], padded["prefix_kv_lens"], padded["prefix_q_range"],
-        padded["suffix_block_tables"], padded["suffix_kv_lens"], max_prefix_kv_len=key.prefix_keys,
-        max_prefix_rows=key.prefix_rows, max_suffix_kv_len=key.suffix_width * 16,
-        suffix_split=padded["suffix_split"], prefix_split=padded["prefix_split"]).with_workspace(8, 2, 128, DEVICE)
+    step = graph_step_levels(levels, 3, key).with_workspace(8, 2, 128, DEVICE)
     q = torch.cat([case.q, torch.randn((13, 8, 128)).to(dtype).to(DEVICE)])
     out, lse = poisoned(q.shape, dtype, DEVICE), torch.empty(q.shape[:2], dtype=torch.float32, device=DEVICE)
 
