@@ -41,9 +41,11 @@ def main(argv=None) -> list:
     ceilings = Ceilings(args.flops, args.bytes_per_s)
     results = []
     _print_header()
+    engines = 0
     for workload_id in workloads:
         for policy in policies:
-            results.append(run_engine(workload_id, policy, args, ceilings))
+            engines += 1
+            results.append(run_engine(workload_id, policy, args, ceilings, position=engines))
             _print_row(results[-1])
         if args.hf:
             results.append(run_hf(workload_id, args, ceilings))
@@ -90,8 +92,14 @@ def _parse(argv):
     parser.add_argument("--bytes-per-s", type=float, default=H100_BYTES_PER_S,
                         help="device memory ceiling, bytes/s (H100 measured copy)")
     parser.add_argument("--no-warmup", action="store_true", help="time the first run cold")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="time the job this many times on the same engine (seconds: the first; "
+                             "seconds_runs, seconds_best: all). A policy may be listed twice: "
+                             "--policy batchllm,fcfs-lru,batchllm shows an order effect")
     parser.add_argument("--json-out", default=None, help="append the JSON lines to this file")
     args = parser.parse_args(argv)
+    if args.repeat < 1:
+        parser.error(f"--repeat must be at least 1, got {args.repeat}")
     for name in (args.workload.split(",") if args.workload != "all" else []):
         if name not in WORKLOAD_IDS:
             parser.error(f"--workload: {name!r} is not one of {WORKLOAD_IDS}")
@@ -102,8 +110,10 @@ def _parse(argv):
 
 
 # ---------------------------------------------------------------------------------------------------
-def run_engine(workload_id: str, policy: str, args, ceilings: Ceilings) -> dict:
-    """One workload under one policy through ``LLM.generate``; the result row (a JSON-able dict)."""
+def run_engine(workload_id: str, policy: str, args, ceilings: Ceilings, position: int = 1) -> dict:
+    """One workload under one policy through ``LLM.generate``; the result row (a JSON-able dict).
+    ``seconds`` is the first timed run (the job as a user runs it, graphs captured on the way);
+    ``--repeat`` adds runs of the same job on the same engine (``seconds_runs``, ``seconds_best``)."""
     from batchllm_core import LLM, SamplingParams
 
     llm = LLM(model=args.model, dtype=args.dtype, device=args.device, block_size=args.block_size,
@@ -120,20 +130,29 @@ def run_engine(workload_id: str, policy: str, args, ceilings: Ceilings) -> dict:
     step_floor = StepFloor(cost, ceilings)
     _record_steps(llm, step_floor)
     if not args.no_warmup:  # kernels loaded, allocator warm: not part of the job's time
-        llm.generate(prompts[:2], SamplingParams(max_tokens=2, ignore_eos=True), use_tqdm=False)
+        llm.generate(_warmup_prompts(workload, args.max_num_batched_tokens),
+                     SamplingParams(max_tokens=2, ignore_eos=True), use_tqdm=False)
         step_floor.reset()
-    _synchronize(llm.device)
-    start = time.perf_counter()
-    outputs = llm.generate(prompts, params, use_tqdm=False)
-    _synchronize(llm.device)
-    seconds = time.perf_counter() - start
+    runs = []
+    for repeat in range(args.repeat):
+        if repeat:
+            step_floor.reset()  # every run prices the same steps: the last run's floor stays
+        _synchronize(llm.device)
+        start = time.perf_counter()
+        outputs = llm.generate(prompts, params, use_tqdm=False)
+        _synchronize(llm.device)
+        runs.append(time.perf_counter() - start)
+        if repeat == 0:  # the row's counters are the first run's (a graph runner's counts add up)
+            first_stats = dict(llm.last_stats)
+            graphs = _graph_counters(llm)
+    seconds = runs[0]
     generated = sum(len(c.token_ids) for o in outputs for c in o.outputs)
     failed = [o.error for o in outputs if o.error]
     if failed:
         raise RuntimeError(f"{workload_id} {policy}: {len(failed)} requests failed, first: {failed[0]}")
     if generated != workload.output_tokens:
         raise RuntimeError(f"{workload_id} {policy}: generated {generated} tokens, expected {workload.output_tokens}")
-    stats = dict(llm.last_stats)
+    stats = first_stats
     bytes_per_block = llm.runner.kv_bytes_per_block(llm.config, llm.block_size, llm.dtype)
     result = _common(workload, args, llm.device, llm.dtype, policy, seconds, cost, ceilings)
     result.update(cuda_graphs=hasattr(llm.runner, "decode_graphs"), overlap=bool(llm.overlap))
@@ -142,12 +161,13 @@ def run_engine(workload_id: str, policy: str, args, ceilings: Ceilings) -> dict:
         steps=int(stats["steps"]), preemptions=int(stats["preemptions"]),
         peak_kv_blocks=int(stats["peak_kv_blocks"]), peak_kv_bytes=int(stats["peak_kv_blocks"]) * bytes_per_block,
         kv_capacity_blocks=int(llm.num_kv_blocks), step_floor_s=_sig(step_floor.seconds),
-        graph_steps=getattr(getattr(llm.runner, "decode_graphs", None), "steps", None),
-        graph_replays=getattr(getattr(llm.runner, "decode_graphs", None), "replays", None),
-        graph_captures=getattr(getattr(llm.runner, "decode_graphs", None), "captures", None),
-        graph_capture_s=_sig(getattr(getattr(llm.runner, "decode_graphs", None), "capture_s", 0.0)),
-        graph_steps_padded_to_larger=getattr(getattr(llm.runner, "decode_graphs", None), "dominated", None),
+        **graphs,
         time_over_step_floor=round(seconds / step_floor.seconds, 3) if step_floor.seconds > 0 else None)
+    # Repeats on the same engine: its graphs captured and every kernel loaded, what a long job's
+    # later hours run at. `position` is this engine's place among the process's engines (an order
+    # effect between policies shows as a difference that follows the position, not the policy).
+    result.update(position=position, seconds_runs=[round(r, 4) for r in runs], seconds_best=round(min(runs), 4),
+                  output_tokens_per_s_best=round(result["output_tokens"] / min(runs), 1))
     del llm, outputs
     _release_memory()
     return result
@@ -159,6 +179,28 @@ def _workload(workload_id: str, vocab_size: int, args):
         for request in workload.requests:
             request.max_tokens = args.max_tokens
     return workload
+
+
+def _graph_counters(llm) -> dict:
+    """The CUDA-graph runner's counters so far (None where the runner has no graphs)."""
+    graphs = getattr(llm.runner, "decode_graphs", None)
+    return {"graph_steps": getattr(graphs, "steps", None), "graph_replays": getattr(graphs, "replays", None),
+            "graph_captures": getattr(graphs, "captures", None),
+            "graph_capture_s": _sig(getattr(graphs, "capture_s", 0.0)),
+            "graph_steps_padded_to_larger": getattr(graphs, "dominated", None)}
+
+
+def _warmup_prompts(workload, token_budget: int) -> list:
+    """The warm-up's prompts: the workload's first ones, enough for one full-budget prefill step (so
+    that the first timed step does not meet the GEMM shape of a full step for the first time), at
+    least 2 and at most 64."""
+    chosen, tokens = [], 0
+    for request in workload.requests[:64]:
+        if len(chosen) >= 2 and tokens >= token_budget:
+            break
+        chosen.append({"prompt_token_ids": request.prompt_token_ids.tolist()})
+        tokens += len(request.prompt_token_ids)
+    return chosen
 
 
 def _record_steps(llm, step_floor: StepFloor) -> None:

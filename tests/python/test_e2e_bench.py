@@ -37,7 +37,7 @@ def e2e_rows(tmp_path_factory):
     saved = os.environ.get("BATCHLLM_CASCADE_LAUNCH")
     os.environ["BATCHLLM_CASCADE_LAUNCH"] = "merge"
     try:
-        rows += e2e.main(base + ["--policy", "no-share", "--no-warmup", "--overlap"])
+        rows += e2e.main(base + ["--policy", "no-share", "--no-warmup", "--overlap", "--repeat", "2"])
     finally:
         if saved is None:
             os.environ.pop("BATCHLLM_CASCADE_LAUNCH")
@@ -63,6 +63,34 @@ def test_rows_have_every_field_and_consistent_rates(e2e_rows):
     for row in (rows[0], rows[2]):
         assert _ENGINE_FIELDS <= set(row), _ENGINE_FIELDS - set(row)
         assert row["peak_kv_blocks"] > 0 and row["seconds"] >= row["step_floor_s"] > 0
+
+
+def test_repeats_time_the_same_job_and_keep_the_first_runs_counters(e2e_rows):
+    rows, _ = e2e_rows
+    once, twice = rows[0], rows[2]
+    assert once["position"] == 1 and twice["position"] == 1  # each its process's (main call's) first engine
+    assert len(once["seconds_runs"]) == 1 and once["seconds_best"] == once["seconds"]
+    assert len(twice["seconds_runs"]) == 2 and twice["seconds"] == twice["seconds_runs"][0]
+    assert twice["seconds_best"] == min(twice["seconds_runs"])
+    assert twice["output_tokens_per_s_best"] == pytest.approx(twice["output_tokens"] / twice["seconds_best"], rel=1e-2)
+    # The counters are one job's, not the sum of the repeats.
+    assert twice["decode_tokens"] == 16 * (8 - 1) and twice["prefill_tokens"] >= 16 * 2200
+    assert twice["seconds"] >= twice["step_floor_s"]
+
+
+def test_warmup_fills_one_full_budget_step():
+    import e2e
+    from workloads import make_workload
+
+    workload = make_workload("W5", vocab=261, seed=0, scale=1 / 64)
+    lengths = [len(r.prompt_token_ids) for r in workload.requests]
+    chosen = e2e._warmup_prompts(workload, 2048)
+    assert 2 <= len(chosen) <= 64
+    assert sum(len(p["prompt_token_ids"]) for p in chosen) >= min(2048, sum(lengths[:64]))
+    assert sum(lengths[:len(chosen) - 1]) < 2048 or len(chosen) == 2  # no more than it needs
+    assert [p["prompt_token_ids"] for p in chosen] == [r.prompt_token_ids.tolist()
+                                                      for r in workload.requests[:len(chosen)]]
+    assert len(e2e._warmup_prompts(workload, 1)) == 2
 
 
 def test_sharing_computes_fewer_prefill_tokens(e2e_rows):
