@@ -197,14 +197,16 @@ if summary and summary[-1]["fastest"] != "ours":
   fi
   e2e_run "transformers baseline" --workload W1 --scale 0.25 --policy none --hf --hf-batches 1
   echo "e2e summary (workload policy seconds out_tok/s prefill_tokens time/floor graph_captures capture_s" \
-       "position seconds_runs):"
+       "position seconds_runs sm_mhz/temp_c before-after):"
   [[ -s "$json" ]] && "$PY" -c 'import json, sys
 for line in open(sys.argv[1]):
     r = json.loads(line)
     print(r["workload"], r["policy"] + ("+graphs" if r.get("cuda_graphs") else "") + ("+overlap" if r.get("overlap") else "")
           + "".join("+" + v for _, v in sorted(r.get("kernel_env", {}).items())), r["seconds"],
           r["output_tokens_per_s"], r["prefill_tokens"], r["time_over_floor"], r.get("graph_captures"),
-          r.get("graph_capture_s"), r.get("position"), r.get("seconds_runs"))' "$json"
+          r.get("graph_capture_s"), r.get("position"), r.get("seconds_runs"),
+          "/".join(str((r.get(k) or {}).get("sm_mhz")) + "@" + str((r.get(k) or {}).get("temperature_c"))
+                   for k in ("gpu_before", "gpu_after")))' "$json"
   echo "e2e: $failed run(s) failed"
   return "$failed"
 }

@@ -134,6 +134,7 @@ def run_engine(workload_id: str, policy: str, args, ceilings: Ceilings, position
                      SamplingParams(max_tokens=2, ignore_eos=True), use_tqdm=False)
         step_floor.reset()
     runs = []
+    gpu_before = gpu_state(llm.device)
     for repeat in range(args.repeat):
         if repeat:
             step_floor.reset()  # every run prices the same steps: the last run's floor stays
@@ -167,7 +168,8 @@ def run_engine(workload_id: str, policy: str, args, ceilings: Ceilings, position
     # later hours run at. `position` is this engine's place among the process's engines (an order
     # effect between policies shows as a difference that follows the position, not the policy).
     result.update(position=position, seconds_runs=[round(r, 4) for r in runs], seconds_best=round(min(runs), 4),
-                  output_tokens_per_s_best=round(result["output_tokens"] / min(runs), 1))
+                  output_tokens_per_s_best=round(result["output_tokens"] / min(runs), 1),
+                  gpu_before=gpu_before, gpu_after=gpu_state(llm.device))
     del llm, outputs
     _release_memory()
     return result
@@ -302,6 +304,38 @@ def device_name(device: torch.device) -> str:
     except OSError:
         pass
     return platform.processor() or "cpu"
+
+
+_GPU_STATE_FIELDS = (("sm_mhz", "clocks.sm"), ("mem_mhz", "clocks.mem"), ("temperature_c", "temperature.gpu"),
+                     ("power_w", "power.draw"), ("clock_event_reasons", "clocks_event_reasons.active"))
+
+
+def gpu_state(device: torch.device) -> dict | None:
+    """The card's SM and memory clocks (MHz), temperature (C), power (W) and active clock event
+    (throttle) reasons (nvidia-smi's bit mask) now, or None off CUDA or without nvidia-smi: a run
+    slower than its twin for no reason in its schedule may have run at lower clocks. A driver that
+    does not know a field gets the query without it."""
+    if device.type != "cuda":
+        return None
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    for fields in (_GPU_STATE_FIELDS, _GPU_STATE_FIELDS[:-1]):
+        try:
+            line = subprocess.run(["nvidia-smi", f"--id={index}", "--format=csv,noheader,nounits",
+                                   "--query-gpu=" + ",".join(query for _, query in fields)],
+                                  capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            continue
+        values = [v.strip() for v in line.split(",")]
+        if len(values) != len(fields):
+            continue
+        state = {}
+        for (name, _), value in zip(fields, values):
+            try:
+                state[name] = value if name == "clock_event_reasons" else float(value)
+            except ValueError:
+                state[name] = value
+        return state
+    return None
 
 
 @functools.lru_cache(maxsize=None)

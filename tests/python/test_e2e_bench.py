@@ -202,3 +202,25 @@ def test_bench_host_runs_a_workload_through_the_graph_path_with_a_stub_model(tmp
     assert 0 < result["host_s"] <= result["wall_s"]
     assert result["per_kind"]["sample_rows (GPU kernel)"]["count"] == result["steps"]
     assert json.loads(log.read_text())["host_ms_per_step"] == result["host_ms_per_step"]
+
+
+def test_gpu_state_reads_nvidia_smi_and_drops_a_field_the_driver_lacks(tmp_path, monkeypatch):
+    import torch
+
+    import e2e
+
+    fake = tmp_path / "nvidia-smi"
+    # An older driver: the clock event reasons field is unknown (nvidia-smi fails the whole query).
+    fake.write_text("#!/bin/sh\n"
+                    "case \"$*\" in *clocks_event_reasons*) echo 'Field is not a valid field' >&2; exit 2;; esac\n"
+                    "echo '1980, 2619, 45, 350.25'\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    assert e2e.gpu_state(torch.device("cuda", 0)) == {"sm_mhz": 1980.0, "mem_mhz": 2619.0, "temperature_c": 45.0,
+                                                     "power_w": 350.25}
+    fake.write_text("#!/bin/sh\necho '1755, 2619, 71, [N/A], 0x0000000000000004'\n")
+    assert e2e.gpu_state(torch.device("cuda", 0)) == {"sm_mhz": 1755.0, "mem_mhz": 2619.0, "temperature_c": 71.0,
+                                                     "power_w": "[N/A]", "clock_event_reasons": "0x0000000000000004"}
+    assert e2e.gpu_state(torch.device("cpu")) is None
+    fake.write_text("#!/bin/sh\nexit 9\n")
+    assert e2e.gpu_state(torch.device("cuda", 0)) is None

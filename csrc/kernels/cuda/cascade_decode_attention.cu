@@ -315,12 +315,16 @@ constexpr int kCombineElements = 512;
 template <typename T, int D>
 __global__ void combine_levels_kernel(TensorView o, float* lse_out, DecodeLevelsView levels, PrefixStates prefix_plan,
                                       SuffixSplit suffix_split, const float* suffix_o, const float* suffix_lse) {
+  const int row = blockIdx.x;
+  // The row's suffix states (row, split 0..splits-1) are adjacent; a row past a device plan's rows
+  // (a graph's padded row, when the step's own rows are split) has none: its suffix is empty.
+  const SuffixSplit split = suffix_split.resolved();
+  if (writes_output_directly(split) && row < split.rows) return;  // decode_rows wrote it (the whole CTA)
   const PrefixStates prefix{prefix_plan.o, prefix_plan.lse, prefix_plan.split.resolved()};
   constexpr int kHeads = kCombineElements / D;  // heads of a full chunk
   static_assert(kCombineElements % D == 0, "a combine chunk holds whole heads");
   __shared__ CoveringList covering;
   __shared__ MergeSteps<kHeads> steps;
-  const int row = blockIdx.x;
   const int64_t num_heads = o.shape[1];
   constexpr int64_t head_dim = D;
   const int listed = list_covering_prefixes(levels, row, covering);
@@ -328,9 +332,6 @@ __global__ void combine_levels_kernel(TensorView o, float* lse_out, DecodeLevels
   const int end = static_cast<int>(min(num_heads * head_dim, static_cast<int64_t>(begin + kCombineElements)));
   const int first_head = begin / D;
   const int heads = (end - begin) / D;
-  // The row's suffix states (row, split 0..splits-1) are adjacent; a row past a device plan's rows
-  // (a graph's padded row, when the step's own rows are split) has none: its suffix is empty.
-  const SuffixSplit split = suffix_split.resolved();
   const bool has_suffix = row < split.rows;
   const int suffix_steps = has_suffix ? split.splits - 1 : 0;
   const int64_t suffix_base = static_cast<int64_t>(row) * split.splits * num_heads;  // (row, split 0), head 0
@@ -526,7 +527,10 @@ cudaError_t cascade_decode_attention_cuda(const CascadeDecodeParams& p, cudaStre
   // The merge epilogue takes one key split: not a device-decided one, which may split.
   const bool merge = !tiles && launch_mode == CascadeLaunch::kMerge && plan.suffix.splits == 1 &&
                      plan.suffix.plan == nullptr;
-  const SideStream* side = !tiles && launch_mode == CascadeLaunch::kStreams ? side_stream(stream) : nullptr;
+  const bool direct = !tiles && !merge && p.levels.num_prefixes == 0;
+  // Nothing to run beside the suffix without prefixes: the side stream would only add its events.
+  const SideStream* side = !tiles && !direct && launch_mode == CascadeLaunch::kStreams ? side_stream(stream)
+                                                                                         : nullptr;
   const int group = plan.group;
   float* ws = p.workspace;
   const dim3 prefix_grid(plan.prefix.items, static_cast<unsigned>(p.levels.num_prefixes), num_kv_heads);
@@ -535,10 +539,17 @@ cudaError_t cascade_decode_attention_cuda(const CascadeDecodeParams& p, cudaStre
       const cuda::PrefixProblem<scalar_t> prefix{p.q,     p.levels, ws + plan.prefix_o, ws + plan.prefix_lse,
                                                  group,   cuda::tile_rows(kernel), plan.prefix};
       constexpr float kLog2e = 1.4426950408889634f;
+      // A step without prefixes: unsplit rows write their outputs in decode_rows (SuffixSplit::direct).
+      cuda::SuffixSplit suffix_split = plan.suffix;
+      suffix_split.direct = direct;
       cuda::DecodeRowsArgs suffix{p.q, p.k_cache, p.v_cache, p.levels.suffix_block_tables,
                                   p.levels.max_suffix_blocks, p.levels.suffix_kv_lens, ws + plan.suffix_o,
-                                  ws + plan.suffix_lse, p.scale * kLog2e, group, plan.suffix,
+                                  ws + plan.suffix_lse, p.scale * kLog2e, group, suffix_split,
                                   cuda::FastDivisor::make(static_cast<uint32_t>(p.k_cache.shape[1]))};
+      if (direct) {
+        suffix.out = p.o;
+        suffix.lse_out = p.lse;
+      }
       const cuda::PrefixStates prefix_states{ws + plan.prefix_o, ws + plan.prefix_lse, plan.prefix};
       if (merge) {
         BATCHLLM_CUDA_RETURN_IF_ERROR((cuda::launch_tiles<scalar_t, kHeadDim>(kernel, prefix, prefix_grid, p.k_cache,
@@ -583,10 +594,13 @@ cudaError_t cascade_decode_attention_cuda(const CascadeDecodeParams& p, cudaStre
           BATCHLLM_CUDA_RETURN_IF_ERROR(cudaStreamWaitEvent(stream, side->join, 0));
         }
       }
+      // Every row written by decode_rows (a host plan, unsplit, direct): no combine. A device plan
+      // decides per step, so a captured graph keeps the combine, whose CTAs return for such rows.
+      if (suffix_split.plan == nullptr && cuda::writes_output_directly(suffix_split)) return cudaSuccess;
       const dim3 combine_grid(static_cast<unsigned>(num_rows), static_cast<unsigned>(
           (num_heads * head_dim + cuda::kCombineElements - 1) / cuda::kCombineElements));
       BATCHLLM_LAUNCH(combine_grid, 128, 0, stream, cuda::combine_levels_kernel<scalar_t, kHeadDim>)(
-          p.o, p.lse, p.levels, prefix_states, plan.suffix, ws + plan.suffix_o, ws + plan.suffix_lse);
+          p.o, p.lse, p.levels, prefix_states, suffix_split, ws + plan.suffix_o, ws + plan.suffix_lse);
       return cuda::last_launch_error();
     });
   });

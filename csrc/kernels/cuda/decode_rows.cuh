@@ -100,6 +100,10 @@ struct SuffixSplit {
   int rows = 0;               // rows with states: the launch's (host plan), or the plan's rows covered
   int items = 0;              // the grid's items (x): rows x splits, or the capacity for a device plan
   const int32_t* plan = nullptr;
+  // No prefix level covers any row (a step without sharing): where the split in effect is 1, a row's
+  // state is its output, so decode_rows writes the output row (and lse) itself and the combine step
+  // leaves the row alone (no state round trip; an eager step skips the combine launch).
+  bool direct = false;
 
   /// The split in effect: the device plan's, or the host plan's where there is none or the launch
   /// cannot hold it (its rows past the launch's, or its rows x splits past the items; every kernel of
@@ -118,6 +122,11 @@ struct SuffixSplit {
     return split;
   }
 };
+
+/// Whether the rows of a resolved split write their outputs in decode_rows (SuffixSplit::direct).
+__host__ __device__ __forceinline__ bool writes_output_directly(const SuffixSplit& resolved) {
+  return resolved.direct && resolved.splits == 1;
+}
 
 /// Rows, keys and outputs of one decode_rows launch.
 struct DecodeRowsArgs {
@@ -138,7 +147,7 @@ struct DecodeRowsArgs {
   bool merge_prefixes = false;
   DecodeLevelsView levels = {};
   PrefixStates prefix_states = {};
-  TensorView out = {};           // [B, Hq, D], q's dtype
+  TensorView out = {};           // [B, Hq, D], q's dtype (the merge epilogue, or split.direct)
   float* lse_out = nullptr;      // [B, Hq] or nullptr
 };
 
@@ -153,6 +162,7 @@ struct DecodeSmem {
   float row_lse[kHeads];
   CoveringList covering;       // the merge epilogue's prefixes
   MergeSteps<kHeads> merges;   // and its merge steps with their states
+  bool direct_output;          // the row's output written here, not its state (SuffixSplit::direct)
 };
 
 /// The grid of a decode_rows launch: (item = row x key split, KV head, head chunk).
@@ -174,6 +184,9 @@ __device__ __forceinline__ void decode_rows(const DecodeRowsArgs& args, const di
   const SuffixSplit split_in_effect = args.split.resolved();
   const int row = item.x / split_in_effect.splits, split = item.x % split_in_effect.splits;
   if (row >= split_in_effect.rows) return;  // past a device plan's items: the whole CTA, before any barrier
+  // Whether the row's output is written here (SuffixSplit::direct), kept in shared memory through the
+  // key loop: in a register it cost a spill a key step at d = 64, bf16, 4 heads (ptxas, nvcc 13).
+  if (threadIdx.x == 0) sm.direct_output = writes_output_directly(split_in_effect);
   const int kv_head = item.y, head_chunk = item.z;
   const int first_head = kv_head * args.group + head_chunk * kHeads;
   const int heads = min(kHeads, args.group - head_chunk * kHeads);
@@ -288,6 +301,7 @@ __device__ __forceinline__ void decode_rows(const DecodeRowsArgs& args, const di
   }
   __syncthreads();
   const int merge_steps = args.merge_prefixes ? sm.merges.count : 0;  // -1: merged element by element
+  const bool write_output = args.merge_prefixes || sm.direct_output;  // thread 0's, past the barrier above
   // The warps' states merge with weights that depend on the head alone: one thread per head computes
   // them, the row's sum and its lse once (they were recomputed for each of the head's D elements).
   if (static_cast<int>(threadIdx.x) < heads) {
@@ -317,8 +331,10 @@ __device__ __forceinline__ void decode_rows(const DecodeRowsArgs& args, const di
     float value = l > 0.0f ? o / l : 0.0f;  // no keys at all (l = 0): 0, whatever o holds
     float lse = sm.row_lse[h];
     const int64_t head = first_head + h;
-    if (args.merge_prefixes) {
-      if (merge_steps >= 0) {
+    if (write_output) {
+      if (!args.merge_prefixes) {
+        // direct: the row's state is its output
+      } else if (merge_steps >= 0) {
         value = apply_merge_steps(sm.merges, merge_steps, h, head, d, D, value,
                                   [&](int) { return args.prefix_states.o; });
       } else {  // too many steps to keep (row_lse is the row's own): merged element by element
