@@ -32,7 +32,7 @@ from collections import defaultdict
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from e2e import commit, device_name  # noqa: E402
+from e2e import commit, device_name, gpu_state  # noqa: E402
 from workloads import WORKLOAD_IDS, make_workload  # noqa: E402
 
 
@@ -238,6 +238,7 @@ def main(argv=None) -> dict:
     parts = args.parts.split(",")
     print(f"== {args.workload} x{args.scale} {args.model} {args.policy} graphs={result['cuda_graphs']} "
           f"overlap={result['overlap']} on {result['device_name']}", flush=True)
+    result["gpu_before"] = gpu_state(llm.device)  # clocks, temperature, power (None off CUDA)
     if "steps" in parts:
         result["steps"] = profile_steps(llm, prompts, params)
         print_steps(result["steps"])
@@ -248,6 +249,9 @@ def main(argv=None) -> dict:
         result.update(profile_kernels(llm, prompts, params, args.rows))
     if "python" in parts:
         result.update(profile_python(llm, prompts, params, args.rows))
+    result["gpu_after"] = gpu_state(llm.device)
+    if result["gpu_before"] is not None:
+        print(f"card before / after: {result['gpu_before']} / {result['gpu_after']}", flush=True)
     line = json.dumps(result)
     print("JSON " + line)
     if args.json_out:
