@@ -84,7 +84,7 @@ class GraphKey:
         most_keys = int(levels["prefix_kv_lens"].max()) if num_prefixes else 0
         width = levels["suffix_block_tables"].shape[1] if levels["suffix_block_tables"].ndim == 2 else 0
         padded_rows = batch_bucket(rows)
-        return cls(rows=padded_rows, prefixes=_pow2(num_prefixes),
+        return cls(rows=padded_rows, prefixes=_pow2(num_prefixes) if num_prefixes else 0,
                    prefix_rows=min(_pow2(most_rows), padded_rows),
                    prefix_keys=_pow2(most_keys, 4 * block_size),
                    prefix_blocks=_pow2(len(levels["prefix_kv_blocks"]), 16),

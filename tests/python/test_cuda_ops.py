@@ -280,6 +280,39 @@ def test_cascade_cuda_device_split_of_a_graph_padded_step(dtype, kernels, monkey
             ops.cascade_decode_attention(q, kv.k, kv.v, wrong, check_indices=True)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kernels", ["decode+wgmma-pipe", "fused+mma", "merge+mma", "streams+mma", "tile+mma"])
+def test_cascade_cuda_graph_step_without_prefixes_split_or_written_directly(dtype, kernels, monkeypatch):
+    # A step without prefix levels (no sharing: W5, fcfs-lru): unsplit, decode_rows writes each row's
+    # output itself and the combine leaves it alone (SuffixSplit::direct); split, the combine merges
+    # the chunks. One padded graph launch (a 16-row key) replays both arrays: long rows split, then
+    # short rows unsplit (every launch row written, the padded ones finite), then long rows again.
+    from batchllm_core.cuda_graphs import GraphKey
+
+    use_cascade_kernels(kernels, monkeypatch)
+    kv = PagedKV(200, 16, 2, 128, dtype, device=DEVICE)
+    scale = 1.0 / math.sqrt(128)
+    for suffix_lens in ([900, 300, 0], [20, 7, 0], [900, 300, 0]):
+        case = make_cascade_case(kv, 3, [], [], suffix_lens, 8, 128, dtype, device=DEVICE)
+        levels = case_levels_on_host(case)
+        assert len(levels["prefix_kv_indptr"]) <= 1  # no prefix level
+        key = dataclasses.replace(GraphKey.of(levels, 3, 16), rows=16, prefix_keys=0, suffix_width=128)
+        split = ops.cascade_suffix_split(3, key.rows, 8, 2, max(suffix_lens), DEVICE)
+        assert (split[0] > 1) == (max(suffix_lens) == 900)
+        q = torch.cat([case.q, torch.randn((13, 8, 128)).to(dtype).to(DEVICE)])
+        o, lse = ops.cascade_decode_attention(q, kv.k, kv.v, graph_step_levels(levels, 3, key, split),
+                                              return_lse=True, out=poisoned(q.shape, dtype, DEVICE),
+                                              check_indices=True)
+        synchronize()
+        ref_o, ref_lse = cascade_reference(kv, case, scale)
+        assert rel_err(o[:3], ref_o) < TOLERANCE[dtype], suffix_lens
+        assert torch.allclose(lse[:3].double().cpu(), ref_lse, atol=2e-3, rtol=1e-3), suffix_lens
+        if split[0] > 1 and not kernels.startswith("tile"):  # left out of the split: empty rows
+            assert torch.equal(o[3:].cpu(), torch.zeros_like(o[3:].cpu())) and (lse[3:] == -math.inf).all()
+        else:  # every launch row written (a padded row attends its one key)
+            assert torch.isfinite(o[3:]).all() and torch.isfinite(lse[3:]).all()
+
+
 @pytest.mark.parametrize("kernels", ["decode+wgmma-pipe", "decode+mma", "fused+mma", "merge+mma", "tile+wgmma64"])
 def test_cascade_cuda_device_prefix_split_of_a_graph_padded_step(kernels, monkeypatch):
     # A job's tail under a shared prefix: 2 real rows read a 700-key prefix, replayed in the graph

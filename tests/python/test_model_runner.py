@@ -420,3 +420,49 @@ def test_graph_runner_tail_on_the_emulated_kernels_keeps_its_own_splits(monkeypa
             assert err <= 0.05 * expected.abs().max().item(), f"error {err}"
     assert graphs.decode_graphs.steps == 2 and graphs.decode_graphs.dominated == 1  # the tail ran padded
     assert splits[-1][0] > 1 and splits[-1][2] == 2  # its suffix keys split, over its own 2 rows
+
+
+@pytest.mark.skipif(cuda_emulation.module() is None, reason="no CUDA emulation module (BATCHLLM_CUDA_EMULATION_DIR)")
+def test_graph_runner_without_prefixes_on_the_emulated_kernels(monkeypatch):
+    # A job without sharing (W5, any fcfs-lru job) through the graph runner's padded path (capture
+    # off) on the emulated CUDA kernels: its keys have no prefix level at all (not one empty padded
+    # prefix), so decode_rows writes unsplit rows' outputs itself (SuffixSplit::direct): a 6-row step
+    # of short rows (an 8-row key: two padded rows); then two long rows (a wider key), whose keys the
+    # combine merges from their chunks. Logits match the float32 eager runner's.
+    from batchllm_core.cuda_graphs import DecodeGraphs, GraphModelRunner
+
+    config = small_gpu_shape()
+    model = build_random_model(config, seed=0, dtype=torch.bfloat16, device="cpu").model
+    blocks = 256
+    reference = ModelRunner(float32_copy(model), config, blocks, BLOCK_SIZE, "cpu", torch.float32)
+    cuda_emulation.activate(monkeypatch)
+    graphs = GraphModelRunner(model, config, blocks, BLOCK_SIZE, "cpu", torch.bfloat16, capture=False)
+    splits = []
+    own_split = DecodeGraphs._suffix_split
+    monkeypatch.setattr(DecodeGraphs, "_suffix_split",
+                        lambda self, *args: splits.append(own_split(self, *args)) or splits[-1])
+    rng = np.random.default_rng(5)
+    tokens = lambda n: rng.integers(4, config.vocab_size, size=n).tolist()  # noqa: E731
+    h = Harness(None, runner=reference)
+    longs = [h.sequence(tokens(602)), h.sequence(tokens(302))]
+    shorts = [h.sequence(tokens(22)) for _ in range(6)]
+    plans = [h.step([(s, len(s.tokens) - 2)], 0, sample=[]) for s in longs + shorts]
+    rows = shorts
+
+    def no_prefix_levels(seqs):
+        levels = suffix_levels(seqs, [], [0] * len(seqs))
+        levels["prefix_q_range"] = np.zeros((0, 2), dtype=np.int32)
+        return levels
+
+    plans.append(h.step([(s, 1) for s in rows], len(rows), levels=no_prefix_levels(rows)))
+    plans.append(h.step([(s, 1) for s in longs], 2, levels=no_prefix_levels(longs)))
+    for plan in plans:
+        with cuda_emulation.suspended():  # the float32 reference on the CPU kernels
+            expected = reference.execute(plan)
+        got = graphs.execute(plan)
+        if expected.numel():
+            err = (got.float() - expected).abs().max().item()
+            assert err <= 0.05 * expected.abs().max().item(), f"error {err}"
+    assert graphs.decode_graphs.steps == 2
+    assert [key.prefixes for key in graphs.decode_graphs._entries] == [0, 0]  # no padded empty prefix
+    assert splits[0][0] == 1 and splits[-1][0] > 1 and splits[-1][2] == 2  # unsplit, then split 2 rows
