@@ -70,7 +70,7 @@ class GraphKey:
     """The padded shape of a decode-only step."""
 
     rows: int              # B: decode rows
-    prefixes: int          # P: shared prefixes (levels)
+    prefixes: int          # P: shared prefixes (levels); 0 for a step without any (no empty padded one)
     prefix_rows: int       # most rows reading one prefix
     prefix_keys: int       # most keys of one prefix (the split-KV plan's bound)
     prefix_blocks: int     # total prefix KV block ids

@@ -331,13 +331,11 @@ __device__ __forceinline__ void decode_rows(const DecodeRowsArgs& args, const di
     float value = l > 0.0f ? o / l : 0.0f;  // no keys at all (l = 0): 0, whatever o holds
     float lse = sm.row_lse[h];
     const int64_t head = first_head + h;
-    if (write_output) {
-      if (!args.merge_prefixes) {
-        // direct: the row's state is its output
-      } else if (merge_steps >= 0) {
+    if (write_output) {  // the row merged with its prefixes, or (direct) the row's own state as it is
+      if (args.merge_prefixes && merge_steps >= 0) {
         value = apply_merge_steps(sm.merges, merge_steps, h, head, d, D, value,
                                   [&](int) { return args.prefix_states.o; });
-      } else {  // too many steps to keep (row_lse is the row's own): merged element by element
+      } else if (args.merge_prefixes) {  // too many steps to keep (row_lse is the row's own): by element
         merge_prefix_states(value, lse, args.levels, sm.covering, listed, prefix_states, row, head, num_heads, d,
                             D);
       }
