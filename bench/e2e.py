@@ -318,9 +318,13 @@ def gpu_state(device: torch.device) -> dict | None:
     if device.type != "cuda":
         return None
     index = device.index if device.index is not None else torch.cuda.current_device()
+    # nvidia-smi numbers every card of the machine; torch only the visible ones (CUDA_VISIBLE_DEVICES):
+    # the card's UUID names the same one for both.
+    uuid = getattr(torch.cuda.get_device_properties(index), "uuid", None) if torch.cuda.is_available() else None
+    card = f"GPU-{uuid}" if uuid is not None and not str(uuid).startswith("GPU-") else (uuid or index)
     for fields in (_GPU_STATE_FIELDS, _GPU_STATE_FIELDS[:-1]):
         try:
-            line = subprocess.run(["nvidia-smi", f"--id={index}", "--format=csv,noheader,nounits",
+            line = subprocess.run(["nvidia-smi", f"--id={card}", "--format=csv,noheader,nounits",
                                    "--query-gpu=" + ",".join(query for _, query in fields)],
                                   capture_output=True, text=True, timeout=10, check=True).stdout.strip()
         except (OSError, subprocess.SubprocessError):
