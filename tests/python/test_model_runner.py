@@ -380,6 +380,41 @@ def test_cuda_runner_matches_cpu_float32():
     assert_scenarios_close(ours, reference, rtol=0.05)
 
 
+class EmulatedGraphRun:
+    """The graph runner's padded path (capture off) on the CUDA kernels compiled for the CPU
+    emulation, beside the float32 eager runner: plans from ``harness``, run on both by ``check``;
+    ``splits`` records the suffix split of every graph step (DecodeGraphs._suffix_split)."""
+
+    def __init__(self, monkeypatch, seed: int):
+        from batchllm_core.cuda_graphs import DecodeGraphs, GraphModelRunner
+
+        self.config = small_gpu_shape()
+        model = build_random_model(self.config, seed=0, dtype=torch.bfloat16, device="cpu").model
+        blocks = 256
+        self.reference = ModelRunner(float32_copy(model), self.config, blocks, BLOCK_SIZE, "cpu", torch.float32)
+        cuda_emulation.activate(monkeypatch)
+        self.graphs = GraphModelRunner(model, self.config, blocks, BLOCK_SIZE, "cpu", torch.bfloat16, capture=False)
+        self.splits = []
+        own_split = DecodeGraphs._suffix_split
+        monkeypatch.setattr(DecodeGraphs, "_suffix_split",
+                            lambda graphs, *args: self.splits.append(own_split(graphs, *args)) or self.splits[-1])
+        self.rng = np.random.default_rng(seed)
+        self.harness = Harness(None, runner=self.reference)
+
+    def tokens(self, n: int) -> list[int]:
+        return self.rng.integers(4, self.config.vocab_size, size=n).tolist()
+
+    def check(self, plans: list) -> None:
+        """Every plan's logits on the graph runner within 5% of the float32 runner's."""
+        for plan in plans:
+            with cuda_emulation.suspended():  # the float32 reference on the CPU kernels
+                expected = self.reference.execute(plan)
+            got = self.graphs.execute(plan)
+            if expected.numel():
+                err = (got.float() - expected).abs().max().item()
+                assert err <= 0.05 * expected.abs().max().item(), f"error {err}"
+
+
 @pytest.mark.skipif(cuda_emulation.module() is None, reason="no CUDA emulation module (BATCHLLM_CUDA_EMULATION_DIR)")
 def test_graph_runner_tail_on_the_emulated_kernels_keeps_its_own_splits(monkeypatch):
     # A job's tail through the graph runner's padded path (capture off) on the CUDA kernels compiled
@@ -387,39 +422,20 @@ def test_graph_runner_tail_on_the_emulated_kernels_keeps_its_own_splits(monkeypa
     # a shared 64-token prefix decode in that step's 8-row buffers, with their own suffix key split
     # (3 chunks on 132 SMs; the 8-row bucket's plan would not split) and prefix split, read on the
     # device. Their logits match the float32 eager runner's.
-    from batchllm_core.cuda_graphs import DecodeGraphs, GraphModelRunner
-
-    config = small_gpu_shape()
-    model = build_random_model(config, seed=0, dtype=torch.bfloat16, device="cpu").model
-    blocks = 256
-    reference = ModelRunner(float32_copy(model), config, blocks, BLOCK_SIZE, "cpu", torch.float32)
-    cuda_emulation.activate(monkeypatch)
-    graphs = GraphModelRunner(model, config, blocks, BLOCK_SIZE, "cpu", torch.bfloat16, capture=False)
-    splits = []
-    own_split = DecodeGraphs._suffix_split
-    monkeypatch.setattr(DecodeGraphs, "_suffix_split",
-                        lambda self, *args: splits.append(own_split(self, *args)) or splits[-1])
-    rng = np.random.default_rng(3)
-    tokens = lambda n: rng.integers(4, config.vocab_size, size=n).tolist()  # noqa: E731
-    h = Harness(None, runner=reference)
-    a = h.sequence(tokens(602))
-    b = h.sequence(a.tokens[:64] + tokens(302), shared=a, shared_blocks=8)
-    shorts = [h.sequence(tokens(22)) for _ in range(4)]
+    run = EmulatedGraphRun(monkeypatch, seed=3)
+    h = run.harness
+    a = h.sequence(run.tokens(602))
+    b = h.sequence(a.tokens[:64] + run.tokens(302), shared=a, shared_blocks=8)
+    shorts = [h.sequence(run.tokens(22)) for _ in range(4)]
     plans = [h.step([(a, 600)], 0, sample=[]), h.step([(b, 300)], 0, sample=[])]
     plans += [h.step([(s, 20)], 0, sample=[]) for s in shorts]
     rows = [a, b] + shorts
     plans.append(h.step([(s, 1) for s in rows], len(rows),
                         levels=suffix_levels(rows, [(a.blocks[:8], 0, 2)], [8, 8, 0, 0, 0, 0])))
     plans.append(h.step([(a, 1), (b, 1)], 2, levels=suffix_levels([a, b], [(a.blocks[:8], 0, 2)], [8, 8])))
-    for plan in plans:
-        with cuda_emulation.suspended():  # the float32 reference on the CPU kernels
-            expected = reference.execute(plan)
-        got = graphs.execute(plan)
-        if expected.numel():
-            err = (got.float() - expected).abs().max().item()
-            assert err <= 0.05 * expected.abs().max().item(), f"error {err}"
-    assert graphs.decode_graphs.steps == 2 and graphs.decode_graphs.dominated == 1  # the tail ran padded
-    assert splits[-1][0] > 1 and splits[-1][2] == 2  # its suffix keys split, over its own 2 rows
+    run.check(plans)
+    assert run.graphs.decode_graphs.steps == 2 and run.graphs.decode_graphs.dominated == 1  # the tail ran padded
+    assert run.splits[-1][0] > 1 and run.splits[-1][2] == 2  # its suffix keys split, over its own 2 rows
 
 
 @pytest.mark.skipif(cuda_emulation.module() is None, reason="no CUDA emulation module (BATCHLLM_CUDA_EMULATION_DIR)")
@@ -429,40 +445,20 @@ def test_graph_runner_without_prefixes_on_the_emulated_kernels(monkeypatch):
     # prefix), so decode_rows writes unsplit rows' outputs itself (SuffixSplit::direct): a 6-row step
     # of short rows (an 8-row key: two padded rows); then two long rows (a wider key), whose keys the
     # combine merges from their chunks. Logits match the float32 eager runner's.
-    from batchllm_core.cuda_graphs import DecodeGraphs, GraphModelRunner
-
-    config = small_gpu_shape()
-    model = build_random_model(config, seed=0, dtype=torch.bfloat16, device="cpu").model
-    blocks = 256
-    reference = ModelRunner(float32_copy(model), config, blocks, BLOCK_SIZE, "cpu", torch.float32)
-    cuda_emulation.activate(monkeypatch)
-    graphs = GraphModelRunner(model, config, blocks, BLOCK_SIZE, "cpu", torch.bfloat16, capture=False)
-    splits = []
-    own_split = DecodeGraphs._suffix_split
-    monkeypatch.setattr(DecodeGraphs, "_suffix_split",
-                        lambda self, *args: splits.append(own_split(self, *args)) or splits[-1])
-    rng = np.random.default_rng(5)
-    tokens = lambda n: rng.integers(4, config.vocab_size, size=n).tolist()  # noqa: E731
-    h = Harness(None, runner=reference)
-    longs = [h.sequence(tokens(602)), h.sequence(tokens(302))]
-    shorts = [h.sequence(tokens(22)) for _ in range(6)]
+    run = EmulatedGraphRun(monkeypatch, seed=5)
+    h = run.harness
+    longs = [h.sequence(run.tokens(602)), h.sequence(run.tokens(302))]
+    shorts = [h.sequence(run.tokens(22)) for _ in range(6)]
     plans = [h.step([(s, len(s.tokens) - 2)], 0, sample=[]) for s in longs + shorts]
-    rows = shorts
 
     def no_prefix_levels(seqs):
         levels = suffix_levels(seqs, [], [0] * len(seqs))
         levels["prefix_q_range"] = np.zeros((0, 2), dtype=np.int32)
         return levels
 
-    plans.append(h.step([(s, 1) for s in rows], len(rows), levels=no_prefix_levels(rows)))
+    plans.append(h.step([(s, 1) for s in shorts], len(shorts), levels=no_prefix_levels(shorts)))
     plans.append(h.step([(s, 1) for s in longs], 2, levels=no_prefix_levels(longs)))
-    for plan in plans:
-        with cuda_emulation.suspended():  # the float32 reference on the CPU kernels
-            expected = reference.execute(plan)
-        got = graphs.execute(plan)
-        if expected.numel():
-            err = (got.float() - expected).abs().max().item()
-            assert err <= 0.05 * expected.abs().max().item(), f"error {err}"
-    assert graphs.decode_graphs.steps == 2
-    assert [key.prefixes for key in graphs.decode_graphs._entries] == [0, 0]  # no padded empty prefix
-    assert splits[0][0] == 1 and splits[-1][0] > 1 and splits[-1][2] == 2  # unsplit, then split 2 rows
+    run.check(plans)
+    assert run.graphs.decode_graphs.steps == 2
+    assert [key.prefixes for key in run.graphs.decode_graphs._entries] == [0, 0]  # no padded empty prefix
+    assert run.splits[0][0] == 1 and run.splits[-1][0] > 1 and run.splits[-1][2] == 2  # unsplit, then 2 rows split
