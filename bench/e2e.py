@@ -144,7 +144,7 @@ def run_engine(workload_id: str, policy: str, args, ceilings: Ceilings, position
         _synchronize(llm.device)
         runs.append(time.perf_counter() - start)
         if repeat == 0:  # the row's counters are the first run's (a graph runner's counts add up)
-            first_stats = dict(llm.last_stats)
+            stats = dict(llm.last_stats)
             graphs = _graph_counters(llm)
     seconds = runs[0]
     generated = sum(len(c.token_ids) for o in outputs for c in o.outputs)
@@ -153,7 +153,6 @@ def run_engine(workload_id: str, policy: str, args, ceilings: Ceilings, position
         raise RuntimeError(f"{workload_id} {policy}: {len(failed)} requests failed, first: {failed[0]}")
     if generated != workload.output_tokens:
         raise RuntimeError(f"{workload_id} {policy}: generated {generated} tokens, expected {workload.output_tokens}")
-    stats = first_stats
     bytes_per_block = llm.runner.kv_bytes_per_block(llm.config, llm.block_size, llm.dtype)
     result = _common(workload, args, llm.device, llm.dtype, policy, seconds, cost, ceilings)
     result.update(cuda_graphs=hasattr(llm.runner, "decode_graphs"), overlap=bool(llm.overlap))
@@ -321,7 +320,7 @@ def gpu_state(device: torch.device) -> dict | None:
     # nvidia-smi numbers every card of the machine; torch only the visible ones (CUDA_VISIBLE_DEVICES):
     # the card's UUID names the same one for both.
     uuid = getattr(torch.cuda.get_device_properties(index), "uuid", None) if torch.cuda.is_available() else None
-    card = f"GPU-{uuid}" if uuid is not None and not str(uuid).startswith("GPU-") else (uuid or index)
+    card = index if uuid is None else (str(uuid) if str(uuid).startswith("GPU-") else f"GPU-{uuid}")
     for fields in (_GPU_STATE_FIELDS, _GPU_STATE_FIELDS[:-1]):
         try:
             line = subprocess.run(["nvidia-smi", f"--id={card}", "--format=csv,noheader,nounits",
