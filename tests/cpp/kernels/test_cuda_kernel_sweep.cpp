@@ -191,67 +191,72 @@ TEST_F(CudaSweep, StoreKv) {
 
 // ---- layer ops: rms_norm (+ residual), silu_and_mul, rotary_embedding --------------------------------------
 
+// Widths of 16-byte multiples run rms_norm and silu_and_mul on 16-byte vectors, others element by element;
+// a head dim of 272 takes rotary's cos/sin table in two parts (kRopeTable = 128 frequencies).
 TEST_F(CudaSweep, LayerOps) {
   int index = 0;
   for (DType dtype : {DType::kFloat16, DType::kBFloat16}) {
-    SCOPED_TRACE(name(dtype));
-    begin_case(index++);
-    std::mt19937 gen(static_cast<uint32_t>(100 + index));
-    const int64_t rows = 19, hidden = 300, width = 70, heads = 7, kv_heads = 1, head_dim = 64;
-    // rms_norm with a residual, out over x (in place): the residual sums and the outputs agree.
-    Mirror<uint16_t> x(random_bits(rows * hidden, dtype, gen)), residual(random_bits(rows * hidden, dtype, gen));
-    Mirror<uint16_t> weight(random_bits(hidden, dtype, gen));
-    bk::RmsNormParams norm;
-    norm.x = norm.out = view(x.host.data(), dtype, {rows, hidden});
-    norm.residual = view(residual.host.data(), dtype, {rows, hidden});
-    norm.weight = view(weight.host.data(), dtype, {hidden});
-    norm.eps = 1e-5f;
-    bk::RmsNormParams d_norm = norm;
-    d_norm.x.data = d_norm.out.data = x.device;
-    d_norm.residual.data = residual.device;
-    d_norm.weight.data = weight.device;
-    ASSERT_EQ(bk::rms_norm_cpu(norm), bk::Status::kOk);
-    ASSERT_EQ(bk::rms_norm_cuda(d_norm, nullptr), cudaSuccess);
-    ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
-    EXPECT_EQ(residual.download(), residual.host);
-    EXPECT_LT(rel_err(x.download(), x.host, dtype), tolerance(dtype));
-    // silu_and_mul.
-    Mirror<uint16_t> gate_up(random_bits(rows * 2 * width, dtype, gen)), act(poison(rows * width, dtype));
-    bk::SiluAndMulParams silu;
-    silu.gate_up = view(gate_up.host.data(), dtype, {rows, 2 * width});
-    silu.out = view(act.host.data(), dtype, {rows, width});
-    bk::SiluAndMulParams d_silu = silu;
-    d_silu.gate_up.data = gate_up.device;
-    d_silu.out.data = act.device;
-    ASSERT_EQ(bk::silu_and_mul_cpu(silu), bk::Status::kOk);
-    ASSERT_EQ(bk::silu_and_mul_cuda(d_silu, nullptr), cudaSuccess);
-    ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
-    EXPECT_LT(rel_err(act.download(), act.host, dtype), tolerance(dtype));
-    // rotary_embedding on q and k at positions up to 40,000 (GQA 7, as Qwen2.5-7B).
-    Mirror<uint16_t> q(random_bits(rows * heads * head_dim, dtype, gen));
-    Mirror<uint16_t> k(random_bits(rows * kv_heads * head_dim, dtype, gen));
-    std::vector<int32_t> positions(rows);
-    std::uniform_int_distribution<int32_t> position(0, 40000);
-    for (auto& pos : positions) pos = position(gen);
-    std::vector<float> inv_freq(head_dim / 2);
-    for (int64_t i = 0; i < head_dim / 2; ++i) inv_freq[i] = std::pow(10000.0f, -2.0f * i / head_dim);
-    Mirror<int32_t> d_positions(positions);
-    Mirror<float> d_inv_freq(inv_freq);
-    bk::RotaryParams rope;
-    rope.q = view(q.host.data(), dtype, {rows, heads, head_dim});
-    rope.k = view(k.host.data(), dtype, {rows, kv_heads, head_dim});
-    rope.positions = positions.data();
-    rope.inv_freq = inv_freq.data();
-    bk::RotaryParams d_rope = rope;
-    d_rope.q.data = q.device;
-    d_rope.k.data = k.device;
-    d_rope.positions = d_positions.device;
-    d_rope.inv_freq = d_inv_freq.device;
-    ASSERT_EQ(bk::rotary_embedding_cpu(rope), bk::Status::kOk);
-    ASSERT_EQ(bk::rotary_embedding_cuda(d_rope, nullptr), cudaSuccess);
-    ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
-    EXPECT_LT(rel_err(q.download(), q.host, dtype), tolerance(dtype));
-    EXPECT_LT(rel_err(k.download(), k.host, dtype), tolerance(dtype));
+    for (const auto& [hidden, width, head_dim] : {std::array<int64_t, 3>{300, 70, 64}, {320, 88, 272}}) {
+      SCOPED_TRACE(std::string(name(dtype)) + " hidden " + std::to_string(hidden) + " width " + std::to_string(width) +
+                   " head dim " + std::to_string(head_dim));
+      begin_case(index++);
+      std::mt19937 gen(static_cast<uint32_t>(100 + index));
+      const int64_t rows = 19, heads = 7, kv_heads = 1;
+      // rms_norm with a residual, out over x (in place): the residual sums and the outputs agree.
+      Mirror<uint16_t> x(random_bits(rows * hidden, dtype, gen)), residual(random_bits(rows * hidden, dtype, gen));
+      Mirror<uint16_t> weight(random_bits(hidden, dtype, gen));
+      bk::RmsNormParams norm;
+      norm.x = norm.out = view(x.host.data(), dtype, {rows, hidden});
+      norm.residual = view(residual.host.data(), dtype, {rows, hidden});
+      norm.weight = view(weight.host.data(), dtype, {hidden});
+      norm.eps = 1e-5f;
+      bk::RmsNormParams d_norm = norm;
+      d_norm.x.data = d_norm.out.data = x.device;
+      d_norm.residual.data = residual.device;
+      d_norm.weight.data = weight.device;
+      ASSERT_EQ(bk::rms_norm_cpu(norm), bk::Status::kOk);
+      ASSERT_EQ(bk::rms_norm_cuda(d_norm, nullptr), cudaSuccess);
+      ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+      EXPECT_EQ(residual.download(), residual.host);
+      EXPECT_LT(rel_err(x.download(), x.host, dtype), tolerance(dtype));
+      // silu_and_mul.
+      Mirror<uint16_t> gate_up(random_bits(rows * 2 * width, dtype, gen)), act(poison(rows * width, dtype));
+      bk::SiluAndMulParams silu;
+      silu.gate_up = view(gate_up.host.data(), dtype, {rows, 2 * width});
+      silu.out = view(act.host.data(), dtype, {rows, width});
+      bk::SiluAndMulParams d_silu = silu;
+      d_silu.gate_up.data = gate_up.device;
+      d_silu.out.data = act.device;
+      ASSERT_EQ(bk::silu_and_mul_cpu(silu), bk::Status::kOk);
+      ASSERT_EQ(bk::silu_and_mul_cuda(d_silu, nullptr), cudaSuccess);
+      ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+      EXPECT_LT(rel_err(act.download(), act.host, dtype), tolerance(dtype));
+      // rotary_embedding on q and k at positions up to 40,000 (GQA 7, as Qwen2.5-7B).
+      Mirror<uint16_t> q(random_bits(rows * heads * head_dim, dtype, gen));
+      Mirror<uint16_t> k(random_bits(rows * kv_heads * head_dim, dtype, gen));
+      std::vector<int32_t> positions(rows);
+      std::uniform_int_distribution<int32_t> position(0, 40000);
+      for (auto& pos : positions) pos = position(gen);
+      std::vector<float> inv_freq(head_dim / 2);
+      for (int64_t i = 0; i < head_dim / 2; ++i) inv_freq[i] = std::pow(10000.0f, -2.0f * i / head_dim);
+      Mirror<int32_t> d_positions(positions);
+      Mirror<float> d_inv_freq(inv_freq);
+      bk::RotaryParams rope;
+      rope.q = view(q.host.data(), dtype, {rows, heads, head_dim});
+      rope.k = view(k.host.data(), dtype, {rows, kv_heads, head_dim});
+      rope.positions = positions.data();
+      rope.inv_freq = inv_freq.data();
+      bk::RotaryParams d_rope = rope;
+      d_rope.q.data = q.device;
+      d_rope.k.data = k.device;
+      d_rope.positions = d_positions.device;
+      d_rope.inv_freq = d_inv_freq.device;
+      ASSERT_EQ(bk::rotary_embedding_cpu(rope), bk::Status::kOk);
+      ASSERT_EQ(bk::rotary_embedding_cuda(d_rope, nullptr), cudaSuccess);
+      ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+      EXPECT_LT(rel_err(q.download(), q.host, dtype), tolerance(dtype));
+      EXPECT_LT(rel_err(k.download(), k.host, dtype), tolerance(dtype));
+    }
   }
 }
 
