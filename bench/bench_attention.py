@@ -4,24 +4,24 @@ Decode (one query per sequence, 32 q heads, 8 KV heads, head dim 128, bf16, page
 (B sequences, P shared prefix tokens, S unique suffix tokens):
   ours       batchllm_core.ops.cascade_decode_attention (prefix read once for all B readers) with
              the default kernels: the suffix level by the CUDA-core decode kernel, prefix tiles on
-             wgmma-pipe (Hopper's warpgroup MMA, one key tile's products overlapping the next one's
-             softmax; mma.sync tiles where there is no sm_90a code), separate launches; and for the
-             A/B the variants of DECODE_VARIANTS: (wmma) prefix tiles on WMMA, (tile-sfx) the suffix
-             by the tensor-core tile kernel, (mma) prefix tiles on mma.sync with O in registers,
-             (mma128) the same in 128-row tiles of 8 warps, (wgmma) the 128-row tiles on wgmma
-             without the overlap (mma128 where there is no sm_90a code: `wgmma_runs_as` in the
-             JSON), (fused) suffix and prefix steps in one launch, (merge) the suffix kernel merging
-             the prefix states itself (no combine launch), (streams) the suffix on a side stream
-             beside the prefix tiles, (wgmma64) the pipelined wgmma tiles in 64 rows of one
-             warpgroup; best/floor: the fastest over the floor
+             mma.sync (4 warps, 64 rows, O in registers), separate launches; and for the A/B the
+             variants of DECODE_VARIANTS: (wmma) prefix tiles on WMMA, (tile-sfx) the suffix by the
+             tensor-core tile kernel, (wgmma-pipe) 128-row tiles on Hopper's warpgroup MMA with one
+             key tile's products overlapping the next one's softmax (run 3's default; mma128 where
+             there is no sm_90a code), (mma128) mma.sync in 128-row tiles of 8 warps, (wgmma) the
+             128-row wgmma tiles without the overlap (mma128 where there is no sm_90a code:
+             `wgmma_runs_as` in the JSON), (fused) suffix and prefix steps in one launch, (merge) the
+             suffix kernel merging the prefix states itself (no combine launch), (streams) the suffix
+             on a side stream beside the prefix tiles, (wgmma64) the pipelined wgmma tiles in 64 rows
+             of one warpgroup; best/floor: the fastest over the floor
   sdpa       torch SDPA over per-sequence KV (every sequence reads its own copy of the prefix)
   hydragen   torch composition of Hydragen: all queries of a KV head stacked against the prefix via
              aten._scaled_dot_product_flash_attention (for the LSE), suffix attention, LSE merge
   floor      (P + B*S) * KV bytes per token / measured device copy bandwidth
-Prefill (causal, one 4096-token chunk per sequence over paged KV): ours (the default tiles), mma.sync
-tiles of 64 and 128 rows, plain wgmma tiles, 64-row pipelined wgmma tiles and WMMA tiles, vs SDPA
-flash on the same dense shapes. Prefix scan: the prefix tiles alone at d = 64 and 128, default,
-wgmma64 and plain wgmma (2 CTAs an SM at d = 64). Graph tail: a job's last few rows of long suffixes replayed in a graph of a larger batch
+Prefill (causal, one 4096-token chunk per sequence over paged KV): ours (the default tiles: mma.sync
+in 128-row tiles of 8 warps), mma.sync tiles of 64 rows, pipelined and plain wgmma tiles, 64-row
+pipelined wgmma tiles and WMMA tiles, vs SDPA flash on the same dense shapes. Prefix scan: the prefix
+tiles alone at d = 64 and 128, default (mma), wgmma-pipe and plain wgmma (2 CTAs an SM at d = 64). Graph tail: a job's last few rows of long suffixes replayed in a graph of a larger batch
 bucket, with the bucket's key split and with the step's own split read on the device.
 
 Timing: CUDA graphs of each variant (launch gaps out), CUDA events, median of many replays after
@@ -245,11 +245,11 @@ class DecodeInputs:
 # The cascade kernel variants timed beside the default ("ours"), as the environment that selects them
 # (read at each launch, so at graph capture): the A/B that sets the defaults.
 DECODE_VARIANTS = {
-    # "ours" is the default: wgmma-pipe prefix tiles where wgmma runs (else mma), separate launches,
-    # the suffix on decode_rows. Each variant names what it changes from that.
+    # "ours" is the default: mma prefix tiles, separate launches, the suffix on decode_rows. Each
+    # variant names what it changes from that.
     "wmma": {"BATCHLLM_ATTENTION_TILES": "wmma"},
     "tile-sfx": {"BATCHLLM_CASCADE_SUFFIX": "tile"},
-    "mma": {"BATCHLLM_ATTENTION_TILES": "mma"},
+    "wgmma-pipe": {"BATCHLLM_ATTENTION_TILES": "wgmma-pipe"},
     "mma128": {"BATCHLLM_ATTENTION_TILES": "mma128"},
     "wgmma": {"BATCHLLM_ATTENTION_TILES": "wgmma"},
     "fused": {"BATCHLLM_CASCADE_LAUNCH": "fused", "BATCHLLM_ATTENTION_TILES": "wmma"},
@@ -262,12 +262,12 @@ DECODE_VARIANTS = {
 }
 
 
-def tile_kernel_that_runs(tiles: str) -> str:
-    """The tile kernel BATCHLLM_ATTENTION_TILES=tiles runs on this device ("wgmma" without sm_90a
-    code or a compute 9.0 device runs mma128)."""
+def tile_kernel_that_runs(tiles: str, use: str = "prefix") -> str:
+    """The tile kernel BATCHLLM_ATTENTION_TILES=tiles runs on this device for cascade prefixes or
+    prefill (`use`; "wgmma" without sm_90a code or a compute 9.0 device runs mma128)."""
     from batchllm_core import ops
     with kernel_env({"BATCHLLM_ATTENTION_TILES": tiles}):
-        return ops._C.cuda_tile_kernel()
+        return ops._C.cuda_tile_kernel(use)
 
 
 class ContextLost(RuntimeError):
@@ -344,15 +344,15 @@ def bench_decode(shape, bandwidth, reps, device_name):
 PREFIX_SCAN = [(64, 1024), (64, 4096), (256, 1024), (256, 4096)]  # (readers, prefix keys)
 
 
-SCAN_VARIANTS = ["wgmma64", "wgmma"]  # prefix tiles timed beside the default in the prefix scan
+SCAN_VARIANTS = ["wgmma-pipe", "wgmma"]  # prefix tiles timed beside the default in the prefix scan
 
 
 def bench_prefix_scan(reps, device_name) -> dict:
     """The prefix tiles alone (ours with empty suffixes) over readers x prefix keys at head dims 64
     (llama-1b, as e2e runs them) and 128: how their time grows with keys (per 1,024 keys) and with
-    rows tells a latency-bound key loop from a throughput-bound one. Beside the default, the tiles
-    that fit more CTAs an SM at d = 64: wgmma64 (64 rows, 3 CTAs) and plain wgmma (128 rows at 128
-    registers, 2 CTAs: one's softmax beside the other's products)."""
+    rows tells a latency-bound key loop from a throughput-bound one. Beside the default (mma), run 3's
+    default wgmma-pipe and plain wgmma (128 rows at 128 registers, 2 CTAs an SM at d = 64: one's
+    softmax beside the other's products)."""
     times = {}
     variant_times = {name: {} for name in SCAN_VARIANTS}
     for head_dim in (64, 128):
@@ -377,7 +377,7 @@ def bench_prefix_scan(reps, device_name) -> dict:
     torch.cuda.empty_cache()
     return {"bench": "prefix_scan", "device": device_name, "commit": commit(), "q_heads": Q_HEADS,
             "kv_heads": KV_HEADS, "tiles": tile_kernel_that_runs(os.environ.get("BATCHLLM_ATTENTION_TILES", "")),
-            "ms": times, "ms_per_1024_keys": slopes, "wgmma64_runs_as": tile_kernel_that_runs("wgmma64"),
+            "ms": times, "ms_per_1024_keys": slopes, "wgmma-pipe_runs_as": tile_kernel_that_runs("wgmma-pipe"),
             **{f"ms_{name}": variant_times[name] for name in SCAN_VARIANTS},
             "wgmma_runs_as": tile_kernel_that_runs("wgmma")}
 
@@ -527,18 +527,19 @@ def bench_prefill(shape, reps, device_name, device="cuda", skip=()):
         return variant(tiles)
 
     mma_ms, mma_rel_err, mma_error = unless_skipped("mma")
-    mma128_ms, mma128_rel_err, mma128_error = unless_skipped("mma128")
+    pipe_ms, pipe_rel_err, pipe_error = unless_skipped("wgmma-pipe")
     wgmma_ms, wgmma_rel_err, wgmma_error = unless_skipped("wgmma")
     wgmma64_ms, wgmma64_rel_err, wgmma64_error = unless_skipped("wgmma64")
     wmma_ms, wmma_rel_err, wmma_error = unless_skipped("wmma")
-    errors = {name: e for name, e in (("mma", mma_error), ("mma128", mma128_error), ("wgmma", wgmma_error),
+    errors = {name: e for name, e in (("mma", mma_error), ("wgmma-pipe", pipe_error), ("wgmma", wgmma_error),
                                       ("wgmma64", wgmma64_error), ("wmma", wmma_error)) if e is not None}
     sdpa_ms = time_graphs([sdpa], reps=reps)
     flops = seqs * 4 * (tokens * (tokens + 1) / 2) * Q_HEADS * HEAD_DIM
     return {"bench": "prefill_attention", "device": device_name, "commit": commit(), "seqs": seqs, "tokens": tokens,
             "q_heads": Q_HEADS, "kv_heads": KV_HEADS, "head_dim": HEAD_DIM, "dtype": "bfloat16", "ours_ms": ours_ms,
-            "ours_mma_ms": mma_ms, "rel_err_mma_vs_sdpa": mma_rel_err, "ours_mma128_ms": mma128_ms,
-            "rel_err_mma128_vs_sdpa": mma128_rel_err, "ours_wgmma_ms": wgmma_ms, "rel_err_wgmma_vs_sdpa": wgmma_rel_err,
+            "tiles": tile_kernel_that_runs(os.environ.get("BATCHLLM_ATTENTION_TILES", ""), "prefill"),
+            "ours_mma_ms": mma_ms, "rel_err_mma_vs_sdpa": mma_rel_err, "ours_wgmma_pipe_ms": pipe_ms,
+            "rel_err_wgmma_pipe_vs_sdpa": pipe_rel_err, "ours_wgmma_ms": wgmma_ms, "rel_err_wgmma_vs_sdpa": wgmma_rel_err,
             "ours_wmma_ms": wmma_ms, "rel_err_wmma_vs_sdpa": wmma_rel_err, "ours_wgmma64_ms": wgmma64_ms,
             "rel_err_wgmma64_vs_sdpa": wgmma64_rel_err,
             "wgmma_runs_as": tile_kernel_that_runs("wgmma"), "variant_errors": errors, "sdpa_ms": sdpa_ms, "sdpa_backend": SDPA_BACKEND["name"], "ours_over_sdpa": ours_ms / sdpa_ms, "ours_tflops": flops / (ours_ms * 1e-3) / 1e12,
@@ -573,7 +574,7 @@ def main() -> int:
                         help="check the baselines' layouts against our CPU op on a tiny shape (no timing)")
     parser.add_argument("--skip-variants", default="",
                         help="comma-separated variants not to run: decode names of DECODE_VARIANTS, "
-                             "prefill ones as prefill:mma|mma128|wgmma|wmma (after one lost the CUDA "
+                             "prefill ones as prefill:mma|wgmma-pipe|wgmma|wgmma64|wmma (after one lost the CUDA "
                              "context)")
     parser.add_argument("--resume", action="store_true",
                         help="with --json-out: keep the shapes already in the file and run only the others")
@@ -590,7 +591,9 @@ def main() -> int:
     device_name = torch.cuda.get_device_name(0)
     bandwidth = copy_bandwidth_bytes_per_s()
     print(f"device {device_name}; copy bandwidth {bandwidth / 1e12:.2f} TB/s (read + write); torch {torch.__version__}; "
-          f"BATCHLLM_ATTENTION_TILES=wgmma runs {tile_kernel_that_runs('wgmma')}")
+          f"BATCHLLM_ATTENTION_TILES=wgmma runs {tile_kernel_that_runs('wgmma')}; tiles here: prefix "
+          f"{tile_kernel_that_runs(os.environ.get('BATCHLLM_ATTENTION_TILES', ''))}, prefill "
+          f"{tile_kernel_that_runs(os.environ.get('BATCHLLM_ATTENTION_TILES', ''), 'prefill')}")
     skip = {name for name in args.skip_variants.split(",") if name}
     global DECODE_VARIANTS
     DECODE_VARIANTS = {name: env for name, env in DECODE_VARIANTS.items() if name not in skip}
@@ -672,7 +675,7 @@ def run_tables(args, reps, device_name, bandwidth, rows, record, done, skip) -> 
             print(f"  {case:>12}: {ms['own']:.4f} / {ms['padded']:.4f} / {ms['device split']:.4f} / "
                   f"{ms['floor']:.4f}", flush=True)
     if not args.no_prefill:
-        print(f"{'seqs':>5} {'tokens':>6} | {'ours ms':>8} {'mma ms':>8} {'mma128':>8} {'wgmma':>8} {'wgmma64':>8} "
+        print(f"{'seqs':>5} {'tokens':>6} | {'ours ms':>8} {'mma ms':>8} {'wgmma-p':>8} {'wgmma':>8} {'wgmma64':>8} "
               f"{'wmma':>8} "
               f"{'sdpa ms':>8} | "
               f"{'ours/sdpa':>9} {'ours TF/s':>9} "
@@ -682,7 +685,7 @@ def run_tables(args, reps, device_name, bandwidth, rows, record, done, skip) -> 
                 continue
             r = bench_prefill(shape, reps, device_name, skip=skip)
             record(r)
-            print(f"{r['seqs']:>5} {r['tokens']:>6} | {r['ours_ms']:>8.3f} {r['ours_mma_ms']:>8.3f} {r['ours_mma128_ms']:>8.3f} "
+            print(f"{r['seqs']:>5} {r['tokens']:>6} | {r['ours_ms']:>8.3f} {r['ours_mma_ms']:>8.3f} {r['ours_wgmma_pipe_ms']:>8.3f} "
                   f"{r['ours_wgmma_ms']:>8.3f} {r['ours_wgmma64_ms']:>8.3f} {r['ours_wmma_ms']:>8.3f} "
                   f"{r['sdpa_ms']:>8.3f} | "
                   f"{r['ours_over_sdpa']:>9.2f} {r['ours_tflops']:>9.1f} {r['sdpa_tflops']:>9.1f} "

@@ -550,3 +550,50 @@ def test_cuda_mixed_devices_rejected():
     case = make_prefill_case(kv, [(3, 20)], 4, 64, torch.float16, device=DEVICE)
     with pytest.raises(ValueError, match=r"prefill_attention: argument 'block_tables' is on device -1"):
         ops.prefill_attention(case.q, kv.k, kv.v, case.block_tables.cpu(), case.query_start, case.context_lens)
+
+
+def test_layer_ops_cuda_vector_and_element_paths():
+    """rms_norm and silu_and_mul read rows in 16-byte vectors where base, row stride and width allow
+    it, element by element otherwise (an odd width, a row view one element off): both equal the
+    model's torch formulas."""
+    import torch.nn.functional as F
+
+    from batchllm_core.models.llama import RMSNorm
+
+    gen = torch.Generator().manual_seed(3)
+    for dtype in DTYPES:
+        tol = {torch.float16: 1e-3, torch.bfloat16: 1e-2}[dtype]
+        for width, offset in [(96, 0), (96, 1), (90, 0)]:  # vectors, misaligned base, odd width
+            rows = 5
+            base = torch.randn(rows, width + 8, generator=gen).to(dtype)
+            x = base[:, offset:offset + width]
+            weight = (torch.rand(width, generator=gen) + 0.5).to(dtype)
+            norm = RMSNorm(width, 1e-5).to(dtype)
+            norm.weight.data = weight.clone()
+            with torch.no_grad():
+                ours = ops.rms_norm(x.to(DEVICE), weight.to(DEVICE), 1e-5).cpu().float()
+                ref = norm(x.contiguous()).float()
+                assert (ours - ref).abs().max().item() <= tol * ref.abs().max().item(), (dtype, width, offset)
+                gate_up = torch.randn(rows, 2 * width + 8, generator=gen).to(dtype)[:, offset:offset + 2 * width]
+                gate, up = gate_up.chunk(2, dim=-1)
+                ours = ops.silu_and_mul(gate_up.to(DEVICE)).cpu().float()
+                ref = (F.silu(gate) * up).float()
+                assert (ours - ref).abs().max().item() <= tol * ref.abs().max().item(), (dtype, width, offset)
+    synchronize()
+
+
+def test_tile_kernel_defaults(monkeypatch):
+    """Unset, prefill tiles run on mma128 and cascade-prefix tiles on mma (run 4's A/B on an H100);
+    BATCHLLM_ATTENTION_TILES sets both; an unknown use is named."""
+    monkeypatch.delenv("BATCHLLM_ATTENTION_TILES", raising=False)
+    assert ops._C.cuda_tile_kernel("prefill") == "mma128"
+    assert ops._C.cuda_tile_kernel("prefix") == ops._C.cuda_tile_kernel() == "mma"
+    monkeypatch.setenv("BATCHLLM_ATTENTION_TILES", "wgmma")
+    wgmma_runs = ops._C.cuda_tile_kernel() == "wgmma"
+    monkeypatch.setenv("BATCHLLM_ATTENTION_TILES", "wgmma-pipe")
+    for use in ("prefix", "prefill"):
+        assert ops._C.cuda_tile_kernel(use) == ("wgmma-pipe" if wgmma_runs else "mma128")
+    monkeypatch.setenv("BATCHLLM_ATTENTION_TILES", "wmma")
+    assert ops._C.cuda_tile_kernel("prefill") == ops._C.cuda_tile_kernel("prefix") == "wmma"
+    with pytest.raises(ValueError, match="cuda_tile_kernel: argument 'use' must be 'prefix' or 'prefill'"):
+        ops._C.cuda_tile_kernel("decode")

@@ -6,6 +6,10 @@
 
 namespace batchllm::kernels::cuda {
 
+/// Where tiles run: a prefill chunk's (query rows of one sequence over its paged context) or a
+/// cascade prefix's (the query rows of every reader of one prefix). Their defaults differ.
+enum class TileUse { kPrefill, kPrefix };
+
 /// The kernel of prefill and cascade-prefix tiles, from BATCHLLM_ATTENTION_TILES, read at every
 /// launch so that a benchmark can compare them in one process: wmma (64 rows on WMMA fragments),
 /// mma (the mma.sync kernel, 4 warps, 64 rows), mma128 (8 warps, 128 rows: each K/V tile brought
@@ -16,23 +20,30 @@ namespace batchllm::kernels::cuda {
 /// 128-row CTA, so more warps hide the key loop's latency, at twice the L2 -> SM traffic per row);
 /// where wgmma_available() is false, mma128 runs instead of wgmma and wgmma-pipe, mma of wgmma64.
 ///
-/// Unset, the default is what the first H100 run measured fastest (2026-11-27, bench_attention,
-/// docs/BENCHMARKS.md): wgmma-pipe where wgmma runs (decode grid: 0.59x WMMA's time, geometric
-/// mean; paged prefill 4096 tokens: 0.97 ms against WMMA's 3.34 ms), else mma (0.59x, the fastest
-/// tile on mma.sync).
+/// Unset, the default is what the H100 run of 2026-11-27 21:00 measured fastest (bench_attention,
+/// docs/BENCHMARKS.md, run 4), on every device:
+/// - prefill: mma128. Causal 4,096-token chunks at d = 128: 1 chunk 0.566 ms (mma 0.615, wgmma-pipe
+///   0.676, SDPA flash 0.497); 4 chunks 2.24 ms (2.43, 2.66; SDPA 1.74).
+/// - cascade prefixes: mma. The decode grid's geometric mean of time over wgmma-pipe's: mma 0.926,
+///   mma128 0.947, wgmma 0.978, wgmma64 1.12; mma was the fastest at every grid shape, and W1 1/4
+///   end to end took 0.588 s on it against 0.625 s on wgmma-pipe (each its process's first run).
+/// (Run 3's default was wgmma-pipe for both, from a grid where the tile kernels were within 3%.)
 enum class TileKernel { kWmma, kMma, kMma128, kWgmma, kWgmmaPipelined, kWgmma64 };
 
-inline TileKernel tile_kernel() {
+inline TileKernel tile_kernel(TileUse use) {
   if (env_equals("BATCHLLM_ATTENTION_TILES", "wmma")) return TileKernel::kWmma;
   if (env_equals("BATCHLLM_ATTENTION_TILES", "mma")) return TileKernel::kMma;
   if (env_equals("BATCHLLM_ATTENTION_TILES", "mma128")) return TileKernel::kMma128;
   if (env_equals("BATCHLLM_ATTENTION_TILES", "wgmma")) {
     return wgmma_available() ? TileKernel::kWgmma : TileKernel::kMma128;
   }
+  if (env_equals("BATCHLLM_ATTENTION_TILES", "wgmma-pipe")) {
+    return wgmma_available() ? TileKernel::kWgmmaPipelined : TileKernel::kMma128;
+  }
   if (env_equals("BATCHLLM_ATTENTION_TILES", "wgmma64")) {
     return wgmma_available() ? TileKernel::kWgmma64 : TileKernel::kMma;
   }
-  return wgmma_available() ? TileKernel::kWgmmaPipelined : TileKernel::kMma;
+  return use == TileUse::kPrefill ? TileKernel::kMma128 : TileKernel::kMma;
 }
 
 /// Query rows per tile of a tile kernel: the Problem's tile_rows and the grid follow it.
@@ -41,7 +52,7 @@ inline int tile_rows(TileKernel kernel) {
                                                                                                    : kMaxTileRows;
 }
 
-/// Launches the Problem's tiles on `kernel` (tile_kernel()); the Problem's tile_rows and the grid
+/// Launches the Problem's tiles on `kernel` (tile_kernel(use)); the Problem's tile_rows and the grid
 /// must be tile_rows(kernel)'s.
 template <typename T, int D, typename Problem>
 cudaError_t launch_tiles(TileKernel kernel, const Problem& problem, dim3 grid, const TensorView& k_cache,
