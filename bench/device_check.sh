@@ -164,19 +164,26 @@ section_e2e() {
   # The headline target is stated at full scale (W1 >= 100,000 output tokens/s): 1,024 sequences.
   e2e_run "W1 full scale" --workload W1 --scale 1 --policy batchllm,fcfs-lru
   e2e_run "W2" --workload W2 --scale 0.25 --policy batchllm,fcfs-lru --repeat 2
-  # W5 (no sharing) ran 0.89x under batchllm against fcfs-lru in run 3 (0.88x eager in run 1, 0.86x
-  # in run 2's profile), with the same step structure and host cost on paper (bench_host,
-  # simulate.py): both orders, three runs each, say whether it follows the policy or the position.
+  # W5 (no sharing): 0.89x under batchllm against fcfs-lru in run 3, batchllm first; run 4 ran both
+  # orders, three runs each: best 1.031 against 1.014 s, medians 1.04 against 1.2 (policy, not order).
   e2e_run "W5" --workload W5 --scale 0.125 --policy batchllm,fcfs-lru --repeat 3
-  e2e_run "W5 swapped order" --workload W5 --scale 0.125 --policy fcfs-lru,batchllm --repeat 3
-  e2e_run "W1 eager" --workload W1 --scale 0.25 --policy batchllm --no-cuda-graphs --no-overlap
+  # A/B of the defaults set from run 4: tile kernels (prefix mma, prefill mma128) against run 4's
+  # wgmma-pipe for both, on W1 (decode-bound) and W5 (prefill-bound); the layer-op kernels against torch.
+  run_env=(env BATCHLLM_ATTENTION_TILES=wgmma-pipe)
+  e2e_run "W1 wgmma-pipe tiles" --workload W1 --scale 0.25 --policy batchllm --repeat 2
+  e2e_run "W5 wgmma-pipe tiles" --workload W5 --scale 0.125 --policy batchllm --repeat 2
   run_env=(env BATCHLLM_LAYER_OPS=torch)
   e2e_run "W1 torch layer ops" --workload W1 --scale 0.25 --policy batchllm
-  # The 64-row pipelined wgmma tiles (3 CTAs an SM at llama-1b's d = 64; the kernel grid is d = 128).
+  # decode_rows merging the prefix states itself (no combine launch: 10.4 us a layer in run 4's W1).
+  run_env=(env BATCHLLM_CASCADE_LAUNCH=merge)
+  e2e_run "W1 merge launch" --workload W1 --scale 0.25 --policy batchllm --repeat 2
+  run_env=(env)
+  e2e_run "W5 swapped order" --workload W5 --scale 0.125 --policy fcfs-lru,batchllm --repeat 3
+  e2e_run "W1 eager" --workload W1 --scale 0.25 --policy batchllm --no-cuda-graphs --no-overlap
+  # The 64-row pipelined wgmma tiles and plain wgmma tiles (2 CTAs an SM at d = 64): slower than
+  # wgmma-pipe in run 4 (0.690, 0.655 s against 0.625 s on W1 1/4).
   run_env=(env BATCHLLM_ATTENTION_TILES=wgmma64)
   e2e_run "W1 wgmma64 tiles" --workload W1 --scale 0.25 --policy batchllm
-  # Plain wgmma tiles: 128 rows at 128 registers at d = 64, 2 CTAs an SM (one's softmax beside the
-  # other's products) where the pipelined default fits 1.
   run_env=(env BATCHLLM_ATTENTION_TILES=wgmma)
   e2e_run "W1 wgmma tiles" --workload W1 --scale 0.25 --policy batchllm
   run_env=(env)
