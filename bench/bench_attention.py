@@ -4,7 +4,8 @@ Decode (one query per sequence, 32 q heads, 8 KV heads, head dim 128, bf16, page
 (B sequences, P shared prefix tokens, S unique suffix tokens):
   ours       batchllm_core.ops.cascade_decode_attention (prefix read once for all B readers) with
              the default kernels: the suffix level by the CUDA-core decode kernel, prefix tiles on
-             mma.sync (4 warps, 64 rows, O in registers), separate launches; and for the A/B the
+             mma.sync (4 warps, 64 rows, O in registers: the d = 128 default; d = 64 runs
+             wgmma-pipe), separate launches; and for the A/B the
              variants of DECODE_VARIANTS: (wmma) prefix tiles on WMMA, (tile-sfx) the suffix by the
              tensor-core tile kernel, (wgmma-pipe) 128-row tiles on Hopper's warpgroup MMA with one
              key tile's products overlapping the next one's softmax (run 3's default; mma128 where
@@ -18,9 +19,10 @@ Decode (one query per sequence, 32 q heads, 8 KV heads, head dim 128, bf16, page
   hydragen   torch composition of Hydragen: all queries of a KV head stacked against the prefix via
              aten._scaled_dot_product_flash_attention (for the LSE), suffix attention, LSE merge
   floor      (P + B*S) * KV bytes per token / measured device copy bandwidth
-Prefill (causal, one 4096-token chunk per sequence over paged KV): ours (the default tiles: mma.sync
-in 128-row tiles of 8 warps), mma.sync tiles of 64 rows, pipelined and plain wgmma tiles, 64-row
-pipelined wgmma tiles and WMMA tiles, vs SDPA flash on the same dense shapes. Prefix scan: the prefix
+Prefill (causal, one 4096-token chunk per sequence over paged KV, head dims 128 and 64): ours (the
+default tiles: mma.sync in 128-row tiles of 8 warps at d = 128, wgmma-pipe at d = 64), mma.sync tiles
+of 64 and 128 rows, pipelined and plain wgmma tiles, 64-row pipelined wgmma tiles and WMMA tiles, vs
+SDPA flash on the same dense shapes. Prefix scan: the prefix
 tiles alone at d = 64 and 128, default (mma), wgmma-pipe and plain wgmma (2 CTAs an SM at d = 64). Graph tail: a job's last few rows of long suffixes replayed in a graph of a larger batch
 bucket, with the bucket's key split and with the step's own split read on the device.
 
@@ -45,7 +47,9 @@ import time
 import torch
 
 DECODE_SHAPES = [(64, 2048, 256), (256, 2048, 256), (256, 8192, 128), (32, 4096, 1024), (512, 1024, 64)]
-PREFILL_SHAPES = [(1, 4096), (4, 4096)]  # (sequences, tokens per chunk)
+# (sequences, tokens per chunk, head dim): d = 64 is llama-1b's (run 5 found its defaults apart from d = 128's
+# end to end, with no prefill row at d = 64 to show it).
+PREFILL_SHAPES = [(1, 4096, 128), (4, 4096, 128), (4, 4096, 64)]
 Q_HEADS, KV_HEADS, HEAD_DIM, PAGE = 32, 8, 128, 16
 DTYPE = torch.bfloat16
 KV_BYTES_PER_TOKEN = KV_HEADS * HEAD_DIM * 2 * 2  # K and V, 2 bytes each (one layer)
@@ -245,8 +249,8 @@ class DecodeInputs:
 # The cascade kernel variants timed beside the default ("ours"), as the environment that selects them
 # (read at each launch, so at graph capture): the A/B that sets the defaults.
 DECODE_VARIANTS = {
-    # "ours" is the default: mma prefix tiles, separate launches, the suffix on decode_rows. Each
-    # variant names what it changes from that.
+    # "ours" is the default: mma prefix tiles (d = 128), separate launches, the suffix on decode_rows.
+    # Each variant names what it changes from that.
     "wmma": {"BATCHLLM_ATTENTION_TILES": "wmma"},
     "tile-sfx": {"BATCHLLM_CASCADE_SUFFIX": "tile"},
     "wgmma-pipe": {"BATCHLLM_ATTENTION_TILES": "wgmma-pipe"},
@@ -262,12 +266,12 @@ DECODE_VARIANTS = {
 }
 
 
-def tile_kernel_that_runs(tiles: str, use: str = "prefix") -> str:
+def tile_kernel_that_runs(tiles: str, use: str = "prefix", head_dim: int = HEAD_DIM) -> str:
     """The tile kernel BATCHLLM_ATTENTION_TILES=tiles runs on this device for cascade prefixes or
-    prefill (`use`; "wgmma" without sm_90a code or a compute 9.0 device runs mma128)."""
+    prefill (`use`) of head_dim ("wgmma" without sm_90a code or a compute 9.0 device runs mma128)."""
     from batchllm_core import ops
     with kernel_env({"BATCHLLM_ATTENTION_TILES": tiles}):
-        return ops._C.cuda_tile_kernel(use)
+        return ops._C.cuda_tile_kernel(use, head_dim)
 
 
 class ContextLost(RuntimeError):
@@ -350,8 +354,8 @@ SCAN_VARIANTS = ["wgmma-pipe", "wgmma"]  # prefix tiles timed beside the default
 def bench_prefix_scan(reps, device_name) -> dict:
     """The prefix tiles alone (ours with empty suffixes) over readers x prefix keys at head dims 64
     (llama-1b, as e2e runs them) and 128: how their time grows with keys (per 1,024 keys) and with
-    rows tells a latency-bound key loop from a throughput-bound one. Beside the default (mma), run 3's
-    default wgmma-pipe and plain wgmma (128 rows at 128 registers, 2 CTAs an SM at d = 64: one's
+    rows tells a latency-bound key loop from a throughput-bound one. Beside the default (mma at
+    d = 128, wgmma-pipe at d = 64), wgmma-pipe and plain wgmma (128 rows at 128 registers, 2 CTAs an SM at d = 64: one's
     softmax beside the other's products)."""
     times = {}
     variant_times = {name: {} for name in SCAN_VARIANTS}
@@ -376,7 +380,9 @@ def bench_prefix_scan(reps, device_name) -> dict:
                 slopes[f"d{head_dim} B{batch}"] = (long - short) * 1024 / (lengths[-1] - lengths[0])
     torch.cuda.empty_cache()
     return {"bench": "prefix_scan", "device": device_name, "commit": commit(), "q_heads": Q_HEADS,
-            "kv_heads": KV_HEADS, "tiles": tile_kernel_that_runs(os.environ.get("BATCHLLM_ATTENTION_TILES", "")),
+            "kv_heads": KV_HEADS,
+            "tiles": {f"d{d}": tile_kernel_that_runs(os.environ.get("BATCHLLM_ATTENTION_TILES", ""), head_dim=d)
+                      for d in (64, 128)},
             "ms": times, "ms_per_1024_keys": slopes, "wgmma-pipe_runs_as": tile_kernel_that_runs("wgmma-pipe"),
             **{f"ms_{name}": variant_times[name] for name in SCAN_VARIANTS},
             "wgmma_runs_as": tile_kernel_that_runs("wgmma")}
@@ -482,21 +488,21 @@ def variant_summary(decode_rows: list) -> dict:
 
 def bench_prefill(shape, reps, device_name, device="cuda", skip=()):
     from batchllm_core import ops
-    seqs, tokens = shape
+    seqs, tokens, head_dim = shape
     gen = torch.Generator(device=device).manual_seed(7)
     blocks = seqs * math.ceil(tokens / PAGE)
-    k_cache = torch.randn((blocks, PAGE, KV_HEADS, HEAD_DIM), generator=gen, device=device, dtype=DTYPE)
+    k_cache = torch.randn((blocks, PAGE, KV_HEADS, head_dim), generator=gen, device=device, dtype=DTYPE)
     v_cache = torch.randn_like(k_cache)
-    q = torch.randn((seqs * tokens, Q_HEADS, HEAD_DIM), generator=gen, device=device, dtype=DTYPE)
+    q = torch.randn((seqs * tokens, Q_HEADS, head_dim), generator=gen, device=device, dtype=DTYPE)
     i32 = dict(dtype=torch.int32, device=device)
     tables = torch.arange(blocks, **i32).view(seqs, -1)
     query_start = torch.arange(seqs + 1, **i32) * tokens
     context_lens = torch.full((seqs,), tokens, **i32)
     out = torch.empty_like(q)
     # Dense equals for SDPA: [S, H, T, D]
-    qd = q.view(seqs, tokens, Q_HEADS, HEAD_DIM).transpose(1, 2).contiguous()
-    kd = k_cache.view(seqs, -1, KV_HEADS, HEAD_DIM)[:, :tokens].transpose(1, 2).contiguous()
-    vd = v_cache.view(seqs, -1, KV_HEADS, HEAD_DIM)[:, :tokens].transpose(1, 2).contiguous()
+    qd = q.view(seqs, tokens, Q_HEADS, head_dim).transpose(1, 2).contiguous()
+    kd = k_cache.view(seqs, -1, KV_HEADS, head_dim)[:, :tokens].transpose(1, 2).contiguous()
+    vd = v_cache.view(seqs, -1, KV_HEADS, head_dim)[:, :tokens].transpose(1, 2).contiguous()
 
     def ours():
         ops.prefill_attention(q, k_cache, v_cache, tables, query_start, context_lens, max_q_len=tokens, out=out)
@@ -507,7 +513,7 @@ def bench_prefill(shape, reps, device_name, device="cuda", skip=()):
 
     ours()
     check_sdpa_backend(sdpa)
-    reference = sdpa().transpose(1, 2).reshape(seqs * tokens, Q_HEADS, HEAD_DIM).float()
+    reference = sdpa().transpose(1, 2).reshape(seqs * tokens, Q_HEADS, head_dim).float()
     rel_err = float((out.float() - reference).norm() / reference.norm())
     ours_ms = time_graphs([ours], reps=reps)
 
@@ -527,18 +533,21 @@ def bench_prefill(shape, reps, device_name, device="cuda", skip=()):
         return variant(tiles)
 
     mma_ms, mma_rel_err, mma_error = unless_skipped("mma")
+    mma128_ms, mma128_rel_err, mma128_error = unless_skipped("mma128")
     pipe_ms, pipe_rel_err, pipe_error = unless_skipped("wgmma-pipe")
     wgmma_ms, wgmma_rel_err, wgmma_error = unless_skipped("wgmma")
     wgmma64_ms, wgmma64_rel_err, wgmma64_error = unless_skipped("wgmma64")
     wmma_ms, wmma_rel_err, wmma_error = unless_skipped("wmma")
-    errors = {name: e for name, e in (("mma", mma_error), ("wgmma-pipe", pipe_error), ("wgmma", wgmma_error),
+    errors = {name: e for name, e in (("mma", mma_error), ("mma128", mma128_error), ("wgmma-pipe", pipe_error),
+                                      ("wgmma", wgmma_error),
                                       ("wgmma64", wgmma64_error), ("wmma", wmma_error)) if e is not None}
     sdpa_ms = time_graphs([sdpa], reps=reps)
-    flops = seqs * 4 * (tokens * (tokens + 1) / 2) * Q_HEADS * HEAD_DIM
+    flops = seqs * 4 * (tokens * (tokens + 1) / 2) * Q_HEADS * head_dim
     return {"bench": "prefill_attention", "device": device_name, "commit": commit(), "seqs": seqs, "tokens": tokens,
-            "q_heads": Q_HEADS, "kv_heads": KV_HEADS, "head_dim": HEAD_DIM, "dtype": "bfloat16", "ours_ms": ours_ms,
-            "tiles": tile_kernel_that_runs(os.environ.get("BATCHLLM_ATTENTION_TILES", ""), "prefill"),
-            "ours_mma_ms": mma_ms, "rel_err_mma_vs_sdpa": mma_rel_err, "ours_wgmma_pipe_ms": pipe_ms,
+            "q_heads": Q_HEADS, "kv_heads": KV_HEADS, "head_dim": head_dim, "dtype": "bfloat16", "ours_ms": ours_ms,
+            "tiles": tile_kernel_that_runs(os.environ.get("BATCHLLM_ATTENTION_TILES", ""), "prefill", head_dim),
+            "ours_mma_ms": mma_ms, "rel_err_mma_vs_sdpa": mma_rel_err, "ours_mma128_ms": mma128_ms,
+            "rel_err_mma128_vs_sdpa": mma128_rel_err, "ours_wgmma_pipe_ms": pipe_ms,
             "rel_err_wgmma_pipe_vs_sdpa": pipe_rel_err, "ours_wgmma_ms": wgmma_ms, "rel_err_wgmma_vs_sdpa": wgmma_rel_err,
             "ours_wmma_ms": wmma_ms, "rel_err_wmma_vs_sdpa": wmma_rel_err, "ours_wgmma64_ms": wgmma64_ms,
             "rel_err_wgmma64_vs_sdpa": wgmma64_rel_err,
@@ -574,7 +583,7 @@ def main() -> int:
                         help="check the baselines' layouts against our CPU op on a tiny shape (no timing)")
     parser.add_argument("--skip-variants", default="",
                         help="comma-separated variants not to run: decode names of DECODE_VARIANTS, "
-                             "prefill ones as prefill:mma|wgmma-pipe|wgmma|wgmma64|wmma (after one lost the CUDA "
+                             "prefill ones as prefill:mma|mma128|wgmma-pipe|wgmma|wgmma64|wmma (after one lost the CUDA "
                              "context)")
     parser.add_argument("--resume", action="store_true",
                         help="with --json-out: keep the shapes already in the file and run only the others")
@@ -591,7 +600,7 @@ def main() -> int:
     device_name = torch.cuda.get_device_name(0)
     bandwidth = copy_bandwidth_bytes_per_s()
     print(f"device {device_name}; copy bandwidth {bandwidth / 1e12:.2f} TB/s (read + write); torch {torch.__version__}; "
-          f"BATCHLLM_ATTENTION_TILES=wgmma runs {tile_kernel_that_runs('wgmma')}; tiles here: prefix "
+          f"BATCHLLM_ATTENTION_TILES=wgmma runs {tile_kernel_that_runs('wgmma')}; tiles here at d = {HEAD_DIM}: prefix "
           f"{tile_kernel_that_runs(os.environ.get('BATCHLLM_ATTENTION_TILES', ''))}, prefill "
           f"{tile_kernel_that_runs(os.environ.get('BATCHLLM_ATTENTION_TILES', ''), 'prefill')}")
     skip = {name for name in args.skip_variants.split(",") if name}
@@ -602,7 +611,7 @@ def main() -> int:
         with open(args.json_out) as f:
             rows = [r for r in map(json.loads, filter(str.strip, f))
                     if r.get("bench") in ("decode_attention", "prefill_attention", "prefix_scan", "graph_tail")]
-    done = {(r["B"], r["P"], r["S"]) if r["bench"] == "decode_attention" else (r["seqs"], r["tokens"])
+    done = {(r["B"], r["P"], r["S"]) if r["bench"] == "decode_attention" else (r["seqs"], r["tokens"], r["head_dim"])
             for r in rows if r["bench"] in ("decode_attention", "prefill_attention")}
     if done:
         print(f"resumed: {len(done)} shape(s) already in {args.json_out}; skipped variants: {sorted(skip)}")
@@ -658,7 +667,7 @@ def run_tables(args, reps, device_name, bandwidth, rows, record, done, skip) -> 
     if not any(r["bench"] == "prefix_scan" for r in rows):
         scan = bench_prefix_scan(reps, device_name)
         record(scan)
-        print(f"prefix tiles alone ({scan['tiles']}), ms: " +
+        print(f"prefix tiles alone ({', '.join(f'{d} {t}' for d, t in scan['tiles'].items())}), ms: " +
               ", ".join(f"{k} {v:.4f}" for k, v in scan["ms"].items()), flush=True)
         print("  ms per 1,024 more prefix keys: " +
               ", ".join(f"{k} {v:.4f}" for k, v in scan["ms_per_1024_keys"].items()), flush=True)
@@ -675,7 +684,8 @@ def run_tables(args, reps, device_name, bandwidth, rows, record, done, skip) -> 
             print(f"  {case:>12}: {ms['own']:.4f} / {ms['padded']:.4f} / {ms['device split']:.4f} / "
                   f"{ms['floor']:.4f}", flush=True)
     if not args.no_prefill:
-        print(f"{'seqs':>5} {'tokens':>6} | {'ours ms':>8} {'mma ms':>8} {'wgmma-p':>8} {'wgmma':>8} {'wgmma64':>8} "
+        print(f"{'seqs':>5} {'tokens':>6} {'d':>4} {'ours':>8} | {'ours ms':>8} {'mma ms':>8} {'mma128':>8} {'wgmma-p':>8} "
+              f"{'wgmma':>8} {'wgmma64':>8} "
               f"{'wmma':>8} "
               f"{'sdpa ms':>8} | "
               f"{'ours/sdpa':>9} {'ours TF/s':>9} "
@@ -685,7 +695,8 @@ def run_tables(args, reps, device_name, bandwidth, rows, record, done, skip) -> 
                 continue
             r = bench_prefill(shape, reps, device_name, skip=skip)
             record(r)
-            print(f"{r['seqs']:>5} {r['tokens']:>6} | {r['ours_ms']:>8.3f} {r['ours_mma_ms']:>8.3f} {r['ours_wgmma_pipe_ms']:>8.3f} "
+            print(f"{r['seqs']:>5} {r['tokens']:>6} {r['head_dim']:>4} {r['tiles']:>8} | {r['ours_ms']:>8.3f} "
+                  f"{r['ours_mma_ms']:>8.3f} {r['ours_mma128_ms']:>8.3f} {r['ours_wgmma_pipe_ms']:>8.3f} "
                   f"{r['ours_wgmma_ms']:>8.3f} {r['ours_wgmma64_ms']:>8.3f} {r['ours_wmma_ms']:>8.3f} "
                   f"{r['sdpa_ms']:>8.3f} | "
                   f"{r['ours_over_sdpa']:>9.2f} {r['ours_tflops']:>9.1f} {r['sdpa_tflops']:>9.1f} "

@@ -558,19 +558,19 @@ void register_kernels(py::module_& m) {
     }
     return dims;
   }, "Head dims the CUDA attention kernels are built for (empty without CUDA).");
-  m.def("cuda_tile_kernel", [](const std::string& use) -> std::string {
+  m.def("cuda_tile_kernel", [](const std::string& use, int64_t head_dim) -> std::string {
     if (use != "prefix" && use != "prefill") {
       throw py::value_error("cuda_tile_kernel: argument 'use' must be 'prefix' or 'prefill', got '" + use + "'");
     }
 #ifdef BATCHLLM_WITH_CUDA
-    return kernels::cuda_tile_kernel_name(use == "prefill");
+    return kernels::cuda_tile_kernel_name(use == "prefill", head_dim);
 #else
     return "";
 #endif
-  }, py::arg("use") = "prefix",
-     "The tile kernel that cascade-prefix ('prefix') or prefill ('prefill') tiles run on the current device "
-     "under the current BATCHLLM_ATTENTION_TILES ('' without CUDA): 'wgmma' or 'wgmma-pipe' asked for "
-     "without sm_90a code or a compute 9.0 device reads 'mma128', the kernel that runs instead.");
+  }, py::arg("use") = "prefix", py::arg("head_dim") = 128,
+     "The tile kernel that cascade-prefix ('prefix') or prefill ('prefill') tiles of head_dim run on the "
+     "current device under the current BATCHLLM_ATTENTION_TILES ('' without CUDA): 'wgmma' or 'wgmma-pipe' "
+     "asked for without sm_90a code or a compute 9.0 device reads 'mma128', the kernel that runs instead.");
   m.def("cascade_workspace_floats", [](int64_t num_rows, int64_t num_q_heads, int64_t num_kv_heads, int64_t head_dim,
                                        int64_t num_prefixes, int32_t max_prefix_kv_len, int32_t max_prefix_rows,
                                        int32_t max_suffix_kv_len, bool device_suffix_split,

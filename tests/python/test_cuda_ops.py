@@ -583,17 +583,21 @@ def test_layer_ops_cuda_vector_and_element_paths():
 
 
 def test_tile_kernel_defaults(monkeypatch):
-    """Unset, prefill tiles run on mma128 and cascade-prefix tiles on mma (run 4's A/B on an H100);
-    BATCHLLM_ATTENTION_TILES sets both; an unknown use is named."""
-    monkeypatch.delenv("BATCHLLM_ATTENTION_TILES", raising=False)
-    assert ops._C.cuda_tile_kernel("prefill") == "mma128"
-    assert ops._C.cuda_tile_kernel("prefix") == ops._C.cuda_tile_kernel() == "mma"
+    """Unset, d = 128 runs prefill tiles on mma128 and cascade-prefix tiles on mma, d = 64 both on
+    wgmma-pipe where wgmma runs, else mma (runs 4 and 5 on an H100); BATCHLLM_ATTENTION_TILES sets
+    both uses at every head dim; an unknown use is named."""
     monkeypatch.setenv("BATCHLLM_ATTENTION_TILES", "wgmma")
     wgmma_runs = ops._C.cuda_tile_kernel() == "wgmma"
+    monkeypatch.delenv("BATCHLLM_ATTENTION_TILES")
+    assert ops._C.cuda_tile_kernel("prefill", 128) == "mma128"
+    assert ops._C.cuda_tile_kernel("prefix", 128) == ops._C.cuda_tile_kernel() == "mma"
+    for use in ("prefix", "prefill"):
+        assert ops._C.cuda_tile_kernel(use, 64) == ("wgmma-pipe" if wgmma_runs else "mma")
     monkeypatch.setenv("BATCHLLM_ATTENTION_TILES", "wgmma-pipe")
     for use in ("prefix", "prefill"):
-        assert ops._C.cuda_tile_kernel(use) == ("wgmma-pipe" if wgmma_runs else "mma128")
+        for head_dim in (64, 128):
+            assert ops._C.cuda_tile_kernel(use, head_dim) == ("wgmma-pipe" if wgmma_runs else "mma128")
     monkeypatch.setenv("BATCHLLM_ATTENTION_TILES", "wmma")
-    assert ops._C.cuda_tile_kernel("prefill") == ops._C.cuda_tile_kernel("prefix") == "wmma"
+    assert ops._C.cuda_tile_kernel("prefill", 64) == ops._C.cuda_tile_kernel("prefix", 128) == "wmma"
     with pytest.raises(ValueError, match="cuda_tile_kernel: argument 'use' must be 'prefix' or 'prefill'"):
         ops._C.cuda_tile_kernel("decode")

@@ -482,7 +482,7 @@ std::array<int32_t, 3> cascade_prefix_split(int64_t num_prefixes, int64_t max_ro
                                             int64_t bucket_prefixes, int64_t bucket_rows, int64_t bucket_len,
                                             int64_t num_q_heads, int64_t num_kv_heads, int64_t head_dim, DType dtype) {
   const int group = static_cast<int>(num_q_heads / num_kv_heads);
-  const cuda::TileKernel kernel = cuda::tile_kernel(cuda::TileUse::kPrefix);
+  const cuda::TileKernel kernel = cuda::tile_kernel(cuda::TileUse::kPrefix, head_dim);
   const int tile_rows = cuda::tile_rows(kernel);
   const int ctas = std::max(1, prefix_tile_ctas_per_sm(kernel, dtype, head_dim));
   const int64_t sms = multiprocessor_count();
@@ -515,7 +515,7 @@ cudaError_t cascade_decode_attention_cuda(const CascadeDecodeParams& p, cudaStre
   if (num_rows == 0) return cudaSuccess;
   const int num_kv_heads = static_cast<int>(p.k_cache.shape[2]);
   const bool tiles = suffix_by_tiles();
-  const cuda::TileKernel kernel = cuda::tile_kernel(cuda::TileUse::kPrefix);
+  const cuda::TileKernel kernel = cuda::tile_kernel(cuda::TileUse::kPrefix, head_dim);
   const CascadeLaunch launch_mode = cascade_launch();
   const int prefix_ctas_per_sm = p.levels.num_prefixes > 0 ? prefix_tile_ctas_per_sm(kernel, p.q.dtype, head_dim) : 1;
   if (prefix_ctas_per_sm < 1) return cudaErrorInvalidValue;  // a dtype or head dim without kernels

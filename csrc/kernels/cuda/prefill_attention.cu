@@ -68,8 +68,8 @@ struct PrefillProblem {
 }  // namespace
 }  // namespace cuda
 
-const char* cuda_tile_kernel_name(bool prefill) {
-  switch (cuda::tile_kernel(prefill ? cuda::TileUse::kPrefill : cuda::TileUse::kPrefix)) {
+const char* cuda_tile_kernel_name(bool prefill, int64_t head_dim) {
+  switch (cuda::tile_kernel(prefill ? cuda::TileUse::kPrefill : cuda::TileUse::kPrefix, head_dim)) {
     case cuda::TileKernel::kMma:
       return "mma";
     case cuda::TileKernel::kMma128:
@@ -89,7 +89,7 @@ cudaError_t prefill_attention_cuda(const PrefillParams& p, cudaStream_t stream) 
   if (!cuda::attention_args_fit(p.k_cache, p.v_cache, p.scale)) return cudaErrorInvalidValue;
   const int num_kv_heads = static_cast<int>(p.k_cache.shape[2]);
   const int group = static_cast<int>(p.q.shape[1]) / num_kv_heads;
-  const cuda::TileKernel kernel = cuda::tile_kernel(cuda::TileUse::kPrefill);
+  const cuda::TileKernel kernel = cuda::tile_kernel(cuda::TileUse::kPrefill, p.q.shape[2]);
   const int rows = cuda::tile_rows(kernel);
   const dim3 grid((p.max_q_len * group + rows - 1) / rows, static_cast<unsigned>(p.num_seqs), num_kv_heads);
   return BATCHLLM_DISPATCH_HALF_TYPES(p.q.dtype, [&] {

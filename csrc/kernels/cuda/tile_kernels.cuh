@@ -20,17 +20,19 @@ enum class TileUse { kPrefill, kPrefix };
 /// 128-row CTA, so more warps hide the key loop's latency, at twice the L2 -> SM traffic per row);
 /// where wgmma_available() is false, mma128 runs instead of wgmma and wgmma-pipe, mma of wgmma64.
 ///
-/// Unset, the default is what the H100 run of 2026-11-27 21:00 measured fastest (bench_attention,
-/// docs/BENCHMARKS.md, run 4), on every device:
-/// - prefill: mma128. Causal 4,096-token chunks at d = 128: 1 chunk 0.566 ms (mma 0.615, wgmma-pipe
-///   0.676, SDPA flash 0.497); 4 chunks 2.24 ms (2.43, 2.66; SDPA 1.74).
-/// - cascade prefixes: mma. The decode grid's geometric mean of time over wgmma-pipe's: mma 0.926,
-///   mma128 0.947, wgmma 0.978, wgmma64 1.12; mma was the fastest at every grid shape, and W1 1/4
-///   end to end took 0.588 s on it against 0.625 s on wgmma-pipe (each its process's first run).
-/// (Run 3's default was wgmma-pipe for both, from a grid where the tile kernels were within 3%.)
+/// Unset, the default is what the H100 runs of 2026-11-27 measured fastest (docs/BENCHMARKS.md,
+/// runs 4 and 5), by head dim:
+/// - d = 128: prefill mma128, cascade prefixes mma. Causal 4,096-token chunks: 1 chunk 0.585 ms on
+///   mma128 against 0.685 on wgmma-pipe (SDPA flash 0.493), 4 chunks 2.26 against 2.64 ms; the decode
+///   grid's geometric mean of time on wgmma-pipe over mma's 1.045, and the prefix tiles alone faster
+///   on mma at all four d = 128 shapes of the prefix scan (run 5).
+/// - d = 64 (llama-1b): wgmma-pipe for both where wgmma runs, else mma. Run 5 tried mma128 / mma at
+///   d = 64 too, end to end: W5 1/8 (prefill-bound) took 1.289 s on them against 0.967 s on
+///   wgmma-pipe, W1 1/4 0.626 against 0.606 s (each its process's first run); the prefix scan at
+///   d = 64 had the two within 10% either way.
 enum class TileKernel { kWmma, kMma, kMma128, kWgmma, kWgmmaPipelined, kWgmma64 };
 
-inline TileKernel tile_kernel(TileUse use) {
+inline TileKernel tile_kernel(TileUse use, int64_t head_dim) {
   if (env_equals("BATCHLLM_ATTENTION_TILES", "wmma")) return TileKernel::kWmma;
   if (env_equals("BATCHLLM_ATTENTION_TILES", "mma")) return TileKernel::kMma;
   if (env_equals("BATCHLLM_ATTENTION_TILES", "mma128")) return TileKernel::kMma128;
@@ -43,6 +45,7 @@ inline TileKernel tile_kernel(TileUse use) {
   if (env_equals("BATCHLLM_ATTENTION_TILES", "wgmma64")) {
     return wgmma_available() ? TileKernel::kWgmma64 : TileKernel::kMma;
   }
+  if (head_dim <= 64) return wgmma_available() ? TileKernel::kWgmmaPipelined : TileKernel::kMma;
   return use == TileUse::kPrefill ? TileKernel::kMma128 : TileKernel::kMma;
 }
 
@@ -52,7 +55,7 @@ inline int tile_rows(TileKernel kernel) {
                                                                                                    : kMaxTileRows;
 }
 
-/// Launches the Problem's tiles on `kernel` (tile_kernel(use)); the Problem's tile_rows and the grid
+/// Launches the Problem's tiles on `kernel` (tile_kernel(use, D)); the Problem's tile_rows and the grid
 /// must be tile_rows(kernel)'s.
 template <typename T, int D, typename Problem>
 cudaError_t launch_tiles(TileKernel kernel, const Problem& problem, dim3 grid, const TensorView& k_cache,
