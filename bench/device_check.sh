@@ -167,11 +167,13 @@ section_e2e() {
   # W5 (no sharing): 0.89x under batchllm against fcfs-lru in run 3, batchllm first; run 4 ran both
   # orders, three runs each: best 1.031 against 1.014 s, medians 1.04 against 1.2 (policy, not order).
   e2e_run "W5" --workload W5 --scale 0.125 --policy batchllm,fcfs-lru --repeat 3
-  # A/B of the defaults set from run 4: tile kernels (prefix mma, prefill mma128) against run 4's
-  # wgmma-pipe for both, on W1 (decode-bound) and W5 (prefill-bound); the layer-op kernels against torch.
-  run_env=(env BATCHLLM_ATTENTION_TILES=wgmma-pipe)
-  e2e_run "W1 wgmma-pipe tiles" --workload W1 --scale 0.25 --policy batchllm --repeat 2
-  e2e_run "W5 wgmma-pipe tiles" --workload W5 --scale 0.125 --policy batchllm --repeat 2
+  # A/B of the tile kernels at llama-1b's d = 64, whose default is wgmma-pipe: run 5 had mma128
+  # prefill much slower there (W5 1/8 1.289 against 0.967 s), run 4 had mma (64-row, both uses)
+  # faster on W1 1/4 (0.588 against 0.625 s, first runs). W1 decode-bound, W5 prefill-bound. Then the
+  # layer-op kernels against torch.
+  run_env=(env BATCHLLM_ATTENTION_TILES=mma)
+  e2e_run "W1 mma tiles" --workload W1 --scale 0.25 --policy batchllm --repeat 2
+  e2e_run "W5 mma tiles" --workload W5 --scale 0.125 --policy batchllm --repeat 2
   run_env=(env BATCHLLM_LAYER_OPS=torch)
   e2e_run "W1 torch layer ops" --workload W1 --scale 0.25 --policy batchllm
   # decode_rows merging the prefix states itself (no combine launch: 10.4 us a layer in run 4's W1).
