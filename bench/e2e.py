@@ -135,6 +135,7 @@ def run_engine(workload_id: str, policy: str, args, ceilings: Ceilings, position
         step_floor.reset()
     runs = []
     gpu_before = gpu_state(llm.device)
+    counters_before = _graph_counters(llm)  # the warm-up's captures are not the job's
     for repeat in range(args.repeat):
         if repeat:
             step_floor.reset()  # every run prices the same steps: the last run's floor stays
@@ -145,7 +146,7 @@ def run_engine(workload_id: str, policy: str, args, ceilings: Ceilings, position
         runs.append(time.perf_counter() - start)
         if repeat == 0:  # the row's counters are the first run's (a graph runner's counts add up)
             stats = dict(llm.last_stats)
-            graphs = _graph_counters(llm)
+            graphs = _counters_since(_graph_counters(llm), counters_before)
     seconds = runs[0]
     generated = sum(len(c.token_ids) for o in outputs for c in o.outputs)
     failed = [o.error for o in outputs if o.error]
@@ -183,12 +184,19 @@ def _workload(workload_id: str, vocab_size: int, args):
 
 
 def _graph_counters(llm) -> dict:
-    """The CUDA-graph runner's counters so far (None where the runner has no graphs)."""
+    """The CUDA-graph runner's counters since the engine started (None where the runner has no
+    graphs): a row reports their growth over its first timed run (``_counters_since``)."""
     graphs = getattr(llm.runner, "decode_graphs", None)
     return {"graph_steps": getattr(graphs, "steps", None), "graph_replays": getattr(graphs, "replays", None),
             "graph_captures": getattr(graphs, "captures", None),
             "graph_capture_s": _sig(getattr(graphs, "capture_s", 0.0)),
             "graph_steps_padded_to_larger": getattr(graphs, "dominated", None)}
+
+
+def _counters_since(after: dict, before: dict) -> dict:
+    """The counters' growth from ``before`` to ``after`` (None stays None: a runner without graphs)."""
+    return {name: None if value is None else _sig(value - before[name]) if isinstance(value, float)
+            else value - before[name] for name, value in after.items()}
 
 
 def _warmup_prompts(workload, token_budget: int) -> list:

@@ -78,6 +78,21 @@ def test_repeats_time_the_same_job_and_keep_the_first_runs_counters(e2e_rows):
     assert twice["seconds"] >= twice["step_floor_s"]
 
 
+def test_graph_counters_are_the_first_runs_not_the_warmups():
+    # Run 4 reported 2 captures on W1 1/4 and W5 1/8 where the host simulation predicted 1: the
+    # warm-up's decode step captured the other. A row's counters are their growth over its first run.
+    import e2e
+
+    before = {"graph_steps": 1, "graph_replays": 0, "graph_captures": 1, "graph_capture_s": 0.021,
+              "graph_steps_padded_to_larger": 0}
+    after = {"graph_steps": 129, "graph_replays": 127, "graph_captures": 2, "graph_capture_s": 0.043,
+             "graph_steps_padded_to_larger": 62}
+    assert e2e._counters_since(after, before) == {"graph_steps": 128, "graph_replays": 127, "graph_captures": 1,
+                                                  "graph_capture_s": 0.022, "graph_steps_padded_to_larger": 62}
+    none = dict.fromkeys(after)  # a runner without graphs
+    assert e2e._counters_since(none, none) == none
+
+
 def test_warmup_fills_one_full_budget_step():
     import e2e
     from workloads import make_workload
