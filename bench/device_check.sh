@@ -5,10 +5,10 @@
 #   3. gpu tests     (pytest -m gpu)
 #   4. benchmarks    (bench/bench_attention.py: decode kernel grid + paged prefill; bench/bench_sampling.py)
 #   5. end-to-end    (bench/e2e.py: W1, W2, W5 on llama-1b, policies, graphs, overlap, transformers)
-#   6. e2e_w6        (W6 on the qwen2.5-7b shape, batchllm vs fcfs-lru, if 90 s are left)
-#   6b. profile_quick (bench/profile_e2e.py: W1 1/4 step kinds and top kernels, W5 1/8 step kinds under
+#   6. ncu           (Nsight Compute counters and stall reasons of the default kernels)
+#   7. e2e_w6        (W6 on the qwen2.5-7b shape, batchllm vs fcfs-lru, if 60 s are left)
+#   7b. profile_quick (bench/profile_e2e.py: W1 1/4 step kinds and top kernels, W5 1/8 step kinds under
 #                    both policies; log in e2e.log; what time is left)
-#   7. ncu           (Nsight Compute counters and stall reasons of the default kernels, if time is left)
 #   8. sanitizer     (compute-sanitizer memcheck + racecheck on small kernel tests, if time is left)
 # Logs and JSON go to $OUT (default build/device_check_out): one log per section plus
 # bench_attention.jsonl and e2e.jsonl, 8 files at most (the device tool returns no more; make the
@@ -164,30 +164,17 @@ section_e2e() {
   # The headline target is stated at full scale (W1 >= 100,000 output tokens/s): 1,024 sequences.
   e2e_run "W1 full scale" --workload W1 --scale 1 --policy batchllm,fcfs-lru
   e2e_run "W2" --workload W2 --scale 0.25 --policy batchllm,fcfs-lru --repeat 2
-  # W5 (no sharing): 0.89x under batchllm against fcfs-lru in run 3, batchllm first; run 4 ran both
-  # orders, three runs each: best 1.031 against 1.014 s, medians 1.04 against 1.2 (policy, not order).
-  e2e_run "W5" --workload W5 --scale 0.125 --policy batchllm,fcfs-lru --repeat 3
+  # W5 (no sharing): run 4 settled it in both orders (batchllm median 1.04 s, fcfs-lru 1.20 s): one
+  # order now, two runs each.
+  e2e_run "W5" --workload W5 --scale 0.125 --policy batchllm,fcfs-lru --repeat 2
   # A/B of the tile kernels at llama-1b's d = 64, whose default is wgmma-pipe: run 5 had mma128
   # prefill much slower there (W5 1/8 1.289 against 0.967 s), run 4 had mma (64-row, both uses)
-  # faster on W1 1/4 (0.588 against 0.625 s, first runs). W1 decode-bound, W5 prefill-bound. Then the
-  # layer-op kernels against torch.
+  # faster on W1 1/4 (0.588 against 0.625 s, first runs). W1 decode-bound, W5 prefill-bound.
+  # (Answered and dropped since run 5: W5 in the swapped order, eager, wgmma64 and plain wgmma tiles,
+  # torch layer ops: docs/BENCHMARKS.md.)
   run_env=(env BATCHLLM_ATTENTION_TILES=mma)
   e2e_run "W1 mma tiles" --workload W1 --scale 0.25 --policy batchllm --repeat 2
   e2e_run "W5 mma tiles" --workload W5 --scale 0.125 --policy batchllm --repeat 2
-  run_env=(env BATCHLLM_LAYER_OPS=torch)
-  e2e_run "W1 torch layer ops" --workload W1 --scale 0.25 --policy batchllm
-  # decode_rows merging the prefix states itself (no combine launch: 10.4 us a layer in run 4's W1).
-  run_env=(env BATCHLLM_CASCADE_LAUNCH=merge)
-  e2e_run "W1 merge launch" --workload W1 --scale 0.25 --policy batchllm --repeat 2
-  run_env=(env)
-  e2e_run "W5 swapped order" --workload W5 --scale 0.125 --policy fcfs-lru,batchllm --repeat 3
-  e2e_run "W1 eager" --workload W1 --scale 0.25 --policy batchllm --no-cuda-graphs --no-overlap
-  # The 64-row pipelined wgmma tiles and plain wgmma tiles (2 CTAs an SM at d = 64): slower than
-  # wgmma-pipe in run 4 (0.690, 0.655 s against 0.625 s on W1 1/4).
-  run_env=(env BATCHLLM_ATTENTION_TILES=wgmma64)
-  e2e_run "W1 wgmma64 tiles" --workload W1 --scale 0.25 --policy batchllm
-  run_env=(env BATCHLLM_ATTENTION_TILES=wgmma)
-  e2e_run "W1 wgmma tiles" --workload W1 --scale 0.25 --policy batchllm
   run_env=(env)
   # The attention kernels bench_attention found fastest over its grid, if not the defaults: W1 again
   # with them (the row records them in kernel_env).
@@ -303,11 +290,11 @@ if (( BUILD_OK )); then
   run_section bench_attention 100 30 section_bench_attention
   run_section bench_sampling 40 15 section_bench_sampling bench_attention
   run_section e2e 240 45 section_e2e
-  # W6 before profile_quick: it needs 90 s at least and has never had them (runs 1-3); the profile
-  # takes what is left (25 s will do for its W1 part).
-  run_section e2e_w6 200 90 section_e2e_w6 e2e
-  run_section profile_quick 120 25 section_profile_quick e2e
+  # ncu before W6 and the profile: its stall reasons decide the next kernel change, and it has not
+  # had a slot since run 3 (run 4: 1 s left for it). W6 took 36 s in run 4.
   run_section ncu 90 30 section_ncu tools
+  run_section e2e_w6 200 60 section_e2e_w6 e2e
+  run_section profile_quick 120 25 section_profile_quick e2e
   run_section sanitizer 90 40 section_sanitizer tools
   [[ " $SECTIONS " == *" profile "* ]] && run_section profile 200 30 section_profile
 else

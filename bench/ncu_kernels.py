@@ -8,7 +8,9 @@ cudaProfilerStop, so that `ncu --profile-from-start off` sees only the measured 
 - `w1_decode`: cascade decode of one W1 group as e2e runs it (llama-1b: 32 q / 8 KV heads, d = 64;
   64 readers of a 1,024-token prefix, 128-token suffixes);
 - `grid_decode`: the kernel grid's (256, 8192, 128) shape at d = 128;
-- `prefill`: one 4,096-token causal chunk at d = 128.
+- `prefill`: one 4,096-token causal chunk at d = 128 (mma128 tiles by default);
+- `prefill64`: one 2,048-token causal chunk at d = 64, a llama-1b mixed step's (wgmma-pipe by
+  default: run 5 found mma128 much slower there end to end, with no kernel row to say why).
 
     ncu --clock-control none --profile-from-start off --set detailed -o report python bench/ncu_kernels.py
     PYTHONPATH=python .venv/bin/python bench/ncu_kernels.py --device cpu   # the cases' set-up, no GPU
@@ -53,7 +55,8 @@ def cases(device: str, small: bool):
     grid = DecodeInputs(256 // scale, 8192 // scale, 128 // scale, with_dense=False, seed=1, device=device,
                         dtype=dtype, head_dim=128)
     return [("w1_decode", w1.ours), ("grid_decode", grid.ours),
-            ("prefill", prefill_case(4096 // scale, 128, device, dtype))]
+            ("prefill", prefill_case(4096 // scale, 128, device, dtype)),
+            ("prefill64", prefill_case(2048 // scale, 64, device, dtype))]
 
 
 def main(argv=None) -> int:

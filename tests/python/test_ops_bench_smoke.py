@@ -48,7 +48,8 @@ def test_bench_attention_decode_variants_on_emulated_kernels(monkeypatch, tmp_pa
     assert max(tail["rel_err_vs_own"].values()) < 1e-2, tail["rel_err_vs_own"]
     scan = rows.pop()
     assert scan["bench"] == "prefix_scan" and set(scan["ms_per_1024_keys"]) == {"d64 B3", "d128 B3"}
-    assert scan["wgmma64_runs_as"] == "wgmma64" and set(scan["ms_wgmma64"]) == set(scan["ms"])
+    assert scan["tiles"] == {"d64": "wgmma-pipe", "d128": "mma"}  # the defaults by head dim
+    assert scan["wgmma-pipe_runs_as"] == "wgmma-pipe" and set(scan["ms_wgmma-pipe"]) == set(scan["ms"])
     assert scan["wgmma_runs_as"] == "wgmma" and set(scan["ms_wgmma"]) == set(scan["ms"])
     summary = rows.pop()
     assert summary["bench"] == "decode_attention_summary" and summary["fastest"] in summary["geomean_vs_ours"]
