@@ -262,15 +262,17 @@ section_profile() {
   "${p[@]}" --workload W5 --scale 0.0625 --policy fcfs-lru --parts steps || echo "profile W5 fcfs FAILED"
 }
 
-# ---- 7b. profile_quick: where e2e time goes, in the default list: W1 1/4 (step kinds incl. captures, top
-# kernels: nobody has seen a W1 step's device time since the layer-op kernels and the graph changes), then
-# W5 1/8's step kinds under both policies (run 3 had batchllm 0.89x fcfs-lru there, unexplained), and
-# bench_host's W1 (the host's share of a step, on this machine's CPU).
+# ---- 7b. profile_quick: where e2e time goes, in the default list: W1 full (step kinds incl. captures, top
+# kernels: the vectorized layer ops' times, and whether the eager mixed steps are host-bound: run 4's
+# W1 1/4 and W5 had their host and device times equal), then W5 1/8's step kinds under both policies,
+# and bench_host's W1 (the host's share of a step, on this machine's CPU).
 # Logged to e2e.log, no JSON (a ninth file under $OUT would not come back).
 section_profile_quick() {
   cd "$ROOT"
   local p=("$PY" bench/profile_e2e.py --model llama-1b --device cuda)
-  "${p[@]}" --workload W1 --scale 0.25 --parts steps,kernels --rows 25 || echo "profile W1 FAILED"
+  # W1 at full scale (1,024 rows decoding): the headline target's shape, 3.1x its floor in run 4, never
+  # profiled (run 4 profiled W1 1/4).
+  "${p[@]}" --workload W1 --scale 1 --parts steps,kernels --rows 25 || echo "profile W1 FAILED"
   "${p[@]}" --workload W5 --scale 0.125 --parts steps || echo "profile W5 batchllm FAILED"
   "${p[@]}" --workload W5 --scale 0.125 --parts steps --policy fcfs-lru || echo "profile W5 fcfs-lru FAILED"
   # The host's share of a W1 step on this machine's CPU (the dev CPU: ~2 ms against the 3.5 ms floor).
