@@ -176,6 +176,12 @@ section_e2e() {
   e2e_run "W1 mma tiles" --workload W1 --scale 0.25 --policy batchllm --repeat 2
   e2e_run "W5 mma tiles" --workload W5 --scale 0.125 --policy batchllm --repeat 2
   run_env=(env)
+  # The step's token budget: run 4's eager mixed steps took as long on the host as on the device
+  # (13-16 ms each at 2,048 tokens), so if they are host-bound, fewer and larger steps pay: W5 1/8
+  # has 42 of them (47% of its time), W1 full ~40.
+  e2e_run "W5 budget 8192" --workload W5 --scale 0.125 --policy batchllm --max-num-batched-tokens 8192 --repeat 2
+  e2e_run "W1 full budget 8192" --workload W1 --scale 1 --policy batchllm --max-num-batched-tokens 8192
+  run_env=(env)
   # The attention kernels bench_attention found fastest over its grid, if not the defaults: W1 again
   # with them (the row records them in kernel_env).
   local fastest=()
@@ -193,14 +199,14 @@ if summary and summary[-1]["fastest"] != "ours":
   fi
   e2e_run "transformers baseline" --workload W1 --scale 0.25 --policy none --hf --hf-batches 1
   echo "e2e summary (workload policy seconds out_tok/s prefill_tokens time/floor graph_captures capture_s" \
-       "position seconds_runs sm_mhz/temp_c before-after):"
+       "position seconds_runs budget sm_mhz/temp_c before-after):"
   [[ -s "$json" ]] && "$PY" -c 'import json, sys
 for line in open(sys.argv[1]):
     r = json.loads(line)
     print(r["workload"], r["policy"] + ("+graphs" if r.get("cuda_graphs") else "") + ("+overlap" if r.get("overlap") else "")
           + "".join("+" + v for _, v in sorted(r.get("kernel_env", {}).items())), r["seconds"],
           r["output_tokens_per_s"], r["prefill_tokens"], r["time_over_floor"], r.get("graph_captures"),
-          r.get("graph_capture_s"), r.get("position"), r.get("seconds_runs"),
+          r.get("graph_capture_s"), r.get("position"), r.get("seconds_runs"), "budget", r.get("max_num_batched_tokens"),
           "/".join(str((r.get(k) or {}).get("sm_mhz")) + "@" + str((r.get(k) or {}).get("temperature_c"))
                    for k in ("gpu_before", "gpu_after")))' "$json"
   echo "e2e: $failed run(s) failed"
@@ -263,8 +269,9 @@ section_profile() {
 }
 
 # ---- 7b. profile_quick: where e2e time goes, in the default list: W1 full (step kinds incl. captures, top
-# kernels: the vectorized layer ops' times, and whether the eager mixed steps are host-bound: run 4's
-# W1 1/4 and W5 had their host and device times equal), then W5 1/8's step kinds under both policies,
+# kernels, top Python functions: the vectorized layer ops' times, and whether the eager mixed steps are
+# host-bound: run 4's W1 1/4 and W5 had their host and device times equal, 13-16 ms a step, where the
+# emulated mixed step's Python is ~0.1 ms a layer), then W5 1/8's step kinds under both policies,
 # and bench_host's W1 (the host's share of a step, on this machine's CPU).
 # Logged to e2e.log, no JSON (a ninth file under $OUT would not come back).
 section_profile_quick() {
@@ -272,7 +279,7 @@ section_profile_quick() {
   local p=("$PY" bench/profile_e2e.py --model llama-1b --device cuda)
   # W1 at full scale (1,024 rows decoding): the headline target's shape, 3.1x its floor in run 4, never
   # profiled (run 4 profiled W1 1/4).
-  "${p[@]}" --workload W1 --scale 1 --parts steps,kernels --rows 25 || echo "profile W1 FAILED"
+  "${p[@]}" --workload W1 --scale 1 --parts steps,kernels,python --rows 25 || echo "profile W1 FAILED"
   "${p[@]}" --workload W5 --scale 0.125 --parts steps || echo "profile W5 batchllm FAILED"
   "${p[@]}" --workload W5 --scale 0.125 --parts steps --policy fcfs-lru || echo "profile W5 fcfs-lru FAILED"
   # The host's share of a W1 step on this machine's CPU (the dev CPU: ~2 ms against the 3.5 ms floor).

@@ -57,6 +57,7 @@ def test_rows_have_every_field_and_consistent_rates(e2e_rows):
         assert _ROW_FIELDS <= set(row), _ROW_FIELDS - set(row)
         assert row["workload"] == "W6" and row["device"] == "cpu" and row["requests"] == 16
         assert row["output_tokens"] == 16 * 8 and row["max_tokens"] == 8
+        assert row["max_num_batched_tokens"] == (None if row["policy"] == "hf" else 2048)
         assert row["output_tokens_per_s"] == pytest.approx(row["output_tokens"] / row["seconds"], rel=1e-2)
         assert row["time_over_floor"] == pytest.approx(row["seconds"] / row["floor_s"], rel=1e-2)
         assert row["time_over_floor"] > 1.0  # nothing beats the floor
