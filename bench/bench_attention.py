@@ -5,16 +5,16 @@ Decode (one query per sequence, 32 q heads, 8 KV heads, head dim 128, bf16, page
   ours       batchllm_core.ops.cascade_decode_attention (prefix read once for all B readers) with
              the default kernels: the suffix level by the CUDA-core decode kernel, prefix tiles on
              mma.sync (4 warps, 64 rows, O in registers: the d = 128 default; d = 64 runs
-             wgmma-pipe), separate launches; and for the A/B the
-             variants of DECODE_VARIANTS: (wmma) prefix tiles on WMMA, (tile-sfx) the suffix by the
-             tensor-core tile kernel, (wgmma-pipe) 128-row tiles on Hopper's warpgroup MMA with one
-             key tile's products overlapping the next one's softmax (run 3's default; mma128 where
-             there is no sm_90a code), (mma128) mma.sync in 128-row tiles of 8 warps, (wgmma) the
-             128-row wgmma tiles without the overlap (mma128 where there is no sm_90a code:
-             `wgmma_runs_as` in the JSON), (fused) suffix and prefix steps in one launch, (merge) the
-             suffix kernel merging the prefix states itself (no combine launch), (streams) the suffix
-             on a side stream beside the prefix tiles, (wgmma64) the pipelined wgmma tiles in 64 rows
-             of one warpgroup; best/floor: the fastest over the floor
+             wgmma-pipe), separate launches; and for the A/B the variants of DECODE_VARIANTS:
+             (wmma) prefix tiles on WMMA, (tile-sfx) the suffix by the tensor-core tile kernel,
+             (wgmma-pipe) 128-row tiles on Hopper's warpgroup MMA with one key tile's products
+             overlapping the next one's softmax (run 3's default; mma128 where there is no sm_90a
+             code), (mma128) mma.sync in 128-row tiles of 8 warps, (wgmma) the 128-row wgmma tiles
+             without the overlap (mma128 where there is no sm_90a code: `wgmma_runs_as` in the JSON),
+             (fused) suffix and prefix steps in one launch, (merge) the suffix kernel merging the
+             prefix states itself (no combine launch), (streams) the suffix on a side stream beside the
+             prefix tiles, (wgmma64) the pipelined wgmma tiles in 64 rows of one warpgroup; best/floor:
+             the fastest over the floor
   sdpa       torch SDPA over per-sequence KV (every sequence reads its own copy of the prefix)
   hydragen   torch composition of Hydragen: all queries of a KV head stacked against the prefix via
              aten._scaled_dot_product_flash_attention (for the LSE), suffix attention, LSE merge
@@ -22,9 +22,10 @@ Decode (one query per sequence, 32 q heads, 8 KV heads, head dim 128, bf16, page
 Prefill (causal, one 4096-token chunk per sequence over paged KV, head dims 128 and 64): ours (the
 default tiles: mma.sync in 128-row tiles of 8 warps at d = 128, wgmma-pipe at d = 64), mma.sync tiles
 of 64 and 128 rows, pipelined and plain wgmma tiles, 64-row pipelined wgmma tiles and WMMA tiles, vs
-SDPA flash on the same dense shapes. Prefix scan: the prefix
-tiles alone at d = 64 and 128, default (mma), wgmma-pipe and plain wgmma (2 CTAs an SM at d = 64). Graph tail: a job's last few rows of long suffixes replayed in a graph of a larger batch
-bucket, with the bucket's key split and with the step's own split read on the device.
+SDPA flash on the same dense shapes. Prefix scan: the prefix tiles alone at d = 64 and 128, default
+(wgmma-pipe at d = 64, mma at d = 128), wgmma-pipe and plain wgmma (2 CTAs an SM at d = 64). Graph
+tail: a job's last few rows of long suffixes replayed in a graph of a larger batch bucket, with the
+bucket's key split and with the step's own split read on the device.
 
 Timing: CUDA graphs of each variant (launch gaps out), CUDA events, median of many replays after
 warm-up, input sets rotated so that the bytes touched exceed 3x L2. Prints a table, then one JSON
@@ -47,8 +48,8 @@ import time
 import torch
 
 DECODE_SHAPES = [(64, 2048, 256), (256, 2048, 256), (256, 8192, 128), (32, 4096, 1024), (512, 1024, 64)]
-# (sequences, tokens per chunk, head dim): d = 64 is llama-1b's (run 5 found its defaults apart from d = 128's
-# end to end, with no prefill row at d = 64 to show it).
+# (sequences, tokens per chunk, head dim): d = 64 is llama-1b's (run 5 found its best tiles apart from
+# d = 128's end to end, with no prefill row at d = 64 to show it).
 PREFILL_SHAPES = [(1, 4096, 128), (4, 4096, 128), (4, 4096, 64)]
 Q_HEADS, KV_HEADS, HEAD_DIM, PAGE = 32, 8, 128, 16
 DTYPE = torch.bfloat16
@@ -355,8 +356,8 @@ def bench_prefix_scan(reps, device_name) -> dict:
     """The prefix tiles alone (ours with empty suffixes) over readers x prefix keys at head dims 64
     (llama-1b, as e2e runs them) and 128: how their time grows with keys (per 1,024 keys) and with
     rows tells a latency-bound key loop from a throughput-bound one. Beside the default (mma at
-    d = 128, wgmma-pipe at d = 64), wgmma-pipe and plain wgmma (128 rows at 128 registers, 2 CTAs an SM at d = 64: one's
-    softmax beside the other's products)."""
+    d = 128, wgmma-pipe at d = 64), wgmma-pipe and plain wgmma (128 rows at 128 registers, 2 CTAs an
+    SM at d = 64: one's softmax beside the other's products)."""
     times = {}
     variant_times = {name: {} for name in SCAN_VARIANTS}
     for head_dim in (64, 128):

@@ -34,7 +34,8 @@ __device__ __forceinline__ float block_sum(float value, float* warp_sums) {
 }
 
 /// kSize elements of T that one thread loads or stores at once: 16 bytes where a row's base, stride and
-/// width allow (Vectorized below), else one element; the per-element math is the same either way.
+/// width allow (RowVec<T, true>; rows_in_vectors decides), else one element; the per-element math is
+/// the same either way.
 template <typename T, int kSize>
 struct alignas(sizeof(T) * kSize) Vec {
   T v[kSize];
