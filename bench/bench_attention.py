@@ -231,6 +231,26 @@ class DecodeInputs:
         return ops.cascade_decode_attention(self.q, self.k_cache, self.v_cache, self._suffix_levels, out=self.out,
                                             return_lse=return_lse)
 
+    def flat(self):
+        """What fcfs-lru runs (vLLM's prefix caching alike): no prefix level, every row's block table
+        the shared prefix's blocks then its own, so each row reads the prefix (from L2 where it fits)
+        on the same kernels. Needs a prefix of whole pages (the suffix starts a block)."""
+        from batchllm_core import ops
+        if not hasattr(self, "_flat_levels"):
+            batch = self.q.shape[0]
+            prefix, suffix = int(self.levels.prefix_kv_lens[0]), int(self.levels.suffix_kv_lens[0])
+            if prefix % PAGE:
+                raise ValueError(f"flat: a prefix of {prefix} tokens is not whole pages of {PAGE}")
+            i32 = dict(dtype=torch.int32, device=self.q.device)
+            own = self.levels.suffix_block_tables if suffix else self.levels.suffix_block_tables[:, :0]
+            tables = torch.cat([self.levels.prefix_kv_blocks.expand(batch, -1), own], dim=1).contiguous()
+            self._flat_levels = dataclasses.replace(
+                self.levels, prefix_kv_indptr=torch.zeros(1, **i32), prefix_kv_blocks=torch.zeros(0, **i32),
+                prefix_kv_lens=torch.zeros(0, **i32), prefix_q_range=torch.zeros((0, 2), **i32),
+                suffix_block_tables=tables, suffix_kv_lens=torch.full((batch,), prefix + suffix, **i32),
+                max_prefix_kv_len=0, max_prefix_rows=0, max_suffix_kv_len=prefix + suffix)
+        return ops.cascade_decode_attention(self.q, self.k_cache, self.v_cache, self._flat_levels, out=self.out)
+
     def sdpa(self):
         q = self.q.unsqueeze(2)  # [B, Hq, 1, D]
         with sdpa_backend():
@@ -328,6 +348,11 @@ def bench_decode(shape, bandwidth, reps, device_name):
     # Where ours spends it: the same call with every suffix empty, and with no prefix level.
     parts_ms = {"prefix": time_graphs([x.prefix_part for x in inputs], reps=reps),
                 "suffix": time_graphs([x.suffix_part for x in inputs], reps=reps)}
+    # What fcfs-lru runs on the same kernels: the prefix read by every row (shared blocks, no level).
+    flat_ms = flat_rel_err = math.nan
+    if prefix % PAGE == 0:
+        flat_rel_err = float((inputs[0].flat().float() - reference).norm() / reference.norm())
+        flat_ms = time_graphs([x.flat for x in inputs], reps=reps)
     hydragen_ms = time_graphs([x.hydragen for x in inputs], reps=reps)
     check_sdpa_backend(inputs[0].sdpa)
     sdpa_ms = time_graphs([inputs[0].sdpa], reps=reps)  # per-sequence KV is far beyond L2 already
@@ -337,6 +362,7 @@ def bench_decode(shape, bandwidth, reps, device_name):
     return {"bench": "decode_attention", "device": device_name, "commit": commit(), "B": batch, "P": prefix,
             "S": suffix, "q_heads": Q_HEADS, "kv_heads": KV_HEADS, "head_dim": HEAD_DIM, "dtype": "bfloat16",
             "page": PAGE, "input_sets": sets, "ours_ms": ours_ms, "variant_ms": variant_ms, "parts_ms": parts_ms,
+            "flat_ms": flat_ms, "flat_over_ours": flat_ms / ours_ms, "rel_err_flat_vs_hydragen": flat_rel_err,
             "wgmma_runs_as": tile_kernel_that_runs("wgmma"),
             "variant_rel_err_vs_hydragen": variant_rel_err, "variant_errors": errors, "variant_env": DECODE_VARIANTS,
             "best_variant": best,
@@ -387,6 +413,25 @@ def bench_prefix_scan(reps, device_name) -> dict:
             "ms": times, "ms_per_1024_keys": slopes, "wgmma-pipe_runs_as": tile_kernel_that_runs("wgmma-pipe"),
             **{f"ms_{name}": variant_times[name] for name in SCAN_VARIANTS},
             "wgmma_runs_as": tile_kernel_that_runs("wgmma")}
+
+
+# Decode at llama-1b's d = 64 with W1's group shape (readers of a 1,024-token prefix, 128-token suffixes),
+# ours against flat (what fcfs-lru runs): run 4 had batchllm only 1.29x fcfs-lru on W1 end to end.
+FLAT_D64 = [(64, 1024, 128), (256, 1024, 128)]
+
+
+def bench_flat_d64(reps, device_name) -> dict:
+    """Ours against flat (every row reading the prefix's blocks, fcfs-lru's way) at d = 64, W1's
+    group shapes: whether the cascade pays at d = 64 when the prefix fits L2 (2 MB a layer)."""
+    ms = {}
+    for batch, prefix, suffix in FLAT_D64:
+        inputs = [DecodeInputs(batch, prefix, suffix, with_dense=False, seed=i, head_dim=64) for i in range(2)]
+        ms[f"B{batch} P{prefix} S{suffix}"] = {"ours": time_graphs([x.ours for x in inputs], reps=reps),
+                                               "flat": time_graphs([x.flat for x in inputs], reps=reps)}
+        del inputs
+    torch.cuda.empty_cache()
+    return {"bench": "flat_d64", "device": device_name, "commit": commit(), "q_heads": Q_HEADS,
+            "kv_heads": KV_HEADS, "head_dim": 64, "ms": ms}
 
 
 GRAPH_TAIL = [1, 4, 16]  # real rows of a job's tail step, each with GRAPH_TAIL_KEYS suffix keys
@@ -611,7 +656,8 @@ def main() -> int:
     if args.resume and args.json_out and os.path.exists(args.json_out):
         with open(args.json_out) as f:
             rows = [r for r in map(json.loads, filter(str.strip, f))
-                    if r.get("bench") in ("decode_attention", "prefill_attention", "prefix_scan", "graph_tail")]
+                    if r.get("bench") in ("decode_attention", "prefill_attention", "prefix_scan", "flat_d64",
+                                          "graph_tail")]
     done = {(r["B"], r["P"], r["S"]) if r["bench"] == "decode_attention" else (r["seqs"], r["tokens"], r["head_dim"])
             for r in rows if r["bench"] in ("decode_attention", "prefill_attention")}
     if done:
@@ -655,7 +701,8 @@ def run_tables(args, reps, device_name, bandwidth, rows, record, done, skip) -> 
               f"{max(r['variant_rel_err_vs_hydragen'].values()):>11.1e}   best {r['best_variant']} "
               f"({time.time() - t0:.0f} s)", flush=True)
         print(f"      parts of ours: prefix only {r['parts_ms']['prefix']:.4f} ms, suffix only "
-              f"{r['parts_ms']['suffix']:.4f} ms", flush=True)
+              f"{r['parts_ms']['suffix']:.4f} ms; flat (fcfs-lru's: no level, each row reads the prefix's "
+              f"blocks) {r['flat_ms']:.4f} ms = {r['flat_over_ours']:.2f}x ours", flush=True)
         for name, error in r["variant_errors"].items():
             print(f"      variant {name} FAILED: {error}", flush=True)
     decode_rows = [r for r in rows if r["bench"] == "decode_attention"]
@@ -675,6 +722,11 @@ def run_tables(args, reps, device_name, bandwidth, rows, record, done, skip) -> 
         for name in SCAN_VARIANTS:
             print(f"  the same on {scan[name + '_runs_as']} (BATCHLLM_ATTENTION_TILES={name}), ms: " +
                   ", ".join(f"{k} {v:.4f}" for k, v in scan["ms_" + name].items()), flush=True)
+    if not any(r["bench"] == "flat_d64" for r in rows):
+        flat = bench_flat_d64(reps, device_name)
+        record(flat)
+        print("d = 64, W1's groups, ours / flat (fcfs-lru's) ms: " +
+              ", ".join(f"{k} {v['ours']:.4f} / {v['flat']:.4f}" for k, v in flat["ms"].items()), flush=True)
     if not any(r["bench"] == "graph_tail" for r in rows):
         tail = bench_graph_tail(bandwidth, reps, device_name)
         record(tail)

@@ -46,6 +46,9 @@ def test_bench_attention_decode_variants_on_emulated_kernels(monkeypatch, tmp_pa
         f"d{d} {case}" for d in (64, 128) for case in ("rows1", "rows2", "prefix rows2")}
     assert all(set(ms) == {"own", "padded", "device split", "floor"} for ms in tail["ms"].values())
     assert max(tail["rel_err_vs_own"].values()) < 1e-2, tail["rel_err_vs_own"]
+    flat = rows.pop()  # ours against fcfs-lru's flat reads at d = 64
+    assert flat["bench"] == "flat_d64" and set(flat["ms"]) == {"B3 P32 S5"}
+    assert set(flat["ms"]["B3 P32 S5"]) == {"ours", "flat"}
     scan = rows.pop()
     assert scan["bench"] == "prefix_scan" and set(scan["ms_per_1024_keys"]) == {"d64 B3", "d128 B3"}
     assert scan["tiles"] == {"d64": "wgmma-pipe", "d128": "mma"}  # the defaults by head dim
@@ -62,6 +65,10 @@ def test_bench_attention_decode_variants_on_emulated_kernels(monkeypatch, tmp_pa
         assert list(r["variant_errors"]) == ["broken"] and "illegal memory access" in r["variant_errors"]["broken"]
         worst = max(((n, e) for n, e in r["variant_rel_err_vs_hydragen"].items() if n != "broken"), key=lambda kv: kv[1])
         assert worst[1] < 1e-2, worst
+    # Flat (every row's table the prefix's blocks then its own, no level) computes the same attention
+    # where the prefix is whole pages; a prefix of 40 tokens is not, and is left out.
+    assert math.isnan(rows[0]["flat_ms"]) and rows[1]["flat_ms"] == 1.0
+    assert rows[1]["rel_err_flat_vs_hydragen"] < 1e-2, rows[1]["rel_err_flat_vs_hydragen"]
     out = capsys.readouterr().out
     assert "best ours" in out and "variant broken FAILED" in out
 
@@ -90,8 +97,8 @@ def test_bench_attention_resumes_without_a_variant_that_lost_the_context(monkeyp
     decode = [r for r in rows if r["bench"] == "decode_attention"]
     assert [(r["B"], r["P"], r["S"]) for r in decode] == [(3, 40, 20), (70, 16, 5)]  # each shape once
     assert "broken" not in decode[1]["variant_ms"]
-    summary = rows[-3]  # then the prefix scan and the graph tail
-    assert [r["bench"] for r in rows[-2:]] == ["prefix_scan", "graph_tail"]
+    summary = rows[-4]  # then the prefix scan, flat at d = 64 and the graph tail
+    assert [r["bench"] for r in rows[-3:]] == ["prefix_scan", "flat_d64", "graph_tail"]
     assert summary["bench"] == "decode_attention_summary" and summary["shapes"] == [[3, 40, 20], [70, 16, 5]]
     assert summary["fastest"] != "broken" and "broken" not in summary["variant_env"]
 
@@ -113,6 +120,7 @@ def _emulated_bench(monkeypatch):
     monkeypatch.setattr(bench, "copy_bandwidth_bytes_per_s", lambda: 3e12)
     monkeypatch.setattr(bench, "DECODE_SHAPES", [(3, 40, 20), (70, 16, 5)])
     monkeypatch.setattr(bench, "PREFIX_SCAN", [(3, 16), (3, 48)])
+    monkeypatch.setattr(bench, "FLAT_D64", [(3, 32, 5)])
     monkeypatch.setattr(bench, "GRAPH_TAIL", [1, 2])
     monkeypatch.setattr(bench, "GRAPH_TAIL_ROWS", 6)
     monkeypatch.setattr(bench, "GRAPH_TAIL_KEYS", 300)  # 2 splits of 192 keys on the emulation's 132 SMs
