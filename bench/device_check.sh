@@ -181,7 +181,6 @@ section_e2e() {
   # has 42 of them (47% of its time), W1 full ~40.
   e2e_run "W5 budget 8192" --workload W5 --scale 0.125 --policy batchllm --max-num-batched-tokens 8192 --repeat 2
   e2e_run "W1 full budget 8192" --workload W1 --scale 1 --policy batchllm --max-num-batched-tokens 8192
-  run_env=(env)
   # The attention kernels bench_attention found fastest over its grid, if not the defaults: W1 again
   # with them (the row records them in kernel_env).
   local fastest=()
