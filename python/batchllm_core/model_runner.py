@@ -8,6 +8,7 @@ ragged batch and returns the logits of the sampled rows.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -149,10 +150,24 @@ class ModelRunner:
         cow_src, cow_dst = _array(plan, "cow_src"), _array(plan, "cow_dst")
         if cow_src is not None and len(cow_src):
             self.copy_blocks(cow_src, cow_dst)
-        host = _host_arrays(plan)
-        num_rows = len(host["input_ids"])
-        if num_rows == 0:
+        if len(plan.input_ids) == 0:
             return torch.empty(0, self.config.vocab_size, dtype=torch.float32, device=self.device)
+        step = self.prepare_step(plan, token_feed)
+        set_context(step.context)
+        try:
+            hidden = self.model(step.device["input_ids"], step.device["positions"])
+        finally:
+            reset_context()
+        return self.sampled_logits(hidden, step)
+
+    def prepare_step(self, plan: Any, token_feed: "TokenFeed | None" = None,
+                     extra: dict[str, np.ndarray] | None = None) -> "PreparedStep":
+        """A non-empty plan's arrays on the device (one copy) and its attention context.
+
+        ``extra``: more int arrays to carry in the same copy (``PreparedStep.device`` holds them
+        under their names). Rows with input id -1 take ``token_feed``'s ids.
+        """
+        host = _host_arrays(plan)
         num_decode = int(plan.num_decode_seqs)
         levels_host = _levels(plan, num_decode) if self.use_cascade and num_decode > 0 else None
         if levels_host is None:
@@ -162,7 +177,7 @@ class ModelRunner:
         host.update(_paged_part(host, num_decode))
         fed = {"token_src": token_feed.src} if token_feed is not None else {}
         dev = self._staging.to_device({**{name: host[name] for name in _DEVICE_FIELDS},
-                                       **(levels_host or {}), **fed})
+                                       **(levels_host or {}), **fed, **(extra or {})})
         if token_feed is not None:
             token_feed.apply(dev["input_ids"], dev["token_src"])
         context = AttentionContext(
@@ -170,14 +185,23 @@ class ModelRunner:
             query_start=dev["paged_query_start"], context_lens=dev["paged_context_lens"],
             block_tables=dev["paged_block_tables"], max_q_len=host["paged_max_q_len"],
             decode_levels=self.attach_workspace(_decode_levels(dev, levels_host)) if levels_host else None)
-        set_context(context)
-        try:
-            hidden = self.model(dev["input_ids"], dev["positions"])
-        finally:
-            reset_context()
+        return PreparedStep(host, dev, context)
+
+    def sampled_logits(self, hidden: torch.Tensor, step: "PreparedStep") -> torch.Tensor:
+        """The logits of the step's sampled rows of ``hidden`` (the model's final hidden states)."""
         # In the model's dtype: the sampler reads them once as they are (a float32 copy of a step's
         # logits would be R x vocab x 4 bytes more traffic, 0.5 GB for 1,024 rows of 128k tokens).
-        return self.model.compute_logits(hidden[dev["sample_rows"].long()])
+        return self.model.compute_logits(hidden[step.device["sample_rows"].long()])
+
+
+@dataclass
+class PreparedStep:
+    """A step's arrays on the host and on the device (ModelRunner.prepare_step) and its attention
+    context."""
+
+    host: dict[str, Any]
+    device: dict[str, torch.Tensor]
+    context: AttentionContext
 
 
 class TokenFeed:

@@ -15,7 +15,7 @@ from ..context import get_context
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor | None,
            v_cache: torch.Tensor | None, scale: float) -> torch.Tensor:
-    """Attention output of this step's rows.
+    """Attention output of this step's rows: :func:`store_step_kv`, then :func:`attend_stored`.
 
     Parameters
     ----------
@@ -33,17 +33,44 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Ten
     torch.Tensor
         ``[T, Hq, D]``.
     """
+    store_step_kv(k, v, k_cache, v_cache)
+    return attend_stored(q, k, v, k_cache, v_cache, scale)
+
+
+def store_step_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor | None,
+                  v_cache: torch.Tensor | None) -> None:
+    """Inside a step, write the rows' K/V to their paged slots (the context's ``slot_mapping``);
+    outside one, nothing."""
     context = get_context()
     if context is None:
-        return dense_causal_attention(q, k, v, scale)
+        return
     if k_cache is None or v_cache is None:
         raise RuntimeError("attention context is set but this layer has no KV cache "
                            "(the ModelRunner assigns k_cache/v_cache)")
     from .. import ops  # imported here: the model is usable without the native kernels
 
     ops.store_kv(k, v, k_cache, v_cache, context.slot_mapping)
+
+
+def attend_stored(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor | None,
+                  v_cache: torch.Tensor | None, scale: float, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Attention of the step's rows once their K/V are in the cache (:func:`store_step_kv`).
+
+    Inside a step, the rows the context describes attend (decode rows by levels, then the paged
+    sequences' rows; rows past those, a padded step's, are left as they are in ``out``); outside
+    one, dense causal attention of the rows as one sequence. ``out``: ``[T, Hq, D]`` to write into
+    (default: a new tensor).
+    """
+    context = get_context()
+    if context is None:
+        return dense_causal_attention(q, k, v, scale)
+    if k_cache is None or v_cache is None:
+        raise RuntimeError("attention context is set but this layer has no KV cache "
+                           "(the ModelRunner assigns k_cache/v_cache)")
+    from .. import ops
+
     num_decode = context.num_decode_rows
-    out = torch.empty_like(q)  # both parts write their rows in place: no concatenation
+    out = torch.empty_like(q) if out is None else out  # both parts write their rows in place
     if num_decode > 0:
         ops.cascade_decode_attention(q[:num_decode], k_cache, v_cache, context.decode_levels,
                                      scale=scale, out=out[:num_decode])

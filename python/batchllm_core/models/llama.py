@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import functools
 import os
-from typing import Optional
+from typing import Generator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import attend
+from .attention import attend, attend_stored, store_step_kv
 from .config import ModelConfig
 
 
@@ -62,16 +62,39 @@ class Attention(nn.Module):
         self.v_cache: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor, rope: "Rope") -> torch.Tensor:
+        q, k, v = self.project(x, rope)
+        out = attend(q, k, v, self.k_cache, self.v_cache, self.scale)
+        return self.wo(out.reshape(x.shape[0], self.q_size))
+
+    def project(self, x: torch.Tensor, rope: "Rope",
+                qkv_out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q ``[T, Hq, D]``, k and v ``[T, Hkv, D]`` of ``x`` (rope applied to q and k). ``qkv_out``:
+        ``[T, q_size + 2 kv_size]`` to compute the fused projection into (default: a new tensor)."""
         num_tokens = x.shape[0]
-        q, k, v = self.wqkv(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        qkv = self.wqkv(x) if qkv_out is None else _linear_into(x, self.wqkv, qkv_out)
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(num_tokens, self.num_heads, self.head_dim)
         k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
         v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = rope.apply(q, k)
-        out = attend(q, k, v, self.k_cache, self.v_cache, self.scale)
-        return self.wo(out.reshape(num_tokens, self.q_size))
+        return (*rope.apply(q, k), v)
+
+    def store(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Inside a step, write the rows' K/V to this layer's cache (attention.store_step_kv)."""
+        store_step_kv(k, v, self.k_cache, self.v_cache)
+
+    def attend_stored(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                      out: torch.Tensor | None = None) -> torch.Tensor:
+        """This layer's attention once :meth:`store` ran (attention.attend_stored)."""
+        return attend_stored(q, k, v, self.k_cache, self.v_cache, self.scale, out=out)
+
+
+def _linear_into(x: torch.Tensor, linear: nn.Linear, out: torch.Tensor) -> torch.Tensor:
+    """``linear(x)`` written into ``out`` (``[T, out_features]``): the same GEMM as F.linear."""
+    if linear.bias is None:
+        return torch.mm(x, linear.weight.t(), out=out)
+    return torch.addmm(linear.bias, x, linear.weight.t(), out=out)
 
 
 class FeedForward(nn.Module):
@@ -105,13 +128,13 @@ class TransformerBlock(nn.Module):
         h = x + self.attention(self.attention_norm(x), rope)
         return h + self.feed_forward(self.ffn_norm(h))
 
-    def forward_fused(self, h: torch.Tensor, residual: torch.Tensor, rope: "Rope",
-                      next_norm: RMSNorm) -> torch.Tensor:
-        """The layer on the layer-op kernels. ``h``: this layer's attention_norm of ``residual`` (the
-        running sum of the skip connections, updated in place); returns next_norm of the new sum."""
+    def finish_fused(self, out: torch.Tensor, residual: torch.Tensor, next_norm: RMSNorm) -> torch.Tensor:
+        """The layer after its attention, on the layer-op kernels. ``out``: the attention output
+        ``[T, Hq, D]``; ``residual``: the running sum of the skip connections, updated in place;
+        returns next_norm of the new sum."""
         from .. import ops
 
-        a = self.attention(h, rope)
+        a = self.attention.wo(out.reshape(out.shape[0], self.attention.q_size))
         h = ops.rms_norm(a, self.ffn_norm.weight, self.ffn_norm.eps, residual=residual, out=a)
         f = self.feed_forward(h, kernels=True)
         return ops.rms_norm(f, next_norm.weight, next_norm.eps, residual=residual, out=f)
@@ -213,25 +236,47 @@ class LlamaModel(nn.Module):
         torch.Tensor
             ``[T, hidden_size]`` in the model dtype.
         """
+        if self.uses_layer_kernels(input_ids.device) and len(self.layers) > 0:
+            return self._forward_fused(input_ids, positions)
         x = self.tok_embeddings(input_ids)
-        kernels = self.uses_layer_kernels(x.device) and len(self.layers) > 0
-        rope = self.rope(positions, x.dtype, kernels)
-        if kernels:
-            return self._forward_fused(x, rope)
+        rope = self.rope(positions, x.dtype)
         for layer in self.layers:
             x = layer(x, rope)
         return self.norm(x)
 
-    def _forward_fused(self, residual: torch.Tensor, rope: Rope) -> torch.Tensor:
-        """The layers on the layer-op kernels: each residual add is fused into the next norm."""
+    def _forward_fused(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """:meth:`forward_staged`, each layer's attention run where it stops."""
+        stages = self.forward_staged(input_ids, positions)
+        try:
+            layer, q, k, v = next(stages)
+            while True:
+                layer, q, k, v = stages.send(self.layers[layer].attention.attend_stored(q, k, v))
+        except StopIteration as done:
+            return done.value
+
+    def forward_staged(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                       qkv_out: torch.Tensor | None = None) -> Generator[tuple, torch.Tensor, torch.Tensor]:
+        """The forward on the layer-op kernels, stopped at every attention: a generator.
+
+        Before layer ``i``'s attention it stores the layer's K/V (inside a step) and yields
+        ``(i, q, k, v)``; the caller sends back the attention output ``[T, Hq, D]``. Its return value
+        (``StopIteration.value``) is the final-norm hidden states ``[T, hidden_size]``. Each residual
+        add is fused into the next norm. ``qkv_out``: one ``[T, q_size + 2 kv_size]`` buffer every
+        layer's q/k/v projection writes (default: a new tensor a layer). The stretches between two
+        stops depend on the token count only: piecewise_graphs.py captures them as CUDA graphs.
+        """
         from .. import ops
 
+        residual = self.tok_embeddings(input_ids)  # the running sum of the skips, updated in place
+        rope = self.rope(positions, residual.dtype, kernels=True)
         first = self.layers[0].attention_norm
         h = ops.rms_norm(residual, first.weight, first.eps)
         for i, layer in enumerate(self.layers):
-            next_norm: Optional[RMSNorm] = (self.layers[i + 1].attention_norm if i + 1 < len(self.layers)
-                                            else self.norm)
-            h = layer.forward_fused(h, residual, rope, next_norm)
+            q, k, v = layer.attention.project(h, rope, qkv_out)
+            layer.attention.store(k, v)
+            out = yield i, q, k, v
+            next_norm = self.layers[i + 1].attention_norm if i + 1 < len(self.layers) else self.norm
+            h = layer.finish_fused(out, residual, next_norm)
         return h
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
