@@ -436,27 +436,47 @@ class DecodeGraphs:
 
 
 class GraphModelRunner(ModelRunner):
-    """A ModelRunner that replays CUDA graphs for decode-only steps (eager for everything else).
+    """A ModelRunner that replays CUDA graphs: whole-step graphs for decode-only steps (DecodeGraphs),
+    piecewise graphs for prefill and mixed steps (piecewise_graphs.MixedGraphs), eager for the rest.
 
     Same constructor as :class:`ModelRunner` plus ``graph_max_rows``, ``max_graphs``, ``capture``,
-    ``min_uses``, ``ridge_rows`` and ``capture_cost_steps`` (see :class:`DecodeGraphs`).
+    ``min_uses``, ``ridge_rows`` and ``capture_cost_steps`` (see :class:`DecodeGraphs`), and
+    ``mixed_max_tokens`` (the largest step the piecewise graphs take; 0 or None, or the environment's
+    ``BATCHLLM_MIXED_GRAPHS=0``: none, every such step eager). ``capture`` applies to both kinds.
     """
 
     def __init__(self, *args, graph_max_rows: int = 1024, max_graphs: int = 32, capture: Optional[bool] = None,
-                 min_uses: int = 1, ridge_rows: int = 256, capture_cost_steps: float = 4.0, **kwargs):
+                 min_uses: int = 1, ridge_rows: int = 256, capture_cost_steps: float = 4.0,
+                 mixed_max_tokens: Optional[int] = 2048, **kwargs):
         super().__init__(*args, **kwargs)
         self.decode_graphs = DecodeGraphs(self, graph_max_rows, max_graphs, capture, min_uses, ridge_rows,
                                           capture_cost_steps)
+        self.mixed_graphs = None
+        if mixed_max_tokens and os.environ.get("BATCHLLM_MIXED_GRAPHS", "1") != "0":
+            from .piecewise_graphs import MixedGraphs
+
+            mixed_capture = capture
+            if capture is None and not self.decode_graphs.capture:
+                mixed_capture = False  # the decode graphs' conditions (a CUDA device, no index checks)
+            self.mixed_graphs = MixedGraphs(self, mixed_max_tokens, capture=mixed_capture,
+                                            pool=self.decode_graphs._pool)
 
     def execute(self, plan: Any, token_feed=None) -> torch.Tensor:
         graphs = self.decode_graphs
-        own = graphs.key_of(plan) if graphs.can_run(plan) else None
+        decode = graphs.can_run(plan)
+        own = graphs.key_of(plan) if decode else None
         width = getattr(plan, "max_suffix_blocks", None)
         key = graphs.run_key(own, None if width is None else int(width)) if own is not None else None
-        if key is None:
+        mixed = self.mixed_graphs
+        bucket = None
+        if key is None and not decode and mixed is not None and mixed.can_run(plan):
+            bucket = mixed.run_bucket(plan)
+        if key is None and bucket is None:
             return super().execute(plan, token_feed)
-        graphs.dominated += key != own
+        graphs.dominated += key is not None and key != own
         cow_src, cow_dst = getattr(plan, "cow_src", None), getattr(plan, "cow_dst", None)
         if cow_src is not None and len(cow_src):
             self.copy_blocks(cow_src, cow_dst)
+        if key is None:
+            return mixed.execute(plan, token_feed, bucket)
         return graphs.execute(plan, token_feed, key)

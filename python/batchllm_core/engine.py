@@ -54,8 +54,10 @@ class LLM:
     max_model_len : int or None
         Context length (prompt + output) allowed; None: the model's.
     cuda_graphs : bool or None
-        On CUDA, replay captured CUDA graphs for decode-only steps (``batchllm_core.cuda_graphs``;
-        a failed capture warns and runs that shape eagerly). None (default): on for a CUDA device
+        On CUDA, replay captured CUDA graphs: whole-step graphs for decode-only steps
+        (``batchllm_core.cuda_graphs``), piecewise graphs around the attention for prefill and mixed
+        steps (``batchllm_core.piecewise_graphs``; ``BATCHLLM_MIXED_GRAPHS=0`` runs those eagerly);
+        a failed capture warns and runs that shape eagerly. None (default): on for a CUDA device
         (an H100 ran W1 in 0.67x the eager time, 2026-11-27), off on the CPU; True on the CPU warns
         and runs eagerly.
     overlap : bool or None
@@ -107,9 +109,10 @@ class LLM:
         self.max_num_batched_tokens = int(max_num_batched_tokens)
         self.max_num_seqs = int(max_num_seqs)
         bytes_per_block = ModelRunner.kv_bytes_per_block(self.config, self.block_size, self.dtype)
-        self.num_kv_blocks = self._num_kv_blocks(kv_cache_memory, bytes_per_block)
         on_cuda = self.device.type == "cuda"
-        self.runner = self._new_runner(on_cuda if cuda_graphs is None else bool(cuda_graphs))
+        self._graphs = on_cuda if cuda_graphs is None else bool(cuda_graphs)
+        self.num_kv_blocks = self._num_kv_blocks(kv_cache_memory, bytes_per_block)
+        self.runner = self._new_runner(self._graphs)
         self.overlap = on_cuda if overlap is None else bool(overlap)
         self.sampler = Sampler(self.config.vocab_size, self.device)
         self._seed_stream = np.random.default_rng(int(seed))
@@ -323,7 +326,8 @@ class LLM:
         from .cuda_graphs import GraphModelRunner
 
         return GraphModelRunner(self.model, self.config, self.num_kv_blocks, self.block_size, self.device,
-                                self.dtype, graph_max_rows=self.max_num_seqs)
+                                self.dtype, graph_max_rows=self.max_num_seqs,
+                                mixed_max_tokens=max(self.max_num_batched_tokens, self.max_num_seqs))
 
     def _default_kv_bytes(self) -> int:
         if self.device.type != "cuda":
@@ -332,7 +336,7 @@ class LLM:
 
         # What the device has left after the weights and the activations of a worst-case step.
         return kv_cache_bytes_from_profile(self.model, self.config, self.block_size, self.dtype, self.device,
-                                           self.max_num_batched_tokens, self.max_num_seqs)
+                                           self.max_num_batched_tokens, self.max_num_seqs, graphs=self._graphs)
 
     def _num_kv_blocks(self, kv_cache_memory: Optional[int], bytes_per_block: int) -> int:
         if kv_cache_memory is None:

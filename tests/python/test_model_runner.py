@@ -462,3 +462,24 @@ def test_graph_runner_without_prefixes_on_the_emulated_kernels(monkeypatch):
     assert run.graphs.decode_graphs.steps == 2
     assert [key.prefixes for key in run.graphs.decode_graphs._entries] == [0, 0]  # no padded empty prefix
     assert run.splits[0][0] == 1 and run.splits[-1][0] > 1 and run.splits[-1][2] == 2  # unsplit, then 2 rows split
+
+
+@pytest.mark.skipif(cuda_emulation.module() is None, reason="no CUDA emulation module (BATCHLLM_CUDA_EMULATION_DIR)")
+def test_piecewise_path_on_the_emulated_kernels_matches_float32(monkeypatch):
+    # Prefill and mixed steps through the piecewise static path (piecewise_graphs, capture off) on
+    # the CUDA kernels compiled for the CPU emulation: the staged forward's layer-op kernels, the K/V
+    # store over the bucket's padded slots and, between the pieces, cascade decode (a shared prefix)
+    # and paged prefill over the step's own rows. Logits match the float32 eager runner's.
+    monkeypatch.setenv("BATCHLLM_LAYER_OPS", "kernels")
+    run = EmulatedGraphRun(monkeypatch, seed=4)
+    h = run.harness
+    a = h.sequence(run.tokens(72))
+    b = h.sequence(a.tokens[:32] + run.tokens(23), shared=a, shared_blocks=2)
+    c = h.sequence(run.tokens(45))
+    plans = [h.step([(a, 69)], 0), h.step([(b, 20)], 0)]  # prefill: 69 tokens (bucket 128), 20 (32)
+    plans.append(h.step([(a, 1), (b, 1), (c, 30)], 2,  # decode a, b under their prefix; prefill c
+                        levels=suffix_levels([a, b], [(a.blocks[:2], 0, 2)], [2, 2])))
+    plans.append(h.step([(a, 1), (b, 1), (c, 14)], 2, levels=suffix_levels([a, b], [(a.blocks[:2], 0, 2)], [2, 2])))
+    run.check(plans)
+    mixed = run.graphs.mixed_graphs
+    assert mixed.steps == 4 and sorted(mixed._buckets) == [16, 32, 128]  # 2 + 14 tokens: bucket 16
