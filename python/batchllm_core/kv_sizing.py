@@ -7,7 +7,8 @@ first, on a throw-away KV cache just large enough for it, and torch's peak alloc
 
     kv_bytes = total * utilization - (memory used outside torch) - (peak torch allocation) - reserve
 
-The reserve covers what the profile does not see (CUDA graph pools, allocator fragmentation).
+The reserve covers what the profile does not see (CUDA graph pools, allocator fragmentation); with
+CUDA graphs it also holds one more worst-case step's activations (the piecewise graphs' pool).
 A pool sized this way cannot run out during the job: the scheduler admits work by KV blocks, and
 every step's activations are at most the profiled step's. ``kv_cache_memory`` given by the user
 skips all of this.
@@ -86,18 +87,26 @@ def kv_budget_bytes(total_bytes: int, free_bytes: int, torch_reserved_bytes: int
 def kv_cache_bytes_from_profile(model, config, block_size: int, dtype: torch.dtype, device: torch.device,
                                 max_num_batched_tokens: int, max_num_seqs: int,
                                 utilization: float = DEFAULT_UTILIZATION,
-                                reserve_bytes: int = DEFAULT_RESERVE_BYTES) -> int:
-    """KV pool bytes on a CUDA device after profiling the worst-case step (see the module docstring)."""
+                                reserve_bytes: int = DEFAULT_RESERVE_BYTES, graphs: bool = False) -> int:
+    """KV pool bytes on a CUDA device after profiling the worst-case step (see the module docstring).
+
+    ``graphs``: the engine replays CUDA graphs, whose pool holds a full step's activations of its
+    own (the piecewise graphs of a ``max_num_batched_tokens`` step) beside the caching allocator's:
+    the reserve grows by the profiled step's activations.
+    """
     device = torch.device(device)
     if device.type != "cuda":
         raise ValueError("kv_cache_bytes_from_profile measures CUDA memory; give kv_cache_memory on other devices")
     torch.cuda.synchronize(device)
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
     rows = max(1, max_num_seqs)  # a decode step samples up to one row per running sequence
     profile_step(model, config, block_size, dtype, device, max_num_batched_tokens, rows)
     torch.cuda.synchronize(device)
     peak = torch.cuda.max_memory_allocated(device)
+    if graphs:
+        reserve_bytes += max(peak - before, 0)
     torch.cuda.empty_cache()
     free, total = torch.cuda.mem_get_info(device)
     return kv_budget_bytes(total, free, torch.cuda.memory_reserved(device), peak, utilization, reserve_bytes)
