@@ -176,11 +176,16 @@ section_e2e() {
   e2e_run "W1 mma tiles" --workload W1 --scale 0.25 --policy batchllm --repeat 2
   e2e_run "W5 mma tiles" --workload W5 --scale 0.125 --policy batchllm --repeat 2
   run_env=(env)
-  # The step's token budget: run 4's eager mixed steps took as long on the host as on the device
-  # (13-16 ms each at 2,048 tokens), so if they are host-bound, fewer and larger steps pay: W5 1/8
-  # has 42 of them (47% of its time), W1 full ~40.
+  # Piecewise CUDA graphs for prefill and mixed steps (piecewise_graphs.py, since session 13, on by
+  # default) against the eager mixed steps they replace: run 4's eager mixed steps took as long on
+  # the host as on the device (13-16 ms each at 2,048 tokens: host-bound). Prediction: W5 1/8
+  # 0.97 -> 0.75-0.85 s, W1 full 1.95 -> 1.65-1.8 s; eager rows as run 5.
+  run_env=(env BATCHLLM_MIXED_GRAPHS=0)
+  e2e_run "W5 eager mixed steps" --workload W5 --scale 0.125 --policy batchllm --repeat 2
+  e2e_run "W1 full eager mixed steps" --workload W1 --scale 1 --policy batchllm
+  run_env=(env)
+  # The step's token budget: fewer, larger mixed steps (a bucket of 8192 tokens with the pieces).
   e2e_run "W5 budget 8192" --workload W5 --scale 0.125 --policy batchllm --max-num-batched-tokens 8192 --repeat 2
-  e2e_run "W1 full budget 8192" --workload W1 --scale 1 --policy batchllm --max-num-batched-tokens 8192
   # The attention kernels bench_attention found fastest over its grid, if not the defaults: W1 again
   # with them (the row records them in kernel_env).
   local fastest=()
@@ -198,14 +203,15 @@ if summary and summary[-1]["fastest"] != "ours":
   fi
   e2e_run "transformers baseline" --workload W1 --scale 0.25 --policy none --hf --hf-batches 1
   echo "e2e summary (workload policy seconds out_tok/s prefill_tokens time/floor graph_captures capture_s" \
-       "position seconds_runs budget sm_mhz/temp_c before-after):"
+       "position seconds_runs budget mixed_captures/replays sm_mhz/temp_c before-after):"
   [[ -s "$json" ]] && "$PY" -c 'import json, sys
 for line in open(sys.argv[1]):
     r = json.loads(line)
     print(r["workload"], r["policy"] + ("+graphs" if r.get("cuda_graphs") else "") + ("+overlap" if r.get("overlap") else "")
-          + "".join("+" + v for _, v in sorted(r.get("kernel_env", {}).items())), r["seconds"],
+          + "".join("+" + (v if not v.isdigit() else k.lower() + "=" + v) for k, v in sorted(r.get("kernel_env", {}).items())), r["seconds"],
           r["output_tokens_per_s"], r["prefill_tokens"], r["time_over_floor"], r.get("graph_captures"),
           r.get("graph_capture_s"), r.get("position"), r.get("seconds_runs"), "budget", r.get("max_num_batched_tokens"),
+          "mixed", str(r.get("mixed_graph_captures")) + "/" + str(r.get("mixed_graph_replays")),
           "/".join(str((r.get(k) or {}).get("sm_mhz")) + "@" + str((r.get(k) or {}).get("temperature_c"))
                    for k in ("gpu_before", "gpu_after")))' "$json"
   echo "e2e: $failed run(s) failed"

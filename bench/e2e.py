@@ -187,10 +187,14 @@ def _graph_counters(llm) -> dict:
     """The CUDA-graph runner's counters since the engine started (None where the runner has no
     graphs): a row reports their growth over its first timed run (``_counters_since``)."""
     graphs = getattr(llm.runner, "decode_graphs", None)
+    mixed = getattr(llm.runner, "mixed_graphs", None)  # piecewise graphs of prefill and mixed steps
     return {"graph_steps": getattr(graphs, "steps", None), "graph_replays": getattr(graphs, "replays", None),
             "graph_captures": getattr(graphs, "captures", None),
             "graph_capture_s": _sig(getattr(graphs, "capture_s", 0.0)),
-            "graph_steps_padded_to_larger": getattr(graphs, "dominated", None)}
+            "graph_steps_padded_to_larger": getattr(graphs, "dominated", None),
+            "mixed_graph_steps": getattr(mixed, "steps", None), "mixed_graph_replays": getattr(mixed, "replays", None),
+            "mixed_graph_captures": getattr(mixed, "captures", None),
+            "mixed_graph_capture_s": _sig(getattr(mixed, "capture_s", 0.0))}
 
 
 def _counters_since(after: dict, before: dict) -> dict:
@@ -294,7 +298,7 @@ def _common(workload, args, device, dtype, policy, seconds, cost, ceilings, outp
 # The CUDA kernel variants chosen by the environment (bench/NOTES_attention.md): recorded with each
 # run so that a figure says which kernels made it.
 KERNEL_ENV_VARS = ("BATCHLLM_ATTENTION_TILES", "BATCHLLM_CASCADE_SUFFIX", "BATCHLLM_CASCADE_LAUNCH", "BATCHLLM_SAMPLER",
-                   "BATCHLLM_LAYER_OPS")
+                   "BATCHLLM_LAYER_OPS", "BATCHLLM_MIXED_GRAPHS")
 
 
 def kernel_env() -> dict:

@@ -94,11 +94,17 @@ def profile_steps(llm, prompts, params) -> dict:
 
     execute_timed = _Timed(runner.execute, cuda, logs["execute"], step_kind(llm))
 
+    mixed = getattr(runner, "mixed_graphs", None)  # piecewise graphs of prefill and mixed steps
+
+    def counts():
+        return tuple(getattr(g, name, 0) for g in (graphs, mixed) for name in ("replays", "captures"))
+
     def execute(plan, *rest):
-        replays, captures = (graphs.replays, graphs.captures) if graphs else (0, 0)
+        before = counts()
         out = execute_timed(plan, *rest)
-        replay_steps.append("+graph" if graphs and graphs.replays > replays else
-                            "+capture" if graphs and graphs.captures > captures else "")
+        grown = [a > b for a, b in zip(counts(), before)]
+        replay_steps.append("+graph" if grown[0] else "+capture" if grown[1] else
+                            "+pieces" if grown[2] else "+capture" if grown[3] else "")
         return out
 
     runner.execute = execute
