@@ -163,30 +163,38 @@ def flash_with_lse(q, k, v, scale):
 class DecodeInputs:
     """One input set of a decode shape: paged cache + levels for ours, dense tensors for the baselines."""
 
-    def __init__(self, batch, prefix, suffix, with_dense, seed, device="cuda", dtype=DTYPE, head_dim=HEAD_DIM):
+    def __init__(self, batch, prefix, suffix, with_dense, seed, device="cuda", dtype=DTYPE, head_dim=HEAD_DIM,
+                 groups=1):
+        """``groups`` > 1: that many prefixes of ``prefix`` tokens, each read by ``batch / groups``
+        consecutive rows (W1's decode step: 4 or 16 groups of 64); the parts and flat only."""
         from batchllm_core import ops
+        if groups < 1 or batch % groups:
+            raise ValueError(f"DecodeInputs: {batch} rows do not split into {groups} groups")
         gen = torch.Generator(device=device).manual_seed(seed)
         g = Q_HEADS // KV_HEADS
         prefix_blocks, suffix_blocks = math.ceil(prefix / PAGE), math.ceil(suffix / PAGE)
-        num_blocks = prefix_blocks + batch * suffix_blocks
+        num_blocks = groups * prefix_blocks + batch * suffix_blocks
         shape = (num_blocks, PAGE, KV_HEADS, head_dim)
         self.k_cache = torch.randn(shape, generator=gen, device=device, dtype=dtype)
         self.v_cache = torch.randn(shape, generator=gen, device=device, dtype=dtype)
         self.q = torch.randn((batch, Q_HEADS, head_dim), generator=gen, device=device, dtype=dtype)
         self.out = torch.empty_like(self.q)
         i32 = dict(dtype=torch.int32, device=device)
-        suffix_tables = (prefix_blocks + torch.arange(batch * suffix_blocks, **i32)).view(batch, max(suffix_blocks, 0))
+        suffix_tables = (groups * prefix_blocks + torch.arange(batch * suffix_blocks, **i32)).view(
+            batch, max(suffix_blocks, 0))
         if suffix_blocks == 0:
             suffix_tables = torch.full((batch, 1), -1, **i32)
+        readers = batch // groups
         self.levels = ops.DecodeLevels(
-            prefix_kv_indptr=torch.tensor([0, prefix_blocks], **i32),
-            prefix_kv_blocks=torch.arange(prefix_blocks, **i32),
-            prefix_kv_lens=torch.tensor([prefix], **i32),
-            prefix_q_range=torch.tensor([[0, batch]], **i32),
+            prefix_kv_indptr=torch.arange(groups + 1, **i32) * prefix_blocks,
+            prefix_kv_blocks=torch.arange(groups * prefix_blocks, **i32),
+            prefix_kv_lens=torch.full((groups,), prefix, **i32),
+            prefix_q_range=torch.stack([torch.arange(groups, **i32) * readers,
+                                        torch.arange(1, groups + 1, **i32) * readers], dim=1),
             suffix_block_tables=suffix_tables,
             suffix_kv_lens=torch.full((batch,), suffix, **i32),
-            max_prefix_kv_len=prefix, max_prefix_rows=batch, max_suffix_kv_len=suffix)
-        if head_dim != HEAD_DIM:  # the parts and prefix scans only: no baselines of other head dims
+            max_prefix_kv_len=prefix, max_prefix_rows=readers, max_suffix_kv_len=suffix)
+        if head_dim != HEAD_DIM or groups > 1:  # the parts, prefix scans and flat only: no torch baselines
             return
         # Dense views for the torch baselines: [Hkv, tokens, D] prefix, [B, Hkv, S, D] suffixes.
         flat_k = self.k_cache.flatten(0, 1)
@@ -243,7 +251,9 @@ class DecodeInputs:
                 raise ValueError(f"flat: a prefix of {prefix} tokens is not whole pages of {PAGE}")
             i32 = dict(dtype=torch.int32, device=self.q.device)
             own = self.levels.suffix_block_tables if suffix else self.levels.suffix_block_tables[:, :0]
-            tables = torch.cat([self.levels.prefix_kv_blocks.expand(batch, -1), own], dim=1).contiguous()
+            groups = int(self.levels.prefix_kv_lens.numel())
+            prefixes = self.levels.prefix_kv_blocks.view(groups, -1)  # the rows of a group read its prefix
+            tables = torch.cat([prefixes.repeat_interleave(batch // groups, dim=0), own], dim=1).contiguous()
             self._flat_levels = dataclasses.replace(
                 self.levels, prefix_kv_indptr=torch.zeros(1, **i32), prefix_kv_blocks=torch.zeros(0, **i32),
                 prefix_kv_lens=torch.zeros(0, **i32), prefix_q_range=torch.zeros((0, 2), **i32),
@@ -417,21 +427,43 @@ def bench_prefix_scan(reps, device_name) -> dict:
 
 # Decode at llama-1b's d = 64 with W1's group shape (readers of a 1,024-token prefix, 128-token suffixes),
 # ours against flat (what fcfs-lru runs): run 4 had batchllm only 1.29x fcfs-lru on W1 end to end.
-FLAT_D64 = [(64, 1024, 128), (256, 1024, 128)]
+# (groups, rows, prefix, suffix): one group of 64 or 256 readers, then W1 1/4's and W1 full's decode
+# step (4 and 16 groups of 64 readers).
+FLAT_D64 = [(1, 64, 1024, 128), (1, 256, 1024, 128), (4, 256, 1024, 128), (16, 1024, 1024, 128)]
+# The launch variants timed at those shapes too: run 4's W1 decode layer spent 44 us in decode_rows,
+# 25 in the prefix tiles and 10 in the combine, one after the other; streams overlaps the first two,
+# merge drops the combine. mma: the 64-row tiles at d = 64 (the default there is wgmma-pipe).
+FLAT_D64_VARIANTS = {"streams": {"BATCHLLM_CASCADE_LAUNCH": "streams"},
+                     "merge": {"BATCHLLM_CASCADE_LAUNCH": "merge"},
+                     "mma": {"BATCHLLM_ATTENTION_TILES": "mma"}}
+
+
+def _rel_err(x: torch.Tensor, reference: torch.Tensor) -> float:
+    return float((x - reference).norm() / reference.norm())
 
 
 def bench_flat_d64(reps, device_name) -> dict:
-    """Ours against flat (every row reading the prefix's blocks, fcfs-lru's way) at d = 64, W1's
-    group shapes: whether the cascade pays at d = 64 when the prefix fits L2 (2 MB a layer)."""
-    ms = {}
-    for batch, prefix, suffix in FLAT_D64:
-        inputs = [DecodeInputs(batch, prefix, suffix, with_dense=False, seed=i, head_dim=64) for i in range(2)]
-        ms[f"B{batch} P{prefix} S{suffix}"] = {"ours": time_graphs([x.ours for x in inputs], reps=reps),
-                                               "flat": time_graphs([x.flat for x in inputs], reps=reps)}
+    """Ours against flat (every row reading its prefix's blocks, fcfs-lru's way) at d = 64, W1's
+    group shapes: whether the cascade pays at d = 64 when the prefixes fit L2 (2 MB each a layer);
+    and the launch variants there (each checked against ours: ``rel_err_vs_ours``)."""
+    ms, errors = {}, {}
+    for groups, batch, prefix, suffix in FLAT_D64:
+        inputs = [DecodeInputs(batch, prefix, suffix, with_dense=False, seed=i, head_dim=64, groups=groups)
+                  for i in range(2)]
+        key = f"G{groups} B{batch} P{prefix} S{suffix}"
+        row = {"ours": time_graphs([x.ours for x in inputs], reps=reps),
+               "flat": time_graphs([x.flat for x in inputs], reps=reps)}
+        reference = inputs[0].ours().float().clone()
+        errors[key] = {"flat": _rel_err(inputs[0].flat().float(), reference)}
+        for name, env in FLAT_D64_VARIANTS.items():
+            with kernel_env(env):
+                row[name] = time_graphs([x.ours for x in inputs], reps=reps)
+                errors[key][name] = _rel_err(inputs[0].ours().float(), reference)
+        ms[key] = row
         del inputs
     torch.cuda.empty_cache()
     return {"bench": "flat_d64", "device": device_name, "commit": commit(), "q_heads": Q_HEADS,
-            "kv_heads": KV_HEADS, "head_dim": 64, "ms": ms}
+            "kv_heads": KV_HEADS, "head_dim": 64, "ms": ms, "rel_err_vs_ours": errors}
 
 
 GRAPH_TAIL = [1, 4, 16]  # real rows of a job's tail step, each with GRAPH_TAIL_KEYS suffix keys
@@ -725,8 +757,9 @@ def run_tables(args, reps, device_name, bandwidth, rows, record, done, skip) -> 
     if not any(r["bench"] == "flat_d64" for r in rows):
         flat = bench_flat_d64(reps, device_name)
         record(flat)
-        print("d = 64, W1's groups, ours / flat (fcfs-lru's) ms: " +
-              ", ".join(f"{k} {v['ours']:.4f} / {v['flat']:.4f}" for k, v in flat["ms"].items()), flush=True)
+        print("d = 64, W1's groups, ours / flat (fcfs-lru's) / " + " / ".join(FLAT_D64_VARIANTS) + " ms: " +
+              ", ".join(f"{k} " + " / ".join(f"{t:.4f}" for t in v.values()) for k, v in flat["ms"].items()),
+              flush=True)
     if not any(r["bench"] == "graph_tail" for r in rows):
         tail = bench_graph_tail(bandwidth, reps, device_name)
         record(tail)

@@ -175,6 +175,11 @@ section_e2e() {
   run_env=(env BATCHLLM_ATTENTION_TILES=mma)
   e2e_run "W1 mma tiles" --workload W1 --scale 0.25 --policy batchllm --repeat 2
   e2e_run "W5 mma tiles" --workload W5 --scale 0.125 --policy batchllm --repeat 2
+  # The suffix kernel on a side stream beside the prefix tiles: W1's decode layer ran them one after
+  # the other (decode_rows 44 us, prefix tiles 25 us in run 4); bench_attention's flat_d64 rows time
+  # it at W1's groups.
+  run_env=(env BATCHLLM_CASCADE_LAUNCH=streams)
+  e2e_run "W1 streams" --workload W1 --scale 0.25 --policy batchllm --repeat 2
   run_env=(env)
   # Piecewise CUDA graphs for prefill and mixed steps (piecewise_graphs.py, since session 13, on by
   # default) against the eager mixed steps they replace: run 4's eager mixed steps took as long on

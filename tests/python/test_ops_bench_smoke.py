@@ -46,9 +46,13 @@ def test_bench_attention_decode_variants_on_emulated_kernels(monkeypatch, tmp_pa
         f"d{d} {case}" for d in (64, 128) for case in ("rows1", "rows2", "prefix rows2")}
     assert all(set(ms) == {"own", "padded", "device split", "floor"} for ms in tail["ms"].values())
     assert max(tail["rel_err_vs_own"].values()) < 1e-2, tail["rel_err_vs_own"]
-    flat = rows.pop()  # ours against fcfs-lru's flat reads at d = 64
-    assert flat["bench"] == "flat_d64" and set(flat["ms"]) == {"B3 P32 S5"}
-    assert set(flat["ms"]["B3 P32 S5"]) == {"ours", "flat"}
+    flat = rows.pop()  # ours against fcfs-lru's flat reads and the launch variants at d = 64
+    assert flat["bench"] == "flat_d64" and set(flat["ms"]) == {"G1 B3 P32 S5", "G2 B4 P32 S5"}
+    assert all(set(ms) == {"ours", "flat", *bench.FLAT_D64_VARIANTS} for ms in flat["ms"].values())
+    # Two groups (W1's shape): each row's flat table is its own group's prefix, and every variant
+    # computes ours' attention.
+    assert max(e for errors in flat["rel_err_vs_ours"].values() for e in errors.values()) < 1e-2, flat
+    assert set(flat["rel_err_vs_ours"]["G2 B4 P32 S5"]) == {"flat", *bench.FLAT_D64_VARIANTS}
     scan = rows.pop()
     assert scan["bench"] == "prefix_scan" and set(scan["ms_per_1024_keys"]) == {"d64 B3", "d128 B3"}
     assert scan["tiles"] == {"d64": "wgmma-pipe", "d128": "mma"}  # the defaults by head dim
@@ -110,8 +114,10 @@ def _emulated_bench(monkeypatch):
     cuda_emulation.activate(monkeypatch)
     init = bench.DecodeInputs.__init__
 
-    def cpu_inputs(self, batch, prefix, suffix, with_dense, seed, device="cpu", dtype=torch.bfloat16, head_dim=128):
-        init(self, batch, prefix, suffix, with_dense, seed, device="cpu", dtype=dtype, head_dim=head_dim)
+    def cpu_inputs(self, batch, prefix, suffix, with_dense, seed, device="cpu", dtype=torch.bfloat16, head_dim=128,
+                   groups=1):
+        init(self, batch, prefix, suffix, with_dense, seed, device="cpu", dtype=dtype, head_dim=head_dim,
+             groups=groups)
 
     monkeypatch.setattr(bench.DecodeInputs, "__init__", cpu_inputs)
     monkeypatch.setattr(bench, "time_graphs", lambda fns, reps=1: (fns[0](), 1.0)[1])
@@ -120,7 +126,7 @@ def _emulated_bench(monkeypatch):
     monkeypatch.setattr(bench, "copy_bandwidth_bytes_per_s", lambda: 3e12)
     monkeypatch.setattr(bench, "DECODE_SHAPES", [(3, 40, 20), (70, 16, 5)])
     monkeypatch.setattr(bench, "PREFIX_SCAN", [(3, 16), (3, 48)])
-    monkeypatch.setattr(bench, "FLAT_D64", [(3, 32, 5)])
+    monkeypatch.setattr(bench, "FLAT_D64", [(1, 3, 32, 5), (2, 4, 32, 5)])
     monkeypatch.setattr(bench, "GRAPH_TAIL", [1, 2])
     monkeypatch.setattr(bench, "GRAPH_TAIL_ROWS", 6)
     monkeypatch.setattr(bench, "GRAPH_TAIL_KEYS", 300)  # 2 splits of 192 keys on the emulation's 132 SMs
