@@ -167,27 +167,24 @@ section_e2e() {
   # W5 (no sharing): run 4 settled it in both orders (batchllm median 1.04 s, fcfs-lru 1.20 s): one
   # order now, two runs each.
   e2e_run "W5" --workload W5 --scale 0.125 --policy batchllm,fcfs-lru --repeat 2
-  # A/B of the tile kernels at llama-1b's d = 64, whose default is wgmma-pipe: run 5 had mma128
-  # prefill much slower there (W5 1/8 1.289 against 0.967 s), run 4 had mma (64-row, both uses)
-  # faster on W1 1/4 (0.588 against 0.625 s, first runs). W1 decode-bound, W5 prefill-bound.
-  # (Answered and dropped since run 5: W5 in the swapped order, eager, wgmma64 and plain wgmma tiles,
-  # torch layer ops: docs/BENCHMARKS.md.)
-  run_env=(env BATCHLLM_ATTENTION_TILES=mma)
-  e2e_run "W1 mma tiles" --workload W1 --scale 0.25 --policy batchllm --repeat 2
-  e2e_run "W5 mma tiles" --workload W5 --scale 0.125 --policy batchllm --repeat 2
+  # Piecewise CUDA graphs for prefill and mixed steps (piecewise_graphs.py, since session 13, on by
+  # default) against the eager mixed steps they replace: run 4's eager mixed steps took as long on
+  # the host as on the device (13-16 ms each at 2,048 tokens: host-bound). Prediction: W5 1/8
+  # 0.97 -> 0.75-0.85 s, W1 full 1.95 -> 1.65-1.8 s; the eager rows as run 5's.
+  run_env=(env BATCHLLM_MIXED_GRAPHS=0)
+  e2e_run "W5 eager mixed steps" --workload W5 --scale 0.125 --policy batchllm --repeat 2
+  e2e_run "W1 full eager mixed steps" --workload W1 --scale 1 --policy batchllm
   # The suffix kernel on a side stream beside the prefix tiles: W1's decode layer ran them one after
   # the other (decode_rows 44 us, prefix tiles 25 us in run 4); bench_attention's flat_d64 rows time
   # it at W1's groups.
   run_env=(env BATCHLLM_CASCADE_LAUNCH=streams)
   e2e_run "W1 streams" --workload W1 --scale 0.25 --policy batchllm --repeat 2
-  run_env=(env)
-  # Piecewise CUDA graphs for prefill and mixed steps (piecewise_graphs.py, since session 13, on by
-  # default) against the eager mixed steps they replace: run 4's eager mixed steps took as long on
-  # the host as on the device (13-16 ms each at 2,048 tokens: host-bound). Prediction: W5 1/8
-  # 0.97 -> 0.75-0.85 s, W1 full 1.95 -> 1.65-1.8 s; eager rows as run 5.
-  run_env=(env BATCHLLM_MIXED_GRAPHS=0)
-  e2e_run "W5 eager mixed steps" --workload W5 --scale 0.125 --policy batchllm --repeat 2
-  e2e_run "W1 full eager mixed steps" --workload W1 --scale 1 --policy batchllm
+  # The 64-row mma tiles at llama-1b's d = 64, whose default is wgmma-pipe: run 4 had mma faster on
+  # W1 1/4 (0.588 against 0.625 s, first runs); W5's prefill side is bench_attention's d = 64
+  # prefill row now. (Answered and dropped since run 5: W5 in the swapped order, eager, wgmma64 and
+  # plain wgmma tiles, torch layer ops: docs/BENCHMARKS.md.)
+  run_env=(env BATCHLLM_ATTENTION_TILES=mma)
+  e2e_run "W1 mma tiles" --workload W1 --scale 0.25 --policy batchllm --repeat 2
   run_env=(env)
   # The step's token budget: fewer, larger mixed steps (a bucket of 8192 tokens with the pieces).
   e2e_run "W5 budget 8192" --workload W5 --scale 0.125 --policy batchllm --max-num-batched-tokens 8192 --repeat 2
