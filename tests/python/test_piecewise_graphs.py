@@ -157,3 +157,37 @@ def test_environment_switch_runs_mixed_steps_eagerly(monkeypatch):
     assert make().mixed_graphs is not None
     monkeypatch.setenv("BATCHLLM_MIXED_GRAPHS", "0")  # the A/B switch of bench/device_check.sh
     assert make().mixed_graphs is None
+
+
+@pytest.mark.parametrize("options", [{}, {"qkv_bias": True}, {"qk_norm": True, "o_bias": True}],
+                         ids=["llama", "qkv-bias", "qk-norm"])
+def test_staged_forward_into_one_qkv_buffer_matches_the_forward(options):
+    # The pieces compute every layer's q/k/v projection into one buffer (torch.mm / addmm with out=):
+    # outside a step (dense attention) that forward equals the model's, bias and q/k norms included.
+    from batchllm_core.loader import build_random_model
+    from batchllm_core.models.config import ModelConfig
+
+    config = ModelConfig.from_name("tiny").replace(**options)
+    model = build_random_model(config, seed=1, dtype=torch.float32, device="cpu").model
+    model.layer_ops = "kernels"
+    for name, param in model.named_parameters():  # biases are zero-initialised: make them count
+        if name.endswith(".bias"):
+            param.data.uniform_(-0.5, 0.5)
+    ids, positions = torch.tensor([5, 9, 17, 3, 11]), torch.arange(5)
+    with torch.inference_mode():  # as the runner (mm with out= takes no autograd)
+        _check_staged_forward(model, config, ids, positions)
+
+
+def _check_staged_forward(model, config, ids, positions):
+    expected = model(ids, positions)
+    qkv = torch.full((5, (config.num_heads + 2 * config.num_kv_heads) * config.head_dim), float("nan"))
+    stages = model.forward_staged(ids, positions, qkv_out=qkv)
+    try:
+        layer, q, k, v = next(stages)
+        while True:
+            # the layer's q/k/v are views of the shared buffer (q and k normed into new tensors by q/k norms)
+            assert v.untyped_storage().data_ptr() == qkv.data_ptr()
+            assert config.qk_norm or q.data_ptr() == qkv.data_ptr()
+            layer, q, k, v = stages.send(model.layers[layer].attention.attend_stored(q, k, v))
+    except StopIteration as done:
+        torch.testing.assert_close(done.value, expected, rtol=1e-5, atol=1e-5)
