@@ -191,3 +191,25 @@ def _check_staged_forward(model, config, ids, positions):
             layer, q, k, v = stages.send(model.layers[layer].attention.attend_stored(q, k, v))
     except StopIteration as done:
         torch.testing.assert_close(done.value, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_overlapped_loop_through_the_pieces_matches_the_serial_eager_loop_on_cpu():
+    # Overlapped steps feed their decode rows' input ids from the previous step's samples on the
+    # device; a mixed step on the piecewise path must write them into its bucket's static ids.
+    rng = np.random.default_rng(2)
+    prefix = rng.integers(10, 250, 50).tolist()
+    prompts = [{"prompt_token_ids": prefix + rng.integers(10, 250, 4 + 3 * i).tolist()} for i in range(10)]
+    params = [SamplingParams(temperature=0 if i % 2 else 1.0, seed=i, max_tokens=5 + i, ignore_eos=True)
+              for i in range(10)]
+    runs = []
+    for overlap, pieces in ((False, False), (True, True)):
+        llm = LLM(device="cpu", kv_cache_memory=64 << 20, max_num_batched_tokens=40, cuda_graphs=False,
+                  overlap=overlap)
+        llm.model.layer_ops = "kernels"
+        if pieces:
+            llm.runner = GraphModelRunner(llm.model, llm.config, llm.num_kv_blocks, llm.block_size, llm.device,
+                                          llm.dtype, capture=False, mixed_max_tokens=40)
+        outputs = llm.generate(prompts, params, use_tqdm=False)
+        runs.append([c.token_ids for o in outputs for c in o.outputs])
+    assert runs[1] == runs[0]
+    assert llm.runner.mixed_graphs.steps >= 5 and llm.runner.decode_graphs.steps >= 3
