@@ -3,7 +3,8 @@
 #   1. environment   (nvidia-smi, nvcc, cmake, python, torch)
 #   2. build         (pip install --no-build-isolation --no-deps --no-index . for this card's architecture)
 #   3. gpu tests     (pytest -m gpu)
-#   4. benchmarks    (bench/bench_attention.py: decode kernel grid + paged prefill; bench/bench_sampling.py)
+#   4. benchmarks    (bench/bench_attention.py: decode kernel grid + paged prefill; bench/bench_sampling.py;
+#                    bench/bench_gemm.py)
 #   5. end-to-end    (bench/e2e.py: W1, W2, W5 on llama-1b, policies, graphs, overlap, transformers)
 #   6. ncu           (Nsight Compute counters and stall reasons of the default kernels)
 #   7. e2e_w6        (W6 on the qwen2.5-7b shape, batchllm vs fcfs-lru, if 60 s are left)
@@ -138,11 +139,14 @@ print([r for r in rows if r.get("bench") == "context_lost"][-1]["variant"])' "$j
   return 3
 }
 
-# ---- 4b. the sampler's fused pass against its torch path on decode-step logits (W1, W4, W6 shapes);
-# log and JSON lines appended to bench_attention's (the device tool returns 8 files at most).
+# ---- 4b. the sampler's fused pass against its torch path on decode-step logits (W1, W4, W6 shapes),
+# then the model's GEMMs under cuBLAS and cuBLASLt (bench/bench_gemm.py: run 4's W1 decode GEMMs took
+# ~2x their weights' read); log and JSON lines appended to bench_attention's (the device tool returns
+# 8 files at most).
 section_bench_sampling() {
   cd "$ROOT"
-  "$PY" bench/bench_sampling.py --json-out "$OUT/bench_attention.jsonl"
+  "$PY" bench/bench_sampling.py --json-out "$OUT/bench_attention.jsonl" || echo "bench_sampling FAILED"
+  "$PY" bench/bench_gemm.py --json-out "$OUT/bench_attention.jsonl"
 }
 
 # ---- 5. end-to-end: whole workloads through LLM, llama-1b random weights (bench/e2e.py) --------------------
@@ -186,6 +190,16 @@ section_e2e() {
   run_env=(env BATCHLLM_ATTENTION_TILES=mma)
   e2e_run "W1 mma tiles" --workload W1 --scale 0.25 --policy batchllm --repeat 2
   run_env=(env)
+  # cuBLASLt for every GEMM (torch's switch, read at start-up), if bench_gemm found it faster.
+  if [[ -s "$OUT/bench_attention.jsonl" ]] && "$PY" -c 'import json, sys
+rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
+layer = [r for r in rows if r.get("bench") == "gemm" and r["model"] == "llama-1b" and r["rows"] == 256]
+sys.exit(0 if layer and sum(r["cublaslt_ms"] for r in layer) < 0.97 * sum(r["cublas_ms"] for r in layer) else 1)' \
+      "$OUT/bench_attention.jsonl"; then
+    run_env=(env TORCH_BLAS_PREFER_CUBLASLT=1)
+    e2e_run "W1 cublaslt" --workload W1 --scale 0.25 --policy batchllm --repeat 2
+    run_env=(env)
+  fi
   # The step's token budget: fewer, larger mixed steps (a bucket of 8192 tokens with the pieces).
   e2e_run "W5 budget 8192" --workload W5 --scale 0.125 --policy batchllm --max-num-batched-tokens 8192 --repeat 2
   # The attention kernels bench_attention found fastest over its grid, if not the defaults: W1 again
@@ -304,7 +318,7 @@ fi
 if (( BUILD_OK )); then
   run_section gpu_tests 110 30 section_gpu_tests
   run_section bench_attention 100 30 section_bench_attention
-  run_section bench_sampling 40 15 section_bench_sampling bench_attention
+  run_section bench_sampling 70 15 section_bench_sampling bench_attention
   run_section e2e 240 45 section_e2e
   # ncu before W6 and the profile: its stall reasons decide the next kernel change, and it has not
   # had a slot since run 3 (run 4: 1 s left for it). W6 took 36 s in run 4.

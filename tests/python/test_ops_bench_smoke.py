@@ -181,3 +181,21 @@ def test_bench_sampling_paths_agree_on_cpu():
                                 timer=lambda fns, reps=1: (fns[0](), 1.0)[1])
         assert row["draws_equal_fraction"] == 1.0 and row["lse_max_abs_err"] < 1e-3, row
         assert row["floor_ms"] > 0 and row["sampler_wall_ms"] > 0
+
+
+def test_bench_gemm_floors_and_weight_rotation():
+    # bench/bench_gemm.py: a decode GEMM's floor is its weights' read, a prefill GEMM's its FLOPs; the
+    # weight copies it rotates over overflow the L2 cache, so a replay reads them from HBM.
+    path = Path(__file__).resolve().parents[2] / "bench" / "bench_gemm.py"
+    spec = importlib.util.spec_from_file_location("bench_gemm", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    decode = bench.floor_ms(256, 2048, 16384)  # llama-1b gate/up at W1 1/4's decode rows
+    assert decode == pytest.approx((256 * 2048 + 2048 * 16384 + 256 * 16384) * 2 / 2.9e12 * 1e3)
+    prefill = bench.floor_ms(2048, 2048, 16384)
+    assert prefill == pytest.approx(2 * 2048 * 2048 * 16384 / 746e12 * 1e3)
+    for model, projections in bench.PROJECTIONS.items():
+        for _, k, n in projections:
+            assert bench.weight_copies(k, n) * k * n * 2 >= bench.L2_OVERFLOW_BYTES
+    if not torch.cuda.is_available():
+        assert bench.main([]) == 2  # says it measured nothing
