@@ -47,7 +47,7 @@ from .context import AttentionContext, reset_context, set_context
 from .model_runner import ModelRunner
 from .step_upload import PackedLayout, StaticUpload
 
-__all__ = ["GraphKey", "DecodeGraphs", "GraphModelRunner", "batch_bucket"]
+__all__ = ["GraphKey", "DecodeGraphs", "GraphModelRunner", "batch_bucket", "capture_stream"]
 
 
 def _pow2(value: int, minimum: int = 1) -> int:
@@ -404,7 +404,7 @@ class DecodeGraphs:
         device = self.runner.device
         current = torch.cuda.current_stream(device)
         if self._stream is None:
-            self._stream = torch.cuda.Stream(device)
+            self._stream = capture_stream(self.runner, device)
         # Warm-up on a side stream, as torch requires before capture. It runs this step for real, so
         # its hidden states are the step's result (the capture records work, it runs none): the
         # step replays nothing. The K/V it stores are the ones every replay stores (same slots).
@@ -433,6 +433,17 @@ class DecodeGraphs:
         entry.graph = graph
         self.captures += 1
         return hidden
+
+
+def capture_stream(runner: Any, device: torch.device) -> torch.cuda.Stream:
+    """The side stream every capture of ``runner``'s graphs (decode and piecewise) warms up and
+    records on: one stream, so that the graphs' shared memory pool can reuse one capture's freed
+    blocks in the next (the caching allocator reuses a block on the stream it was freed on)."""
+    stream = getattr(runner, "_graph_capture_stream", None)
+    if stream is None:
+        stream = torch.cuda.Stream(device)
+        runner._graph_capture_stream = stream
+    return stream
 
 
 class GraphModelRunner(ModelRunner):

@@ -230,7 +230,9 @@ class MixedGraphs:
         device = self.runner.device
         current = torch.cuda.current_stream(device)
         if self._stream is None:
-            self._stream = torch.cuda.Stream(device)
+            from .cuda_graphs import capture_stream  # the decode graphs' stream: their pool is shared
+
+            self._stream = capture_stream(self.runner, device)
         # Warm-up on a side stream, as torch requires before capture: the step itself, for real (the
         # capture records work and runs none), so its hidden states are the step's result.
         self._stream.wait_stream(current)
