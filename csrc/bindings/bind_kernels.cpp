@@ -139,15 +139,18 @@ void run_cuda(const ArgChecker& c, int device, Fn&& fn) {
                  : run_cpu(checker, [&] { return cpu_call; }))
 #endif
 
-void store_kv(py::handle k_obj, py::handle v_obj, py::handle k_cache_obj, py::handle v_cache_obj,
-              py::handle slot_obj, uintptr_t stream, bool check_indices) {
-  const ArgChecker c("store_kv");
-  const ViewArg k_arg = c.parse(k_obj, "k"), v_arg = c.parse(v_obj, "v");
+/// The store of store_kv and of rotary_embedding's fused store: v, the caches and the slots, checked
+/// against k (shapes, dtypes, devices, 16-byte rows on CUDA, and the slots within the cache where
+/// they are readable: on the CPU, or with check_indices).
+kernels::StoreKvParams check_store_args(const ArgChecker& c, const ViewArg& k_arg, const kernels::TensorView& k,
+                                        py::handle v_obj, py::handle k_cache_obj, py::handle v_cache_obj,
+                                        py::handle slot_obj, bool check_indices) {
+  const ViewArg v_arg = c.parse(v_obj, "v");
   const ViewArg kc_arg = c.parse(k_cache_obj, "k_cache"), vc_arg = c.parse(v_cache_obj, "v_cache");
   const ViewArg slot_arg = c.parse(slot_obj, "slot_mapping");
   c.same_device({&k_arg, &v_arg, &kc_arg, &vc_arg, &slot_arg});
   kernels::StoreKvParams p;
-  p.k = c.tensor(k_arg, 3);
+  p.k = k;
   p.v = c.tensor(v_arg, 3);
   p.k_cache = c.tensor(kc_arg, 4);
   p.v_cache = c.tensor(vc_arg, 4);
@@ -175,6 +178,15 @@ void store_kv(py::handle k_obj, py::handle v_obj, py::handle k_cache_obj, py::ha
                     std::to_string(num_slots) + " slots)");
     }
   }
+  return p;
+}
+
+void store_kv(py::handle k_obj, py::handle v_obj, py::handle k_cache_obj, py::handle v_cache_obj,
+              py::handle slot_obj, uintptr_t stream, bool check_indices) {
+  const ArgChecker c("store_kv");
+  const ViewArg k_arg = c.parse(k_obj, "k");
+  const kernels::StoreKvParams p =
+      check_store_args(c, k_arg, c.tensor(k_arg, 3), v_obj, k_cache_obj, v_cache_obj, slot_obj, check_indices);
   BATCHLLM_DISPATCH(c, k_arg.device, kernels::store_kv_cpu(p),
                     kernels::store_kv_cuda(p, reinterpret_cast<cudaStream_t>(stream)));
 }
@@ -502,7 +514,7 @@ void silu_and_mul(py::handle gate_up_obj, py::handle out_obj, uintptr_t stream) 
 }
 
 void rotary_embedding(py::handle q_obj, py::handle k_obj, py::handle positions_obj, py::handle inv_freq_obj,
-                      uintptr_t stream) {
+                      py::object store_obj, uintptr_t stream, bool check_indices) {
   const ArgChecker c("rotary_embedding");
   const ViewArg q_arg = c.parse(q_obj, "q"), k_arg = c.parse(k_obj, "k");
   const ViewArg positions_arg = c.parse(positions_obj, "positions"), inv_freq_arg = c.parse(inv_freq_obj, "inv_freq");
@@ -517,6 +529,16 @@ void rotary_embedding(py::handle q_obj, py::handle k_obj, py::handle positions_o
   c.index_array(inv_freq_arg, "float32", {p.q.shape[2] / 2});
   p.positions = reinterpret_cast<const int32_t*>(positions_arg.data);
   p.inv_freq = reinterpret_cast<const float*>(inv_freq_arg.data);
+  if (!store_obj.is_none()) {  // the fused store: (v, k_cache, v_cache, slot_mapping)
+    const py::tuple store = store_obj.cast<py::tuple>();
+    c.require(store.size() == 4, "store", "must be (v, k_cache, v_cache, slot_mapping)");
+    const kernels::StoreKvParams s = check_store_args(c, k_arg, p.k, store[0], store[1], store[2], store[3],
+                                                      check_indices);
+    p.v = s.v;
+    p.k_cache = s.k_cache;
+    p.v_cache = s.v_cache;
+    p.slot_mapping = s.slot_mapping;
+  }
   BATCHLLM_DISPATCH(c, q_arg.device, kernels::rotary_embedding_cpu(p),
                     kernels::rotary_embedding_cuda(p, reinterpret_cast<cudaStream_t>(stream)));
 }
@@ -550,7 +572,9 @@ void register_kernels(py::module_& m) {
   m.def("silu_and_mul", &silu_and_mul, py::arg("gate_up"), py::arg("out"), py::arg("stream"),
         "silu(gate) * up of gate_up = [gate | up]; use batchllm_core.ops.silu_and_mul.");
   m.def("rotary_embedding", &rotary_embedding, py::arg("q"), py::arg("k"), py::arg("positions"), py::arg("inv_freq"),
-        py::arg("stream"), "Rotate-half rope of q and k in place; use batchllm_core.ops.rotary_embedding.");
+        py::arg("store"), py::arg("stream"), py::arg("check_indices"),
+        "Rotate-half rope of q and k in place, then (store: (v, k_cache, v_cache, slot_mapping) or None) the "
+        "rotated k and v rows to their paged slots; use batchllm_core.ops.rotary_embedding.");
   m.def("cuda_kernel_head_dims", [] {
     std::vector<int> dims;
     for (int d : {64, 128}) {

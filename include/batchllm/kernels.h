@@ -141,11 +141,16 @@ struct SiluAndMulParams {
 ///   angle_i = float(position) * inv_freq[i], c = round(cos(angle_i)), s = round(sin(angle_i)),
 ///   x[i] <- round(round(x[i] * c) - round(x[i + D/2] * s)),
 ///   x[i + D/2] <- round(round(x[i + D/2] * c) + round(x[i] * s))      for i < D/2.
+/// With `slot_mapping` set, the step's store_kv is fused in: after its rotation, each token's k rows
+/// (rotated) and v rows go to their paged slot exactly as store_kv writes them (a slot < 0: none).
 struct RotaryParams {
   TensorView q;                      ///< [T, Hq, D], last dim contiguous, modified in place
   TensorView k;                      ///< [T, Hk, D], q's dtype, modified in place
   const int32_t* positions = nullptr;  ///< [T]
   const float* inv_freq = nullptr;   ///< [D / 2] (rope scaling already applied)
+  TensorView v;                      ///< [T, Hk, D], k's dtype (the fused store only)
+  TensorView k_cache, v_cache;       ///< [blocks, block_size, Hk, D], k's dtype (the fused store only)
+  const int64_t* slot_mapping = nullptr;  ///< [T]: the fused store's slots; nullptr: rotation only
 };
 
 // ---- CPU references: plain loops, float accumulation, any head dim, fp32/fp16/bf16 views.

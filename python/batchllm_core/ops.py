@@ -459,8 +459,16 @@ def silu_and_mul(gate_up: torch.Tensor, out: Optional[torch.Tensor] = None) -> t
     return out
 
 
-def rotary_embedding(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor) -> None:
+def rotary_embedding(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor,
+                     store: Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = None,
+                     check_indices: Optional[bool] = None) -> None:
     """Rotate-half rope of ``q`` ``[T, Hq, D]`` and ``k`` ``[T, Hk, D]`` in place (they may be views
     of one fused qkv row), at ``positions`` (int32 ``[T]``) with ``inv_freq`` (float32 ``[D/2]``,
-    rope scaling applied): the values of models.llama.apply_rope with cos and sin in x's dtype."""
-    _C.rotary_embedding(_view(q), _view(k), _view(positions), _view(inv_freq), _stream(q))
+    rope scaling applied): the values of models.llama.apply_rope with cos and sin in x's dtype.
+
+    ``store``: ``(v, k_cache, v_cache, slot_mapping)`` fuses the step's :func:`store_kv` in: the
+    rotated k rows and v's rows then go to their paged slots, one launch for both ops.
+    """
+    views = None if store is None else tuple(_view(t) for t in store)
+    _C.rotary_embedding(_view(q), _view(k), _view(positions), _view(inv_freq), views, _stream(q),
+                        _check_indices(k, check_indices))

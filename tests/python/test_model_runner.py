@@ -328,6 +328,19 @@ def assert_scenarios_close(ours: list[torch.Tensor], reference: list[torch.Tenso
         assert err <= rtol * r.abs().max().item(), f"step {step}: error {err}"
 
 
+def test_layer_op_kernels_runner_matches_the_torch_formulas():
+    # The layer-op kernel path (the staged forward: rope with the K/V store fused in, rms_norm with
+    # the residual, silu_and_mul; the CPU references here) against the torch formulas, float32, on the
+    # scenario's steps: a K/V row not stored, or stored before its rotation, changes later steps.
+    config = small_gpu_shape()
+    model = build_random_model(config, seed=0, dtype=torch.float32, device="cpu").model
+    reference = scenario_logits(ModelRunner(model, config, NUM_BLOCKS, BLOCK_SIZE, "cpu", torch.float32))
+    model.layer_ops = "kernels"
+    ours = scenario_logits(ModelRunner(model, config, NUM_BLOCKS, BLOCK_SIZE, "cpu", torch.float32))
+    model.layer_ops = "auto"
+    assert_scenarios_close(ours, reference, rtol=1e-4)
+
+
 def test_bfloat16_runner_matches_float32():
     config = small_gpu_shape()
     model = build_random_model(config, seed=0, dtype=torch.bfloat16, device="cpu").model

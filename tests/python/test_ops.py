@@ -430,6 +430,22 @@ def check_layer_ops(dtype: torch.dtype, device="cpu", seed: int = 0) -> None:
         close(dk, ref_k)
         close(on_device[:, (heads + kv_heads) * head_dim:], qkv[:, (heads + kv_heads) * head_dim:])  # v untouched
 
+        # The fused store: the same rotation, then the rotated k and v rows in their slots (row 3 a
+        # padding row, slot -1), as ops.store_kv leaves the cache after the plain rotation.
+        fused = qkv.to(device, copy=True)
+        fq = fused[:, :heads * head_dim].view(rows, heads, head_dim)
+        fk = fused[:, heads * head_dim:(heads + kv_heads) * head_dim].view(rows, kv_heads, head_dim)
+        fv = fused[:, (heads + kv_heads) * head_dim:].view(rows, kv_heads, head_dim)
+        slots = torch.randperm(48, generator=gen)[:rows].to(device)
+        slots[3] = -1
+        caches = [torch.randn(3, 16, kv_heads, head_dim, generator=gen).to(dtype).to(device) for _ in range(2)]
+        expected = [c.clone() for c in caches]
+        ops.store_kv(dk, on_device[:, (heads + kv_heads) * head_dim:].view(rows, kv_heads, head_dim), *expected, slots)
+        ops.rotary_embedding(fq, fk, positions.to(device), inv_freq.to(device), store=(fv, *caches, slots))
+        assert torch.equal(fq, dq) and torch.equal(fk, dk)
+        assert torch.equal(caches[0], expected[0]) and torch.equal(caches[1], expected[1])
+        assert not torch.equal(caches[0], expected[0].new_zeros(expected[0].shape))
+
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_layer_ops_match_the_model_formulas(dtype):
@@ -449,3 +465,9 @@ def test_layer_ops_bad_arguments_are_named():
         ops.rotary_embedding(q, k, torch.arange(4), torch.ones(4))
     with pytest.raises(ValueError, match="rotary_embedding: argument 'inv_freq' has size 3"):
         ops.rotary_embedding(q, k, torch.arange(4, dtype=torch.int32), torch.ones(3))
+    positions, inv_freq = torch.arange(4, dtype=torch.int32), torch.ones(4)
+    cache = torch.zeros(2, 4, 1, 8)
+    with pytest.raises(ValueError, match="rotary_embedding: argument 'v' must have k's shape"):
+        ops.rotary_embedding(q, k, positions, inv_freq, store=(torch.zeros(4, 2, 8), cache, cache, torch.zeros(4, dtype=torch.int64)))
+    with pytest.raises(ValueError, match="rotary_embedding: argument 'slot_mapping' entry 1 = 8 is out of range"):
+        ops.rotary_embedding(q, k, positions, inv_freq, store=(torch.zeros(4, 1, 8), cache, cache, torch.tensor([0, 8, 1, 2])))

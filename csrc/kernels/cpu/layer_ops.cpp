@@ -93,7 +93,14 @@ Status rotary_embedding_cpu(const RotaryParams& p) {
     rotate_heads(p.q, t, position, p.inv_freq);
     rotate_heads(p.k, t, position, p.inv_freq);
   }
-  return Status::kOk;
+  if (p.slot_mapping == nullptr) return Status::kOk;
+  StoreKvParams store;  // the fused store: the rotated k rows and the v rows, as store_kv writes them
+  store.k = p.k;
+  store.v = p.v;
+  store.k_cache = p.k_cache;
+  store.v_cache = p.v_cache;
+  store.slot_mapping = p.slot_mapping;
+  return store_kv_cpu(store);
 }
 
 }  // namespace batchllm::kernels

@@ -7,6 +7,7 @@
 
 #include "batchllm/kernels/cuda.h"
 #include "kernels/cuda/cuda_common.cuh"
+#include "kernels/cuda/store_token_kv.cuh"
 
 namespace batchllm::kernels {
 
@@ -123,7 +124,8 @@ constexpr int kRopeTable = 128;  // cos/sin entries a rotary CTA keeps in shared
 /// One CTA per token. Its cos and sin (of position x inv_freq[i], rounded to T) go to shared memory
 /// once, kRopeTable frequencies at a time (each was computed by every head before: 40 times at
 /// llama-1b); then a thread per (head, i) pair of q's then k's heads rotates x[i] and x[i + D/2] (it
-/// reads both before writing either: in place).
+/// reads both before writing either: in place). With a slot mapping, the CTA then writes its token's
+/// rotated k rows and v rows to their paged slot (store_kv fused in).
 template <typename T>
 __global__ void rotary_embedding_kernel(RotaryParams p) {
   __shared__ float cos_table[kRopeTable], sin_table[kRopeTable];
@@ -151,6 +153,11 @@ __global__ void rotary_embedding_kernel(RotaryParams p) {
       x[i + half] = from_float<T>(round_to<T>(x2 * c) + round_to<T>(x1 * s));
     }
   }
+  if (p.slot_mapping == nullptr) return;
+  const int64_t slot = p.slot_mapping[t];  // the fused store: the same for the whole CTA
+  if (slot < 0) return;
+  __syncthreads();  // every thread's rotated k elements are written (and visible to the CTA) first
+  store_token_kv(p.k, p.v, p.k_cache, p.v_cache, t, slot);
 }
 
 }  // namespace

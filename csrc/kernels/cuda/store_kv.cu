@@ -1,7 +1,7 @@
 // CUDA store_kv: scatter the step's new K/V rows into their paged slots. One CTA per token; each
 // thread moves 16 bytes (rows are 16-byte aligned: checked by the binding).
 #include "batchllm/kernels/cuda.h"
-#include "kernels/cuda/cuda_common.cuh"
+#include "kernels/cuda/store_token_kv.cuh"
 
 namespace batchllm::kernels {
 
@@ -13,21 +13,7 @@ __global__ void store_kv_kernel(TensorView k, TensorView v, TensorView k_cache, 
   const int64_t token = blockIdx.x;
   const int64_t slot = slot_mapping[token];
   if (slot < 0) return;  // padding row
-  const int64_t block = slot / k_cache.shape[1];
-  const int64_t offset = slot % k_cache.shape[1];
-  const int num_heads = static_cast<int>(k.shape[1]);
-  const int vec_per_head = static_cast<int>(k.shape[2]) * 2 / 16;  // 16-bit elements
-  for (int idx = threadIdx.x; idx < num_heads * vec_per_head; idx += blockDim.x) {
-    const int head = idx / vec_per_head, chunk = idx % vec_per_head;
-    const int64_t src_k = token * k.stride[0] + head * k.stride[1];
-    const int64_t src_v = token * v.stride[0] + head * v.stride[1];
-    const int64_t dst = block * k_cache.stride[0] + offset * k_cache.stride[1] + head * k_cache.stride[2];
-    const int64_t dst_v = block * v_cache.stride[0] + offset * v_cache.stride[1] + head * v_cache.stride[2];
-    reinterpret_cast<uint4*>(static_cast<uint16_t*>(k_cache.data) + dst)[chunk] =
-        reinterpret_cast<const uint4*>(static_cast<const uint16_t*>(k.data) + src_k)[chunk];
-    reinterpret_cast<uint4*>(static_cast<uint16_t*>(v_cache.data) + dst_v)[chunk] =
-        reinterpret_cast<const uint4*>(static_cast<const uint16_t*>(v.data) + src_v)[chunk];
-  }
+  store_token_kv(k, v, k_cache, v_cache, token, slot);
 }
 
 }  // namespace

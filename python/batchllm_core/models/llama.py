@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..context import get_context
 from .attention import attend, attend_stored, store_step_kv
 from .config import ModelConfig
 
@@ -70,6 +71,23 @@ class Attention(nn.Module):
                 qkv_out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """q ``[T, Hq, D]``, k and v ``[T, Hkv, D]`` of ``x`` (rope applied to q and k). ``qkv_out``:
         ``[T, q_size + 2 kv_size]`` to compute the fused projection into (default: a new tensor)."""
+        q, k, v = self._unrotated_qkv(x, qkv_out)
+        return (*rope.apply(q, k), v)
+
+    def project_and_store(self, x: torch.Tensor, rope: "Rope",
+                          qkv_out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """:meth:`project`, then :meth:`store` of k and v; on the rotary kernel inside a step, one
+        launch for both (ops.rotary_embedding's fused store)."""
+        context = get_context()
+        if rope.kernels and context is not None and self.k_cache is not None and self.v_cache is not None:
+            q, k, v = self._unrotated_qkv(x, qkv_out)
+            rope.apply(q, k, store=(v, self.k_cache, self.v_cache, context.slot_mapping))
+            return q, k, v
+        q, k, v = self.project(x, rope, qkv_out)
+        self.store(k, v)
+        return q, k, v
+
+    def _unrotated_qkv(self, x: torch.Tensor, qkv_out: torch.Tensor | None):
         num_tokens = x.shape[0]
         qkv = self.wqkv(x) if qkv_out is None else _linear_into(x, self.wqkv, qkv_out)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
@@ -78,7 +96,7 @@ class Attention(nn.Module):
         v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        return (*rope.apply(q, k), v)
+        return q, k, v
 
     def store(self, k: torch.Tensor, v: torch.Tensor) -> None:
         """Inside a step, write the rows' K/V to this layer's cache (attention.store_step_kv)."""
@@ -161,11 +179,15 @@ class Rope:
             angles = torch.cat((freqs, freqs), dim=-1)
             self.cos, self.sin = angles.cos().to(dtype), angles.sin().to(dtype)
 
-    def apply(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def apply(self, q: torch.Tensor, k: torch.Tensor, store: tuple | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """q and k rotated (in place on the kernel). ``store``: ``(v, k_cache, v_cache, slot_mapping)``,
+        the kernel's fused K/V store (ops.rotary_embedding); the kernel path only."""
         if self.kernels:
             from .. import ops
-            ops.rotary_embedding(q, k, self.positions, self.inv_freq)
+            ops.rotary_embedding(q, k, self.positions, self.inv_freq, store=store)
             return q, k
+        if store is not None:
+            raise ValueError("Rope.apply: the fused K/V store needs the rotary kernel (kernels=True)")
         return apply_rope(q, self.cos, self.sin), apply_rope(k, self.cos, self.sin)
 
 
@@ -272,8 +294,7 @@ class LlamaModel(nn.Module):
         first = self.layers[0].attention_norm
         h = ops.rms_norm(residual, first.weight, first.eps)
         for i, layer in enumerate(self.layers):
-            q, k, v = layer.attention.project(h, rope, qkv_out)
-            layer.attention.store(k, v)
+            q, k, v = layer.attention.project_and_store(h, rope, qkv_out)
             out = yield i, q, k, v
             next_norm = self.layers[i + 1].attention_norm if i + 1 < len(self.layers) else self.norm
             h = layer.finish_fused(out, residual, next_norm)

@@ -256,6 +256,51 @@ TEST_F(CudaSweep, LayerOps) {
       ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
       EXPECT_LT(rel_err(q.download(), q.host, dtype), tolerance(dtype));
       EXPECT_LT(rel_err(k.download(), k.host, dtype), tolerance(dtype));
+      // The same rotation with store_kv fused in (a slot mapping; row 4 a padding row, slot -1): on each
+      // backend the q, k and cache it leaves are those of rotary then store_kv, bit for bit.
+      const auto q_bits = random_bits(rows * heads * head_dim, dtype, gen);
+      const auto k_bits = random_bits(rows * kv_heads * head_dim, dtype, gen);
+      const auto v_bits = random_bits(rows * kv_heads * head_dim, dtype, gen);
+      std::vector<int64_t> slots(rows);
+      std::iota(slots.begin(), slots.end(), 5);
+      slots[4] = -1;
+      Mirror<int64_t> d_slots(slots);
+      const auto seed = static_cast<uint32_t>(gen());
+      for (bool device : {false, true}) {
+        std::vector<std::vector<uint16_t>> results[2];  // q, k, k cache, v cache: fused, then separate
+        for (bool fused : {true, false}) {
+          std::mt19937 cache_gen(seed);
+          Cache cache(4, 8, kv_heads, head_dim, dtype, cache_gen);
+          Mirror<uint16_t> fq(q_bits), fk(k_bits), fv(v_bits);
+          bk::RotaryParams r = device ? d_rope : rope;
+          r.q = view(device ? fq.device : fq.host.data(), dtype, {rows, heads, head_dim});
+          r.k = view(device ? fk.device : fk.host.data(), dtype, {rows, kv_heads, head_dim});
+          bk::StoreKvParams store;
+          store.k = r.k;
+          store.v = view(device ? fv.device : fv.host.data(), dtype, {rows, kv_heads, head_dim});
+          store.k_cache = cache.k_view(device);
+          store.v_cache = cache.v_view(device);
+          store.slot_mapping = device ? d_slots.device : slots.data();
+          if (fused) {
+            r.v = store.v;
+            r.k_cache = store.k_cache;
+            r.v_cache = store.v_cache;
+            r.slot_mapping = store.slot_mapping;
+          }
+          if (device) {
+            ASSERT_EQ(bk::rotary_embedding_cuda(r, nullptr), cudaSuccess);
+            if (!fused) ASSERT_EQ(bk::store_kv_cuda(store, nullptr), cudaSuccess);
+            ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+            results[fused ? 0 : 1] = {fq.download(), fk.download(), cache.k.download(), cache.v.download()};
+          } else {
+            ASSERT_EQ(bk::rotary_embedding_cpu(r), bk::Status::kOk);
+            if (!fused) ASSERT_EQ(bk::store_kv_cpu(store), bk::Status::kOk);
+            results[fused ? 0 : 1] = {fq.host, fk.host, cache.k.host, cache.v.host};
+          }
+        }
+        SCOPED_TRACE(device ? "fused store on the device" : "fused store on the CPU");
+        for (size_t i = 0; i < 4; ++i) EXPECT_EQ(results[0][i], results[1][i]) << "array " << i;
+      }
     }
   }
 }
