@@ -20,7 +20,7 @@ Example
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Dict, Iterable, Tuple
 
 import numpy as np
@@ -37,10 +37,10 @@ class FieldSpec:
     dtype: np.dtype
     shape: Tuple[int, ...]
     offset: int
+    nbytes: int = field(init=False)  # computed once: upload() reads it for every field of every step
 
-    @property
-    def nbytes(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "nbytes", int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize)
 
 
 class PackedLayout:
