@@ -50,16 +50,19 @@ TILE_KERNELS = ["wmma", "mma", "mma128", "wgmma", "wgmma-pipe", "wgmma64"]
 # Cascade decode variants, "<suffix level>+<prefix tiles>": the suffix on decode_rows (default), on
 # the old tile kernel (BATCHLLM_CASCADE_SUFFIX=tile), decode_rows and the prefix tiles in one fused
 # launch (BATCHLLM_CASCADE_LAUNCH=fused), decode_rows merging the prefix states in its epilogue
-# (=merge), or decode_rows on a side stream beside the prefix tiles (=streams).
+# (=merge), or decode_rows on a side stream beside the prefix tiles (=streams); "staged": decode_rows
+# with its staged key loop (BATCHLLM_DECODE_ROWS=staged: K/V tiles in shared memory by cp.async).
 CASCADE_KERNELS = ["decode+wmma", "tile+wmma", "decode+mma", "decode+mma128", "decode+wgmma", "fused+wmma",
                    "fused+mma", "merge+wmma", "merge+mma128", "merge+wgmma", "merge+wgmma-pipe", "streams+wmma",
-                   "decode+wgmma-pipe", "decode+wgmma64", "merge+wgmma64", "fused+wgmma64"]
+                   "decode+wgmma-pipe", "decode+wgmma64", "merge+wgmma64", "fused+wgmma64", "staged+wgmma-pipe",
+                   "staged+mma"]
 
 
 def use_cascade_kernels(kernels: str, monkeypatch) -> None:
     suffix, tiles = kernels.split("+")
     monkeypatch.setenv("BATCHLLM_CASCADE_SUFFIX", "tile" if suffix == "tile" else "decode")
     monkeypatch.setenv("BATCHLLM_CASCADE_LAUNCH", suffix if suffix in ("fused", "merge", "streams") else "separate")
+    monkeypatch.setenv("BATCHLLM_DECODE_ROWS", "staged" if suffix == "staged" else "unrolled")
     monkeypatch.setenv("BATCHLLM_ATTENTION_TILES", tiles)
 
 

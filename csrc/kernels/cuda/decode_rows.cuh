@@ -15,6 +15,7 @@
 #pragma once
 
 #include "kernels/cuda/cuda_common.cuh"
+#include "kernels/cuda/mma_sync.cuh"
 #include "kernels/cuda/prefix_states.cuh"
 
 namespace batchllm::kernels::cuda {
@@ -165,6 +166,89 @@ struct DecodeSmem {
   bool direct_output;          // the row's output written here, not its state (SuffixSplit::direct)
 };
 
+/// The staged key loop's K/V tiles (BATCHLLM_DECODE_ROWS=staged): kStages tiles of kKeys keys in
+/// shared memory, filled by cp.async kStages - 1 tiles ahead of the one being read. The unrolled loop
+/// (the default) holds kDecodeUnroll key groups of loads in registers and issues the next ones only
+/// after using them: at W1's decode rows (~128 keys) 2 such rounds a CTA, each waiting a full
+/// latency with nothing in flight while it computes. Here up to (kStages - 1) x kKeys keys are in
+/// flight the whole time, in no registers. 32 KB at d = 64 (4 x 32 keys), 24 KB at d = 128 (3 x 16):
+/// with DecodeSmem under the 48 KB of static shared memory for both head chunk sizes.
+template <typename T, int D>
+struct DecodeStages {
+  static constexpr int kKeys = D <= 64 ? 32 : 16;
+  static constexpr int kStages = D <= 64 ? 4 : 3;
+  static constexpr int kChunks = D * static_cast<int>(sizeof(T)) / 16;  // 16-byte chunks of a row
+  uint4 k[kStages][kKeys][kChunks];
+  uint4 v[kStages][kKeys][kChunks];
+};
+
+/// The staged key loop over keys [key_begin, len) of one KV head: the same scores, rescales and
+/// accumulations as decode_rows' unrolled loop (a lane group's keys in the same order), its K/V
+/// read from shared memory tiles. Keys past len: K and V zero-filled, scores -inf.
+template <typename T, int D, int kHeads>
+__device__ __forceinline__ void staged_key_loop(DecodeStages<T, D>& st, const PagedKvHead<T>& kv, int key_begin,
+                                                int len, int group_id, int chunk, const float (&q)[kHeads][8],
+                                                RunningState (&state)[kHeads]) {
+  using Stages = DecodeStages<T, D>;
+  constexpr int kLanesPerKey = D / 8;
+  constexpr int kGroups = kDecodeWarps * (32 / kLanesPerKey);
+  constexpr int kPerGroup = Stages::kKeys / kGroups;  // keys of a tile per lane group: 2 (d = 64 and 128)
+  static_assert(Stages::kKeys % kGroups == 0, "a tile holds whole rounds of the CTA's lane groups");
+  const int tiles = len > key_begin ? (len - key_begin + Stages::kKeys - 1) / Stages::kKeys : 0;
+  const auto issue = [&](int tile) {
+    if (tile < tiles) {
+      const int stage = tile % Stages::kStages, first = key_begin + tile * Stages::kKeys;
+      for (int c = threadIdx.x; c < Stages::kKeys * Stages::kChunks; c += kDecodeThreads) {
+        const int key = c / Stages::kChunks, part = c % Stages::kChunks, pos = first + key;
+        const bool valid = pos < len;
+        const uint32_t block = valid ? kv.block_of(pos) : 0u;
+        cp_async_16(&st.k[stage][key][part], kv.k + (valid ? kv.k_offset(block, pos) : 0) + part * 16, valid);
+        cp_async_16(&st.v[stage][key][part], kv.v + (valid ? kv.v_offset(block, pos) : 0) + part * 16, valid);
+      }
+    }
+    cp_async_commit();  // an empty group past the last tile: every thread waits on the same counts
+  };
+  for (int t = 0; t < Stages::kStages - 1; ++t) issue(t);
+  for (int tile = 0; tile < tiles; ++tile) {
+    cp_async_wait<Stages::kStages - 2>();  // this thread's copies of `tile` are done
+    // Everyone's copies of `tile` are visible, and everyone is done reading tile - 1, whose stage
+    // the next issue refills.
+    __syncthreads();
+    issue(tile + Stages::kStages - 1);
+    const int stage = tile % Stages::kStages, first = key_begin + tile * Stages::kKeys;
+    float s[kHeads][kPerGroup];
+#pragma unroll
+    for (int u = 0; u < kPerGroup; ++u) {
+      const int key = u * kGroups + group_id;
+      const bool valid = first + key < len;  // uniform within a lane group
+      float k[8];
+      unpack8<T>(st.k[stage][key][chunk], k);
+#pragma unroll
+      for (int h = 0; h < kHeads; ++h) {
+        float dot = 0.0f;
+#pragma unroll
+        for (int i = 0; i < 8; ++i) dot = fmaf(q[h][i], k[i], dot);
+#pragma unroll
+        for (int offset = kLanesPerKey / 2; offset > 0; offset /= 2) dot += __shfl_xor_sync(0xffffffffu, dot, offset);
+        s[h][u] = valid ? dot : -INFINITY;
+      }
+    }
+#pragma unroll
+    for (int h = 0; h < kHeads; ++h) state[h].rescale(s[h]);
+#pragma unroll
+    for (int u = 0; u < kPerGroup; ++u) {
+      float v[8];
+      unpack8<T>(st.v[stage][u * kGroups + group_id][chunk], v);
+#pragma unroll
+      for (int h = 0; h < kHeads; ++h) state[h].accumulate(s[h][u], v);
+    }
+  }
+}
+
+/// Whether decode_rows runs the staged key loop (BATCHLLM_DECODE_ROWS=staged, read at each launch so
+/// that a benchmark compares both in one process; the fused cascade kernel keeps the unrolled one).
+inline bool decode_rows_staged() { return env_equals("BATCHLLM_DECODE_ROWS", "staged"); }
+
 /// The grid of a decode_rows launch: (item = row x key split, KV head, head chunk).
 inline dim3 decode_rows_grid(const SuffixSplit& split, int num_kv_heads, int group) {
   const int heads = decode_heads_per_cta(group);
@@ -174,9 +258,9 @@ inline dim3 decode_rows_grid(const SuffixSplit& split, int num_kv_heads, int gro
 
 /// One work item (row x key split, KV head, head chunk) of decode_rows on a CTA of kDecodeThreads:
 /// the body of decode_rows_kernel and of the fused cascade kernel's suffix items.
-template <typename T, int D, int kHeads>
+template <typename T, int D, int kHeads, bool kStaged = false>
 __device__ __forceinline__ void decode_rows(const DecodeRowsArgs& args, const dim3& item,
-                                            DecodeSmem<D, kHeads>& sm) {
+                                            DecodeSmem<D, kHeads>& sm, DecodeStages<T, D>* stages = nullptr) {
   constexpr int kLanesPerKey = D / 8;
   constexpr int kKeysPerWarp = 32 / kLanesPerKey;
   constexpr int kGroups = kDecodeWarps * kKeysPerWarp;  // keys in flight per unrolled step
@@ -199,11 +283,6 @@ __device__ __forceinline__ void decode_rows(const DecodeRowsArgs& args, const di
   const int len = min(args.kv_lens[row], key_begin + chunk_keys);
   const PagedKvHead<T> kv(args.k_cache, args.v_cache, args.block_tables + row * args.max_blocks, kv_head,
                           args.block_size);
-  // This lane's 16 bytes of the head's K and V rows in block 0, slot 0: a key's address adds its
-  // block and slot offsets (computed here once, not again for every key of the loop).
-  const char* k_lane = reinterpret_cast<const char*>(kv.k) + chunk * 16;
-  const char* v_lane = reinterpret_cast<const char*>(kv.v) + chunk * 16;
-
   float q[kHeads][8];
   RunningState state[kHeads];
 #pragma unroll
@@ -215,58 +294,68 @@ __device__ __forceinline__ void decode_rows(const DecodeRowsArgs& args, const di
     for (int i = 0; i < 8; ++i) q[h][i] *= args.scale_log2;
   }
 
-  // The block table entries of the lane group's keys of the next step, loaded a step ahead so that
-  // the K/V loads never wait for them (keys at or past len: 0, an address computed, never read).
-  constexpr int kStep = kGroups * kDecodeUnroll;
-  uint32_t blocks[kDecodeUnroll];
-  auto load_blocks = [&](int base) {
+  if constexpr (kStaged) {
+    staged_key_loop<T, D, kHeads>(*stages, kv, key_begin, len, group_id, chunk, q, state);
+  } else {
+    // This lane's 16 bytes of the head's K and V rows in block 0, slot 0: a key's address adds its
+    // block and slot offsets (computed here once, not again for every key of the loop).
+    const char* k_lane = reinterpret_cast<const char*>(kv.k) + chunk * 16;
+    const char* v_lane = reinterpret_cast<const char*>(kv.v) + chunk * 16;
+
+    // The block table entries of the lane group's keys of the next step, loaded a step ahead so that
+    // the K/V loads never wait for them (keys at or past len: 0, an address computed, never read).
+    constexpr int kStep = kGroups * kDecodeUnroll;
+    uint32_t blocks[kDecodeUnroll];
+    auto load_blocks = [&](int base) {
 #pragma unroll
-    for (int u = 0; u < kDecodeUnroll; ++u) {
-      const int pos = base + u * kGroups + group_id;
-      blocks[u] = pos < len ? kv.block_of(pos) : 0u;
-    }
-  };
-  load_blocks(key_begin);
-  for (int base = key_begin; base < len; base += kStep) {
-    // Every lane loads, a key past len from block 0, slot of pos (cache memory, never past it), so
-    // that there is no branch for the compiler to sink the address arithmetic into. Such a key's
-    // score is -inf whatever its K; its V is zeroed (weight 0 times garbage could be NaN).
-    uint4 k_raw[kDecodeUnroll], v_raw[kDecodeUnroll];
+      for (int u = 0; u < kDecodeUnroll; ++u) {
+        const int pos = base + u * kGroups + group_id;
+        blocks[u] = pos < len ? kv.block_of(pos) : 0u;
+      }
+    };
+    load_blocks(key_begin);
+    for (int base = key_begin; base < len; base += kStep) {
+      // Every lane loads, a key past len from block 0, slot of pos (cache memory, never past it), so
+      // that there is no branch for the compiler to sink the address arithmetic into. Such a key's
+      // score is -inf whatever its K; its V is zeroed (weight 0 times garbage could be NaN).
+      uint4 k_raw[kDecodeUnroll], v_raw[kDecodeUnroll];
 #pragma unroll
-    for (int u = 0; u < kDecodeUnroll; ++u) {
-      const int pos = base + u * kGroups + group_id;
-      k_raw[u] = *reinterpret_cast<const uint4*>(k_lane + kv.k_offset(blocks[u], pos));
-      v_raw[u] = *reinterpret_cast<const uint4*>(v_lane + kv.v_offset(blocks[u], pos));
-      if (pos >= len) v_raw[u] = make_uint4(0, 0, 0, 0);
-    }
-    load_blocks(base + kStep);
-    float s[kHeads][kDecodeUnroll];
+      for (int u = 0; u < kDecodeUnroll; ++u) {
+        const int pos = base + u * kGroups + group_id;
+        k_raw[u] = *reinterpret_cast<const uint4*>(k_lane + kv.k_offset(blocks[u], pos));
+        v_raw[u] = *reinterpret_cast<const uint4*>(v_lane + kv.v_offset(blocks[u], pos));
+        if (pos >= len) v_raw[u] = make_uint4(0, 0, 0, 0);
+      }
+      load_blocks(base + kStep);
+      float s[kHeads][kDecodeUnroll];
 #pragma unroll
-    for (int u = 0; u < kDecodeUnroll; ++u) {
-      const bool valid = base + u * kGroups + group_id < len;  // uniform within a lane group
-      float k[8];
-      unpack8<T>(k_raw[u], k);
+      for (int u = 0; u < kDecodeUnroll; ++u) {
+        const bool valid = base + u * kGroups + group_id < len;  // uniform within a lane group
+        float k[8];
+        unpack8<T>(k_raw[u], k);
 #pragma unroll
-      for (int h = 0; h < kHeads; ++h) {
-        float dot = 0.0f;
+        for (int h = 0; h < kHeads; ++h) {
+          float dot = 0.0f;
 #pragma unroll
-        for (int i = 0; i < 8; ++i) dot = fmaf(q[h][i], k[i], dot);
-        // Sum over the key's lanes (xor offsets below kLanesPerKey stay inside the lane group); every
-        // lane of the warp takes part, valid key or not.
+          for (int i = 0; i < 8; ++i) dot = fmaf(q[h][i], k[i], dot);
+          // Sum over the key's lanes (xor offsets below kLanesPerKey stay inside the lane group); every
+          // lane of the warp takes part, valid key or not.
 #pragma unroll
-        for (int offset = kLanesPerKey / 2; offset > 0; offset /= 2) dot += __shfl_xor_sync(0xffffffffu, dot, offset);
-        s[h][u] = valid ? dot : -INFINITY;
+          for (int offset = kLanesPerKey / 2; offset > 0; offset /= 2) dot += __shfl_xor_sync(0xffffffffu, dot, offset);
+          s[h][u] = valid ? dot : -INFINITY;
+        }
+      }
+#pragma unroll
+      for (int h = 0; h < kHeads; ++h) state[h].rescale(s[h]);
+#pragma unroll
+      for (int u = 0; u < kDecodeUnroll; ++u) {
+        float v[8];
+        unpack8<T>(v_raw[u], v);
+#pragma unroll
+        for (int h = 0; h < kHeads; ++h) state[h].accumulate(s[h][u], v);
       }
     }
-#pragma unroll
-    for (int h = 0; h < kHeads; ++h) state[h].rescale(s[h]);
-#pragma unroll
-    for (int u = 0; u < kDecodeUnroll; ++u) {
-      float v[8];
-      unpack8<T>(v_raw[u], v);
-#pragma unroll
-      for (int h = 0; h < kHeads; ++h) state[h].accumulate(s[h][u], v);
-    }
+
   }
 
   // Merge the warp's lane groups (same chunk, other sub), then the warps through shared memory.
@@ -349,10 +438,15 @@ __device__ __forceinline__ void decode_rows(const DecodeRowsArgs& args, const di
   }
 }
 
-template <typename T, int D, int kHeads>
+template <typename T, int D, int kHeads, bool kStaged>
 __global__ void __launch_bounds__(kDecodeThreads, kHeads == 4 ? 4 : 1) decode_rows_kernel(DecodeRowsArgs args) {
   __shared__ DecodeSmem<D, kHeads> sm;
-  decode_rows<T, D, kHeads>(args, blockIdx, sm);
+  if constexpr (kStaged) {
+    __shared__ DecodeStages<T, D> stages;
+    decode_rows<T, D, kHeads, true>(args, blockIdx, sm, &stages);
+  } else {
+    decode_rows<T, D, kHeads>(args, blockIdx, sm);
+  }
 }
 
 /// Launches decode_rows_kernel over args.split's items.
@@ -360,10 +454,13 @@ template <typename T, int D>
 cudaError_t launch_decode_rows(const DecodeRowsArgs& args, int num_kv_heads, cudaStream_t stream) {
   if (args.split.items == 0) return cudaSuccess;
   const dim3 grid = decode_rows_grid(args.split, num_kv_heads, args.group);
+  const bool staged = decode_rows_staged();
   if (decode_heads_per_cta(args.group) == 4) {
-    BATCHLLM_LAUNCH(grid, kDecodeThreads, 0, stream, decode_rows_kernel<T, D, 4>)(args);
+    if (staged) BATCHLLM_LAUNCH(grid, kDecodeThreads, 0, stream, decode_rows_kernel<T, D, 4, true>)(args);
+    else BATCHLLM_LAUNCH(grid, kDecodeThreads, 0, stream, decode_rows_kernel<T, D, 4, false>)(args);
   } else {
-    BATCHLLM_LAUNCH(grid, kDecodeThreads, 0, stream, decode_rows_kernel<T, D, 8>)(args);
+    if (staged) BATCHLLM_LAUNCH(grid, kDecodeThreads, 0, stream, decode_rows_kernel<T, D, 8, true>)(args);
+    else BATCHLLM_LAUNCH(grid, kDecodeThreads, 0, stream, decode_rows_kernel<T, D, 8, false>)(args);
   }
   return last_launch_error();
 }

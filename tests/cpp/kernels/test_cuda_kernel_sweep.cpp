@@ -631,6 +631,11 @@ TEST_F(CudaSweep, CascadeDecodeAttention) {
               std::fill(want_lse.begin() + r * hq, want_lse.begin() + (r + 1) * hq, -INFINITY);
             }
             const unsigned tiles = ((static_cast<unsigned>(index) * 2246822519u) >> 27) % 6;
+            // decode_rows' staged key loop (BATCHLLM_DECODE_ROWS=staged) for half of its separate,
+            // merge and streams launches (the fused kernel keeps the unrolled loop).
+            const bool staged = (suffix == 1 || suffix == 3 || suffix == 4) &&
+                                ((static_cast<unsigned>(index) * 2166136261u) >> 30) % 2 == 0;
+            if (staged) setenv("BATCHLLM_DECODE_ROWS", "staged", 1);
             if (suffix == 0) setenv("BATCHLLM_CASCADE_SUFFIX", "tile", 1);
             if (launches[suffix] != nullptr) setenv("BATCHLLM_CASCADE_LAUNCH", launches[suffix], 1);
             setenv("BATCHLLM_ATTENTION_TILES", tile_names[tiles], 1);
@@ -650,8 +655,10 @@ TEST_F(CudaSweep, CascadeDecodeAttention) {
             Mirror<float> workspace(std::vector<float>(
                 bk::cascade_workspace_floats(rows, hq, hkv, head_dim, d.levels, device_split, prefix_split), NAN));
             d.workspace = workspace.device;
-            SCOPED_TRACE(std::string(suffix_names[suffix]) + ", prefix " + tile_names[tiles]);
+            SCOPED_TRACE(std::string(suffix_names[suffix]) + (staged ? " (staged)" : "") + ", prefix " +
+                         tile_names[tiles]);
             const cudaError_t launched = bk::cascade_decode_attention_cuda(d, nullptr);
+            unsetenv("BATCHLLM_DECODE_ROWS");
             unsetenv("BATCHLLM_CASCADE_SUFFIX");
             unsetenv("BATCHLLM_CASCADE_LAUNCH");
             unsetenv("BATCHLLM_ATTENTION_TILES");
