@@ -294,6 +294,7 @@ DECODE_VARIANTS = {
     "merge+wgmma": {"BATCHLLM_CASCADE_LAUNCH": "merge", "BATCHLLM_ATTENTION_TILES": "wgmma"},
     "streams": {"BATCHLLM_CASCADE_LAUNCH": "streams"},
     "wgmma64": {"BATCHLLM_ATTENTION_TILES": "wgmma64"},
+    "staged": {"BATCHLLM_DECODE_ROWS": "staged"},  # decode_rows' K/V tiles in shared memory by cp.async
 }
 
 
@@ -432,10 +433,13 @@ def bench_prefix_scan(reps, device_name) -> dict:
 FLAT_D64 = [(1, 64, 1024, 128), (1, 256, 1024, 128), (4, 256, 1024, 128), (16, 1024, 1024, 128)]
 # The launch variants timed at those shapes too: run 4's W1 decode layer spent 44 us in decode_rows,
 # 25 in the prefix tiles and 10 in the combine, one after the other; streams overlaps the first two,
-# merge drops the combine. mma: the 64-row tiles at d = 64 (the default there is wgmma-pipe).
+# merge drops the combine. mma: the 64-row tiles at d = 64 (the default there is wgmma-pipe). staged:
+# decode_rows' staged key loop (its K/V by cp.async into shared memory, 3 tiles ahead).
 FLAT_D64_VARIANTS = {"streams": {"BATCHLLM_CASCADE_LAUNCH": "streams"},
                      "merge": {"BATCHLLM_CASCADE_LAUNCH": "merge"},
-                     "mma": {"BATCHLLM_ATTENTION_TILES": "mma"}}
+                     "mma": {"BATCHLLM_ATTENTION_TILES": "mma"},
+                     "staged": {"BATCHLLM_DECODE_ROWS": "staged"},
+                     "staged+streams": {"BATCHLLM_DECODE_ROWS": "staged", "BATCHLLM_CASCADE_LAUNCH": "streams"}}
 
 
 def _rel_err(x: torch.Tensor, reference: torch.Tensor) -> float:

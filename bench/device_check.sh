@@ -183,6 +183,12 @@ section_e2e() {
   # it at W1's groups.
   run_env=(env BATCHLLM_CASCADE_LAUNCH=streams)
   e2e_run "W1 streams" --workload W1 --scale 0.25 --policy batchllm --repeat 2
+  # decode_rows' staged key loop (K/V tiles by cp.async, 3 ahead; session 13): run 4's decode_rows
+  # moved W1's suffix KV at ~1.5 TB/s. W5's decode steps read ~800-key suffixes (KV-bound).
+  # Prediction: decode_rows 44 -> 28-35 us a W1 layer; W1 1/4 -3..-6%, W5 1/8 -4..-8%.
+  run_env=(env BATCHLLM_DECODE_ROWS=staged)
+  e2e_run "W1 staged decode_rows" --workload W1 --scale 0.25 --policy batchllm --repeat 2
+  e2e_run "W5 staged decode_rows" --workload W5 --scale 0.125 --policy batchllm --repeat 2
   # The 64-row mma tiles at llama-1b's d = 64, whose default is wgmma-pipe: run 4 had mma faster on
   # W1 1/4 (0.588 against 0.625 s, first runs); W5's prefill side is bench_attention's d = 64
   # prefill row now. (Answered and dropped since run 5: W5 in the swapped order, eager, wgmma64 and

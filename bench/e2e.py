@@ -298,7 +298,8 @@ def _common(workload, args, device, dtype, policy, seconds, cost, ceilings, outp
 # The CUDA kernel variants chosen by the environment (bench/NOTES_attention.md): recorded with each
 # run so that a figure says which kernels made it.
 KERNEL_ENV_VARS = ("BATCHLLM_ATTENTION_TILES", "BATCHLLM_CASCADE_SUFFIX", "BATCHLLM_CASCADE_LAUNCH", "BATCHLLM_SAMPLER",
-                   "BATCHLLM_LAYER_OPS", "BATCHLLM_MIXED_GRAPHS", "TORCH_BLAS_PREFER_CUBLASLT")
+                   "BATCHLLM_LAYER_OPS", "BATCHLLM_MIXED_GRAPHS", "TORCH_BLAS_PREFER_CUBLASLT",
+                   "BATCHLLM_DECODE_ROWS")
 
 
 def kernel_env() -> dict:

@@ -7,6 +7,7 @@ cudaProfilerStop, so that `ncu --profile-from-start off` sees only the measured 
 
 - `w1_decode`: cascade decode of one W1 group as e2e runs it (llama-1b: 32 q / 8 KV heads, d = 64;
   64 readers of a 1,024-token prefix, 128-token suffixes);
+- `w1_decode_staged`: the same with decode_rows' staged key loop (BATCHLLM_DECODE_ROWS=staged);
 - `grid_decode`: the kernel grid's (256, 8192, 128) shape at d = 128;
 - `prefill`: one 4,096-token causal chunk at d = 128 (mma128 tiles by default);
 - `prefill64`: one 2,048-token causal chunk at d = 64, a llama-1b mixed step's (wgmma-pipe by
@@ -25,7 +26,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_attention import KV_HEADS, PAGE, Q_HEADS, DecodeInputs  # noqa: E402
+from bench_attention import KV_HEADS, PAGE, Q_HEADS, DecodeInputs, kernel_env  # noqa: E402
 
 
 def prefill_case(tokens: int, head_dim: int, device: str, dtype: torch.dtype):
@@ -54,7 +55,11 @@ def cases(device: str, small: bool):
                       dtype=dtype, head_dim=64)
     grid = DecodeInputs(256 // scale, 8192 // scale, 128 // scale, with_dense=False, seed=1, device=device,
                         dtype=dtype, head_dim=128)
-    return [("w1_decode", w1.ours), ("grid_decode", grid.ours),
+    def staged():  # decode_rows' staged key loop (BATCHLLM_DECODE_ROWS=staged), read at the launch
+        with kernel_env({"BATCHLLM_DECODE_ROWS": "staged"}):
+            return w1.ours()
+
+    return [("w1_decode", w1.ours), ("w1_decode_staged", staged), ("grid_decode", grid.ours),
             ("prefill", prefill_case(4096 // scale, 128, device, dtype)),
             ("prefill64", prefill_case(2048 // scale, 64, device, dtype))]
 
