@@ -1,4 +1,5 @@
-"""GEMM benchmark: the model's projections at decode and prefill row counts, cuBLAS against cuBLASLt.
+"""GEMM benchmark: the model's projections at decode and prefill row counts, cuBLAS against cuBLASLt
+(and cuBLAS on the weights stored transposed).
 
 Run 4's W1 decode layer (llama-1b, 256 rows) spent ~82 us in its four GEMMs against ~42 us of
 weight reads: the small ones (q/k/v, o) at 2-3x their floor. torch picks the BLAS library per call
@@ -36,6 +37,7 @@ PROJECTIONS = {
 }
 ROWS = {"llama-1b": [64, 256, 1024, 2048], "qwen2.5-7b-shape": [640, 2048]}
 BACKENDS = ("cublas", "cublaslt")
+VARIANTS = BACKENDS + ("cublas_kn",)  # the backends on [N, K] weights (F.linear), then cuBLAS on [K, N] ones
 L2_OVERFLOW_BYTES = 128 << 20  # weight copies to rotate over: more than the H100's 50 MB of L2, twice
 
 
@@ -48,34 +50,52 @@ def floor_ms(rows: int, k: int, n: int, element_bytes: int = 2, flops: float = H
 
 
 def weight_copies(k: int, n: int, element_bytes: int = 2) -> int:
-    """Copies of a [n, k] weight whose rotation overflows L2 (at least 2)."""
-    return max(2, math.ceil(L2_OVERFLOW_BYTES / (k * n * element_bytes)))
+    """Copies of a [n, k] weight whose rotation overflows L2 (2 to 64: the models' smallest
+    projection, 8 MB, takes 16)."""
+    return min(64, max(2, math.ceil(L2_OVERFLOW_BYTES / (k * n * element_bytes))))
 
 
-def bench_shape(model: str, name: str, rows: int, k: int, n: int, reps: int, device_name: str) -> dict:
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    x = torch.randn(rows, k, generator=gen, device="cuda", dtype=torch.bfloat16)
-    weights = [torch.randn(n, k, generator=gen, device="cuda", dtype=torch.bfloat16) * 0.02
+def bench_shape(model: str, name: str, rows: int, k: int, n: int, reps: int, device_name: str,
+                device: str = "cuda", timer=None) -> dict:
+    """One projection's row: its time under each of VARIANTS (median of ``timer``'s replays, CUDA
+    graphs by default) and each variant's error against cuBLAS's output. On a CPU device (the smoke
+    test) the library is not switched (torch has no cuBLASLt there): the cublaslt row is NaN."""
+    timer = timer or time_graphs
+    gen = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(rows, k, generator=gen, device=device, dtype=torch.bfloat16)
+    weights = [torch.randn(n, k, generator=gen, device=device, dtype=torch.bfloat16) * 0.02
                for _ in range(weight_copies(k, n))]
     ms, reference = {}, None
     saved = torch.backends.cuda.preferred_blas_library()
     try:
         for backend in BACKENDS:
-            torch.backends.cuda.preferred_blas_library(backend)
-            ms[backend] = time_graphs([lambda w=w: torch.nn.functional.linear(x, w) for w in weights], reps=reps)
+            if device != "cuda" and backend != "cublas":
+                ms[backend] = ms[backend + "_rel_err"] = math.nan
+                continue
+            if device == "cuda":
+                torch.backends.cuda.preferred_blas_library(backend)
+            ms[backend] = timer([lambda w=w: torch.nn.functional.linear(x, w) for w in weights], reps=reps)
             result = torch.nn.functional.linear(x, weights[0]).float()
             if reference is None:
                 reference = result
             ms[backend + "_rel_err"] = float((result - reference).norm() / reference.norm())
     finally:
-        torch.backends.cuda.preferred_blas_library(saved)
+        if device == "cuda":
+            torch.backends.cuda.preferred_blas_library(saved)
+    # The weights stored transposed ([K, N], x @ W^T as a plain NN product): another layout the
+    # loader could keep, for which cuBLAS picks its kernels separately.
+    transposed = [w.t().contiguous() for w in weights]
+    del weights
+    ms["cublas_kn"] = timer([lambda w=w: torch.mm(x, w) for w in transposed], reps=reps)
+    ms["cublas_kn_rel_err"] = float((torch.mm(x, transposed[0]).float() - reference).norm() / reference.norm())
+    del transposed
     floor = floor_ms(rows, k, n)
-    best = min(BACKENDS, key=lambda b: ms[b])
+    best = min((b for b in VARIANTS if not math.isnan(ms[b])), key=lambda b: ms[b])
     return {"bench": "gemm", "device": device_name, "commit": commit(), "model": model, "projection": name,
-            "rows": rows, "k": k, "n": n, "dtype": "bfloat16", "weight_copies": len(weights),
-            **{f"{b}_ms": ms[b] for b in BACKENDS}, "floor_ms": floor,
-            **{f"{b}_over_floor": ms[b] / floor for b in BACKENDS},
-            "cublaslt_rel_err_vs_cublas": ms["cublaslt_rel_err"], "fastest": best,
+            "rows": rows, "k": k, "n": n, "dtype": "bfloat16", "weight_copies": weight_copies(k, n),
+            **{f"{b}_ms": ms[b] for b in VARIANTS}, "floor_ms": floor,
+            **{f"{b}_over_floor": ms[b] / floor for b in VARIANTS},
+            **{f"{b}_rel_err_vs_cublas": ms[f"{b}_rel_err"] for b in VARIANTS if b != "cublas"}, "fastest": best,
             "tflops_best": 2.0 * rows * n * k / (ms[best] * 1e-3) / 1e12}
 
 
@@ -90,8 +110,8 @@ def main(argv=None) -> int:
     reps = 20 if args.quick else 50
     device_name = torch.cuda.get_device_name(0)
     print(f"device {device_name}; floors from {H100_FLOPS / 1e12:.0f} TFLOP/s and {H100_BYTES_PER_S / 1e12:.1f} TB/s")
-    print(f"{'model':>17} {'proj':>8} {'rows':>5} {'K':>6} {'N':>7} | {'cublas ms':>9} {'lt ms':>9} {'floor':>8} | "
-          f"{'cublas/fl':>9} {'lt/fl':>6} {'TFLOP/s':>7}")
+    print(f"{'model':>17} {'proj':>8} {'rows':>5} {'K':>6} {'N':>7} | {'cublas ms':>9} {'lt ms':>9} {'[K,N] ms':>9} "
+          f"{'floor':>8} | {'cublas/fl':>9} {'lt/fl':>6} {'KN/fl':>6} {'TFLOP/s':>7}")
     rows_out = []
     models = ["llama-1b"] if args.quick else list(PROJECTIONS)
     for model in models:
@@ -103,17 +123,18 @@ def main(argv=None) -> int:
                     with open(args.json_out, "a") as f:
                         f.write(json.dumps(r) + "\n")
                 print(f"{model:>17} {name:>8} {num_rows:>5} {k:>6} {n:>7} | {r['cublas_ms']:>9.4f} "
-                      f"{r['cublaslt_ms']:>9.4f} {r['floor_ms']:>8.4f} | {r['cublas_over_floor']:>9.2f} "
-                      f"{r['cublaslt_over_floor']:>6.2f} {r['tflops_best']:>7.0f}", flush=True)
+                      f"{r['cublaslt_ms']:>9.4f} {r['cublas_kn_ms']:>9.4f} {r['floor_ms']:>8.4f} | "
+                      f"{r['cublas_over_floor']:>9.2f} {r['cublaslt_over_floor']:>6.2f} "
+                      f"{r['cublas_kn_over_floor']:>6.2f} {r['tflops_best']:>7.0f}", flush=True)
                 torch.cuda.empty_cache()
     # Per model and rows: a layer's four projections summed (the decode layer's GEMM time).
     for model in models:
         for num_rows in ROWS[model]:
             layer = [r for r in rows_out if r["model"] == model and r["rows"] == num_rows and r["projection"] != "lm_head"]
-            sums = {b: sum(r[f"{b}_ms"] for r in layer) for b in BACKENDS}
+            sums = {b: sum(r[f"{b}_ms"] for r in layer) for b in VARIANTS}
             floor = sum(r["floor_ms"] for r in layer)
             print(f"{model} {num_rows} rows, a layer's GEMMs: " +
-                  ", ".join(f"{b} {sums[b] * 1e3:.1f} us ({sums[b] / floor:.2f}x floor)" for b in BACKENDS) +
+                  ", ".join(f"{b} {sums[b] * 1e3:.1f} us ({sums[b] / floor:.2f}x floor)" for b in VARIANTS) +
                   f", floor {floor * 1e3:.1f} us")
     for r in rows_out:
         print("JSON " + json.dumps(r))

@@ -199,3 +199,9 @@ def test_bench_gemm_floors_and_weight_rotation():
             assert bench.weight_copies(k, n) * k * n * 2 >= bench.L2_OVERFLOW_BYTES
     if not torch.cuda.is_available():
         assert bench.main([]) == 2  # says it measured nothing
+    # A row on the CPU (one call timed as 1 ms): every layout computes F.linear's product.
+    row = bench.bench_shape("tiny", "qkv", 4, 64, 96, reps=1, device_name="cpu", device="cpu",
+                            timer=lambda fns, reps=1: (fns[0](), 1.0)[1])
+    assert row["cublas_ms"] == row["cublas_kn_ms"] == 1.0 and math.isnan(row["cublaslt_ms"])
+    assert row["cublas_kn_rel_err_vs_cublas"] < 1e-2 and row["fastest"] == "cublas"
+    assert row["floor_ms"] == bench.floor_ms(4, 64, 96)
