@@ -439,7 +439,8 @@ FLAT_D64_VARIANTS = {"streams": {"BATCHLLM_CASCADE_LAUNCH": "streams"},
                      "merge": {"BATCHLLM_CASCADE_LAUNCH": "merge"},
                      "mma": {"BATCHLLM_ATTENTION_TILES": "mma"},
                      "staged": {"BATCHLLM_DECODE_ROWS": "staged"},
-                     "staged+streams": {"BATCHLLM_DECODE_ROWS": "staged", "BATCHLLM_CASCADE_LAUNCH": "streams"}}
+                     "staged+streams": {"BATCHLLM_DECODE_ROWS": "staged", "BATCHLLM_CASCADE_LAUNCH": "streams"},
+                     "staged+merge": {"BATCHLLM_DECODE_ROWS": "staged", "BATCHLLM_CASCADE_LAUNCH": "merge"}}
 
 
 def _rel_err(x: torch.Tensor, reference: torch.Tensor) -> float:
