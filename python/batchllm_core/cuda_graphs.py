@@ -47,7 +47,7 @@ from .context import AttentionContext, reset_context, set_context
 from .model_runner import ModelRunner
 from .step_upload import PackedLayout, StaticUpload
 
-__all__ = ["GraphKey", "DecodeGraphs", "GraphModelRunner", "batch_bucket", "capture_stream"]
+__all__ = ["GraphKey", "DecodeGraphs", "GraphModelRunner", "batch_bucket", "capture_stream", "warm_up_for_capture"]
 
 
 def _pow2(value: int, minimum: int = 1) -> int:
@@ -401,24 +401,14 @@ class DecodeGraphs:
             self.capture_s += time.perf_counter() - start
 
     def _capture(self, entry: _Entry, views: Dict[str, torch.Tensor]) -> torch.Tensor:
-        device = self.runner.device
-        current = torch.cuda.current_stream(device)
-        if self._stream is None:
-            self._stream = capture_stream(self.runner, device)
-        # Warm-up on a side stream, as torch requires before capture. It runs this step for real, so
-        # its hidden states are the step's result (the capture records work, it runs none): the
-        # step replays nothing. The K/V it stores are the ones every replay stores (same slots).
-        self._stream.wait_stream(current)
-        with torch.cuda.stream(self._stream):
-            hidden = self._forward(entry, views)
-        current.wait_stream(self._stream)
-        hidden.record_stream(current)
+        # The warm-up runs this step for real, so its hidden states are the step's result: the step
+        # replays nothing. The K/V it stores are the ones every replay stores (same slots).
+        self._stream, hidden = warm_up_for_capture(self.runner, lambda: self._forward(entry, views))
         graph = torch.cuda.CUDAGraph()
         # capture_begin / capture_end rather than torch.cuda.graph, whose entry empties the caching
         # allocators (device and pinned host) for every capture: every later eager step would pay
         # cudaMalloc / cudaHostAlloc again for its activations. Captures share one stream and pool.
         # thread_local: a progress-bar thread touching CUDA must not invalidate the capture.
-        torch.cuda.synchronize(device)
         with torch.cuda.stream(self._stream):
             graph.capture_begin(pool=self._pool, capture_error_mode="thread_local")
             try:
@@ -433,6 +423,22 @@ class DecodeGraphs:
         entry.graph = graph
         self.captures += 1
         return hidden
+
+
+def warm_up_for_capture(runner: Any, forward) -> tuple:
+    """Runs ``forward()`` on the runner's capture stream (:func:`capture_stream`), as torch requires
+    before a capture, ordered after the work queued on the current stream; returns the stream and
+    the forward's result, readable on the current stream, with the device idle (capture may begin)."""
+    device = runner.device
+    current = torch.cuda.current_stream(device)
+    stream = capture_stream(runner, device)
+    stream.wait_stream(current)
+    with torch.cuda.stream(stream):
+        result = forward()
+    current.wait_stream(stream)
+    result.record_stream(current)
+    torch.cuda.synchronize(device)
+    return stream, result
 
 
 def capture_stream(runner: Any, device: torch.device) -> torch.cuda.Stream:

@@ -108,7 +108,7 @@ class MixedGraphs:
             raise ValueError("MixedGraphs: capture needs a CUDA runner")
         self.min_uses = max(1, int(min_uses))
         self._pool = (pool if pool is not None else torch.cuda.graph_pool_handle()) if self.capture else None
-        self._stream: Optional[torch.cuda.Stream] = None
+        self._stream: Optional[torch.cuda.Stream] = None  # the captures' (cuda_graphs.capture_stream)
         self._buckets: "OrderedDict[int, _Bucket]" = OrderedDict()
         self._uses: Dict[int, int] = {}
         self.steps = 0      # steps run through the static piecewise path
@@ -227,20 +227,11 @@ class MixedGraphs:
             self.capture_s += time.perf_counter() - start
 
     def _capture(self, entry: _Bucket, context: AttentionContext) -> torch.Tensor:
-        device = self.runner.device
-        current = torch.cuda.current_stream(device)
-        if self._stream is None:
-            from .cuda_graphs import capture_stream  # the decode graphs' stream: their pool is shared
+        from .cuda_graphs import warm_up_for_capture  # on the decode graphs' stream: their pool is shared
 
-            self._stream = capture_stream(self.runner, device)
-        # Warm-up on a side stream, as torch requires before capture: the step itself, for real (the
-        # capture records work and runs none), so its hidden states are the step's result.
-        self._stream.wait_stream(current)
-        with torch.cuda.stream(self._stream):
-            hidden = self._forward(entry, context)
-        current.wait_stream(self._stream)
-        hidden.record_stream(current)
-        torch.cuda.synchronize(device)
+        # The warm-up is the step itself, for real (the capture records work and runs none), so its
+        # hidden states are the step's result.
+        self._stream, hidden = warm_up_for_capture(self.runner, lambda: self._forward(entry, context))
         graphs, stops = [], []
         set_context(context)  # the pieces' K/V stores read its slot mapping (the static inputs')
         try:

@@ -166,6 +166,43 @@ struct DecodeSmem {
   bool direct_output;          // the row's output written here, not its state (SuffixSplit::direct)
 };
 
+/// Adds kKeys keys of this lane group to the heads' running states: k_raw / v_raw hold this lane's
+/// 16 bytes of each key's K and V rows, valid[u] whether key u lies before the end (else its score is
+/// -inf; its V must be zero: weight 0 times garbage could be NaN). The scores (each a dot product
+/// summed over the key's lanes), one rescale of each state for all of them, then the values: the
+/// math of both key loops of decode_rows.
+template <typename T, int kLanesPerKey, int kHeads, int kKeys>
+__device__ __forceinline__ void add_keys(const uint4 (&k_raw)[kKeys], const uint4 (&v_raw)[kKeys],
+                                         const bool (&valid)[kKeys], const float (&q)[kHeads][8],
+                                         RunningState (&state)[kHeads]) {
+  float s[kHeads][kKeys];
+#pragma unroll
+  for (int u = 0; u < kKeys; ++u) {
+    float k[8];
+    unpack8<T>(k_raw[u], k);
+#pragma unroll
+    for (int h = 0; h < kHeads; ++h) {
+      float dot = 0.0f;
+#pragma unroll
+      for (int i = 0; i < 8; ++i) dot = fmaf(q[h][i], k[i], dot);
+      // Sum over the key's lanes (xor offsets below kLanesPerKey stay inside the lane group); every
+      // lane of the warp takes part, valid key or not.
+#pragma unroll
+      for (int offset = kLanesPerKey / 2; offset > 0; offset /= 2) dot += __shfl_xor_sync(0xffffffffu, dot, offset);
+      s[h][u] = valid[u] ? dot : -INFINITY;  // uniform within a lane group
+    }
+  }
+#pragma unroll
+  for (int h = 0; h < kHeads; ++h) state[h].rescale(s[h]);
+#pragma unroll
+  for (int u = 0; u < kKeys; ++u) {
+    float v[8];
+    unpack8<T>(v_raw[u], v);
+#pragma unroll
+    for (int h = 0; h < kHeads; ++h) state[h].accumulate(s[h][u], v);
+  }
+}
+
 /// The staged key loop's K/V tiles (BATCHLLM_DECODE_ROWS=staged): kStages tiles of kKeys keys in
 /// shared memory, filled by cp.async kStages - 1 tiles ahead of the one being read. The unrolled loop
 /// (the default) holds kDecodeUnroll key groups of loads in registers and issues the next ones only
@@ -216,32 +253,16 @@ __device__ __forceinline__ void staged_key_loop(DecodeStages<T, D>& st, const Pa
     __syncthreads();
     issue(tile + Stages::kStages - 1);
     const int stage = tile % Stages::kStages, first = key_begin + tile * Stages::kKeys;
-    float s[kHeads][kPerGroup];
+    uint4 k_raw[kPerGroup], v_raw[kPerGroup];
+    bool valid[kPerGroup];
 #pragma unroll
     for (int u = 0; u < kPerGroup; ++u) {
       const int key = u * kGroups + group_id;
-      const bool valid = first + key < len;  // uniform within a lane group
-      float k[8];
-      unpack8<T>(st.k[stage][key][chunk], k);
-#pragma unroll
-      for (int h = 0; h < kHeads; ++h) {
-        float dot = 0.0f;
-#pragma unroll
-        for (int i = 0; i < 8; ++i) dot = fmaf(q[h][i], k[i], dot);
-#pragma unroll
-        for (int offset = kLanesPerKey / 2; offset > 0; offset /= 2) dot += __shfl_xor_sync(0xffffffffu, dot, offset);
-        s[h][u] = valid ? dot : -INFINITY;
-      }
+      valid[u] = first + key < len;
+      k_raw[u] = st.k[stage][key][chunk];
+      v_raw[u] = st.v[stage][key][chunk];  // zero past the end (cp.async's zero fill)
     }
-#pragma unroll
-    for (int h = 0; h < kHeads; ++h) state[h].rescale(s[h]);
-#pragma unroll
-    for (int u = 0; u < kPerGroup; ++u) {
-      float v[8];
-      unpack8<T>(st.v[stage][u * kGroups + group_id][chunk], v);
-#pragma unroll
-      for (int h = 0; h < kHeads; ++h) state[h].accumulate(s[h][u], v);
-    }
+    add_keys<T, kLanesPerKey, kHeads, kPerGroup>(k_raw, v_raw, valid, q, state);
   }
 }
 
@@ -327,35 +348,11 @@ __device__ __forceinline__ void decode_rows(const DecodeRowsArgs& args, const di
         if (pos >= len) v_raw[u] = make_uint4(0, 0, 0, 0);
       }
       load_blocks(base + kStep);
-      float s[kHeads][kDecodeUnroll];
+      bool valid[kDecodeUnroll];
 #pragma unroll
-      for (int u = 0; u < kDecodeUnroll; ++u) {
-        const bool valid = base + u * kGroups + group_id < len;  // uniform within a lane group
-        float k[8];
-        unpack8<T>(k_raw[u], k);
-#pragma unroll
-        for (int h = 0; h < kHeads; ++h) {
-          float dot = 0.0f;
-#pragma unroll
-          for (int i = 0; i < 8; ++i) dot = fmaf(q[h][i], k[i], dot);
-          // Sum over the key's lanes (xor offsets below kLanesPerKey stay inside the lane group); every
-          // lane of the warp takes part, valid key or not.
-#pragma unroll
-          for (int offset = kLanesPerKey / 2; offset > 0; offset /= 2) dot += __shfl_xor_sync(0xffffffffu, dot, offset);
-          s[h][u] = valid ? dot : -INFINITY;
-        }
-      }
-#pragma unroll
-      for (int h = 0; h < kHeads; ++h) state[h].rescale(s[h]);
-#pragma unroll
-      for (int u = 0; u < kDecodeUnroll; ++u) {
-        float v[8];
-        unpack8<T>(v_raw[u], v);
-#pragma unroll
-        for (int h = 0; h < kHeads; ++h) state[h].accumulate(s[h][u], v);
-      }
+      for (int u = 0; u < kDecodeUnroll; ++u) valid[u] = base + u * kGroups + group_id < len;
+      add_keys<T, kLanesPerKey, kHeads, kDecodeUnroll>(k_raw, v_raw, valid, q, state);
     }
-
   }
 
   // Merge the warp's lane groups (same chunk, other sub), then the warps through shared memory.
