@@ -387,18 +387,11 @@ class DecodeGraphs:
         """Capture ``entry``'s graph; the step's hidden states (the warm-up forward's). If capture
         fails, warn once and stop capturing (every later step runs the padded path eagerly: same
         results, launch gaps back)."""
-        start = time.perf_counter()
-        try:
-            return self._capture(entry, views)
-        except RuntimeError as err:
+        def forget():
             entry.graph, entry.hidden = None, None
-            self.capture = False
-            torch.cuda.synchronize(self.runner.device)
-            warnings.warn(f"CUDA graph capture failed, decode steps run eagerly from now on: {err}",
-                          RuntimeWarning, stacklevel=3)
-            return self._forward(entry, views)
-        finally:
-            self.capture_s += time.perf_counter() - start
+
+        return capture_or_fall_back(self, lambda: self._capture(entry, views), lambda: self._forward(entry, views),
+                                    forget, "decode steps")
 
     def _capture(self, entry: _Entry, views: Dict[str, torch.Tensor]) -> torch.Tensor:
         # The warm-up runs this step for real, so its hidden states are the step's result: the step
@@ -423,6 +416,25 @@ class DecodeGraphs:
         entry.graph = graph
         self.captures += 1
         return hidden
+
+
+def capture_or_fall_back(graphs: Any, capture, fall_back, forget, steps: str) -> torch.Tensor:
+    """``capture()``'s result, timed into ``graphs.capture_s``; if it raises (a RuntimeError: an
+    operation capture does not allow, out of memory), ``forget()`` the entry's partial state, stop
+    ``graphs`` capturing, warn once, and return ``fall_back()`` (the same step without a graph)."""
+    start = time.perf_counter()
+    try:
+        return capture()
+    except RuntimeError as err:
+        forget()
+        graphs.capture = False
+        if graphs.runner.device.type == "cuda":
+            torch.cuda.synchronize(graphs.runner.device)
+        warnings.warn(f"CUDA graph capture of {steps} failed, they run eagerly from now on: {err}",
+                      RuntimeWarning, stacklevel=4)
+        return fall_back()
+    finally:
+        graphs.capture_s += time.perf_counter() - start
 
 
 def warm_up_for_capture(runner: Any, forward) -> tuple:

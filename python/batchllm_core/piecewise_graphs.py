@@ -29,8 +29,6 @@ that is how the tests check it without a GPU.
 from __future__ import annotations
 
 import os
-import time
-import warnings
 from collections import OrderedDict
 from typing import Any, Dict, List, Optional
 
@@ -213,18 +211,13 @@ class MixedGraphs:
     def _try_capture(self, entry: _Bucket, context: AttentionContext) -> torch.Tensor:
         """Capture ``entry``'s pieces; the step's hidden states (the warm-up's). If capture fails,
         warn once and stop capturing (later steps run eagerly: same results, host cost back)."""
-        start = time.perf_counter()
-        try:
-            return self._capture(entry, context)
-        except RuntimeError as err:
+        from .cuda_graphs import capture_or_fall_back
+
+        def forget():
             entry.graphs, entry.stops, entry.hidden = [], [], None
-            self.capture = False
-            torch.cuda.synchronize(self.runner.device)
-            warnings.warn(f"CUDA graph capture of a mixed step failed, they run eagerly from now on: {err}",
-                          RuntimeWarning, stacklevel=3)
-            return self._forward(entry, context)
-        finally:
-            self.capture_s += time.perf_counter() - start
+
+        return capture_or_fall_back(self, lambda: self._capture(entry, context), lambda: self._forward(entry, context),
+                                    forget, "prefill and mixed steps")
 
     def _capture(self, entry: _Bucket, context: AttentionContext) -> torch.Tensor:
         from .cuda_graphs import warm_up_for_capture  # on the decode graphs' stream: their pool is shared

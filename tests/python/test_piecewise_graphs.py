@@ -213,3 +213,37 @@ def test_overlapped_loop_through_the_pieces_matches_the_serial_eager_loop_on_cpu
         runs.append([c.token_ids for o in outputs for c in o.outputs])
     assert runs[1] == runs[0]
     assert llm.runner.mixed_graphs.steps >= 5 and llm.runner.decode_graphs.steps >= 3
+
+
+def test_a_failed_capture_warns_once_and_runs_the_step_without_graphs():
+    # A capture can fail on a GPU (an operation capture refuses, out of memory): the step must still
+    # come out right, from the same static path without graphs, and later steps too.
+    llm = LLM(device="cpu", kv_cache_memory=8 << 20, cuda_graphs=False, overlap=False)
+    llm.model.layer_ops = "kernels"
+    graphs = GraphModelRunner(copy.deepcopy(llm.model), llm.config, llm.num_kv_blocks, llm.block_size,
+                              llm.device, llm.dtype, capture=False)
+    mixed = graphs.mixed_graphs
+    mixed.capture = True  # as on a GPU, with a capture that fails
+
+    def refuse(entry, context):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    mixed._capture = refuse
+
+    class Plan:
+        input_ids = np.array([11, 12, 13, 14, 15], np.int32)
+        positions = np.arange(5, dtype=np.int32)
+        slot_mapping = np.arange(16, 21, dtype=np.int64)
+        query_start = np.array([0, 5], np.int32)
+        context_lens = np.array([5], np.int32)
+        block_tables = np.array([[1]], np.int32)
+        num_decode_seqs = 0
+        sample_rows = np.array([4], np.int32)
+
+    expected = llm.runner.execute(Plan())
+    assert mixed.run_bucket(Plan()) is None  # its first step: eager (min_uses 2)
+    with pytest.warns(RuntimeWarning, match="capture of prefill and mixed steps failed"):
+        got = mixed.execute(Plan(), bucket=mixed.run_bucket(Plan()))
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    assert not mixed.capture and mixed.captures == 0 and mixed.capture_s > 0
+    assert mixed.run_bucket(Plan()) == 16  # from now on the static path, without graphs
