@@ -47,7 +47,8 @@ from .context import AttentionContext, reset_context, set_context
 from .model_runner import ModelRunner
 from .step_upload import PackedLayout, StaticUpload
 
-__all__ = ["GraphKey", "DecodeGraphs", "GraphModelRunner", "batch_bucket", "capture_stream", "warm_up_for_capture"]
+__all__ = ["GraphKey", "DecodeGraphs", "GraphModelRunner", "batch_bucket", "capture_stream", "capture_or_fall_back",
+           "record", "warm_up_for_capture"]
 
 
 def _pow2(value: int, minimum: int = 1) -> int:
@@ -403,19 +404,26 @@ class DecodeGraphs:
         # cudaMalloc / cudaHostAlloc again for its activations. Captures share one stream and pool.
         # thread_local: a progress-bar thread touching CUDA must not invalidate the capture.
         with torch.cuda.stream(self._stream):
-            graph.capture_begin(pool=self._pool, capture_error_mode="thread_local")
-            try:
-                entry.hidden = self._forward(entry, views)
-            except BaseException:
-                try:
-                    graph.capture_end()
-                except RuntimeError:
-                    pass  # the capture is invalid already; the forward's error is the one to report
-                raise
-            graph.capture_end()
+            entry.hidden = record(graph, self._pool, lambda: self._forward(entry, views))
         entry.graph = graph
         self.captures += 1
         return hidden
+
+
+def record(graph: torch.cuda.CUDAGraph, pool: Any, fn):
+    """``fn()`` recorded into ``graph`` (in ``pool``, on the current stream); its result. Ends the
+    capture whatever ``fn`` raises (the forward's error is the one reported)."""
+    graph.capture_begin(pool=pool, capture_error_mode="thread_local")
+    try:
+        result = fn()
+    except BaseException:
+        try:
+            graph.capture_end()
+        except RuntimeError:
+            pass  # the capture is invalid already
+        raise
+    graph.capture_end()
+    return result
 
 
 def capture_or_fall_back(graphs: Any, capture, fall_back, forget, steps: str) -> torch.Tensor:

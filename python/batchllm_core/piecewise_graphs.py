@@ -220,7 +220,7 @@ class MixedGraphs:
                                     forget, "prefill and mixed steps")
 
     def _capture(self, entry: _Bucket, context: AttentionContext) -> torch.Tensor:
-        from .cuda_graphs import warm_up_for_capture  # on the decode graphs' stream: their pool is shared
+        from .cuda_graphs import record, warm_up_for_capture  # on the decode graphs' stream: their pool is shared
 
         # The warm-up is the step itself, for real (the capture records work and runs none), so its
         # hidden states are the step's result.
@@ -230,31 +230,29 @@ class MixedGraphs:
         try:
             with torch.cuda.stream(self._stream):
                 stages = self._stages(entry)
-                out = None
+                out = None  # no attention while capturing: the replay runs it between the pieces
                 while True:
+                    # As the decode graphs (cuda_graphs.record: capture_begin/end; torch.cuda.graph
+                    # would empty the caching allocators at every piece).
                     graph = torch.cuda.CUDAGraph()
-                    # As the decode graphs: capture_begin/end (torch.cuda.graph would empty the
-                    # caching allocators at every piece), thread_local error mode.
-                    graph.capture_begin(pool=self._pool, capture_error_mode="thread_local")
-                    try:
-                        stop = next(stages) if out is None else stages.send(out)
-                    except StopIteration as done:
-                        graph.capture_end()
-                        graphs.append(graph)
-                        entry.hidden = done.value
-                        break
-                    except BaseException:
-                        try:
-                            graph.capture_end()
-                        except RuntimeError:
-                            pass  # the capture is invalid already; the forward's error is the one to report
-                        raise
-                    graph.capture_end()
+                    stop = record(graph, self._pool, lambda: _advance(stages, out))
                     graphs.append(graph)
-                    stops.append(stop)
-                    out = entry.attn_out  # no attention while capturing: the replay runs it in between
+                    if stop[0] == "done":
+                        entry.hidden = stop[1]
+                        break
+                    stops.append(stop[1])
+                    out = entry.attn_out
         finally:
             reset_context()
         entry.graphs, entry.stops = graphs, stops
         self.captures += 1
         return hidden
+
+
+def _advance(stages, out: Optional[torch.Tensor]) -> tuple:
+    """The staged forward to its next stop: ("stop", (layer, q, k, v)) or, at its end, ("done",
+    hidden states). ``out``: the attention output to send (None: the first piece)."""
+    try:
+        return "stop", (next(stages) if out is None else stages.send(out))
+    except StopIteration as done:
+        return "done", done.value

@@ -92,18 +92,8 @@ def test_padded_rows_store_nothing_and_real_rows_attend_alone():
     graphs = GraphModelRunner(copy.deepcopy(llm.model), llm.config, llm.num_kv_blocks, llm.block_size,
                               llm.device, llm.dtype, capture=False)
 
-    class Plan:
-        input_ids = np.array([11, 12, 13, 14, 15], np.int32)
-        positions = np.arange(5, dtype=np.int32)
-        slot_mapping = np.arange(16, 21, dtype=np.int64)  # block 1
-        query_start = np.array([0, 5], np.int32)
-        context_lens = np.array([5], np.int32)
-        block_tables = np.array([[1]], np.int32)
-        num_decode_seqs = 0
-        sample_rows = np.array([4], np.int32)
-
-    expected = llm.runner.execute(Plan())
-    got = graphs.execute(Plan())
+    expected = llm.runner.execute(_prefill_plan())
+    got = graphs.execute(_prefill_plan())
     assert graphs.mixed_graphs.steps == 1 and 16 in graphs.mixed_graphs._buckets
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(graphs.kv_cache, llm.runner.kv_cache, rtol=1e-5, atol=1e-6)
@@ -229,7 +219,54 @@ def test_a_failed_capture_warns_once_and_runs_the_step_without_graphs():
         raise RuntimeError("operation not permitted when stream is capturing")
 
     mixed._capture = refuse
+    plan = _prefill_plan()
+    expected = llm.runner.execute(plan)
+    assert mixed.run_bucket(plan) is None  # its first step: eager (min_uses 2)
+    with pytest.warns(RuntimeWarning, match="capture of prefill and mixed steps failed"):
+        got = mixed.execute(plan, bucket=mixed.run_bucket(plan))
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    assert not mixed.capture and mixed.captures == 0 and mixed.capture_s > 0
+    assert mixed.run_bucket(plan) == 16  # from now on the static path, without graphs
 
+
+def test_capture_records_one_graph_a_piece_and_keeps_each_layers_stop(monkeypatch):
+    # The capture's driving of the staged forward, without a GPU: recording and the side stream faked
+    # (each piece runs once, eagerly), the warm-up the step itself. L + 1 graphs, L stops (layer i's
+    # q, k, v: views of the bucket's one q/k/v buffer), the last piece's output kept as the hidden.
+    import contextlib
+
+    import batchllm_core.cuda_graphs as cuda_graphs
+
+    recorded = []
+
+    def fake_record(graph, pool, fn):
+        recorded.append(graph)
+        return fn()
+
+    monkeypatch.setattr(cuda_graphs, "record", fake_record)
+    monkeypatch.setattr(cuda_graphs, "warm_up_for_capture", lambda runner, forward: (None, forward()))
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda: object())
+    monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
+    llm = LLM(device="cpu", kv_cache_memory=8 << 20, cuda_graphs=False, overlap=False)
+    llm.model.layer_ops = "kernels"
+    graphs = GraphModelRunner(copy.deepcopy(llm.model), llm.config, llm.num_kv_blocks, llm.block_size,
+                              llm.device, llm.dtype, capture=False)
+    mixed = graphs.mixed_graphs
+    mixed.capture = True
+    plan = _prefill_plan()
+    expected = llm.runner.execute(plan)
+    got = mixed.execute(plan, bucket=16)  # the capture step: the warm-up's result
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    entry = mixed._buckets[16]
+    layers = llm.config.num_layers
+    assert len(recorded) == len(entry.graphs) == layers + 1 and mixed.captures == 1
+    assert [stop[0] for stop in entry.stops] == list(range(layers))
+    assert all(stop[3].untyped_storage().data_ptr() == entry.qkv.data_ptr() for stop in entry.stops)
+    assert entry.hidden.shape == (16, llm.config.hidden_size)
+
+
+def _prefill_plan():
+    """One 5-token prefill into block 1 (slots 16-20), its last row sampled."""
     class Plan:
         input_ids = np.array([11, 12, 13, 14, 15], np.int32)
         positions = np.arange(5, dtype=np.int32)
@@ -240,10 +277,4 @@ def test_a_failed_capture_warns_once_and_runs_the_step_without_graphs():
         num_decode_seqs = 0
         sample_rows = np.array([4], np.int32)
 
-    expected = llm.runner.execute(Plan())
-    assert mixed.run_bucket(Plan()) is None  # its first step: eager (min_uses 2)
-    with pytest.warns(RuntimeWarning, match="capture of prefill and mixed steps failed"):
-        got = mixed.execute(Plan(), bucket=mixed.run_bucket(Plan()))
-    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
-    assert not mixed.capture and mixed.captures == 0 and mixed.capture_s > 0
-    assert mixed.run_bucket(Plan()) == 16  # from now on the static path, without graphs
+    return Plan()
