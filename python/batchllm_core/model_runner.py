@@ -22,6 +22,7 @@ from .step_upload import to_device_async
 # The level arrays of a StepPlan, in ops.DecodeLevels field order.
 _DEVICE_FIELDS = ("input_ids", "positions", "slot_mapping", "sample_rows", "paged_query_start",
                   "paged_context_lens", "paged_block_tables")
+_ROW_INPUTS = ("input_ids", "positions", "slot_mapping")  # per token row: the model's inputs, the KV slots
 _LEVEL_FIELDS = ("prefix_kv_indptr", "prefix_kv_blocks", "prefix_kv_lens", "prefix_q_range",
                  "suffix_block_tables", "suffix_kv_lens")
 
@@ -161,11 +162,13 @@ class ModelRunner:
         return self.sampled_logits(hidden, step)
 
     def prepare_step(self, plan: Any, token_feed: "TokenFeed | None" = None,
-                     extra: dict[str, np.ndarray] | None = None) -> "PreparedStep":
+                     extra: dict[str, np.ndarray] | None = None, row_inputs: bool = True) -> "PreparedStep":
         """A non-empty plan's arrays on the device (one copy) and its attention context.
 
         ``extra``: more int arrays to carry in the same copy (``PreparedStep.device`` holds them
-        under their names). Rows with input id -1 take ``token_feed``'s ids.
+        under their names). Rows with input id -1 take ``token_feed``'s ids. ``row_inputs=False``:
+        the rows' ids, positions and KV slots stay out of the copy (a caller with buffers of its own
+        for them, which fills them, feeds them and sets the context's ``slot_mapping``).
         """
         host = _host_arrays(plan)
         num_decode = int(plan.num_decode_seqs)
@@ -176,12 +179,13 @@ class ModelRunner:
             raise ValueError("StepPlan: each of the num_decode_seqs first sequences must have one row")
         host.update(_paged_part(host, num_decode))
         fed = {"token_src": token_feed.src} if token_feed is not None else {}
-        dev = self._staging.to_device({**{name: host[name] for name in _DEVICE_FIELDS},
+        fields = _DEVICE_FIELDS if row_inputs else tuple(f for f in _DEVICE_FIELDS if f not in _ROW_INPUTS)
+        dev = self._staging.to_device({**{name: host[name] for name in fields},
                                        **(levels_host or {}), **fed, **(extra or {})})
-        if token_feed is not None:
+        if token_feed is not None and row_inputs:
             token_feed.apply(dev["input_ids"], dev["token_src"])
         context = AttentionContext(
-            slot_mapping=dev["slot_mapping"], num_decode_rows=num_decode,
+            slot_mapping=dev.get("slot_mapping"), num_decode_rows=num_decode,
             query_start=dev["paged_query_start"], context_lens=dev["paged_context_lens"],
             block_tables=dev["paged_block_tables"], max_q_len=host["paged_max_q_len"],
             decode_levels=self.attach_workspace(_decode_levels(dev, levels_host)) if levels_host else None)

@@ -148,7 +148,7 @@ class MixedGraphs:
         padded[1, :rows] = np.asarray(plan.positions)
         padded[2, :] = -1
         padded[2, :rows] = np.asarray(plan.slot_mapping)
-        step = self.runner.prepare_step(plan, token_feed, extra={"static_inputs": padded})
+        step = self.runner.prepare_step(plan, token_feed, extra={"static_inputs": padded}, row_inputs=False)
         entry.inputs.copy_(step.device["static_inputs"])  # one device-side copy: the graphs read these
         if token_feed is not None:
             token_feed.apply(entry.inputs[0], step.device["token_src"])
