@@ -322,7 +322,7 @@ if [[ -z "$SECTIONS" || " $SECTIONS " == *" build "* ]]; then
   [[ "${SUMMARY[-1]}" == build*ok* ]] || BUILD_OK=0
 fi
 if (( BUILD_OK )); then
-  run_section gpu_tests 110 30 section_gpu_tests
+  run_section gpu_tests 130 30 section_gpu_tests
   run_section bench_attention 100 30 section_bench_attention
   run_section bench_sampling 70 15 section_bench_sampling bench_attention
   run_section e2e 240 45 section_e2e
