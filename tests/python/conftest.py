@@ -39,7 +39,7 @@ def gpu(test):
 # Kernel variants (the A/B candidates a GPU run picks the defaults from) run after the default
 # kernels, the newest last: a fault on a real GPU is sticky, and every test after it fails too, so
 # the default kernels' results must not depend on a variant's fate. Order within each rank is kept.
-_VARIANT_RANKS = {"wgmma": 2, "wgmma-pipe": 3, "wgmma64": 4, "staged": 5}
+_VARIANT_RANKS = {"wgmma": 2, "wgmma-pipe": 3, "wgmma64": 4, "staged": 5, "wgmma-k128": 6}
 
 
 def _variant_rank(item) -> int:

@@ -45,8 +45,9 @@ def synchronize():
 # picks one: WMMA with O in shared memory (attention_tile.cuh), mma.sync with O in registers
 # (attention_mma.cuh) in 64-row (4 warps) and 128-row (8 warps) tiles, and the 128-row tiles on
 # Hopper's wgmma, plain and pipelined (attention_wgmma.cuh; mma128 runs where the device or build has
-# no wgmma), and the pipelined one in 64-row tiles of one warpgroup (wgmma64; else mma).
-TILE_KERNELS = ["wmma", "mma", "mma128", "wgmma", "wgmma-pipe", "wgmma64"]
+# no wgmma), and the pipelined one in 64-row tiles of one warpgroup (wgmma64; else mma) or on 128-key
+# tiles with Q in shared memory (wgmma-k128; else mma128).
+TILE_KERNELS = ["wmma", "mma", "mma128", "wgmma", "wgmma-pipe", "wgmma64", "wgmma-k128"]
 # Cascade decode variants, "<suffix level>+<prefix tiles>": the suffix on decode_rows (default), on
 # the old tile kernel (BATCHLLM_CASCADE_SUFFIX=tile), decode_rows and the prefix tiles in one fused
 # launch (BATCHLLM_CASCADE_LAUNCH=fused), decode_rows merging the prefix states in its epilogue
@@ -55,7 +56,7 @@ TILE_KERNELS = ["wmma", "mma", "mma128", "wgmma", "wgmma-pipe", "wgmma64"]
 CASCADE_KERNELS = ["decode+wmma", "tile+wmma", "decode+mma", "decode+mma128", "decode+wgmma", "fused+wmma",
                    "fused+mma", "merge+wmma", "merge+mma128", "merge+wgmma", "merge+wgmma-pipe", "streams+wmma",
                    "decode+wgmma-pipe", "decode+wgmma64", "merge+wgmma64", "fused+wgmma64", "staged+wgmma-pipe",
-                   "staged+mma"]
+                   "staged+mma", "decode+wgmma-k128", "staged+wgmma-k128"]
 
 
 def use_cascade_kernels(kernels: str, monkeypatch) -> None:

@@ -35,18 +35,19 @@ struct MmaSmem {
   TileRows<T> rows;
 };
 
-/// A thread's share of copying one 64-key K/V tile into shared memory, by a CTA of kThreads threads:
+/// A thread's share of copying one K/V tile of kKeys keys (64 unless a kernel's tiles are wider) into
+/// shared memory, by a CTA of kThreads threads:
 /// kVecPerThread 16-byte chunks, the i-th of key key(i) (its keys are key(0) + i kKeyStep), dims
 /// 8 chunk() .. + 7, landing at element dst(i) of the stage. Layouts:
 ///   rows (kCoreMatrices = false): key k's dims at k * MmaSmem::kLd (padded rows, for ldmatrix);
 ///   core matrices (true, wgmma.cuh's no-swizzle layout): copy idx (16 bytes) lands at byte 16 idx,
 ///   holding key idx % 8 + 8 (idx / (8 D / 8)), dims 8 ((idx / 8) % (D / 8)) .. + 7, so the 8
 ///   threads of a quarter warp fill one 128-byte core matrix.
-template <typename T, int D, int kThreads, bool kCoreMatrices>
+template <typename T, int D, int kThreads, bool kCoreMatrices, int kKeys = kTileKeys>
 struct KvTileCopy {
   static constexpr int kChunks = D * sizeof(T) / 16;  // 16-byte chunks of a key
-  static constexpr int kVecPerThread = kTileKeys * kChunks / kThreads;
-  static_assert(kTileKeys * kChunks % kThreads == 0, "tile loads must divide evenly");
+  static constexpr int kVecPerThread = kKeys * kChunks / kThreads;
+  static_assert(kKeys * kChunks % kThreads == 0, "tile loads must divide evenly");
   static_assert(kThreads % (kCoreMatrices ? 8 * kChunks : kChunks) == 0, "a thread keeps one chunk column");
 
   __device__ __forceinline__ static int key(int i) {
@@ -69,15 +70,15 @@ struct KvTileBlocks {
   uint32_t block[kVec];
 };
 
-template <typename T, int D, int kThreads, bool kCoreMatrices = false>
-using KvTileBlocksFor = KvTileBlocks<KvTileCopy<T, D, kThreads, kCoreMatrices>::kVecPerThread>;
+template <typename T, int D, int kThreads, bool kCoreMatrices = false, int kKeys = kTileKeys>
+using KvTileBlocksFor = KvTileBlocks<KvTileCopy<T, D, kThreads, kCoreMatrices, kKeys>::kVecPerThread>;
 
 /// Loads the block table entries of this thread's keys of the tile starting at `first_key` (keys at or
 /// past num_keys: none, 0, an address issue_kv_tile computes but does not read).
-template <typename T, int D, int kThreads, bool kCoreMatrices = false>
-__device__ __forceinline__ void prefetch_kv_blocks(KvTileBlocksFor<T, D, kThreads, kCoreMatrices>& blocks,
+template <typename T, int D, int kThreads, bool kCoreMatrices = false, int kKeys = kTileKeys>
+__device__ __forceinline__ void prefetch_kv_blocks(KvTileBlocksFor<T, D, kThreads, kCoreMatrices, kKeys>& blocks,
                                                    const PagedKvHead<T>& kv, int num_keys, int first_key) {
-  using Copy = KvTileCopy<T, D, kThreads, kCoreMatrices>;
+  using Copy = KvTileCopy<T, D, kThreads, kCoreMatrices, kKeys>;
 #pragma unroll
   for (int i = 0; i < Copy::kVecPerThread; ++i) {
     const int pos = first_key + Copy::key(i);
@@ -85,15 +86,15 @@ __device__ __forceinline__ void prefetch_kv_blocks(KvTileBlocksFor<T, D, kThread
   }
 }
 
-/// Issues the cp.async copies of 64 keys (from `first_key`) of one KV head into a stage, by a CTA of
+/// Issues the cp.async copies of kKeys keys (from `first_key`) of one KV head into a stage, by a CTA of
 /// kThreads threads (KvTileCopy's layout), with the block table entries `blocks` that
 /// prefetch_kv_blocks loaded for that tile, and commits them as one group; keys past num_keys are
 /// zero-filled.
-template <typename T, int D, int kThreads, bool kCoreMatrices = false>
+template <typename T, int D, int kThreads, bool kCoreMatrices = false, int kKeys = kTileKeys>
 __device__ __forceinline__ void issue_kv_tile(T* k_dst, T* v_dst, const PagedKvHead<T>& kv, int num_keys,
                                               int first_key,
-                                              const KvTileBlocksFor<T, D, kThreads, kCoreMatrices>& blocks) {
-  using Copy = KvTileCopy<T, D, kThreads, kCoreMatrices>;
+                                              const KvTileBlocksFor<T, D, kThreads, kCoreMatrices, kKeys>& blocks) {
+  using Copy = KvTileCopy<T, D, kThreads, kCoreMatrices, kKeys>;
   const uint32_t byte = Copy::chunk() * 16;
 #pragma unroll
   for (int i = 0; i < Copy::kVecPerThread; ++i) {
@@ -129,6 +130,16 @@ __device__ __forceinline__ void load_q_fragments(uint32_t (&qa)[D / 16][4], cons
   }
 }
 
+/// start_lane_rows without the Q fragments (a kernel that reads Q from shared memory).
+template <typename T, int D>
+__device__ __forceinline__ LaneRows start_lane_state(const TileRows<T>& tile, int warp, int lane,
+                                                     float (&o)[D / 8][4]) {
+  const int r0 = warp * 16 + lane / 4, r1 = r0 + 8;
+#pragma unroll
+  for (int n = 0; n < D / 8; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.0f;
+  return LaneRows{tile.q[r0] ? tile.key_limit[r0] : 0, tile.q[r1] ? tile.key_limit[r1] : 0};
+}
+
 /// The factors by which a tile's softmax rescales the lane's two output rows.
 struct RowScale {
   float alpha0, alpha1;
@@ -141,12 +152,8 @@ template <typename T, int D>
 __device__ __forceinline__ LaneRows start_lane_rows(const TileRows<T>& tile, int warp, int lane,
                                                     uint32_t (&qa)[D / 16][4], float (&o)[D / 8][4]) {
   const int r0 = warp * 16 + lane / 4, r1 = r0 + 8;
-  const T* q0 = tile.q[r0];
-  const T* q1 = tile.q[r1];
-  load_q_fragments<T, D>(qa, q0, q1, lane % 4);
-#pragma unroll
-  for (int n = 0; n < D / 8; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.0f;
-  return LaneRows{q0 ? tile.key_limit[r0] : 0, q1 ? tile.key_limit[r1] : 0};
+  load_q_fragments<T, D>(qa, tile.q[r0], tile.q[r1], lane % 4);
+  return start_lane_state<T, D>(tile, warp, lane, o);
 }
 
 /// One key tile's online softmax on the lane's score accumulators (the mma.m16n8k16 C layout: n-block
@@ -156,12 +163,12 @@ __device__ __forceinline__ LaneRows start_lane_rows(const TileRows<T>& tile, int
 /// into the unnormalised probabilities P in place and updates the running max and sums; returns the
 /// factors the output rows must be rescaled by (rescale_rows) before this tile's P V is added. A row
 /// with no valid key so far keeps l = 0 and its zero output.
-template <bool kMasked>
-__device__ __forceinline__ RowScale softmax_scores(float (&s)[kTileKeys / 8][4], LaneRows& rows, int first_key,
+template <bool kMasked, int kKeys = kTileKeys>
+__device__ __forceinline__ RowScale softmax_scores(float (&s)[kKeys / 8][4], LaneRows& rows, int first_key,
                                                    int t, float scale_log2) {
   float tile_max0 = -INFINITY, tile_max1 = -INFINITY;  // of the raw scores
 #pragma unroll
-  for (int n = 0; n < kTileKeys / 8; ++n) {
+  for (int n = 0; n < kKeys / 8; ++n) {
 #pragma unroll
     for (int j = 0; j < 2; ++j) {
       if constexpr (kMasked) {
@@ -188,7 +195,7 @@ __device__ __forceinline__ RowScale softmax_scores(float (&s)[kTileKeys / 8][4],
   rows.m1 = new_m1;
   float sum0 = 0.0f, sum1 = 0.0f;
 #pragma unroll
-  for (int n = 0; n < kTileKeys / 8; ++n) {
+  for (int n = 0; n < kKeys / 8; ++n) {
 #pragma unroll
     for (int j = 0; j < 2; ++j) {
       s[n][j] = fast_exp2(fmaf(s[n][j], scale_log2, -base0));
@@ -220,22 +227,22 @@ __device__ __forceinline__ void softmax_tile(float (&s)[kTileKeys / 8][4], float
   rescale_rows<D>(o, softmax_scores<kMasked>(s, rows, first_key, t, scale_log2));
 }
 
-/// Runs `key_tile(first_key, masked)` over the tile's key range in 64-key steps: first the tiles below
+/// Runs `key_tile(first_key, masked)` over the tile's key range in kKeys-key steps: first the tiles below
 /// its unmasked_end with masked = std::false_type, then the rest with std::true_type. Two loops, not a
 /// branch per tile: the choice stays uniform over the CTA as the compiler sees it (a branch between
 /// wgmma instructions that ptxas cannot prove warpgroup-uniform makes it serialize them, C7520).
-template <typename T, typename KeyTile>
+template <int kKeys = kTileKeys, typename T, typename KeyTile>
 __device__ __forceinline__ void for_each_key_tile(const TileRows<T>& tile, KeyTile&& key_tile) {
   const int keys_end = tile.num_keys;
   const int unmasked_end = min(tile.unmasked_end, keys_end);
   int first_key = tile.key_begin;
-  for (; first_key + kTileKeys <= unmasked_end; first_key += kTileKeys) key_tile(first_key, std::false_type{});
-  for (; first_key < keys_end; first_key += kTileKeys) key_tile(first_key, std::true_type{});
+  for (; first_key + kKeys <= unmasked_end; first_key += kKeys) key_tile(first_key, std::false_type{});
+  for (; first_key < keys_end; first_key += kKeys) key_tile(first_key, std::true_type{});
 }
 
 /// The A fragment of P for the 16-key step j: S n-blocks 2j and 2j + 1, element for element.
-template <typename T>
-__device__ __forceinline__ void p_fragment(uint32_t (&pa)[4], const float (&s)[kTileKeys / 8][4], int j) {
+template <typename T, int kKeys = kTileKeys>
+__device__ __forceinline__ void p_fragment(uint32_t (&pa)[4], const float (&s)[kKeys / 8][4], int j) {
   pa[0] = pack2<T>(s[2 * j][0], s[2 * j][1]);
   pa[1] = pack2<T>(s[2 * j][2], s[2 * j][3]);
   pa[2] = pack2<T>(s[2 * j + 1][0], s[2 * j + 1][1]);

@@ -78,8 +78,10 @@ constexpr int kMaxPrefixCtasPerSm = 4;
 /// The split count with the least time per key chunk: waves(splits) / splits, where a wave is one
 /// CTA per slot (the tile kernel's CTAs an SM: one of the 128-row tiles, 3 of wgmma64's 64-row tiles
 /// at d = 64). A longer split list must win by 5%, so ties keep fewer, larger chunks (less combine work).
+/// Chunks are whole key steps of the tile kernel (`tile_keys`: 64, or 128 for wgmma-k128).
 cuda::PrefixSplit plan_prefix_split(int64_t num_prefixes, int64_t max_rows, int64_t max_len, int64_t kv_heads,
-                                    int group, int tile_rows, int ctas_per_sm, int64_t sms) {
+                                    int group, int tile_rows, int ctas_per_sm, int64_t sms,
+                                    int tile_keys = cuda::kTileKeys) {
   cuda::PrefixSplit split;
   split.row_tiles = static_cast<int>((max_rows * group + tile_rows - 1) / tile_rows);
   split.state_rows = static_cast<int>(max_rows);
@@ -100,7 +102,7 @@ cuda::PrefixSplit plan_prefix_split(int64_t num_prefixes, int64_t max_rows, int6
     }
   }
   const int64_t per_split = (max_len + split.splits - 1) / split.splits;
-  split.chunk_keys = static_cast<int>((per_split + 63) / 64 * 64);
+  split.chunk_keys = static_cast<int>((per_split + tile_keys - 1) / tile_keys * tile_keys);
   split.items = split.row_tiles * split.splits;
   return split;
 }
@@ -127,7 +129,7 @@ struct CascadePlan {
   /// split those may ask for: device_split_items; the host plan's prefix items).
   CascadePlan(int64_t rows, int64_t q_heads, int64_t kv_heads, int64_t head_dim, const DecodeLevelsView& levels,
               bool suffix_by_tiles, int tile_rows, int prefix_ctas_per_sm, bool device_suffix_split,
-              bool device_prefix_split) {
+              bool device_prefix_split, int tile_keys = cuda::kTileKeys) {
     group = static_cast<int>(q_heads / kv_heads);
     const int64_t sms = multiprocessor_count();
     if (!suffix_by_tiles && levels.max_suffix_kv_len > 0) {
@@ -140,7 +142,7 @@ struct CascadePlan {
       suffix.plan = levels.suffix_split;
     }
     prefix = plan_prefix_split(levels.num_prefixes, levels.max_prefix_rows, levels.max_prefix_kv_len, kv_heads,
-                               group, tile_rows, prefix_ctas_per_sm, sms);
+                               group, tile_rows, prefix_ctas_per_sm, sms, tile_keys);
     int64_t prefix_rows_per_split = static_cast<int64_t>(prefix.splits) * levels.max_prefix_rows;
     if (device_prefix_split) {
       prefix.plan = levels.prefix_split;
@@ -487,15 +489,16 @@ std::array<int32_t, 3> cascade_prefix_split(int64_t num_prefixes, int64_t max_ro
   const int ctas = std::max(1, prefix_tile_ctas_per_sm(kernel, dtype, head_dim));
   const int64_t sms = multiprocessor_count();
   // The launch's items: the bucket's plan (the graph's grid); the step's own split within them.
+  const int keys = cuda::tile_keys(kernel);
   const cuda::PrefixSplit bucket =
-      plan_prefix_split(bucket_prefixes, bucket_rows, bucket_len, num_kv_heads, group, tile_rows, ctas, sms);
+      plan_prefix_split(bucket_prefixes, bucket_rows, bucket_len, num_kv_heads, group, tile_rows, ctas, sms, keys);
   const cuda::PrefixSplit own =
-      plan_prefix_split(num_prefixes, max_rows, max_len, num_kv_heads, group, tile_rows, ctas, sms);
+      plan_prefix_split(num_prefixes, max_rows, max_len, num_kv_heads, group, tile_rows, ctas, sms, keys);
   const int tiles = std::max(1, own.row_tiles);
   int splits = std::max(1, std::min(own.splits, bucket.items / tiles));
   if (tiles > bucket.items) splits = own.splits;  // cannot be held: the kernels run the bucket's plan
   const int64_t per_split = (max_len + splits - 1) / splits;
-  const int chunk_keys = static_cast<int>(std::max<int64_t>(64, (per_split + 63) / 64 * 64));
+  const int chunk_keys = static_cast<int>(std::max<int64_t>(keys, (per_split + keys - 1) / keys * keys));
   return {splits, chunk_keys, static_cast<int32_t>(max_rows)};
 }
 
@@ -520,7 +523,8 @@ cudaError_t cascade_decode_attention_cuda(const CascadeDecodeParams& p, cudaStre
   const int prefix_ctas_per_sm = p.levels.num_prefixes > 0 ? prefix_tile_ctas_per_sm(kernel, p.q.dtype, head_dim) : 1;
   if (prefix_ctas_per_sm < 1) return cudaErrorInvalidValue;  // a dtype or head dim without kernels
   const CascadePlan plan(num_rows, num_heads, num_kv_heads, head_dim, p.levels, tiles, cuda::tile_rows(kernel),
-                         prefix_ctas_per_sm, p.levels.suffix_split != nullptr, p.levels.prefix_split != nullptr);
+                         prefix_ctas_per_sm, p.levels.suffix_split != nullptr, p.levels.prefix_split != nullptr,
+                         cuda::tile_keys(kernel));
   // The fused grid shares one block size: 4-warp WMMA or mma prefix tiles only (others: separate).
   const bool fused = !tiles && launch_mode == CascadeLaunch::kFused &&
                      (kernel == cuda::TileKernel::kWmma || kernel == cuda::TileKernel::kMma);

@@ -80,6 +80,8 @@ const char* cuda_tile_kernel_name(bool prefill, int64_t head_dim) {
       return "wgmma-pipe";
     case cuda::TileKernel::kWgmma64:
       return "wgmma64";
+    case cuda::TileKernel::kWgmmaWide:
+      return "wgmma-k128";
     default:
       return "wmma";
   }

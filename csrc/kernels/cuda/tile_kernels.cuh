@@ -17,8 +17,10 @@ enum class TileUse { kPrefill, kPrefix };
 /// readers), wgmma (mma128's tile on Hopper's warpgroup MMA), wgmma-pipe (the same with one key
 /// tile's products overlapping the next one's softmax) or wgmma64 (wgmma-pipe on one warpgroup: 64
 /// rows, several CTAs an SM where registers and shared memory allow: at d = 64, 3 against one
-/// 128-row CTA, so more warps hide the key loop's latency, at twice the L2 -> SM traffic per row);
-/// where wgmma_available() is false, mma128 runs instead of wgmma and wgmma-pipe, mma of wgmma64.
+/// 128-row CTA, so more warps hide the key loop's latency, at twice the L2 -> SM traffic per row) or
+/// wgmma-k128 (wgmma-pipe on 128-key tiles: attention_wgmma.cuh);
+/// where wgmma_available() is false, mma128 runs instead of wgmma, wgmma-pipe and wgmma-k128, mma of
+/// wgmma64.
 ///
 /// Unset, the default is what the H100 runs of 2026-11-27 measured fastest (docs/BENCHMARKS.md,
 /// runs 4 and 5), by head dim:
@@ -30,7 +32,7 @@ enum class TileUse { kPrefill, kPrefix };
 ///   d = 64 too, end to end: W5 1/8 (prefill-bound) took 1.289 s on them against 0.967 s on
 ///   wgmma-pipe, W1 1/4 0.626 against 0.606 s (each its process's first run); the prefix scan at
 ///   d = 64 had the two within 10% either way.
-enum class TileKernel { kWmma, kMma, kMma128, kWgmma, kWgmmaPipelined, kWgmma64 };
+enum class TileKernel { kWmma, kMma, kMma128, kWgmma, kWgmmaPipelined, kWgmma64, kWgmmaWide };
 
 inline TileKernel tile_kernel(TileUse use, int64_t head_dim) {
   if (env_equals("BATCHLLM_ATTENTION_TILES", "wmma")) return TileKernel::kWmma;
@@ -45,6 +47,9 @@ inline TileKernel tile_kernel(TileUse use, int64_t head_dim) {
   if (env_equals("BATCHLLM_ATTENTION_TILES", "wgmma64")) {
     return wgmma_available() ? TileKernel::kWgmma64 : TileKernel::kMma;
   }
+  if (env_equals("BATCHLLM_ATTENTION_TILES", "wgmma-k128")) {
+    return wgmma_available() ? TileKernel::kWgmmaWide : TileKernel::kMma128;
+  }
   if (head_dim <= 64) return wgmma_available() ? TileKernel::kWgmmaPipelined : TileKernel::kMma;
   return use == TileUse::kPrefill ? TileKernel::kMma128 : TileKernel::kMma;
 }
@@ -54,6 +59,10 @@ inline int tile_rows(TileKernel kernel) {
   return kernel == TileKernel::kWmma || kernel == TileKernel::kMma || kernel == TileKernel::kWgmma64 ? kTileRows
                                                                                                    : kMaxTileRows;
 }
+
+/// Keys per shared-memory step of a tile kernel: the prefix split rounds its key chunks to it (a
+/// chunk ending inside a step pays the whole step).
+inline int tile_keys(TileKernel kernel) { return kernel == TileKernel::kWgmmaWide ? 2 * kTileKeys : kTileKeys; }
 
 /// Launches the Problem's tiles on `kernel` (tile_kernel(use, D)); the Problem's tile_rows and the grid
 /// must be tile_rows(kernel)'s.
@@ -77,6 +86,10 @@ cudaError_t launch_tiles(TileKernel kernel, const Problem& problem, dim3 grid, c
     case TileKernel::kWgmma64:
       return launch_tile_kernel<attention_wgmma_kernel<T, D, Problem, 4, true>, sizeof(WgmmaSmemFor<T, D, true>)>(
           problem, grid, k_cache, v_cache, scale, stream);
+    case TileKernel::kWgmmaWide:
+      return launch_tile_kernel<attention_wgmma_kernel<T, D, Problem, 8, true, 2 * kTileKeys>,
+                                sizeof(WgmmaSmemFor<T, D, true, 2 * kTileKeys>), Problem, 256>(
+          problem, grid, k_cache, v_cache, scale, stream);
     default:
       return launch_attention_tiles<T, D>(problem, grid, k_cache, v_cache, scale, stream);
   }
@@ -99,6 +112,9 @@ int tile_ctas_per_sm(TileKernel kernel) {
                                      sizeof(WgmmaSmemFor<T, D, true>), 256>();
     case TileKernel::kWgmma64:
       return tile_kernel_ctas_per_sm<attention_wgmma_kernel<T, D, Problem, 4, true>, sizeof(WgmmaSmemFor<T, D, true>)>();
+    case TileKernel::kWgmmaWide:
+      return tile_kernel_ctas_per_sm<attention_wgmma_kernel<T, D, Problem, 8, true, 2 * kTileKeys>,
+                                     sizeof(WgmmaSmemFor<T, D, true, 2 * kTileKeys>), 256>();
     default:
       return tile_kernel_ctas_per_sm<attention_tile_kernel<T, D, Problem>, sizeof(TileSmem<T, D>)>();
   }

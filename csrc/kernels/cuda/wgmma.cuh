@@ -165,6 +165,63 @@ __device__ __forceinline__ void wgmma_fence_operands(float (&d)[kBlocks][4]) {
       : BATCHLLM_WGMMA_D128                                                                        \
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(1))
 
+#define BATCHLLM_WGMMA_SS_M64N64K16(TYPE, TRANS_B)                                                 \
+  asm volatile(                                                                                    \
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"                                                 \
+      "wgmma.mma_async.sync.aligned.m64n64k16.f32." #TYPE "." #TYPE " {"                           \
+      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, "           \
+      "%18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31"                       \
+      "}, %32, %33, p, 1, 1, 0, " #TRANS_B ";\n}\n"                                                \
+      : BATCHLLM_WGMMA_D64                                                                         \
+      : "l"(desc_a), "l"(desc_b), "r"(1))
+#define BATCHLLM_WGMMA_SS_M64N128K16(TYPE, TRANS_B)                                                \
+  asm volatile(                                                                                    \
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"                                                 \
+      "wgmma.mma_async.sync.aligned.m64n128k16.f32." #TYPE "." #TYPE " {"                          \
+      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, "           \
+      "%18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, "           \
+      "%34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, "           \
+      "%50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"                       \
+      "}, %64, %65, p, 1, 1, 0, " #TRANS_B ";\n}\n"                                                \
+      : BATCHLLM_WGMMA_D128                                                                        \
+      : "l"(desc_a), "l"(desc_b), "r"(1))
+
+/// d += A * B for one warpgroup with A (64 x 16, K-major, no swizzle) in shared memory too, at
+/// desc_a: the warpgroup's rows need no registers (flash-attention 3 keeps Q there). B as
+/// wgmma_m64k16's.
+template <typename T, int N, bool kTransB>
+__device__ __forceinline__ void wgmma_m64k16_ss(float (&d)[N / 8][4], uint64_t desc_a, uint64_t desc_b) {
+  static_assert(N == 64 || N == 128, "wgmma shapes built: n64, n128");
+#if defined(BATCHLLM_CUDA_EMULATION_ACTIVE)
+  ::batchllm_emulation::wgmma_m64k16_ss(&d[0][0], N, desc_a, desc_b, kTransB, std::is_same_v<T, __nv_bfloat16>);
+#elif defined(BATCHLLM_WGMMA_UNAVAILABLE)
+  __trap();
+#else
+  constexpr bool kBf16 = std::is_same_v<T, __nv_bfloat16>;
+  if constexpr (N == 64) {
+    if constexpr (kBf16 && kTransB) {
+      BATCHLLM_WGMMA_SS_M64N64K16(bf16, 1);
+    } else if constexpr (kBf16) {
+      BATCHLLM_WGMMA_SS_M64N64K16(bf16, 0);
+    } else if constexpr (kTransB) {
+      BATCHLLM_WGMMA_SS_M64N64K16(f16, 1);
+    } else {
+      BATCHLLM_WGMMA_SS_M64N64K16(f16, 0);
+    }
+  } else {
+    if constexpr (kBf16 && kTransB) {
+      BATCHLLM_WGMMA_SS_M64N128K16(bf16, 1);
+    } else if constexpr (kBf16) {
+      BATCHLLM_WGMMA_SS_M64N128K16(bf16, 0);
+    } else if constexpr (kTransB) {
+      BATCHLLM_WGMMA_SS_M64N128K16(f16, 1);
+    } else {
+      BATCHLLM_WGMMA_SS_M64N128K16(f16, 0);
+    }
+  }
+#endif
+}
+
 /// d += a * B for one warpgroup, B (16 x N) at desc_b: K-major (kTransB = false) or N-major (true).
 /// T: __half or __nv_bfloat16; N: 64 or 128.
 template <typename T, int N, bool kTransB>

@@ -22,8 +22,9 @@ bool cuda_head_dim_supported(int64_t head_dim);
 
 /// The tile kernel that prefill (`prefill`) or cascade-prefix tiles of `head_dim` run on the current
 /// device under the current environment (BATCHLLM_ATTENTION_TILES): "wmma", "mma", "mma128", "wgmma",
-/// "wgmma-pipe" or "wgmma64" ("wgmma" or "wgmma-pipe" asked for where the build has no sm_90a code or
-/// the device is not compute 9.0 runs, and reads, "mma128"; "wgmma64" reads "mma").
+/// "wgmma-pipe", "wgmma64" or "wgmma-k128" ("wgmma", "wgmma-pipe" or "wgmma-k128" asked for where the
+/// build has no sm_90a code or the device is not compute 9.0 runs, and reads, "mma128"; "wgmma64"
+/// reads "mma").
 const char* cuda_tile_kernel_name(bool prefill, int64_t head_dim);
 
 /// float32 elements of scratch that cascade_decode_attention_cuda needs in params.workspace.

@@ -178,6 +178,9 @@ void cp_async_wait(int pending_groups_allowed);
 /// a B tile overwritten before it, shows. A descriptor with a swizzle mode or pointing past the
 /// dynamic shared memory faults.
 void wgmma_m64k16(float* d, int n, const uint32_t (&a)[4], uint64_t desc_b, bool trans_b, bool bf16);
+/// The same with A (64 x 16, K-major, no swizzle) in shared memory too, through `desc_a` (LBO along K,
+/// SBO along M); warp w of the warpgroup takes rows 16 (w % 4) .. + 15, read at the wait as B is.
+void wgmma_m64k16_ss(float* d, int n, uint64_t desc_a, uint64_t desc_b, bool trans_b, bool bf16);
 void wgmma_commit();
 void wgmma_wait(int pending_groups_allowed);
 

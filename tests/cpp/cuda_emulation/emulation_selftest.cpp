@@ -283,6 +283,55 @@ TEST(CudaEmulation, WgmmaReadsTheCanonicalLayoutsAndLandsAtTheWait) {
   }
 }
 
+/// C = A B as above with A in shared memory too (wgmma_m64k16_ss): K-major, core matrix (m / 8, k / 8)
+/// at (m / 8) SBO + (k / 8) LBO with gaps, B K-major after it. Warp w computes rows 16 w .. + 15.
+__global__ void wgmma_ss_layout_kernel(const __half* a, const __half* b, float* c, float* before) {
+  using namespace batchllm::kernels::cuda;
+  BATCHLLM_DYNAMIC_SHARED_MEMORY(smem);
+  const uint32_t a_lbo = 8 * 128 + 32, a_sbo = 128 + 16, b_lbo = 128, b_sbo = 2 * 128 + 64;
+  unsigned char* b_smem = smem + 8192;
+  for (int i = threadIdx.x; i < 64 * 16; i += blockDim.x) {
+    const int m = i / 16, k = i % 16;
+    std::memcpy(smem + (m / 8) * a_sbo + (k / 8) * a_lbo + (m % 8) * 16 + (k % 8) * 2, &a[i], 2);
+  }
+  for (int i = threadIdx.x; i < 16 * 64; i += blockDim.x) {
+    const int k = i / 64, n = i % 64;
+    std::memcpy(b_smem + (n / 8) * b_sbo + (k / 8) * b_lbo + (n % 8) * 16 + (k % 8) * 2, &b[i], 2);
+  }
+  __syncthreads();
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+  const int r0 = 16 * warp + g, r1 = r0 + 8;
+  float d[8][4] = {};
+  wgmma_fence();
+  wgmma_m64k16_ss<__half, 64, false>(d, wgmma_descriptor(smem, a_lbo, a_sbo), wgmma_descriptor(b_smem, b_lbo, b_sbo));
+  wgmma_commit();
+  before[threadIdx.x] = d[0][0];
+  wgmma_wait<0>();
+  for (int i = 0; i < 8; ++i) {
+    c[r0 * 64 + 8 * i + 2 * t] = d[i][0];
+    c[r0 * 64 + 8 * i + 2 * t + 1] = d[i][1];
+    c[r1 * 64 + 8 * i + 2 * t] = d[i][2];
+    c[r1 * 64 + 8 * i + 2 * t + 1] = d[i][3];
+  }
+}
+
+TEST(CudaEmulation, WgmmaWithAInSharedMemoryReadsItsDescriptorAtTheWait) {
+  std::vector<__half> a(64 * 16), b(16 * 64);
+  for (int i = 0; i < 64 * 16; ++i) a[i] = __float2half_rn(static_cast<float>((i * 7) % 13 - 6) / 4);
+  for (int i = 0; i < 16 * 64; ++i) b[i] = __float2half_rn(static_cast<float>((i * 5) % 11 - 5) / 4);
+  std::vector<float> c(64 * 64, NAN), before(128, NAN);
+  BATCHLLM_LAUNCH(1, 128, 16384, nullptr, wgmma_ss_layout_kernel)(a.data(), b.data(), c.data(), before.data());
+  ASSERT_EQ(cudaGetLastError(), cudaSuccess);
+  for (int i = 0; i < 128; ++i) EXPECT_EQ(before[i], 0.0f);
+  for (int i = 0; i < 64; ++i) {
+    for (int j = 0; j < 64; ++j) {
+      float want = 0;
+      for (int k = 0; k < 16; ++k) want += __half2float(a[i * 16 + k]) * __half2float(b[k * 64 + j]);
+      EXPECT_FLOAT_EQ(c[i * 64 + j], want) << i << "," << j;
+    }
+  }
+}
+
 /// Each thread copies 16 bytes by cp.async and reads them back before and after waiting.
 __global__ void cp_async_kernel(const uint4* src, unsigned* before, unsigned* after) {
   BATCHLLM_DYNAMIC_SHARED_MEMORY(smem);

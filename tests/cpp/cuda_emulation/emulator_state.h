@@ -27,7 +27,10 @@ struct AsyncCopy {
 /// One lane's part of an issued wgmma.mma_async (A from registers): the warp's 16 rows of A, read at
 /// the issue, and where the lane's accumulators live. B is read from shared memory at the wait.
 struct WgmmaOp {
-  float a[16][16];
+  float a[16][16];     // the warp's 16 rows of A: from its registers at the issue, or (a_in_smem) at the wait
+  bool a_in_smem = false;
+  uint64_t desc_a = 0;  // a_in_smem: the warpgroup's 64 x 16 K-major A
+  int a_row0 = 0;       // a_in_smem: the warp's first row of the 64
   uint64_t desc_b;
   int n;
   bool trans_b;

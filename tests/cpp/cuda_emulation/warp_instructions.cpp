@@ -115,7 +115,8 @@ namespace {
 /// The 16-bit element (k, n) of the B operand a no-swizzle descriptor describes (PTX ISA, "Shared
 /// Memory Matrix Layout", canonical layouts with T = 8 elements of 16 bytes): K-major
 /// ((8,m),(T,2k)):((T,SBO),(1,LBO)) over (n, k); N-major ((T,1,m),(8,k)):((1,T,SBO),(T,LBO)) over (n, k).
-/// Core matrices of 8 x 16 bytes; LBO steps along K between them, SBO along N.
+/// Core matrices of 8 x 16 bytes; LBO steps along K between them, SBO along N. A K-major A operand
+/// is read the same way, its M in place of N.
 float wgmma_b_element(uint64_t desc, int k, int n, bool trans_b, bool bf16) {
   const size_t start = (desc & 0x3fffu) << 4, lbo = ((desc >> 16) & 0x3fffu) << 4, sbo = ((desc >> 32) & 0x3fffu) << 4;
   if ((desc >> 62) != 0) device_fault("wgmma: only the no-swizzle descriptor mode is emulated");
@@ -166,6 +167,23 @@ void wgmma_m64k16(float* d, int n, const uint32_t (&a)[4], uint64_t desc_b, bool
   self.wgmma_open.push_back(op);
 }
 
+void wgmma_m64k16_ss(float* d, int n, uint64_t desc_a, uint64_t desc_b, bool trans_b, bool bf16) {
+  Emulator& e = emu();
+  Fiber& self = e.fibers[e.current];
+  if (n % 8 != 0 || n < 8 || n > 256) device_fault("wgmma: n must be a multiple of 8 in [8, 256]");
+  warp_barrier();  // warp-collective, as the register form
+  WgmmaOp op;
+  op.a_in_smem = true;
+  op.desc_a = desc_a;
+  op.a_row0 = 16 * static_cast<int>((threadIdx.x / 32) % 4);
+  op.desc_b = desc_b;
+  op.n = n;
+  op.trans_b = trans_b;
+  op.bf16 = bf16;
+  op.d = d;
+  self.wgmma_open.push_back(op);
+}
+
 void wgmma_commit() {
   Fiber& self = emu().fibers[emu().current];
   self.wgmma_groups.push_back(std::move(self.wgmma_open));
@@ -176,7 +194,12 @@ void wgmma_wait(int pending_groups_allowed) {
   Fiber& self = emu().fibers[emu().current];
   const int lane = static_cast<int>(threadIdx.x % 32), g = lane / 4, t = lane % 4;
   while (static_cast<int>(self.wgmma_groups.size()) > pending_groups_allowed) {
-    for (const WgmmaOp& op : self.wgmma_groups.front()) {
+    for (WgmmaOp& op : self.wgmma_groups.front()) {
+      if (op.a_in_smem) {  // the async proxy reads A now, as it reads B
+        for (int r = 0; r < 16; ++r) {
+          for (int k = 0; k < 16; ++k) op.a[r][k] = wgmma_b_element(op.desc_a, k, op.a_row0 + r, false, op.bf16);
+        }
+      }
       // Accumulator layout: n-block i of 8 columns in d[4i .. 4i + 3] = rows (g, g, g + 8, g + 8),
       // columns (8i + 2t, 8i + 2t + 1, 8i + 2t, 8i + 2t + 1) of the warp's 16 rows.
       for (int i = 0; i < op.n / 8; ++i) {

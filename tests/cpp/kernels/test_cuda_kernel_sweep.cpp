@@ -434,9 +434,9 @@ TEST_F(CudaSweep, PrefillAttention) {
             d.query_start = d_start.device;
             d.context_lens = d_context.device;
             // Every tile kernel: WMMA (attention_tile.cuh), mma.sync with 4 and 8 warps (attention_mma.cuh),
-            // wgmma with 8 warps, plain and pipelined, and pipelined with 4 (attention_wgmma.cuh; mma128
-            // or mma on a device or build without it).
-            for (const char* tiles : {"wmma", "mma", "mma128", "wgmma", "wgmma-pipe", "wgmma64"}) {
+            // wgmma with 8 warps, plain and pipelined, and pipelined with 4 or on 128-key tiles
+            // (attention_wgmma.cuh; mma128 or mma on a device or build without it).
+            for (const char* tiles : {"wmma", "mma", "mma128", "wgmma", "wgmma-pipe", "wgmma64", "wgmma-k128"}) {
               SCOPED_TRACE(std::string("tiles ") + tiles);
               o.upload();  // poisoned again
               setenv("BATCHLLM_ATTENTION_TILES", tiles, 1);
@@ -622,7 +622,7 @@ TEST_F(CudaSweep, CascadeDecodeAttention) {
             const char* suffix_names[] = {"suffix tiles", "suffix decode_rows", "suffix decode_rows fused",
                                           "suffix decode_rows merging", "suffix decode_rows on a side stream"};
             const char* launches[] = {nullptr, nullptr, "fused", "merge", "streams"};
-            const char* tile_names[] = {"wmma", "mma", "mma128", "wgmma", "wgmma-pipe", "wgmma64"};
+            const char* tile_names[] = {"wmma", "mma", "mma128", "wgmma", "wgmma-pipe", "wgmma64", "wgmma-k128"};
             const unsigned suffix = variant % 5;
             // Rows past a device split's have no suffix state: the padded rows of a split step give
             // zeros (the tile suffix, which takes no splits, attends every row).
@@ -630,7 +630,7 @@ TEST_F(CudaSweep, CascadeDecodeAttention) {
               std::fill(want.begin() + r * hq * head_dim, want.begin() + (r + 1) * hq * head_dim, to_bits(0.0f, dtype));
               std::fill(want_lse.begin() + r * hq, want_lse.begin() + (r + 1) * hq, -INFINITY);
             }
-            const unsigned tiles = ((static_cast<unsigned>(index) * 2246822519u) >> 27) % 6;
+            const unsigned tiles = ((static_cast<unsigned>(index) * 2246822519u) >> 27) % 7;
             // decode_rows' staged key loop (BATCHLLM_DECODE_ROWS=staged) for half of its separate,
             // merge and streams launches (the fused kernel keeps the unrolled loop).
             const bool staged = (suffix == 1 || suffix == 3 || suffix == 4) &&
