@@ -13,17 +13,19 @@ Decode (one query per sequence, 32 q heads, 8 KV heads, head dim 128, bf16, page
              without the overlap (mma128 where there is no sm_90a code: `wgmma_runs_as` in the JSON),
              (fused) suffix and prefix steps in one launch, (merge) the suffix kernel merging the
              prefix states itself (no combine launch), (streams) the suffix on a side stream beside the
-             prefix tiles, (wgmma64) the pipelined wgmma tiles in 64 rows of one warpgroup; best/floor:
-             the fastest over the floor
+             prefix tiles, (wgmma64) the pipelined wgmma tiles in 64 rows of one warpgroup, (wgmma-k128)
+             the pipelined wgmma tiles on 128-key steps with Q in shared memory; best/floor: the
+             fastest over the floor
   sdpa       torch SDPA over per-sequence KV (every sequence reads its own copy of the prefix)
   hydragen   torch composition of Hydragen: all queries of a KV head stacked against the prefix via
              aten._scaled_dot_product_flash_attention (for the LSE), suffix attention, LSE merge
   floor      (P + B*S) * KV bytes per token / measured device copy bandwidth
 Prefill (causal, one 4096-token chunk per sequence over paged KV, head dims 128 and 64): ours (the
 default tiles: mma.sync in 128-row tiles of 8 warps at d = 128, wgmma-pipe at d = 64), mma.sync tiles
-of 64 and 128 rows, pipelined and plain wgmma tiles, 64-row pipelined wgmma tiles and WMMA tiles, vs
-SDPA flash on the same dense shapes. Prefix scan: the prefix tiles alone at d = 64 and 128, default
-(wgmma-pipe at d = 64, mma at d = 128), wgmma-pipe and plain wgmma (2 CTAs an SM at d = 64). Graph
+of 64 and 128 rows, pipelined and plain wgmma tiles, 64-row pipelined wgmma tiles, 128-key pipelined
+wgmma tiles and WMMA tiles, vs SDPA flash on the same dense shapes. Prefix scan: the prefix tiles
+alone at d = 64 and 128, default (wgmma-pipe at d = 64, mma at d = 128), wgmma-pipe, plain wgmma
+(2 CTAs an SM at d = 64) and wgmma-k128. Graph
 tail: a job's last few rows of long suffixes replayed in a graph of a larger batch bucket, with the
 bucket's key split and with the step's own split read on the device.
 
@@ -294,6 +296,7 @@ DECODE_VARIANTS = {
     "merge+wgmma": {"BATCHLLM_CASCADE_LAUNCH": "merge", "BATCHLLM_ATTENTION_TILES": "wgmma"},
     "streams": {"BATCHLLM_CASCADE_LAUNCH": "streams"},
     "wgmma64": {"BATCHLLM_ATTENTION_TILES": "wgmma64"},
+    "wgmma-k128": {"BATCHLLM_ATTENTION_TILES": "wgmma-k128"},  # 128-key steps, Q in shared memory
     "staged": {"BATCHLLM_DECODE_ROWS": "staged"},  # decode_rows' K/V tiles in shared memory by cp.async
 }
 
@@ -386,7 +389,7 @@ def bench_decode(shape, bandwidth, reps, device_name):
 PREFIX_SCAN = [(64, 1024), (64, 4096), (256, 1024), (256, 4096)]  # (readers, prefix keys)
 
 
-SCAN_VARIANTS = ["wgmma-pipe", "wgmma"]  # prefix tiles timed beside the default in the prefix scan
+SCAN_VARIANTS = ["wgmma-pipe", "wgmma", "wgmma-k128"]  # prefix tiles timed beside the default in the prefix scan
 
 
 def bench_prefix_scan(reps, device_name) -> dict:
@@ -438,6 +441,7 @@ FLAT_D64 = [(1, 64, 1024, 128), (1, 256, 1024, 128), (4, 256, 1024, 128), (16, 1
 FLAT_D64_VARIANTS = {"streams": {"BATCHLLM_CASCADE_LAUNCH": "streams"},
                      "merge": {"BATCHLLM_CASCADE_LAUNCH": "merge"},
                      "mma": {"BATCHLLM_ATTENTION_TILES": "mma"},
+                     "wgmma-k128": {"BATCHLLM_ATTENTION_TILES": "wgmma-k128"},
                      "staged": {"BATCHLLM_DECODE_ROWS": "staged"},
                      "staged+streams": {"BATCHLLM_DECODE_ROWS": "staged", "BATCHLLM_CASCADE_LAUNCH": "streams"},
                      "staged+merge": {"BATCHLLM_DECODE_ROWS": "staged", "BATCHLLM_CASCADE_LAUNCH": "merge"}}
@@ -620,10 +624,11 @@ def bench_prefill(shape, reps, device_name, device="cuda", skip=()):
     pipe_ms, pipe_rel_err, pipe_error = unless_skipped("wgmma-pipe")
     wgmma_ms, wgmma_rel_err, wgmma_error = unless_skipped("wgmma")
     wgmma64_ms, wgmma64_rel_err, wgmma64_error = unless_skipped("wgmma64")
+    k128_ms, k128_rel_err, k128_error = unless_skipped("wgmma-k128")
     wmma_ms, wmma_rel_err, wmma_error = unless_skipped("wmma")
     errors = {name: e for name, e in (("mma", mma_error), ("mma128", mma128_error), ("wgmma-pipe", pipe_error),
-                                      ("wgmma", wgmma_error),
-                                      ("wgmma64", wgmma64_error), ("wmma", wmma_error)) if e is not None}
+                                      ("wgmma", wgmma_error), ("wgmma64", wgmma64_error),
+                                      ("wgmma-k128", k128_error), ("wmma", wmma_error)) if e is not None}
     sdpa_ms = time_graphs([sdpa], reps=reps)
     flops = seqs * 4 * (tokens * (tokens + 1) / 2) * Q_HEADS * head_dim
     return {"bench": "prefill_attention", "device": device_name, "commit": commit(), "seqs": seqs, "tokens": tokens,
@@ -633,7 +638,8 @@ def bench_prefill(shape, reps, device_name, device="cuda", skip=()):
             "rel_err_mma128_vs_sdpa": mma128_rel_err, "ours_wgmma_pipe_ms": pipe_ms,
             "rel_err_wgmma_pipe_vs_sdpa": pipe_rel_err, "ours_wgmma_ms": wgmma_ms, "rel_err_wgmma_vs_sdpa": wgmma_rel_err,
             "ours_wmma_ms": wmma_ms, "rel_err_wmma_vs_sdpa": wmma_rel_err, "ours_wgmma64_ms": wgmma64_ms,
-            "rel_err_wgmma64_vs_sdpa": wgmma64_rel_err,
+            "rel_err_wgmma64_vs_sdpa": wgmma64_rel_err, "ours_wgmma_k128_ms": k128_ms,
+            "rel_err_wgmma_k128_vs_sdpa": k128_rel_err,
             "wgmma_runs_as": tile_kernel_that_runs("wgmma"), "variant_errors": errors, "sdpa_ms": sdpa_ms, "sdpa_backend": SDPA_BACKEND["name"], "ours_over_sdpa": ours_ms / sdpa_ms, "ours_tflops": flops / (ours_ms * 1e-3) / 1e12,
             "sdpa_tflops": flops / (sdpa_ms * 1e-3) / 1e12, "rel_err_vs_sdpa": rel_err}
 
@@ -666,7 +672,7 @@ def main() -> int:
                         help="check the baselines' layouts against our CPU op on a tiny shape (no timing)")
     parser.add_argument("--skip-variants", default="",
                         help="comma-separated variants not to run: decode names of DECODE_VARIANTS, "
-                             "prefill ones as prefill:mma|mma128|wgmma-pipe|wgmma|wgmma64|wmma (after one lost the CUDA "
+                             "prefill ones as prefill:mma|mma128|wgmma-pipe|wgmma|wgmma64|wgmma-k128|wmma (after one lost the CUDA "
                              "context)")
     parser.add_argument("--resume", action="store_true",
                         help="with --json-out: keep the shapes already in the file and run only the others")
@@ -776,7 +782,7 @@ def run_tables(args, reps, device_name, bandwidth, rows, record, done, skip) -> 
                   f"{ms['floor']:.4f}", flush=True)
     if not args.no_prefill:
         print(f"{'seqs':>5} {'tokens':>6} {'d':>4} {'ours':>8} | {'ours ms':>8} {'mma ms':>8} {'mma128':>8} {'wgmma-p':>8} "
-              f"{'wgmma':>8} {'wgmma64':>8} "
+              f"{'wgmma':>8} {'wgmma64':>8} {'k128':>8} "
               f"{'wmma':>8} "
               f"{'sdpa ms':>8} | "
               f"{'ours/sdpa':>9} {'ours TF/s':>9} "
@@ -788,7 +794,8 @@ def run_tables(args, reps, device_name, bandwidth, rows, record, done, skip) -> 
             record(r)
             print(f"{r['seqs']:>5} {r['tokens']:>6} {r['head_dim']:>4} {r['tiles']:>8} | {r['ours_ms']:>8.3f} "
                   f"{r['ours_mma_ms']:>8.3f} {r['ours_mma128_ms']:>8.3f} {r['ours_wgmma_pipe_ms']:>8.3f} "
-                  f"{r['ours_wgmma_ms']:>8.3f} {r['ours_wgmma64_ms']:>8.3f} {r['ours_wmma_ms']:>8.3f} "
+                  f"{r['ours_wgmma_ms']:>8.3f} {r['ours_wgmma64_ms']:>8.3f} {r['ours_wgmma_k128_ms']:>8.3f} "
+                  f"{r['ours_wmma_ms']:>8.3f} "
                   f"{r['sdpa_ms']:>8.3f} | "
                   f"{r['ours_over_sdpa']:>9.2f} {r['ours_tflops']:>9.1f} {r['sdpa_tflops']:>9.1f} "
                   f"{r['rel_err_vs_sdpa']:>8.1e}", flush=True)

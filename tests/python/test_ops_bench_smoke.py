@@ -152,8 +152,8 @@ def _emulated_bench(monkeypatch):
 @pytest.mark.skipif(cuda_emulation.module() is None, reason="no CUDA emulation module in this build")
 @pytest.mark.parametrize("head_dim, default_tiles", [(128, "mma128"), (64, "wgmma-pipe")])
 def test_bench_attention_prefill_row_on_emulated_kernels(monkeypatch, head_dim, default_tiles):
-    # The prefill row (the default tiles of the head dim, mma, mma128, wgmma-pipe, wgmma, wgmma64 and WMMA
-    # against SDPA) on the emulated kernels, timing faked.
+    # The prefill row (the default tiles of the head dim, mma, mma128, wgmma-pipe, wgmma, wgmma64,
+    # wgmma-k128 and WMMA against SDPA) on the emulated kernels, timing faked.
     bench = _load_bench()
     cuda_emulation.activate(monkeypatch)
     monkeypatch.delenv("BATCHLLM_ATTENTION_TILES", raising=False)
@@ -165,7 +165,8 @@ def test_bench_attention_prefill_row_on_emulated_kernels(monkeypatch, head_dim, 
     assert row["head_dim"] == head_dim and row["tiles"] == default_tiles
     assert row["wgmma_runs_as"] == "wgmma"  # the emulation has every architecture's instructions
     for key in ("rel_err_vs_sdpa", "rel_err_mma_vs_sdpa", "rel_err_mma128_vs_sdpa", "rel_err_wgmma_pipe_vs_sdpa",
-                "rel_err_wgmma_vs_sdpa", "rel_err_wgmma64_vs_sdpa", "rel_err_wmma_vs_sdpa"):
+                "rel_err_wgmma_vs_sdpa", "rel_err_wgmma64_vs_sdpa", "rel_err_wgmma_k128_vs_sdpa",
+                "rel_err_wmma_vs_sdpa"):
         assert row[key] < 1e-2, (key, row[key])
 
 

@@ -36,30 +36,35 @@ struct MmaSmem {
 };
 
 /// A thread's share of copying one K/V tile of kKeys keys (64 unless a kernel's tiles are wider) into
-/// shared memory, by a CTA of kThreads threads:
-/// kVecPerThread 16-byte chunks, the i-th of key key(i) (its keys are key(0) + i kKeyStep), dims
-/// 8 chunk() .. + 7, landing at element dst(i) of the stage. Layouts:
-///   rows (kCoreMatrices = false): key k's dims at k * MmaSmem::kLd (padded rows, for ldmatrix);
-///   core matrices (true, wgmma.cuh's no-swizzle layout): copy idx (16 bytes) lands at byte 16 idx,
-///   holding key idx % 8 + 8 (idx / (8 D / 8)), dims 8 ((idx / 8) % (D / 8)) .. + 7, so the 8
-///   threads of a quarter warp fill one 128-byte core matrix.
+/// shared memory, by a CTA of kThreads threads. One warp instruction copies 8 keys x 4 16-byte chunks
+/// (64 contiguous bytes of each key's row): lane l takes key l % 8 of the warp's 8 and chunk (l / 8) % 4
+/// of the 4. A thread keeps its keys over its copies: kKeysPerThread keys, key(m) = 8 (warp + m warps)
+/// + lane % 8, each in kQuads copies, chunk(j) = 4 j + (lane / 8) % 4, so it looks up and addresses
+/// each key once a tile (the block table entry, the page's offset), not once a copy.
+/// Each quarter warp (the 8 lanes of one shared-memory phase of a 16-byte access) writes 8 different
+/// keys of one chunk column, which no bank conflict can serialize in either layout:
+///   rows (kCoreMatrices = false): key k's dims at k * MmaSmem::kLd (rows padded by 16 bytes, for
+///     ldmatrix: 8 keys' same chunk lands on 8 different 16-byte bank groups);
+///   core matrices (true, wgmma.cuh's no-swizzle layout): chunk c of key k at byte
+///     ((k / 8) (D / 8) + c) 128 + (k % 8) 16, so the quarter warp fills one 128-byte core matrix.
 template <typename T, int D, int kThreads, bool kCoreMatrices, int kKeys = kTileKeys>
 struct KvTileCopy {
   static constexpr int kChunks = D * sizeof(T) / 16;  // 16-byte chunks of a key
-  static constexpr int kVecPerThread = kKeys * kChunks / kThreads;
-  static_assert(kKeys * kChunks % kThreads == 0, "tile loads must divide evenly");
-  static_assert(kThreads % (kCoreMatrices ? 8 * kChunks : kChunks) == 0, "a thread keeps one chunk column");
+  static constexpr int kQuads = kChunks / 4;         // copies per key
+  static constexpr int kWarps = kThreads / 32;
+  static constexpr int kKeysPerThread = kKeys / (8 * kWarps);
+  static constexpr int kVecPerThread = kKeysPerThread * kQuads;
+  static_assert(kChunks % 4 == 0 && kThreads % 32 == 0 && kKeys % (8 * kWarps) == 0,
+                "tile loads must divide evenly");
 
-  __device__ __forceinline__ static int key(int i) {
-    const int idx = threadIdx.x + i * kThreads;
-    return kCoreMatrices ? idx % 8 + 8 * (idx / (8 * kChunks)) : idx / kChunks;
+  __device__ __forceinline__ static int key(int m) {
+    return 8 * (static_cast<int>(threadIdx.x) / 32 + kWarps * m) + static_cast<int>(threadIdx.x) % 8;
   }
-  __device__ __forceinline__ static int chunk() {
-    return kCoreMatrices ? (threadIdx.x / 8) % kChunks : threadIdx.x % kChunks;
-  }
-  __device__ __forceinline__ static int dst(int i) {
-    const int idx = threadIdx.x + i * kThreads;
-    return kCoreMatrices ? idx * 8 : key(i) * MmaSmem<T, D>::kLd + chunk() * 8;
+  __device__ __forceinline__ static int chunk(int j) { return 4 * j + (static_cast<int>(threadIdx.x) / 8) % 4; }
+  /// The stage element where chunk j of key m lands.
+  __device__ __forceinline__ static int dst(int m, int j) {
+    const int k = key(m), c = chunk(j);
+    return kCoreMatrices ? ((k / 8) * kChunks + c) * 64 + (k % 8) * 8 : k * MmaSmem<T, D>::kLd + c * 8;
   }
 };
 
@@ -71,7 +76,7 @@ struct KvTileBlocks {
 };
 
 template <typename T, int D, int kThreads, bool kCoreMatrices = false, int kKeys = kTileKeys>
-using KvTileBlocksFor = KvTileBlocks<KvTileCopy<T, D, kThreads, kCoreMatrices, kKeys>::kVecPerThread>;
+using KvTileBlocksFor = KvTileBlocks<KvTileCopy<T, D, kThreads, kCoreMatrices, kKeys>::kKeysPerThread>;
 
 /// Loads the block table entries of this thread's keys of the tile starting at `first_key` (keys at or
 /// past num_keys: none, 0, an address issue_kv_tile computes but does not read).
@@ -80,9 +85,9 @@ __device__ __forceinline__ void prefetch_kv_blocks(KvTileBlocksFor<T, D, kThread
                                                    const PagedKvHead<T>& kv, int num_keys, int first_key) {
   using Copy = KvTileCopy<T, D, kThreads, kCoreMatrices, kKeys>;
 #pragma unroll
-  for (int i = 0; i < Copy::kVecPerThread; ++i) {
-    const int pos = first_key + Copy::key(i);
-    blocks.block[i] = pos < num_keys ? kv.block_of(pos) : 0;
+  for (int m = 0; m < Copy::kKeysPerThread; ++m) {
+    const int pos = first_key + Copy::key(m);
+    blocks.block[m] = pos < num_keys ? kv.block_of(pos) : 0;
   }
 }
 
@@ -95,13 +100,17 @@ __device__ __forceinline__ void issue_kv_tile(T* k_dst, T* v_dst, const PagedKvH
                                               int first_key,
                                               const KvTileBlocksFor<T, D, kThreads, kCoreMatrices, kKeys>& blocks) {
   using Copy = KvTileCopy<T, D, kThreads, kCoreMatrices, kKeys>;
-  const uint32_t byte = Copy::chunk() * 16;
 #pragma unroll
-  for (int i = 0; i < Copy::kVecPerThread; ++i) {
-    const int pos = first_key + Copy::key(i);
+  for (int m = 0; m < Copy::kKeysPerThread; ++m) {
+    const int pos = first_key + Copy::key(m);
     const bool valid = pos < num_keys;
-    cp_async_16(k_dst + Copy::dst(i), kv.k_at(blocks.block[i], pos, byte), valid);
-    cp_async_16(v_dst + Copy::dst(i), kv.v_at(blocks.block[i], pos, byte), valid);
+    const T* k_row = kv.k_at(blocks.block[m], pos, 0);
+    const T* v_row = kv.v_at(blocks.block[m], pos, 0);
+#pragma unroll
+    for (int j = 0; j < Copy::kQuads; ++j) {
+      cp_async_16(k_dst + Copy::dst(m, j), k_row + Copy::chunk(j) * 8, valid);
+      cp_async_16(v_dst + Copy::dst(m, j), v_row + Copy::chunk(j) * 8, valid);
+    }
   }
   cp_async_commit();
 }
