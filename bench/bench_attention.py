@@ -15,7 +15,7 @@ Decode (one query per sequence, 32 q heads, 8 KV heads, head dim 128, bf16, page
              prefix states itself (no combine launch), (streams) the suffix on a side stream beside the
              prefix tiles, (wgmma64) the pipelined wgmma tiles in 64 rows of one warpgroup, (wgmma-k128)
              the pipelined wgmma tiles on 128-key steps with Q in shared memory; best/floor: the
-             fastest over the floor
+             fastest over the floor; (pdl) programmatic dependent launch (BATCHLLM_PDL=1)
   sdpa       torch SDPA over per-sequence KV (every sequence reads its own copy of the prefix)
   hydragen   torch composition of Hydragen: all queries of a KV head stacked against the prefix via
              aten._scaled_dot_product_flash_attention (for the LSE), suffix attention, LSE merge
@@ -298,6 +298,7 @@ DECODE_VARIANTS = {
     "wgmma64": {"BATCHLLM_ATTENTION_TILES": "wgmma64"},
     "wgmma-k128": {"BATCHLLM_ATTENTION_TILES": "wgmma-k128"},  # 128-key steps, Q in shared memory
     "staged": {"BATCHLLM_DECODE_ROWS": "staged"},  # decode_rows' K/V tiles in shared memory by cp.async
+    "pdl": {"BATCHLLM_PDL": "1"},  # programmatic dependent launch: no gap between the cascade's launches
 }
 
 
@@ -424,9 +425,9 @@ def bench_prefix_scan(reps, device_name) -> dict:
             "kv_heads": KV_HEADS,
             "tiles": {f"d{d}": tile_kernel_that_runs(os.environ.get("BATCHLLM_ATTENTION_TILES", ""), head_dim=d)
                       for d in (64, 128)},
-            "ms": times, "ms_per_1024_keys": slopes, "wgmma-pipe_runs_as": tile_kernel_that_runs("wgmma-pipe"),
-            **{f"ms_{name}": variant_times[name] for name in SCAN_VARIANTS},
-            "wgmma_runs_as": tile_kernel_that_runs("wgmma")}
+            "ms": times, "ms_per_1024_keys": slopes,
+            **{f"{name}_runs_as": tile_kernel_that_runs(name) for name in SCAN_VARIANTS},
+            **{f"ms_{name}": variant_times[name] for name in SCAN_VARIANTS}}
 
 
 # Decode at llama-1b's d = 64 with W1's group shape (readers of a 1,024-token prefix, 128-token suffixes),
@@ -444,7 +445,8 @@ FLAT_D64_VARIANTS = {"streams": {"BATCHLLM_CASCADE_LAUNCH": "streams"},
                      "wgmma-k128": {"BATCHLLM_ATTENTION_TILES": "wgmma-k128"},
                      "staged": {"BATCHLLM_DECODE_ROWS": "staged"},
                      "staged+streams": {"BATCHLLM_DECODE_ROWS": "staged", "BATCHLLM_CASCADE_LAUNCH": "streams"},
-                     "staged+merge": {"BATCHLLM_DECODE_ROWS": "staged", "BATCHLLM_CASCADE_LAUNCH": "merge"}}
+                     "staged+merge": {"BATCHLLM_DECODE_ROWS": "staged", "BATCHLLM_CASCADE_LAUNCH": "merge"},
+                     "pdl": {"BATCHLLM_PDL": "1"}}
 
 
 def _rel_err(x: torch.Tensor, reference: torch.Tensor) -> float:

@@ -202,6 +202,11 @@ section_e2e() {
   run_env=(env BATCHLLM_ATTENTION_TILES=wgmma-k128)
   e2e_run "W5 wgmma-k128 tiles" --workload W5 --scale 0.125 --policy batchllm --repeat 2
   e2e_run "W1 wgmma-k128 tiles" --workload W1 --scale 0.25 --policy batchllm --repeat 2
+  # Programmatic dependent launch (session 14, BATCHLLM_PDL=1): each of our kernels (~7 of a layer's
+  # ~11) may start as the one before it ends, instead of after a graph's kernel-to-kernel gap.
+  # Prediction: ~1-2 us a launch: W1 1/4 decode steps -3..-6%, e2e -2..-4%.
+  run_env=(env BATCHLLM_PDL=1)
+  e2e_run "W1 pdl" --workload W1 --scale 0.25 --policy batchllm --repeat 2
   # The 64-row mma tiles at llama-1b's d = 64, whose default is wgmma-pipe: run 4 had mma faster on
   # W1 1/4 (0.588 against 0.625 s, first runs); W5's prefill side is bench_attention's d = 64
   # prefill row now. (Answered and dropped since run 5: W5 in the swapped order, eager, wgmma64 and

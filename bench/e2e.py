@@ -299,7 +299,7 @@ def _common(workload, args, device, dtype, policy, seconds, cost, ceilings, outp
 # run so that a figure says which kernels made it.
 KERNEL_ENV_VARS = ("BATCHLLM_ATTENTION_TILES", "BATCHLLM_CASCADE_SUFFIX", "BATCHLLM_CASCADE_LAUNCH", "BATCHLLM_SAMPLER",
                    "BATCHLLM_LAYER_OPS", "BATCHLLM_MIXED_GRAPHS", "TORCH_BLAS_PREFER_CUBLASLT",
-                   "BATCHLLM_DECODE_ROWS")
+                   "BATCHLLM_DECODE_ROWS", "BATCHLLM_PDL")
 
 
 def kernel_env() -> dict:

@@ -116,8 +116,14 @@ __device__ __forceinline__ bool setup_rows(const Problem& problem, TileRows<T>& 
     }
   }
   __syncthreads();
-  if (rows.num_keys < 0) return false;
-  for (int r = threadIdx.x; r < kMaxTileRows; r += blockDim.x) problem.setup_row(rows, item, r);
+  const bool has_work = rows.num_keys >= 0;
+  if (has_work) {
+    for (int r = threadIdx.x; r < kMaxTileRows; r += blockDim.x) problem.setup_row(rows, item, r);
+  }
+  // Up to here only the step's metadata (the host's upload) was read; q and this step's K/V, which
+  // earlier kernels of the step wrote, are read after this, in every CTA (PDL: cuda_common.cuh).
+  wait_for_prerequisite_grids();
+  if (!has_work) return false;
   __syncthreads();
   return true;
 }

@@ -136,6 +136,85 @@ inline bool env_equals(const char* name, const char* value) {
   return set != nullptr && std::strcmp(set, value) == 0;
 }
 
+// Programmatic dependent launch (PDL, Hopper and later; BATCHLLM_PDL=1, opt-in until a GPU run
+// decides). A kernel launched with it may start while the kernel before it on the stream finishes:
+// its CTAs are scheduled as the earlier one's last CTAs exit, instead of after the whole grid is done
+// and its completion has gone through the launch queue (a graph's kernel-to-kernel gap, ~1-2 us,
+// paid ~10 times a layer). Every kernel here calls wait_for_prerequisite_grids() before it reads
+// anything an earlier kernel of the step wrote, and before it writes global memory or exits, in every
+// CTA: so a kernel's completion still implies its predecessors' (a CTA that exited without waiting
+// would let the next kernel start while the one before it still runs). Launched without PDL, the
+// wait returns at once.
+
+/// Blocks until the grids this one depends on have completed and their writes are visible
+/// (griddepcontrol.wait); a no-op without PDL, before sm_90, and on the CPU emulation.
+__device__ __forceinline__ void wait_for_prerequisite_grids() {
+#if !defined(BATCHLLM_CUDA_EMULATION_ACTIVE) && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+}
+
+/// Whether launches use PDL: BATCHLLM_PDL=1 (read at every launch, like the other A/B switches) on a
+/// device of compute capability 9.0 or later (asked once per device).
+inline bool pdl_enabled() {
+#if defined(BATCHLLM_CUDA_EMULATION_ACTIVE)
+  return false;  // the emulation runs launches one after the other
+#else
+  if (!env_equals("BATCHLLM_PDL", "1")) return false;
+  static int capable[64] = {};  // 0 unknown, 1 yes, 2 no
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess || device < 0 || device >= 64) {
+    cudaGetLastError();
+    return false;
+  }
+  if (capable[device] == 0) {
+    int major = 0;
+    const bool ok = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) == cudaSuccess;
+    if (!ok) cudaGetLastError();
+    capable[device] = ok && major >= 9 ? 1 : 2;
+  }
+  return capable[device] == 1;
+#endif
+}
+
+/// A kernel launch BATCHLLM_LAUNCH spells: with the programmatic stream serialization attribute where
+/// pdl_enabled(), else (or if that launch is refused) a plain <<<>>> launch. Errors are left for
+/// cudaGetLastError, as a <<<>>> launch leaves them.
+template <typename... Params>
+struct KernelLaunch {
+  void (*kernel)(Params...);
+  dim3 grid, block;
+  size_t smem;
+  cudaStream_t stream;
+
+  template <typename... Args>
+  void operator()(const Args&... args) const {
+#if !defined(BATCHLLM_CUDA_EMULATION_ACTIVE)
+    if (pdl_enabled()) {
+      cudaLaunchAttribute attribute[1];
+      attribute[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+      attribute[0].val.programmaticStreamSerializationAllowed = 1;
+      cudaLaunchConfig_t config = {};
+      config.gridDim = grid;
+      config.blockDim = block;
+      config.dynamicSmemBytes = smem;
+      config.stream = stream;
+      config.attrs = attribute;
+      config.numAttrs = 1;
+      if (cudaLaunchKernelEx(&config, kernel, args...) == cudaSuccess) return;
+      cudaGetLastError();  // refused (an older driver): launch it plainly
+    }
+    kernel<<<grid, block, smem, stream>>>(args...);
+#endif
+  }
+};
+
+template <typename... Params>
+KernelLaunch<Params...> make_launch(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem,
+                                    cudaStream_t stream) {
+  return KernelLaunch<Params...>{kernel, grid, block, smem, stream};
+}
+
 }  // namespace batchllm::kernels::cuda
 
 /// Launch and dynamic shared memory spelled so that the kernels also compile as C++ for the CPU
@@ -147,7 +226,8 @@ inline bool env_equals(const char* name, const char* value) {
   ::batchllm_emulation::launch(__VA_ARGS__, grid, block, smem, stream)
 #define BATCHLLM_DYNAMIC_SHARED_MEMORY(name) unsigned char* name = ::batchllm_emulation::dynamic_shared_memory()
 #else
-#define BATCHLLM_LAUNCH(grid, block, smem, stream, ...) __VA_ARGS__<<<grid, block, smem, stream>>>
+#define BATCHLLM_LAUNCH(grid, block, smem, stream, ...) \
+  ::batchllm::kernels::cuda::make_launch(__VA_ARGS__, grid, block, smem, stream)
 #define BATCHLLM_DYNAMIC_SHARED_MEMORY(name) extern __shared__ __align__(128) unsigned char name[]
 #endif
 
