@@ -184,11 +184,11 @@ section_e2e() {
   run_env=(env BATCHLLM_MIXED_GRAPHS=0)
   e2e_run "W5 eager mixed steps" --workload W5 --scale 0.125 --policy batchllm --repeat 2
   e2e_run "W1 full eager mixed steps" --workload W1 --scale 1 --policy batchllm
-  # The suffix kernel on a side stream beside the prefix tiles: W1's decode layer ran them one after
-  # the other (decode_rows 44 us, prefix tiles 25 us in run 4); bench_attention's flat_d64 rows time
-  # it at W1's groups.
-  run_env=(env BATCHLLM_CASCADE_LAUNCH=streams)
-  e2e_run "W1 streams" --workload W1 --scale 0.25 --policy batchllm --repeat 2
+  # Programmatic dependent launch (session 14, BATCHLLM_PDL=1): each of our kernels (~7 of a layer's
+  # ~11) may start as the one before it ends, instead of after a graph's kernel-to-kernel gap.
+  # Prediction: ~1-2 us a launch: W1 1/4 decode steps -3..-6%, e2e -2..-4%.
+  run_env=(env BATCHLLM_PDL=1)
+  e2e_run "W1 pdl" --workload W1 --scale 0.25 --policy batchllm --repeat 2
   # decode_rows' staged key loop (K/V tiles by cp.async, 3 ahead; session 13): run 4's decode_rows
   # moved W1's suffix KV at ~1.5 TB/s. W5's decode steps read ~800-key suffixes (KV-bound).
   # Prediction: decode_rows 44 -> 28-35 us a W1 layer; W1 1/4 -3..-6%, W5 1/8 -4..-8%.
@@ -202,11 +202,11 @@ section_e2e() {
   run_env=(env BATCHLLM_ATTENTION_TILES=wgmma-k128)
   e2e_run "W5 wgmma-k128 tiles" --workload W5 --scale 0.125 --policy batchllm --repeat 2
   e2e_run "W1 wgmma-k128 tiles" --workload W1 --scale 0.25 --policy batchllm --repeat 2
-  # Programmatic dependent launch (session 14, BATCHLLM_PDL=1): each of our kernels (~7 of a layer's
-  # ~11) may start as the one before it ends, instead of after a graph's kernel-to-kernel gap.
-  # Prediction: ~1-2 us a launch: W1 1/4 decode steps -3..-6%, e2e -2..-4%.
-  run_env=(env BATCHLLM_PDL=1)
-  e2e_run "W1 pdl" --workload W1 --scale 0.25 --policy batchllm --repeat 2
+  # The suffix kernel on a side stream beside the prefix tiles: W1's decode layer ran them one after
+  # the other (decode_rows 44 us, prefix tiles 25 us in run 4); bench_attention's flat_d64 rows time
+  # it at W1's groups.
+  run_env=(env BATCHLLM_CASCADE_LAUNCH=streams)
+  e2e_run "W1 streams" --workload W1 --scale 0.25 --policy batchllm --repeat 2
   # The 64-row mma tiles at llama-1b's d = 64, whose default is wgmma-pipe: run 4 had mma faster on
   # W1 1/4 (0.588 against 0.625 s, first runs); W5's prefill side is bench_attention's d = 64
   # prefill row now. (Answered and dropped since run 5: W5 in the swapped order, eager, wgmma64 and
