@@ -119,10 +119,12 @@ def short_name(kernel: str) -> str:
     if not match:
         return kernel[:80]
     dtype = "bf16" if "bfloat16" in match.group(2) else "fp16"
-    warps = re.search(r"EELi(\d+)E(?:Lb([01]))?", kernel)
+    warps = re.search(r"EELi(\d+)E(?:Lb([01])E)?(?:Li(\d+)E)?", kernel)
     variant = ""
     if warps:
         variant = f" {warps.group(1)} warps" + (" pipe" if warps.group(2) == "1" else "")
+        if warps.group(3) and warps.group(3) != "64":  # the wgmma tiles' keys a step (wgmma-k128)
+            variant += f" {warps.group(3)} keys"
     heads = re.search(r"Li\d+ELi(\d+)EEEvNS1_14DecodeRowsArgs", kernel)
     if heads:
         variant = f" {heads.group(1)} heads"

@@ -64,6 +64,11 @@ def test_parse_and_main_loops():
     assert decode_loop["loop"] == 4 and decode_loop["ops"] == {"LDG": 1, "FFMA": 1, "SHFL": 1, "BRA": 1}
 
     assert sass_loops.short_name(next(k for k in rows if "decode_rows" in k)) == "decode_rows_kernel bf16 d=64 4 heads"
+    # The wgmma tiles' names carry warps, pipelining and (wgmma-k128) keys a step.
+    prefix = "_ZN8batchllm7kernels4cuda22attention_wgmma_kernelI13__nv_bfloat16Li128ENS1_5PrefillProblemIS3_EE"
+    assert sass_loops.short_name(prefix + "Li8ELb1ELi64EEEvT1_") == "attention_wgmma_kernel bf16 d=128 Prefill 8 warps pipe"
+    assert (sass_loops.short_name(prefix + "Li8ELb1ELi128EEEvT1_")
+            == "attention_wgmma_kernel bf16 d=128 Prefill 8 warps pipe 128 keys")
     # A filter keeps only the matching kernels.
     assert [r["kernel"] for r in sass_loops.loop_rows(functions, "decode_rows")] == [
         next(k for k in rows if "decode_rows" in k)]
