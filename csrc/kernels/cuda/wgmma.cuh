@@ -186,6 +186,23 @@ __device__ __forceinline__ void wgmma_fence_operands(float (&d)[kBlocks][4]) {
       : BATCHLLM_WGMMA_D128                                                                        \
       : "l"(desc_a), "l"(desc_b), "r"(1))
 
+// The instruction of one operand form for N (64 or 128), T (kBf16) and B's major-ness (kTransB):
+// BATCHLLM_WGMMA_FORMS(the form's n64 macro, its n128 macro), inside a function that has them.
+#define BATCHLLM_WGMMA_FORMS(M64, M128)                                                            \
+  do {                                                                                             \
+    if constexpr (N == 64) {                                                                       \
+      if constexpr (kBf16 && kTransB) M64(bf16, 1);                                                \
+      else if constexpr (kBf16) M64(bf16, 0);                                                      \
+      else if constexpr (kTransB) M64(f16, 1);                                                     \
+      else M64(f16, 0);                                                                            \
+    } else {                                                                                       \
+      if constexpr (kBf16 && kTransB) M128(bf16, 1);                                               \
+      else if constexpr (kBf16) M128(bf16, 0);                                                     \
+      else if constexpr (kTransB) M128(f16, 1);                                                    \
+      else M128(f16, 0);                                                                           \
+    }                                                                                              \
+  } while (0)
+
 /// d += A * B for one warpgroup with A (64 x 16, K-major, no swizzle) in shared memory too, at
 /// desc_a: the warpgroup's rows need no registers (flash-attention 3 keeps Q there). B as
 /// wgmma_m64k16's.
@@ -198,27 +215,7 @@ __device__ __forceinline__ void wgmma_m64k16_ss(float (&d)[N / 8][4], uint64_t d
   __trap();
 #else
   constexpr bool kBf16 = std::is_same_v<T, __nv_bfloat16>;
-  if constexpr (N == 64) {
-    if constexpr (kBf16 && kTransB) {
-      BATCHLLM_WGMMA_SS_M64N64K16(bf16, 1);
-    } else if constexpr (kBf16) {
-      BATCHLLM_WGMMA_SS_M64N64K16(bf16, 0);
-    } else if constexpr (kTransB) {
-      BATCHLLM_WGMMA_SS_M64N64K16(f16, 1);
-    } else {
-      BATCHLLM_WGMMA_SS_M64N64K16(f16, 0);
-    }
-  } else {
-    if constexpr (kBf16 && kTransB) {
-      BATCHLLM_WGMMA_SS_M64N128K16(bf16, 1);
-    } else if constexpr (kBf16) {
-      BATCHLLM_WGMMA_SS_M64N128K16(bf16, 0);
-    } else if constexpr (kTransB) {
-      BATCHLLM_WGMMA_SS_M64N128K16(f16, 1);
-    } else {
-      BATCHLLM_WGMMA_SS_M64N128K16(f16, 0);
-    }
-  }
+  BATCHLLM_WGMMA_FORMS(BATCHLLM_WGMMA_SS_M64N64K16, BATCHLLM_WGMMA_SS_M64N128K16);
 #endif
 }
 
@@ -233,27 +230,7 @@ __device__ __forceinline__ void wgmma_m64k16(float (&d)[N / 8][4], const uint32_
   __trap();
 #else
   constexpr bool kBf16 = std::is_same_v<T, __nv_bfloat16>;
-  if constexpr (N == 64) {
-    if constexpr (kBf16 && kTransB) {
-      BATCHLLM_WGMMA_M64N64K16(bf16, 1);
-    } else if constexpr (kBf16) {
-      BATCHLLM_WGMMA_M64N64K16(bf16, 0);
-    } else if constexpr (kTransB) {
-      BATCHLLM_WGMMA_M64N64K16(f16, 1);
-    } else {
-      BATCHLLM_WGMMA_M64N64K16(f16, 0);
-    }
-  } else {
-    if constexpr (kBf16 && kTransB) {
-      BATCHLLM_WGMMA_M64N128K16(bf16, 1);
-    } else if constexpr (kBf16) {
-      BATCHLLM_WGMMA_M64N128K16(bf16, 0);
-    } else if constexpr (kTransB) {
-      BATCHLLM_WGMMA_M64N128K16(f16, 1);
-    } else {
-      BATCHLLM_WGMMA_M64N128K16(f16, 0);
-    }
-  }
+  BATCHLLM_WGMMA_FORMS(BATCHLLM_WGMMA_M64N64K16, BATCHLLM_WGMMA_M64N128K16);
 #endif
 }
 

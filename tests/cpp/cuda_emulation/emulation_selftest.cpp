@@ -222,6 +222,32 @@ TEST(CudaEmulation, MmaFragmentsFollowThePtxLayout) {
   }
 }
 
+/// Writes a warp's m64n64 accumulators (its 16 rows, the mma.m16n8k16 C layout per 8 columns) into
+/// the row-major 64 x 64 `c`.
+void store_accumulators(const float (&d)[8][4], float* c) {
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+  const int r0 = 16 * warp + g, r1 = r0 + 8;
+  for (int i = 0; i < 8; ++i) {
+    c[r0 * 64 + 8 * i + 2 * t] = d[i][0];
+    c[r0 * 64 + 8 * i + 2 * t + 1] = d[i][1];
+    c[r1 * 64 + 8 * i + 2 * t] = d[i][2];
+    c[r1 * 64 + 8 * i + 2 * t + 1] = d[i][3];
+  }
+}
+
+/// c = a (64 x 16) b (16 x 64), and no accumulator changed before the wait (`before`).
+void expect_product(const std::vector<__half>& a, const std::vector<__half>& b, const std::vector<float>& c,
+                    const std::vector<float>& before) {
+  for (int i = 0; i < 128; ++i) EXPECT_EQ(before[i], 0.0f);
+  for (int i = 0; i < 64; ++i) {
+    for (int j = 0; j < 64; ++j) {
+      float want = 0;
+      for (int k = 0; k < 16; ++k) want += __half2float(a[i * 16 + k]) * __half2float(b[k * 64 + j]);
+      EXPECT_FLOAT_EQ(c[i * 64 + j], want) << i << "," << j;
+    }
+  }
+}
+
 /// C = A B (64 x 16 times 16 x 64) by one warpgroup through wgmma_m64k16, B placed in shared memory
 /// straight from the PTX ISA's canonical no-swizzle layouts, with gaps between the core matrices so
 /// that LBO and SBO both matter: K-major, core matrix (n / 8, k / 8) at (n / 8) SBO + (k / 8) LBO
@@ -251,12 +277,7 @@ __global__ void wgmma_layout_kernel(const __half* a, const __half* b, float* c, 
   wgmma_commit();
   before[threadIdx.x] = d[0][0];
   wgmma_wait<0>();
-  for (int i = 0; i < 8; ++i) {
-    c[r0 * 64 + 8 * i + 2 * t] = d[i][0];
-    c[r0 * 64 + 8 * i + 2 * t + 1] = d[i][1];
-    c[r1 * 64 + 8 * i + 2 * t] = d[i][2];
-    c[r1 * 64 + 8 * i + 2 * t + 1] = d[i][3];
-  }
+  store_accumulators(d, c);
 }
 
 TEST(CudaEmulation, WgmmaReadsTheCanonicalLayoutsAndLandsAtTheWait) {
@@ -272,14 +293,7 @@ TEST(CudaEmulation, WgmmaReadsTheCanonicalLayoutsAndLandsAtTheWait) {
       BATCHLLM_LAUNCH(1, 128, 4096, nullptr, wgmma_layout_kernel<false>)(a.data(), b.data(), c.data(), before.data());
     }
     ASSERT_EQ(cudaGetLastError(), cudaSuccess);
-    for (int i = 0; i < 128; ++i) EXPECT_EQ(before[i], 0.0f);
-    for (int i = 0; i < 64; ++i) {
-      for (int j = 0; j < 64; ++j) {
-        float want = 0;
-        for (int k = 0; k < 16; ++k) want += __half2float(a[i * 16 + k]) * __half2float(b[k * 64 + j]);
-        EXPECT_FLOAT_EQ(c[i * 64 + j], want) << i << "," << j;
-      }
-    }
+    expect_product(a, b, c, before);
   }
 }
 
@@ -299,20 +313,13 @@ __global__ void wgmma_ss_layout_kernel(const __half* a, const __half* b, float* 
     std::memcpy(b_smem + (n / 8) * b_sbo + (k / 8) * b_lbo + (n % 8) * 16 + (k % 8) * 2, &b[i], 2);
   }
   __syncthreads();
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
-  const int r0 = 16 * warp + g, r1 = r0 + 8;
   float d[8][4] = {};
   wgmma_fence();
   wgmma_m64k16_ss<__half, 64, false>(d, wgmma_descriptor(smem, a_lbo, a_sbo), wgmma_descriptor(b_smem, b_lbo, b_sbo));
   wgmma_commit();
   before[threadIdx.x] = d[0][0];
   wgmma_wait<0>();
-  for (int i = 0; i < 8; ++i) {
-    c[r0 * 64 + 8 * i + 2 * t] = d[i][0];
-    c[r0 * 64 + 8 * i + 2 * t + 1] = d[i][1];
-    c[r1 * 64 + 8 * i + 2 * t] = d[i][2];
-    c[r1 * 64 + 8 * i + 2 * t + 1] = d[i][3];
-  }
+  store_accumulators(d, c);
 }
 
 TEST(CudaEmulation, WgmmaWithAInSharedMemoryReadsItsDescriptorAtTheWait) {
@@ -322,14 +329,7 @@ TEST(CudaEmulation, WgmmaWithAInSharedMemoryReadsItsDescriptorAtTheWait) {
   std::vector<float> c(64 * 64, NAN), before(128, NAN);
   BATCHLLM_LAUNCH(1, 128, 16384, nullptr, wgmma_ss_layout_kernel)(a.data(), b.data(), c.data(), before.data());
   ASSERT_EQ(cudaGetLastError(), cudaSuccess);
-  for (int i = 0; i < 128; ++i) EXPECT_EQ(before[i], 0.0f);
-  for (int i = 0; i < 64; ++i) {
-    for (int j = 0; j < 64; ++j) {
-      float want = 0;
-      for (int k = 0; k < 16; ++k) want += __half2float(a[i * 16 + k]) * __half2float(b[k * 64 + j]);
-      EXPECT_FLOAT_EQ(c[i * 64 + j], want) << i << "," << j;
-    }
-  }
+  expect_product(a, b, c, before);
 }
 
 /// Each thread copies 16 bytes by cp.async and reads them back before and after waiting.
