@@ -106,6 +106,7 @@ __device__ __forceinline__ void load_kv_tile(T* k_dst, T* v_dst, const TensorVie
 template <typename T, typename Problem>
 __device__ __forceinline__ bool setup_rows(const Problem& problem, TileRows<T>& rows, const TensorView& k_cache,
                                            const dim3& item) {
+  allow_dependents_to_launch();  // PDL: cuda_common.cuh
   if (threadIdx.x == 0) {
     rows.key_begin = 0;
     if (problem.setup(rows, item)) {

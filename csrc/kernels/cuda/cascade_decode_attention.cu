@@ -267,7 +267,7 @@ __global__ void __launch_bounds__(kTileThreads)
     cascade_fused_kernel(PrefixProblem<T> prefix, dim3 prefix_grid, DecodeRowsArgs suffix, dim3 suffix_grid,
                          TensorView k_cache, TensorView v_cache, float scale_log2) {
   static_assert(kTileThreads == kDecodeThreads, "prefix and suffix items share the block size");
-  wait_for_prerequisite_grids();  // PDL: cuda_common.cuh
+  begin_dependent_kernel();  // PDL: cuda_common.cuh
   BATCHLLM_DYNAMIC_SHARED_MEMORY(smem_raw);
   const unsigned prefix_items = grid_items(prefix_grid);
   if (blockIdx.x < prefix_items) {
@@ -318,7 +318,7 @@ constexpr int kCombineElements = 512;
 template <typename T, int D>
 __global__ void combine_levels_kernel(TensorView o, float* lse_out, DecodeLevelsView levels, PrefixStates prefix_plan,
                                       SuffixSplit suffix_split, const float* suffix_o, const float* suffix_lse) {
-  wait_for_prerequisite_grids();  // PDL: cuda_common.cuh
+  begin_dependent_kernel();  // PDL: cuda_common.cuh
   const int row = blockIdx.x;
   // The row's suffix states (row, split 0..splits-1) are adjacent; a row past a device plan's rows
   // (a graph's padded row, when the step's own rows are split) has none: its suffix is empty.

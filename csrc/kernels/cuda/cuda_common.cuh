@@ -143,8 +143,11 @@ inline bool env_equals(const char* name, const char* value) {
 // paid ~10 times a layer). Every kernel here calls wait_for_prerequisite_grids() before it reads
 // anything an earlier kernel of the step wrote, and before it writes global memory or exits, in every
 // CTA: so a kernel's completion still implies its predecessors' (a CTA that exited without waiting
-// would let the next kernel start while the one before it still runs). Launched without PDL, the
-// wait returns at once.
+// would let the next kernel start while the one before it still runs). Each CTA also lets the next
+// kernel launch as it starts (griddepcontrol.launch_dependents): the next kernel's CTAs are placed
+// once every CTA of this one has started, so they never take an SM slot from one of this kernel's
+// CTAs still unplaced, and their launch and prologue overlap this kernel's last wave. Launched
+// without PDL, both are no-ops.
 
 /// Blocks until the grids this one depends on have completed and their writes are visible
 /// (griddepcontrol.wait); a no-op without PDL, before sm_90, and on the CPU emulation.
@@ -152,6 +155,20 @@ __device__ __forceinline__ void wait_for_prerequisite_grids() {
 #if !defined(BATCHLLM_CUDA_EMULATION_ACTIVE) && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   asm volatile("griddepcontrol.wait;\n" ::: "memory");
 #endif
+}
+
+/// Lets the kernel after this one on the stream launch once every CTA of this one has called it (or
+/// exited): griddepcontrol.launch_dependents; a no-op without PDL, before sm_90 and on the emulation.
+__device__ __forceinline__ void allow_dependents_to_launch() {
+#if !defined(BATCHLLM_CUDA_EMULATION_ACTIVE) && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
+}
+
+/// A kernel's first step under PDL: allow_dependents_to_launch(), then wait_for_prerequisite_grids().
+__device__ __forceinline__ void begin_dependent_kernel() {
+  allow_dependents_to_launch();
+  wait_for_prerequisite_grids();
 }
 
 /// Whether launches use PDL: BATCHLLM_PDL=1 (read at every launch, like the other A/B switches) on a

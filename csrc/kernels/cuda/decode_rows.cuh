@@ -437,7 +437,7 @@ __device__ __forceinline__ void decode_rows(const DecodeRowsArgs& args, const di
 
 template <typename T, int D, int kHeads, bool kStaged>
 __global__ void __launch_bounds__(kDecodeThreads, kHeads == 4 ? 4 : 1) decode_rows_kernel(DecodeRowsArgs args) {
-  wait_for_prerequisite_grids();  // PDL: cuda_common.cuh
+  begin_dependent_kernel();  // PDL: cuda_common.cuh
   __shared__ DecodeSmem<D, kHeads> sm;
   if constexpr (kStaged) {
     __shared__ DecodeStages<T, D> stages;

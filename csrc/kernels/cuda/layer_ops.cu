@@ -62,7 +62,7 @@ __device__ __forceinline__ void store_vec(T* p, const V& value) {
 /// H100 at 256 rows, 2026-11-27).
 template <typename T, bool kVector>
 __global__ void __launch_bounds__(kNormThreads) rms_norm_kernel(RmsNormParams p) {
-  wait_for_prerequisite_grids();  // PDL: cuda_common.cuh
+  begin_dependent_kernel();  // PDL: cuda_common.cuh
   using V = RowVec<T, kVector>;
   constexpr int kPer = sizeof(V) / sizeof(T);
   __shared__ float warp_sums[kNormThreads / 32];
@@ -101,7 +101,7 @@ __global__ void __launch_bounds__(kNormThreads) rms_norm_kernel(RmsNormParams p)
 /// T x I divided a 64-bit index per element: 14 us a call at 256 x 8,192 on an H100, 3x its bytes.)
 template <typename T, bool kVector>
 __global__ void silu_and_mul_kernel(SiluAndMulParams p) {
-  wait_for_prerequisite_grids();  // PDL: cuda_common.cuh
+  begin_dependent_kernel();  // PDL: cuda_common.cuh
   using V = RowVec<T, kVector>;
   constexpr int kPer = sizeof(V) / sizeof(T);
   const int64_t width = p.out.shape[1], rows = p.out.shape[0];
@@ -130,7 +130,7 @@ constexpr int kRopeTable = 128;  // cos/sin entries a rotary CTA keeps in shared
 /// rotated k rows and v rows to their paged slot (store_kv fused in).
 template <typename T>
 __global__ void rotary_embedding_kernel(RotaryParams p) {
-  wait_for_prerequisite_grids();  // PDL: cuda_common.cuh
+  begin_dependent_kernel();  // PDL: cuda_common.cuh
   __shared__ float cos_table[kRopeTable], sin_table[kRopeTable];
   const int64_t t = blockIdx.x;
   const int half = static_cast<int>(p.q.shape[2] / 2), q_heads = static_cast<int>(p.q.shape[1]);

@@ -10,7 +10,7 @@ namespace {
 
 template <typename T>
 __global__ void merge_states_kernel(MergeStatesParams p) {
-  wait_for_prerequisite_grids();  // PDL: cuda_common.cuh
+  begin_dependent_kernel();  // PDL: cuda_common.cuh
   const int64_t num_heads = p.o_a.shape[1];
   const int64_t state = static_cast<int64_t>(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32;
   if (state >= p.o_a.shape[0] * num_heads) return;

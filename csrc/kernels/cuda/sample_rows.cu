@@ -59,7 +59,7 @@ struct DrawState {
 
 template <typename T>
 __global__ void __launch_bounds__(kSampleThreads) sample_rows_kernel(SampleRowsParams p) {
-  wait_for_prerequisite_grids();  // PDL: cuda_common.cuh
+  begin_dependent_kernel();  // PDL: cuda_common.cuh
   __shared__ DrawState warp_states[kSampleThreads / 32];
   const int64_t row = blockIdx.x;
   const int64_t vocab = p.logits.shape[1];

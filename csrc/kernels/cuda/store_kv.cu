@@ -10,7 +10,7 @@ namespace {
 
 __global__ void store_kv_kernel(TensorView k, TensorView v, TensorView k_cache, TensorView v_cache,
                                 const int64_t* slot_mapping) {
-  wait_for_prerequisite_grids();  // PDL: cuda_common.cuh
+  begin_dependent_kernel();  // PDL: cuda_common.cuh
   const int64_t token = blockIdx.x;
   const int64_t slot = slot_mapping[token];
   if (slot < 0) return;  // padding row
