@@ -433,8 +433,11 @@ def bench_prefix_scan(reps, device_name) -> dict:
 # Decode at llama-1b's d = 64 with W1's group shape (readers of a 1,024-token prefix, 128-token suffixes),
 # ours against flat (what fcfs-lru runs): run 4 had batchllm only 1.29x fcfs-lru on W1 end to end.
 # (groups, rows, prefix, suffix): one group of 64 or 256 readers, then W1 1/4's and W1 full's decode
-# step (4 and 16 groups of 64 readers).
-FLAT_D64 = [(1, 64, 1024, 128), (1, 256, 1024, 128), (4, 256, 1024, 128), (16, 1024, 1024, 128)]
+# step (4 and 16 groups of 64 readers), then W2 full's mid-job decode step (8 docs of 8,192 tokens,
+# 32 readers each, ~64 suffix keys): there the prefixes (134 MB a layer) outgrow the L2, so flat
+# (fcfs-lru's reads: every row its doc's 8,192 keys, ~4.3 GB a layer) runs at HBM bandwidth.
+FLAT_D64 = [(1, 64, 1024, 128), (1, 256, 1024, 128), (4, 256, 1024, 128), (16, 1024, 1024, 128),
+            (8, 256, 8192, 64)]
 # The launch variants timed at those shapes too: run 4's W1 decode layer spent 44 us in decode_rows,
 # 25 in the prefix tiles and 10 in the combine, one after the other; streams overlaps the first two,
 # merge drops the combine. mma: the 64-row tiles at d = 64 (the default there is wgmma-pipe). staged:
@@ -455,8 +458,9 @@ def _rel_err(x: torch.Tensor, reference: torch.Tensor) -> float:
 
 def bench_flat_d64(reps, device_name) -> dict:
     """Ours against flat (every row reading its prefix's blocks, fcfs-lru's way) at d = 64, W1's
-    group shapes: whether the cascade pays at d = 64 when the prefixes fit L2 (2 MB each a layer);
-    and the launch variants there (each checked against ours: ``rel_err_vs_ours``)."""
+    group shapes: whether the cascade pays at d = 64 when the prefixes fit L2 (2 MB each a layer),
+    and W2 full's, where they do not; and the launch variants there (each checked against ours:
+    ``rel_err_vs_ours``)."""
     ms, errors = {}, {}
     for groups, batch, prefix, suffix in FLAT_D64:
         inputs = [DecodeInputs(batch, prefix, suffix, with_dense=False, seed=i, head_dim=64, groups=groups)
@@ -770,7 +774,7 @@ def run_tables(args, reps, device_name, bandwidth, rows, record, done, skip) -> 
     if not any(r["bench"] == "flat_d64" for r in rows):
         flat = bench_flat_d64(reps, device_name)
         record(flat)
-        print("d = 64, W1's groups, ours / flat (fcfs-lru's) / " + " / ".join(FLAT_D64_VARIANTS) + " ms: " +
+        print("d = 64, W1's and W2's groups, ours / flat (fcfs-lru's) / " + " / ".join(FLAT_D64_VARIANTS) + " ms: " +
               ", ".join(f"{k} " + " / ".join(f"{t:.4f}" for t in v.values()) for k, v in flat["ms"].items()),
               flush=True)
     if not any(r["bench"] == "graph_tail" for r in rows):
