@@ -110,6 +110,8 @@ __device__ __forceinline__ void attention_wgmma(const Problem& problem, const di
   // N-major V tile: along keys (the product's K) 16 D, along dims (its N) 128.
   constexpr uint32_t kCoreBytes = 128, kKeyGroupBytes = 16 * D;
   using Smem = WgmmaSmemFor<T, D, kPipelined, kKeys>;
+  // A Hopper CTA's dynamic shared memory at most (wgmma-k128 at d = 128: 230,960 bytes).
+  static_assert(sizeof(Smem) <= 227 * 1024, "the tile's shared memory exceeds an H100 CTA's 227 KB");
   Smem& sm = *reinterpret_cast<Smem*>(smem_raw);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int t = lane % 4;
