@@ -20,10 +20,11 @@
 // stages (192 KB at d = 128, 96 KB at d = 64; one CTA an SM). Q waits in shared memory (32 KB at
 // d = 128) for both operands of S to come from there, as in flash-attention 3: with Q's 32 fragment
 // registers the d = 128 kernel needed 255 registers and spilled (ptxas, sm_90a).
-// Why: a 64-key tile step of the pipelined kernel issues 434 (d = 64) / 562 (d = 128) instructions a
+// Why: a 64-key tile step of the pipelined kernel issues 416 (d = 64) / 480 (d = 128) instructions a
 // warp against 512 / 1,024 cycles of an SM's tensor-core work for the CTA's 128 rows (sass_loops,
-// sm_90a), so at d = 64 the warps' issue, not the tensor cores, bounds it; the per-tile part of
-// that issue (barrier, waits, O rescale, reductions, the products' descriptors) halves per key here.
+// sm_90a; 8 warps on 4 schedulers: 832 / 960 issue cycles), so at d = 64 the warps' issue, not the
+// tensor cores, bounds it; the per-tile part of that issue (barrier, waits, O rescale, reductions,
+// the products' descriptors) halves per key here: 358 / 399 instructions per 64 keys.
 #pragma once
 
 #include "kernels/cuda/attention_mma.cuh"
