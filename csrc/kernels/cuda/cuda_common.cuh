@@ -171,28 +171,36 @@ __device__ __forceinline__ void begin_dependent_kernel() {
   wait_for_prerequisite_grids();
 }
 
-/// Whether launches use PDL: BATCHLLM_PDL=1 (read at every launch, like the other A/B switches) on a
-/// device of compute capability 9.0 or later (asked once per device).
-inline bool pdl_enabled() {
+/// The current device's compute capability as 10 major + minor (90: an H100), asked once per device;
+/// 0 where it cannot be asked (the error is cleared). The kernels' choices by architecture read it at
+/// every launch (wgmma_available, pdl_enabled).
+inline int device_compute_capability() {
 #if defined(BATCHLLM_CUDA_EMULATION_ACTIVE)
-  return false;  // the emulation runs launches one after the other
+  return 0;
 #else
-  if (!env_equals("BATCHLLM_PDL", "1")) return false;
-  static int capable[64] = {};  // 0 unknown, 1 yes, 2 no
+  static int known[64] = {};  // 0: not asked yet; -1: asked, failed
   int device = 0;
   if (cudaGetDevice(&device) != cudaSuccess || device < 0 || device >= 64) {
     cudaGetLastError();
-    return false;
+    return 0;
   }
-  if (capable[device] == 0) {
-    int major = 0;
-    const bool ok = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) == cudaSuccess;
-    if (!ok) cudaGetLastError();
-    capable[device] = ok && major >= 9 ? 1 : 2;
+  if (known[device] == 0) {
+    int major = 0, minor = 0;
+    if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) == cudaSuccess &&
+        cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device) == cudaSuccess) {
+      known[device] = 10 * major + minor;
+    } else {
+      cudaGetLastError();
+      known[device] = -1;
+    }
   }
-  return capable[device] == 1;
+  return known[device] > 0 ? known[device] : 0;
 #endif
 }
+
+/// Whether launches use PDL: BATCHLLM_PDL=1 (read at every launch, like the other A/B switches) on a
+/// device of compute capability 9.0 or later; never on the emulation, which runs launches in turn.
+inline bool pdl_enabled() { return env_equals("BATCHLLM_PDL", "1") && device_compute_capability() >= 90; }
 
 /// A kernel launch BATCHLLM_LAUNCH spells: with the programmatic stream serialization attribute where
 /// pdl_enabled(), else (or if that launch is refused) a plain <<<>>> launch. Errors are left for

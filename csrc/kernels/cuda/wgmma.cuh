@@ -45,14 +45,7 @@ inline bool wgmma_available() {
 #if defined(BATCHLLM_CUDA_EMULATION_ACTIVE)
   return true;
 #elif defined(BATCHLLM_CUDA_HAS_SM90A)
-  int device = 0, major = 0, minor = 0;
-  if (cudaGetDevice(&device) != cudaSuccess ||
-      cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess ||
-      cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device) != cudaSuccess) {
-    cudaGetLastError();
-    return false;
-  }
-  return major == 9 && minor == 0;
+  return device_compute_capability() == 90;
 #else
   return false;
 #endif
