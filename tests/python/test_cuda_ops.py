@@ -52,17 +52,20 @@ TILE_KERNELS = ["wmma", "mma", "mma128", "wgmma", "wgmma-pipe", "wgmma64", "wgmm
 # the old tile kernel (BATCHLLM_CASCADE_SUFFIX=tile), decode_rows and the prefix tiles in one fused
 # launch (BATCHLLM_CASCADE_LAUNCH=fused), decode_rows merging the prefix states in its epilogue
 # (=merge), or decode_rows on a side stream beside the prefix tiles (=streams); "staged": decode_rows
-# with its staged key loop (BATCHLLM_DECODE_ROWS=staged: K/V tiles in shared memory by cp.async).
+# with its staged key loop (BATCHLLM_DECODE_ROWS=staged: K/V tiles in shared memory by cp.async);
+# "owned": one launch whose CTAs take tiles of rows through every level (=owned; its prefix loop is
+# the mma tile's whatever the tiles setting).
 CASCADE_KERNELS = ["decode+wmma", "tile+wmma", "decode+mma", "decode+mma128", "decode+wgmma", "fused+wmma",
                    "fused+mma", "merge+wmma", "merge+mma128", "merge+wgmma", "merge+wgmma-pipe", "streams+wmma",
                    "decode+wgmma-pipe", "decode+wgmma64", "merge+wgmma64", "fused+wgmma64", "staged+wgmma-pipe",
-                   "staged+mma", "decode+wgmma-k128", "staged+wgmma-k128"]
+                   "staged+mma", "decode+wgmma-k128", "staged+wgmma-k128", "owned+mma"]
 
 
 def use_cascade_kernels(kernels: str, monkeypatch) -> None:
     suffix, tiles = kernels.split("+")
     monkeypatch.setenv("BATCHLLM_CASCADE_SUFFIX", "tile" if suffix == "tile" else "decode")
-    monkeypatch.setenv("BATCHLLM_CASCADE_LAUNCH", suffix if suffix in ("fused", "merge", "streams") else "separate")
+    monkeypatch.setenv("BATCHLLM_CASCADE_LAUNCH",
+                       suffix if suffix in ("fused", "merge", "streams", "owned") else "separate")
     monkeypatch.setenv("BATCHLLM_DECODE_ROWS", "staged" if suffix == "staged" else "unrolled")
     monkeypatch.setenv("BATCHLLM_ATTENTION_TILES", tiles)
 
@@ -138,7 +141,7 @@ def test_cascade_decode_attention_cuda(dtype, heads, head_dim, name, kernels, mo
     assert torch.allclose(lse.double().cpu(), ref_lse, atol=2e-3, rtol=1e-3)
 
 
-@pytest.mark.parametrize("kernels", ["decode+wgmma-pipe", "decode+mma", "merge+wgmma-pipe", "decode+wmma"])
+@pytest.mark.parametrize("kernels", ["decode+wgmma-pipe", "decode+mma", "merge+wgmma-pipe", "decode+wmma", "owned+mma"])
 @pytest.mark.parametrize("name", ["two_levels", "one_level_odd_lengths"])
 def test_cascade_cuda_qwen_gqa_of_7(name, kernels, monkeypatch):
     # Qwen2.5-7B's heads (W6): 28 q heads over 4 KV heads, a GQA ratio of 7 that no power-of-two
@@ -192,7 +195,7 @@ def assert_cascade_matches_reference(kv, case, levels, dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("kernels", ["decode+wmma", "decode+mma128", "decode+wgmma", "decode+wgmma-pipe",
-                                     "fused+mma", "merge+mma", "streams+mma"])
+                                     "fused+mma", "merge+mma", "streams+mma", "owned+mma"])
 def test_cascade_cuda_split_kv_with_unequal_prefixes(dtype, kernels, monkeypatch):
     use_cascade_kernels(kernels, monkeypatch)
     # Few row tiles -> the prefix keys are split into chunks; the 90-token prefix has empty chunks
@@ -205,8 +208,29 @@ def test_cascade_cuda_split_kv_with_unequal_prefixes(dtype, kernels, monkeypatch
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("head_dim", HEAD_DIMS)
+def test_cascade_cuda_owned_tiles_across_prefix_boundaries(dtype, head_dim, monkeypatch):
+    use_cascade_kernels("owned+mma", monkeypatch)
+    # Owned tiles hold 16 readers of a GQA group of 4; these prefixes' reader ranges (3 x 13 rows, then
+    # 2 x 6 within each, row 39 under the first level only) end inside tiles, and every prefix is
+    # longer than a 64-key tile: a tile must mask the rows a prefix does not cover on its unmasked key
+    # tiles too, not only on the last, partial one.
+    kv = PagedKV(200, 16, 8, head_dim, dtype, device=DEVICE)
+    rows = 40
+    case = make_cascade_case(kv, rows, [3, 2], [lambda i: 100 + 17 * i, lambda i: 70 + 9 * i],
+                             [(3 * r) % 21 for r in range(rows)], 32, head_dim, dtype, device=DEVICE)
+    o, lse = ops.cascade_decode_attention(case.q, kv.k, kv.v, case.levels, return_lse=True,
+                                          out=poisoned(case.q.shape, dtype, DEVICE), check_indices=True)
+    synchronize()
+    ref_o, ref_lse = cascade_reference(kv, case, 1.0 / math.sqrt(head_dim))
+    assert not torch.isnan(o).any()
+    assert rel_err(o, ref_o) < TOLERANCE[dtype]
+    assert torch.allclose(lse.double().cpu(), ref_lse, atol=2e-3, rtol=1e-3)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("kernels", ["decode+wmma", "decode+mma128", "fused+mma", "merge+mma", "merge+wgmma",
-                                     "merge+wgmma-pipe", "streams+mma"])
+                                     "merge+wgmma-pipe", "streams+mma", "owned+mma"])
 def test_cascade_cuda_few_rows_long_suffixes(dtype, kernels, monkeypatch):
     use_cascade_kernels(kernels, monkeypatch)
     # 3 rows x 2 KV heads leave the SMs idle: each row's suffix keys are split too, which needs more
@@ -248,7 +272,7 @@ def test_cascade_suffix_split_is_the_steps_own_eager_split():
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("kernels", ["decode+wgmma-pipe", "decode+mma", "fused+mma", "merge+mma", "streams+mma",
-                                     "tile+mma"])
+                                     "tile+mma", "owned+mma"])
 def test_cascade_cuda_device_split_of_a_graph_padded_step(dtype, kernels, monkeypatch):
     # A CUDA graph step (cuda_graphs.pad_decode_step): 3 real rows, two of long suffixes, replayed in
     # the graph of a 16-row key whose hints are its buckets. The step's own suffix split
@@ -285,7 +309,8 @@ def test_cascade_cuda_device_split_of_a_graph_padded_step(dtype, kernels, monkey
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("kernels", ["decode+wgmma-pipe", "fused+mma", "merge+mma", "streams+mma", "tile+mma"])
+@pytest.mark.parametrize("kernels", ["decode+wgmma-pipe", "fused+mma", "merge+mma", "streams+mma", "tile+mma",
+                                     "owned+mma"])
 def test_cascade_cuda_graph_step_without_prefixes_split_or_written_directly(dtype, kernels, monkeypatch):
     # A step without prefix levels (no sharing: W5, fcfs-lru): unsplit, decode_rows writes each row's
     # output itself and the combine leaves it alone (SuffixSplit::direct); split, the combine merges

@@ -240,13 +240,18 @@ __device__ __forceinline__ void softmax_tile(float (&s)[kTileKeys / 8][4], float
 /// its unmasked_end with masked = std::false_type, then the rest with std::true_type. Two loops, not a
 /// branch per tile: the choice stays uniform over the CTA as the compiler sees it (a branch between
 /// wgmma instructions that ptxas cannot prove warpgroup-uniform makes it serialize them, C7520).
-template <int kKeys = kTileKeys, typename T, typename KeyTile>
-__device__ __forceinline__ void for_each_key_tile(const TileRows<T>& tile, KeyTile&& key_tile) {
-  const int keys_end = tile.num_keys;
-  const int unmasked_end = min(tile.unmasked_end, keys_end);
-  int first_key = tile.key_begin;
+template <int kKeys = kTileKeys, typename KeyTile>
+__device__ __forceinline__ void for_each_key_tile(int key_begin, int unmasked_end, int keys_end, KeyTile&& key_tile) {
+  unmasked_end = min(unmasked_end, keys_end);
+  int first_key = key_begin;
   for (; first_key + kKeys <= unmasked_end; first_key += kKeys) key_tile(first_key, std::false_type{});
   for (; first_key < keys_end; first_key += kKeys) key_tile(first_key, std::true_type{});
+}
+
+/// for_each_key_tile over a tile's key range (TileRows: key_begin, unmasked_end, num_keys).
+template <int kKeys = kTileKeys, typename T, typename KeyTile>
+__device__ __forceinline__ void for_each_key_tile(const TileRows<T>& tile, KeyTile&& key_tile) {
+  for_each_key_tile<kKeys>(tile.key_begin, tile.unmasked_end, tile.num_keys, static_cast<KeyTile&&>(key_tile));
 }
 
 /// The A fragment of P for the 16-key step j: S n-blocks 2j and 2j + 1, element for element.
@@ -294,41 +299,26 @@ __device__ __forceinline__ void write_tile_rows(const Problem& problem, const di
   }
 }
 
-/// One work item of the mma tile kernel on a CTA of kWarps warps (16 rows each; the Problem's
-/// tile_rows = 16 * kWarps), in `smem_raw` (MmaSmem, 128-byte aligned): the body of
-/// attention_mma_kernel and of the fused cascade kernel's prefix items.
-template <typename T, int D, int kWarps, typename Problem>
-__device__ __forceinline__ void attention_mma(const Problem& problem, const dim3& item, unsigned char* smem_raw,
-                                              const TensorView& k_cache, const TensorView& v_cache,
-                                              float scale_log2) {
-  static_assert(16 * kWarps <= kMaxTileRows, "a warp takes 16 rows");
-  static_assert(sizeof(float) * kMaxTileRows * (D + 4) <= 4 * sizeof(T) * kTileKeys * (D + 8),
-                "finished rows must fit in the K/V space");
-  constexpr int kThreads = 32 * kWarps;
-  using Smem = MmaSmem<T, D>;
-  Smem& sm = *reinterpret_cast<Smem*>(smem_raw);
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int t = lane % 4;
-
-  if (!setup_rows(problem, sm.rows, k_cache, item)) return;
-
-  uint32_t qa[D / 16][4];
-  float o[D / 8][4];
-  LaneRows rows = start_lane_rows<T, D>(sm.rows, warp, lane, qa, o);
-
-  constexpr int kLd = Smem::kLd;
-  const int keys_end = sm.rows.num_keys;
-  const PagedKvHead<T> kv(k_cache, v_cache, sm.rows.blocks, sm.rows.kv_head, sm.rows.block_div);
+/// The key loop of the mma tile over keys [key_begin, keys_end) of one paged KV head, for a CTA of
+/// kThreads threads: K/V tiles by cp.async into the two `stages` (MmaSmem::kv's layout; tile i + 1 in
+/// flight while tile i is computed), S = Q K^T, the online softmax (tiles from unmasked_end on masked by
+/// the rows' limits) and O += P V into the lane's `o` and `rows`. Starts and ends with every warp done
+/// with the stages (its last barrier), so a CTA may call it again, for another key range or KV source,
+/// on the same running state (cascade_owned.cuh: each prefix level of a tile in turn).
+template <typename T, int D, int kThreads, typename Stage>
+__device__ __forceinline__ void mma_key_loop(Stage (&stages)[2], const PagedKvHead<T>& kv, int key_begin,
+                                             int unmasked_end, int keys_end, const uint32_t (&qa)[D / 16][4],
+                                             float (&o)[D / 8][4], LaneRows& rows, float scale_log2) {
+  constexpr int kLd = MmaSmem<T, D>::kLd;
+  const int lane = threadIdx.x % 32, t = lane % 4;
   KvTileBlocksFor<T, D, kThreads> next;  // block table entries of the next tile to issue
-  prefetch_kv_blocks<T, D, kThreads>(next, kv, keys_end, sm.rows.key_begin);
-  if (sm.rows.key_begin < keys_end) {
-    issue_kv_tile<T, D, kThreads>(sm.kv[0].k, sm.kv[0].v, kv, keys_end, sm.rows.key_begin, next);
-  }
-  prefetch_kv_blocks<T, D, kThreads>(next, kv, keys_end, sm.rows.key_begin + kTileKeys);
+  prefetch_kv_blocks<T, D, kThreads>(next, kv, keys_end, key_begin);
+  if (key_begin < keys_end) issue_kv_tile<T, D, kThreads>(stages[0].k, stages[0].v, kv, keys_end, key_begin, next);
+  prefetch_kv_blocks<T, D, kThreads>(next, kv, keys_end, key_begin + kTileKeys);
   int stage = 0;
-  for_each_key_tile(sm.rows, [&](int first_key, auto masked) {
+  for_each_key_tile(key_begin, unmasked_end, keys_end, [&](int first_key, auto masked) {
     if (first_key + kTileKeys < keys_end) {  // the next tile into the other stage, then wait for this one
-      issue_kv_tile<T, D, kThreads>(sm.kv[stage ^ 1].k, sm.kv[stage ^ 1].v, kv, keys_end, first_key + kTileKeys,
+      issue_kv_tile<T, D, kThreads>(stages[stage ^ 1].k, stages[stage ^ 1].v, kv, keys_end, first_key + kTileKeys,
                                     next);
       prefetch_kv_blocks<T, D, kThreads>(next, kv, keys_end, first_key + 2 * kTileKeys);
       cp_async_wait<1>();
@@ -336,8 +326,8 @@ __device__ __forceinline__ void attention_mma(const Problem& problem, const dim3
       cp_async_wait<0>();
     }
     __syncthreads();  // this stage's copies, by every thread, are visible
-    const T* k_tile = sm.kv[stage].k;
-    const T* v_tile = sm.kv[stage].v;
+    const T* k_tile = stages[stage].k;
+    const T* v_tile = stages[stage].v;
 
     // S = Q K^T: n-block n holds keys n*8 .. n*8+7; B fragment b0 = K[key g][dims 2t, 2t+1], which is
     // ldmatrix (no transpose) of the 8 x 8 blocks (keys of n, 8 dims): one x4 feeds two k-steps.
@@ -376,6 +366,32 @@ __device__ __forceinline__ void attention_mma(const Problem& problem, const dim3
     __syncthreads();  // every warp is done with this stage before the next iteration refills it
     stage ^= 1;
   });
+}
+
+/// One work item of the mma tile kernel on a CTA of kWarps warps (16 rows each; the Problem's
+/// tile_rows = 16 * kWarps), in `smem_raw` (MmaSmem, 128-byte aligned): the body of
+/// attention_mma_kernel and of the fused cascade kernel's prefix items.
+template <typename T, int D, int kWarps, typename Problem>
+__device__ __forceinline__ void attention_mma(const Problem& problem, const dim3& item, unsigned char* smem_raw,
+                                              const TensorView& k_cache, const TensorView& v_cache,
+                                              float scale_log2) {
+  static_assert(16 * kWarps <= kMaxTileRows, "a warp takes 16 rows");
+  static_assert(sizeof(float) * kMaxTileRows * (D + 4) <= 4 * sizeof(T) * kTileKeys * (D + 8),
+                "finished rows must fit in the K/V space");
+  constexpr int kThreads = 32 * kWarps;
+  using Smem = MmaSmem<T, D>;
+  Smem& sm = *reinterpret_cast<Smem*>(smem_raw);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+
+  if (!setup_rows(problem, sm.rows, k_cache, item)) return;
+
+  uint32_t qa[D / 16][4];
+  float o[D / 8][4];
+  LaneRows rows = start_lane_rows<T, D>(sm.rows, warp, lane, qa, o);
+
+  const PagedKvHead<T> kv(k_cache, v_cache, sm.rows.blocks, sm.rows.kv_head, sm.rows.block_div);
+  mma_key_loop<T, D, kThreads>(sm.kv, kv, sm.rows.key_begin, sm.rows.unmasked_end, sm.rows.num_keys, qa, o, rows,
+                               scale_log2);
   write_tile_rows<T, D, Smem::kLdO>(problem, item, o, rows, sm.o, sm.rows, warp, lane);
 }
 

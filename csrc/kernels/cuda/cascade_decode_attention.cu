@@ -16,6 +16,7 @@
 
 #include "batchllm/kernels/cuda.h"
 #include "kernels/cuda/tile_kernels.cuh"
+#include "kernels/cuda/cascade_owned.cuh"
 #include "kernels/cuda/decode_rows.cuh"
 #include "kernels/cuda/prefix_states.cuh"
 
@@ -401,10 +402,14 @@ bool suffix_by_tiles() { return cuda::env_equals("BATCHLLM_CASCADE_SUFFIX", "til
 ///          with more, separate);
 ///   streams: as separate, with the suffix on a side stream forked from and joined back to the
 ///          caller's, so suffix and prefix CTAs share the SMs each with its own kernel's resources
-///          (the fused launch's overlap without its occupancy price).
-enum class CascadeLaunch { kSeparate, kFused, kMerge, kStreams };
+///          (the fused launch's overlap without its occupancy price);
+///   owned: one launch in which each CTA takes a tile of rows through every level and writes their
+///          outputs (cascade_owned.cuh): no states in memory, no combine, no key splits (GQA groups
+///          up to 8; larger ones run separate).
+enum class CascadeLaunch { kSeparate, kFused, kMerge, kStreams, kOwned };
 
 CascadeLaunch cascade_launch() {
+  if (cuda::env_equals("BATCHLLM_CASCADE_LAUNCH", "owned")) return CascadeLaunch::kOwned;
   if (cuda::env_equals("BATCHLLM_CASCADE_LAUNCH", "fused")) return CascadeLaunch::kFused;
   if (cuda::env_equals("BATCHLLM_CASCADE_LAUNCH", "merge")) return CascadeLaunch::kMerge;
   if (cuda::env_equals("BATCHLLM_CASCADE_LAUNCH", "streams")) return CascadeLaunch::kStreams;
@@ -538,6 +543,9 @@ cudaError_t cascade_decode_attention_cuda(const CascadeDecodeParams& p, cudaStre
   const SideStream* side = !tiles && !direct && launch_mode == CascadeLaunch::kStreams ? side_stream(stream)
                                                                                          : nullptr;
   const int group = plan.group;
+  // Owned tiles where asked for and there are prefixes (without, decode_rows writes the rows directly).
+  const bool owned = !tiles && launch_mode == CascadeLaunch::kOwned && p.levels.num_prefixes > 0 &&
+                     group <= cuda::kOwnedMaxGroup;
   float* ws = p.workspace;
   const dim3 prefix_grid(plan.prefix.items, static_cast<unsigned>(p.levels.num_prefixes), num_kv_heads);
   return BATCHLLM_DISPATCH_HALF_TYPES(p.q.dtype, [&] {
@@ -557,6 +565,11 @@ cudaError_t cascade_decode_attention_cuda(const CascadeDecodeParams& p, cudaStre
         suffix.lse_out = p.lse;
       }
       const cuda::PrefixStates prefix_states{ws + plan.prefix_o, ws + plan.prefix_lse, plan.prefix};
+      if (owned) {
+        const cuda::OwnedArgs args{p.q,   p.k_cache, p.v_cache, p.levels, plan.suffix, p.o, p.lse, p.scale * kLog2e,
+                                   group, cuda::FastDivisor::make(static_cast<uint32_t>(p.k_cache.shape[1]))};
+        return cuda::launch_cascade_owned<scalar_t, kHeadDim>(args, num_kv_heads, stream);
+      }
       if (merge) {
         BATCHLLM_CUDA_RETURN_IF_ERROR((cuda::launch_tiles<scalar_t, kHeadDim>(kernel, prefix, prefix_grid, p.k_cache,
                                                                               p.v_cache, p.scale, stream)));

@@ -619,11 +619,13 @@ TEST_F(CudaSweep, CascadeDecodeAttention) {
             // or decode_rows merging the prefix states itself (no combine launch), or decode_rows on a
             // side stream (the emulation runs it only at the join). (mma128 with fused runs separate
             // launches: the fused grid takes 4-warp tiles only; merge with suffix splits too.)
+            // Or owned tiles: each CTA takes its rows through every level in one launch.
             const char* suffix_names[] = {"suffix tiles", "suffix decode_rows", "suffix decode_rows fused",
-                                          "suffix decode_rows merging", "suffix decode_rows on a side stream"};
-            const char* launches[] = {nullptr, nullptr, "fused", "merge", "streams"};
+                                          "suffix decode_rows merging", "suffix decode_rows on a side stream",
+                                          "owned tiles"};
+            const char* launches[] = {nullptr, nullptr, "fused", "merge", "streams", "owned"};
             const char* tile_names[] = {"wmma", "mma", "mma128", "wgmma", "wgmma-pipe", "wgmma64", "wgmma-k128"};
-            const unsigned suffix = variant % 5;
+            const unsigned suffix = variant % 6;
             // Rows past a device split's have no suffix state: the padded rows of a split step give
             // zeros (the tile suffix, which takes no splits, attends every row).
             for (int64_t r = split[2]; device_split && suffix != 0 && r < rows; ++r) {
