@@ -284,6 +284,9 @@ class DecodeInputs:
 DECODE_VARIANTS = {
     # "ours" is the default: mma prefix tiles (d = 128), separate launches, the suffix on decode_rows.
     # Each variant names what it changes from that.
+    # owned: one launch whose CTAs take 16 readers' rows through the prefix and their suffixes, writing
+    # the outputs (no states in memory, no combine, no key splits; cascade_owned.cuh).
+    "owned": {"BATCHLLM_CASCADE_LAUNCH": "owned"},
     "wmma": {"BATCHLLM_ATTENTION_TILES": "wmma"},
     "tile-sfx": {"BATCHLLM_CASCADE_SUFFIX": "tile"},
     "wgmma-pipe": {"BATCHLLM_ATTENTION_TILES": "wgmma-pipe"},
@@ -441,8 +444,10 @@ FLAT_D64 = [(1, 64, 1024, 128), (1, 256, 1024, 128), (4, 256, 1024, 128), (16, 1
 # The launch variants timed at those shapes too: run 4's W1 decode layer spent 44 us in decode_rows,
 # 25 in the prefix tiles and 10 in the combine, one after the other; streams overlaps the first two,
 # merge drops the combine. mma: the 64-row tiles at d = 64 (the default there is wgmma-pipe). staged:
-# decode_rows' staged key loop (its K/V by cp.async into shared memory, 3 tiles ahead).
-FLAT_D64_VARIANTS = {"streams": {"BATCHLLM_CASCADE_LAUNCH": "streams"},
+# decode_rows' staged key loop (its K/V by cp.async into shared memory, 3 tiles ahead). owned: all
+# three in one launch, each CTA a tile of 16 readers through the prefix and their suffixes (session 15).
+FLAT_D64_VARIANTS = {"owned": {"BATCHLLM_CASCADE_LAUNCH": "owned"},
+                     "streams": {"BATCHLLM_CASCADE_LAUNCH": "streams"},
                      "merge": {"BATCHLLM_CASCADE_LAUNCH": "merge"},
                      "mma": {"BATCHLLM_ATTENTION_TILES": "mma"},
                      "wgmma-k128": {"BATCHLLM_ATTENTION_TILES": "wgmma-k128"},

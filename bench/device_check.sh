@@ -177,6 +177,15 @@ section_e2e() {
   # W5 (no sharing): run 4 settled it in both orders (batchllm median 1.04 s, fcfs-lru 1.20 s): one
   # order now, two runs each.
   e2e_run "W5" --workload W5 --scale 0.125 --policy batchllm,fcfs-lru --repeat 2
+  # Owned cascade tiles (session 15, BATCHLLM_CASCADE_LAUNCH=owned): one launch a layer in which each
+  # CTA takes 16 readers (64 rows) of one KV head through their prefix and their suffixes and writes
+  # the outputs, against run 4's three launches (decode_rows 44 + prefix tiles 25 + combine 10 us a
+  # W1 1/4 layer for ~22 us of KV bytes). Prediction: 25-35 us a layer; W1 1/4 0.61 -> 0.50-0.55 s,
+  # W1 full -10..-15% (its 512 CTAs stream 268 MB of suffix KV a layer).
+  run_env=(env BATCHLLM_CASCADE_LAUNCH=owned)
+  e2e_run "W1 owned" --workload W1 --scale 0.25 --policy batchllm --repeat 2
+  e2e_run "W1 full owned" --workload W1 --scale 1 --policy batchllm
+  run_env=(env)
   # Piecewise CUDA graphs for prefill and mixed steps (piecewise_graphs.py, since session 13, on by
   # default) against the eager mixed steps they replace: run 4's eager mixed steps took as long on
   # the host as on the device (13-16 ms each at 2,048 tokens: host-bound). Prediction: W5 1/8
@@ -279,7 +288,8 @@ section_sanitizer() {
   for variant in "" "BATCHLLM_CASCADE_LAUNCH=merge" \
                  "BATCHLLM_ATTENTION_TILES=wgmma" "BATCHLLM_ATTENTION_TILES=mma BATCHLLM_CASCADE_LAUNCH=fused" \
                  "BATCHLLM_ATTENTION_TILES=mma128 BATCHLLM_CASCADE_LAUNCH=merge" "BATCHLLM_ATTENTION_TILES=wmma" \
-                 "BATCHLLM_ATTENTION_TILES=wgmma64" "BATCHLLM_ATTENTION_TILES=wgmma-k128"; do
+                 "BATCHLLM_ATTENTION_TILES=wgmma64" "BATCHLLM_ATTENTION_TILES=wgmma-k128" \
+                 "BATCHLLM_CASCADE_LAUNCH=owned"; do
     echo "---- compute-sanitizer --tool memcheck ${variant:-(default kernels)}"
     env $variant compute-sanitizer --tool memcheck --error-exitcode 99 --target-processes all \
       "$PY" -m pytest -q -p no:cacheprovider -x python/test_cuda_ops.py -k "$cascade or $prefill" || exit 99

@@ -205,9 +205,13 @@ def test_steps_below_the_ridge_replay_one_graph_padded_for_good():
 
 
 @gpu
-def test_captured_graphs_match_eager_runner_on_gpu():
+@pytest.mark.parametrize("launch", ["separate", "owned"])
+def test_captured_graphs_match_eager_runner_on_gpu(launch, monkeypatch):
     # llama-1b: the smallest named shape the CUDA kernels are built for (head dim 64); bf16, and
-    # padded rows change the GEMM shapes, hence a bf16-sized tolerance.
+    # padded rows change the GEMM shapes, hence a bf16-sized tolerance. Under the default cascade
+    # launches and the owned tiles (BATCHLLM_CASCADE_LAUNCH=owned: a graph's padded rows and device
+    # split plans reach that kernel too).
+    monkeypatch.setenv("BATCHLLM_CASCADE_LAUNCH", launch)
     compare, graphs = _run_compared("llama-1b", "cuda", capture=None, rtol=0.05)
     decode = graphs.decode_graphs
     assert compare.graph_steps >= 5 and decode.captures >= 1

@@ -356,8 +356,9 @@ def test_bfloat16_runner_matches_float32():
                                      {"BATCHLLM_ATTENTION_TILES": "mma", "BATCHLLM_CASCADE_LAUNCH": "fused"},
                                      {"BATCHLLM_CASCADE_LAUNCH": "streams"},
                                      {"BATCHLLM_ATTENTION_TILES": "wgmma"},
-                                     {"BATCHLLM_ATTENTION_TILES": "wgmma-pipe", "BATCHLLM_CASCADE_LAUNCH": "merge"}],
-                         ids=["default", "mma128+merge", "mma+fused", "streams", "wgmma", "wgmma-pipe+merge"])
+                                     {"BATCHLLM_ATTENTION_TILES": "wgmma-pipe", "BATCHLLM_CASCADE_LAUNCH": "merge"},
+                                     {"BATCHLLM_CASCADE_LAUNCH": "owned"}],
+                         ids=["default", "mma128+merge", "mma+fused", "streams", "wgmma", "wgmma-pipe+merge", "owned"])
 def test_runner_on_the_emulated_cuda_kernels_matches_float32(kernels, monkeypatch):
     # The CUDA runner's attention path without a GPU: every op call of the bf16 runner goes to the
     # CUDA kernels (store_kv, paged prefill, cascade decode) compiled for the CPU emulation, fed by

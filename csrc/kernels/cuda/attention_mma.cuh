@@ -299,73 +299,115 @@ __device__ __forceinline__ void write_tile_rows(const Problem& problem, const di
   }
 }
 
-/// The key loop of the mma tile over keys [key_begin, keys_end) of one paged KV head, for a CTA of
-/// kThreads threads: K/V tiles by cp.async into the two `stages` (MmaSmem::kv's layout; tile i + 1 in
-/// flight while tile i is computed), S = Q K^T, the online softmax (tiles from unmasked_end on masked by
-/// the rows' limits) and O += P V into the lane's `o` and `rows`. Starts and ends with every warp done
-/// with the stages (its last barrier), so a CTA may call it again, for another key range or KV source,
-/// on the same running state (cascade_owned.cuh: each prefix level of a tile in turn).
-template <typename T, int D, int kThreads, typename Stage>
-__device__ __forceinline__ void mma_key_loop(Stage (&stages)[2], const PagedKvHead<T>& kv, int key_begin,
-                                             int unmasked_end, int keys_end, const uint32_t (&qa)[D / 16][4],
-                                             float (&o)[D / 8][4], LaneRows& rows, float scale_log2) {
+/// One key tile of the mma tile on the K/V tile in shared memory (rows kLd apart): S = Q K^T, the
+/// online softmax (kMasked: keys at or past the rows' limits masked) and O += P V into the lane's
+/// `o` and `rows`.
+template <typename T, int D, bool kMasked>
+__device__ __forceinline__ void mma_key_tile(const T* k_tile, const T* v_tile, int first_key,
+                                             const uint32_t (&qa)[D / 16][4], float (&o)[D / 8][4], LaneRows& rows,
+                                             float scale_log2) {
   constexpr int kLd = MmaSmem<T, D>::kLd;
   const int lane = threadIdx.x % 32, t = lane % 4;
+  // S = Q K^T: n-block n holds keys n*8 .. n*8+7; B fragment b0 = K[key g][dims 2t, 2t+1], which is
+  // ldmatrix (no transpose) of the 8 x 8 blocks (keys of n, 8 dims): one x4 feeds two k-steps.
+  float s[kTileKeys / 8][4];
+#pragma unroll
+  for (int n = 0; n < kTileKeys / 8; ++n) {
+    s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.0f;
+    const T* k_rows = k_tile + (n * 8 + lane % 8) * kLd + (lane / 8) * 8;
+#pragma unroll
+    for (int kk = 0; kk < D / 16; kk += 2) {
+      uint32_t b[4];
+      ldmatrix_x4<false>(b, k_rows + kk * 16);
+      const uint32_t b0[2] = {b[0], b[1]}, b1[2] = {b[2], b[3]};
+      mma_m16n8k16<T>(s[n], qa[kk], b0);
+      mma_m16n8k16<T>(s[n], qa[kk + 1], b1);
+    }
+  }
+  softmax_tile<D, kMasked>(s, o, rows, first_key, t, scale_log2);
+  // O += P V. k-step j covers keys 16j .. 16j+15: its A fragment is S n-blocks 2j and 2j+1;
+  // B fragment b0 = V[keys 2t, 2t+1][dim g]: ldmatrix.trans of the 8 x 8 blocks (8 keys, dims of
+  // n); one x4 gives b0 and b1 of two dim blocks.
+#pragma unroll
+  for (int j = 0; j < kTileKeys / 16; ++j) {
+    uint32_t pa[4];
+    p_fragment<T>(pa, s, j);
+    const T* v_rows = v_tile + (16 * j + (lane / 8) % 2 * 8 + lane % 8) * kLd + (lane / 16) * 8;
+#pragma unroll
+    for (int n = 0; n < D / 8; n += 2) {
+      uint32_t b[4];
+      ldmatrix_x4<true>(b, v_rows + n * 8);
+      const uint32_t b0[2] = {b[0], b[1]}, b1[2] = {b[2], b[3]};
+      mma_m16n8k16<T>(o[n], pa, b0);
+      mma_m16n8k16<T>(o[n + 1], pa, b1);
+    }
+  }
+}
+
+/// The key loop of the mma tile over keys [key_begin, keys_end) of one paged KV head, for a CTA of
+/// kThreads threads: K/V tiles by cp.async into kStages `stages` (MmaSmem::kv's layout), then
+/// mma_key_tile on each (tiles from unmasked_end on masked by the rows' limits).
+///   kStages = 2 (the tile kernels): tile i + 1 is issued before the wait for tile i, two barriers a
+///     tile (the stage refilled next is the one just read).
+///   kStages >= 3 (the owned cascade, where one CTA an SM waits on each tile's L2 latency with two):
+///     kStages - 1 tiles in flight, one barrier a tile: after it, every warp is done with tile i - 1,
+///     whose stage takes tile i + kStages - 1.
+/// Starts and ends with every warp done with the stages, so a CTA may call it again, for another key
+/// range or KV source, on the same running state (cascade_owned.cuh: each prefix level in turn).
+template <typename T, int D, int kThreads, int kStages, typename Stage>
+__device__ __forceinline__ void mma_key_loop(Stage (&stages)[kStages], const PagedKvHead<T>& kv, int key_begin,
+                                             int unmasked_end, int keys_end, const uint32_t (&qa)[D / 16][4],
+                                             float (&o)[D / 8][4], LaneRows& rows, float scale_log2) {
+  static_assert(kStages >= 2, "a tile in flight while one is computed");
   KvTileBlocksFor<T, D, kThreads> next;  // block table entries of the next tile to issue
   prefetch_kv_blocks<T, D, kThreads>(next, kv, keys_end, key_begin);
-  if (key_begin < keys_end) issue_kv_tile<T, D, kThreads>(stages[0].k, stages[0].v, kv, keys_end, key_begin, next);
-  prefetch_kv_blocks<T, D, kThreads>(next, kv, keys_end, key_begin + kTileKeys);
-  int stage = 0;
-  for_each_key_tile(key_begin, unmasked_end, keys_end, [&](int first_key, auto masked) {
-    if (first_key + kTileKeys < keys_end) {  // the next tile into the other stage, then wait for this one
-      issue_kv_tile<T, D, kThreads>(stages[stage ^ 1].k, stages[stage ^ 1].v, kv, keys_end, first_key + kTileKeys,
-                                    next);
-      prefetch_kv_blocks<T, D, kThreads>(next, kv, keys_end, first_key + 2 * kTileKeys);
-      cp_async_wait<1>();
-    } else {
-      cp_async_wait<0>();
-    }
-    __syncthreads();  // this stage's copies, by every thread, are visible
-    const T* k_tile = stages[stage].k;
-    const T* v_tile = stages[stage].v;
-
-    // S = Q K^T: n-block n holds keys n*8 .. n*8+7; B fragment b0 = K[key g][dims 2t, 2t+1], which is
-    // ldmatrix (no transpose) of the 8 x 8 blocks (keys of n, 8 dims): one x4 feeds two k-steps.
-    float s[kTileKeys / 8][4];
-#pragma unroll
-    for (int n = 0; n < kTileKeys / 8; ++n) {
-      s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.0f;
-      const T* k_rows = k_tile + (n * 8 + lane % 8) * kLd + (lane / 8) * 8;
-#pragma unroll
-      for (int kk = 0; kk < D / 16; kk += 2) {
-        uint32_t b[4];
-        ldmatrix_x4<false>(b, k_rows + kk * 16);
-        const uint32_t b0[2] = {b[0], b[1]}, b1[2] = {b[2], b[3]};
-        mma_m16n8k16<T>(s[n], qa[kk], b0);
-        mma_m16n8k16<T>(s[n], qa[kk + 1], b1);
+  if constexpr (kStages == 2) {
+    if (key_begin < keys_end) issue_kv_tile<T, D, kThreads>(stages[0].k, stages[0].v, kv, keys_end, key_begin, next);
+    prefetch_kv_blocks<T, D, kThreads>(next, kv, keys_end, key_begin + kTileKeys);
+    int stage = 0;
+    for_each_key_tile(key_begin, unmasked_end, keys_end, [&](int first_key, auto masked) {
+      if (first_key + kTileKeys < keys_end) {  // the next tile into the other stage, then wait for this one
+        issue_kv_tile<T, D, kThreads>(stages[stage ^ 1].k, stages[stage ^ 1].v, kv, keys_end,
+                                      first_key + kTileKeys, next);
+        prefetch_kv_blocks<T, D, kThreads>(next, kv, keys_end, first_key + 2 * kTileKeys);
+        cp_async_wait<1>();
+      } else {
+        cp_async_wait<0>();
       }
-    }
-    softmax_tile<D, decltype(masked)::value>(s, o, rows, first_key, t, scale_log2);
-    // O += P V. k-step j covers keys 16j .. 16j+15: its A fragment is S n-blocks 2j and 2j+1;
-    // B fragment b0 = V[keys 2t, 2t+1][dim g]: ldmatrix.trans of the 8 x 8 blocks (8 keys, dims of
-    // n); one x4 gives b0 and b1 of two dim blocks.
-#pragma unroll
-    for (int j = 0; j < kTileKeys / 16; ++j) {
-      uint32_t pa[4];
-      p_fragment<T>(pa, s, j);
-      const T* v_rows = v_tile + (16 * j + (lane / 8) % 2 * 8 + lane % 8) * kLd + (lane / 16) * 8;
-#pragma unroll
-      for (int n = 0; n < D / 8; n += 2) {
-        uint32_t b[4];
-        ldmatrix_x4<true>(b, v_rows + n * 8);
-        const uint32_t b0[2] = {b[0], b[1]}, b1[2] = {b[2], b[3]};
-        mma_m16n8k16<T>(o[n], pa, b0);
-        mma_m16n8k16<T>(o[n + 1], pa, b1);
+      __syncthreads();  // this stage's copies, by every thread, are visible
+      mma_key_tile<T, D, decltype(masked)::value>(stages[stage].k, stages[stage].v, first_key, qa, o, rows,
+                                                  scale_log2);
+      __syncthreads();  // every warp is done with this stage before the next iteration refills it
+      stage ^= 1;
+    });
+  } else {
+    // Tile j (keys key_begin + 64 j) goes to stage j % kStages; a tile past the end is an empty group,
+    // so that every wait counts the same groups.
+    int issued = 0;
+    const auto issue_next = [&] {
+      const int first = key_begin + issued * kTileKeys;
+      if (first < keys_end) {
+        Stage& stage = stages[issued % kStages];
+        issue_kv_tile<T, D, kThreads>(stage.k, stage.v, kv, keys_end, first, next);
+        prefetch_kv_blocks<T, D, kThreads>(next, kv, keys_end, first + kTileKeys);
+      } else {
+        cp_async_commit();
       }
-    }
-    __syncthreads();  // every warp is done with this stage before the next iteration refills it
-    stage ^= 1;
-  });
+      ++issued;
+    };
+    for (int j = 0; j < kStages - 1; ++j) issue_next();
+    int tile = 0;
+    for_each_key_tile(key_begin, unmasked_end, keys_end, [&](int first_key, auto masked) {
+      cp_async_wait<kStages - 2>();  // this thread's copies of `tile`
+      __syncthreads();  // everyone's copies of `tile` visible; everyone done with tile - 1's stage
+      issue_next();     // tile + kStages - 1, into tile - 1's stage
+      const Stage& stage = stages[tile % kStages];
+      mma_key_tile<T, D, decltype(masked)::value>(stage.k, stage.v, first_key, qa, o, rows, scale_log2);
+      ++tile;
+    });
+    cp_async_wait<0>();  // the empty groups past the end
+    __syncthreads();     // every warp done with the stages
+  }
 }
 
 /// One work item of the mma tile kernel on a CTA of kWarps warps (16 rows each; the Problem's
@@ -390,8 +432,8 @@ __device__ __forceinline__ void attention_mma(const Problem& problem, const dim3
   LaneRows rows = start_lane_rows<T, D>(sm.rows, warp, lane, qa, o);
 
   const PagedKvHead<T> kv(k_cache, v_cache, sm.rows.blocks, sm.rows.kv_head, sm.rows.block_div);
-  mma_key_loop<T, D, kThreads>(sm.kv, kv, sm.rows.key_begin, sm.rows.unmasked_end, sm.rows.num_keys, qa, o, rows,
-                               scale_log2);
+  mma_key_loop<T, D, kThreads, Smem::kStages>(sm.kv, kv, sm.rows.key_begin, sm.rows.unmasked_end, sm.rows.num_keys,
+                                               qa, o, rows, scale_log2);
   write_tile_rows<T, D, Smem::kLdO>(problem, item, o, rows, sm.o, sm.rows, warp, lane);
 }
 

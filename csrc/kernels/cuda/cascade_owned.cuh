@@ -43,12 +43,13 @@ struct OwnedSmem {
   static constexpr int kStages = 6;   // ring stages a warp cycles through (kStages - 1 in flight)
   static constexpr int kPerLane = 2;  // keys a lane copies a stage: a warp stage is 2 x 32 / (D / 8) keys
   static constexpr int kLdO = D + 4;
+  static constexpr int kPrefixStages = 3;  // A's K/V tiles: two in flight while one is computed
   struct Stage {
     T k[kTileKeys * MmaSmem<T, D>::kLd];
     T v[kTileKeys * MmaSmem<T, D>::kLd];
   };
   union {
-    Stage kv[2];  // A
+    Stage kv[kPrefixStages];  // A
     struct {      // B
       float o[kOwnedRows * kLdO];  // prefix state of each tile row: unnormalised o (log2 domain, max m)
       float m[kOwnedRows];
@@ -150,7 +151,8 @@ __device__ __forceinline__ void owned_suffixes(const OwnedArgs& args, OwnedSmem<
       for (int j = 0; j < 8; ++j) q[h][j] *= args.scale_log2;
     }
     for (int first = 0; first < len; first += kStageKeys) {
-      cp_async_wait<kStages - 2>();  // stage `consumed`: this lane's own copies, so no barrier
+      cp_async_wait<kStages - 2>();  // stage `consumed`: this lane's own copies, so no CTA barrier;
+      __syncwarp();  // but a compiler barrier: the reads below must not move above the wait's asm
       const int slot = consumed % kStages;
       uint4 k_raw[kPerLane], v_raw[kPerLane];
       bool valid[kPerLane];
@@ -253,7 +255,8 @@ __global__ void __launch_bounds__(kOwnedThreads) cascade_owned_kernel(OwnedArgs 
     const bool all = begin <= first_row && end >= first_row + readers;
     const PagedKvHead<T> kv(args.k_cache, args.v_cache, levels.prefix_kv_blocks + levels.prefix_kv_indptr[p], kv_head,
                             args.block_size);
-    mma_key_loop<T, D, kOwnedThreads>(sm.kv, kv, 0, all ? len : 0, len, qa, o, rows, args.scale_log2);
+    mma_key_loop<T, D, kOwnedThreads, Smem::kPrefixStages>(sm.kv, kv, 0, all ? len : 0, len, qa, o, rows,
+                                                           args.scale_log2);
   }
   __syncthreads();  // A's stages are free (also without prefixes): B's bytes from here
   // The rows' prefix states: whole-row sums over the row's 4 lanes; o stays unnormalised.
