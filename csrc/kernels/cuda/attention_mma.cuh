@@ -345,69 +345,46 @@ __device__ __forceinline__ void mma_key_tile(const T* k_tile, const T* v_tile, i
 }
 
 /// The key loop of the mma tile over keys [key_begin, keys_end) of one paged KV head, for a CTA of
-/// kThreads threads: K/V tiles by cp.async into kStages `stages` (MmaSmem::kv's layout), then
-/// mma_key_tile on each (tiles from unmasked_end on masked by the rows' limits).
-///   kStages = 2 (the tile kernels): tile i + 1 is issued before the wait for tile i, two barriers a
-///     tile (the stage refilled next is the one just read).
-///   kStages >= 3 (the owned cascade, where one CTA an SM waits on each tile's L2 latency with two):
-///     kStages - 1 tiles in flight, one barrier a tile: after it, every warp is done with tile i - 1,
-///     whose stage takes tile i + kStages - 1.
+/// kThreads threads: K/V tiles by cp.async into kStages >= 3 `stages` (MmaSmem::kv's layout), then
+/// mma_key_tile on each (tiles from unmasked_end on masked by the rows' limits). kStages - 1 tiles in
+/// flight and one barrier a tile: after it, every warp is done with tile i - 1, whose stage takes tile
+/// i + kStages - 1. (The tile kernel keeps its own two-stage loop above: the same loop with two
+/// stages, a function of its own, compiled 12% more instructions into its d = 128 prefix key loop.)
 /// Starts and ends with every warp done with the stages, so a CTA may call it again, for another key
 /// range or KV source, on the same running state (cascade_owned.cuh: each prefix level in turn).
 template <typename T, int D, int kThreads, int kStages, typename Stage>
 __device__ __forceinline__ void mma_key_loop(Stage (&stages)[kStages], const PagedKvHead<T>& kv, int key_begin,
                                              int unmasked_end, int keys_end, const uint32_t (&qa)[D / 16][4],
                                              float (&o)[D / 8][4], LaneRows& rows, float scale_log2) {
-  static_assert(kStages >= 2, "a tile in flight while one is computed");
+  static_assert(kStages >= 3, "two tiles in flight while one is computed");
   KvTileBlocksFor<T, D, kThreads> next;  // block table entries of the next tile to issue
   prefetch_kv_blocks<T, D, kThreads>(next, kv, keys_end, key_begin);
-  if constexpr (kStages == 2) {
-    if (key_begin < keys_end) issue_kv_tile<T, D, kThreads>(stages[0].k, stages[0].v, kv, keys_end, key_begin, next);
-    prefetch_kv_blocks<T, D, kThreads>(next, kv, keys_end, key_begin + kTileKeys);
-    int stage = 0;
-    for_each_key_tile(key_begin, unmasked_end, keys_end, [&](int first_key, auto masked) {
-      if (first_key + kTileKeys < keys_end) {  // the next tile into the other stage, then wait for this one
-        issue_kv_tile<T, D, kThreads>(stages[stage ^ 1].k, stages[stage ^ 1].v, kv, keys_end,
-                                      first_key + kTileKeys, next);
-        prefetch_kv_blocks<T, D, kThreads>(next, kv, keys_end, first_key + 2 * kTileKeys);
-        cp_async_wait<1>();
-      } else {
-        cp_async_wait<0>();
-      }
-      __syncthreads();  // this stage's copies, by every thread, are visible
-      mma_key_tile<T, D, decltype(masked)::value>(stages[stage].k, stages[stage].v, first_key, qa, o, rows,
-                                                  scale_log2);
-      __syncthreads();  // every warp is done with this stage before the next iteration refills it
-      stage ^= 1;
-    });
-  } else {
-    // Tile j (keys key_begin + 64 j) goes to stage j % kStages; a tile past the end is an empty group,
-    // so that every wait counts the same groups.
-    int issued = 0;
-    const auto issue_next = [&] {
-      const int first = key_begin + issued * kTileKeys;
-      if (first < keys_end) {
-        Stage& stage = stages[issued % kStages];
-        issue_kv_tile<T, D, kThreads>(stage.k, stage.v, kv, keys_end, first, next);
-        prefetch_kv_blocks<T, D, kThreads>(next, kv, keys_end, first + kTileKeys);
-      } else {
-        cp_async_commit();
-      }
-      ++issued;
-    };
-    for (int j = 0; j < kStages - 1; ++j) issue_next();
-    int tile = 0;
-    for_each_key_tile(key_begin, unmasked_end, keys_end, [&](int first_key, auto masked) {
-      cp_async_wait<kStages - 2>();  // this thread's copies of `tile`
-      __syncthreads();  // everyone's copies of `tile` visible; everyone done with tile - 1's stage
-      issue_next();     // tile + kStages - 1, into tile - 1's stage
-      const Stage& stage = stages[tile % kStages];
-      mma_key_tile<T, D, decltype(masked)::value>(stage.k, stage.v, first_key, qa, o, rows, scale_log2);
-      ++tile;
-    });
-    cp_async_wait<0>();  // the empty groups past the end
-    __syncthreads();     // every warp done with the stages
-  }
+  // Tile j (keys key_begin + 64 j) goes to stage j % kStages; a tile past the end is an empty group,
+  // so that every wait counts the same groups.
+  int issued = 0;
+  const auto issue_next = [&] {
+    const int first = key_begin + issued * kTileKeys;
+    if (first < keys_end) {
+      Stage& stage = stages[issued % kStages];
+      issue_kv_tile<T, D, kThreads>(stage.k, stage.v, kv, keys_end, first, next);
+      prefetch_kv_blocks<T, D, kThreads>(next, kv, keys_end, first + kTileKeys);
+    } else {
+      cp_async_commit();
+    }
+    ++issued;
+  };
+  for (int j = 0; j < kStages - 1; ++j) issue_next();
+  int tile = 0;
+  for_each_key_tile(key_begin, unmasked_end, keys_end, [&](int first_key, auto masked) {
+    cp_async_wait<kStages - 2>();  // this thread's copies of `tile`
+    __syncthreads();  // everyone's copies of `tile` visible; everyone done with tile - 1's stage
+    issue_next();     // tile + kStages - 1, into tile - 1's stage
+    const Stage& stage = stages[tile % kStages];
+    mma_key_tile<T, D, decltype(masked)::value>(stage.k, stage.v, first_key, qa, o, rows, scale_log2);
+    ++tile;
+  });
+  cp_async_wait<0>();  // the empty groups past the end
+  __syncthreads();     // every warp done with the stages
 }
 
 /// One work item of the mma tile kernel on a CTA of kWarps warps (16 rows each; the Problem's
@@ -431,9 +408,29 @@ __device__ __forceinline__ void attention_mma(const Problem& problem, const dim3
   float o[D / 8][4];
   LaneRows rows = start_lane_rows<T, D>(sm.rows, warp, lane, qa, o);
 
+  const int keys_end = sm.rows.num_keys;
   const PagedKvHead<T> kv(k_cache, v_cache, sm.rows.blocks, sm.rows.kv_head, sm.rows.block_div);
-  mma_key_loop<T, D, kThreads, Smem::kStages>(sm.kv, kv, sm.rows.key_begin, sm.rows.unmasked_end, sm.rows.num_keys,
-                                               qa, o, rows, scale_log2);
+  KvTileBlocksFor<T, D, kThreads> next;  // block table entries of the next tile to issue
+  prefetch_kv_blocks<T, D, kThreads>(next, kv, keys_end, sm.rows.key_begin);
+  if (sm.rows.key_begin < keys_end) {
+    issue_kv_tile<T, D, kThreads>(sm.kv[0].k, sm.kv[0].v, kv, keys_end, sm.rows.key_begin, next);
+  }
+  prefetch_kv_blocks<T, D, kThreads>(next, kv, keys_end, sm.rows.key_begin + kTileKeys);
+  int stage = 0;
+  for_each_key_tile(sm.rows, [&](int first_key, auto masked) {
+    if (first_key + kTileKeys < keys_end) {  // the next tile into the other stage, then wait for this one
+      issue_kv_tile<T, D, kThreads>(sm.kv[stage ^ 1].k, sm.kv[stage ^ 1].v, kv, keys_end, first_key + kTileKeys,
+                                    next);
+      prefetch_kv_blocks<T, D, kThreads>(next, kv, keys_end, first_key + 2 * kTileKeys);
+      cp_async_wait<1>();
+    } else {
+      cp_async_wait<0>();
+    }
+    __syncthreads();  // this stage's copies, by every thread, are visible
+    mma_key_tile<T, D, decltype(masked)::value>(sm.kv[stage].k, sm.kv[stage].v, first_key, qa, o, rows, scale_log2);
+    __syncthreads();  // every warp is done with this stage before the next iteration refills it
+    stage ^= 1;
+  });
   write_tile_rows<T, D, Smem::kLdO>(problem, item, o, rows, sm.o, sm.rows, warp, lane);
 }
 
