@@ -13,7 +13,7 @@
 //      so the prefixes of a row merge in the online softmax itself; the state (m, l, unnormalised o)
 //      then goes to shared memory;
 //   B. the suffixes: each warp takes readers warp, warp + 4, ... and streams their suffix keys through
-//      a ring of cp.async stages of its own (each lane copies exactly the 16-byte chunks it reads, so
+//      a ring of cp.async stages of its own (OwnedSmem) (each lane copies exactly the 16-byte chunks it reads, so
 //      no barrier orders them), with decode_rows' lane layout and math (add_keys); the ring runs on
 //      from one reader to the next without draining; a reader's state merges with its prefix state
 //      from A and the output row and lse are written.
@@ -40,8 +40,13 @@ __host__ __device__ __forceinline__ int owned_readers(int group) { return kOwned
 /// prefix states and B's per-lane cp.async ring.
 template <typename T, int D>
 struct OwnedSmem {
-  static constexpr int kStages = 6;   // ring stages a warp cycles through (kStages - 1 in flight)
-  static constexpr int kPerLane = 2;  // keys a lane copies a stage: a warp stage is 2 x 32 / (D / 8) keys
+  // B's ring: kStages stages a warp cycles through (kStages - 1 in flight), kPerLane keys a lane a
+  // stage (a warp stage is kPerLane x 32 / (D / 8) keys: 16 at d = 64, 8 at d = 128). Four keys a
+  // stage, as decode_rows' unrolled step, share a rescale of the states and the stage's wait: with
+  // two, the key loop took 465 instructions a warp per 8 keys at d = 64 (sass), near the ~17 cycles
+  // an SM has per key at HBM bandwidth with 4 issue slots a cycle.
+  static constexpr int kStages = 3;
+  static constexpr int kPerLane = 4;
   static constexpr int kLdO = D + 4;
   static constexpr int kPrefixStages = 3;  // A's K/V tiles: two in flight while one is computed
   struct Stage {
