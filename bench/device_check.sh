@@ -167,6 +167,16 @@ section_e2e() {
   e2e_run "W1" --workload W1 --scale 0.25 --policy batchllm,fcfs-lru --repeat 2
   # The headline target is stated at full scale (W1 >= 100,000 output tokens/s): 1,024 sequences.
   e2e_run "W1 full scale" --workload W1 --scale 1 --policy batchllm,fcfs-lru
+  # Owned cascade tiles (session 15, BATCHLLM_CASCADE_LAUNCH=owned; right after the defaults they
+  # compare with: the largest predicted gain of the pending variants): one launch a layer in which each
+  # CTA takes 16 readers (64 rows) of one KV head through their prefix and their suffixes and writes
+  # the outputs, against run 4's three launches (decode_rows 44 + prefix tiles 25 + combine 10 us a
+  # W1 1/4 layer for ~22 us of KV bytes). Prediction: 25-35 us a layer; W1 1/4 0.61 -> 0.50-0.55 s,
+  # W1 full -10..-15% (its 512 CTAs stream 268 MB of suffix KV a layer).
+  run_env=(env BATCHLLM_CASCADE_LAUNCH=owned)
+  e2e_run "W1 owned" --workload W1 --scale 0.25 --policy batchllm --repeat 2
+  e2e_run "W1 full owned" --workload W1 --scale 1 --policy batchllm
+  run_env=(env)
   e2e_run "W2" --workload W2 --scale 0.25 --policy batchllm,fcfs-lru --repeat 2
   # W2 at full scale (8 docs x 32 questions): its prefixes are 8 x 8,192 tokens x 2 KB = 134 MB of KV a
   # layer, past the H100's 50 MB L2, where fcfs-lru's re-reads of them (every decode row reading its
@@ -177,15 +187,6 @@ section_e2e() {
   # W5 (no sharing): run 4 settled it in both orders (batchllm median 1.04 s, fcfs-lru 1.20 s): one
   # order now, two runs each.
   e2e_run "W5" --workload W5 --scale 0.125 --policy batchllm,fcfs-lru --repeat 2
-  # Owned cascade tiles (session 15, BATCHLLM_CASCADE_LAUNCH=owned): one launch a layer in which each
-  # CTA takes 16 readers (64 rows) of one KV head through their prefix and their suffixes and writes
-  # the outputs, against run 4's three launches (decode_rows 44 + prefix tiles 25 + combine 10 us a
-  # W1 1/4 layer for ~22 us of KV bytes). Prediction: 25-35 us a layer; W1 1/4 0.61 -> 0.50-0.55 s,
-  # W1 full -10..-15% (its 512 CTAs stream 268 MB of suffix KV a layer).
-  run_env=(env BATCHLLM_CASCADE_LAUNCH=owned)
-  e2e_run "W1 owned" --workload W1 --scale 0.25 --policy batchllm --repeat 2
-  e2e_run "W1 full owned" --workload W1 --scale 1 --policy batchllm
-  run_env=(env)
   # Piecewise CUDA graphs for prefill and mixed steps (piecewise_graphs.py, since session 13, on by
   # default) against the eager mixed steps they replace: run 4's eager mixed steps took as long on
   # the host as on the device (13-16 ms each at 2,048 tokens: host-bound). Prediction: W5 1/8
