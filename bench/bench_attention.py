@@ -287,6 +287,7 @@ DECODE_VARIANTS = {
     # owned: one launch whose CTAs take 16 readers' rows through the prefix and their suffixes, writing
     # the outputs (no states in memory, no combine, no key splits; cascade_owned.cuh).
     "owned": {"BATCHLLM_CASCADE_LAUNCH": "owned"},
+    "auto": {"BATCHLLM_CASCADE_LAUNCH": "auto"},  # owned where owned_pays() says so, else separate
     "wmma": {"BATCHLLM_ATTENTION_TILES": "wmma"},
     "tile-sfx": {"BATCHLLM_CASCADE_SUFFIX": "tile"},
     "wgmma-pipe": {"BATCHLLM_ATTENTION_TILES": "wgmma-pipe"},
@@ -447,6 +448,7 @@ FLAT_D64 = [(1, 64, 1024, 128), (1, 256, 1024, 128), (4, 256, 1024, 128), (16, 1
 # decode_rows' staged key loop (its K/V by cp.async into shared memory, 3 tiles ahead). owned: all
 # three in one launch, each CTA a tile of 16 readers through the prefix and their suffixes (session 15).
 FLAT_D64_VARIANTS = {"owned": {"BATCHLLM_CASCADE_LAUNCH": "owned"},
+                     "auto": {"BATCHLLM_CASCADE_LAUNCH": "auto"},
                      "streams": {"BATCHLLM_CASCADE_LAUNCH": "streams"},
                      "merge": {"BATCHLLM_CASCADE_LAUNCH": "merge"},
                      "mma": {"BATCHLLM_ATTENTION_TILES": "mma"},

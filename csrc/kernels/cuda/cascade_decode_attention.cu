@@ -405,11 +405,13 @@ bool suffix_by_tiles() { return cuda::env_equals("BATCHLLM_CASCADE_SUFFIX", "til
 ///          (the fused launch's overlap without its occupancy price);
 ///   owned: one launch in which each CTA takes a tile of rows through every level and writes their
 ///          outputs (cascade_owned.cuh): no states in memory, no combine, no key splits (GQA groups
-///          up to 8; larger ones run separate).
-enum class CascadeLaunch { kSeparate, kFused, kMerge, kStreams, kOwned };
+///          up to 8; larger ones run separate);
+///   auto: owned where it should pay (owned_pays), else separate.
+enum class CascadeLaunch { kSeparate, kFused, kMerge, kStreams, kOwned, kAuto };
 
 CascadeLaunch cascade_launch() {
   if (cuda::env_equals("BATCHLLM_CASCADE_LAUNCH", "owned")) return CascadeLaunch::kOwned;
+  if (cuda::env_equals("BATCHLLM_CASCADE_LAUNCH", "auto")) return CascadeLaunch::kAuto;
   if (cuda::env_equals("BATCHLLM_CASCADE_LAUNCH", "fused")) return CascadeLaunch::kFused;
   if (cuda::env_equals("BATCHLLM_CASCADE_LAUNCH", "merge")) return CascadeLaunch::kMerge;
   if (cuda::env_equals("BATCHLLM_CASCADE_LAUNCH", "streams")) return CascadeLaunch::kStreams;
@@ -447,6 +449,21 @@ const SideStream* side_stream(cudaStream_t caller) {
     }
   }
   return &side;
+}
+
+/// Whether the owned launch should beat the separate ones (BATCHLLM_CASCADE_LAUNCH=auto), by the
+/// call's host sizes (a graph's: its bucket's hints). It splits no keys, so a CTA's time is its tile's
+/// whole prefix (on mma.sync, one CTA a tile) and its readers' suffixes: it needs prefixes short
+/// enough that no tile runs long after the others (at most 2,048 keys: 32 key tiles, about what the
+/// separate launches' fixed costs take) and tiles enough to spread over at least half the SMs.
+/// Where it loses, by that reasoning: a long prefix with few readers ((256, 8192, 128): 128 CTAs of
+/// 8,192 keys each, against the separate launches' key splits over every SM), few rows with long
+/// suffixes ((32, 4096, 1024): 16 CTAs). A first guess for the GPU runs to move (bench_attention's
+/// grid and flat_d64 time owned, auto and separate on the same shapes).
+bool owned_pays(int64_t rows, int64_t kv_heads, int group, const DecodeLevelsView& levels) {
+  constexpr int32_t kMaxOwnedPrefix = 2048;
+  const int64_t tiles = (rows + cuda::owned_readers(group) - 1) / cuda::owned_readers(group);
+  return levels.max_prefix_kv_len <= kMaxOwnedPrefix && 2 * tiles * kv_heads >= multiprocessor_count();
 }
 
 }  // namespace
@@ -544,8 +561,9 @@ cudaError_t cascade_decode_attention_cuda(const CascadeDecodeParams& p, cudaStre
                                                                                          : nullptr;
   const int group = plan.group;
   // Owned tiles where asked for and there are prefixes (without, decode_rows writes the rows directly).
-  const bool owned = !tiles && launch_mode == CascadeLaunch::kOwned && p.levels.num_prefixes > 0 &&
-                     group <= cuda::kOwnedMaxGroup;
+  const bool owned = !tiles && p.levels.num_prefixes > 0 && group <= cuda::kOwnedMaxGroup &&
+                     (launch_mode == CascadeLaunch::kOwned ||
+                      (launch_mode == CascadeLaunch::kAuto && owned_pays(num_rows, num_kv_heads, group, p.levels)));
   float* ws = p.workspace;
   const dim3 prefix_grid(plan.prefix.items, static_cast<unsigned>(p.levels.num_prefixes), num_kv_heads);
   return BATCHLLM_DISPATCH_HALF_TYPES(p.q.dtype, [&] {
