@@ -440,6 +440,23 @@ def test_cascade_cuda_size_hints_above_the_sizes(kernels, monkeypatch):
     assert_cascade_matches_reference(kv, case, levels, dtype)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cascade_cuda_owned_tile_meeting_more_prefixes_than_it_lists(dtype, monkeypatch):
+    # MHA (group 1): an owned tile holds 64 readers; here 40 rows share a 90-token prefix and each
+    # has one of its own (n = 1 sampling's shape, a level per row): the first tile meets 41 prefixes,
+    # past the 32 its CTA lists (kMaxCovering), so it looks at every prefix in turn.
+    use_cascade_kernels("owned+mma", monkeypatch)
+    kv = PagedKV(200, 16, 4, 64, dtype, device=DEVICE)
+    rows = 40
+    case = make_cascade_case(kv, rows, [1, rows], [lambda i: 90, lambda i: 3 + i % 20],
+                             [(3 * r) % 11 for r in range(rows)], 4, 64, dtype, device=DEVICE)
+    o = ops.cascade_decode_attention(case.q, kv.k, kv.v, case.levels, out=poisoned(case.q.shape, dtype, DEVICE),
+                                     check_indices=True)
+    synchronize()
+    ref_o, _ = cascade_reference(kv, case, 1.0 / math.sqrt(64))
+    assert rel_err(o, ref_o) < TOLERANCE[dtype]
+
+
 @pytest.mark.skipif(not EMULATED, reason="counts launches in the CPU emulation")
 def test_cascade_auto_launch_owns_short_prefixes_of_many_readers(monkeypatch):
     # BATCHLLM_CASCADE_LAUNCH=auto: the owned launch (one kernel) where the prefixes are short and the

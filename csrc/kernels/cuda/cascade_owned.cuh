@@ -25,6 +25,7 @@
 
 #include "kernels/cuda/attention_mma.cuh"
 #include "kernels/cuda/decode_rows.cuh"
+#include "kernels/cuda/prefix_states.cuh"
 
 namespace batchllm::kernels::cuda {
 
@@ -64,6 +65,7 @@ struct OwnedSmem {
     } b;
   };
   int suffix_len[kOwnedRows];  // each reader's suffix keys (readers <= kOwnedRows)
+  CoveringList prefixes;       // the prefixes meeting the tile's rows
 };
 
 /// Arguments of one owned launch: grid (row tile, KV head).
@@ -246,7 +248,13 @@ __global__ void __launch_bounds__(kOwnedThreads) cascade_owned_kernel(OwnedArgs 
   for (int n = 0; n < D / 8; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.0f;
   LaneRows rows{0, 0};
   const DecodeLevelsView& levels = args.levels;
-  for (int64_t p = 0; p < levels.num_prefixes; ++p) {
+  // The prefixes meeting the tile, listed by the CTA's threads together (a step of W4's shape has 256
+  // prefixes: a serial scan of their ranges by each CTA cost microseconds); past kMaxCovering, every
+  // prefix is looked at in turn.
+  const int listed = list_prefixes_meeting(levels, first_row, first_row + readers, sm.prefixes);
+  const int64_t candidates = listed >= 0 ? listed : levels.num_prefixes;
+  for (int64_t i = 0; i < candidates; ++i) {
+    const int64_t p = listed >= 0 ? sm.prefixes.prefixes[i] : i;
     const int begin = levels.prefix_q_range[2 * p], end = levels.prefix_q_range[2 * p + 1];
     if (end <= first_row || begin >= first_row + readers || end <= begin) continue;  // uniform over the CTA
     const int len = levels.prefix_kv_lens[p];

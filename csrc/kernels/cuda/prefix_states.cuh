@@ -19,14 +19,16 @@ struct CoveringList {
   int count;
 };
 
-/// Lists, by every thread of the CTA, the prefixes whose reader range holds `row`, ascending. Returns
-/// how many, or -1 when there are more than kMaxCovering (merge_prefix_states then scans every prefix).
-/// Contains __syncthreads: every thread of the CTA calls it.
-__device__ __forceinline__ int list_covering_prefixes(const DecodeLevelsView& levels, int row, CoveringList& list) {
+/// Lists, by every thread of the CTA, the prefixes whose reader range meets rows [first, last),
+/// ascending. Returns how many, or -1 when there are more than kMaxCovering (the caller then scans every
+/// prefix). Contains __syncthreads: every thread of the CTA calls it.
+__device__ __forceinline__ int list_prefixes_meeting(const DecodeLevelsView& levels, int first, int last,
+                                                     CoveringList& list) {
   if (threadIdx.x == 0) list.count = 0;
   __syncthreads();
   for (int64_t p = threadIdx.x; p < levels.num_prefixes; p += blockDim.x) {
-    if (row >= levels.prefix_q_range[2 * p] && row < levels.prefix_q_range[2 * p + 1]) {
+    const int begin = levels.prefix_q_range[2 * p], end = levels.prefix_q_range[2 * p + 1];
+    if (begin < end && begin < last && end > first) {
       const int slot = atomicAdd(&list.count, 1);
       if (slot < kMaxCovering) list.prefixes[slot] = static_cast<int>(p);
     }
@@ -42,6 +44,12 @@ __device__ __forceinline__ int list_covering_prefixes(const DecodeLevelsView& le
   }
   __syncthreads();
   return list.count <= kMaxCovering ? list.count : -1;
+}
+
+/// Lists, by every thread of the CTA, the prefixes whose reader range holds `row`, ascending
+/// (list_prefixes_meeting of the one row; merge_prefix_states scans every prefix past kMaxCovering).
+__device__ __forceinline__ int list_covering_prefixes(const DecodeLevelsView& levels, int row, CoveringList& list) {
+  return list_prefixes_meeting(levels, row, row + 1, list);
 }
 
 /// How the prefix tiles split their prefixes' keys and lay out their states: the launch's x items are
