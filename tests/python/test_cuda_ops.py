@@ -459,22 +459,24 @@ def test_cascade_cuda_owned_tile_meeting_more_prefixes_than_it_lists(dtype, monk
 
 @pytest.mark.skipif(not EMULATED, reason="counts launches in the CPU emulation")
 def test_cascade_auto_launch_owns_short_prefixes_of_many_readers(monkeypatch):
-    # BATCHLLM_CASCADE_LAUNCH=auto: the owned launch (one kernel) where the prefixes are short and the
-    # tiles cover half the emulated H100's 132 SMs, else the separate launches (suffix, prefix tiles,
-    # combine); the result is the reference's either way.
+    # BATCHLLM_CASCADE_LAUNCH=auto: the owned launch (one kernel) where the prefixes are short and read
+    # by 4 tiles' worth of rows and the tiles cover half the emulated H100's 132 SMs, else the
+    # separate launches (suffix, prefix tiles, combine); the result is the reference's either way.
     monkeypatch.setenv("BATCHLLM_CASCADE_LAUNCH", "auto")
     dtype = torch.bfloat16
-    kv = PagedKV(400, 16, 8, 64, dtype, device=DEVICE)
+    kv = PagedKV(800, 16, 8, 64, dtype, device=DEVICE)  # three cases in one cache
     rows = 144  # 9 tiles of 16 readers x 8 KV heads = 72 CTAs
-    case = make_cascade_case(kv, rows, [9], [lambda i: 70], [(5 * r) % 23 for r in range(rows)], 32, 64, dtype,
-                             device=DEVICE)
     module = cuda_emulation.module()
-    for max_prefix, launches in [(2048, 1), (2049, 3)]:  # the hint is the host's bound on every prefix
+    # Prefixes of 72 readers (2 groups) or 48 (3, under the 64 of 4 tiles); the hint bounds every
+    # prefix's keys.
+    for groups, max_prefix, launches in [(2, 2048, 1), (2, 2049, 3), (3, 2048, 3)]:
+        case = make_cascade_case(kv, rows, [groups], [lambda i: 70], [(5 * r) % 23 for r in range(rows)], 32, 64,
+                                 dtype, device=DEVICE)
         levels = dataclasses.replace(case.levels.with_hints(), max_prefix_kv_len=max_prefix)
         before = module.launch_count()
         o = ops.cascade_decode_attention(case.q, kv.k, kv.v, levels, out=poisoned(case.q.shape, dtype, DEVICE),
                                          check_indices=True)
-        assert module.launch_count() - before == launches, max_prefix
+        assert module.launch_count() - before == launches, (groups, max_prefix)
         ref_o, _ = cascade_reference(kv, case, 1.0 / math.sqrt(64))
         assert rel_err(o, ref_o) < TOLERANCE[dtype]
 

@@ -458,12 +458,16 @@ const SideStream* side_stream(cudaStream_t caller) {
 /// separate launches' fixed costs take) and tiles enough to spread over at least half the SMs.
 /// Where it loses, by that reasoning: a long prefix with few readers ((256, 8192, 128): 128 CTAs of
 /// 8,192 keys each, against the separate launches' key splits over every SM), few rows with long
-/// suffixes ((32, 4096, 1024): 16 CTAs). A first guess for the GPU runs to move (bench_attention's
-/// grid and flat_d64 time owned, auto and separate on the same shapes).
+/// suffixes ((32, 4096, 1024): 16 CTAs), and prefixes of fewer readers than a few tiles hold: tiles
+/// then straddle prefixes and run each one's key loop for part of their rows (W6's 16 readers a
+/// prefix against Qwen's 9 a tile: most tiles would take two 2,000-key prefixes). A first guess for
+/// the GPU runs to move (bench_attention's grid and flat_d64 time owned, auto and separate).
 bool owned_pays(int64_t rows, int64_t kv_heads, int group, const DecodeLevelsView& levels) {
   constexpr int32_t kMaxOwnedPrefix = 2048;
-  const int64_t tiles = (rows + cuda::owned_readers(group) - 1) / cuda::owned_readers(group);
-  return levels.max_prefix_kv_len <= kMaxOwnedPrefix && 2 * tiles * kv_heads >= multiprocessor_count();
+  const int readers = cuda::owned_readers(group);
+  const int64_t tiles = (rows + readers - 1) / readers;
+  return levels.max_prefix_kv_len <= kMaxOwnedPrefix && levels.max_prefix_rows >= 4 * readers &&
+         2 * tiles * kv_heads >= multiprocessor_count();
 }
 
 }  // namespace
