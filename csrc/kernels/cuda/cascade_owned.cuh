@@ -173,19 +173,8 @@ __device__ __forceinline__ void owned_suffixes(const OwnedArgs& args, OwnedSmem<
       ++consumed;
       issue();  // into the slot read an iteration ago (its values were used above)
     }
-    // The lane groups' states (same chunk, other keys) merged: every lane holds its chunk's state.
 #pragma unroll
-    for (int h = 0; h < kHeads; ++h) {
-#pragma unroll
-      for (int offset = kLanesPerKey; offset < 32; offset *= 2) {
-        const float m_b = __shfl_xor_sync(0xffffffffu, state[h].m, offset);
-        const float l_b = __shfl_xor_sync(0xffffffffu, state[h].l, offset);
-        float o_b[8];
-#pragma unroll
-        for (int j = 0; j < 8; ++j) o_b[j] = __shfl_xor_sync(0xffffffffu, state[h].o[j], offset);
-        state[h].merge(m_b, l_b, o_b);
-      }
-    }
+    for (int h = 0; h < kHeads; ++h) merge_lane_groups<kLanesPerKey>(state[h]);
     if (sub == 0) {
 #pragma unroll
       for (int h = 0; h < kHeads; ++h) {

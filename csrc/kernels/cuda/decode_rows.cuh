@@ -203,6 +203,21 @@ __device__ __forceinline__ void add_keys(const uint4 (&k_raw)[kKeys], const uint
   }
 }
 
+/// Merges the states of a warp's lane groups (the lanes of one 8-element chunk of the head, each over
+/// other keys), by butterfly shuffles: every lane ends with its chunk's state over all the warp's keys.
+template <int kLanesPerKey>
+__device__ __forceinline__ void merge_lane_groups(RunningState& state) {
+#pragma unroll
+  for (int offset = kLanesPerKey; offset < 32; offset *= 2) {
+    const float m_b = __shfl_xor_sync(0xffffffffu, state.m, offset);
+    const float l_b = __shfl_xor_sync(0xffffffffu, state.l, offset);
+    float o_b[8];
+#pragma unroll
+    for (int i = 0; i < 8; ++i) o_b[i] = __shfl_xor_sync(0xffffffffu, state.o[i], offset);
+    state.merge(m_b, l_b, o_b);
+  }
+}
+
 /// The staged key loop's K/V tiles (BATCHLLM_DECODE_ROWS=staged): kStages tiles of kKeys keys in
 /// shared memory, filled by cp.async kStages - 1 tiles ahead of the one being read. The unrolled loop
 /// (the default) holds kDecodeUnroll key groups of loads in registers and issues the next ones only
@@ -358,15 +373,7 @@ __device__ __forceinline__ void decode_rows(const DecodeRowsArgs& args, const di
   // Merge the warp's lane groups (same chunk, other sub), then the warps through shared memory.
 #pragma unroll
   for (int h = 0; h < kHeads; ++h) {
-#pragma unroll
-    for (int offset = kLanesPerKey; offset < 32; offset *= 2) {
-      const float m_b = __shfl_xor_sync(0xffffffffu, state[h].m, offset);
-      const float l_b = __shfl_xor_sync(0xffffffffu, state[h].l, offset);
-      float o_b[8];
-#pragma unroll
-      for (int i = 0; i < 8; ++i) o_b[i] = __shfl_xor_sync(0xffffffffu, state[h].o[i], offset);
-      state[h].merge(m_b, l_b, o_b);
-    }
+    merge_lane_groups<kLanesPerKey>(state[h]);
     if (sub == 0) {
 #pragma unroll
       for (int i = 0; i < 8; ++i) sm.o[warp][h][chunk * 8 + i] = state[h].o[i];
