@@ -8,6 +8,9 @@ cudaProfilerStop, so that `ncu --profile-from-start off` sees only the measured 
 - `w1_decode`: cascade decode of one W1 group as e2e runs it (llama-1b: 32 q / 8 KV heads, d = 64;
   64 readers of a 1,024-token prefix, 128-token suffixes);
 - `w1_decode_staged`: the same with decode_rows' staged key loop (BATCHLLM_DECODE_ROWS=staged);
+- `w1_step_owned`: W1 1/4's whole decode step (4 groups of 64) in owned tiles
+  (BATCHLLM_CASCADE_LAUNCH=owned: one kernel, 128 CTAs of 16 readers; its prefix loop on mma.sync,
+  then each warp's suffix ring), where its achieved bandwidth and stall reasons show which half binds;
 - `grid_decode`: the kernel grid's (256, 8192, 128) shape at d = 128;
 - `prefill`: one 4,096-token causal chunk at d = 128 (mma128 tiles by default);
 - `prefill64`: one 2,048-token causal chunk at d = 64, a llama-1b mixed step's (wgmma-pipe by
@@ -55,11 +58,18 @@ def cases(device: str, small: bool):
                       dtype=dtype, head_dim=64)
     grid = DecodeInputs(256 // scale, 8192 // scale, 128 // scale, with_dense=False, seed=1, device=device,
                         dtype=dtype, head_dim=128)
+    w1_step = DecodeInputs(256 // scale, 1024 // scale, 128 // scale, with_dense=False, seed=2, device=device,
+                           dtype=dtype, head_dim=64, groups=4)
+
     def staged():  # decode_rows' staged key loop (BATCHLLM_DECODE_ROWS=staged), read at the launch
         with kernel_env({"BATCHLLM_DECODE_ROWS": "staged"}):
             return w1.ours()
 
-    return [("w1_decode", w1.ours), ("w1_decode_staged", staged), ("grid_decode", grid.ours),
+    def owned():  # one launch of owned tiles (BATCHLLM_CASCADE_LAUNCH=owned), read at the launch
+        with kernel_env({"BATCHLLM_CASCADE_LAUNCH": "owned"}):
+            return w1_step.ours()
+
+    return [("w1_decode", w1.ours), ("w1_decode_staged", staged), ("w1_step_owned", owned), ("grid_decode", grid.ours),
             ("prefill", prefill_case(4096 // scale, 128, device, dtype)),
             ("prefill64", prefill_case(2048 // scale, 64, device, dtype))]
 

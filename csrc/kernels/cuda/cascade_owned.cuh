@@ -97,8 +97,8 @@ __device__ __forceinline__ void owned_suffixes(const OwnedArgs& args, OwnedSmem<
   const auto reader_of = [&](int i) { return warp + i * kOwnedWarps; };
   const auto kv_of = [&](int i) {
     const int row = first_row + reader_of(i);
-    return PagedKvHead<T>(args.k_cache, args.v_cache, args.levels.suffix_block_tables + row * args.levels.max_suffix_blocks,
-                          kv_head, args.block_size);
+    const int32_t* blocks = args.levels.suffix_block_tables + row * args.levels.max_suffix_blocks;
+    return PagedKvHead<T>(args.k_cache, args.v_cache, blocks, kv_head, args.block_size);
   };
 
   // The issue cursor: the next stage to copy is keys [key, key + kStageKeys) of reader `at` (of this
