@@ -35,11 +35,14 @@ from workloads import WORKLOAD_IDS, make_workload  # noqa: E402
 
 
 class StubModel(torch.nn.Module):
-    """Zero hidden states and zero logits over ``vocab`` tokens: the model's device work, gone."""
+    """Zero hidden states, and logits over ``vocab`` tokens peaked at one token per row (row r draws
+    ``tokens[r % len(tokens)]`` each step, so detokenized outputs grow as text does): the model's
+    device work, gone."""
 
-    def __init__(self, hidden: int, vocab: int):
+    def __init__(self, hidden: int, vocab: int, tokens=None):
         super().__init__()
         self.hidden, self.vocab = hidden, vocab
+        self.tokens = torch.tensor(tokens if tokens else [0])
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return self._zeros(len(input_ids), self.hidden)
@@ -52,7 +55,10 @@ class StubModel(torch.nn.Module):
         kernel the host only queues), not host work (it was ~1 ms a W1 step here)."""
         cache = self.__dict__.setdefault("_cache", {})
         if (rows, width) not in cache:
-            cache[(rows, width)] = torch.zeros(rows, width)
+            values = torch.zeros(rows, width)
+            if width == self.vocab:
+                values[torch.arange(rows), self.tokens[torch.arange(rows) % len(self.tokens)]] = 1.0
+            cache[(rows, width)] = values
         return cache[(rows, width)]
 
 
@@ -67,9 +73,42 @@ def build_llm(args):
     # Every forward stubbed, the eager (mixed, prefill) steps' too: their host work on a GPU is a
     # Python pass over the layers queueing kernels, which the CPU cannot time apart from running
     # the reference kernels (bench/profile_e2e.py times it on the GPU).
-    runner.model = StubModel(llm.config.hidden_size, llm.config.vocab_size)  # the tiny model's 261 tokens
+    if args.bpe_tokenizer:
+        llm.tokenizer = bpe_tokenizer()
+    # Rows draw tokens of plain text (no piece of a multi-byte character, no special token), each
+    # row its own, from the ids the tiny model's logits cover.
+    tokenizer, vocab = llm.tokenizer, llm.config.vocab_size
+    texts = tokenizer.token_texts()[:vocab] if hasattr(tokenizer, "token_texts") else \
+        [tokenizer.decode([i]) for i in range(vocab)]  # a tree before token_texts, for an A/B
+    plain = [i for i, t in enumerate(texts) if t and t.isprintable() and not set(t) & {"@", "\ufffd"}]
+    runner.model = StubModel(llm.config.hidden_size, llm.config.vocab_size, plain)  # the tiny model's 261 tokens
     llm.runner = runner
     return llm
+
+
+def bpe_tokenizer():
+    """A byte-level BPE tokenizer (the Rust library's, as Llama 3's and Qwen's are) trained on a few
+    lines: what an HF checkpoint's detokenization costs, in place of the tiny model's Python
+    ByteTokenizer. The stub's logits cover ids below 261, which decode to 1-3 bytes each."""
+    import tempfile
+
+    from tokenizers import Tokenizer as Backend
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    from batchllm_core.tokenizer import Tokenizer
+
+    backend = Backend(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=1000, special_tokens=["<s>", "</s>"], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    backend.train_from_iterator(["The quick brown fox jumps over the lazy dog. " * 20,
+                                 "Question: what is the capital of France? Answer: Paris."], trainer)
+    with tempfile.TemporaryDirectory() as directory:
+        backend.save(os.path.join(directory, "tokenizer.json"))
+        with open(os.path.join(directory, "tokenizer_config.json"), "w") as f:
+            json.dump({"bos_token": "<s>", "eos_token": "</s>"}, f)
+        return Tokenizer.from_pretrained(directory)
 
 
 def timed_steps(llm):
@@ -120,6 +159,11 @@ def main(argv=None) -> dict:
     parser.add_argument("--kv-cache-memory", type=int, default=1 << 30)
     parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
     parser.add_argument("--max-num-seqs", type=int, default=1024)
+    parser.add_argument("--stop", default=None,
+                        help="a stop string on every request ('@@' never matches: the stub's tokens have no '@')")
+    parser.add_argument("--logprobs", type=int, default=None, help="logprobs on every request")
+    parser.add_argument("--bpe-tokenizer", action="store_true",
+                        help="detokenize with a byte-level BPE of the Rust library, as an HF checkpoint does")
     parser.add_argument("--profile", type=int, default=0, help="print the top N functions by own time")
     parser.add_argument("--json-out", default=None)
     args = parser.parse_args(argv)
@@ -129,7 +173,8 @@ def main(argv=None) -> dict:
     llm = build_llm(args)
     workload = make_workload(args.workload, vocab=llm.config.vocab_size, scale=args.scale)
     prompts = [{"prompt_token_ids": r.prompt_token_ids} for r in workload.requests]
-    params = [SamplingParams(n=r.n, temperature=r.temperature, max_tokens=r.max_tokens, ignore_eos=True)
+    params = [SamplingParams(n=r.n, temperature=r.temperature, max_tokens=r.max_tokens, ignore_eos=True,
+                             stop=args.stop, logprobs=args.logprobs)
               for r in workload.requests]
     llm.generate(prompts[:2], SamplingParams(max_tokens=2, ignore_eos=True), use_tqdm=False)  # warm-up
     times = timed_steps(llm)
@@ -144,7 +189,9 @@ def main(argv=None) -> dict:
     wall = time.perf_counter() - start
     steps = int(llm.last_stats["steps"])
     host = wall - sum(times["sample_rows (GPU kernel)"])
-    print(f"{args.workload} x{args.scale} {args.policy}: {steps} steps, {wall:.3f} s on the host, of which "
+    result_tokenizer = "bpe" if args.bpe_tokenizer else type(llm.tokenizer).__name__
+    print(f"{args.workload} x{args.scale} {args.policy} stop={args.stop!r} logprobs={args.logprobs} "
+          f"tokenizer={result_tokenizer}: {steps} steps, {wall:.3f} s on the host, of which "
           f"{host:.3f} s are the host's share on a GPU: {1e3 * host / steps:.3f} ms a step "
           f"({platform.processor() or platform.machine()})")
     per_kind = {}
@@ -156,6 +203,8 @@ def main(argv=None) -> dict:
         pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(args.profile)
         print(text.getvalue())
     result = {"bench": "host_step", "workload": args.workload, "scale": args.scale, "policy": args.policy,
+              "stop": args.stop, "logprobs": args.logprobs,
+              "tokenizer": result_tokenizer,
               "steps": steps, "wall_s": round(wall, 4), "host_s": round(host, 4),
               "host_ms_per_step": round(1e3 * host / steps, 3),
               "per_kind": per_kind, "graph_steps": llm.runner.decode_graphs.steps, "profiled": bool(profiler)}

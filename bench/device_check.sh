@@ -340,6 +340,8 @@ section_profile_quick() {
   "${p[@]}" --workload W5 --scale 0.125 --parts steps --policy fcfs-lru || echo "profile W5 fcfs-lru FAILED"
   # The host's share of a W1 step on this machine's CPU (the dev CPU: ~2 ms against the 3.5 ms floor).
   "$PY" bench/bench_host.py --workload W1 --scale 1 || echo "bench_host FAILED"
+  # With a stop string on every request (checked only where a token can end it; session 16).
+  "$PY" bench/bench_host.py --workload W1 --scale 1 --stop "@@" --bpe-tokenizer || echo "bench_host stop FAILED"
 }
 
 # ---- 8. (append sections above this line and register them below) ------------------------------------------

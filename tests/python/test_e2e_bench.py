@@ -218,6 +218,11 @@ def test_bench_host_runs_a_workload_through_the_graph_path_with_a_stub_model(tmp
     assert 0 < result["host_s"] <= result["wall_s"]
     assert result["per_kind"]["sample_rows (GPU kernel)"]["count"] == result["steps"]
     assert json.loads(log.read_text())["host_ms_per_step"] == result["host_ms_per_step"]
+    # With a stop string that never matches and logprobs, detokenized by a Rust BPE tokenizer.
+    result = bench_host.main(["--workload", "W1", "--scale", "0.02", "--stop", "@@", "--logprobs", "2",
+                              "--bpe-tokenizer"])
+    assert (result["stop"], result["logprobs"], result["tokenizer"]) == ("@@", 2, "bpe")
+    assert result["steps"] > 100
 
 
 def test_gpu_state_reads_nvidia_smi_and_drops_a_field_the_driver_lacks(tmp_path, monkeypatch):
