@@ -10,13 +10,14 @@ never scheduled).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
 from .outputs import CompletionOutput, RequestOutput
 from .sampling import RequestSamplingTable, SamplerOutput, SamplingParams
+from .stop_screen import StopScreen
 from .tokenizer import IncrementalDetokenizer, find_stop_string
 
 __all__ = ["PreparedRequest", "StepRows", "Job"]
@@ -51,12 +52,93 @@ class StepRows:
 
 
 @dataclass
-class _SampleState:
-    """What a tracked completion accumulates token by token (stop strings and/or logprobs)."""
+class _StopState:
+    """A completion's text as far as its stop strings were checked (made at its first check)."""
 
     detokenizer: IncrementalDetokenizer
-    logprobs: List[Dict[int, float]] = field(default_factory=list)
+    fed: int = 0                     # generated tokens given to the detokenizer
+    boundary: Optional[int] = None   # text length before the min_tokens-th token (matches end past it)
+    checked: int = 0                 # text length at the last check (later matches end past it)
     stop_match: Optional[Tuple[int, str]] = None  # (text index, stop string)
+
+
+class _TrackedRows:
+    """The tokens (and logprobs) of running completions that have stop strings or logprobs, filed
+    by the whole step at once: one slot (a row of these arrays) per completion, at column = its
+    output position. Python objects are made only for the rows a stop string check needs, and
+    the logprobs' dicts at the end (their own cost: ~1 us a token)."""
+
+    def __init__(self, num_samples: int, top: Optional[int]):
+        self.slot = np.full(num_samples, -1, np.int64)
+        self._free: List[int] = []
+        self._used = 0  # slots ever taken
+        self._top = top  # the widest logprobs asked (None: no request wants logprobs)
+        self.tokens = np.zeros((0, 16), np.int64)
+        if top is not None:
+            self.logprobs = np.zeros((0, 16), np.float32)
+            self.top_ids = np.zeros((0, 16, top), np.int64)
+            self.top_logprobs = np.zeros((0, 16, top), np.float32)
+
+    def file(self, samples: np.ndarray, positions: np.ndarray, sampled: SamplerOutput, rows: np.ndarray) -> np.ndarray:
+        """Files rows ``rows`` of ``sampled`` (completions ``samples``, output ``positions``);
+        returns their slots."""
+        slots = self.slot[samples]
+        new = np.nonzero(slots < 0)[0]
+        if len(new):
+            for i in new:
+                slots[i] = self._take()
+            self.slot[samples[new]] = slots[new]
+        self._fit(self._used, int(positions.max()) + 1)
+        self.tokens[slots, positions] = sampled.token_ids[rows]
+        if self._top is not None:
+            self.logprobs[slots, positions] = sampled.logprobs[rows]
+            width = min(self._top, sampled.top_token_ids.shape[1]) if len(sampled.top_token_ids) else 0
+            if width:
+                self.top_ids[slots, positions, :width] = sampled.top_token_ids[rows, :width]
+                self.top_logprobs[slots, positions, :width] = sampled.top_logprobs[rows, :width]
+        return slots
+
+    def logprob_dicts(self, sample: int, length: int, k: int) -> List[Dict[int, float]]:
+        """Per output token of a completion: token id -> logprob for the top ``k`` and the sampled one."""
+        slot = self.slot[sample]
+        if slot < 0:
+            return []
+        tokens, sampled = self.tokens[slot, :length].tolist(), self.logprobs[slot, :length].tolist()
+        if not k:
+            return [{token: value} for token, value in zip(tokens, sampled)]
+        out = []
+        for ids, values, token, value in zip(self.top_ids[slot, :length, :k].tolist(),
+                                             self.top_logprobs[slot, :length, :k].tolist(), tokens, sampled):
+            top = dict(zip(ids, values))
+            top[token] = value
+            out.append(top)
+        return out
+
+    def release(self, sample: int) -> None:
+        slot = int(self.slot[sample])
+        if slot >= 0:
+            self.slot[sample] = -1
+            self._free.append(slot)
+
+    def _take(self) -> int:
+        if self._free:
+            return self._free.pop()
+        self._used += 1
+        return self._used - 1
+
+    def _fit(self, slots: int, positions: int) -> None:
+        """Grows the arrays (doubling) to hold ``slots`` slots of ``positions`` tokens."""
+        have_slots, have_positions = self.tokens.shape
+        if slots <= have_slots and positions <= have_positions:
+            return
+        shape = (max(slots, 2 * have_slots if slots > have_slots else have_slots),
+                 max(positions, 2 * have_positions if positions > have_positions else have_positions))
+        names = ["tokens"] + (["logprobs", "top_ids", "top_logprobs"] if self._top is not None else [])
+        for name in names:
+            old = getattr(self, name)
+            grown = np.zeros(shape + old.shape[2:], old.dtype)
+            grown[:old.shape[0], :old.shape[1]] = old
+            setattr(self, name, grown)
 
 
 class Job:
@@ -74,10 +156,13 @@ class Job:
         One per input request: its seed or one drawn from the LLM's seed stream.
     device : torch.device
         Where the sampler runs.
+    screen_stops : bool
+        Check stop strings only on rows whose token can complete one (:class:`StopScreen`); False
+        checks every row of a request with stop strings every step (the same outputs, slower).
     """
 
     def __init__(self, requests: Sequence[PreparedRequest], tokenizer, eos_token_ids: Sequence[int],
-                 seeds: Sequence[int], device):
+                 seeds: Sequence[int], device, screen_stops: bool = True):
         self.requests = list(requests)
         self._tokenizer = tokenizer
         self._eos_token_ids = sorted({int(t) for t in eos_token_ids})
@@ -91,7 +176,14 @@ class Job:
         self._sample_base = np.concatenate([[0], np.cumsum(num_samples)]).astype(np.int64)
         self._cumulative_logprob = np.zeros(int(self._sample_base[-1]), np.float64)
         self._tracked = np.array([bool(p.stop) or p.logprobs is not None for p in params], bool)
-        self._states: Dict[Tuple[int, int], _SampleState] = {}
+        self._min_tokens = np.array([p.min_tokens for p in params], np.int64)
+        wants = [p.logprobs for p in params if p.logprobs is not None]
+        self._rows = _TrackedRows(int(self._sample_base[-1]), max(wants) if wants else None)
+        self._stops: Dict[int, _StopState] = {}  # by completion (flat sample index)
+        self._stop_screen = None
+        if any(p.stop for p in params) and tokenizer is not None:
+            self._stop_screen = StopScreen(tokenizer.token_texts() if screen_stops else [],
+                                           [p.stop for p in params])
         self._completions: List[List[Optional[CompletionOutput]]] = [[None] * p.n for p in params]
         self._remaining = num_samples.copy()
         self._cached_tokens = np.zeros(len(params), np.int64)
@@ -156,26 +248,45 @@ class Job:
         flat = self._sample_base[rows.requests] + rows.sample_indices
         np.add.at(self._cumulative_logprob, flat, sampled.logprobs)
         self.num_output_tokens += len(rows)
+        tracked = np.nonzero(self._tracked[rows.requests])[0]
+        if not len(tracked):
+            return []
+        requests, samples, positions = rows.requests[tracked], flat[tracked], rows.output_lens[tracked]
+        slots = self._rows.file(samples, positions, sampled, tracked)
+        if self._stop_screen is None:
+            return []
+        tokens = sampled.token_ids[tracked]
+        # As vLLM: stop strings are not checked before min_tokens tokens exist.
+        check = self._stop_screen.flags(requests, tokens) & (positions + 1 >= self._min_tokens[requests])
         stopped = []
-        for row in np.nonzero(self._tracked[rows.requests])[0]:
-            request, sample = int(rows.requests[row]), int(rows.sample_indices[row])
-            params = self.params[request]
-            state = self._states.get((request, sample))
-            if state is None:
-                prompt = self.requests[self.input_index[request]].prompt_token_ids
-                state = self._states[(request, sample)] = _SampleState(IncrementalDetokenizer(self._tokenizer, prompt))
-            token = int(sampled.token_ids[row])
-            if params.logprobs is not None:
-                state.logprobs.append(self._logprob_dict(sampled, row, token, params.logprobs))
-            if params.stop and state.stop_match is None:
-                new_text = state.detokenizer.append([token])
-                # As vLLM: stop strings are not checked before min_tokens tokens exist.
-                if rows.output_lens[row] + 1 >= params.min_tokens:
-                    text = state.detokenizer.text
-                    state.stop_match = find_stop_string(text, params.stop, len(text) - len(new_text))
-                    if state.stop_match is not None and not self._ends_in_commit(request, token, rows.output_lens[row]):
-                        stopped.append(int(rows.seq_ids[row]))
+        for i in np.nonzero(check)[0]:
+            request, sample = int(requests[i]), int(samples[i])
+            match = self._check_stops(request, sample, int(slots[i]), int(positions[i]) + 1)
+            if match and not self._ends_in_commit(request, int(tokens[i]), positions[i]):
+                stopped.append(int(rows.seq_ids[tracked[i]]))
         return stopped
+
+    def _check_stops(self, request: int, sample: int, slot: int, generated: int) -> bool:
+        """Detokenizes a completion's tokens up to ``generated`` and looks for a stop string ending
+        in the text added since its last check; True when one matched (now or before)."""
+        state = self._stops.get(sample)
+        if state is None:
+            state = self._stops[sample] = _StopState(IncrementalDetokenizer(self._tokenizer))
+        if state.stop_match is not None:
+            return True
+        tokens = self._rows.tokens[slot]
+        if state.boundary is None:
+            # The text of the tokens before the min_tokens-th, less an incomplete last character
+            # (what the text was when that token was added, had it been checked token by token).
+            before = tokens[:max(0, int(self._min_tokens[request]) - 1)].tolist()
+            text = self._tokenizer.decode(before, clean_up_tokenization_spaces=False) if before else ""
+            state.boundary = len(text.rstrip("\ufffd"))
+        state.detokenizer.append(tokens[state.fed:generated])
+        state.fed = generated
+        text = state.detokenizer.text
+        state.stop_match = find_stop_string(text, self.params[request].stop, max(state.boundary, state.checked))
+        state.checked = len(text)
+        return state.stop_match is not None
 
     def _ends_in_commit(self, request: int, token: int, output_len: int) -> bool:
         """Whether ``commit`` already finished the sequence with this token (length, EOS or stop id),
@@ -188,14 +299,6 @@ class Job:
             return False
         return token in params.stop_token_ids or (not params.ignore_eos and token in self._eos_token_ids)
 
-    @staticmethod
-    def _logprob_dict(sampled: SamplerOutput, row: int, token: int, k: int) -> Dict[int, float]:
-        top = {}
-        if k > 0:  # logprobs=0: only the sampled token (the step may have no top arrays at all)
-            top = {int(t): float(v) for t, v in zip(sampled.top_token_ids[row, :k], sampled.top_logprobs[row, :k])}
-        top[token] = float(sampled.logprobs[row])
-        return top
-
     # ------------------------------------------------------------------ completion
     def finish(self, request: int, sample: int, token_ids: Sequence[int],
                reason: str) -> Optional[Tuple[int, RequestOutput]]:
@@ -204,18 +307,21 @@ class Job:
             return None  # the request already failed (a sibling outgrew the cache): its output is out
         params = self.params[request]
         token_ids = [int(t) for t in token_ids]
-        state = self._states.pop((request, sample), None)
+        flat = int(self._sample_base[request]) + sample
+        state = self._stops.pop(flat, None)
         stop_reason = None
         if state is not None and state.stop_match is not None:
-            text, stop_reason, reason = state.detokenizer.text[:state.stop_match[0]], state.stop_match[1], "stop"
+            text = self._tokenizer.clean_up(state.detokenizer.text[:state.stop_match[0]])
+            stop_reason, reason = state.stop_match[1], "stop"
         else:
             text = "" if self._tokenizer is None else self._tokenizer.decode(token_ids, skip_special_tokens=True)
             if reason == "stop" and token_ids and token_ids[-1] in params.stop_token_ids:
                 stop_reason = token_ids[-1]
         logprobs = None
         if params.logprobs is not None:
-            logprobs = state.logprobs[:len(token_ids)] if state is not None else []
-        cumulative = float(self._cumulative_logprob[self._sample_base[request] + sample])
+            logprobs = self._rows.logprob_dicts(flat, len(token_ids), params.logprobs)
+        self._rows.release(flat)
+        cumulative = float(self._cumulative_logprob[flat])
         self._completions[request][sample] = CompletionOutput(
             sample, text, token_ids, reason, logprobs, cumulative, stop_reason)
         self._remaining[request] -= 1
@@ -230,7 +336,9 @@ class Job:
         self._remaining[request] = 0
         self._completions[request] = None
         for sample in range(params.n):
-            self._states.pop((request, sample), None)
+            flat = int(self._sample_base[request]) + sample
+            self._stops.pop(flat, None)
+            self._rows.release(flat)
         return self._output(request, _error_completions(params.n), error=message)
 
     def initial_failures(self) -> List[Tuple[int, RequestOutput]]:
