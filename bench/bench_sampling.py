@@ -11,6 +11,12 @@ Per shape (R rows of V-token logits, bf16 as the model returns them) and mode (g
 
 The shapes are W1's decode batch on llama-1b (1,024 x 128,256), W4's (2,048 sequences: 256 prompts x
 8 samples, temperature 1) and W6's on the qwen2.5-7b shape (640 x 152,064): ../shared/WORKLOADS.md.
+Filtered draws (session 16; W1's shape, temperature 1, every row top_p 0.9, top_k 50 or min_p 0.05):
+  fused      ops.sample_rows with the rows' filters: a pass per candidate the filters drop
+  sampler    Sampler.sample's wall time, as above; torch_sampler: the same with BATCHLLM_SAMPLER=torch
+             (the torch formulas: 1,024 candidates by torch.topk, a sort of the rows past them, a host
+             sync to find those rows: what filtered rows ran before session 16)
+Random logits (3 x N(0, 1)) are flatter than a model's: top_k 50 there takes ~log2(V / 50) tries.
 Timing: CUDA graphs and events (bench_attention.time_graphs) for fused and torch, median of replays;
 the sampler's wall time by perf_counter around synchronised calls. Prints a table, then one JSON line
 per row (prefix "JSON ").
@@ -90,6 +96,45 @@ def bench_shape(label: str, rows: int, vocab: int, temperature: float, bandwidth
             "draws_equal_fraction": agree, "lse_max_abs_err": lse_err}
 
 
+FILTERED = [("top_p 0.9", dict(top_p=0.9)), ("top_k 50", dict(top_k=50)), ("min_p 0.05", dict(min_p=0.05))]
+
+
+def bench_filtered(label: str, rows: int, vocab: int, name: str, filters: dict, bandwidth: float, reps: int,
+                   device_name: str, device: str = "cuda", timer=None) -> dict:
+    from batchllm_core import ops
+    from batchllm_core.sampling import RequestSamplingTable, Sampler, SamplingParams
+    timer = timer or time_graphs
+    logits, temps, keys = step_inputs(rows, vocab, 1.0, device)
+    table = RequestSamplingTable.build([SamplingParams(temperature=1.0, max_tokens=1, **filters)], [1], device)
+    request = torch.zeros(rows, dtype=torch.int64, device=device)
+    row_filters = (table.top_k[request], table.top_p[request], table.min_p[request])
+    fused_ms = timer([lambda: ops.sample_rows(logits, temps, keys, row_filters)], reps=reps)
+    sampler = Sampler(vocab, device)
+    zeros = np.zeros(rows, np.int64)
+
+    def wall(env: str) -> tuple:
+        os.environ["BATCHLLM_SAMPLER"] = env
+        walls, out = [], None
+        for _ in range(max(3, reps // 10)):
+            if device == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            out = sampler.sample(logits, table, zeros, np.arange(rows), zeros)
+            walls.append((time.perf_counter() - t0) * 1e3)
+        os.environ.pop("BATCHLLM_SAMPLER", None)
+        return sorted(walls)[len(walls) // 2], out.token_ids
+
+    sampler_ms, ids = wall("")
+    torch_sampler_ms, torch_ids = wall("torch")
+    floor_ms = logits.numel() * logits.element_size() / bandwidth * 1e3
+    return {"bench": "sampling_filtered", "device": device_name, "commit": commit(), "workload": label,
+            "rows": rows, "vocab": vocab, "temperature": 1.0, "filters": name, "dtype": "bfloat16",
+            "fused_ms": fused_ms, "sampler_wall_ms": sampler_ms, "torch_sampler_wall_ms": torch_sampler_ms,
+            "floor_ms": floor_ms, "fused_over_floor": fused_ms / floor_ms,
+            "torch_sampler_over_sampler": torch_sampler_ms / sampler_ms,
+            "draws_equal_fraction": float((ids == torch_ids).mean())}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer replays (a smoke run)")
@@ -118,6 +163,20 @@ def main() -> int:
                   f"{r['fused_over_floor']:>11.2f} {r['torch_over_fused']:>11.2f} {r['draws_equal_fraction']:>6.3f}",
                   flush=True)
             torch.cuda.empty_cache()
+    label, num_rows, vocab = SHAPES[0]
+    print(f"\nfiltered draws, {label} {num_rows} x {vocab}, temperature 1:")
+    print(f"{'filters':>12} | {'fused ms':>8} {'sampler':>8} {'torch smp':>9} {'floor':>7} | {'fused/floor':>11} "
+          f"{'torch/smp':>9} {'equal':>6}")
+    for name, filters in FILTERED:
+        r = bench_filtered(label, num_rows, vocab, name, filters, bandwidth, reps, device_name)
+        rows.append(r)
+        if args.json_out:
+            with open(args.json_out, "a") as f:
+                f.write(json.dumps(r) + "\n")
+        print(f"{name:>12} | {r['fused_ms']:>8.3f} {r['sampler_wall_ms']:>8.3f} {r['torch_sampler_wall_ms']:>9.3f} "
+              f"{r['floor_ms']:>7.3f} | {r['fused_over_floor']:>11.2f} {r['torch_sampler_over_sampler']:>9.2f} "
+              f"{r['draws_equal_fraction']:>6.3f}", flush=True)
+        torch.cuda.empty_cache()
     for r in rows:
         print("JSON " + json.dumps(r))
     return 0

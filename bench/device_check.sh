@@ -251,9 +251,16 @@ if summary and summary[-1]["fastest"] != "ours":
     e2e_run "W1, fastest kernels" --workload W1 --scale 0.25 --policy batchllm
     run_env=(env)
   fi
+  # Top-p sampling (session 16): the one pass's tries (no sort, no host sync) against the torch
+  # formulas the filtered rows ran before (torch.topk of 1,024 candidates and a host sync a step,
+  # which stalls the overlapped loop). Prediction: the torch rows 10-30% slower than the defaults.
+  e2e_run "W1 top_p 0.9" --workload W1 --scale 0.25 --policy batchllm --temperature 1 --top-p 0.9 --repeat 2
+  run_env=(env BATCHLLM_SAMPLER=torch)
+  e2e_run "W1 top_p 0.9 torch sampler" --workload W1 --scale 0.25 --policy batchllm --temperature 1 --top-p 0.9 --repeat 2
+  run_env=(env)
   e2e_run "transformers baseline" --workload W1 --scale 0.25 --policy none --hf --hf-batches 1
   echo "e2e summary (workload policy seconds out_tok/s prefill_tokens time/floor graph_captures capture_s" \
-       "position seconds_runs budget mixed_captures/replays sm_mhz/temp_c before-after):"
+       "position seconds_runs budget top_p mixed_captures/replays sm_mhz/temp_c before-after):"
   [[ -s "$json" ]] && "$PY" -c 'import json, sys
 for line in open(sys.argv[1]):
     r = json.loads(line)
@@ -261,6 +268,7 @@ for line in open(sys.argv[1]):
           + "".join("+" + (v if not v.isdigit() else k.lower() + "=" + v) for k, v in sorted(r.get("kernel_env", {}).items())), r["seconds"],
           r["output_tokens_per_s"], r["prefill_tokens"], r["time_over_floor"], r.get("graph_captures"),
           r.get("graph_capture_s"), r.get("position"), r.get("seconds_runs"), "budget", r.get("max_num_batched_tokens"),
+          "top_p", r.get("top_p"),
           "mixed", str(r.get("mixed_graph_captures")) + "/" + str(r.get("mixed_graph_replays")),
           "/".join(str((r.get(k) or {}).get("sm_mhz")) + "@" + str((r.get(k) or {}).get("temperature_c"))
                    for k in ("gpu_before", "gpu_after")))' "$json"

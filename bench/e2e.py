@@ -73,6 +73,8 @@ def _parse(argv):
     parser.add_argument("--scale", type=float, default=1.0, help="multiplies the workload's groups / prompts")
     parser.add_argument("--max-tokens", type=int, default=None,
                         help="override every request's output length (quick smoke runs; recorded in the JSON)")
+    parser.add_argument("--temperature", type=float, default=None, help="every request's (default: the workload's)")
+    parser.add_argument("--top-p", type=float, default=1.0, help="every request's top_p (1: none)")
     parser.add_argument("--order", choices=["shuffled", "grouped"], default="shuffled")
     parser.add_argument("--seed", type=int, default=0, help="workload token ids (weights: the loader's seed)")
     parser.add_argument("--kv-cache-memory", type=int, default=None, help="KV pool bytes (default: the engine's)")
@@ -123,7 +125,8 @@ def run_engine(workload_id: str, policy: str, args, ceilings: Ceilings, position
               overlap=args.overlap)
     workload = _workload(workload_id, llm.config.vocab_size, args)
     prompts = [{"prompt_token_ids": r.prompt_token_ids.tolist()} for r in workload.requests]
-    params = [SamplingParams(n=r.n, temperature=r.temperature, max_tokens=r.max_tokens, ignore_eos=True)
+    params = [SamplingParams(n=r.n, temperature=r.temperature if args.temperature is None else args.temperature,
+                             top_p=args.top_p, max_tokens=r.max_tokens, ignore_eos=True)
               for r in workload.requests]
     llm.runner.use_cascade = args.attention == "cascade"
     cost = ModelCost.of(llm.config, torch.empty((), dtype=llm.dtype).element_size())
@@ -280,6 +283,7 @@ def _common(workload, args, device, dtype, policy, seconds, cost, ceilings, outp
         "device": str(device), "device_name": device_name(device), "dtype": str(dtype).replace("torch.", ""),
         "commit": commit(), "scale": args.scale, "max_tokens": args.max_tokens,
         "max_num_batched_tokens": args.max_num_batched_tokens if policy != "hf" else None,
+        "temperature": args.temperature, "top_p": args.top_p,
         "requests": len(workload.requests),
         "sequences": workload.num_sequences, "prompt_tokens": prompt_tokens, "output_tokens": output_tokens,
         "seconds": round(seconds, 4),

@@ -439,7 +439,7 @@ void merge_states(py::handle o_a_obj, py::handle lse_a_obj, py::handle o_b_obj, 
 }
 
 void sample_rows(py::handle logits_obj, py::handle temperature_obj, py::handle keys_obj, py::handle token_ids_obj,
-                 py::handle lse_obj, py::handle logprobs_obj, uintptr_t stream) {
+                 py::handle lse_obj, py::handle logprobs_obj, py::handle filters_obj, uintptr_t stream) {
   const ArgChecker c("sample_rows");
   const ViewArg logits_arg = c.parse(logits_obj, "logits"), temperature_arg = c.parse(temperature_obj, "temperature");
   const ViewArg keys_arg = c.parse(keys_obj, "keys"), ids_arg = c.parse(token_ids_obj, "token_ids");
@@ -460,6 +460,20 @@ void sample_rows(py::handle logits_obj, py::handle temperature_obj, py::handle k
   p.token_ids = reinterpret_cast<int64_t*>(ids_arg.data);
   p.lse = reinterpret_cast<float*>(lse_arg.data);
   p.logprobs = reinterpret_cast<float*>(logprobs_arg.data);
+  if (!filters_obj.is_none()) {
+    c.require(py::isinstance<py::tuple>(filters_obj) && py::len(filters_obj) == 3, "filters",
+              "must be (top_k, top_p, min_p) or None");
+    const auto filters = py::reinterpret_borrow<py::tuple>(filters_obj);
+    const ViewArg top_k_arg = c.parse(filters[0], "top_k"), top_p_arg = c.parse(filters[1], "top_p");
+    const ViewArg min_p_arg = c.parse(filters[2], "min_p");
+    c.same_device({&logits_arg, &top_k_arg, &top_p_arg, &min_p_arg});
+    c.index_array(top_k_arg, "int64", {rows});
+    c.index_array(top_p_arg, "float32", {rows});
+    c.index_array(min_p_arg, "float32", {rows});
+    p.top_k = reinterpret_cast<const int64_t*>(top_k_arg.data);
+    p.top_p = reinterpret_cast<const float*>(top_p_arg.data);
+    p.min_p = reinterpret_cast<const float*>(min_p_arg.data);
+  }
   BATCHLLM_DISPATCH(c, logits_arg.device, kernels::sample_rows_cpu(p),
                     kernels::sample_rows_cuda(p, reinterpret_cast<cudaStream_t>(stream)));
 }
@@ -562,9 +576,9 @@ void register_kernels(py::module_& m) {
         py::arg("o"), py::arg("lse"), py::arg("stream"),
         "Merge two partial attention states by log-sum-exp; use batchllm_core.ops.merge_states.");
   m.def("sample_rows", &sample_rows, py::arg("logits"), py::arg("temperature"), py::arg("keys"),
-        py::arg("token_ids"), py::arg("lse"), py::arg("logprobs"), py::arg("stream"),
-        "One token per row of logits (greedy or Gumbel-max, no filters) with each row's logsumexp and the "
-        "token's logprob; use batchllm_core.ops.sample_rows.");
+        py::arg("token_ids"), py::arg("lse"), py::arg("logprobs"), py::arg("filters"), py::arg("stream"),
+        "One token per row of logits (greedy, or Gumbel-max over what the rows' filters (top_k, top_p, min_p) "
+        "or None keep) with each row's logsumexp and the token's logprob; use batchllm_core.ops.sample_rows.");
   m.def("rms_norm", &rms_norm, py::arg("x"), py::arg("residual"), py::arg("weight"), py::arg("out"), py::arg("eps"),
         py::arg("stream"),
         "RMSNorm of x's rows (residual, if not None, first gets x added in place and is normalised instead); "

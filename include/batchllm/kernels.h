@@ -98,11 +98,11 @@ struct MergeStatesParams {
   float* lse = nullptr;          ///< [N, H] contiguous, optional (nullptr: not written)
 };
 
-/// sample_rows: one token per row of logits, for rows with no top-k / top-p / min-p filter and no
-/// masked tokens (the sampler's common case; python/batchllm_core/sampling.py keeps the others):
-/// greedy rows (temperature 0) take the argmax, others the Gumbel-max draw of
-/// batchllm/kernels/sampling.h; plus each row's logsumexp and the drawn token's log-probability
-/// under the raw logits. One read of the logits, in their own dtype.
+/// sample_rows: one token per row of logits, for rows with no masked tokens and not both a top-k cut
+/// and top-p (python/batchllm_core/sampling.py keeps those): greedy rows (temperature 0) take the
+/// argmax, others the Gumbel-max draw of batchllm/kernels/sampling.h over the tokens their filters
+/// keep; plus each row's logsumexp and the drawn token's log-probability under the raw logits. One
+/// read of the logits, in their own dtype, for an unfiltered row.
 struct SampleRowsParams {
   TensorView logits;                 ///< [R, V], last dim contiguous; fp32, fp16 or bf16
   const float* temperature = nullptr;  ///< [R]: 0 greedy, > 0 Gumbel-max
@@ -110,6 +110,14 @@ struct SampleRowsParams {
   int64_t* token_ids = nullptr;      ///< [R] out
   float* lse = nullptr;              ///< [R] out: log(sum(exp(logits))) of the row
   float* logprobs = nullptr;         ///< [R] out: logits[row, token] - lse
+  /// Optional, all three or none ([R] each, read where temperature > 0): the draw's filters
+  /// (batchllm/kernels/sampling.h, DrawFilters). A filtered row costs one more read of its logits
+  /// per rejected candidate: the best draw over the row is kept if the filters keep it, else the
+  /// best over the tokens before it is tried, and so on (each try a pass that ranks the candidate,
+  /// sums the mass before it and finds the next).
+  const int64_t* top_k = nullptr;
+  const float* top_p = nullptr;
+  const float* min_p = nullptr;
 };
 
 /// Layer ops of a decoder step (the element-wise work between the GEMMs, one launch each instead of

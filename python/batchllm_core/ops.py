@@ -370,12 +370,14 @@ def merge_states(o_a: torch.Tensor, lse_a: torch.Tensor, o_b: torch.Tensor, lse_
     return o, lse
 
 
-def sample_rows(logits: torch.Tensor, temperature: torch.Tensor,
-                keys: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def sample_rows(logits: torch.Tensor, temperature: torch.Tensor, keys: torch.Tensor,
+                filters: Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None,
+                ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One token per row of ``logits``, read once in their own dtype: the argmax where the row's
     temperature is 0 (ties to the lowest id), else the Gumbel-max draw of the row's key
-    (``batchllm/kernels/sampling.h``; the sampler's counter-based noise). No top-k / top-p / min-p
-    and no masks: :class:`batchllm_core.sampling.Sampler` sends rows that need them its torch way.
+    (``batchllm/kernels/sampling.h``; the sampler's counter-based noise) over the tokens the row's
+    ``filters`` keep. No masks, and no row with both a top-k cut and top-p < 1:
+    :class:`batchllm_core.sampling.Sampler` sends rows that need them its torch way.
 
     Parameters
     ----------
@@ -385,6 +387,11 @@ def sample_rows(logits: torch.Tensor, temperature: torch.Tensor,
         float32 ``[R]``.
     keys : torch.Tensor
         int64 ``[R]``: each draw's 32-bit key (``sampling._row_keys``); ignored where temperature is 0.
+    filters : (torch.Tensor, torch.Tensor, torch.Tensor) or None
+        int64 top_k (0: none), float32 top_p (1: none) and float32 min_p (0: none), ``[R]`` each, for
+        rows with temperature > 0 (``DrawFilters`` in batchllm/kernels/sampling.h: the kept tokens are
+        a prefix of the row's order by tempered logit, ties to the lower id). A filtered row costs a
+        pass over its logits per candidate the filters drop; no sort, no host sync.
 
     Returns
     -------
@@ -405,7 +412,7 @@ def sample_rows(logits: torch.Tensor, temperature: torch.Tensor,
     lse = torch.empty(rows, dtype=torch.float32, device=logits.device)
     logprobs = torch.empty(rows, dtype=torch.float32, device=logits.device)
     _C.sample_rows(_view(logits), _view(temperature), _view(keys), _view(token_ids), _view(lse), _view(logprobs),
-                   _stream(logits))
+                   None if filters is None else tuple(_view(f) for f in filters), _stream(logits))
     return token_ids, lse, logprobs
 
 

@@ -80,6 +80,9 @@ class RequestSamplingTable:
     filters_kp_host: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))  # bool [N]
     filters_min_p_host: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))  # bool [N]
     top_k_host: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # int64 [N]: top_k on the host
+    # Requests with both top_k > 0 and top_p < 1 (top-p over the top-k's renormalized mass): drawn the
+    # torch way; ops.sample_rows draws every other filter.
+    filters_k_and_p_host: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))  # bool [N]
     # min_tokens (host side): before it, the request's stop token ids and EOS ids are masked out
     # (as vLLM), so a completion cannot end early. Stopper ids of request i are
     # stopper_ids[stopper_offsets[i]:stopper_offsets[i+1]].
@@ -111,6 +114,7 @@ class RequestSamplingTable:
             filters_kp_host=np.array([p.top_k > 0 or p.top_p < 1.0 for p in params], dtype=bool),
             filters_min_p_host=np.array([p.min_p > 0 for p in params], dtype=bool),
             top_k_host=np.array([max(p.top_k, 0) for p in params], dtype=np.int64),
+            filters_k_and_p_host=np.array([p.top_k > 0 and p.top_p < 1.0 for p in params], dtype=bool),
             min_tokens=np.array([p.min_tokens for p in params], dtype=np.int64),
             stopper_ids=np.array([t for ids in stoppers for t in ids], dtype=np.int64),
             stopper_offsets=np.concatenate([[0], np.cumsum([len(ids) for ids in stoppers])]).astype(np.int64),
@@ -228,20 +232,24 @@ class Sampler:
             return PendingSample.ready(SamplerOutput(np.zeros(0, np.int32), np.zeros(0, np.float32)), self.device)
         requests = np.asarray(requests, dtype=np.int64)
         positions = np.asarray(output_positions, dtype=np.int64)
+        filters = None
         if (table.temperature_host[requests] > 0).any():
             # One upload of each row's request, sample index and output position; every row's key.
             columns = to_device_async(np.stack([requests, np.asarray(sample_indices, np.int64), positions]),
                                       self.device)
             keys = _row_keys(table.seeds[columns[0]], columns[1], columns[2])
             temperature = table.temperature[columns[0]]
+            if _any(table.filters_kp_host, requests) or _any(table.filters_min_p_host, requests):
+                filters = (table.top_k[columns[0]], table.top_p[columns[0]], table.min_p[columns[0]])
         else:  # an all-greedy step (the common case) needs neither keys nor temperatures
             keys = torch.zeros(num_rows, dtype=torch.int64, device=self.device)
             temperature = torch.zeros(num_rows, dtype=torch.float32, device=self.device)
         if os.environ.get("BATCHLLM_SAMPLER", "") != "torch":
             # Every row in one pass over the logits, in their own dtype (ops.sample_rows: greedy argmax
-            # or Gumbel-max with this noise, and each row's logsumexp); then the rows it does not cover.
-            token_ids, log_norm, sampled_logprobs = ops.sample_rows(logits, temperature, keys)
-            special = self._rows_with_filters_or_masks(table, requests, positions)
+            # or Gumbel-max with this noise over what the row's filters keep, and each row's
+            # logsumexp); then the rows it does not cover.
+            token_ids, log_norm, sampled_logprobs = ops.sample_rows(logits, temperature, keys, filters)
+            special = self._rows_for_torch(table, requests, positions)
         else:  # BATCHLLM_SAMPLER=torch: every row by the torch formulas (an A/B, and a way around the kernel)
             log_norm = torch.logsumexp(logits.float(), dim=-1)
             token_ids = torch.empty(num_rows, dtype=torch.int64, device=self.device)
@@ -251,13 +259,13 @@ class Sampler:
             self._redraw(logits, token_ids, log_norm, sampled_logprobs, keys, special, table, requests, positions)
         return self._with_logprobs(logits, token_ids, sampled_logprobs, log_norm, table.num_logprobs[requests])
 
-    def _rows_with_filters_or_masks(self, table, requests: np.ndarray, positions: np.ndarray) -> np.ndarray:
+    def _rows_for_torch(self, table, requests: np.ndarray, positions: np.ndarray) -> np.ndarray:
         """Rows ops.sample_rows does not draw right (host arrays only: no device sync): random rows
-        with top-k / top-p / min-p, and rows with stop ids masked before their min_tokens."""
+        with both a top-k and a top-p filter, and rows with stop ids masked before their min_tokens."""
         filtered = np.zeros(len(requests), bool)
-        if len(table.filters_kp_host):
-            filters = table.filters_kp_host[requests] | table.filters_min_p_host[requests]
-            filtered = filters & (table.temperature_host[requests] > 0)  # greedy rows ignore filters
+        if len(table.filters_k_and_p_host):
+            # greedy rows ignore filters
+            filtered = table.filters_k_and_p_host[requests] & (table.temperature_host[requests] > 0)
         mask = table.min_tokens_mask(requests, positions, self.vocab_size)
         if mask is not None:
             filtered[mask[0]] = True

@@ -180,8 +180,10 @@ def cascade_reference(kv: PagedKV, case: CascadeCase, scale):
     return torch.cat(outs), torch.cat(lses)
 
 
-def sample_rows_reference(logits: torch.Tensor, temperature: torch.Tensor, keys: torch.Tensor):
-    """ops.sample_rows by the sampler's torch formulas (sampling.py): (ids, lse float64, logprobs float64)."""
+def sample_rows_reference(logits: torch.Tensor, temperature: torch.Tensor, keys: torch.Tensor, filters=None):
+    """ops.sample_rows by the sampler's torch formulas (sampling.py): (ids, lse float64, logprobs float64).
+    ``filters`` (top_k, top_p, min_p): DrawFilters of batchllm/kernels/sampling.h written out with a
+    sort (order: tempered logit descending, ties to the lower id; masses in float64)."""
     from batchllm_core.sampling import _gumbel_noise, _hash32
 
     raw = logits.float().cpu()
@@ -189,6 +191,24 @@ def sample_rows_reference(logits: torch.Tensor, temperature: torch.Tensor, keys:
     token_hashes = _hash32(torch.arange(raw.shape[1], dtype=torch.int64) ^ 0x2545F491)
     noisy = raw / temperature.clamp(min=1e-30)[:, None] + _gumbel_noise(keys, token_hashes)
     scores = torch.where(temperature[:, None] > 0, noisy, raw)
+    if filters is not None:
+        top_k, top_p, min_p = (f.cpu() for f in filters)
+        for r in range(raw.shape[0]):
+            if temperature[r] <= 0 or not (top_k[r] > 0 or top_p[r] < 1 or min_p[r] > 0):
+                continue
+            s = raw[r] / temperature[r]
+            order = sorted(range(len(s)), key=lambda i: (-s[i].item(), i))
+            s_max = s.max().double()
+            probs = torch.exp(s.double() - s_max)
+            mass, before, kept = probs.sum(), 0.0, torch.zeros(len(s), dtype=torch.bool)
+            for rank, i in enumerate(order):
+                keep = (top_k[r] <= 0 or rank < top_k[r]) and (top_p[r] >= 1 or before < top_p[r].double() * mass) \
+                    and (min_p[r] <= 0 or probs[i] >= min_p[r].double())
+                if not keep:
+                    break  # the kept tokens are a prefix of the order
+                kept[i] = True
+                before += probs[i].item()
+            scores[r] = torch.where(kept, scores[r], torch.tensor(-math.inf))
     ids = torch.argmax(scores, dim=-1)
     lse = torch.logsumexp(raw.double(), dim=-1)
     return ids, lse, raw.double().gather(1, ids[:, None])[:, 0] - lse

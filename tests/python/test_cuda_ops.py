@@ -576,6 +576,20 @@ def test_sample_rows_cuda(dtype, vocab):
     assert torch.allclose(logprobs.double().cpu(), ref_logprobs, atol=1e-4, rtol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("vocab", [7, 4104])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_sample_rows_filters_cuda(dtype, vocab, seed):
+    # The filtered draws' tries (a pass each) against a sort of each row (ops_reference).
+    from test_ops import filtered_sample_case
+    logits, temperature, keys, filters = filtered_sample_case(30, vocab, dtype, device=DEVICE, seed=seed)
+    ids, lse, logprobs = ops.sample_rows(logits, temperature, keys, filters)
+    synchronize()
+    ref_ids, ref_lse, _ = sample_rows_reference(logits, temperature, keys, filters)
+    assert torch.equal(ids.cpu(), ref_ids)
+    assert torch.allclose(lse.double().cpu(), ref_lse, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_layer_ops_cuda(dtype):
     from test_ops import check_layer_ops

@@ -346,6 +346,40 @@ def sample_rows_case(rows: int, vocab: int, dtype: torch.dtype, device="cpu", se
     return logits.to(device), temperature.to(device), keys.to(device)
 
 
+# (top_k, top_p, min_p) of the filtered cases' rows, in turn: each filter alone, top-k or top-p with
+# min-p, the extremes (top_k 1, a nucleus of one token, min_p 1), and no filter.
+FILTERS = [(1, 1.0, 0.0), (5, 1.0, 0.0), (50, 1.0, 0.0), (0, 0.1, 0.0), (0, 0.5, 0.0), (0, 0.9, 0.0),
+           (0, 0.99, 0.0), (0, 1e-6, 0.0), (0, 1.0, 0.05), (0, 1.0, 0.3), (0, 1.0, 1.0), (5, 1.0, 0.2),
+           (0, 0.8, 0.1), (0, 1.0, 0.0), (10**9, 1.0, 0.0)]
+
+
+def filtered_sample_case(rows: int, vocab: int, dtype: torch.dtype, device="cpu", seed: int = 0):
+    """sample_rows_case with each row's filters from FILTERS (greedy rows ignore theirs)."""
+    logits, temperature, keys = sample_rows_case(rows, vocab, dtype, device, seed)
+    picked = [FILTERS[(r + seed) % len(FILTERS)] for r in range(rows)]
+    filters = (torch.tensor([f[0] for f in picked], dtype=torch.int64, device=device),
+               torch.tensor([f[1] for f in picked], dtype=torch.float32, device=device),
+               torch.tensor([f[2] for f in picked], dtype=torch.float32, device=device))
+    return logits, temperature, keys, filters
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("vocab", [1, 7, 1000, 4104])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_sample_rows_filters_match_the_sorted_formulas(dtype, vocab, seed):
+    # The kept tokens by a sort of each row (ops_reference), against the CPU reference's tries; bf16
+    # rows have many equal logits (ties go to the lower id in the order as in the draw).
+    logits, temperature, keys, filters = filtered_sample_case(30, vocab, dtype, seed=seed)
+    ids, lse, logprobs = ops.sample_rows(logits, temperature, keys, filters)
+    ref_ids, ref_lse, ref_logprobs = sample_rows_reference(logits, temperature, keys, filters)
+    assert torch.equal(ids, ref_ids)
+    assert torch.allclose(lse.double(), ref_lse, atol=1e-5, rtol=1e-5)
+    assert torch.allclose(logprobs.double(), ref_logprobs, atol=1e-4, rtol=1e-5)
+    if vocab >= 1000:  # the filters do cut: the unfiltered draws differ on some rows
+        plain_ids, _, _ = ops.sample_rows(logits, temperature, keys)
+        assert not torch.equal(ids, plain_ids)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("vocab", [1, 7, 1000, 4104])
 def test_sample_rows_matches_the_sampler_formulas(dtype, vocab):

@@ -1,5 +1,6 @@
 // CPU reference of sample_rows: per row, the logsumexp of the logits and the draw of
-// batchllm/kernels/sampling.h (greedy argmax or Gumbel-max), in one pass.
+// batchllm/kernels/sampling.h (greedy argmax or Gumbel-max), in one pass; a filtered row then tries
+// candidates in turn (each a pass: its rank, the mass before it, the best draw before it).
 #include <cmath>
 
 #include "batchllm/kernels.h"
@@ -7,6 +8,48 @@
 #include "kernels/cpu/cpu_common.h"
 
 namespace batchllm::kernels {
+namespace {
+
+/// The best draw among tokens: score, token id and raw logit.
+struct Best {
+  float score = -INFINITY, logit = -INFINITY;
+  uint32_t token = kNoToken;
+
+  void offer(float s, uint32_t t, float x) {
+    if (draw_beats(s, t, score, token)) {
+      score = s;
+      token = t;
+      logit = x;
+    }
+  }
+};
+
+/// The draw of a filtered row (temperature > 0) whose unfiltered best is `best`: while the filters
+/// drop the candidate, the next one is the best draw among the tokens before it (the kept tokens are
+/// a prefix of the row's order, so they all come before a dropped candidate).
+Best filtered_draw(const TensorView& logits, int64_t base, int64_t vocab, float temperature, uint32_t key,
+                   const DrawFilters& filters, float s_max, float mass, Best best) {
+  while (best.token != kNoToken) {
+    const float s_c = best.logit / temperature;
+    const uint32_t c = best.token;
+    int64_t rank = 0;
+    float mass_before = 0.0f;
+    Best next;
+    for (int64_t v = 0; v < vocab; ++v) {
+      const float x = cpu::load_float(logits.data, logits.dtype, base + v);
+      const float s = x / temperature;
+      if (!draw_before(s, static_cast<uint32_t>(v), s_c, c)) continue;
+      ++rank;
+      mass_before += std::exp(s - s_max);
+      next.offer(draw_score(x, temperature, key, static_cast<uint32_t>(v)), static_cast<uint32_t>(v), x);
+    }
+    if (filters.keeps(rank, mass_before, mass, s_c - s_max)) return best;
+    best = next;
+  }
+  return best;
+}
+
+}  // namespace
 
 Status sample_rows_cpu(const SampleRowsParams& params) {
   const TensorView& logits = params.logits;
@@ -14,15 +57,21 @@ Status sample_rows_cpu(const SampleRowsParams& params) {
       params.lse == nullptr || params.logprobs == nullptr) {
     return Status::kInvalidArgument;
   }
+  const bool has_filters = params.top_k != nullptr;
+  if (has_filters != (params.top_p != nullptr) || has_filters != (params.min_p != nullptr)) {
+    return Status::kInvalidArgument;
+  }
   const int64_t vocab = logits.shape[1];
   for (int64_t r = 0; r < logits.shape[0]; ++r) {
     const float temperature = params.temperature[r];
     const uint32_t key = static_cast<uint32_t>(params.keys[r]);
+    DrawFilters filters;
+    if (has_filters && temperature > 0.0f) filters = {params.top_k[r], params.top_p[r], params.min_p[r]};
     const int64_t base = r * logits.stride[0];
-    float max = -INFINITY, sum = 0.0f;  // online logsumexp
+    float max = -INFINITY, sum = 0.0f;      // online logsumexp of the logits
+    float s_max = -INFINITY, s_sum = 0.0f;  // and of the tempered logits (a filtered row's mass)
     // (-inf, no token) loses to any non-NaN score: the lowest id wins among all -inf; NaN never.
-    float best = -INFINITY, best_logit = -INFINITY;
-    uint32_t best_token = kNoToken;
+    Best best;
     for (int64_t v = 0; v < vocab; ++v) {
       const float x = cpu::load_float(logits.data, logits.dtype, base + v);
       if (x > max) {
@@ -31,17 +80,22 @@ Status sample_rows_cpu(const SampleRowsParams& params) {
       } else if (x > -INFINITY) {
         sum += std::exp(x - max);
       }
-      const float score = draw_score(x, temperature, key, static_cast<uint32_t>(v));
-      if (draw_beats(score, static_cast<uint32_t>(v), best, best_token)) {
-        best = score;
-        best_token = static_cast<uint32_t>(v);
-        best_logit = x;
+      if (filters.any()) {
+        const float s = x / temperature;
+        if (s > s_max) {
+          s_sum = s_sum * std::exp(s_max - s) + 1.0f;
+          s_max = s;
+        } else if (s > -INFINITY) {
+          s_sum += std::exp(s - s_max);
+        }
       }
+      best.offer(draw_score(x, temperature, key, static_cast<uint32_t>(v)), static_cast<uint32_t>(v), x);
     }
+    if (filters.any()) best = filtered_draw(logits, base, vocab, temperature, key, filters, s_max, s_sum, best);
     const float lse = max == -INFINITY ? -INFINITY : max + std::log(sum);
-    params.token_ids[r] = best_token == kNoToken ? 0 : best_token;  // an all-NaN row: token 0
+    params.token_ids[r] = best.token == kNoToken ? 0 : best.token;  // an all-NaN row: token 0
     params.lse[r] = lse;
-    params.logprobs[r] = best_logit - lse;
+    params.logprobs[r] = best.logit - lse;
   }
   return Status::kOk;
 }

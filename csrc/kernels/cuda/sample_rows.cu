@@ -1,6 +1,10 @@
 // CUDA sample_rows: one CTA per row reads the row's logits once (16-byte loads where the row allows),
 // keeping per thread an online logsumexp and the best draw of batchllm/kernels/sampling.h; the
-// threads' states are merged by shuffles, then across warps in shared memory.
+// threads' states are merged by shuffles, then across warps in shared memory. A filtered row
+// (DrawFilters) then tries candidates as the CPU reference does: a pass a candidate, which ranks
+// it, sums the mass before it and finds the best draw before it, until the filters keep one (no
+// host sync, no sort: the sampler's torch way sorted, and synced to find the rows past 1,024
+// candidates).
 #include "batchllm/kernels/cuda.h"
 #include "batchllm/kernels/sampling.h"
 #include "kernels/cuda/cuda_common.cuh"
@@ -57,16 +61,68 @@ struct DrawState {
   }
 };
 
-template <typename T>
-__global__ void __launch_bounds__(kSampleThreads) sample_rows_kernel(SampleRowsParams p) {
-  begin_dependent_kernel();  // PDL: cuda_common.cuh
-  __shared__ DrawState warp_states[kSampleThreads / 32];
-  const int64_t row = blockIdx.x;
-  const int64_t vocab = p.logits.shape[1];
-  const T* logits = static_cast<const T*>(p.logits.data) + row * p.logits.stride[0];
-  const float temperature = p.temperature[row];
-  const uint32_t key = static_cast<uint32_t>(p.keys[row]);
-  DrawState state;
+/// Online logsumexp of a filtered row's tempered logits (the mass its top_p and min_p weigh).
+struct TemperedMass {
+  float max = -INFINITY, sum = 0.0f;
+
+  __device__ __forceinline__ void add(float s) {
+    if (s > max) {
+      sum = sum * expf(max - s) + 1.0f;
+      max = s;
+    } else if (s > -INFINITY) {
+      sum += expf(s - max);
+    }
+  }
+  __device__ __forceinline__ void merge(float o_max, float o_sum) {
+    const float m = fmaxf(max, o_max);
+    if (m > -INFINITY) {
+      sum = (max > -INFINITY ? sum * expf(max - m) : 0.0f) + (o_max > -INFINITY ? o_sum * expf(o_max - m) : 0.0f);
+      max = m;
+    }
+  }
+};
+
+/// One try of a filtered row's candidate c: over the tokens before it, their count, their mass and
+/// the best draw among them (the next candidate).
+struct TryState {
+  uint32_t rank = 0;
+  float mass = 0.0f;
+  float best = -INFINITY, best_logit = -INFINITY;
+  uint32_t best_token = kNoToken;
+
+  __device__ __forceinline__ void add(float x, float s, float s_max, float temperature, uint32_t key, uint32_t token) {
+    ++rank;
+    mass += expf(s - s_max);
+    const float score = draw_score(x, temperature, key, token);
+    if (draw_beats(score, token, best, best_token)) {
+      best = score;
+      best_token = token;
+      best_logit = x;
+    }
+  }
+  __device__ __forceinline__ void merge(const TryState& o) {
+    rank += o.rank;
+    mass += o.mass;
+    if (draw_beats(o.best, o.best_token, best, best_token)) {
+      best = o.best;
+      best_token = o.best_token;
+      best_logit = o.best_logit;
+    }
+  }
+  __device__ __forceinline__ TryState shuffled(int offset) const {
+    TryState o;
+    o.rank = __shfl_xor_sync(0xffffffffu, rank, offset);
+    o.mass = __shfl_xor_sync(0xffffffffu, mass, offset);
+    o.best = __shfl_xor_sync(0xffffffffu, best, offset);
+    o.best_logit = __shfl_xor_sync(0xffffffffu, best_logit, offset);
+    o.best_token = __shfl_xor_sync(0xffffffffu, best_token, offset);
+    return o;
+  }
+};
+
+/// Calls f(value, token) for each of the row's `vocab` logits this thread reads, as float.
+template <typename T, typename F>
+__device__ __forceinline__ void for_each_logit(const T* logits, int64_t vocab, F&& f) {
   constexpr int kVec = 16 / sizeof(T);  // elements per 16-byte load
   if (vocab % kVec == 0 && reinterpret_cast<uintptr_t>(logits) % 16 == 0) {
     for (int64_t v = static_cast<int64_t>(threadIdx.x) * kVec; v < vocab; v += kSampleThreads * kVec) {
@@ -76,22 +132,108 @@ __global__ void __launch_bounds__(kSampleThreads) sample_rows_kernel(SampleRowsP
       } chunk;
       chunk.raw = *reinterpret_cast<const uint4*>(logits + v);
 #pragma unroll
-      for (int i = 0; i < kVec; ++i) {
-        state.add(to_float(chunk.values[i]), temperature, key, static_cast<uint32_t>(v + i));
-      }
+      for (int i = 0; i < kVec; ++i) f(to_float(chunk.values[i]), static_cast<uint32_t>(v + i));
     }
   } else {
-    for (int64_t v = threadIdx.x; v < vocab; v += kSampleThreads) {
-      state.add(to_float(logits[v]), temperature, key, static_cast<uint32_t>(v));
+    for (int64_t v = threadIdx.x; v < vocab; v += kSampleThreads) f(to_float(logits[v]), static_cast<uint32_t>(v));
+  }
+}
+
+/// A filtered row's draw (thread 0's `state` holds the unfiltered best on entry and the kept one on
+/// return): while the filters drop the candidate, the best draw before it is the next (the kept
+/// tokens are a prefix of the row's order). Every thread of the CTA calls it.
+template <typename T>
+__device__ void filtered_draw(const T* logits, int64_t vocab, float temperature, uint32_t key,
+                              const DrawFilters& filters, float s_max, float mass, DrawState& state) {
+  __shared__ TryState warp_tries[kSampleThreads / 32];
+  __shared__ float candidate_logit;
+  __shared__ uint32_t candidate;
+  if (threadIdx.x == 0) {
+    candidate = state.best_token;
+    candidate_logit = state.best_logit;
+  }
+  __syncthreads();
+  while (candidate != kNoToken) {
+    const uint32_t c = candidate;
+    const float s_c = candidate_logit / temperature;
+    TryState t;
+    for_each_logit(logits, vocab, [&](float x, uint32_t token) {
+      const float s = x / temperature;
+      if (draw_before(s, token, s_c, c)) t.add(x, s, s_max, temperature, key, token);
+    });
+#pragma unroll
+    for (int offset = 16; offset > 0; offset /= 2) t.merge(t.shuffled(offset));
+    if (threadIdx.x % 32 == 0) warp_tries[threadIdx.x / 32] = t;
+    __syncthreads();  // the partial tries are in; everyone has read `candidate`
+    if (threadIdx.x == 0) {
+      for (int w = 1; w < kSampleThreads / 32; ++w) t.merge(warp_tries[w]);
+      if (filters.keeps(t.rank, t.mass, mass, s_c - s_max)) {
+        candidate = kNoToken;  // kept: state already holds it
+      } else {
+        state.best = t.best;
+        state.best_token = t.best_token;
+        state.best_logit = t.best_logit;
+        candidate = t.best_token;
+        candidate_logit = t.best_logit;
+      }
     }
+    __syncthreads();  // the decision is out; warp_tries may be written again
+  }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kSampleThreads) sample_rows_kernel(SampleRowsParams p) {
+  begin_dependent_kernel();  // PDL: cuda_common.cuh
+  __shared__ DrawState warp_states[kSampleThreads / 32];
+  __shared__ float warp_masses[2][kSampleThreads / 32];
+  const int64_t row = blockIdx.x;
+  const int64_t vocab = p.logits.shape[1];
+  const T* logits = static_cast<const T*>(p.logits.data) + row * p.logits.stride[0];
+  const float temperature = p.temperature[row];
+  const uint32_t key = static_cast<uint32_t>(p.keys[row]);
+  DrawFilters filters;
+  if (p.top_k != nullptr && temperature > 0.0f) filters = {p.top_k[row], p.top_p[row], p.min_p[row]};
+  const bool filtered = filters.any();  // the same in every thread of the CTA
+  DrawState state;
+  TemperedMass tempered;
+  if (filtered) {
+    for_each_logit(logits, vocab, [&](float x, uint32_t token) {
+      state.add(x, temperature, key, token);
+      tempered.add(x / temperature);
+    });
+  } else {
+    for_each_logit(logits, vocab, [&](float x, uint32_t token) { state.add(x, temperature, key, token); });
   }
 #pragma unroll
   for (int offset = 16; offset > 0; offset /= 2) state.merge(state.shuffled(offset));
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   if (lane == 0) warp_states[warp] = state;
+  if (filtered) {
+#pragma unroll
+    for (int offset = 16; offset > 0; offset /= 2) {
+      tempered.merge(__shfl_xor_sync(0xffffffffu, tempered.max, offset),
+                     __shfl_xor_sync(0xffffffffu, tempered.sum, offset));
+    }
+    if (lane == 0) {
+      warp_masses[0][warp] = tempered.max;
+      warp_masses[1][warp] = tempered.sum;
+    }
+  }
   __syncthreads();
   if (threadIdx.x == 0) {
     for (int w = 1; w < kSampleThreads / 32; ++w) state.merge(warp_states[w]);
+    for (int w = 1; filtered && w < kSampleThreads / 32; ++w) tempered.merge(warp_masses[0][w], warp_masses[1][w]);
+  }
+  if (filtered) {
+    __shared__ float row_mass[2];
+    if (threadIdx.x == 0) {
+      row_mass[0] = tempered.max;
+      row_mass[1] = tempered.sum;
+    }
+    __syncthreads();
+    filtered_draw(logits, vocab, temperature, key, filters, row_mass[0], row_mass[1], state);
+  }
+  if (threadIdx.x == 0) {
     const float lse = state.max == -INFINITY ? -INFINITY : state.max + logf(state.sum);
     p.token_ids[row] = state.best_token == kNoToken ? 0 : state.best_token;  // an all-NaN row: token 0
     p.lse[row] = lse;

@@ -43,4 +43,31 @@ BATCHLLM_HOST_DEVICE bool draw_beats(float score, uint32_t token, float best, ui
   return score > best || (score == best && token < best_token);
 }
 
+/// A draw's filters, for rows with temperature > 0 (greedy rows ignore them): keep the row's first
+/// top_k tokens (0: all), then those whose probability mass before them is below top_p (1: all; the
+/// probabilities are softmax(logits / temperature) over the whole row: a row does not set both a
+/// top_k cut and top_p < 1, which sampling.py draws its torch way), then those whose probability is at
+/// least min_p times the largest (0: all). "First" and "before" are in the row's order: larger
+/// tempered logit first, ties to the lower id (draw_before). The first token is always kept. The
+/// draw is the Gumbel-max over the kept tokens.
+struct DrawFilters {
+  int64_t top_k = 0;
+  float top_p = 1.0f;
+  float min_p = 0.0f;
+
+  BATCHLLM_HOST_DEVICE bool any() const { return top_k > 0 || top_p < 1.0f || min_p > 0.0f; }
+  /// Whether a candidate is kept: `rank` tokens come before it, with `mass_before` of the row's
+  /// `mass` (both sums of exp(s - s_max) over tempered logits s), and its own s - s_max.
+  BATCHLLM_HOST_DEVICE bool keeps(int64_t rank, float mass_before, float mass, float s_minus_max) const {
+    return (top_k <= 0 || rank < top_k) && (top_p >= 1.0f || mass_before < top_p * mass) &&
+           (min_p <= 0.0f || expf(s_minus_max) >= min_p);
+  }
+};
+
+/// Whether token j (tempered logit sj) comes before token c (sc) in a row's order: larger first,
+/// ties to the lower id; a NaN comes before nothing and nothing comes before it.
+BATCHLLM_HOST_DEVICE bool draw_before(float sj, uint32_t j, float sc, uint32_t c) {
+  return sj > sc || (sj == sc && j < c);
+}
+
 }  // namespace batchllm::kernels
