@@ -98,8 +98,8 @@ struct MergeStatesParams {
   float* lse = nullptr;          ///< [N, H] contiguous, optional (nullptr: not written)
 };
 
-/// sample_rows: one token per row of logits, for rows with no masked tokens and not both a top-k cut
-/// and top-p (python/batchllm_core/sampling.py keeps those): greedy rows (temperature 0) take the
+/// sample_rows: one token per row of logits, for rows with no masked tokens (python/batchllm_core/
+/// sampling.py keeps those): greedy rows (temperature 0) take the
 /// argmax, others the Gumbel-max draw of batchllm/kernels/sampling.h over the tokens their filters
 /// keep; plus each row's logsumexp and the drawn token's log-probability under the raw logits. One
 /// read of the logits, in their own dtype, for an unfiltered row.
@@ -114,7 +114,8 @@ struct SampleRowsParams {
   /// (batchllm/kernels/sampling.h, DrawFilters). A filtered row costs one more read of its logits
   /// per rejected candidate: the best draw over the row is kept if the filters keep it, else the
   /// best over the tokens before it is tried, and so on (each try a pass that ranks the candidate,
-  /// sums the mass before it and finds the next).
+  /// sums the mass before it and finds the next). With both top_k and top_p, the mass top_p weighs
+  /// is that of the first top_k tokens: five passes more (the k-th key by a radix select, its mass).
   const int64_t* top_k = nullptr;
   const float* top_p = nullptr;
   const float* min_p = nullptr;

@@ -376,8 +376,8 @@ def sample_rows(logits: torch.Tensor, temperature: torch.Tensor, keys: torch.Ten
     """One token per row of ``logits``, read once in their own dtype: the argmax where the row's
     temperature is 0 (ties to the lowest id), else the Gumbel-max draw of the row's key
     (``batchllm/kernels/sampling.h``; the sampler's counter-based noise) over the tokens the row's
-    ``filters`` keep. No masks, and no row with both a top-k cut and top-p < 1:
-    :class:`batchllm_core.sampling.Sampler` sends rows that need them its torch way.
+    ``filters`` keep. No masks: :class:`batchllm_core.sampling.Sampler` sends rows with masked
+    tokens its torch way.
 
     Parameters
     ----------
@@ -390,8 +390,10 @@ def sample_rows(logits: torch.Tensor, temperature: torch.Tensor, keys: torch.Ten
     filters : (torch.Tensor, torch.Tensor, torch.Tensor) or None
         int64 top_k (0: none), float32 top_p (1: none) and float32 min_p (0: none), ``[R]`` each, for
         rows with temperature > 0 (``DrawFilters`` in batchllm/kernels/sampling.h: the kept tokens are
-        a prefix of the row's order by tempered logit, ties to the lower id). A filtered row costs a
-        pass over its logits per candidate the filters drop; no sort, no host sync.
+        a prefix of the row's order by tempered logit, ties to the lower id; top_p weighs the mass
+        of what top_k keeps). A filtered row costs a pass over its logits per candidate the filters
+        drop, and five more with both top_k and top_p (the k-th logit by a radix select); no sort,
+        no host sync.
 
     Returns
     -------

@@ -80,9 +80,6 @@ class RequestSamplingTable:
     filters_kp_host: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))  # bool [N]
     filters_min_p_host: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))  # bool [N]
     top_k_host: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # int64 [N]: top_k on the host
-    # Requests with both top_k > 0 and top_p < 1 (top-p over the top-k's renormalized mass): drawn the
-    # torch way; ops.sample_rows draws every other filter.
-    filters_k_and_p_host: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))  # bool [N]
     # min_tokens (host side): before it, the request's stop token ids and EOS ids are masked out
     # (as vLLM), so a completion cannot end early. Stopper ids of request i are
     # stopper_ids[stopper_offsets[i]:stopper_offsets[i+1]].
@@ -114,7 +111,6 @@ class RequestSamplingTable:
             filters_kp_host=np.array([p.top_k > 0 or p.top_p < 1.0 for p in params], dtype=bool),
             filters_min_p_host=np.array([p.min_p > 0 for p in params], dtype=bool),
             top_k_host=np.array([max(p.top_k, 0) for p in params], dtype=np.int64),
-            filters_k_and_p_host=np.array([p.top_k > 0 and p.top_p < 1.0 for p in params], dtype=bool),
             min_tokens=np.array([p.min_tokens for p in params], dtype=np.int64),
             stopper_ids=np.array([t for ids in stoppers for t in ids], dtype=np.int64),
             stopper_offsets=np.concatenate([[0], np.cumsum([len(ids) for ids in stoppers])]).astype(np.int64),
@@ -162,9 +158,10 @@ class SamplerOutput:
 class Sampler:
     """Draws one token per sample row from logits ``[R, vocab]``, vectorized over rows.
 
-    Rows with neither a top-k / top-p / min-p filter nor masked tokens (the common case) are drawn in
-    one pass over the logits by ``ops.sample_rows`` (a CUDA kernel on the GPU, its C++ reference on
-    the CPU), with the same noise and arithmetic as the torch path that draws the other rows.
+    Rows without masked tokens (all but a sequence's first min_tokens draws) are drawn by
+    ``ops.sample_rows`` (a CUDA kernel on the GPU, its C++ reference on the CPU): one pass over the
+    logits, and for top-k / top-p / min-p rows a pass per candidate the filters drop (no sort, no
+    host sync), with the same noise and arithmetic as the torch path that draws the other rows.
 
     Order of the filters (as vLLM): stop/EOS ids masked before min_tokens, temperature, top-k, top-p, min-p; then a Gumbel-max draw, which
     samples exactly from the softmax of the filtered, tempered logits. Greedy rows (temperature 0)
@@ -260,16 +257,10 @@ class Sampler:
         return self._with_logprobs(logits, token_ids, sampled_logprobs, log_norm, table.num_logprobs[requests])
 
     def _rows_for_torch(self, table, requests: np.ndarray, positions: np.ndarray) -> np.ndarray:
-        """Rows ops.sample_rows does not draw right (host arrays only: no device sync): random rows
-        with both a top-k and a top-p filter, and rows with stop ids masked before their min_tokens."""
-        filtered = np.zeros(len(requests), bool)
-        if len(table.filters_k_and_p_host):
-            # greedy rows ignore filters
-            filtered = table.filters_k_and_p_host[requests] & (table.temperature_host[requests] > 0)
+        """Rows ops.sample_rows does not draw right (host arrays only: no device sync): rows with
+        stop ids masked before their min_tokens."""
         mask = table.min_tokens_mask(requests, positions, self.vocab_size)
-        if mask is not None:
-            filtered[mask[0]] = True
-        return np.nonzero(filtered)[0]
+        return np.zeros(0, np.int64) if mask is None else np.unique(mask[0])
 
     def _redraw(self, logits, token_ids, log_norm, sampled_logprobs, keys, rows: np.ndarray, table,
                 requests: np.ndarray, positions: np.ndarray) -> None:

@@ -200,7 +200,9 @@ def sample_rows_reference(logits: torch.Tensor, temperature: torch.Tensor, keys:
             order = sorted(range(len(s)), key=lambda i: (-s[i].item(), i))
             s_max = s.max().double()
             probs = torch.exp(s.double() - s_max)
-            mass, before, kept = probs.sum(), 0.0, torch.zeros(len(s), dtype=torch.bool)
+            # top_p weighs the mass of what top_k keeps
+            mass = probs[order[:top_k[r]]].sum() if top_k[r] > 0 else probs.sum()
+            before, kept = 0.0, torch.zeros(len(s), dtype=torch.bool)
             for rank, i in enumerate(order):
                 keep = (top_k[r] <= 0 or rank < top_k[r]) and (top_p[r] >= 1 or before < top_p[r].double() * mass) \
                     and (min_p[r] <= 0 or probs[i] >= min_p[r].double())

@@ -590,6 +590,15 @@ def test_sample_rows_filters_cuda(dtype, vocab, seed):
     assert torch.allclose(lse.double().cpu(), ref_lse, atol=1e-5, rtol=1e-5)
 
 
+def test_sample_rows_top_p_weighs_what_top_k_keeps_cuda():
+    # The radix select of the k-th logit (ties at it: the lower ids) and the mass of the first k.
+    from test_ops import top_k_with_top_p_case
+    case, (flat_ids, step_ids) = top_k_with_top_p_case(device=DEVICE)
+    ids, _, _ = ops.sample_rows(*case)
+    synchronize()
+    assert set(ids[:64].tolist()) == flat_ids and set(ids[64:].tolist()) == step_ids
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_layer_ops_cuda(dtype):
     from test_ops import check_layer_ops

@@ -347,10 +347,12 @@ def sample_rows_case(rows: int, vocab: int, dtype: torch.dtype, device="cpu", se
 
 
 # (top_k, top_p, min_p) of the filtered cases' rows, in turn: each filter alone, top-k or top-p with
-# min-p, the extremes (top_k 1, a nucleus of one token, min_p 1), and no filter.
+# min-p, the extremes (top_k 1, a nucleus of one token, min_p 1), no filter, and top-k with top-p
+# (Qwen2.5's recommended 20 and 0.8; top_p over the top-k's mass).
 FILTERS = [(1, 1.0, 0.0), (5, 1.0, 0.0), (50, 1.0, 0.0), (0, 0.1, 0.0), (0, 0.5, 0.0), (0, 0.9, 0.0),
            (0, 0.99, 0.0), (0, 1e-6, 0.0), (0, 1.0, 0.05), (0, 1.0, 0.3), (0, 1.0, 1.0), (5, 1.0, 0.2),
-           (0, 0.8, 0.1), (0, 1.0, 0.0), (10**9, 1.0, 0.0)]
+           (0, 0.8, 0.1), (0, 1.0, 0.0), (10**9, 1.0, 0.0), (20, 0.8, 0.0), (3, 0.5, 0.0), (50, 0.95, 0.05),
+           (10**9, 0.9, 0.0)]
 
 
 def filtered_sample_case(rows: int, vocab: int, dtype: torch.dtype, device="cpu", seed: int = 0):
@@ -378,6 +380,31 @@ def test_sample_rows_filters_match_the_sorted_formulas(dtype, vocab, seed):
     if vocab >= 1000:  # the filters do cut: the unfiltered draws differ on some rows
         plain_ids, _, _ = ops.sample_rows(logits, temperature, keys)
         assert not torch.equal(ids, plain_ids)
+
+
+def top_k_with_top_p_case(device="cpu"):
+    """Rows where top_p must weigh the mass of what top_k keeps, not the row's: 64 rows of 4,104 equal
+    logits (the order is by id; top_k 3, top_p 0.6: 0.6 x 3 keeps ids 0 and 1, where 0.6 x 4104
+    would keep all 3), then 64 rows of logits 5, 4, 3, ... (top_k 2, top_p 0.7: only id 0, where
+    the row's mass would keep 0 and 1). Each row its own key; temperature 1. Returns the case and
+    the ids each half may draw."""
+    from batchllm_core.sampling import _hash32
+    flat = torch.zeros(64, 4104)
+    steps = (5.0 - torch.arange(4104, dtype=torch.float32)).clamp(min=-50).repeat(64, 1)
+    logits = torch.cat([flat, steps]).to(device)
+    rows = logits.shape[0]
+    keys = _hash32(torch.arange(rows, dtype=torch.int64) * 104729 + 1).to(device)
+    filters = (torch.tensor([3] * 64 + [2] * 64, dtype=torch.int64, device=device),
+               torch.tensor([0.6] * 64 + [0.7] * 64, dtype=torch.float32, device=device),
+               torch.zeros(rows, dtype=torch.float32, device=device))
+    return (logits, torch.ones(rows, device=device), keys, filters), ({0, 1}, {0})
+
+
+def test_sample_rows_top_p_weighs_what_top_k_keeps():
+    case, (flat_ids, step_ids) = top_k_with_top_p_case()
+    ids, _, _ = ops.sample_rows(*case)
+    assert set(ids[:64].tolist()) == flat_ids and set(ids[64:].tolist()) == step_ids
+    assert torch.equal(ids, sample_rows_reference(*case[:3], case[3])[0])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])

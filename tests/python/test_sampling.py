@@ -109,25 +109,26 @@ def test_one_pass_and_torch_draws_agree(dtype, sampler, monkeypatch):
     assert len(set(a.token_ids.tolist())) > 10
 
 
-def test_filtered_rows_are_drawn_in_the_one_pass_except_top_k_with_top_p(monkeypatch):
+def test_filtered_rows_are_drawn_in_the_one_pass(monkeypatch):
     # Top-k, top-p and min-p rows go through ops.sample_rows (its tries: no sort, no host sync);
-    # only rows with both a top-k cut and top-p (top-p over the top-k's mass) and rows with masked
-    # stop ids take the torch way.
+    # only rows with stop ids masked before min_tokens take the torch way.
     from batchllm_core.sampling import Sampler as SamplerClass
     redrawn = []
     original = SamplerClass._redraw
     monkeypatch.setattr(SamplerClass, "_redraw",
                         lambda self, *a, **k: (redrawn.append(list(a[5])), original(self, *a, **k))[1])
-    logits = _random_logits(6, 300, seed=2)
+    logits = _random_logits(7, 300, seed=2)
     params = [SamplingParams(temperature=0.8, top_p=0.9), SamplingParams(temperature=1.0, top_k=20),
               SamplingParams(temperature=0.7, min_p=0.1), SamplingParams(temperature=1.0, top_k=20, top_p=0.9),
-              SamplingParams(temperature=0, top_k=20, top_p=0.9), SamplingParams(temperature=0.9)]
+              SamplingParams(temperature=0, top_k=20, top_p=0.9), SamplingParams(temperature=0.9),
+              SamplingParams(temperature=0.9, min_tokens=2, stop_token_ids=[5])]
     _sample(logits, params)
-    assert redrawn == [[3]]
+    assert redrawn == [[6]]
 
 
 @pytest.mark.parametrize("filters", [dict(top_p=0.9), dict(top_p=0.5), dict(top_k=7), dict(min_p=0.2),
-                                     dict(top_p=0.95, min_p=0.05), dict(top_k=40, min_p=0.1)])
+                                     dict(top_p=0.95, min_p=0.05), dict(top_k=40, min_p=0.1),
+                                     dict(top_k=20, top_p=0.8), dict(top_k=100, top_p=0.5, min_p=0.02)])
 def test_one_pass_filters_draw_as_the_torch_way(filters, monkeypatch):
     # The same keys give the same tokens by the kernel's tries as by the torch formulas (a sort's
     # nucleus; float32 logits have no ties, and no row's nucleus edge lies within rounding of top_p).

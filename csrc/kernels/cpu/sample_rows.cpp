@@ -1,7 +1,9 @@
 // CPU reference of sample_rows: per row, the logsumexp of the logits and the draw of
 // batchllm/kernels/sampling.h (greedy argmax or Gumbel-max), in one pass; a filtered row then tries
 // candidates in turn (each a pass: its rank, the mass before it, the best draw before it).
+#include <algorithm>
 #include <cmath>
+#include <vector>
 
 #include "batchllm/kernels.h"
 #include "batchllm/kernels/sampling.h"
@@ -49,6 +51,32 @@ Best filtered_draw(const TensorView& logits, int64_t base, int64_t vocab, float 
   return best;
 }
 
+/// The mass (sum of exp(s - s_max)) of a row's first `top_k` tokens in its order, or `mass` where
+/// top_k cuts nothing: the keys' k-th smallest is the threshold; the tokens tied at it share the
+/// remaining places (the lower ids, which all have its mass).
+float top_k_mass(const TensorView& logits, int64_t base, int64_t vocab, float temperature, int64_t top_k,
+                 float s_max, float mass) {
+  std::vector<uint32_t> keys;
+  keys.reserve(static_cast<size_t>(vocab));
+  for (int64_t v = 0; v < vocab; ++v) {
+    const float s = cpu::load_float(logits.data, logits.dtype, base + v) / temperature;
+    if (!std::isnan(s)) keys.push_back(order_key(s));
+  }
+  if (top_k <= 0 || top_k >= static_cast<int64_t>(keys.size())) return mass;
+  std::vector<uint32_t> sorted = keys;
+  std::nth_element(sorted.begin(), sorted.begin() + (top_k - 1), sorted.end());
+  const uint32_t threshold = sorted[static_cast<size_t>(top_k - 1)];
+  int64_t before = 0;
+  float kept = 0.0f;
+  for (const uint32_t key : keys) {
+    if (key < threshold) {
+      ++before;
+      kept += std::exp(order_key_value(key) - s_max);
+    }
+  }
+  return kept + static_cast<float>(top_k - before) * std::exp(order_key_value(threshold) - s_max);
+}
+
 }  // namespace
 
 Status sample_rows_cpu(const SampleRowsParams& params) {
@@ -91,7 +119,13 @@ Status sample_rows_cpu(const SampleRowsParams& params) {
       }
       best.offer(draw_score(x, temperature, key, static_cast<uint32_t>(v)), static_cast<uint32_t>(v), x);
     }
-    if (filters.any()) best = filtered_draw(logits, base, vocab, temperature, key, filters, s_max, s_sum, best);
+    if (filters.any()) {
+      // top_p weighs the mass of what top_k keeps.
+      const float kept = filters.top_p < 1.0f
+                             ? top_k_mass(logits, base, vocab, temperature, filters.top_k, s_max, s_sum)
+                             : s_sum;
+      best = filtered_draw(logits, base, vocab, temperature, key, filters, s_max, kept, best);
+    }
     const float lse = max == -INFINITY ? -INFINITY : max + std::log(sum);
     params.token_ids[r] = best.token == kNoToken ? 0 : best.token;  // an all-NaN row: token 0
     params.lse[r] = lse;

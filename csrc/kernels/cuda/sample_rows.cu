@@ -139,6 +139,58 @@ __device__ __forceinline__ void for_each_logit(const T* logits, int64_t vocab, F
   }
 }
 
+/// The mass (sum of exp(s - s_max)) of a row's first `top_k` tokens in its order (the CPU
+/// reference's top_k_mass), or `mass` where top_k cuts nothing: the threshold, the k-th smallest
+/// order_key, by a radix select (four passes, a byte each, a 256-bin histogram in shared memory),
+/// then a pass for the mass. Every thread of the CTA calls it and gets the result.
+template <typename T>
+__device__ float top_k_mass(const T* logits, int64_t vocab, float temperature, int64_t top_k, float s_max,
+                            float mass) {
+  __shared__ int histogram[256];
+  __shared__ uint32_t shared_prefix, shared_remaining;
+  __shared__ bool cuts;
+  __shared__ float warp_sums[kSampleThreads / 32];
+  uint32_t prefix = 0, remaining = static_cast<uint32_t>(top_k);
+  for (int shift = 24; shift >= 0; shift -= 8) {
+    for (int i = threadIdx.x; i < 256; i += kSampleThreads) histogram[i] = 0;
+    __syncthreads();
+    const uint32_t high = shift == 24 ? 0u : 0xFFFFFFFFu << (shift + 8);  // the bytes chosen so far
+    for_each_logit(logits, vocab, [&](float x, uint32_t) {
+      const float s = x / temperature;
+      if (s != s) return;  // NaN: not in the order
+      const uint32_t key = order_key(s);
+      if ((key & high) == prefix) atomicAdd(&histogram[(key >> shift) & 0xFFu], 1);
+    });
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      uint32_t below = 0;
+      int bin = 0;
+      while (bin < 256 && below + static_cast<uint32_t>(histogram[bin]) < remaining) below += histogram[bin++];
+      cuts = bin < 256;  // fewer ordered tokens than top_k (NaNs): no cut
+      shared_prefix = prefix | (static_cast<uint32_t>(bin & 0xFF) << shift);
+      shared_remaining = remaining - below;
+    }
+    __syncthreads();
+    if (!cuts) return mass;
+    prefix = shared_prefix;
+    remaining = shared_remaining;
+  }
+  // `prefix` is the threshold key; `remaining` of the tokens tied at it are among the first top_k.
+  float kept = 0.0f;
+  for_each_logit(logits, vocab, [&](float x, uint32_t) {
+    const float s = x / temperature;
+    if (s == s && order_key(s) < prefix) kept += expf(s - s_max);
+  });
+#pragma unroll
+  for (int offset = 16; offset > 0; offset /= 2) kept += __shfl_xor_sync(0xffffffffu, kept, offset);
+  if (threadIdx.x % 32 == 0) warp_sums[threadIdx.x / 32] = kept;
+  __syncthreads();
+  kept = 0.0f;
+  for (int w = 0; w < kSampleThreads / 32; ++w) kept += warp_sums[w];
+  __syncthreads();  // warp_sums may be written again by a later call
+  return kept + static_cast<float>(remaining) * expf(order_key_value(prefix) - s_max);
+}
+
 /// A filtered row's draw (thread 0's `state` holds the unfiltered best on entry and the kept one on
 /// return): while the filters drop the candidate, the best draw before it is the next (the kept
 /// tokens are a prefix of the row's order). Every thread of the CTA calls it.
@@ -231,7 +283,11 @@ __global__ void __launch_bounds__(kSampleThreads) sample_rows_kernel(SampleRowsP
       row_mass[1] = tempered.sum;
     }
     __syncthreads();
-    filtered_draw(logits, vocab, temperature, key, filters, row_mass[0], row_mass[1], state);
+    // top_p weighs the mass of what top_k keeps.
+    const float kept = filters.top_p < 1.0f && filters.top_k > 0 && filters.top_k < vocab
+                           ? top_k_mass(logits, vocab, temperature, filters.top_k, row_mass[0], row_mass[1])
+                           : row_mass[1];
+    filtered_draw(logits, vocab, temperature, key, filters, row_mass[0], kept, state);
   }
   if (threadIdx.x == 0) {
     const float lse = state.max == -INFINITY ? -INFINITY : state.max + logf(state.sum);

@@ -6,6 +6,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 
 #include "batchllm/kernels/merge.h"  // BATCHLLM_HOST_DEVICE
 
@@ -45,19 +46,19 @@ BATCHLLM_HOST_DEVICE bool draw_beats(float score, uint32_t token, float best, ui
 
 /// A draw's filters, for rows with temperature > 0 (greedy rows ignore them): keep the row's first
 /// top_k tokens (0: all), then those whose probability mass before them is below top_p (1: all; the
-/// probabilities are softmax(logits / temperature) over the whole row: a row does not set both a
-/// top_k cut and top_p < 1, which sampling.py draws its torch way), then those whose probability is at
-/// least min_p times the largest (0: all). "First" and "before" are in the row's order: larger
-/// tempered logit first, ties to the lower id (draw_before). The first token is always kept. The
-/// draw is the Gumbel-max over the kept tokens.
+/// probabilities are softmax(logits / temperature) over what top_k kept), then those whose
+/// probability is at least min_p times the largest (0: all). "First" and "before" are in the row's
+/// order: larger tempered logit first, ties to the lower id (draw_before). The first token is always
+/// kept. The draw is the Gumbel-max over the kept tokens.
 struct DrawFilters {
   int64_t top_k = 0;
   float top_p = 1.0f;
   float min_p = 0.0f;
 
   BATCHLLM_HOST_DEVICE bool any() const { return top_k > 0 || top_p < 1.0f || min_p > 0.0f; }
-  /// Whether a candidate is kept: `rank` tokens come before it, with `mass_before` of the row's
-  /// `mass` (both sums of exp(s - s_max) over tempered logits s), and its own s - s_max.
+  /// Whether a candidate is kept: `rank` tokens come before it, with `mass_before` of `mass` (the
+  /// row's, or its top_k tokens' where top_k cuts; all sums of exp(s - s_max) over tempered logits
+  /// s), and its own s - s_max.
   BATCHLLM_HOST_DEVICE bool keeps(int64_t rank, float mass_before, float mass, float s_minus_max) const {
     return (top_k <= 0 || rank < top_k) && (top_p >= 1.0f || mass_before < top_p * mass) &&
            (min_p <= 0.0f || expf(s_minus_max) >= min_p);
@@ -68,6 +69,24 @@ struct DrawFilters {
 /// ties to the lower id; a NaN comes before nothing and nothing comes before it.
 BATCHLLM_HOST_DEVICE bool draw_before(float sj, uint32_t j, float sc, uint32_t c) {
   return sj > sc || (sj == sc && j < c);
+}
+
+/// A key of a tempered logit that sorts ascending in the row's order (larger logits first; -0 as
+/// +0, which compare equal): top_k's threshold is the k-th smallest key (a radix select on the
+/// device). NaN has no place in the order: callers leave it out.
+BATCHLLM_HOST_DEVICE uint32_t order_key(float s) {
+  if (s == 0.0f) s = 0.0f;
+  uint32_t u;
+  memcpy(&u, &s, sizeof u);
+  return (u & 0x80000000u) ? u : ~(u | 0x80000000u);
+}
+
+/// The tempered logit of an order_key.
+BATCHLLM_HOST_DEVICE float order_key_value(uint32_t key) {
+  const uint32_t u = (key & 0x80000000u) ? key : (~key & 0x7FFFFFFFu);
+  float s;
+  memcpy(&s, &u, sizeof s);
+  return s;
 }
 
 }  // namespace batchllm::kernels
