@@ -151,13 +151,17 @@ def main() -> int:
     print(f"{'workload':>14} {'rows':>5} {'vocab':>7} {'temp':>4} | {'fused ms':>8} {'torch ms':>8} {'sampler':>8} "
           f"{'floor':>7} | {'fused/floor':>11} {'torch/fused':>11} {'equal':>6}")
     rows = []
+
+    def keep(r: dict) -> dict:
+        rows.append(r)
+        if args.json_out:
+            with open(args.json_out, "a") as f:
+                f.write(json.dumps(r) + "\n")
+        return r
+
     for label, num_rows, vocab in SHAPES:
         for temperature in (0.0, 1.0):
-            r = bench_shape(label, num_rows, vocab, temperature, bandwidth, reps, device_name)
-            rows.append(r)
-            if args.json_out:
-                with open(args.json_out, "a") as f:
-                    f.write(json.dumps(r) + "\n")
+            r = keep(bench_shape(label, num_rows, vocab, temperature, bandwidth, reps, device_name))
             print(f"{label:>14} {num_rows:>5} {vocab:>7} {temperature:>4.1f} | {r['fused_ms']:>8.3f} "
                   f"{r['torch_ms']:>8.3f} {r['sampler_wall_ms']:>8.3f} {r['floor_ms']:>7.3f} | "
                   f"{r['fused_over_floor']:>11.2f} {r['torch_over_fused']:>11.2f} {r['draws_equal_fraction']:>6.3f}",
@@ -168,11 +172,7 @@ def main() -> int:
     print(f"{'filters':>12} | {'fused ms':>8} {'sampler':>8} {'torch smp':>9} {'floor':>7} | {'fused/floor':>11} "
           f"{'torch/smp':>9} {'equal':>6}")
     for name, filters in FILTERED:
-        r = bench_filtered(label, num_rows, vocab, name, filters, bandwidth, reps, device_name)
-        rows.append(r)
-        if args.json_out:
-            with open(args.json_out, "a") as f:
-                f.write(json.dumps(r) + "\n")
+        r = keep(bench_filtered(label, num_rows, vocab, name, filters, bandwidth, reps, device_name))
         print(f"{name:>12} | {r['fused_ms']:>8.3f} {r['sampler_wall_ms']:>8.3f} {r['torch_sampler_wall_ms']:>9.3f} "
               f"{r['floor_ms']:>7.3f} | {r['fused_over_floor']:>11.2f} {r['torch_sampler_over_sampler']:>9.2f} "
               f"{r['draws_equal_fraction']:>6.3f}", flush=True)

@@ -12,31 +12,17 @@
 namespace batchllm::kernels {
 namespace {
 
-/// The best draw among tokens: score, token id and raw logit.
-struct Best {
-  float score = -INFINITY, logit = -INFINITY;
-  uint32_t token = kNoToken;
-
-  void offer(float s, uint32_t t, float x) {
-    if (draw_beats(s, t, score, token)) {
-      score = s;
-      token = t;
-      logit = x;
-    }
-  }
-};
-
 /// The draw of a filtered row (temperature > 0) whose unfiltered best is `best`: while the filters
 /// drop the candidate, the next one is the best draw among the tokens before it (the kept tokens are
 /// a prefix of the row's order, so they all come before a dropped candidate).
-Best filtered_draw(const TensorView& logits, int64_t base, int64_t vocab, float temperature, uint32_t key,
-                   const DrawFilters& filters, float s_max, float mass, Best best) {
+BestDraw filtered_draw(const TensorView& logits, int64_t base, int64_t vocab, float temperature, uint32_t key,
+                       const DrawFilters& filters, float s_max, float mass, BestDraw best) {
   while (best.token != kNoToken) {
     const float s_c = best.logit / temperature;
     const uint32_t c = best.token;
     int64_t rank = 0;
     float mass_before = 0.0f;
-    Best next;
+    BestDraw next;
     for (int64_t v = 0; v < vocab; ++v) {
       const float x = cpu::load_float(logits.data, logits.dtype, base + v);
       const float s = x / temperature;
@@ -96,40 +82,25 @@ Status sample_rows_cpu(const SampleRowsParams& params) {
     DrawFilters filters;
     if (has_filters && temperature > 0.0f) filters = {params.top_k[r], params.top_p[r], params.min_p[r]};
     const int64_t base = r * logits.stride[0];
-    float max = -INFINITY, sum = 0.0f;      // online logsumexp of the logits
-    float s_max = -INFINITY, s_sum = 0.0f;  // and of the tempered logits (a filtered row's mass)
-    // (-inf, no token) loses to any non-NaN score: the lowest id wins among all -inf; NaN never.
-    Best best;
+    OnlineLse lse;       // of the logits
+    OnlineLse tempered;  // of the tempered logits (a filtered row's mass)
+    BestDraw best;
     for (int64_t v = 0; v < vocab; ++v) {
       const float x = cpu::load_float(logits.data, logits.dtype, base + v);
-      if (x > max) {
-        sum = sum * std::exp(max - x) + 1.0f;
-        max = x;
-      } else if (x > -INFINITY) {
-        sum += std::exp(x - max);
-      }
-      if (filters.any()) {
-        const float s = x / temperature;
-        if (s > s_max) {
-          s_sum = s_sum * std::exp(s_max - s) + 1.0f;
-          s_max = s;
-        } else if (s > -INFINITY) {
-          s_sum += std::exp(s - s_max);
-        }
-      }
+      lse.add(x);
+      if (filters.any()) tempered.add(x / temperature);
       best.offer(draw_score(x, temperature, key, static_cast<uint32_t>(v)), static_cast<uint32_t>(v), x);
     }
     if (filters.any()) {
       // top_p weighs the mass of what top_k keeps.
-      const float kept = filters.top_p < 1.0f
-                             ? top_k_mass(logits, base, vocab, temperature, filters.top_k, s_max, s_sum)
-                             : s_sum;
-      best = filtered_draw(logits, base, vocab, temperature, key, filters, s_max, kept, best);
+      const float kept = filters.top_p < 1.0f ? top_k_mass(logits, base, vocab, temperature, filters.top_k,
+                                                           tempered.max, tempered.sum)
+                                              : tempered.sum;
+      best = filtered_draw(logits, base, vocab, temperature, key, filters, tempered.max, kept, best);
     }
-    const float lse = max == -INFINITY ? -INFINITY : max + std::log(sum);
     params.token_ids[r] = best.token == kNoToken ? 0 : best.token;  // an all-NaN row: token 0
-    params.lse[r] = lse;
-    params.logprobs[r] = best.logit - lse;
+    params.lse[r] = lse.value();
+    params.logprobs[r] = best.logit - lse.value();
   }
   return Status::kOk;
 }

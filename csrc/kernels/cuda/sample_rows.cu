@@ -16,70 +16,35 @@ namespace {
 
 constexpr int kSampleThreads = 256;
 
+__device__ __forceinline__ OnlineLse shuffled(const OnlineLse& a, int offset) {
+  OnlineLse o;
+  o.max = __shfl_xor_sync(0xffffffffu, a.max, offset);
+  o.sum = __shfl_xor_sync(0xffffffffu, a.sum, offset);
+  return o;
+}
+
+__device__ __forceinline__ BestDraw shuffled(const BestDraw& a, int offset) {
+  BestDraw o;
+  o.score = __shfl_xor_sync(0xffffffffu, a.score, offset);
+  o.logit = __shfl_xor_sync(0xffffffffu, a.logit, offset);
+  o.token = __shfl_xor_sync(0xffffffffu, a.token, offset);
+  return o;
+}
+
 /// A thread's (then a warp's, then the row's) part of the pass.
 struct DrawState {
-  float max = -INFINITY, sum = 0.0f;  // logsumexp = max + log(sum)
-  float best = -INFINITY, best_logit = -INFINITY;
-  uint32_t best_token = kNoToken;
+  OnlineLse lse;
+  BestDraw best;
 
   __device__ __forceinline__ void add(float x, float temperature, uint32_t key, uint32_t token) {
-    if (x > max) {
-      sum = sum * expf(max - x) + 1.0f;
-      max = x;
-    } else if (x > -INFINITY) {
-      sum += expf(x - max);
-    }
-    const float score = draw_score(x, temperature, key, token);
-    if (draw_beats(score, token, best, best_token)) {
-      best = score;
-      best_token = token;
-      best_logit = x;
-    }
+    lse.add(x);
+    best.offer(draw_score(x, temperature, key, token), token, x);
   }
-
   __device__ __forceinline__ void merge(const DrawState& o) {
-    const float m = fmaxf(max, o.max);
-    if (m > -INFINITY) {
-      sum = (max > -INFINITY ? sum * expf(max - m) : 0.0f) + (o.max > -INFINITY ? o.sum * expf(o.max - m) : 0.0f);
-      max = m;
-    }
-    if (draw_beats(o.best, o.best_token, best, best_token)) {
-      best = o.best;
-      best_token = o.best_token;
-      best_logit = o.best_logit;
-    }
+    lse.merge(o.lse.max, o.lse.sum);
+    best.merge(o.best);
   }
-
-  __device__ __forceinline__ DrawState shuffled(int offset) const {
-    DrawState o;
-    o.max = __shfl_xor_sync(0xffffffffu, max, offset);
-    o.sum = __shfl_xor_sync(0xffffffffu, sum, offset);
-    o.best = __shfl_xor_sync(0xffffffffu, best, offset);
-    o.best_logit = __shfl_xor_sync(0xffffffffu, best_logit, offset);
-    o.best_token = __shfl_xor_sync(0xffffffffu, best_token, offset);
-    return o;
-  }
-};
-
-/// Online logsumexp of a filtered row's tempered logits (the mass its top_p and min_p weigh).
-struct TemperedMass {
-  float max = -INFINITY, sum = 0.0f;
-
-  __device__ __forceinline__ void add(float s) {
-    if (s > max) {
-      sum = sum * expf(max - s) + 1.0f;
-      max = s;
-    } else if (s > -INFINITY) {
-      sum += expf(s - max);
-    }
-  }
-  __device__ __forceinline__ void merge(float o_max, float o_sum) {
-    const float m = fmaxf(max, o_max);
-    if (m > -INFINITY) {
-      sum = (max > -INFINITY ? sum * expf(max - m) : 0.0f) + (o_max > -INFINITY ? o_sum * expf(o_max - m) : 0.0f);
-      max = m;
-    }
-  }
+  __device__ __forceinline__ DrawState shuffled(int offset) const { return {cuda::shuffled(lse, offset), cuda::shuffled(best, offset)}; }
 };
 
 /// One try of a filtered row's candidate c: over the tokens before it, their count, their mass and
@@ -87,36 +52,21 @@ struct TemperedMass {
 struct TryState {
   uint32_t rank = 0;
   float mass = 0.0f;
-  float best = -INFINITY, best_logit = -INFINITY;
-  uint32_t best_token = kNoToken;
+  BestDraw best;
 
   __device__ __forceinline__ void add(float x, float s, float s_max, float temperature, uint32_t key, uint32_t token) {
     ++rank;
     mass += expf(s - s_max);
-    const float score = draw_score(x, temperature, key, token);
-    if (draw_beats(score, token, best, best_token)) {
-      best = score;
-      best_token = token;
-      best_logit = x;
-    }
+    best.offer(draw_score(x, temperature, key, token), token, x);
   }
   __device__ __forceinline__ void merge(const TryState& o) {
     rank += o.rank;
     mass += o.mass;
-    if (draw_beats(o.best, o.best_token, best, best_token)) {
-      best = o.best;
-      best_token = o.best_token;
-      best_logit = o.best_logit;
-    }
+    best.merge(o.best);
   }
   __device__ __forceinline__ TryState shuffled(int offset) const {
-    TryState o;
-    o.rank = __shfl_xor_sync(0xffffffffu, rank, offset);
-    o.mass = __shfl_xor_sync(0xffffffffu, mass, offset);
-    o.best = __shfl_xor_sync(0xffffffffu, best, offset);
-    o.best_logit = __shfl_xor_sync(0xffffffffu, best_logit, offset);
-    o.best_token = __shfl_xor_sync(0xffffffffu, best_token, offset);
-    return o;
+    return {__shfl_xor_sync(0xffffffffu, rank, offset), __shfl_xor_sync(0xffffffffu, mass, offset),
+            cuda::shuffled(best, offset)};
   }
 };
 
@@ -201,8 +151,8 @@ __device__ void filtered_draw(const T* logits, int64_t vocab, float temperature,
   __shared__ float candidate_logit;
   __shared__ uint32_t candidate;
   if (threadIdx.x == 0) {
-    candidate = state.best_token;
-    candidate_logit = state.best_logit;
+    candidate = state.best.token;
+    candidate_logit = state.best.logit;
   }
   __syncthreads();
   while (candidate != kNoToken) {
@@ -223,10 +173,8 @@ __device__ void filtered_draw(const T* logits, int64_t vocab, float temperature,
         candidate = kNoToken;  // kept: state already holds it
       } else {
         state.best = t.best;
-        state.best_token = t.best_token;
-        state.best_logit = t.best_logit;
-        candidate = t.best_token;
-        candidate_logit = t.best_logit;
+        candidate = t.best.token;
+        candidate_logit = t.best.logit;
       }
     }
     __syncthreads();  // the decision is out; warp_tries may be written again
@@ -247,7 +195,7 @@ __global__ void __launch_bounds__(kSampleThreads) sample_rows_kernel(SampleRowsP
   if (p.top_k != nullptr && temperature > 0.0f) filters = {p.top_k[row], p.top_p[row], p.min_p[row]};
   const bool filtered = filters.any();  // the same in every thread of the CTA
   DrawState state;
-  TemperedMass tempered;
+  OnlineLse tempered;  // a filtered row's tempered logits: the mass its top_p and min_p weigh
   if (filtered) {
     for_each_logit(logits, vocab, [&](float x, uint32_t token) {
       state.add(x, temperature, key, token);
@@ -263,8 +211,8 @@ __global__ void __launch_bounds__(kSampleThreads) sample_rows_kernel(SampleRowsP
   if (filtered) {
 #pragma unroll
     for (int offset = 16; offset > 0; offset /= 2) {
-      tempered.merge(__shfl_xor_sync(0xffffffffu, tempered.max, offset),
-                     __shfl_xor_sync(0xffffffffu, tempered.sum, offset));
+      const OnlineLse other = shuffled(tempered, offset);
+      tempered.merge(other.max, other.sum);
     }
     if (lane == 0) {
       warp_masses[0][warp] = tempered.max;
@@ -290,10 +238,10 @@ __global__ void __launch_bounds__(kSampleThreads) sample_rows_kernel(SampleRowsP
     filtered_draw(logits, vocab, temperature, key, filters, row_mass[0], kept, state);
   }
   if (threadIdx.x == 0) {
-    const float lse = state.max == -INFINITY ? -INFINITY : state.max + logf(state.sum);
-    p.token_ids[row] = state.best_token == kNoToken ? 0 : state.best_token;  // an all-NaN row: token 0
+    const float lse = state.lse.value();
+    p.token_ids[row] = state.best.token == kNoToken ? 0 : state.best.token;  // an all-NaN row: token 0
     p.lse[row] = lse;
-    p.logprobs[row] = state.best_logit - lse;
+    p.logprobs[row] = state.best.logit - lse;
   }
 }
 

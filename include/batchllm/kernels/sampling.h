@@ -44,6 +44,44 @@ BATCHLLM_HOST_DEVICE bool draw_beats(float score, uint32_t token, float best, ui
   return score > best || (score == best && token < best_token);
 }
 
+/// An online logsumexp: max + log(sum) of what was added (a row's logits, or its tempered ones).
+struct OnlineLse {
+  float max = -INFINITY, sum = 0.0f;
+
+  BATCHLLM_HOST_DEVICE void add(float x) {
+    if (x > max) {
+      sum = sum * expf(max - x) + 1.0f;
+      max = x;
+    } else if (x > -INFINITY) {
+      sum += expf(x - max);
+    }
+  }
+  BATCHLLM_HOST_DEVICE void merge(float o_max, float o_sum) {
+    const float m = fmaxf(max, o_max);
+    if (m > -INFINITY) {
+      sum = (max > -INFINITY ? sum * expf(max - m) : 0.0f) + (o_max > -INFINITY ? o_sum * expf(o_max - m) : 0.0f);
+      max = m;
+    }
+  }
+  BATCHLLM_HOST_DEVICE float value() const { return max == -INFINITY ? -INFINITY : max + logf(sum); }
+};
+
+/// The best draw among the tokens offered: its score, id and raw logit. (-inf, no token) loses to
+/// any non-NaN score, so the lowest id wins among all -inf; NaN never.
+struct BestDraw {
+  float score = -INFINITY, logit = -INFINITY;
+  uint32_t token = kNoToken;
+
+  BATCHLLM_HOST_DEVICE void offer(float s, uint32_t t, float x) {
+    if (draw_beats(s, t, score, token)) {
+      score = s;
+      token = t;
+      logit = x;
+    }
+  }
+  BATCHLLM_HOST_DEVICE void merge(const BestDraw& o) { offer(o.score, o.token, o.logit); }
+};
+
 /// A draw's filters, for rows with temperature > 0 (greedy rows ignore them): keep the row's first
 /// top_k tokens (0: all), then those whose probability mass before them is below top_p (1: all; the
 /// probabilities are softmax(logits / temperature) over what top_k kept), then those whose
