@@ -247,13 +247,18 @@ class Sampler:
             # logsumexp); then the rows it does not cover.
             token_ids, log_norm, sampled_logprobs = ops.sample_rows(logits, temperature, keys, filters)
             special = self._rows_for_torch(table, requests, positions)
+            # The few masked rows' filters by a sort of each (no host sync; the candidates' way syncs
+            # to find the rows whose nucleus reaches past them).
+            candidates = False
         else:  # BATCHLLM_SAMPLER=torch: every row by the torch formulas (an A/B, and a way around the kernel)
             log_norm = torch.logsumexp(logits.float(), dim=-1)
             token_ids = torch.empty(num_rows, dtype=torch.int64, device=self.device)
             sampled_logprobs = torch.empty(num_rows, dtype=torch.float32, device=self.device)
             special = np.arange(num_rows)
+            candidates = True
         if len(special):
-            self._redraw(logits, token_ids, log_norm, sampled_logprobs, keys, special, table, requests, positions)
+            self._redraw(logits, token_ids, log_norm, sampled_logprobs, keys, special, table, requests, positions,
+                         candidates)
         return self._with_logprobs(logits, token_ids, sampled_logprobs, log_norm, table.num_logprobs[requests])
 
     def _rows_for_torch(self, table, requests: np.ndarray, positions: np.ndarray) -> np.ndarray:
@@ -263,8 +268,10 @@ class Sampler:
         return np.zeros(0, np.int64) if mask is None else np.unique(mask[0])
 
     def _redraw(self, logits, token_ids, log_norm, sampled_logprobs, keys, rows: np.ndarray, table,
-                requests: np.ndarray, positions: np.ndarray) -> None:
-        """Draws `rows` again in torch with their masks and filters, in place in the step's outputs."""
+                requests: np.ndarray, positions: np.ndarray, candidates: bool = True) -> None:
+        """Draws `rows` again in torch with their masks and filters, in place in the step's outputs.
+        ``candidates``: top-k / top-p from each row's 1,024 largest logits (a host sync to find the
+        rows whose nucleus reaches past them), else from a sort of each row (no sync)."""
         rows_dev = to_device_async(rows.astype(np.int64), self.device)
         raw = logits[rows_dev].float()
         sub_requests, sub_positions = requests[rows], positions[rows]
@@ -277,7 +284,7 @@ class Sampler:
             part = random[start:start + chunk]
             part_dev = to_device_async(part.astype(np.int64), self.device)
             req = req_dev[part_dev]
-            bound = int(table.top_k_host[sub_requests[part]].max()) if len(table.top_k_host) else None
+            bound = int(table.top_k_host[sub_requests[part]].max()) if len(table.top_k_host) and candidates else None
             drawn[part_dev] = self._draw(masked[part_dev], table.temperature[req], table.top_k[req],
                                          table.top_p[req], table.min_p[req], keys[rows_dev[part_dev]],
                                          _any(table.filters_kp_host, sub_requests[part]),

@@ -126,6 +126,21 @@ def test_filtered_rows_are_drawn_in_the_one_pass(monkeypatch):
     assert redrawn == [[6]]
 
 
+def test_masked_rows_with_top_p_are_drawn_without_a_host_sync(monkeypatch):
+    # A row before its min_tokens (its stop id masked) takes the torch way; its top-p by a sort of
+    # the row, not the candidates' way, whose torch.nonzero waits for the device every step.
+    logits = _random_logits(8, 3000, seed=3)  # past the 1,024 candidates
+    logits[:, 5] = 50.0  # the stop id would win every draw
+    params = [SamplingParams(temperature=1.0, top_p=0.9, min_tokens=3, stop_token_ids=[5])] * 8
+
+    def no_sync(*args, **kwargs):
+        raise AssertionError("torch.nonzero: a host sync in the sampler's default path")
+
+    monkeypatch.setattr(torch, "nonzero", no_sync)
+    out = _sample(logits, params, positions=[0] * 8)
+    assert 5 not in out.token_ids.tolist()
+
+
 @pytest.mark.parametrize("filters", [dict(top_p=0.9), dict(top_p=0.5), dict(top_k=7), dict(min_p=0.2),
                                      dict(top_p=0.95, min_p=0.05), dict(top_k=40, min_p=0.1),
                                      dict(top_k=20, top_p=0.8), dict(top_k=100, top_p=0.5, min_p=0.02)])
