@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from batchllm_core.sampling import RequestSamplingTable, Sampler, SamplingParams
+from conftest import gpu
 
 
 # --------------------------------------------------------------------------------- SamplingParams
@@ -139,6 +140,32 @@ def test_masked_rows_with_top_p_are_drawn_without_a_host_sync(monkeypatch):
     monkeypatch.setattr(torch, "nonzero", no_sync)
     out = _sample(logits, params, positions=[0] * 8)
     assert 5 not in out.token_ids.tolist()
+
+
+@gpu
+def test_sample_async_queues_every_kind_of_row_without_a_host_sync():
+    # The overlapped loop queues step i+1 before it waits for step i's draws: sample_async must not
+    # wait for the device (torch's sync debug mode raises on a synchronizing call). Greedy, random,
+    # top-k, top-p, both, min-p, logprobs and a masked row (before min_tokens) in one step.
+    vocab = 3000
+    logits = _random_logits(9, vocab, seed=6).to(torch.bfloat16).cuda()
+    params = [SamplingParams(temperature=0, logprobs=3), SamplingParams(temperature=1.0),
+              SamplingParams(temperature=0.8, top_k=20), SamplingParams(temperature=0.8, top_p=0.9),
+              SamplingParams(temperature=0.7, top_k=20, top_p=0.8), SamplingParams(temperature=1.0, min_p=0.1),
+              SamplingParams(temperature=1.0, top_p=0.9, min_tokens=4, stop_token_ids=[5]),
+              SamplingParams(temperature=0.5, logprobs=5), SamplingParams(temperature=1.2, top_p=0.5)]
+    table = RequestSamplingTable.build(params, list(range(9)), "cuda")
+    sampler = Sampler(vocab, "cuda")
+    rows = np.arange(9)
+    sampler.sample_async(logits, table, rows, np.zeros(9), np.zeros(9)).result()  # warm-up: first uses
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        pending = sampler.sample_async(logits, table, rows, np.zeros(9), np.zeros(9))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    out = pending.result()
+    assert out.token_ids[6] != 5 and len(out.top_token_ids) == 9
 
 
 @pytest.mark.parametrize("filters", [dict(top_p=0.9), dict(top_p=0.5), dict(top_k=7), dict(min_p=0.2),
