@@ -253,7 +253,10 @@ if summary and summary[-1]["fastest"] != "ours":
   fi
   # Top-p sampling (session 16): the one pass's tries (no sort, no host sync) against the torch
   # formulas the filtered rows ran before (torch.topk of 1,024 candidates and a host sync a step,
-  # which stalls the overlapped loop). Prediction: the torch rows 10-30% slower than the defaults.
+  # which stalls the overlapped loop). Random weights give nearly flat logits: every row's nucleus
+  # reaches past the 1,024 candidates, so the torch way also sorts every row every step (its worst
+  # case; a trained model's peaked rows rarely spill), and the tries' before-sets are large (~2x a
+  # temperature-1 pass). Prediction: the torch rows 20-60% slower than the defaults.
   e2e_run "W1 top_p 0.9" --workload W1 --scale 0.25 --policy batchllm --temperature 1 --top-p 0.9 --repeat 2
   run_env=(env BATCHLLM_SAMPLER=torch)
   e2e_run "W1 top_p 0.9 torch sampler" --workload W1 --scale 0.25 --policy batchllm --temperature 1 --top-p 0.9 --repeat 2
