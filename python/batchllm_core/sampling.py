@@ -49,8 +49,9 @@ def _row_keys(seeds: torch.Tensor, sample_indices: torch.Tensor, positions: torc
 def _gumbel_noise(keys: torch.Tensor, token_hashes: torch.Tensor) -> torch.Tensor:
     """Gumbel(0, 1) noise, float32 [R, V], a pure function of each row's key and the token id."""
     bits = _hash32(keys[:, None] ^ token_hashes[None, :])
-    # 24 bits -> u in (0, 1) exactly representable in float32; never 0 or 1, so the logs are finite.
-    u = ((bits >> 8).to(torch.float32) + 0.5) * (1.0 / (1 << 24))
+    # 23 bits k -> u = (k + 1/2) / 2^23, exact in float32 and in [2^-24, 1 - 2^-24]: the logs are
+    # finite (batchllm/kernels/sampling.h, gumbel_noise: 24 bits let k + 1/2 round up to u = 1).
+    u = ((bits >> 9).to(torch.float32) + 0.5) * (1.0 / (1 << 23))
     return -torch.log(-torch.log(u))
 
 

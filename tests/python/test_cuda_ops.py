@@ -590,6 +590,13 @@ def test_sample_rows_filters_cuda(dtype, vocab, seed):
     assert torch.allclose(lse.double().cpu(), ref_lse, atol=1e-5, rtol=1e-5)
 
 
+def test_sample_rows_noise_is_finite_at_the_largest_hash_cuda():
+    from test_ops import largest_hash_case
+    ids, _, _ = ops.sample_rows(*largest_hash_case(device=DEVICE))
+    synchronize()
+    assert 0 not in ids.tolist()
+
+
 def test_sample_rows_top_p_weighs_what_top_k_keeps_cuda():
     # The radix select of the k-th logit (ties at it: the lower ids) and the mass of the first k.
     from test_ops import top_k_with_top_p_case

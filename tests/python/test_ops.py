@@ -400,6 +400,28 @@ def top_k_with_top_p_case(device="cpu"):
     return (logits, torch.ones(rows, device=device), keys, filters), ({0, 1}, {0})
 
 
+# A draw key whose noise for token 0 comes from the largest hash (0xFFFFFFFF: murmur3's fmix32
+# inverted): with 24 hash bits that noise was +inf, and token 0 won whatever its logit.
+LARGEST_HASH_KEY = 2948243707
+
+
+def largest_hash_case(device="cpu"):
+    logits = torch.randn(2, 4104, generator=torch.Generator().manual_seed(5))
+    logits[:, 0] = -30.0  # token 0: no chance
+    keys = torch.tensor([LARGEST_HASH_KEY, LARGEST_HASH_KEY], dtype=torch.int64)
+    return logits.to(device), torch.ones(2, device=device), keys.to(device)
+
+
+def test_gumbel_noise_is_finite_at_the_largest_hash():
+    from batchllm_core.sampling import _gumbel_noise, _hash32
+    token_hashes = _hash32(torch.arange(3, dtype=torch.int64) ^ 0x2545F491)
+    noise = _gumbel_noise(torch.tensor([LARGEST_HASH_KEY]), token_hashes)
+    assert torch.isfinite(noise).all() and 16.0 < noise[0, 0].item() < 16.7
+    ids, _, _ = ops.sample_rows(*largest_hash_case())
+    assert 0 not in ids.tolist()
+    assert torch.equal(ids, sample_rows_reference(*largest_hash_case())[0])
+
+
 def test_sample_rows_top_p_weighs_what_top_k_keeps():
     case, (flat_ids, step_ids) = top_k_with_top_p_case()
     ids, _, _ = ops.sample_rows(*case)

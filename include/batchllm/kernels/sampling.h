@@ -21,11 +21,13 @@ BATCHLLM_HOST_DEVICE uint32_t hash32(uint32_t x) {
   return x ^ (x >> 16);
 }
 
-/// Gumbel(0, 1) noise of token `token` in the draw with key `key` (sampling.py's _gumbel_noise): 24
-/// hash bits -> u in (0, 1), exact in float32 and never 0 or 1, so both logs are finite.
+/// Gumbel(0, 1) noise of token `token` in the draw with key `key` (sampling.py's _gumbel_noise): 23
+/// hash bits k -> u = (k + 1/2) / 2^23, exact in float32 and in [2^-24, 1 - 2^-24], so both logs are
+/// finite (the noise lies in [-2.8, 16.6]). (With 24 bits, k = 2^24 - 1 made k + 1/2 round to 2^24:
+/// u = 1 and infinite noise, so about one draw in 130 over a 128k vocabulary took a uniform token.)
 BATCHLLM_HOST_DEVICE float gumbel_noise(uint32_t key, uint32_t token) {
   const uint32_t bits = hash32(key ^ hash32(token ^ 0x2545F491u));
-  const float u = (static_cast<float>(bits >> 8) + 0.5f) * (1.0f / 16777216.0f);
+  const float u = (static_cast<float>(bits >> 9) + 0.5f) * (1.0f / 8388608.0f);
   return -logf(-logf(u));
 }
 
