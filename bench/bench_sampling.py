@@ -17,6 +17,8 @@ Filtered draws (session 16; W1's shape, temperature 1, every row top_p 0.9, top_
              (the torch formulas: 1,024 candidates by torch.topk, a sort of the rows past them, a host
              sync to find those rows: what filtered rows ran before session 16)
 Random logits (3 x N(0, 1)) are flatter than a model's: top_k 50 there takes ~log2(V / 50) tries.
+Temperature 1 also on peaked logits ("pk": 16 tokens 25 above the rest, as a trained model's): the draw
+skips the noise of tokens more than its largest value (16.6) below the best score (session 16).
 Timing: CUDA graphs and events (bench_attention.time_graphs) for fused and torch, median of replays;
 the sampler's wall time by perf_counter around synchronised calls. Prints a table, then one JSON line
 per row (prefix "JSON ").
@@ -56,21 +58,26 @@ def torch_path(logits: torch.Tensor, temperature: torch.Tensor, keys: torch.Tens
     return ids, lse, raw.gather(1, ids[:, None])[:, 0] - lse
 
 
-def step_inputs(rows: int, vocab: int, temperature: float, device: str, seed: int = 0):
+def step_inputs(rows: int, vocab: int, temperature: float, device: str, seed: int = 0, peaked: bool = False):
+    """bf16 logits 3 x N(0, 1) (flat: every token within the noise's reach of the best score), or
+    peaked as a trained model's (16 tokens 25 higher: the draw skips the noise of the rest)."""
     from batchllm_core.sampling import _hash32
     gen = torch.Generator(device=device).manual_seed(seed)
-    logits = (torch.randn(rows, vocab, generator=gen, device=device) * 3).to(torch.bfloat16)
+    logits = torch.randn(rows, vocab, generator=gen, device=device) * 3
+    if peaked:
+        logits[:, :16] += 25
+    logits = logits.to(torch.bfloat16)
     temps = torch.full((rows,), temperature, dtype=torch.float32, device=device)
     keys = _hash32(torch.arange(rows, dtype=torch.int64, device=device) * 7919 + seed)
     return logits, temps, keys
 
 
 def bench_shape(label: str, rows: int, vocab: int, temperature: float, bandwidth: float, reps: int,
-                device_name: str, device: str = "cuda", timer=None) -> dict:
+                device_name: str, device: str = "cuda", timer=None, peaked: bool = False) -> dict:
     from batchllm_core import ops
     from batchllm_core.sampling import RequestSamplingTable, Sampler, SamplingParams
     timer = timer or time_graphs
-    logits, temps, keys = step_inputs(rows, vocab, temperature, device)
+    logits, temps, keys = step_inputs(rows, vocab, temperature, device, peaked=peaked)
     chunk_rows = max(1, (1 << 24) // vocab)  # the Sampler's default max_noise_elements
     fused_ids, fused_lse, _ = ops.sample_rows(logits, temps, keys)
     torch_ids, torch_lse, _ = torch_path(logits, temps, keys, chunk_rows, temperature > 0)
@@ -90,7 +97,8 @@ def bench_shape(label: str, rows: int, vocab: int, temperature: float, bandwidth
         walls.append((time.perf_counter() - t0) * 1e3)
     floor_ms = logits.numel() * logits.element_size() / bandwidth * 1e3
     return {"bench": "sampling", "device": device_name, "commit": commit(), "workload": label, "rows": rows,
-            "vocab": vocab, "temperature": temperature, "dtype": "bfloat16", "fused_ms": fused_ms,
+            "vocab": vocab, "temperature": temperature, "dtype": "bfloat16", "logits": "peaked" if peaked else "flat",
+            "fused_ms": fused_ms,
             "torch_ms": torch_ms, "sampler_wall_ms": sorted(walls)[len(walls) // 2], "floor_ms": floor_ms,
             "fused_over_floor": fused_ms / floor_ms, "torch_over_fused": torch_ms / fused_ms,
             "draws_equal_fraction": agree, "lse_max_abs_err": lse_err}
@@ -160,9 +168,9 @@ def main() -> int:
         return r
 
     for label, num_rows, vocab in SHAPES:
-        for temperature in (0.0, 1.0):
-            r = keep(bench_shape(label, num_rows, vocab, temperature, bandwidth, reps, device_name))
-            print(f"{label:>14} {num_rows:>5} {vocab:>7} {temperature:>4.1f} | {r['fused_ms']:>8.3f} "
+        for temperature, peaked in ((0.0, False), (1.0, False), (1.0, True)):
+            r = keep(bench_shape(label, num_rows, vocab, temperature, bandwidth, reps, device_name, peaked=peaked))
+            print(f"{label + (' pk' if peaked else ''):>14} {num_rows:>5} {vocab:>7} {temperature:>4.1f} | {r['fused_ms']:>8.3f} "
                   f"{r['torch_ms']:>8.3f} {r['sampler_wall_ms']:>8.3f} {r['floor_ms']:>7.3f} | "
                   f"{r['fused_over_floor']:>11.2f} {r['torch_over_fused']:>11.2f} {r['draws_equal_fraction']:>6.3f}",
                   flush=True)

@@ -177,9 +177,9 @@ def test_bench_sampling_paths_agree_on_cpu():
     spec = importlib.util.spec_from_file_location("bench_sampling", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    for temperature in (0.0, 1.0):
+    for temperature, peaked in ((0.0, False), (1.0, False), (1.0, True)):
         row = bench.bench_shape("tiny", 6, 3000, temperature, 1e11, 3, "cpu", device="cpu",
-                                timer=lambda fns, reps=1: (fns[0](), 1.0)[1])
+                                timer=lambda fns, reps=1: (fns[0](), 1.0)[1], peaked=peaked)
         assert row["draws_equal_fraction"] == 1.0 and row["lse_max_abs_err"] < 1e-3, row
         assert row["floor_ms"] > 0 and row["sampler_wall_ms"] > 0
     # Filtered draws: the one pass's tries and the torch formulas' sort agree (bf16 random logits have

@@ -29,7 +29,7 @@ BestDraw filtered_draw(const TensorView& logits, int64_t base, int64_t vocab, fl
       if (!draw_before(s, static_cast<uint32_t>(v), s_c, c)) continue;
       ++rank;
       mass_before += std::exp(s - s_max);
-      next.offer(draw_score(x, temperature, key, static_cast<uint32_t>(v)), static_cast<uint32_t>(v), x);
+      next.draw(x, temperature, key, static_cast<uint32_t>(v));
     }
     if (filters.keeps(rank, mass_before, mass, s_c - s_max)) return best;
     best = next;
@@ -89,7 +89,7 @@ Status sample_rows_cpu(const SampleRowsParams& params) {
       const float x = cpu::load_float(logits.data, logits.dtype, base + v);
       lse.add(x);
       if (filters.any()) tempered.add(x / temperature);
-      best.offer(draw_score(x, temperature, key, static_cast<uint32_t>(v)), static_cast<uint32_t>(v), x);
+      best.draw(x, temperature, key, static_cast<uint32_t>(v));
     }
     if (filters.any()) {
       // top_p weighs the mass of what top_k keeps.

@@ -38,7 +38,7 @@ struct DrawState {
 
   __device__ __forceinline__ void add(float x, float temperature, uint32_t key, uint32_t token) {
     lse.add(x);
-    best.offer(draw_score(x, temperature, key, token), token, x);
+    best.draw(x, temperature, key, token);
   }
   __device__ __forceinline__ void merge(const DrawState& o) {
     lse.merge(o.lse.max, o.lse.sum);
@@ -57,7 +57,7 @@ struct TryState {
   __device__ __forceinline__ void add(float x, float s, float s_max, float temperature, uint32_t key, uint32_t token) {
     ++rank;
     mass += expf(s - s_max);
-    best.offer(draw_score(x, temperature, key, token), token, x);
+    best.draw(x, temperature, key, token);
   }
   __device__ __forceinline__ void merge(const TryState& o) {
     rank += o.rank;

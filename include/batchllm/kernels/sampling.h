@@ -82,7 +82,21 @@ struct BestDraw {
     }
   }
   BATCHLLM_HOST_DEVICE void merge(const BestDraw& o) { offer(o.score, o.token, o.logit); }
+  /// Offers token `token` (raw logit x) of a draw (draw_score). A random draw's noise is at most
+  /// kMaxGumbelNoise, so a token whose tempered logit is that far below the best score cannot win
+  /// (float addition is monotone: its score <= s + kMaxGumbelNoise < best) and skips its hashes and
+  /// logs: most of a trained model's vocabulary, which sits far below its top logits.
+  BATCHLLM_HOST_DEVICE void draw(float x, float temperature, uint32_t key, uint32_t token);
 };
+
+/// Above gumbel_noise's largest value, -log(-log(1 - 2^-24)) = 16.6355 (with a margin for logf's
+/// rounding): no token's noise reaches it.
+constexpr float kMaxGumbelNoise = 17.0f;
+
+BATCHLLM_HOST_DEVICE void BestDraw::draw(float x, float temperature, uint32_t key, uint32_t token) {
+  if (temperature > 0.0f && x / temperature + kMaxGumbelNoise < score) return;
+  offer(draw_score(x, temperature, key, token), token, x);
+}
 
 /// A draw's filters, for rows with temperature > 0 (greedy rows ignore them): keep the row's first
 /// top_k tokens (0: all), then those whose probability mass before them is below top_p (1: all; the
