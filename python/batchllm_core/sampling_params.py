@@ -46,6 +46,9 @@ class SamplingParams:
         EOS and stop token ids are ignored until this many tokens were generated (<= max_tokens).
     stop : str or list of str or None
         Stop strings; the output text is cut before the first one found (finish_reason "stop").
+        Matched on the text as decoded (special tokens skipped), before a tokenizer's clean-up of
+        spaces (``clean_up_tokenization_spaces``, as vLLM matches), and only in text of the
+        min_tokens-th token or later.
     stop_token_ids : list of int or None
         Token ids that stop a completion (the stop token is kept in token_ids, as vLLM).
     ignore_eos : bool
