@@ -24,12 +24,13 @@ def _metaspace_tokenizer(directory):
     from tokenizers import AddedToken, decoders, models, pre_tokenizers
     from tokenizers import Tokenizer as Backend
 
-    pieces = ["▁", "a", "b", "e", "h", "t", ".", "\n", "▁a", "▁t", "th", "▁th", "▁the", "he", "ab", "é", "▁é"]
+    pieces = ["▁", "a", "b", "e", "h", "t", ".", "\n", "▁a", "▁t", "th", "▁th", "▁the", "he", "ab", "é",
+              "▁é"]
     vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
     vocab.update({f"<0x{b:02X}>": 3 + b for b in range(256)})
     vocab.update({p: 259 + i for i, p in enumerate(pieces)})
-    backend = Backend(models.BPE(vocab=vocab, merges=[("▁", "a"), ("▁", "t"), ("t", "h"), ("▁t", "h"), ("▁th", "e")],
-                                 byte_fallback=True, unk_token="<unk>"))
+    merges = [("▁", "a"), ("▁", "t"), ("t", "h"), ("▁t", "h"), ("▁th", "e")]
+    backend = Backend(models.BPE(vocab=vocab, merges=merges, byte_fallback=True, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
     backend.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
                                          decoders.Strip(" ", 1, 0)])
@@ -182,8 +183,9 @@ def test_screened_stops_equal_checking_every_row(tokenizer, seed):
     for r in range(12):
         stops = rng.sample(STOP_POOL, rng.randint(1, 3)) if rng.random() < 0.85 else None
         n, max_tokens = rng.randint(1, 2), rng.randint(1, 24)
-        params.append(SamplingParams(n=n, max_tokens=max_tokens, min_tokens=min(max_tokens, rng.choice([0, 0, 1, 3, max_tokens])),
-                                     stop=stops, logprobs=rng.choice([None, None, 0, 2])))
+        min_tokens = min(max_tokens, rng.choice([0, 0, 1, 3, max_tokens]))
+        params.append(SamplingParams(n=n, max_tokens=max_tokens, min_tokens=min_tokens, stop=stops,
+                                     logprobs=rng.choice([None, None, 0, 2])))
         for s in range(n):
             planned[(r, s)] = _random_ids(tokenizer, rng, max_tokens)
     screened, given = _run_job(tokenizer, params, planned, True, seed)
