@@ -285,7 +285,9 @@ class Sampler:
             part = random[start:start + chunk]
             part_dev = to_device_async(part.astype(np.int64), self.device)
             req = req_dev[part_dev]
-            bound = int(table.top_k_host[sub_requests[part]].max()) if len(table.top_k_host) and candidates else None
+            bound = None  # a sort of each row
+            if candidates and len(table.top_k_host):
+                bound = int(table.top_k_host[sub_requests[part]].max())
             drawn[part_dev] = self._draw(masked[part_dev], table.temperature[req], table.top_k[req],
                                          table.top_p[req], table.min_p[req], keys[rows_dev[part_dev]],
                                          _any(table.filters_kp_host, sub_requests[part]),
