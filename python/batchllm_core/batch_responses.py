@@ -11,6 +11,7 @@ it), and ``error`` is ``{"code", "message", "line"}`` (``line``: the input line 
 """
 from __future__ import annotations
 
+import functools
 import math
 import time
 import uuid
@@ -112,7 +113,13 @@ def _chat_choice(completion, top_logprobs: Optional[int], decode_token) -> Dict[
 
 
 def _chat_token(token: str, logprob: float) -> Dict[str, Any]:
-    return {"token": token, "logprob": logprob, "bytes": list(token.encode("utf-8"))}
+    return {"token": token, "logprob": logprob, "bytes": _utf8(token)}
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _utf8(token: str) -> List[int]:
+    """The token's UTF-8 bytes (one list per distinct token: answers only serialize it)."""
+    return list(token.encode("utf-8"))
 
 
 def _completion_choice(completion, top_logprobs: Optional[int], decode_token) -> Dict[str, Any]:

@@ -225,6 +225,16 @@ def _model_name(model: Optional[str]) -> str:
 
 
 def _token_decoder(tokenizer) -> Callable[[int], str]:
+    """Each token id's own text for logprobs answers, decoded once per id (a top-20 logprobs answer
+    names 21 tokens per generated token: ~2 us of decode each, most of them ids seen before)."""
     if tokenizer is None:
         return lambda token_id: f"<{token_id}>"
-    return lambda token_id: tokenizer.decode([token_id], skip_special_tokens=False)
+    texts: dict = {}
+
+    def decode(token_id: int) -> str:
+        text = texts.get(token_id)
+        if text is None:
+            text = texts[token_id] = tokenizer.decode([token_id], skip_special_tokens=False)
+        return text
+
+    return decode
