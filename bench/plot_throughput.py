@@ -44,10 +44,13 @@ def read_rows(paths) -> list:
 
 def label(row: dict) -> str:
     """The bar a row belongs to: its policy, "+graphs" when decode steps replayed CUDA graphs,
-    "+overlap", and the kernel variants the environment chose (e.g. "+merge+mma128")."""
+    "+overlap", the kernel variants the environment chose (e.g. "+merge+mma128"), and sampling set
+    apart from the workload's ("+t1", "+top_p0.9")."""
     variants = "".join(f"+{value}" for _, value in sorted(row.get("kernel_env", {}).items()))
+    sampling = ("" if row.get("temperature") is None else f"+t{row['temperature']:g}") + \
+        ("" if row.get("top_p", 1.0) >= 1.0 else f"+top_p{row['top_p']:g}")
     return (row["policy"] + ("+graphs" if row.get("cuda_graphs") else "") + ("+overlap" if row.get("overlap") else "")
-            + variants)
+            + variants + sampling)
 
 
 def group(row: dict) -> str:

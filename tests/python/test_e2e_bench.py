@@ -134,6 +134,10 @@ def test_plot_throughput_draws_the_rows(e2e_rows, tmp_path):
     assert path.stat().st_size > 1000 and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(ValueError, match="several model/device"):
         plot_throughput.latest_by_key(rows + [{**rows[0], "model": "llama-1b"}])
+    # A run with its own sampling is a bar of its own, not the workload's default run.
+    sampled = {**rows[0], "temperature": 1.0, "top_p": 0.9}
+    assert plot_throughput.label(sampled) == "batchllm+t1+top_p0.9"
+    assert plot_throughput.latest_by_key(rows + [sampled])[(plot_throughput.group(rows[0]), "batchllm")] == rows[0]
 
 
 # ---------------------------------------------------------------------------------------------------
