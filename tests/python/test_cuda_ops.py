@@ -593,12 +593,8 @@ def test_sample_rows_filters_cuda(dtype, vocab, seed):
 @pytest.mark.parametrize("temperature", [0.3, 1.0])
 def test_sample_rows_on_peaked_logits_cuda(temperature):
     # The skipped noise of tokens far below the best score leaves the draws of scoring every token.
-    gen = torch.Generator().manual_seed(11)
-    logits = torch.randn(24, 4104, generator=gen) * 3
-    logits[:, :8] += 25 * torch.rand(24, 8, generator=gen)
-    keys = torch.arange(24, dtype=torch.int64) * 2654435761 % (1 << 32)
-    temps = torch.full((24,), temperature)
-    filters = (torch.tensor([0, 5, 0] * 8), torch.tensor([0.9, 1.0, 1.0] * 8), torch.tensor([0.0, 0.0, 0.05] * 8))
+    from test_ops import peaked_sample_case
+    logits, temps, keys, filters = peaked_sample_case(24, temperature)
     for f in (None, filters):
         ids, _, _ = ops.sample_rows(logits.to(torch.bfloat16).to(DEVICE), temps.to(DEVICE), keys.to(DEVICE),
                                     None if f is None else tuple(t.to(DEVICE) for t in f))

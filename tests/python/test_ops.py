@@ -422,19 +422,26 @@ def test_gumbel_noise_is_finite_at_the_largest_hash():
     assert torch.equal(ids, sample_rows_reference(*largest_hash_case())[0])
 
 
+def peaked_sample_case(rows: int, temperature: float):
+    """A trained model's rows: a few likely tokens far above the rest (8 of 4,104 up to 25 higher);
+    and filters for every third row (top_p 0.9, top_k 5, min_p 0.05). CPU tensors."""
+    gen = torch.Generator().manual_seed(11)
+    logits = torch.randn(rows, 4104, generator=gen) * 3
+    logits[:, :8] += 25 * torch.rand(rows, 8, generator=gen)
+    keys = torch.arange(rows, dtype=torch.int64) * 2654435761 % (1 << 32)
+    thirds = rows // 3
+    filters = (torch.tensor([0, 5, 0] * thirds), torch.tensor([0.9, 1.0, 1.0] * thirds),
+               torch.tensor([0.0, 0.0, 0.05] * thirds))
+    return logits, torch.full((rows,), temperature), keys, filters
+
+
 @pytest.mark.parametrize("temperature", [0.3, 1.0, 2.5])
 def test_sample_rows_on_peaked_logits_equals_scoring_every_token(temperature):
-    # A trained model's row: a few likely tokens far above the rest. The draw skips the noise of
-    # tokens more than its largest value below the best score; the tokens drawn are those of
-    # scoring every token (ops_reference), filters or not.
-    gen = torch.Generator().manual_seed(11)
-    logits = torch.randn(48, 4104, generator=gen) * 3
-    logits[:, :8] += 25 * torch.rand(48, 8, generator=gen)
-    keys = torch.arange(48, dtype=torch.int64) * 2654435761 % (1 << 32)
-    temps = torch.full((48,), temperature)
+    # The draw skips the noise of tokens more than its largest value below the best score; the
+    # tokens drawn are those of scoring every token (ops_reference), filters or not.
+    logits, temps, keys, filters = peaked_sample_case(48, temperature)
     ids, _, _ = ops.sample_rows(logits, temps, keys)
     assert torch.equal(ids, sample_rows_reference(logits, temps, keys)[0])
-    filters = (torch.tensor([0, 5, 0] * 16), torch.tensor([0.9, 1.0, 1.0] * 16), torch.tensor([0.0, 0.0, 0.05] * 16))
     ids, _, _ = ops.sample_rows(logits, temps, keys, filters)
     assert torch.equal(ids, sample_rows_reference(logits, temps, keys, filters)[0])
     assert len(set(ids.tolist())) > 3
